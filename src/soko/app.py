@@ -1,0 +1,172 @@
+"""The application factory: one FastAPI app with every domain's router mounted."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import import_module
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import HTMLResponse
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
+
+import soko
+from soko.platform import errors
+from soko.platform.config import Settings, ensure_secrets, load_settings
+from soko.platform.errors import NotFound, install_problem_handlers
+from soko.platform.http import (
+    BodySizeLimitMiddleware,
+    RequestContextMiddleware,
+    SecurityHeadersMiddleware,
+)
+from soko.platform.logging import configure_logging
+from soko.platform.ratelimit import GlobalRateLimitMiddleware
+from soko.platform.runtime import Runtime
+
+API_PREFIX = "/api/v1"
+
+# Each domain package is listed once here; its models, handlers and router are loaded
+# from the conventional module names when present.
+DOMAINS: tuple[str, ...] = ()
+
+PLATFORM_MODEL_MODULES: tuple[str, ...] = ("soko.platform.outbox",)
+
+
+def load_models() -> None:
+    """Import every module that declares tables, so ``Base.metadata`` is complete."""
+    for module in PLATFORM_MODEL_MODULES:
+        import_module(module)
+    for domain in DOMAINS:
+        _import_optional(f"soko.{domain}.models")
+
+
+def load_handlers() -> None:
+    for domain in DOMAINS:
+        _import_optional(f"soko.{domain}.handlers")
+
+
+def _import_optional(name: str) -> object | None:
+    try:
+        return import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return None
+        raise
+
+
+def _problems_router() -> APIRouter:
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/problems/{slug}", response_class=HTMLResponse)
+    async def describe_problem(slug: str) -> HTMLResponse:
+        problem = errors.REGISTRY.get(slug)
+        if problem is None:
+            raise NotFound(f"No problem type named {slug!r}")
+        from html import escape
+
+        return HTMLResponse(
+            f"<!doctype html><title>{escape(problem.title)}</title>"
+            f"<h1>{escape(problem.title)}</h1><p>HTTP {problem.status}</p>"
+            f"<p>{escape(problem.description)}</p>"
+        )
+
+    return router
+
+
+def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:
+    """Build the Soko application. Without ``settings``, they are read from the
+    environment; without ``runtime``, one is built from the settings at startup."""
+    if runtime is not None:
+        settings = runtime.settings
+    settings = ensure_secrets(settings or load_settings())
+    configure_logging(settings)
+    load_models()
+    load_handlers()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own_runtime = runtime is None
+        active = runtime or Runtime(settings)
+        app.state.runtime = active
+        if own_runtime:
+            await active.start()
+        try:
+            yield
+        finally:
+            if own_runtime:
+                await active.stop()
+
+    app = FastAPI(
+        title="Soko",
+        version=soko.__version__,
+        summary="Backend platform for marketplaces of goods and services",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    if runtime is not None:
+        app.state.runtime = runtime
+    install_problem_handlers(app)
+
+    app.include_router(_problems_router())
+    from soko.platform.health import router as health_router
+    from soko.platform.metrics import router as metrics_router
+
+    app.include_router(health_router)
+    app.include_router(metrics_router)
+    for domain in DOMAINS:
+        module = _import_optional(f"soko.{domain}.routes")
+        router = getattr(module, "router", None)
+        if isinstance(router, APIRouter):
+            app.include_router(router, prefix=API_PREFIX)
+
+    # Middleware runs outermost-last-added: request context wraps everything, so even a
+    # 413 or a 429 carries the request id, and an unhandled error becomes a problem.
+    if settings.ratelimit_enabled:
+        app.add_middleware(
+            GlobalRateLimitMiddleware,
+            limiter_getter=lambda: app.state.runtime.limiter,
+            rate=settings.ratelimit_default,
+            trusted_proxies=settings.trusted_proxies,
+        )
+    app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Idempotency-Key",
+                "If-Match",
+                "If-None-Match",
+                "X-Request-ID",
+            ],
+            expose_headers=[
+                "ETag",
+                "Location",
+                "Retry-After",
+                "RateLimit",
+                "RateLimit-Policy",
+                "X-Request-ID",
+            ],
+            allow_credentials=False,
+            max_age=600,
+        )
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        SecurityHeadersMiddleware, hsts=settings.is_production, html_paths=("/docs", "/problems")
+    )
+    from soko.platform.metrics import PrometheusMiddleware
+
+    app.add_middleware(PrometheusMiddleware)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Entry point for ``uvicorn --factory`` (used by ``soko serve``)."""
+    return create_app()

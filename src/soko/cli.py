@@ -1,0 +1,219 @@
+"""The `soko` command line: serve, worker, migrate, check-config, version."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+import soko
+from soko.platform.config import ConfigError, Settings, ensure_secrets, load_settings
+
+app = typer.Typer(
+    name="soko",
+    help="Soko, the backend platform for marketplaces of goods and services.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+migrate_app = typer.Typer(help="Apply and author database migrations.", no_args_is_help=True)
+app.add_typer(migrate_app, name="migrate")
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _settings() -> Settings:
+    try:
+        return ensure_secrets(load_settings())
+    except ConfigError as exc:
+        err.print("[bold red]Soko cannot start: the configuration has problems[/]")
+        for line in exc.problems:
+            err.print(f"  - {line}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def version() -> None:
+    """Print Soko's version."""
+    out.print(f"soko {soko.__version__}")
+
+
+@app.command("check-config")
+def check_config() -> None:
+    """Validate the configuration and print what it resolves to (secrets hidden)."""
+    settings = _settings()
+    problems = settings.multi_process_problems()
+    out.print(f"environment      {settings.env.value}")
+    out.print(f"database         {_redact_url(settings.effective_database_url)}")
+    out.print(f"redis            {_redact_url(settings.redis_url) or '(none)'}")
+    out.print(
+        f"cache/limits/pubsub  {settings.cache_backend.value}/"
+        f"{settings.ratelimit_backend.value}/{settings.pubsub_backend.value}"
+    )
+    out.print(f"outbox dispatch  {settings.outbox_dispatch.value}")
+    out.print(f"data directory   {settings.data_dir}")
+    if problems:
+        for line in problems:
+            err.print(f"[yellow]warning:[/] {line}", highlight=False)
+    out.print("[green]configuration is valid[/]")
+
+
+def _redact_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    if not url:
+        return ""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(unparseable)"
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (SOKO_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to bind (SOKO_PORT)")] = None,
+    workers: Annotated[int | None, typer.Option(help="API processes (SOKO_WORKERS)")] = None,
+    reload: Annotated[bool, typer.Option(help="Restart on code changes (development)")] = False,
+) -> None:
+    """Serve the HTTP API."""
+    import uvicorn
+
+    settings = _settings()
+    processes = workers or settings.workers
+    problems = settings.multi_process_problems(processes)
+    if problems:
+        for line in problems:
+            err.print(f"[bold red]refusing to start:[/] {line}", highlight=False)
+        raise typer.Exit(2)
+    if workers:
+        os.environ["SOKO_WORKERS"] = str(workers)
+    out.print(
+        f"Soko {soko.__version__} serving on http://{host or settings.host}:{port or settings.port}"
+        f" ({processes} process{'es' if processes > 1 else ''}, {settings.env.value})"
+    )
+    uvicorn.run(
+        "soko.app:create_app_from_env",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        workers=processes if not reload else None,
+        reload=reload,
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        log_config=None,
+        server_header=False,
+    )
+
+
+@app.command()
+def worker(
+    once: Annotated[bool, typer.Option(help="Run what is due, then exit")] = False,
+) -> None:
+    """Run outbox jobs, event handlers and scheduled jobs until stopped (SIGTERM drains)."""
+    from soko.app import load_handlers, load_models
+    from soko.platform.logging import configure_logging
+    from soko.platform.runtime import Runtime
+
+    settings = _settings()
+    configure_logging(settings)
+    load_models()
+    load_handlers()
+
+    async def main() -> None:
+        runtime = Runtime(settings)
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        try:
+            if once:
+                await runtime.dispatcher.run_until_idle()
+                return
+            task = asyncio.create_task(runtime.dispatcher.run())
+            await stopping.wait()
+            err.print("worker stopping: finishing or releasing claimed jobs")
+            await runtime.dispatcher.stop(settings.shutdown_grace_seconds)
+            await task
+        finally:
+            await runtime.stop()
+
+    asyncio.run(main())
+
+
+def _alembic_config(settings: Settings) -> object:
+    from alembic.config import Config
+
+    packaged = Path(soko.__file__).parent / "migrations"
+    source_tree = Path(soko.__file__).resolve().parents[2] / "migrations"
+    location = packaged if packaged.is_dir() else source_tree
+    config = Config()
+    config.set_main_option("script_location", str(location))
+    config.attributes["database_url"] = settings.effective_database_url
+    return config
+
+
+@migrate_app.command("upgrade")
+def migrate_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision")] = "head",
+) -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+    from alembic import command
+
+    settings = _settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with err.status(f"Applying migrations up to {revision}..."):
+        command.upgrade(_alembic_config(settings), revision)  # type: ignore[arg-type]
+    err.print(f"[green]database is at {revision}[/]")
+
+
+@migrate_app.command("downgrade")
+def migrate_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision, such as -1 or base")],
+) -> None:
+    """Revert migrations down to REVISION."""
+    from alembic import command
+
+    settings = _settings()
+    with err.status(f"Reverting migrations down to {revision}..."):
+        command.downgrade(_alembic_config(settings), revision)  # type: ignore[arg-type]
+    err.print(f"[green]database is at {revision}[/]")
+
+
+@migrate_app.command("current")
+def migrate_current() -> None:
+    """Show the revision the database is at."""
+    from alembic import command
+
+    command.current(_alembic_config(_settings()), verbose=False)  # type: ignore[arg-type]
+
+
+@migrate_app.command("revision")
+def migrate_revision(
+    message: Annotated[str, typer.Option("-m", "--message", help="What the revision does")],
+    autogenerate: Annotated[bool, typer.Option(help="Diff the models against the database")] = True,
+) -> None:
+    """Create a new migration revision."""
+    from alembic import command
+
+    command.revision(
+        _alembic_config(_settings()),  # type: ignore[arg-type]
+        message=message,
+        autogenerate=autogenerate,
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:  # raised by code paths that load settings themselves
+        for line in exc.problems:
+            err.print(f"  - {line}", markup=False)
+        sys.exit(2)

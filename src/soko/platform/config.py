@@ -1,0 +1,290 @@
+"""Settings, read from ``SOKO_*`` environment variables or a ``.env`` file.
+
+Every value is validated when the process starts; a bad value stops the start with one
+clear line per problem (see :func:`load_settings`). Secrets that are not configured are
+generated on first start and kept in the data directory with mode 0600, which is right
+for a laptop and refused in production.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Environment(StrEnum):
+    development = "development"
+    test = "test"
+    production = "production"
+
+
+class Backend(StrEnum):
+    """Where a shared concern (cache, rate limits, pub/sub) keeps its state."""
+
+    memory = "memory"
+    redis = "redis"
+
+
+class OutboxDispatch(StrEnum):
+    """Who runs outbox jobs: the API process itself, or separate `soko worker` processes."""
+
+    inprocess = "inprocess"
+    worker = "worker"
+
+
+class LogFormat(StrEnum):
+    auto = "auto"
+    json = "json"
+    console = "console"
+
+
+class ConfigError(Exception):
+    """Raised when the configuration cannot be used; its lines are meant for a human."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+GENERATED_SECRETS_FILE = "secrets.json"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SOKO_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    env: Environment = Environment.development
+    data_dir: Path = Path("var")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=256, description="API processes started by `soko serve`")
+    public_url: str = "http://127.0.0.1:8000"
+
+    database_url: str = ""
+    database_pool_size: int = Field(10, ge=1, le=500)
+    database_max_overflow: int = Field(10, ge=0, le=500)
+    database_statement_cache: bool = True
+    database_echo: bool = False
+
+    redis_url: str = ""
+    cache_backend: Backend = Backend.memory
+    ratelimit_backend: Backend = Backend.memory
+    pubsub_backend: Backend = Backend.memory
+
+    secret_key: SecretStr = SecretStr("")
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    gzip_min_bytes: int = Field(1024, ge=0)
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ratelimit_default: str = "600/minute"
+    ratelimit_enabled: bool = True
+
+    outbox_dispatch: OutboxDispatch = OutboxDispatch.inprocess
+    outbox_poll_seconds: float = Field(1.0, gt=0, le=60)
+    outbox_batch_size: int = Field(20, ge=1, le=1000)
+    outbox_lease_seconds: float = Field(60.0, ge=1)
+    outbox_max_attempts: int = Field(10, ge=1, le=100)
+    outbox_backoff_base_seconds: float = Field(2.0, gt=0)
+    outbox_backoff_max_seconds: float = Field(3600.0, gt=0)
+    outbox_concurrency: int = Field(8, ge=1, le=256)
+    shutdown_grace_seconds: float = Field(20.0, ge=0)
+
+    log_level: str = "INFO"
+    log_format: LogFormat = LogFormat.auto
+    otlp_endpoint: str = ""
+    service_name: str = "soko"
+
+    @field_validator("cors_origins", "trusted_proxies", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError(
+                "must start with sqlite+aiosqlite://, postgresql+asyncpg:// or postgresql://"
+            )
+        return value
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _rewrite_postgres_scheme(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            for plain in ("postgresql://", "postgres://"):
+                if value.startswith(plain):
+                    return "postgresql+asyncpg://" + value[len(plain) :]
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("ratelimit_default")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"is not a rate such as '600/minute': {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        problems = []
+        uses_redis = Backend.redis in (
+            self.cache_backend,
+            self.ratelimit_backend,
+            self.pubsub_backend,
+        )
+        if uses_redis and not self.redis_url:
+            problems.append("SOKO_REDIS_URL is required when a backend is set to redis")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # -- derived values -----------------------------------------------------------------
+
+    @property
+    def is_production(self) -> bool:
+        return self.env is Environment.production
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'soko.db').as_posix()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+    def in_memory_shared_concerns(self) -> list[str]:
+        """The shared concerns still kept in one process's memory."""
+        pairs = {
+            "cache": self.cache_backend,
+            "rate limits": self.ratelimit_backend,
+            "pub/sub": self.pubsub_backend,
+        }
+        return [name for name, backend in pairs.items() if backend is Backend.memory]
+
+    def multi_process_problems(self, processes: int | None = None) -> list[str]:
+        """Why this configuration cannot run as several processes, if it cannot."""
+        processes = self.workers if processes is None else processes
+        several = processes > 1 or self.outbox_dispatch is OutboxDispatch.worker
+        if not several:
+            return []
+        memory = self.in_memory_shared_concerns()
+        if not memory:
+            return []
+        return [
+            f"several processes are configured (SOKO_WORKERS={processes}, "
+            f"SOKO_OUTBOX_DISPATCH={self.outbox_dispatch.value}) but "
+            f"{', '.join(memory)} still live in one process's memory: set "
+            "SOKO_REDIS_URL and SOKO_CACHE_BACKEND, SOKO_RATELIMIT_BACKEND and "
+            "SOKO_PUBSUB_BACKEND to redis"
+        ]
+
+    def production_problems(self) -> list[str]:
+        """What production mode refuses in this configuration."""
+        if not self.is_production:
+            return []
+        problems = []
+        if len(self.secret_key.get_secret_value()) < 32:
+            problems.append(
+                "SOKO_SECRET_KEY must be set to at least 32 random characters in production "
+                "(generated secrets are for development only)"
+            )
+        if self.is_sqlite:
+            problems.append("SOKO_DATABASE_URL must point at PostgreSQL in production")
+        if any("*" in origin for origin in self.cors_origins):
+            problems.append("SOKO_CORS_ORIGINS may not contain a wildcard in production")
+        problems.extend(self.multi_process_problems())
+        return problems
+
+
+def _format_validation_error(error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "settings"
+        message = item["msg"].removeprefix("Value error, ")
+        name = f"SOKO_{field.upper()}" if field != "settings" else "configuration"
+        raw = item.get("input")
+        shown = "" if isinstance(raw, dict) or "secret" in field else f" (got {raw!r})"
+        lines.append(f"{name}: {message}{shown}")
+    return lines
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate settings; raise :class:`ConfigError` with one line per problem."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+    problems = settings.production_problems()
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def ensure_secrets(settings: Settings) -> Settings:
+    """Fill secrets that were not configured from the data directory, creating them once.
+
+    The file is created with mode 0600 before anything is written to it. Production never
+    reaches this path for a missing secret: :func:`load_settings` refuses it first.
+    """
+    if settings.secret_key.get_secret_value():
+        return settings
+    stored = load_generated_secrets(settings.data_dir)
+    return settings.model_copy(update={"secret_key": SecretStr(stored["secret_key"])})
+
+
+def load_generated_secrets(data_dir: Path) -> dict[str, str]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / GENERATED_SECRETS_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            path.chmod(0o600)
+        data: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
+        return data
+    generated = {"secret_key": secrets.token_urlsafe(48)}
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(generated, handle)
+    return generated

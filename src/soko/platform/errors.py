@@ -1,0 +1,334 @@
+"""RFC 9457 problem details: the one shape of every error Soko answers.
+
+A problem type is a subclass of :class:`ProblemError` with a ``slug`` (its ``type`` is
+``/problems/<slug>``), a ``title`` and a ``status``. Every subclass is registered, and
+``docs/problems.md`` must list every registered slug (a test checks it). Domains declare
+their own subclasses in their ``errors.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+REGISTRY: dict[str, type[ProblemError]] = {}
+
+
+class ProblemError(Exception):
+    """An error the client can act on, answered as ``application/problem+json``."""
+
+    slug: ClassVar[str] = "internal-error"
+    title: ClassVar[str] = "Internal server error"
+    status: ClassVar[int] = 500
+    description: ClassVar[str] = "Something failed on the server; the request id identifies it."
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        self.detail = detail or self.title
+        self.headers = dict(headers or {})
+        self.extensions = extensions
+        super().__init__(self.detail)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "slug" in cls.__dict__:
+            existing = REGISTRY.get(cls.slug)
+            if existing is not None and existing.__qualname__ != cls.__qualname__:
+                raise TypeError(f"problem slug {cls.slug!r} is declared twice")
+            REGISTRY[cls.slug] = cls
+
+    @classmethod
+    def type_uri(cls) -> str:
+        return f"/problems/{cls.slug}"
+
+
+REGISTRY[ProblemError.slug] = ProblemError
+
+
+class BadRequest(ProblemError):
+    slug = "bad-request"
+    title = "Bad request"
+    status = 400
+    description = "The request is malformed: fix it before sending it again."
+
+
+class ValidationFailed(ProblemError):
+    slug = "validation-error"
+    title = "The request is not valid"
+    status = 422
+    description = (
+        "One or more fields are missing or wrong; `errors` lists each with its location "
+        "and message."
+    )
+
+
+class Unauthorized(ProblemError):
+    slug = "unauthorized"
+    title = "Authentication required"
+    status = 401
+    description = "No valid credentials were sent."
+
+
+class Forbidden(ProblemError):
+    slug = "forbidden"
+    title = "Forbidden"
+    status = 403
+    description = "The caller is known but may not do this."
+
+
+class NotFound(ProblemError):
+    slug = "not-found"
+    title = "Not found"
+    status = 404
+    description = (
+        "Nothing is at this address, or it exists but is not yours: the two are answered alike."
+    )
+
+
+class MethodNotAllowed(ProblemError):
+    slug = "method-not-allowed"
+    title = "Method not allowed"
+    status = 405
+    description = "The resource exists but does not accept this method; see `Allow`."
+
+
+class NotAcceptable(ProblemError):
+    slug = "not-acceptable"
+    title = "Not acceptable"
+    status = 406
+    description = "The server cannot answer in a media type the client accepts."
+
+
+class Conflict(ProblemError):
+    slug = "conflict"
+    title = "Conflict with the current state"
+    status = 409
+    description = "The resource's current state does not allow this change."
+
+
+class PreconditionFailed(ProblemError):
+    slug = "precondition-failed"
+    title = "Precondition failed"
+    status = 412
+    description = "`If-Match` names a version that is no longer current: fetch and retry."
+
+
+class PayloadTooLarge(ProblemError):
+    slug = "payload-too-large"
+    title = "Request body too large"
+    status = 413
+    description = "The request body exceeds the configured limit."
+
+
+class UnsupportedMediaType(ProblemError):
+    slug = "unsupported-media-type"
+    title = "Unsupported media type"
+    status = 415
+    description = "The body's media type is not one this endpoint reads."
+
+
+class PreconditionRequired(ProblemError):
+    slug = "precondition-required"
+    title = "Precondition required"
+    status = 428
+    description = "This write needs an `If-Match` header naming the version it changes."
+
+
+class RateLimited(ProblemError):
+    slug = "rate-limited"
+    title = "Too many requests"
+    status = 429
+    description = "A rate limit was reached; `Retry-After` says when to try again."
+
+
+class InvalidCursor(ProblemError):
+    slug = "invalid-cursor"
+    title = "Invalid pagination cursor"
+    status = 400
+    description = "The `cursor` was not issued by this server for this list, or was altered."
+
+
+class UnknownField(ProblemError):
+    slug = "unknown-field"
+    title = "Unknown field"
+    status = 400
+    description = "`fields=` names a field this resource does not have."
+
+
+class ServiceUnavailable(ProblemError):
+    slug = "service-unavailable"
+    title = "Service unavailable"
+    status = 503
+    description = "A dependency is down or the server is shutting down; retry later."
+
+
+_STATUS_PROBLEMS: dict[int, type[ProblemError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    405: MethodNotAllowed,
+    406: NotAcceptable,
+    409: Conflict,
+    412: PreconditionFailed,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+    422: ValidationFailed,
+    428: PreconditionRequired,
+    429: RateLimited,
+    503: ServiceUnavailable,
+}
+
+
+def problem_for_status(status: int) -> type[ProblemError]:
+    return _STATUS_PROBLEMS.get(status, ProblemError)
+
+
+def problem_body(
+    problem: type[ProblemError],
+    *,
+    detail: str,
+    status: int | None = None,
+    instance: str | None = None,
+    request_id: str | None = None,
+    extensions: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": problem.type_uri(),
+        "title": problem.title,
+        "status": status or problem.status,
+        "detail": detail,
+    }
+    if instance:
+        body["instance"] = instance
+    if request_id:
+        body["request_id"] = request_id
+    for key, value in (extensions or {}).items():
+        if key not in body:
+            body[key] = value
+    return body
+
+
+def problem_response(
+    problem: type[ProblemError],
+    *,
+    detail: str,
+    status: int | None = None,
+    instance: str | None = None,
+    request_id: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    extensions: Mapping[str, Any] | None = None,
+) -> JSONResponse:
+    body = problem_body(
+        problem,
+        detail=detail,
+        status=status,
+        instance=instance,
+        request_id=request_id,
+        extensions=extensions,
+    )
+    return JSONResponse(
+        body,
+        status_code=body["status"],
+        headers=dict(headers or {}),
+        media_type=PROBLEM_MEDIA_TYPE,
+    )
+
+
+def _request_id(request: Request) -> str | None:
+    value = request.scope.get("state", {}).get("request_id")
+    return value if isinstance(value, str) else None
+
+
+def field_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Pydantic/FastAPI validation errors as ``{"in", "field", "pointer", "detail"}``."""
+    shaped = []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ())]
+        where = (
+            loc[0] if loc and loc[0] in {"body", "query", "path", "header", "cookie"} else "body"
+        )
+        path = loc[1:] if loc and loc[0] == where else loc
+        shaped.append(
+            {
+                "in": where,
+                "field": ".".join(path),
+                "pointer": "#/" + "/".join(path) if where == "body" else None,
+                "detail": error.get("msg", "invalid"),
+                "code": error.get("type", "invalid"),
+            }
+        )
+    return shaped
+
+
+async def _handle_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProblemError)
+    return problem_response(
+        type(exc),
+        detail=exc.detail,
+        instance=request.url.path,
+        request_id=_request_id(request),
+        headers=exc.headers,
+        extensions=exc.extensions,
+    )
+
+
+async def _handle_validation(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = field_errors(exc.errors())
+    count = len(errors)
+    return problem_response(
+        ValidationFailed,
+        detail=f"{count} field{'s' if count != 1 else ''} failed validation",
+        instance=request.url.path,
+        request_id=_request_id(request),
+        extensions={"errors": errors},
+    )
+
+
+async def _handle_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    problem = problem_for_status(exc.status_code)
+    if (
+        isinstance(exc.detail, str)
+        and exc.detail
+        and exc.detail != HTTPStatus(exc.status_code).phrase
+    ):
+        detail = exc.detail
+    elif exc.status_code == 404:
+        detail = f"No resource at {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        detail = (
+            problem.title if problem is not ProblemError else HTTPStatus(exc.status_code).phrase
+        )
+    return problem_response(
+        problem,
+        detail=detail,
+        status=exc.status_code,
+        instance=request.url.path,
+        request_id=_request_id(request),
+        headers=dict(exc.headers or {}),
+    )
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Answer every handled error as problem+json. Unhandled exceptions are turned into
+    a 500 problem by the request context middleware, which sits outside all others."""
+    app.add_exception_handler(ProblemError, _handle_problem)
+    app.add_exception_handler(RequestValidationError, _handle_validation)
+    app.add_exception_handler(StarletteHTTPException, _handle_http)

@@ -1,0 +1,133 @@
+"""The services of one running Soko process, and the FastAPI dependencies over them.
+
+A :class:`Runtime` is built from settings when the app (or a worker) starts and closed
+when it stops. Routes reach it through the dependencies below, never through globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import structlog
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.platform.cache import Cache, MemoryCache
+from soko.platform.clock import Clock, SystemClock
+from soko.platform.config import Backend, OutboxDispatch, Settings
+from soko.platform.db import Database, create_engine
+from soko.platform.jobs import Dispatcher, JobRegistry
+from soko.platform.jobs import registry as default_registry
+from soko.platform.ratelimit import RateLimiter, create_memory_rate_limiter
+from soko.platform.realtime import MemoryPubSub, PubSub
+
+log = structlog.get_logger("soko.runtime")
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        registry: JobRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self.registry = registry or default_registry
+        self.db = Database(
+            create_engine(
+                settings.effective_database_url,
+                echo=settings.database_echo,
+                pool_size=settings.database_pool_size,
+                max_overflow=settings.database_max_overflow,
+                statement_cache=settings.database_statement_cache,
+            )
+        )
+        self.redis: Any = None
+        if settings.redis_url:
+            from redis.asyncio import Redis
+
+            self.redis = Redis.from_url(settings.redis_url, decode_responses=False)
+        self.cache: Cache = self._make_cache()
+        self.limiter: RateLimiter = self._make_limiter()
+        self.pubsub: PubSub = self._make_pubsub()
+        self.dispatcher = Dispatcher(
+            db=self.db, settings=settings, clock=self.clock, registry=self.registry, services=self
+        )
+        self._dispatcher_task: asyncio.Task[None] | None = None
+
+    def _make_cache(self) -> Cache:
+        if self.settings.cache_backend is Backend.redis:
+            from soko.platform.cache import RedisCache  # type: ignore[attr-defined]
+
+            cache: Cache = RedisCache(self.redis)
+            return cache
+        return MemoryCache()
+
+    def _make_limiter(self) -> RateLimiter:
+        if self.settings.ratelimit_backend is Backend.redis:
+            from soko.platform.ratelimit import create_redis_rate_limiter  # type: ignore[attr-defined]
+
+            limiter: RateLimiter = create_redis_rate_limiter(self.settings.redis_url)
+            return limiter
+        return create_memory_rate_limiter()
+
+    def _make_pubsub(self) -> PubSub:
+        if self.settings.pubsub_backend is Backend.redis:
+            from soko.platform.realtime import RedisPubSub  # type: ignore[attr-defined]
+
+            pubsub: PubSub = RedisPubSub(self.redis)
+            return pubsub
+        return MemoryPubSub()
+
+    async def start(self, *, run_dispatcher: bool | None = None) -> None:
+        if run_dispatcher is None:
+            run_dispatcher = self.settings.outbox_dispatch is OutboxDispatch.inprocess
+        if run_dispatcher:
+            self._dispatcher_task = asyncio.create_task(self.dispatcher.run(), name="outbox")
+
+    async def stop(self) -> None:
+        if self._dispatcher_task is not None:
+            await self.dispatcher.stop(self.settings.shutdown_grace_seconds)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher_task
+            self._dispatcher_task = None
+        await self.pubsub.close()
+        await self.cache.close()
+        await self.limiter.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        await self.db.dispose()
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One transaction per request, committed after the endpoint returns and before the
+    response is sent (``scope="function"``); any error rolls it back, and a failed
+    commit becomes an error response, never a 2xx."""
+    runtime = get_runtime(request)
+    async with runtime.db.sessionmaker() as session:
+        try:
+            yield session
+        except BaseException:
+            await session.rollback()
+            raise
+        else:
+            wrote_outbox = bool(session.info.get("outbox_written"))
+            await session.commit()
+            if wrote_outbox:
+                runtime.dispatcher.wake()
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

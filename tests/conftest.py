@@ -1,0 +1,228 @@
+"""Shared fixtures: every database test runs on SQLite and, when reachable, PostgreSQL.
+
+Set ``SOKO_TEST_POSTGRES_URL`` / ``SOKO_TEST_REDIS_URL`` to point at other servers, and
+``SOKO_TEST_REQUIRE_SERVICES=1`` (as CI does) to fail rather than skip when one of them
+cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx2
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from soko.app import create_app, load_handlers, load_models
+from soko.platform.clock import ManualClock
+from soko.platform.config import Settings
+from soko.platform.db import Base, create_engine
+from soko.platform.runtime import Runtime
+
+POSTGRES_URL = os.environ.get(
+    "SOKO_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("SOKO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+REQUIRE_SERVICES = os.environ.get("SOKO_TEST_REQUIRE_SERVICES") == "1"
+TEST_SECRET = "test-secret-key-that-is-long-enough-0123456789"
+
+load_models()
+load_handlers()
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url.replace("+asyncpg", ""))
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 1
+        ):
+            return True
+    except OSError:
+        return False
+
+
+POSTGRES_UP = _reachable(POSTGRES_URL, 5432)
+REDIS_UP = _reachable(REDIS_URL, 6379)
+
+
+def _unavailable(what: str) -> None:
+    message = f"{what} is not reachable"
+    if REQUIRE_SERVICES:
+        pytest.fail(message + " and SOKO_TEST_REQUIRE_SERVICES=1", pytrace=False)
+    pytest.skip(message)
+
+
+def _run_in_thread(factory: Any) -> None:
+    """Run ``factory()``'s coroutine to completion on a fresh loop in another thread, so
+    session fixtures can set up databases even when asked for from inside a running loop."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(factory())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _worker_suffix() -> str:
+    # The pid keeps two test runs on one machine (or one CI box) from sharing a database.
+    return f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def postgres_test_url() -> Iterator[str]:
+    """A database of its own for this test process, with the schema created once."""
+    if not POSTGRES_UP:
+        _unavailable("PostgreSQL")
+    name = f"soko_test_{_worker_suffix()}"
+    admin_url = POSTGRES_URL
+
+    async def setup() -> None:
+        engine = create_engine(admin_url)
+        async with engine.connect() as conn:
+            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await auto.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            await auto.execute(text(f'CREATE DATABASE "{name}"'))
+        await engine.dispose()
+        test_engine = create_engine(_with_database(admin_url, name))
+        async with test_engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        await test_engine.dispose()
+
+    _run_in_thread(setup)
+    yield _with_database(admin_url, name)
+
+    async def teardown() -> None:
+        engine = create_engine(admin_url)
+        async with engine.connect() as conn:
+            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await auto.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await engine.dispose()
+
+    _run_in_thread(teardown)
+
+
+def _with_database(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+async def _truncate_all(engine: AsyncEngine) -> None:
+    tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
+    if tables:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+def _backends() -> list[Any]:
+    return ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
+
+
+@pytest.fixture(params=_backends())
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def database_url(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[str]:
+    """An empty database with the current schema, on the parametrized backend."""
+    if backend == "sqlite":
+        url = f"sqlite+aiosqlite:///{(tmp_path / 'test.db').as_posix()}"
+        engine = create_engine(url)
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        await engine.dispose()
+        yield url
+        return
+    url = request.getfixturevalue("postgres_test_url")
+    yield url
+    engine = create_engine(url)
+    try:
+        await _truncate_all(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "env": "test",
+        "data_dir": tmp_path / "data",
+        "secret_key": TEST_SECRET,
+        "log_format": "json",
+        "outbox_poll_seconds": 0.05,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return make_settings(tmp_path, database_url=database_url)
+
+
+@pytest.fixture
+async def runtime(settings: Settings, clock: ManualClock) -> AsyncIterator[Runtime]:
+    """The process services over the test database; the dispatcher is not started."""
+    rt = Runtime(settings, clock=clock)
+    try:
+        yield rt
+    finally:
+        await rt.stop()
+
+
+@pytest.fixture
+async def app(runtime: Runtime) -> Any:
+    return create_app(runtime=runtime)
+
+
+@pytest.fixture
+async def client(app: Any) -> AsyncIterator[httpx2.AsyncClient]:
+    transport = httpx2.ASGITransport(app=app)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The test Redis server. Tests share it with other test processes, so everything a
+    test writes goes under its own ``redis_namespace`` prefix."""
+    if not REDIS_UP:
+        _unavailable("Redis")
+    return REDIS_URL
+
+
+@pytest.fixture
+async def redis_namespace(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix unique to this test; its keys are deleted afterwards."""
+    from redis.asyncio import Redis
+
+    namespace = f"sokotest:{uuid.uuid4().hex[:12]}:"
+    yield namespace
+    redis = Redis.from_url(redis_url)
+    try:
+        async for key in redis.scan_iter(match=f"{namespace}*", count=500):
+            await redis.delete(key)
+    finally:
+        await redis.aclose()
