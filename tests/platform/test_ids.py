@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import threading
 import uuid
 
@@ -35,7 +36,7 @@ def test_version_and_variant_bits() -> None:
 
 def test_ids_are_strictly_increasing_across_many_calls() -> None:
     made = [uuid7() for _ in range(20_000)]
-    assert all(a < b for a, b in zip(made, made[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(made))
     assert made == sorted(made) and len(set(made)) == len(made)
     # as bytes too, which is how a database compares them
     assert [m.bytes for m in made] == sorted(m.bytes for m in made)
@@ -51,12 +52,12 @@ def test_time_is_embedded_and_extracted(frozen_time: list[int]) -> None:
 def test_monotonic_within_one_millisecond(frozen_time: list[int]) -> None:
     made = [uuid7() for _ in range(1000)]
     assert {uuid7_time_ms(m) for m in made} <= {FUTURE_MS, FUTURE_MS + 1}
-    assert all(a < b for a, b in zip(made, made[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(made))
 
 
 def test_counter_exhaustion_borrows_the_next_millisecond(frozen_time: list[int]) -> None:
     made = [uuid7() for _ in range(10_000)]  # far more than the 12-bit counter holds
-    assert all(a < b for a, b in zip(made, made[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(made))
     assert uuid7_time_ms(made[-1]) > FUTURE_MS
 
 
@@ -65,7 +66,7 @@ def test_monotonic_when_the_wall_clock_steps_back(frozen_time: list[int]) -> Non
     frozen_time[0] -= 60_000
     after = [uuid7() for _ in range(100)]
     assert all(before < a for a in after)
-    assert all(a < b for a, b in zip(after, after[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(after))
 
 
 def test_unique_across_threads() -> None:
