@@ -1,67 +1,123 @@
-"""One cache interface, kept in memory or in Redis, with TTLs and tag invalidation."""
+"""One cache interface, kept in memory or in Redis, with TTLs and tag invalidation.
+
+Values are stored as JSON, never pickled: whoever can write to the cache must not be able
+to run code in the app. Callers cache plain data (``model.model_dump(mode="json")``); any
+other value is refused with ``TypeError`` on both backends alike. A value read back is the
+JSON round trip of what was stored (tuples come back as lists) and is a fresh copy, so
+mutating it never changes the cache; ``get_or_set`` returns that same round trip on a miss
+so the first caller sees exactly what later callers will.
+
+Absence: :meth:`Cache.get` answers ``None`` for a missing key and for a cached ``None``
+alike. :meth:`Cache.get_or_set` tells them apart: a factory answering ``None`` (say, "no
+such listing") is cached like any other value and served without calling the factory
+again until it expires or is invalidated (negative caching). Empty strings, lists and
+dicts are ordinary values.
+
+Tag invalidation uses versioned tags, not tag sets. Each tag has a current token; an
+entry records the token of each of its tags when its value was *read from the source*,
+and is stale as soon as any of those tokens is no longer current. Invalidating a tag
+deletes its token (one ``DEL`` however many entries carry it), and the next writer mints
+a fresh random one. We chose this over tag sets (a set of keys per tag, deleted on
+invalidation) because:
+
+* the race that matters is closed: ``get_or_set`` snapshots the tokens *before* calling
+  the factory, so an invalidation landing while the factory runs (another process
+  changed the listing) makes the result unstorable instead of caching stale data;
+  with tag sets the late write would survive the invalidation;
+* invalidation is O(1) and atomic across processes, and nothing grows without bound (tag
+  sets accumulate keys of entries that already expired);
+* it is safe under eviction: a token that disappears (evicted by Redis, pruned in
+  memory) makes its entries stale, it never brings an invalidated entry back, because
+  tokens are random and never reused.
+
+The price is one extra ``GET`` per tag on each read, done inside the same Lua script as
+the read, so a lookup is still one round trip. The scripts touch the tag keys they find
+in an entry, so on Redis Cluster all keys of one namespace must share a hash slot
+(wrap the namespace in braces: ``"{soko}:cache:"``).
+
+``get_or_set`` is single-flight within a process: concurrent callers for one key wait
+for the first one's factory instead of each calling it. If that factory fails, nothing
+is cached and the next waiter calls the factory itself.
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+import asyncio
+import json
+import math
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import structlog
+from prometheus_client import Counter
+
+from soko.platform.clock import Clock, SystemClock
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = structlog.get_logger("soko.cache")
+
+CACHE_LOOKUPS = Counter("soko_cache_lookups_total", "Cache lookups by outcome", ["result"])
+CACHE_UNAVAILABLE = Counter(
+    "soko_cache_unavailable_total",
+    "get_or_set calls that bypassed an unreachable cache and called the factory",
+)
+
+
+class _Missing:
+    """Marks a cache miss, distinct from a cached ``None``."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final = _Missing()
+
+# The tokens an entry was computed under: tag -> token.
+Stamp = tuple[tuple[str, str], ...]
+
+
+def encode_value(value: Any) -> bytes:
+    """The JSON bytes stored for ``value``; ``TypeError`` when it is not plain data."""
+    try:
+        return json.dumps(
+            value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
+    except ValueError as exc:  # NaN and infinities have no JSON form
+        raise TypeError(f"cannot cache {value!r}: {exc}") from exc
+    except TypeError as exc:
+        raise TypeError(f"cannot cache a {type(value).__name__}: only JSON data is cached") from exc
+
+
+def decode_value(raw: bytes | str) -> Any:
+    return json.loads(raw)
+
+
+def _check_ttl(ttl: float) -> None:
+    if not ttl > 0 or math.isinf(ttl):
+        raise ValueError(f"cache ttl must be a positive number of seconds, not {ttl!r}")
 
 
 class Cache(Protocol):
-    async def get(self, key: str) -> Any | None: ...
+    async def get(self, key: str) -> Any | None:
+        """The cached value, or ``None`` when there is none (or ``None`` was cached)."""
+        ...
 
-    async def set(self, key: str, value: Any, ttl: float, tags: Sequence[str] = ()) -> None: ...
+    async def set(self, key: str, value: Any, ttl: float, tags: Sequence[str] = ()) -> None:
+        """Store ``value`` for ``ttl`` seconds, dropped early when one of ``tags`` is
+        invalidated."""
+        ...
 
     async def delete(self, key: str) -> None: ...
 
-    async def invalidate_tags(self, *tags: str) -> None: ...
-
-    async def get_or_set(
-        self,
-        key: str,
-        factory: Callable[[], Awaitable[Any]],
-        ttl: float,
-        tags: Sequence[str] = (),
-    ) -> Any: ...
-
-    async def ping(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class MemoryCache:
-    """A per-process cache. Tag invalidation bumps a tag version; entries remember the
-    versions they were stored under and are stale once any of them moved."""
-
-    def __init__(self, max_entries: int = 10_000) -> None:
-        self._entries: dict[str, tuple[float, Any, tuple[tuple[str, int], ...]]] = {}
-        self._tag_versions: dict[str, int] = {}
-        self.max_entries = max_entries
-
-    async def get(self, key: str) -> Any | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        expires, value, tags = entry
-        if expires < time.monotonic() or any(
-            self._tag_versions.get(tag, 0) != version for tag, version in tags
-        ):
-            self._entries.pop(key, None)
-            return None
-        return value
-
-    async def set(self, key: str, value: Any, ttl: float, tags: Sequence[str] = ()) -> None:
-        if len(self._entries) >= self.max_entries and key not in self._entries:
-            self._entries.pop(next(iter(self._entries)))
-        stamped = tuple((tag, self._tag_versions.get(tag, 0)) for tag in tags)
-        self._entries[key] = (time.monotonic() + ttl, value, stamped)
-
-    async def delete(self, key: str) -> None:
-        self._entries.pop(key, None)
-
     async def invalidate_tags(self, *tags: str) -> None:
-        for tag in tags:
-            self._tag_versions[tag] = self._tag_versions.get(tag, 0) + 1
+        """Make every entry carrying one of ``tags`` stale, in every process."""
+        ...
 
     async def get_or_set(
         self,
@@ -70,14 +126,315 @@ class MemoryCache:
         ttl: float,
         tags: Sequence[str] = (),
     ) -> Any:
-        value = await self.get(key)
-        if value is None:
-            value = await factory()
-            await self.set(key, value, ttl, tags)
-        return value
+        """The cached value, or ``factory()``'s, stored unless a tag moved meanwhile."""
+        ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class _SingleFlight:
+    """One lock per key while anyone waits on it, so locks do not pile up."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, waiters = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, waiters + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, waiters = self._locks[key]
+            if waiters == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, waiters - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class _TaggedCache:
+    """What both backends share: the public methods over four storage primitives."""
+
+    # Errors meaning "the cache is unreachable" rather than "the caller is wrong".
+    unavailable_errors: tuple[type[Exception], ...] = ()
+
+    def __init__(self) -> None:
+        self._flights = _SingleFlight()
+
+    async def _lookup(self, key: str) -> Any:
+        """The decoded value, or ``MISSING``."""
+        raise NotImplementedError
+
+    async def _stamp(self, tags: Sequence[str], ttl: float) -> Stamp:
+        """The current token of each tag, minting one where a tag has none."""
+        raise NotImplementedError
+
+    async def _store(self, key: str, raw: bytes, ttl: float, stamp: Stamp) -> bool:
+        """Write the entry unless a stamped token is no longer current."""
+        raise NotImplementedError
+
+    async def get(self, key: str) -> Any | None:
+        value = await self._lookup(key)
+        CACHE_LOOKUPS.labels("miss" if value is MISSING else "hit").inc()
+        return None if value is MISSING else value
+
+    async def set(self, key: str, value: Any, ttl: float, tags: Sequence[str] = ()) -> None:
+        _check_ttl(ttl)
+        raw = encode_value(value)
+        await self._store(key, raw, ttl, await self._stamp(tags, ttl))
+
+    async def get_or_set(
+        self,
+        key: str,
+        factory: Callable[[], Awaitable[Any]],
+        ttl: float,
+        tags: Sequence[str] = (),
+    ) -> Any:
+        _check_ttl(ttl)
+        try:
+            value = await self._lookup(key)
+        except self.unavailable_errors as exc:
+            return await self._bypass(key, factory, exc)
+        if value is not MISSING:
+            CACHE_LOOKUPS.labels("hit").inc()
+            return value
+        async with self._flights.hold(key):
+            try:
+                value = await self._lookup(key)
+                if value is not MISSING:
+                    CACHE_LOOKUPS.labels("hit").inc()
+                    return value
+                # The stamp is taken before the factory reads the source, so an
+                # invalidation during the factory makes the result unstorable.
+                stamp = await self._stamp(tags, ttl)
+            except self.unavailable_errors as exc:
+                return await self._bypass(key, factory, exc)
+            CACHE_LOOKUPS.labels("miss").inc()
+            raw = encode_value(await factory())
+            try:
+                await self._store(key, raw, ttl, stamp)
+            except self.unavailable_errors as exc:
+                self._report_unavailable(key, exc)
+            return decode_value(raw)
+
+    def _report_unavailable(self, key: str, exc: Exception) -> None:
+        log.warning("cache_unavailable", key=key, error=type(exc).__name__)
+        CACHE_UNAVAILABLE.inc()
+
+    async def _bypass(self, key: str, factory: Callable[[], Awaitable[Any]], exc: Exception) -> Any:
+        # A cache is an optimisation: answer from the source rather than fail.
+        self._report_unavailable(key, exc)
+        return decode_value(encode_value(await factory()))
+
+
+@dataclass(slots=True)
+class _MemoryEntry:
+    expires_at: float
+    raw: bytes
+    stamp: Stamp
+
+
+class MemoryCache(_TaggedCache):
+    """A per-process cache bounded to ``max_entries`` (least recently used goes first),
+    timed by the injectable clock."""
+
+    def __init__(self, max_entries: int = 10_000, *, clock: Clock | None = None) -> None:
+        super().__init__()
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._clock: Clock = clock or SystemClock()
+        self._entries: OrderedDict[str, _MemoryEntry] = OrderedDict()
+        self._tags: dict[str, str] = {}
+
+    def _now(self) -> float:
+        return self._clock.now().timestamp()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _is_current(self, stamp: Stamp) -> bool:
+        return all(self._tags.get(tag) == token for tag, token in stamp)
+
+    async def _lookup(self, key: str) -> Any:
+        entry = self._entries.get(key)
+        if entry is None:
+            return MISSING
+        if entry.expires_at <= self._now() or not self._is_current(entry.stamp):
+            del self._entries[key]
+            return MISSING
+        self._entries.move_to_end(key)
+        return decode_value(entry.raw)
+
+    async def _stamp(self, tags: Sequence[str], ttl: float) -> Stamp:
+        stamp = []
+        for tag in dict.fromkeys(tags):
+            token = self._tags.get(tag)
+            if token is None:
+                token = self._tags[tag] = uuid.uuid4().hex
+            stamp.append((tag, token))
+        return tuple(stamp)
+
+    async def _store(self, key: str, raw: bytes, ttl: float, stamp: Stamp) -> bool:
+        if not self._is_current(stamp):
+            return False
+        self._entries[key] = _MemoryEntry(self._now() + ttl, raw, stamp)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        if len(self._tags) > 2 * self.max_entries:
+            self._prune_tags()
+        return True
+
+    def _prune_tags(self) -> None:
+        # Forgetting a token only makes its entries stale (a new token is minted), so
+        # keeping just the tags of live entries is always safe.
+        live = {tag for entry in self._entries.values() for tag, _ in entry.stamp}
+        self._tags = {tag: token for tag, token in self._tags.items() if tag in live}
+
+    async def delete(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    async def invalidate_tags(self, *tags: str) -> None:
+        for tag in tags:
+            self._tags.pop(tag, None)
 
     async def ping(self) -> None:
         return None
 
     async def close(self) -> None:
         self._entries.clear()
+        self._tags.clear()
+
+
+# KEYS[1]: the entry. Returns its JSON value, or nil when missing or stale (then dropped).
+# The entry is a hash: field "v" holds the value, every other field is a tag key whose
+# token the value was computed under.
+_LOOKUP_SCRIPT = """
+local fields = redis.call('HGETALL', KEYS[1])
+local value = false
+for i = 1, #fields, 2 do
+  if fields[i] == 'v' then
+    value = fields[i + 1]
+  elseif redis.call('GET', fields[i]) ~= fields[i + 1] then
+    redis.call('DEL', KEYS[1])
+    return false
+  end
+end
+return value
+"""
+
+# KEYS: tag keys. ARGV[1]: a fresh token for tags that have none; ARGV[2]: ttl in ms.
+# A tag key lives at least as long as the entries that depend on it.
+_STAMP_SCRIPT = """
+local ttl = tonumber(ARGV[2])
+local tokens = {}
+for i, key in ipairs(KEYS) do
+  local token = redis.call('GET', key)
+  if not token then
+    redis.call('SET', key, ARGV[1], 'PX', ttl)
+    token = ARGV[1]
+  elseif redis.call('PTTL', key) < ttl then
+    redis.call('PEXPIRE', key, ttl)
+  end
+  tokens[i] = token
+end
+return tokens
+"""
+
+# KEYS[1]: the entry, KEYS[2..]: its tag keys. ARGV[1]: JSON value, ARGV[2]: ttl in ms,
+# ARGV[3..]: the token each tag had when the value was read. Returns 1 when stored.
+_STORE_SCRIPT = """
+local ttl = tonumber(ARGV[2])
+for i = 2, #KEYS do
+  if redis.call('GET', KEYS[i]) ~= ARGV[i + 1] then
+    return 0
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', ARGV[1])
+for i = 2, #KEYS do
+  redis.call('HSET', KEYS[1], KEYS[i], ARGV[i + 1])
+  if redis.call('PTTL', KEYS[i]) < ttl then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+class RedisCache(_TaggedCache):
+    """The cache shared by every process using one Redis, under ``namespace``.
+
+    It borrows the runtime's client and does not close it. When Redis cannot be reached,
+    ``get_or_set`` logs a warning, counts ``soko_cache_unavailable_total`` and answers
+    from the factory; the other methods raise, since a lost ``invalidate_tags`` or
+    ``delete`` would leave stale data behind once Redis is back.
+    """
+
+    def __init__(self, redis: Redis, namespace: str = "soko:cache:") -> None:
+        super().__init__()
+        from redis.exceptions import RedisError
+
+        self.unavailable_errors = (RedisError, OSError)
+        self.redis = redis
+        self.namespace = namespace
+        self._lookup_script = redis.register_script(_LOOKUP_SCRIPT)
+        self._stamp_script = redis.register_script(_STAMP_SCRIPT)
+        self._store_script = redis.register_script(_STORE_SCRIPT)
+
+    def entry_key(self, key: str) -> str:
+        return f"{self.namespace}entry:{key}"
+
+    def tag_key(self, tag: str) -> str:
+        return f"{self.namespace}tag:{tag}"
+
+    async def _lookup(self, key: str) -> Any:
+        raw = await self._lookup_script(keys=[self.entry_key(key)])
+        return MISSING if raw is None else decode_value(raw)
+
+    async def _stamp(self, tags: Sequence[str], ttl: float) -> Stamp:
+        unique = list(dict.fromkeys(tags))
+        if not unique:
+            return ()
+        # A tag that outlived the factory by a few seconds costs nothing; one that
+        # expired before its entry would only make the entry stale.
+        tokens = await self._stamp_script(
+            keys=[self.tag_key(tag) for tag in unique],
+            args=[uuid.uuid4().hex, _ms(ttl) + 60_000],
+        )
+        return tuple(
+            (tag, token.decode() if isinstance(token, bytes) else str(token))
+            for tag, token in zip(unique, tokens, strict=True)
+        )
+
+    async def _store(self, key: str, raw: bytes, ttl: float, stamp: Stamp) -> bool:
+        stored = await self._store_script(
+            keys=[self.entry_key(key), *(self.tag_key(tag) for tag, _ in stamp)],
+            args=[raw, _ms(ttl), *(token for _, token in stamp)],
+        )
+        return bool(stored)
+
+    async def delete(self, key: str) -> None:
+        await self.redis.delete(self.entry_key(key))
+
+    async def invalidate_tags(self, *tags: str) -> None:
+        if tags:
+            await self.redis.delete(*(self.tag_key(tag) for tag in tags))
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    async def close(self) -> None:
+        return None  # the client belongs to the runtime, which closes it

@@ -1,0 +1,361 @@
+"""The cache on both backends: JSON values, TTLs, tags, single-flight get_or_set."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from soko.platform.cache import Cache, MemoryCache, RedisCache
+from soko.platform.clock import ManualClock
+
+CacheFactory = Callable[[], Cache]
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def store(request: pytest.FixtureRequest) -> tuple[str, str] | None:
+    """None for memory, or the Redis URL and this test's namespace."""
+    if request.param == "memory":
+        return None
+    return request.getfixturevalue("redis_url"), request.getfixturevalue("redis_namespace")
+
+
+@pytest.fixture
+async def caches(store: tuple[str, str] | None, clock: ManualClock) -> AsyncIterator[CacheFactory]:
+    """Makes caches over one shared store: on Redis each has its own client, as two
+    processes would; in memory they are one object, since a memory cache is per process."""
+    if store is None:
+        memory = MemoryCache(clock=clock)
+        yield lambda: memory
+        return
+    redis_url, namespace = store
+    clients: list[Redis] = []
+
+    def make() -> Cache:
+        client = Redis.from_url(redis_url, decode_responses=False)
+        clients.append(client)
+        return RedisCache(client, namespace=namespace)
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+@pytest.fixture
+def cache(caches: CacheFactory) -> Cache:
+    return caches()
+
+
+class Counting:
+    """A factory that counts its calls."""
+
+    def __init__(self, value: Any = None) -> None:
+        self.value = value
+        self.calls = 0
+
+    async def __call__(self) -> Any:
+        self.calls += 1
+        return self.value
+
+
+async def test_values_round_trip_as_json(cache: Cache) -> None:
+    value = {
+        "title": "Kikoi wrap",
+        "price": {"amount": 250000, "currency": "KES"},
+        "tags": ["cotton"],
+    }
+    await cache.set("listing:1", value, ttl=60)
+    assert await cache.get("listing:1") == value
+    await cache.set("pair", (1, "two"), ttl=60)
+    assert await cache.get("pair") == [1, "two"]  # the JSON round trip, on both backends
+
+
+async def test_a_read_value_is_a_copy(cache: Cache) -> None:
+    await cache.set("listing:1", {"stock": 3}, ttl=60)
+    first = await cache.get("listing:1")
+    first["stock"] = 0
+    assert await cache.get("listing:1") == {"stock": 3}
+
+
+@pytest.mark.parametrize(
+    "value", [object(), {1, 2}, b"bytes", float("nan"), {"at": dt.date(2030, 1, 1)}]
+)
+async def test_only_json_data_is_cached(cache: Cache, value: Any) -> None:
+    with pytest.raises(TypeError):
+        await cache.set("odd", value, ttl=60)
+    assert await cache.get("odd") is None
+
+
+async def test_missing_keys_answer_none(cache: Cache) -> None:
+    assert await cache.get("nothing-here") is None
+
+
+async def test_delete(cache: Cache) -> None:
+    await cache.set("listing:1", {"id": 1}, ttl=60)
+    await cache.delete("listing:1")
+    await cache.delete("never-set")
+    assert await cache.get("listing:1") is None
+
+
+async def test_ttl_must_be_positive(cache: Cache) -> None:
+    for ttl in (0, -1, float("inf")):
+        with pytest.raises(ValueError):
+            await cache.set("listing:1", 1, ttl=ttl)
+        with pytest.raises(ValueError):
+            await cache.get_or_set("listing:1", Counting(1), ttl=ttl)
+
+
+async def test_invalidating_a_tag_drops_only_its_entries(cache: Cache) -> None:
+    await cache.set("listing:1", {"id": 1}, ttl=60, tags=["seller:7", "listing:1"])
+    await cache.set("listing:2", {"id": 2}, ttl=60, tags=["seller:7"])
+    await cache.set("listing:3", {"id": 3}, ttl=60, tags=["seller:8"])
+    await cache.set("home", {"featured": []}, ttl=60)
+
+    await cache.invalidate_tags("seller:7")
+
+    assert await cache.get("listing:1") is None
+    assert await cache.get("listing:2") is None
+    assert await cache.get("listing:3") == {"id": 3}
+    assert await cache.get("home") == {"featured": []}
+
+
+async def test_an_entry_written_after_invalidation_is_fresh(cache: Cache) -> None:
+    await cache.set("listing:1", {"v": 1}, ttl=60, tags=["seller:7"])
+    await cache.invalidate_tags("seller:7", "never-used")
+    await cache.set("listing:1", {"v": 2}, ttl=60, tags=["seller:7"])
+    assert await cache.get("listing:1") == {"v": 2}
+    await cache.invalidate_tags("seller:7")
+    assert await cache.get("listing:1") is None
+
+
+async def test_get_or_set_calls_the_factory_once_then_serves_the_cache(cache: Cache) -> None:
+    factory = Counting({"id": 1, "pair": (1, 2)})
+    first = await cache.get_or_set("listing:1", factory, ttl=60, tags=["seller:7"])
+    second = await cache.get_or_set("listing:1", factory, ttl=60, tags=["seller:7"])
+    assert first == second == {"id": 1, "pair": [1, 2]}
+    assert factory.calls == 1
+    await cache.invalidate_tags("seller:7")
+    await cache.get_or_set("listing:1", factory, ttl=60, tags=["seller:7"])
+    assert factory.calls == 2
+
+
+async def test_concurrent_get_or_set_runs_one_factory_per_key(cache: Cache) -> None:
+    release = asyncio.Event()
+    calls = {"listing:1": 0, "listing:2": 0}
+
+    def factory_for(key: str) -> Callable[[], Any]:
+        async def factory() -> dict[str, str]:
+            calls[key] += 1
+            await release.wait()
+            return {"key": key}
+
+        return factory
+
+    waiters = [
+        asyncio.create_task(cache.get_or_set(key, factory_for(key), ttl=60))
+        for key in ["listing:1", "listing:2"] * 10
+    ]
+    while sum(calls.values()) < 2:
+        await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(*waiters)
+    assert calls == {"listing:1": 1, "listing:2": 1}
+    assert results == [{"key": "listing:1"}, {"key": "listing:2"}] * 10
+
+
+async def test_a_failing_factory_caches_nothing_and_the_next_caller_retries(cache: Cache) -> None:
+    async def broken() -> Any:
+        raise RuntimeError("catalog unavailable")
+
+    with pytest.raises(RuntimeError):
+        await cache.get_or_set("listing:1", broken, ttl=60)
+    factory = Counting({"id": 1})
+    assert await cache.get_or_set("listing:1", factory, ttl=60) == {"id": 1}
+    assert factory.calls == 1
+
+
+async def test_a_cached_none_is_a_hit_for_get_or_set(cache: Cache) -> None:
+    factory = Counting(None)
+    assert await cache.get_or_set("listing:404", factory, ttl=60) is None
+    assert await cache.get_or_set("listing:404", factory, ttl=60) is None
+    assert factory.calls == 1
+    assert await cache.get("listing:404") is None  # get cannot tell it from a miss
+
+
+@pytest.mark.parametrize("empty", ["", [], {}, 0, False])
+async def test_empty_values_are_hits(cache: Cache, empty: Any) -> None:
+    factory = Counting(empty)
+    await cache.get_or_set("search:none", factory, ttl=60)
+    assert await cache.get_or_set("search:none", factory, ttl=60) == empty
+    assert factory.calls == 1
+
+
+async def test_a_value_read_across_an_invalidation_is_not_stored(cache: Cache) -> None:
+    async def racing_factory() -> dict[str, int]:
+        # The listing changes (and its tag is invalidated) while we read it.
+        await cache.invalidate_tags("listing:1")
+        return {"price": 100}
+
+    assert await cache.get_or_set("listing:1", racing_factory, ttl=60, tags=["listing:1"]) == {
+        "price": 100
+    }
+    fresh = Counting({"price": 120})
+    assert await cache.get_or_set("listing:1", fresh, ttl=60, tags=["listing:1"]) == {"price": 120}
+    assert fresh.calls == 1
+
+
+async def test_two_caches_over_one_store_share_entries_and_invalidations(
+    caches: CacheFactory,
+) -> None:
+    first, second = caches(), caches()
+    await first.set("listing:1", {"id": 1}, ttl=60, tags=["seller:7"])
+    assert await second.get("listing:1") == {"id": 1}
+    factory = Counting({"id": 1})
+    await second.get_or_set("listing:1", factory, ttl=60, tags=["seller:7"])
+    assert factory.calls == 0
+
+    await second.invalidate_tags("seller:7")
+    assert await first.get("listing:1") is None
+    await first.set("listing:1", {"id": 1, "v": 2}, ttl=60, tags=["seller:7"])
+    await second.delete("listing:1")
+    assert await first.get("listing:1") is None
+
+
+async def test_ping(cache: Cache) -> None:
+    await cache.ping()
+
+
+# Memory only: time comes from the injectable clock, capacity is bounded.
+
+
+async def test_memory_entries_expire_by_the_clock(clock: ManualClock) -> None:
+    cache = MemoryCache(clock=clock)
+    factory = Counting({"id": 1})
+    await cache.get_or_set("listing:1", factory, ttl=30)
+    clock.advance(29.9)
+    assert await cache.get("listing:1") == {"id": 1}
+    clock.advance(0.1)
+    assert await cache.get("listing:1") is None
+    await cache.get_or_set("listing:1", factory, ttl=30)
+    assert factory.calls == 2
+
+
+async def test_memory_cache_evicts_the_least_recently_used(clock: ManualClock) -> None:
+    cache = MemoryCache(max_entries=2, clock=clock)
+    await cache.set("a", 1, ttl=60)
+    await cache.set("b", 2, ttl=60)
+    assert await cache.get("a") == 1  # "b" is now the least recently used
+    await cache.set("c", 3, ttl=60)
+    assert len(cache) == 2
+    assert await cache.get("b") is None
+    assert await cache.get("a") == 1
+    assert await cache.get("c") == 3
+
+
+async def test_memory_tag_table_stays_bounded(clock: ManualClock) -> None:
+    cache = MemoryCache(max_entries=3, clock=clock)
+    for n in range(100):
+        await cache.set(f"listing:{n}", n, ttl=60, tags=[f"listing:{n}"])
+    assert len(cache._tags) <= 2 * cache.max_entries + 1
+    assert await cache.get("listing:99") == 99
+    await cache.invalidate_tags("listing:99")
+    assert await cache.get("listing:99") is None
+
+
+async def test_memory_single_flight_forgets_finished_keys(clock: ManualClock) -> None:
+    cache = MemoryCache(clock=clock)
+    await asyncio.gather(*(cache.get_or_set(f"k{n % 3}", Counting(n), ttl=60) for n in range(9)))
+    assert len(cache._flights) == 0
+
+
+# Redis only: what lives on the server.
+
+
+@pytest.mark.redis
+async def test_redis_stores_json_with_a_server_side_ttl(
+    redis_url: str, redis_namespace: str
+) -> None:
+    client = Redis.from_url(redis_url, decode_responses=False)
+    try:
+        cache = RedisCache(client, namespace=redis_namespace)
+        await cache.set("listing:1", {"title": "Kikoi"}, ttl=30, tags=["seller:7"])
+        key = f"{redis_namespace}entry:listing:1"
+        assert json.loads(await client.hget(key, "v")) == {"title": "Kikoi"}
+        assert 0 < await client.pttl(key) <= 30_000
+        # The tag outlives the entries that depend on it.
+        assert await client.pttl(f"{redis_namespace}tag:seller:7") >= await client.pttl(key)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_entries_expire_on_the_server(redis_url: str, redis_namespace: str) -> None:
+    client = Redis.from_url(redis_url, decode_responses=False)
+    try:
+        cache = RedisCache(client, namespace=redis_namespace)
+        await cache.set("flash-sale", {"on": True}, ttl=0.02)
+        for _ in range(500):  # Redis' clock, not ours: wait until it has expired the key
+            if await cache.get("flash-sale") is None:
+                break
+            await asyncio.sleep(0.01)
+        assert await cache.get("flash-sale") is None
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_lost_tag_makes_entries_stale(redis_url: str, redis_namespace: str) -> None:
+    """An evicted tag key must never resurrect an invalidated entry."""
+    client = Redis.from_url(redis_url, decode_responses=False)
+    try:
+        cache = RedisCache(client, namespace=redis_namespace)
+        await cache.set("listing:1", {"v": 1}, ttl=60, tags=["seller:7"])
+        await client.delete(f"{redis_namespace}tag:seller:7")  # as maxmemory eviction would
+        assert await cache.get("listing:1") is None
+        await cache.set("listing:2", {"v": 2}, ttl=60, tags=["seller:7"])
+        assert await cache.get("listing:1") is None
+        assert await cache.get("listing:2") == {"v": 2}
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_namespaces_are_apart(redis_url: str, redis_namespace: str) -> None:
+    client = Redis.from_url(redis_url, decode_responses=False)
+    try:
+        ours = RedisCache(client, namespace=redis_namespace + "a:")
+        theirs = RedisCache(client, namespace=redis_namespace + "b:")
+        await ours.set("listing:1", 1, ttl=60, tags=["seller:7"])
+        await theirs.set("listing:1", 2, ttl=60, tags=["seller:7"])
+        await theirs.invalidate_tags("seller:7")
+        assert await ours.get("listing:1") == 1
+        assert await theirs.get("listing:1") is None
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_unreachable_redis_serves_from_the_factory_but_refuses_invalidation() -> None:
+    client = Redis.from_url(
+        "redis://127.0.0.1:1/0", decode_responses=False, socket_connect_timeout=1
+    )
+    try:
+        cache = RedisCache(client, namespace="sokotest:unreachable:")
+        before = REGISTRY.get_sample_value("soko_cache_unavailable_total") or 0
+        factory = Counting({"id": 1})
+        assert await cache.get_or_set("listing:1", factory, ttl=60) == {"id": 1}
+        assert factory.calls == 1
+        assert REGISTRY.get_sample_value("soko_cache_unavailable_total") == before + 1
+        with pytest.raises(RedisConnectionError):
+            await cache.invalidate_tags("seller:7")
+        with pytest.raises(RedisConnectionError):
+            await cache.ping()
+    finally:
+        await client.aclose()
