@@ -217,6 +217,8 @@ def test_expiry_boundary_follows_the_injected_clock_and_leeway(
     assert verify(ring, token, clock, leeway=dt.timedelta(0)).subject == "buyer-1"
     clock.set(START + dt.timedelta(seconds=300))
     assert rejection(ring, token, clock, leeway=dt.timedelta(0)) is TokenRejection.expired
+    with pytest.raises(ValueError, match="leeway"):
+        verify(ring, token, clock, leeway=dt.timedelta(seconds=-1))
 
 
 def test_token_from_the_past_is_judged_by_the_injected_clock(
@@ -414,6 +416,8 @@ def test_rotated_out_key_verifies_until_its_deadline_and_removed_key_does_not(
     assert verify(ring, old_token, clock).kid == old_kid
     clock.advance(dt.timedelta(minutes=6))  # the old key's deadline
     assert rejection(ring, old_token, clock) is TokenRejection.unknown_key
+    assert [jwk["kid"] for jwk in ring.jwks(clock)["keys"]] == [new_key.kid]
+    assert len(ring.jwks()["keys"]) == 2  # still held until pruned
     assert ring.prune(clock) == [old_kid]
     assert [jwk["kid"] for jwk in ring.jwks()["keys"]] == [new_key.kid]
 

@@ -463,10 +463,14 @@ class KeyRing:
             del self._keys[kid]
         return gone
 
-    def jwks(self) -> dict[str, list[dict[str, str]]]:
-        """The public keys as an RFC 7517 JWK Set, signing key first."""
+    def jwks(self, clock: Clock | None = None) -> dict[str, list[dict[str, str]]]:
+        """The public keys as an RFC 7517 JWK Set, signing key first; given a clock, only
+        the keys that still verify at its time."""
+        now = ensure_utc(clock.now()) if clock is not None else None
         ordered = sorted(self._keys.values(), key=lambda key: key.kid != self._active_kid)
-        return {"keys": [key.public_jwk() for key in ordered]}
+        return {
+            "keys": [key.public_jwk() for key in ordered if now is None or key.verifies_at(now)]
+        }
 
     # -- issuing ------------------------------------------------------------------------
 
@@ -566,8 +570,11 @@ class KeyRing:
         """Verify signature, type, audience, issuer and times; raise :class:`InvalidToken`.
 
         ``exp`` passes while ``now < exp + leeway``; ``nbf`` and ``iat`` may be at most
-        ``leeway`` ahead of ``now``.
+        ``leeway`` ahead of ``now``. ``exp``, ``iat``, ``sub`` and ``jti`` are always
+        required (the result carries them); ``required`` may add more.
         """
+        if leeway < dt.timedelta(0):
+            raise ValueError("leeway cannot be negative")
         header, key = self._read_header(token)
         self._usable(key, clock)
         if not _type_matches(header.get("typ"), token_type):
