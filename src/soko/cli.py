@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -24,8 +26,14 @@ app = typer.Typer(
 migrate_app = typer.Typer(help="Apply and author database migrations.", no_args_is_help=True)
 app.add_typer(migrate_app, name="migrate")
 
-err = Console(stderr=True)
-out = Console()
+# Soft wrap: a problem line stays one line when the output is a pipe or a log file,
+# instead of being cut at 80 columns.
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+# What `soko serve` hands uvicorn; a module attribute so tests can serve a factory of
+# their own through the same path.
+APP_FACTORY = "soko.app:create_app_from_env"
 
 
 def _settings() -> Settings:
@@ -78,8 +86,12 @@ def _redact_url(url: str) -> str:
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind (SOKO_HOST)")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to bind (SOKO_PORT)")] = None,
-    workers: Annotated[int | None, typer.Option(help="API processes (SOKO_WORKERS)")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port to bind (SOKO_PORT)")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, max=256, help="API processes (SOKO_WORKERS)")
+    ] = None,
     reload: Annotated[bool, typer.Option(help="Restart on code changes (development)")] = False,
 ) -> None:
     """Serve the HTTP API."""
@@ -98,19 +110,32 @@ def serve(
         f"Soko {soko.__version__} serving on http://{host or settings.host}:{port or settings.port}"
         f" ({processes} process{'es' if processes > 1 else ''}, {settings.env.value})"
     )
-    uvicorn.run(
-        "soko.app:create_app_from_env",
-        factory=True,
-        host=host or settings.host,
-        port=port or settings.port,
-        workers=processes if not reload else None,
-        reload=reload,
-        proxy_headers=bool(settings.trusted_proxies),
-        forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
-        log_config=None,
-        server_header=False,
-    )
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the
+    # handler it found; by default that kills the process (exit 143) after a clean stop.
+    previous = signal.signal(signal.SIGTERM, _stopped_by_sigterm)
+    try:
+        uvicorn.run(
+            APP_FACTORY,
+            factory=True,
+            host=host or settings.host,
+            port=port or settings.port,
+            workers=processes if not reload else None,
+            reload=reload,
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
+            # Rounded up: a grace of 0.5 s must not become 0 s, which cancels in-flight
+            # requests at once.
+            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
+            log_config=None,
+            server_header=False,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped_by_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    # Reached after uvicorn has drained (or before it took over): a requested stop.
+    raise SystemExit(0)
 
 
 @app.command()
@@ -138,9 +163,14 @@ def worker(
                 await runtime.dispatcher.run_until_idle()
                 return
             task = asyncio.create_task(runtime.dispatcher.run())
-            await stopping.wait()
-            err.print("worker stopping: finishing or releasing claimed jobs")
-            await runtime.dispatcher.stop(settings.shutdown_grace_seconds)
+            stop_requested = asyncio.create_task(stopping.wait())
+            # A dispatcher that dies must end the worker (and show why), not leave a
+            # process that looks alive and runs nothing.
+            await asyncio.wait({task, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+            stop_requested.cancel()
+            if not task.done():
+                err.print("worker stopping: finishing or releasing claimed jobs")
+                await runtime.dispatcher.stop(settings.shutdown_grace_seconds)
             await task
         finally:
             await runtime.stop()

@@ -1,0 +1,373 @@
+"""Settings: validation with one clear line per problem, production refusals, generated
+secrets, URL and list parsing, and the documented example file."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from soko.platform.config import (
+    GENERATED_SECRETS_FILE,
+    ConfigError,
+    Settings,
+    ensure_secrets,
+    load_settings,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD_SECRET = "k" * 32
+POSTGRES = "postgresql+asyncpg://soko:pw@db.internal:5432/soko"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Settings come only from what each test sets: no inherited SOKO_* variable and no
+    .env file from the directory the tests were started in."""
+    for name in list(os.environ):
+        if name.startswith("SOKO_"):
+            monkeypatch.delenv(name)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    return workdir
+
+
+def _problems(**env: str) -> list[str]:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        with pytest.raises(ConfigError) as caught:
+            load_settings()
+    return caught.value.problems
+
+
+def _production(**env: str) -> dict[str, str]:
+    """A production configuration that starts, with ``env`` on top."""
+    values = {
+        "SOKO_ENV": "production",
+        "SOKO_SECRET_KEY": GOOD_SECRET,
+        "SOKO_DATABASE_URL": POSTGRES,
+    }
+    values.update(env)
+    return values
+
+
+# -- one clear line per problem --------------------------------------------------------
+
+
+def test_defaults_load() -> None:
+    settings = load_settings()
+    assert settings.port == 8000
+    assert settings.is_sqlite
+    assert settings.effective_database_url == "sqlite+aiosqlite:///var/soko.db"
+
+
+def test_each_bad_value_is_one_line_naming_its_variable() -> None:
+    problems = _problems(
+        SOKO_PORT="eighty",
+        SOKO_WORKERS="0",
+        SOKO_LOG_LEVEL="LOUD",
+        SOKO_DATABASE_URL="mysql://db/soko",
+        SOKO_REDIS_URL="http://cache",
+        SOKO_RATELIMIT_DEFAULT="lots",
+        SOKO_CACHE_BACKEND="disk",
+        SOKO_DATABASE_ECHO="perhaps",
+    )
+    assert len(problems) == 8, problems
+    for problem in problems:
+        assert "\n" not in problem
+    named = {problem.split(":", 1)[0] for problem in problems}
+    assert named == {
+        "SOKO_PORT",
+        "SOKO_WORKERS",
+        "SOKO_LOG_LEVEL",
+        "SOKO_DATABASE_URL",
+        "SOKO_REDIS_URL",
+        "SOKO_RATELIMIT_DEFAULT",
+        "SOKO_CACHE_BACKEND",
+        "SOKO_DATABASE_ECHO",
+    }
+    by_name = {problem.split(":", 1)[0]: problem for problem in problems}
+    assert "'eighty'" in by_name["SOKO_PORT"]
+    assert "DEBUG" in by_name["SOKO_LOG_LEVEL"]
+    assert "postgresql+asyncpg://" in by_name["SOKO_DATABASE_URL"]
+
+
+def test_error_message_is_the_problem_lines() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(port=0, log_level="LOUD")
+    assert str(caught.value).splitlines() == caught.value.problems
+    assert len(caught.value.problems) == 2
+
+
+def test_a_bad_secret_is_never_echoed() -> None:
+    problems = _problems(SOKO_ENV="production", SOKO_SECRET_KEY="hunter2-short")
+    assert any("SOKO_SECRET_KEY" in problem for problem in problems)
+    assert not any("hunter2" in problem for problem in problems)
+
+
+def test_redis_backend_needs_a_redis_url() -> None:
+    problems = _problems(SOKO_CACHE_BACKEND="redis")
+    assert len(problems) == 1
+    assert "SOKO_REDIS_URL" in problems[0]
+
+
+def test_dotenv_file_is_read_and_the_environment_wins(
+    clean_environment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (clean_environment / ".env").write_text(
+        "SOKO_PORT=9001\nSOKO_SERVICE_NAME=from-dotenv\n", encoding="utf-8"
+    )
+    monkeypatch.setenv("SOKO_SERVICE_NAME", "from-environment")
+    settings = load_settings()
+    assert settings.port == 9001
+    assert settings.service_name == "from-environment"
+
+
+# -- production refusals ---------------------------------------------------------------
+
+
+def test_a_good_production_configuration_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in _production(SOKO_CORS_ORIGINS="https://shop.example.com").items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.is_production
+    assert settings.production_problems() == []
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        pytest.param({"SOKO_SECRET_KEY": ""}, "SOKO_SECRET_KEY", id="missing-secret"),
+        pytest.param({"SOKO_SECRET_KEY": "s" * 31}, "SOKO_SECRET_KEY", id="short-secret"),
+        pytest.param({"SOKO_DATABASE_URL": ""}, "SOKO_DATABASE_URL", id="default-sqlite"),
+        pytest.param(
+            {"SOKO_DATABASE_URL": "sqlite+aiosqlite:///var/prod.db"},
+            "SOKO_DATABASE_URL",
+            id="explicit-sqlite",
+        ),
+        pytest.param(
+            {"SOKO_CORS_ORIGINS": "https://shop.example.com,*"},
+            "SOKO_CORS_ORIGINS",
+            id="wildcard-cors",
+        ),
+        pytest.param(
+            {"SOKO_CORS_ORIGINS": "https://*.example.com"},
+            "SOKO_CORS_ORIGINS",
+            id="wildcard-subdomain-cors",
+        ),
+        pytest.param({"SOKO_WORKERS": "4"}, "SOKO_WORKERS=4", id="several-processes-in-memory"),
+        pytest.param(
+            {"SOKO_OUTBOX_DISPATCH": "worker"},
+            "SOKO_OUTBOX_DISPATCH=worker",
+            id="separate-workers-in-memory",
+        ),
+    ],
+)
+def test_production_refuses(env: dict[str, str], variable: str) -> None:
+    problems = _problems(**_production(**env))
+    assert len(problems) == 1, problems
+    assert variable in problems[0]
+
+
+def test_production_lists_every_refusal_at_once() -> None:
+    problems = _problems(
+        SOKO_ENV="production", SOKO_CORS_ORIGINS="*", SOKO_WORKERS="2", SOKO_SECRET_KEY=""
+    )
+    assert len(problems) == 4, problems
+    joined = "\n".join(problems)
+    for variable in ("SOKO_SECRET_KEY", "SOKO_DATABASE_URL", "SOKO_CORS_ORIGINS", "SOKO_WORKERS"):
+        assert variable in joined
+
+
+def test_development_allows_what_production_refuses() -> None:
+    settings = load_settings(cors_origins="*", workers=1)
+    assert settings.production_problems() == []
+
+
+# -- several processes need shared backends ---------------------------------------------
+
+
+def test_one_process_may_keep_everything_in_memory() -> None:
+    assert Settings(_env_file=None).multi_process_problems() == []  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "in_memory"),
+    [
+        ({}, ["cache", "rate limits", "pub/sub"]),
+        ({"cache_backend": "redis"}, ["rate limits", "pub/sub"]),
+        ({"cache_backend": "redis", "ratelimit_backend": "redis"}, ["pub/sub"]),
+        ({"pubsub_backend": "redis"}, ["cache", "rate limits"]),
+    ],
+)
+def test_several_processes_name_what_is_still_in_memory(
+    overrides: dict[str, str], in_memory: list[str]
+) -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, workers=3, redis_url="redis://127.0.0.1:6379/0", **overrides
+    )
+    problems = settings.multi_process_problems()
+    assert len(problems) == 1
+    assert f"but {', '.join(in_memory)} still live" in problems[0]
+    assert "SOKO_WORKERS=3" in problems[0]
+
+
+def test_separate_workers_count_as_several_processes() -> None:
+    settings = Settings(_env_file=None, outbox_dispatch="worker")  # type: ignore[call-arg]
+    problems = settings.multi_process_problems()
+    assert len(problems) == 1
+    assert "SOKO_OUTBOX_DISPATCH=worker" in problems[0]
+
+
+def test_process_count_can_be_given_by_the_caller() -> None:
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.multi_process_problems(1) == []
+    assert "SOKO_WORKERS=2" in settings.multi_process_problems(2)[0]
+
+
+def test_redis_everywhere_allows_several_processes() -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        workers=8,
+        outbox_dispatch="worker",
+        redis_url="redis://127.0.0.1:6379/0",
+        cache_backend="redis",
+        ratelimit_backend="redis",
+        pubsub_backend="redis",
+    )
+    assert settings.in_memory_shared_concerns() == []
+    assert settings.multi_process_problems() == []
+
+
+# -- generated secrets -----------------------------------------------------------------
+
+
+def test_generated_secret_file_is_private_and_reused(tmp_path: Path) -> None:
+    data_dir = tmp_path / "fresh" / "data"
+    first = ensure_secrets(load_settings(data_dir=data_dir))
+    path = data_dir / GENERATED_SECRETS_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    key = first.secret_key.get_secret_value()
+    assert len(key) >= 32
+    assert json.loads(path.read_text(encoding="utf-8")) == {"secret_key": key}
+
+    second = ensure_secrets(load_settings(data_dir=data_dir))
+    assert second.secret_key.get_secret_value() == key
+
+
+def test_generated_secrets_differ_between_data_dirs(tmp_path: Path) -> None:
+    one = ensure_secrets(load_settings(data_dir=tmp_path / "one"))
+    two = ensure_secrets(load_settings(data_dir=tmp_path / "two"))
+    assert one.secret_key.get_secret_value() != two.secret_key.get_secret_value()
+
+
+def test_a_loosened_secrets_file_is_made_private_again(tmp_path: Path) -> None:
+    ensure_secrets(load_settings(data_dir=tmp_path))
+    path = tmp_path / GENERATED_SECRETS_FILE
+    path.chmod(0o644)
+    ensure_secrets(load_settings(data_dir=tmp_path))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_configured_secret_is_used_and_nothing_is_generated(tmp_path: Path) -> None:
+    settings = ensure_secrets(load_settings(data_dir=tmp_path, secret_key=GOOD_SECRET))
+    assert settings.secret_key.get_secret_value() == GOOD_SECRET
+    assert not (tmp_path / GENERATED_SECRETS_FILE).exists()
+
+
+def test_secret_is_hidden_in_repr() -> None:
+    settings = load_settings(secret_key=GOOD_SECRET)
+    assert GOOD_SECRET not in repr(settings)
+    assert GOOD_SECRET not in str(settings.model_dump())
+
+
+# -- URLs and lists --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgresql://u:p@h:5432/d", "postgresql+asyncpg://u:p@h:5432/d"),
+        ("postgres://u:p@h/d", "postgresql+asyncpg://u:p@h/d"),
+        ("postgresql+asyncpg://u@h/d", "postgresql+asyncpg://u@h/d"),
+        ("sqlite+aiosqlite:///var/x.db", "sqlite+aiosqlite:///var/x.db"),
+    ],
+)
+def test_database_url_schemes(monkeypatch: pytest.MonkeyPatch, given: str, expected: str) -> None:
+    monkeypatch.setenv("SOKO_DATABASE_URL", given)
+    settings = load_settings()
+    assert settings.database_url == expected
+    assert settings.effective_database_url == expected
+    assert settings.is_sqlite is expected.startswith("sqlite")
+
+
+def test_default_database_lives_in_the_data_dir(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path / "d")
+    assert settings.effective_database_url == (
+        f"sqlite+aiosqlite:///{(tmp_path / 'd' / 'soko.db').as_posix()}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("", []),
+        ("https://a.example", ["https://a.example"]),
+        ("https://a.example,https://b.example", ["https://a.example", "https://b.example"]),
+        (" https://a.example , ,https://b.example ", ["https://a.example", "https://b.example"]),
+        ('["https://a.example", "https://b.example"]', ["https://a.example", "https://b.example"]),
+        ("  []  ", []),
+    ],
+)
+def test_list_settings_take_commas_or_json(
+    monkeypatch: pytest.MonkeyPatch, raw: str, expected: list[str]
+) -> None:
+    monkeypatch.setenv("SOKO_CORS_ORIGINS", raw)
+    monkeypatch.setenv("SOKO_TRUSTED_PROXIES", raw)
+    settings = load_settings()
+    assert settings.cors_origins == expected
+    assert settings.trusted_proxies == expected
+
+
+def test_a_broken_json_list_is_a_problem_line() -> None:
+    problems = _problems(SOKO_CORS_ORIGINS='["https://a.example"')
+    assert len(problems) == 1
+    assert problems[0].startswith("SOKO_CORS_ORIGINS:")
+
+
+# -- the documented example ------------------------------------------------------------
+
+_EXAMPLE_KEY = re.compile(r"^\s*#?\s*(SOKO_[A-Z0-9_]+)=", re.MULTILINE)
+
+
+def _example_keys() -> set[str]:
+    path = ROOT / ".env.example"
+    if not path.exists():
+        pytest.fail(".env.example is missing: it must document every setting")
+    return set(_EXAMPLE_KEY.findall(path.read_text(encoding="utf-8")))
+
+
+def test_env_example_documents_every_setting() -> None:
+    expected = {f"SOKO_{name.upper()}" for name in Settings.model_fields}
+    missing = sorted(expected - _example_keys())
+    assert missing == [], f".env.example does not document {missing}"
+
+
+def test_env_example_documents_no_unknown_setting() -> None:
+    known = {f"SOKO_{name.upper()}" for name in Settings.model_fields}
+    unknown = sorted(key for key in _example_keys() - known if not key.startswith("SOKO_TEST_"))
+    assert unknown == [], f".env.example documents settings Soko does not read: {unknown}"
+
+
+def test_env_example_as_dotenv_gives_a_valid_configuration(clean_environment: Path) -> None:
+    (clean_environment / ".env").write_text(
+        (ROOT / ".env.example").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    settings = load_settings()
+    assert settings.multi_process_problems() == []
