@@ -1,40 +1,715 @@
-"""Background jobs, event handlers and scheduled jobs run from the outbox.
+"""Background jobs, event handlers and scheduled jobs, run from the outbox.
 
-(Scaffolding: the dispatcher is being written; see docs/architecture.md.)
+Domains register handlers on a :class:`JobRegistry` (the module-level :data:`registry`
+unless a test brings its own)::
+
+    @registry.job("send_receipt")
+    async def send_receipt(ctx: JobContext, payload: dict[str, Any]) -> None: ...
+
+    @registry.on("order.paid", name="notify_buyer")
+    async def notify_buyer(ctx: JobContext, payload: dict[str, Any]) -> None: ...
+
+    @registry.schedule("*/5 * * * *", name="expire_carts")
+    async def expire_carts(ctx: JobContext, payload: dict[str, Any]) -> None: ...
+
+and write work with :func:`soko.platform.outbox.enqueue` / ``publish`` in their own
+transaction. A :class:`Dispatcher` claims due outbox rows, runs each handler in one
+transaction together with its "processed" marker and the row's completion, retries
+failures with exponential backoff and jitter, and gives up ("dead") after the maximum
+number of attempts.
+
+Delivery is at least once; effects happen once because a handler's writes, its marker
+and the message's completion commit together. While a handler runs, its transaction
+holds the message row (``FOR UPDATE`` on PostgreSQL, the write lock on SQLite), so a
+live worker's job is never taken over; the lease only matters when a worker died. A
+handler that calls out of the database (HTTP, email) must itself be safe to repeat,
+for example by passing ``ctx.message_id`` as the provider's idempotency key.
+
+Handlers must not commit or roll back ``ctx.session``. On SQLite every handler
+transaction holds the database's single write lock while it runs, so handlers there
+should be short and must not open a second transaction of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextlib
+import datetime as dt
+import inspect
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+from croniter import croniter
+from prometheus_client import Counter, Gauge, Histogram
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.platform.clock import Clock
+from soko.platform.config import Settings
+from soko.platform.db import Database
+from soko.platform.ids import uuid7
+from soko.platform.outbox import (
+    NAME_MAX_LENGTH,
+    SESSION_CLOCK_KEY,
+    MessageKind,
+    MessageStatus,
+    OutboxMessage,
+    ProcessedMessage,
+    add_message,
+    describe_failure,
+)
+
+log = structlog.get_logger("soko.jobs")
+
+JOBS_TOTAL = Counter(
+    "soko_jobs_total",
+    "Outbox messages handled, by job (or event:subscriber) and outcome",
+    ["name", "outcome"],
+)
+JOB_DURATION = Histogram(
+    "soko_job_duration_seconds",
+    "Time one attempt of a handler took, failed or not",
+    ["name"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+JOBS_CLAIMED = Gauge(
+    "soko_jobs_claimed", "Outbox messages this process has claimed and not yet finished"
+)
+
+OUTCOME_DONE = "done"
+OUTCOME_RETRY = "retry"
+OUTCOME_DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a handler gets besides its payload.
+
+    ``session`` is the handler's transaction: its writes commit with the message's
+    completion, or not at all. ``message_id`` identifies this delivery; for an event
+    handler ``event_id`` is the id of the published event (the same for every
+    subscriber). ``attempt`` counts from 1. ``services`` is the process's Runtime (cache,
+    pub/sub, settings...), or whatever the dispatcher was given.
+    """
+
+    session: AsyncSession
+    clock: Clock
+    message_id: uuid.UUID
+    attempt: int
+    services: Any
+    name: str
+    event_id: uuid.UUID | None = None
+
+    def now(self) -> dt.datetime:
+        return self.clock.now()
+
+
+JobHandler = Callable[[JobContext, dict[str, Any]], Awaitable[None]]
+HandlerT = TypeVar("HandlerT", bound=JobHandler)
+
+
+@dataclass(frozen=True)
+class JobDefinition:
+    name: str
+    handler: JobHandler
+    max_attempts: int | None = None
+
+
+@dataclass(frozen=True)
+class Subscription:
+    event: str
+    name: str
+    handler: JobHandler
+    max_attempts: int | None = None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    cron: str
+
+    def latest_due(self, now: dt.datetime) -> dt.datetime:
+        """The most recent time at or before ``now`` this schedule was due."""
+        # croniter's get_prev is strictly before its start: nudge so "now" counts.
+        start = now + dt.timedelta(microseconds=1)
+        moment: dt.datetime = croniter(self.cron, start).get_prev(dt.datetime)
+        return moment.astimezone(dt.UTC)
+
+
+def _check_handler(handler: Callable[..., Any]) -> None:
+    if not inspect.iscoroutinefunction(handler):
+        raise TypeError(f"{handler!r} must be an async function (ctx, payload) -> None")
+
+
+def _check_name(what: str, name: str) -> None:
+    if not name or len(name) > NAME_MAX_LENGTH:
+        raise ValueError(f"{what} must be 1 to {NAME_MAX_LENGTH} characters")
+
+
+def _check_max_attempts(max_attempts: int | None) -> None:
+    if max_attempts is not None and max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
 
 
 class JobRegistry:
+    """The handlers one process knows: jobs by name, event subscriptions, schedules."""
+
     def __init__(self) -> None:
-        self.jobs: dict[str, Any] = {}
+        self.jobs: dict[str, JobDefinition] = {}
+        self.subscriptions: dict[str, dict[str, Subscription]] = {}
+        self.schedules: dict[str, Schedule] = {}
+
+    def job(self, name: str, *, max_attempts: int | None = None) -> Callable[[HandlerT], HandlerT]:
+        """Register ``async def handler(ctx, payload)`` as job ``name``."""
+        _check_name("a job name", name)
+        _check_max_attempts(max_attempts)
+
+        def register(handler: HandlerT) -> HandlerT:
+            _check_handler(handler)
+            if name in self.jobs:
+                raise ValueError(f"job {name!r} is already registered")
+            self.jobs[name] = JobDefinition(name, handler, max_attempts)
+            return handler
+
+        return register
+
+    def on(
+        self, event: str, *, name: str | None = None, max_attempts: int | None = None
+    ) -> Callable[[HandlerT], HandlerT]:
+        """Subscribe ``async def handler(ctx, payload)`` to ``event`` under ``name``
+        (default: the function's name). Each subscriber gets its own delivery."""
+        _check_name("an event name", event)
+        _check_max_attempts(max_attempts)
+
+        def register(handler: HandlerT) -> HandlerT:
+            _check_handler(handler)
+            subscriber = name or handler.__name__
+            _check_name("a subscriber name", subscriber)
+            subscribers = self.subscriptions.setdefault(event, {})
+            if subscriber in subscribers:
+                raise ValueError(f"{event!r} already has a subscriber named {subscriber!r}")
+            subscribers[subscriber] = Subscription(event, subscriber, handler, max_attempts)
+            return handler
+
+        return register
+
+    def schedule(
+        self, cron: str, *, name: str | None = None, max_attempts: int | None = None
+    ) -> Callable[[HandlerT], HandlerT]:
+        """Run ``async def handler(ctx, payload)`` at the times of the cron expression
+        ``cron`` (UTC), once per due time across every worker. The payload is
+        ``{"scheduled_for": "<ISO time>"}``. A worker that starts runs the most recent
+        due time if no worker did; due times missed in between are coalesced into one."""
+        if not croniter.is_valid(cron):
+            raise ValueError(f"{cron!r} is not a valid cron expression")
+        _check_max_attempts(max_attempts)
+
+        def register(handler: HandlerT) -> HandlerT:
+            schedule_name = name or f"{handler.__module__}.{handler.__qualname__}"
+            self.job(schedule_name, max_attempts=max_attempts)(handler)
+            self.schedules[schedule_name] = Schedule(schedule_name, cron)
+            return handler
+
+        return register
+
+    def subscribers(self, event: str) -> list[Subscription]:
+        return list(self.subscriptions.get(event, {}).values())
 
 
 registry = JobRegistry()
 
 
+@dataclass(frozen=True)
+class ClaimedMessage:
+    """An outbox row as this worker claimed it."""
+
+    id: uuid.UUID
+    kind: str
+    name: str
+    handler: str | None
+    event_id: uuid.UUID | None
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int | None
+
+    @property
+    def is_published_event(self) -> bool:
+        return self.kind == MessageKind.event and self.handler is None
+
+    @property
+    def label(self) -> str:
+        """The name metrics and logs use: the job, or ``event:subscriber``."""
+        if self.kind == MessageKind.event and self.handler is not None:
+            return f"{self.name}:{self.handler}"
+        return self.name
+
+
+class LeaseLostError(Exception):
+    """The message is no longer this worker's: its lease ran out and another took it."""
+
+
+class UnknownHandlerError(Exception):
+    """No handler is registered for the message in this process."""
+
+
+_CLAIMED_COLUMNS = (
+    OutboxMessage.id,
+    OutboxMessage.kind,
+    OutboxMessage.name,
+    OutboxMessage.handler,
+    OutboxMessage.event_id,
+    OutboxMessage.payload,
+    OutboxMessage.attempts,
+    OutboxMessage.max_attempts,
+)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid7().hex[-8:]}"[-NAME_MAX_LENGTH:]
+
+
 class Dispatcher:
+    """Claims due outbox messages and runs their handlers; see the module docstring."""
+
     def __init__(
         self,
         *,
-        db: Any,
-        settings: Any,
-        clock: Any,
+        db: Database,
+        settings: Settings,
+        clock: Clock,
         registry: JobRegistry,
         services: Any = None,
         worker_id: str | None = None,
+        rng: random.Random | None = None,
     ) -> None:
-        self._stopped = asyncio.Event()
+        self.db = db
+        self.settings = settings
+        self.clock = clock
+        self.registry = registry
+        self.services = services
+        self.worker_id = worker_id or default_worker_id()
+        self._rng = rng or random.Random()
+        self._concurrency = asyncio.Semaphore(settings.outbox_concurrency)
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loop_done: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._held = 0
+        self._want_more = False
+        self._schedules_fired: dict[str, dt.datetime] = {}
+
+    # -- control ---------------------------------------------------------------------
 
     def wake(self) -> None:
-        return None
+        """Look for due messages now rather than at the next poll."""
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     async def run(self) -> None:
-        await self._stopped.wait()
+        """Dispatch until :meth:`stop` is called."""
+        self._loop_done = asyncio.Event()
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                more = False
+                try:
+                    more = await self._poll_once()
+                except Exception:
+                    log.exception("outbox poll failed", worker=self.worker_id)
+                if more or self._stopping:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.outbox_poll_seconds)
+        finally:
+            self._loop_done.set()
+
+    async def _poll_once(self) -> bool:
+        """Fire due schedules and start what fits; True when more may be waiting."""
+        await self.fire_due_schedules()
+        free = self.settings.outbox_concurrency - len(self._tasks)
+        self._want_more = False
+        if free <= 0:
+            self._want_more = True
+            return False
+        wanted = min(self.settings.outbox_batch_size, free)
+        batch = await self.claim(wanted)
+        if self._stopping:
+            return False  # stop() releases what this claim took
+        for message in batch:
+            self._start(message)
+        if len(batch) < wanted:
+            return False
+        # A full batch: claim again at once if slots are left, else when one frees up.
+        self._want_more = len(self._tasks) >= self.settings.outbox_concurrency
+        return not self._want_more
+
+    async def run_until_idle(self) -> int:
+        """Handle everything due now (including handlers' follow-up messages that are due
+        at once) and return how many messages were claimed. Retries scheduled for later
+        are left for later."""
+        claimed = 0
+        while not self._stopping:
+            await self.fire_due_schedules()
+            batch = await self.claim(self.settings.outbox_batch_size)
+            if not batch:
+                break
+            claimed += len(batch)
+            if self.stopping:
+                break  # stop() hands the batch back
+            tasks = [self._start(message) for message in batch]
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return claimed
 
     async def stop(self, grace: float | None = None) -> None:
-        self._stopped.set()
+        """Stop claiming; give running handlers up to ``grace`` seconds, cancel the rest,
+        and hand everything still claimed back so another worker can take it at once."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        self._stopping = True
+        self._wake.set()
+        running = set(self._tasks)
+        if running:
+            _, unfinished = await asyncio.wait(running, timeout=max(grace, 0))
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
+        if self._loop_done is not None:
+            await self._loop_done.wait()
+        await self._release_claimed()
+
+    # -- claiming --------------------------------------------------------------------
+
+    async def claim(self, limit: int) -> list[ClaimedMessage]:
+        """Take up to ``limit`` due messages: pending ones whose time has come and running
+        ones whose lease ran out (their worker died). Each gets this worker's lease and
+        one more attempt."""
+        if limit <= 0:
+            return []
+        now = self.clock.now()
+        message = OutboxMessage
+        due = or_(
+            and_(message.status == MessageStatus.pending, message.available_at <= now),
+            and_(message.status == MessageStatus.running, message.locked_until < now),
+        )
+        # SKIP LOCKED lets concurrent workers claim disjoint rows on PostgreSQL; SQLite
+        # omits it, and BEGIN IMMEDIATE makes claims take turns there.
+        candidates = (
+            select(message.id)
+            .where(due)
+            .order_by(message.available_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        statement = (
+            update(message)
+            .where(message.id.in_(candidates))
+            .values(
+                status=MessageStatus.running.value,
+                locked_by=self.worker_id,
+                locked_until=now + dt.timedelta(seconds=self.settings.outbox_lease_seconds),
+                attempts=message.attempts + 1,
+            )
+            .returning(*_CLAIMED_COLUMNS)
+            .execution_options(synchronize_session=False)
+        )
+        async with self.db.transaction() as session:
+            rows = (await session.execute(statement)).all()
+        claimed = [
+            ClaimedMessage(
+                id=row.id,
+                kind=row.kind,
+                name=row.name,
+                handler=row.handler,
+                event_id=row.event_id,
+                payload=dict(row.payload or {}),
+                attempts=row.attempts,
+                max_attempts=row.max_attempts,
+            )
+            for row in rows
+        ]
+        if claimed:
+            self._held += len(claimed)
+            JOBS_CLAIMED.inc(len(claimed))
+        return claimed
+
+    def _start(self, message: ClaimedMessage) -> asyncio.Task[None]:
+        task = asyncio.create_task(self.handle(message), name=f"outbox:{message.label}")
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._want_more:
+            self._wake.set()
+
+    async def _release_claimed(self) -> None:
+        message = OutboxMessage
+        try:
+            async with self.db.transaction() as session:
+                result = await session.execute(
+                    update(message)
+                    .where(
+                        message.locked_by == self.worker_id,
+                        message.status == MessageStatus.running,
+                    )
+                    .values(
+                        status=MessageStatus.pending.value,
+                        locked_by=None,
+                        locked_until=None,
+                        # The attempt never finished; it should not count against the job.
+                        attempts=message.attempts - 1,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+        except Exception:
+            log.exception("could not release claimed messages", worker=self.worker_id)
+            return
+        released = int(getattr(result, "rowcount", 0) or 0)
+        if released:
+            log.info("released claimed messages", worker=self.worker_id, count=released)
+        if self._held:
+            JOBS_CLAIMED.dec(self._held)
+            self._held = 0
+
+    # -- handling --------------------------------------------------------------------
+
+    async def handle(self, message: ClaimedMessage) -> None:
+        """Run one claimed message to its end: done, retry, dead, or lease lost."""
+        with structlog.contextvars.bound_contextvars(
+            job=message.label, message_id=str(message.id), attempt=message.attempts
+        ):
+            try:
+                async with self._concurrency:
+                    if self._stopping:
+                        return  # not started yet: stop() hands it back
+                    await self._attempt(message)
+            finally:
+                if self._held:
+                    self._held -= 1
+                    JOBS_CLAIMED.dec()
+
+    async def _attempt(self, message: ClaimedMessage) -> None:
+        began = time.perf_counter()
+        try:
+            if message.is_published_event:
+                await self._fan_out(message)
+            else:
+                await self._run_handler(message)
+        except LeaseLostError:
+            log.warning("lease lost; another worker has the message")
+            return
+        except Exception as exc:
+            JOB_DURATION.labels(message.label).observe(time.perf_counter() - began)
+            await self._record_failure(message, exc)
+            return
+        JOB_DURATION.labels(message.label).observe(time.perf_counter() - began)
+        JOBS_TOTAL.labels(message.label, OUTCOME_DONE).inc()
+
+    async def _hold(self, session: AsyncSession, message: ClaimedMessage) -> None:
+        """Lock the message row for this transaction, if it is still ours."""
+        held = await session.execute(
+            select(OutboxMessage.id).where(self._still_ours(message)).with_for_update()
+        )
+        if held.first() is None:
+            raise LeaseLostError(str(message.id))
+
+    def _still_ours(self, message: ClaimedMessage) -> Any:
+        return and_(
+            OutboxMessage.id == message.id,
+            OutboxMessage.status == MessageStatus.running,
+            OutboxMessage.locked_by == self.worker_id,
+            OutboxMessage.attempts == message.attempts,
+        )
+
+    async def _complete(self, session: AsyncSession, message: ClaimedMessage) -> None:
+        await session.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id == message.id)
+            .values(
+                status=MessageStatus.done.value,
+                completed_at=self.clock.now(),
+                locked_by=None,
+                locked_until=None,
+                last_error=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+
+    def _target(self, message: ClaimedMessage) -> tuple[JobHandler, int | None] | None:
+        if message.kind == MessageKind.job:
+            job = self.registry.jobs.get(message.name)
+            return (job.handler, job.max_attempts) if job else None
+        subscription = self.registry.subscriptions.get(message.name, {}).get(message.handler or "")
+        return (subscription.handler, subscription.max_attempts) if subscription else None
+
+    async def _run_handler(self, message: ClaimedMessage) -> None:
+        target = self._target(message)
+        # The marker names what was done once: this job message, or this event for this
+        # subscriber (so even a second delivery row for one event has no second effect).
+        marker_handler = message.handler or message.name
+        marker_message = message.event_id or message.id
+        async with self.db.sessionmaker() as session:
+            session.info[SESSION_CLOCK_KEY] = self.clock
+            async with session.begin():
+                await self._hold(session, message)
+                if target is None:
+                    raise UnknownHandlerError(f"no handler is registered for {message.label!r}")
+                done_before = await session.scalar(
+                    select(ProcessedMessage.id).where(
+                        ProcessedMessage.handler == marker_handler,
+                        ProcessedMessage.message_id == marker_message,
+                    )
+                )
+                if done_before is None:
+                    handler, _ = target
+                    context = JobContext(
+                        session=session,
+                        clock=self.clock,
+                        message_id=message.id,
+                        attempt=message.attempts,
+                        services=self.services,
+                        name=message.label,
+                        event_id=message.event_id,
+                    )
+                    await handler(context, message.payload)
+                    session.add(
+                        ProcessedMessage(
+                            handler=marker_handler,
+                            message_id=marker_message,
+                            processed_at=self.clock.now(),
+                        )
+                    )
+                else:
+                    log.info("already processed; completing without running the handler")
+                await self._complete(session, message)
+            wrote_outbox = bool(session.info.get("outbox_written"))
+        log.info("job done")
+        if wrote_outbox:
+            self.wake()
+
+    async def _fan_out(self, message: ClaimedMessage) -> None:
+        subscribers = self.registry.subscribers(message.name)
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            await self._hold(session, message)
+            for subscriber in subscribers:
+                await add_message(
+                    session,
+                    kind=MessageKind.event,
+                    name=message.name,
+                    handler=subscriber.name,
+                    event_id=message.id,
+                    payload=message.payload,
+                    available_at=now,
+                    created_at=now,
+                    dedupe_key=f"event:{message.id}:{subscriber.name}",
+                    max_attempts=subscriber.max_attempts,
+                )
+            await self._complete(session, message)
+        log.info("event fanned out", subscribers=[s.name for s in subscribers])
+        if subscribers:
+            self.wake()
+
+    def backoff(self, attempt: int) -> dt.timedelta:
+        """How long to wait after failed attempt number ``attempt`` (1-based): doubling
+        from the base up to the cap, then a random point in its upper half, so retries
+        of many failed jobs spread out instead of arriving together."""
+        base = self.settings.outbox_backoff_base_seconds
+        cap = self.settings.outbox_backoff_max_seconds
+        ceiling = min(cap, base * 2.0 ** min(max(attempt, 1) - 1, 64))
+        return dt.timedelta(seconds=self._rng.uniform(ceiling / 2, ceiling))
+
+    async def _record_failure(self, message: ClaimedMessage, exc: Exception) -> None:
+        target = self._target(message)
+        limit = (
+            message.max_attempts
+            or (target[1] if target else None)
+            or self.settings.outbox_max_attempts
+        )
+        dead = message.attempts >= limit
+        now = self.clock.now()
+        values: dict[str, Any] = {
+            "locked_by": None,
+            "locked_until": None,
+            "last_error": describe_failure(exc),
+        }
+        if dead:
+            values.update(status=MessageStatus.dead.value, completed_at=now)
+        else:
+            values.update(
+                status=MessageStatus.pending.value,
+                available_at=now + self.backoff(message.attempts),
+            )
+        try:
+            async with self.db.transaction() as session:
+                result = await session.execute(
+                    update(OutboxMessage)
+                    .where(self._still_ours(message))
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+        except Exception:
+            # The lease will run out and the message will be tried again.
+            log.exception("could not record a failed attempt")
+            return
+        if not getattr(result, "rowcount", 0):
+            log.warning("lease lost; another worker has the message")
+            return
+        outcome = OUTCOME_DEAD if dead else OUTCOME_RETRY
+        JOBS_TOTAL.labels(message.label, outcome).inc()
+        if dead:
+            log.error(
+                "job failed for the last time; giving up",
+                error=values["last_error"],
+                max_attempts=limit,
+                exc_info=exc,
+            )
+        else:
+            log.warning(
+                "job failed; will retry",
+                error=values["last_error"],
+                retry_at=values["available_at"].isoformat(),
+                exc_info=exc,
+            )
+
+    # -- schedules -------------------------------------------------------------------
+
+    async def fire_due_schedules(self) -> None:
+        """Enqueue each schedule's most recent due time, once across all workers: the
+        dedupe key ``schedule:<name>:<due time>`` lets only the first writer through."""
+        schedules: Sequence[Schedule] = list(self.registry.schedules.values())
+        if not schedules:
+            return
+        now = self.clock.now()
+        due = [
+            (schedule, at)
+            for schedule in schedules
+            if self._schedules_fired.get(schedule.name) != (at := schedule.latest_due(now))
+        ]
+        if not due:
+            return
+        async with self.db.transaction() as session:
+            for schedule, at in due:
+                job = self.registry.jobs.get(schedule.name)
+                await add_message(
+                    session,
+                    kind=MessageKind.job,
+                    name=schedule.name,
+                    payload={"scheduled_for": at.isoformat()},
+                    available_at=at,
+                    created_at=now,
+                    dedupe_key=f"schedule:{schedule.name}:{at.isoformat()}",
+                    max_attempts=job.max_attempts if job else None,
+                )
+        for schedule, at in due:
+            self._schedules_fired[schedule.name] = at
