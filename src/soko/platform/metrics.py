@@ -1,15 +1,51 @@
-"""Prometheus metrics: per-route HTTP counts and latencies, and job metrics."""
+"""Prometheus metrics for HTTP traffic, served at ``/metrics``.
+
+Series are labelled by the matched route *template* (``/problems/{slug}``), never the
+raw path, and every path that matches no route shares the single label
+``<unmatched>``: a caller probing random URLs cannot create new series.
+
+Several processes (``soko serve`` with ``SOKO_WORKERS`` > 1, or ``uvicorn --workers``)
+each hold their own counters, and a scrape reaches only one of them. To add them up,
+use prometheus_client's multiprocess mode:
+
+* set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory that every process can write,
+  in the environment of the process that starts the workers, so it is there before any
+  of them imports ``prometheus_client`` (the value store is chosen at import);
+* empty that directory before each start (a file left by an earlier run would be added
+  to the new counts);
+* call :func:`forget_this_process` when a worker stops, so the in-flight gauge of a
+  dead process no longer counts.
+
+``/metrics`` then reads every process's files and answers with their sums (gauges use
+``livesum``: the sum over live processes). Counters and histograms of processes that
+have stopped keep counting, which is what Prometheus expects of a counter.
+
+Job metrics live with the jobs in :mod:`soko.platform.jobs`.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 
 from fastapi import APIRouter
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from soko.platform.http import route_template
+from soko.platform.logging import bind_request_context, request_scope
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 HTTP_REQUESTS = Counter(
     "soko_http_requests_total", "HTTP requests answered", ["method", "route", "status"]
@@ -20,16 +56,52 @@ HTTP_LATENCY = Histogram(
     ["method", "route"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+HTTP_IN_FLIGHT = Gauge(
+    "soko_http_requests_in_flight",
+    "HTTP requests being answered right now",
+    multiprocess_mode="livesum",
+)
+
+# Methods outside this set are counted as "OTHER": the method is a label too, and a
+# client may send any token there.
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 router = APIRouter(include_in_schema=False)
 
 
+def multiprocess_directory() -> str | None:
+    return os.environ.get(MULTIPROCESS_ENV) or None
+
+
+def render_metrics() -> bytes:
+    """Every metric in the Prometheus text format, summed over processes when
+    multiprocess mode is on."""
+    if multiprocess_directory():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
+
+
+def forget_this_process() -> None:
+    """Drop this process's live gauges from the multiprocess directory; call it when a
+    worker stops. Does nothing outside multiprocess mode."""
+    if multiprocess_directory():
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
 @router.get("/metrics")
 async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
 
 class PrometheusMiddleware:
+    """Counts and times each HTTP request under its route template.
+
+    It also makes the request's scope current for logging, so log lines written while
+    the request is handled carry the route once the router has matched it.
+    """
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
@@ -46,10 +118,20 @@ class PrometheusMiddleware:
                 status = message["status"]
             await send(message)
 
+        HTTP_IN_FLIGHT.inc()
         try:
-            await self.app(scope, receive, recording_send)
+            with request_scope(scope):
+                await self.app(scope, receive, recording_send)
         finally:
+            HTTP_IN_FLIGHT.dec()
+            # The router has stored the matched route in the scope by now; a path that
+            # matched nothing has none and falls under "<unmatched>".
             route = route_template(scope)
+            if scope.get("route") is not None:
+                # Lines written after this one (an unhandled error's) name the route too.
+                bind_request_context(route=route)
             method = scope.get("method", "GET")
+            if method not in _KNOWN_METHODS:
+                method = "OTHER"
             HTTP_REQUESTS.labels(method, route, str(status)).inc()
             HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - began)
