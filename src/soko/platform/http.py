@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from soko.platform.errors import PayloadTooLarge, ProblemError, problem_body
@@ -39,6 +40,10 @@ def _problem_message(
             (b"content-type", b"application/problem+json"),
             (b"content-length", str(len(body)).encode()),
             (REQUEST_ID_HEADER.encode(), request_id.encode()),
+            # The 500 is sent from outside SecurityHeadersMiddleware, so it brings its own.
+            (b"x-content-type-options", b"nosniff"),
+            (b"cache-control", b"no-store"),
+            (b"content-security-policy", API_CSP.encode()),
         ],
     }
     return start, {"type": "http.response.body", "body": body}
@@ -133,7 +138,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -160,8 +165,12 @@ class BodySizeLimitMiddleware:
         await send(body)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    # An HTTPException on purpose: FastAPI turns any other exception raised while it
+    # reads a body into "400 There was an error parsing the body", but re-raises
+    # HTTPExceptions, which the problem handlers then answer as a 413 problem.
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"The request body is larger than {max_bytes} bytes.")
 
 
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
@@ -214,13 +223,14 @@ class SecurityHeadersMiddleware:
 def client_ip(scope: Scope, trusted_proxies: Iterable[str] = ()) -> str:
     """The caller's address; ``X-Forwarded-For`` is believed only from a trusted proxy."""
     client = scope.get("client")
-    peer = client[0] if client else "unknown"
+    peer = str(client[0]) if client else "unknown"
     trusted = set(trusted_proxies)
     if peer not in trusted:
         return peer
     for name, value in scope.get("headers", ()):
         if name == b"x-forwarded-for":
-            hops = [hop.strip() for hop in value.decode("latin-1").split(",") if hop.strip()]
+            forwarded: str = value.decode("latin-1")
+            hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
             # Walk from the nearest hop back, skipping our own proxies.
             for hop in reversed(hops):
                 if hop not in trusted:

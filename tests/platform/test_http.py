@@ -1,0 +1,353 @@
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from fastapi import APIRouter, FastAPI, Request
+from pydantic import BaseModel
+
+from soko.app import create_app
+from soko.platform.clock import ManualClock
+from soko.platform.http import client_ip, route_template
+from soko.platform.runtime import Runtime
+from tests.conftest import make_settings
+
+LIMIT = 2048
+
+
+class Note(BaseModel):
+    text: str
+
+
+def test_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/test-http/notes")
+    async def post_note(note: Note) -> dict[str, int]:
+        return {"length": len(note.text)}
+
+    @router.post("/test-http/raw")
+    async def post_raw(request: Request) -> dict[str, int]:
+        return {"length": len(await request.body())}
+
+    @router.get("/test-http/catalog")
+    async def catalog(count: int = 200) -> dict[str, Any]:
+        return {
+            "items": [{"sku": f"SKU-{i:05d}", "name": "Unga wa ngano 2kg"} for i in range(count)]
+        }
+
+    return router
+
+
+test_router.__test__ = False  # type: ignore[attr-defined]
+
+AppFactory = Callable[..., Awaitable[httpx2.AsyncClient]]
+
+
+@pytest.fixture
+async def make_client(
+    tmp_path: Path, database_url: str, clock: ManualClock
+) -> AsyncIterator[AppFactory]:
+    """Clients over apps built with settings overrides (the test router included)."""
+    opened: list[tuple[Runtime, httpx2.AsyncClient]] = []
+
+    async def make(**overrides: Any) -> httpx2.AsyncClient:
+        settings = make_settings(tmp_path, database_url=database_url, **overrides)
+        runtime = Runtime(settings, clock=clock)
+        app = create_app(runtime=runtime)
+        app.include_router(test_router())
+        transport = httpx2.ASGITransport(app=app)
+        client = httpx2.AsyncClient(transport=transport, base_url="http://testserver")
+        opened.append((runtime, client))
+        return client
+
+    yield make
+    for runtime, client in opened:
+        await client.aclose()
+        await runtime.stop()
+
+
+async def raw_request(
+    app: FastAPI,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    body_chunks: list[bytes] = (),  # type: ignore[assignment]
+) -> tuple[int, dict[str, str], bytes]:
+    """Drive the ASGI app directly, for requests an HTTP client would refuse to send."""
+    chunks = list(body_chunks) or [b""]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST" if body_chunks else "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"host", b"testserver"), *headers],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    response_headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], response_headers, body
+
+
+# -- security headers ---------------------------------------------------------------------------
+
+
+async def test_security_headers_on_api_responses(client: httpx2.AsyncClient) -> None:
+    for response in (await client.get("/health"), await client.get("/no/such/thing")):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["content-security-policy"].startswith("default-src 'none'")
+        assert "strict-transport-security" not in response.headers
+
+
+async def test_docs_get_a_csp_that_lets_the_ui_load(client: httpx2.AsyncClient) -> None:
+    docs = await client.get("/docs")
+    assert docs.status_code == 200
+    assert "script-src" in docs.headers["content-security-policy"]
+    assert docs.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_hsts_only_in_production(make_client: AppFactory) -> None:
+    production = await make_client(env="production")
+    response = await production.get("/health")
+    assert response.headers["strict-transport-security"].startswith("max-age=")
+    assert "includeSubDomains" in response.headers["strict-transport-security"]
+
+    development = await make_client(env="development")
+    assert "strict-transport-security" not in (await development.get("/health")).headers
+
+
+# -- request ids ------------------------------------------------------------------------------
+
+
+async def test_well_formed_request_id_is_echoed(client: httpx2.AsyncClient) -> None:
+    for request_id in ("abc-123", "5f0c7a3e-0d6e-4a8e-9c1a-3b2f1e0d9c8b", "edge:1.2_3", "x" * 128):
+        response = await client.get("/health", headers={"X-Request-ID": request_id})
+        assert response.headers["x-request-id"] == request_id
+
+
+async def test_generated_request_ids_are_unique(client: httpx2.AsyncClient) -> None:
+    ids = {(await client.get("/health")).headers["x-request-id"] for _ in range(5)}
+    assert len(ids) == 5
+    assert all(len(value) == 32 for value in ids)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"x" * 200,
+        b"x" * 129,
+        b"has space",
+        b"line\nbreak",
+        b"line\r\nX-Injected: 1",
+        b"",
+        b"semi;colon",
+        b"caf\xc3\xa9",
+    ],
+)
+async def test_malformed_request_id_is_replaced(app: FastAPI, bad: bytes) -> None:
+    status, headers, body = await raw_request(app, "/no/such/thing", [(b"x-request-id", bad)])
+    assert status == 404
+    assert headers["x-request-id"] != bad.decode("latin-1")
+    assert len(headers["x-request-id"]) == 32
+    assert "x-injected" not in headers
+    assert json.loads(body)["request_id"] == headers["x-request-id"]
+
+
+# -- body size limit ----------------------------------------------------------------------------
+
+
+async def test_declared_body_over_the_limit_is_413(make_client: AppFactory) -> None:
+    client = await make_client(max_body_bytes=LIMIT)
+    response = await client.post(
+        "/test-http/notes",
+        json={"text": "x" * (LIMIT + 10)},
+        headers={"X-Request-ID": "too-big-1"},
+    )
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == "/problems/payload-too-large"
+    assert problem["status"] == 413
+    assert problem["request_id"] == "too-big-1"
+    assert response.headers["x-request-id"] == "too-big-1"
+
+
+async def test_body_at_the_limit_is_accepted(make_client: AppFactory) -> None:
+    client = await make_client(max_body_bytes=LIMIT)
+    text = "x" * (LIMIT - len('{"text":""}'))
+    response = await client.post(
+        "/test-http/notes",
+        content=json.dumps({"text": text}, separators=(",", ":")),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 200
+    assert response.json() == {"length": len(text)}
+
+
+@pytest.mark.parametrize("path", ["/test-http/notes", "/test-http/raw"])
+async def test_chunked_body_over_the_limit_is_413(make_client: AppFactory, path: str) -> None:
+    client = await make_client(max_body_bytes=LIMIT)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"text": "'
+        for _ in range(10):
+            yield b"x" * 512
+        yield b'"}'
+
+    response = await client.post(
+        path,
+        content=chunks(),
+        headers={"Content-Type": "application/json", "X-Request-ID": "chunked-1"},
+    )
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == "/problems/payload-too-large"
+    assert problem["request_id"] == "chunked-1"
+
+
+async def test_chunked_body_under_the_limit_is_read(make_client: AppFactory) -> None:
+    client = await make_client(max_body_bytes=LIMIT)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"text": "'
+        yield b"x" * 1000
+        yield b'"}'
+
+    response = await client.post(
+        "/test-http/notes", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 200
+    assert response.json() == {"length": 1000}
+
+
+async def test_lying_content_length_is_still_counted(make_client: AppFactory) -> None:
+    client = await make_client(max_body_bytes=LIMIT)
+    app = client._transport.app  # type: ignore[attr-defined]
+    status, _, body = await raw_request(
+        app,
+        "/test-http/raw",
+        [(b"content-length", b"10"), (b"content-type", b"application/octet-stream")],
+        [b"x" * 1500, b"x" * 1500],
+    )
+    assert status == 413
+    assert json.loads(body)["type"] == "/problems/payload-too-large"
+
+
+# -- CORS -------------------------------------------------------------------------------------
+
+
+async def test_cors_allows_only_configured_origins(make_client: AppFactory) -> None:
+    client = await make_client(cors_origins="https://shop.example.co.ke")
+    allowed = await client.get("/health", headers={"Origin": "https://shop.example.co.ke"})
+    assert allowed.headers["access-control-allow-origin"] == "https://shop.example.co.ke"
+    assert "x-request-id" in allowed.headers["access-control-expose-headers"].lower()
+
+    refused = await client.get("/health", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in refused.headers
+
+
+async def test_cors_preflight(make_client: AppFactory) -> None:
+    client = await make_client(cors_origins=["https://shop.example.co.ke"])
+    preflight = await client.options(
+        "/test-http/notes",
+        headers={
+            "Origin": "https://shop.example.co.ke",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, idempotency-key, if-match",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://shop.example.co.ke"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+
+    refused = await client.options(
+        "/test-http/notes",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert refused.status_code == 400
+    assert "access-control-allow-origin" not in refused.headers
+
+
+async def test_no_cors_headers_without_configured_origins(client: httpx2.AsyncClient) -> None:
+    response = await client.get("/health", headers={"Origin": "https://shop.example.co.ke"})
+    assert "access-control-allow-origin" not in response.headers
+
+
+# -- compression ------------------------------------------------------------------------------
+
+
+async def test_large_json_is_gzipped_when_accepted(make_client: AppFactory) -> None:
+    client = await make_client()
+    response = await client.get("/test-http/catalog", headers={"Accept-Encoding": "gzip"})
+    assert response.status_code == 200
+    assert response.headers["content-encoding"] == "gzip"
+    assert "accept-encoding" in response.headers["vary"].lower()
+    assert len(response.json()["items"]) == 200  # the client decoded it
+    assert int(response.headers["content-length"]) < len(response.content)
+
+
+async def test_no_gzip_when_not_accepted_or_small(make_client: AppFactory) -> None:
+    client = await make_client()
+    plain = await client.get("/test-http/catalog", headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers
+    assert len(plain.json()["items"]) == 200
+
+    small = await client.get("/test-http/catalog?count=1", headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in small.headers
+
+
+async def test_gzip_body_is_valid_gzip(make_client: AppFactory) -> None:
+    client = await make_client()
+    app = client._transport.app  # type: ignore[attr-defined]
+    status, headers, body = await raw_request(
+        app, "/test-http/catalog", [(b"accept-encoding", b"gzip")]
+    )
+    assert status == 200
+    assert headers["content-encoding"] == "gzip"
+    assert len(json.loads(gzip.decompress(body))["items"]) == 200
+    assert len(body) < len(gzip.decompress(body))
+
+
+# -- helpers used by other middleware ----------------------------------------------------------
+
+
+def test_client_ip_believes_forwarded_for_only_from_trusted_proxies() -> None:
+    scope: dict[str, Any] = {
+        "client": ("10.0.0.2", 1234),
+        "headers": [(b"x-forwarded-for", b"203.0.113.9, 198.51.100.1, 10.0.0.1")],
+    }
+    assert client_ip(scope) == "10.0.0.2"
+    assert client_ip(scope, ["10.0.0.2"]) == "10.0.0.1"
+    assert client_ip(scope, ["10.0.0.2", "10.0.0.1"]) == "198.51.100.1"
+    assert client_ip({"client": None, "headers": []}) == "unknown"
+
+
+def test_route_template_never_leaks_the_raw_path() -> None:
+    assert route_template({}) == "<unmatched>"
