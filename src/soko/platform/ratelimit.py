@@ -1,61 +1,191 @@
-"""Rate limits backed by the ``limits`` library, in memory or in Redis.
+"""Rate limits backed by the ``limits`` library (sliding window counter), in memory or
+in Redis.
 
 Use :func:`rate_limit` as a route dependency for a per-route limit, and
-:class:`GlobalRateLimitMiddleware` for the per-IP default applied to every request.
-Refusals are 429 problems with ``Retry-After`` and the RateLimit header fields.
+:class:`GlobalRateLimitMiddleware` for the per-IP default applied to every request except
+``/health``, ``/ready`` and ``/metrics``. Refusals are 429 problems with ``Retry-After``
+and the RateLimit header fields of the IETF draft (``RateLimit-Policy: "login";q=5;w=60``
+and ``RateLimit: "login";r=0;t=42``); successful answers of a route with a limit carry
+the same two fields.
+
+When the storage is unreachable the limiter fails open: the request goes through
+uncounted, a warning is logged and ``soko_ratelimit_unavailable_total`` is counted, so a
+Redis outage degrades protection instead of taking the whole API down. After a failure
+the limiter stops asking the storage for ``cooldown_seconds``, so a dead (or black-holed)
+Redis does not add a timeout to every request. A route whose limit matters more than its
+availability (a one-time-code check, say) passes ``fail_open=False`` to
+:func:`rate_limit` and answers 503 while the storage is down.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import structlog
 from fastapi import Request, Response
 from limits import RateLimitItem, parse, parse_many
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.errors import StorageError
+from prometheus_client import Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from soko.platform.errors import RateLimited, problem_body
+from soko.platform.clock import Clock, SystemClock
+from soko.platform.errors import RateLimited, ServiceUnavailable, problem_body
 from soko.platform.http import client_ip
+
+log = structlog.get_logger("soko.ratelimit")
+
+RATELIMIT_UNAVAILABLE = Counter(
+    "soko_ratelimit_unavailable_total",
+    "Requests let through unchecked because the rate limit storage was unreachable",
+    ["scope"],
+)
+RATELIMIT_STORAGE_ERRORS = Counter(
+    "soko_ratelimit_storage_errors_total",
+    "Failed calls to the rate limit storage",
+)
+RATELIMIT_REFUSED = Counter(
+    "soko_ratelimit_refused_total", "Requests refused by a rate limit", ["scope"]
+)
+
+
+def _sf_string(value: str) -> str:
+    """``value`` as a structured-field string (RFC 9651): printable ASCII, quoted."""
+    printable = "".join(ch if " " <= ch <= "~" else "_" for ch in value)
+    return '"' + printable.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    """One quota: ``quota`` requests per ``window`` seconds, named for the headers."""
+
+    name: str
+    quota: int
+    window: int
+
+    @classmethod
+    def of(cls, item: RateLimitItem, name: str) -> RateLimitPolicy:
+        return cls(name=name, quota=int(item.amount), window=int(item.get_expiry()))
+
+    def field(self) -> str:
+        return f"{_sf_string(self.name)};q={self.quota};w={self.window}"
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimitResult:
+    policy: RateLimitPolicy
     allowed: bool
-    limit: int
     remaining: int
     reset_after: int  # seconds until the window frees capacity
-    policy: str
+    degraded: bool = False  # the storage was unreachable and the hit was not counted
 
-    def headers(self) -> dict[str, str]:
-        headers = {
-            "RateLimit-Policy": self.policy,
-            "RateLimit": f'"{self.policy.split(";")[0].strip(chr(34))}";r={self.remaining};t={self.reset_after}',
-        }
-        if not self.allowed:
-            headers["Retry-After"] = str(max(1, self.reset_after))
-        return headers
+    def field(self) -> str:
+        return f"{_sf_string(self.policy.name)};r={self.remaining};t={self.reset_after}"
+
+    @property
+    def retry_after(self) -> int:
+        return max(1, self.reset_after)
+
+
+def rate_limit_headers(results: Sequence[RateLimitResult]) -> dict[str, str]:
+    """The RateLimit fields for the limits checked on one request.
+
+    ``RateLimit-Policy`` lists every policy; ``RateLimit`` reports the one that decided
+    (the refusing one, else the one closest to running out), and a refusal adds
+    ``Retry-After``. Degraded results are left out: their counts are unknown.
+    """
+    known = [result for result in results if not result.degraded]
+    if not known:
+        return {}
+    refused = [result for result in known if not result.allowed]
+    deciding = (
+        max(refused, key=lambda result: result.reset_after)
+        if refused
+        else min(known, key=lambda result: (result.remaining, -result.reset_after))
+    )
+    headers = {
+        "RateLimit-Policy": ", ".join(result.policy.field() for result in known),
+        "RateLimit": deciding.field(),
+    }
+    if refused:
+        headers["Retry-After"] = str(deciding.retry_after)
+    return headers
 
 
 class RateLimiter:
-    def __init__(self, storage: Storage) -> None:
+    """Counts hits per (policy, scope, caller) in a ``limits`` storage, failing open."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        clock: Clock | None = None,
+        cooldown_seconds: float = 5.0,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.storage = storage
         self.strategy = SlidingWindowCounterRateLimiter(storage)
+        self.clock: Clock = clock or SystemClock()
+        self.cooldown = dt.timedelta(seconds=cooldown_seconds)
+        self.unavailable_until: dt.datetime | None = None
+        self._on_close = on_close
+        self._unavailable_errors: tuple[type[Exception], ...] = (
+            StorageError,
+            OSError,
+            *_redis_errors(),
+        )
 
-    async def hit(self, item: RateLimitItem, scope: str, key: str) -> RateLimitResult:
-        allowed = await self.strategy.hit(item, scope, key)
-        stats = await self.strategy.get_window_stats(item, scope, key)
+    @property
+    def available(self) -> bool:
+        """False while cooling down after a storage failure."""
+        return self.unavailable_until is None or self.clock.now() >= self.unavailable_until
+
+    async def hit(
+        self, item: RateLimitItem, scope: str, key: str, *, policy_name: str | None = None
+    ) -> RateLimitResult:
+        policy = RateLimitPolicy.of(item, policy_name or scope)
+        if not self.available:
+            return self._degraded(policy, scope)
+        try:
+            allowed = await self.strategy.hit(item, scope, key)
+            stats = await self.strategy.get_window_stats(item, scope, key)
+        except self._unavailable_errors as exc:
+            RATELIMIT_STORAGE_ERRORS.inc()
+            self.unavailable_until = self.clock.now() + self.cooldown
+            log.warning(
+                "rate_limit_storage_unavailable",
+                scope=scope,
+                error=type(exc).__name__,
+                cooldown_seconds=self.cooldown.total_seconds(),
+            )
+            return self._degraded(policy, scope)
+        self.unavailable_until = None
+        # ``limits`` reports the reset as a wall-clock timestamp of its own.
         reset_after = max(0, math.ceil(stats.reset_time - time.time()))
+        if not allowed:
+            RATELIMIT_REFUSED.labels(scope).inc()
         return RateLimitResult(
+            policy=policy,
             allowed=allowed,
-            limit=item.amount,
-            remaining=max(0, stats.remaining),
-            reset_after=reset_after,
-            policy=f'"{scope}";q={item.amount};w={item.get_expiry()}',
+            remaining=max(0, int(stats.remaining)),
+            reset_after=min(reset_after, policy.window),
+        )
+
+    def _degraded(self, policy: RateLimitPolicy, scope: str) -> RateLimitResult:
+        RATELIMIT_UNAVAILABLE.labels(scope).inc()
+        return RateLimitResult(
+            policy=policy,
+            allowed=True,
+            remaining=policy.quota,
+            reset_after=0,
+            degraded=True,
         )
 
     async def reset(self) -> None:
@@ -66,11 +196,65 @@ class RateLimiter:
             raise ConnectionError("rate limit storage unreachable")
 
     async def close(self) -> None:
-        return None
+        timer = getattr(self.storage, "timer", None)  # MemoryStorage's expiry task
+        if timer is not None and not timer.done():
+            timer.cancel()
+        if self._on_close is not None:
+            await self._on_close()
 
 
-def create_memory_rate_limiter() -> RateLimiter:
-    return RateLimiter(MemoryStorage())
+def _redis_errors() -> tuple[type[Exception], ...]:
+    try:
+        from redis.exceptions import RedisError
+    except ImportError:  # redis is an optional extra; memory limits do without it
+        return ()
+    return (RedisError,)
+
+
+def create_memory_rate_limiter(*, clock: Clock | None = None) -> RateLimiter:
+    return RateLimiter(MemoryStorage(), clock=clock)
+
+
+def create_redis_rate_limiter(
+    url: str,
+    namespace: str = "soko:rl:",
+    *,
+    timeout_seconds: float = 0.5,
+    cooldown_seconds: float = 5.0,
+    clock: Clock | None = None,
+) -> RateLimiter:
+    """Limits shared by every process using the Redis at ``url``, under ``namespace``.
+
+    The connection pool is our own (closed by :meth:`RateLimiter.close`) with short
+    timeouts and no retries: a rate limit check must answer fast or not at all.
+    """
+    from limits.aio.storage import RedisStorage
+    from redis.asyncio import ConnectionPool
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    pool = ConnectionPool.from_url(
+        url,
+        socket_connect_timeout=timeout_seconds,
+        socket_timeout=timeout_seconds,
+        retry=Retry(NoBackoff(), 0),
+    )
+    # limits picks its client from the URL scheme; the pool decides where it connects.
+    scheme_url = (
+        "async+redis+unix://" + url.removeprefix("unix://")
+        if url.startswith("unix://")
+        else "async+" + url
+    )
+    options: dict[str, Any] = {"connection_pool": pool}
+    storage = RedisStorage(
+        scheme_url,
+        implementation="redispy",
+        key_prefix=namespace.rstrip(":"),  # limits adds its own ':'
+        **options,
+    )
+    return RateLimiter(
+        storage, clock=clock, cooldown_seconds=cooldown_seconds, on_close=pool.aclose
+    )
 
 
 def _limiter(request: Request) -> RateLimiter:
@@ -83,44 +267,53 @@ def rate_limit(
     *,
     scope: str,
     key: Callable[[Request], str] | None = None,
-) -> Callable[[Request, Response], object]:
-    """A dependency enforcing ``rate`` (such as ``"5/minute"``) per caller for one route.
+    fail_open: bool = True,
+) -> Callable[[Request, Response], Awaitable[None]]:
+    """A dependency enforcing ``rate`` per caller for one route: ``"5/minute"``, or
+    several quotas at once (``"5/minute;50/day"``).
 
-    ``key`` picks what is counted (by default the client IP).
+    ``scope`` names the limit (and its ``RateLimit-Policy``); ``key`` picks what is
+    counted (by default the client IP). With ``fail_open=False`` the route answers 503
+    rather than go unprotected while the storage is unreachable.
     """
     items = parse_many(rate)
+    names = [scope] if len(items) == 1 else [f"{scope}-{item.get_expiry()}s" for item in items]
 
     async def dependency(request: Request, response: Response) -> None:
-        limiter = _limiter(request)
-        if not request.app.state.runtime.settings.ratelimit_enabled:
+        runtime = request.app.state.runtime
+        if not runtime.settings.ratelimit_enabled:
             return
-        caller = (
-            key(request)
-            if key
-            else client_ip(request.scope, request.app.state.runtime.settings.trusted_proxies)
-        )
-        tightest: RateLimitResult | None = None
-        for item in items:
-            result = await limiter.hit(item, scope, caller)
+        limiter = _limiter(request)
+        caller = key(request) if key else client_ip(request.scope, runtime.settings.trusted_proxies)
+        results: list[RateLimitResult] = []
+        for item, name in zip(items, names, strict=True):
+            result = await limiter.hit(item, scope, caller, policy_name=name)
+            results.append(result)
+            if result.degraded and not fail_open:
+                raise ServiceUnavailable(
+                    "Rate limiting is unavailable for this operation; retry shortly.",
+                    headers={"Retry-After": str(math.ceil(limiter.cooldown.total_seconds()))},
+                )
             if not result.allowed:
                 raise RateLimited(
-                    f"Rate limit of {item} for {scope} reached; retry in "
-                    f"{max(1, result.reset_after)} s.",
-                    headers=result.headers(),
+                    f"The limit of {item.amount} requests per {item.get_expiry()} s "
+                    f"for {scope} was reached; retry in {result.retry_after} s.",
+                    headers=rate_limit_headers(results),
                 )
-            if tightest is None or result.remaining < tightest.remaining:
-                tightest = result
-        if tightest is not None:
-            for name, value in tightest.headers().items():
-                response.headers[name] = value
+        response.headers.update(rate_limit_headers(results))
 
     return dependency
 
 
 class GlobalRateLimitMiddleware:
-    """The per-IP default limit over every request except the operational endpoints."""
+    """The per-IP default limit over every request except the operational endpoints.
 
-    exempt = ("/health", "/ready", "/metrics")
+    Only refusals carry the RateLimit fields: on success, a route's own limit (the one a
+    client can act on) owns them.
+    """
+
+    exempt = frozenset({"/health", "/ready", "/metrics"})
+    scope_name = "global"
 
     def __init__(
         self,
@@ -135,26 +328,34 @@ class GlobalRateLimitMiddleware:
         self.item = parse(rate)
         self.trusted_proxies = trusted_proxies
 
+    def _is_exempt(self, path: str) -> bool:
+        return path.rstrip("/") in self.exempt
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path", "").startswith(self.exempt):
+        if scope["type"] != "http" or self._is_exempt(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
         ip = client_ip(scope, self.trusted_proxies)
-        result = await self.limiter_getter().hit(self.item, "global", ip)
-        if not result.allowed:
-            request_id = scope.get("state", {}).get("request_id")
-            body = json.dumps(
-                problem_body(
-                    RateLimited,
-                    detail=f"Too many requests from this address; retry in "
-                    f"{max(1, result.reset_after)} s.",
-                    instance=scope.get("path"),
-                    request_id=request_id,
-                )
-            ).encode()
-            headers = [(b"content-type", b"application/problem+json")]
-            headers += [(k.lower().encode(), v.encode()) for k, v in result.headers().items()]
-            await send({"type": "http.response.start", "status": 429, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+        result = await self.limiter_getter().hit(self.item, self.scope_name, ip)
+        if result.allowed:
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        request_id = scope.get("state", {}).get("request_id")
+        body = json.dumps(
+            problem_body(
+                RateLimited,
+                detail=f"Too many requests from this address; retry in {result.retry_after} s.",
+                instance=scope.get("path"),
+                request_id=request_id,
+            )
+        ).encode()
+        headers = [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        headers += [
+            (name.lower().encode(), value.encode())
+            for name, value in rate_limit_headers([result]).items()
+        ]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

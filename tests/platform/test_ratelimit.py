@@ -1,0 +1,364 @@
+"""Rate limits on both backends: counting, shared counts, headers, 429s, failing open."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx2
+import pytest
+from fastapi import APIRouter, Depends, FastAPI, Request
+from limits import parse
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
+
+from soko.app import create_app
+from soko.platform.clock import ManualClock
+from soko.platform.config import Settings
+from soko.platform.ratelimit import (
+    RateLimiter,
+    RateLimitPolicy,
+    RateLimitResult,
+    create_memory_rate_limiter,
+    create_redis_rate_limiter,
+    rate_limit,
+    rate_limit_headers,
+)
+from soko.platform.runtime import Runtime
+from tests.conftest import make_settings
+
+UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
+LimiterFactory = Callable[[], RateLimiter]
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def store(request: pytest.FixtureRequest) -> tuple[str, str] | None:
+    """None for memory, or the Redis URL and this test's namespace."""
+    if request.param == "memory":
+        return None
+    return request.getfixturevalue("redis_url"), request.getfixturevalue("redis_namespace")
+
+
+@pytest.fixture
+async def limiters(store: tuple[str, str] | None) -> AsyncIterator[LimiterFactory]:
+    """Makes limiters over one shared store: on Redis each has its own connection pool
+    (another process); in memory they are one object, since memory counts are per process."""
+    made: list[RateLimiter] = []
+    if store is None:
+        memory = create_memory_rate_limiter()
+        made.append(memory)
+
+        def make() -> RateLimiter:
+            return memory
+
+    else:
+        redis_url, namespace = store
+
+        def make() -> RateLimiter:
+            limiter = create_redis_rate_limiter(redis_url, namespace=namespace)
+            made.append(limiter)
+            return limiter
+
+    yield make
+    for limiter in made:
+        await limiter.close()
+
+
+@pytest.fixture
+def limiter(limiters: LimiterFactory) -> RateLimiter:
+    return limiters()
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# The limiter itself.
+
+
+async def test_hits_count_down_then_refuse(limiter: RateLimiter) -> None:
+    item = parse("3/minute")
+    results = [await limiter.hit(item, "login", "10.0.0.1") for _ in range(4)]
+    assert [r.allowed for r in results] == [True, True, True, False]
+    assert [r.remaining for r in results] == [2, 1, 0, 0]
+    assert all(not r.degraded for r in results)
+    assert results[0].policy == RateLimitPolicy("login", quota=3, window=60)
+    assert 1 <= results[-1].retry_after <= 60
+
+
+async def test_callers_and_scopes_are_counted_apart(limiter: RateLimiter) -> None:
+    item = parse("1/minute")
+    assert (await limiter.hit(item, "login", "10.0.0.1")).allowed
+    assert not (await limiter.hit(item, "login", "10.0.0.1")).allowed
+    assert (await limiter.hit(item, "login", "10.0.0.2")).allowed
+    assert (await limiter.hit(item, "checkout", "10.0.0.1")).allowed
+
+
+async def test_two_limiters_over_one_store_share_counts(limiters: LimiterFactory) -> None:
+    first, second = limiters(), limiters()
+    item = parse("2/minute")
+    assert (await first.hit(item, "login", "10.0.0.1")).remaining == 1
+    assert (await second.hit(item, "login", "10.0.0.1")).remaining == 0
+    assert not (await first.hit(item, "login", "10.0.0.1")).allowed
+
+
+async def test_ping(limiter: RateLimiter) -> None:
+    await limiter.ping()
+
+
+@pytest.mark.redis
+async def test_redis_counts_live_under_the_namespace(redis_url: str, redis_namespace: str) -> None:
+    from redis.asyncio import Redis
+
+    limiter = create_redis_rate_limiter(redis_url, namespace=redis_namespace)
+    client = Redis.from_url(redis_url)
+    try:
+        await limiter.hit(parse("3/minute"), "login", "10.0.0.1")
+        keys = [key async for key in client.scan_iter(match=f"{redis_namespace}*")]
+        assert keys
+        assert all(b"login" in key for key in keys)
+    finally:
+        await client.aclose()
+        await limiter.close()
+
+
+async def test_unreachable_storage_fails_open_with_a_warning_and_a_metric(
+    clock: ManualClock,
+) -> None:
+    limiter = create_redis_rate_limiter(UNREACHABLE_REDIS, clock=clock)
+    errors = metric("soko_ratelimit_storage_errors_total")
+    unchecked = metric("soko_ratelimit_unavailable_total", scope="login")
+    try:
+        with capture_logs() as logs:
+            result = await limiter.hit(parse("1/minute"), "login", "10.0.0.1")
+        assert result.allowed and result.degraded
+        assert metric("soko_ratelimit_storage_errors_total") == errors + 1
+        assert metric("soko_ratelimit_unavailable_total", scope="login") == unchecked + 1
+        assert [(entry["event"], entry["log_level"]) for entry in logs] == [
+            ("rate_limit_storage_unavailable", "warning")
+        ]
+        assert not limiter.available
+        with pytest.raises(ConnectionError):
+            await limiter.ping()
+    finally:
+        await limiter.close()
+
+
+async def test_after_a_failure_the_storage_rests_for_the_cooldown(clock: ManualClock) -> None:
+    limiter = create_redis_rate_limiter(UNREACHABLE_REDIS, clock=clock, cooldown_seconds=5)
+    item = parse("1/minute")
+    errors = metric("soko_ratelimit_storage_errors_total")
+    try:
+        await limiter.hit(item, "login", "10.0.0.1")
+        for _ in range(3):
+            assert (await limiter.hit(item, "login", "10.0.0.1")).degraded
+        assert metric("soko_ratelimit_storage_errors_total") == errors + 1  # not asked again
+        clock.advance(5)
+        assert limiter.available
+        assert (await limiter.hit(item, "login", "10.0.0.1")).degraded
+        assert metric("soko_ratelimit_storage_errors_total") == errors + 2
+    finally:
+        await limiter.close()
+
+
+# Header fields.
+
+
+def result(name: str, remaining: int, reset_after: int, *, allowed: bool = True) -> RateLimitResult:
+    return RateLimitResult(
+        RateLimitPolicy(name, quota=10, window=60), allowed, remaining, reset_after
+    )
+
+
+def test_headers_follow_the_ietf_draft() -> None:
+    assert rate_limit_headers([result("login", 7, 42)]) == {
+        "RateLimit-Policy": '"login";q=10;w=60',
+        "RateLimit": '"login";r=7;t=42',
+    }
+
+
+def test_headers_report_the_tightest_policy_and_list_them_all() -> None:
+    headers = rate_limit_headers([result("login-60s", 5, 10), result("login-3600s", 2, 900)])
+    assert headers["RateLimit-Policy"] == '"login-60s";q=10;w=60, "login-3600s";q=10;w=60'
+    assert headers["RateLimit"] == '"login-3600s";r=2;t=900'
+    assert "Retry-After" not in headers
+
+
+def test_a_refusal_adds_retry_after_of_at_least_a_second() -> None:
+    headers = rate_limit_headers([result("login", 0, 0, allowed=False)])
+    assert headers["Retry-After"] == "1"
+    assert headers["RateLimit"] == '"login";r=0;t=0'
+
+
+def test_policy_names_are_escaped_structured_strings() -> None:
+    headers = rate_limit_headers([result('say "hi"\\ é', 1, 1)])
+    assert headers["RateLimit-Policy"] == '"say \\"hi\\"\\\\ _";q=10;w=60'
+
+
+def test_degraded_results_carry_no_headers() -> None:
+    degraded = RateLimitResult(RateLimitPolicy("login", 10, 60), True, 10, 0, degraded=True)
+    assert rate_limit_headers([degraded]) == {}
+
+
+# Over HTTP: the route dependency and the global middleware.
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return make_settings(tmp_path, database_url=database_url, ratelimit_default="5/minute")
+
+
+def shopper(request: Request) -> str:
+    return request.headers.get("x-shopper", "anonymous")
+
+
+def limited_routes() -> APIRouter:
+    router = APIRouter(prefix="/api/v1/test")
+
+    @router.get("/open")
+    async def open_route() -> dict[str, bool]:
+        return {"ok": True}
+
+    @router.post("/otp", dependencies=[Depends(rate_limit("3/minute", scope="test"))])
+    async def otp() -> dict[str, bool]:
+        return {"ok": True}
+
+    @router.get("/search", dependencies=[Depends(rate_limit("2/minute;3/hour", scope="search"))])
+    async def search() -> dict[str, bool]:
+        return {"ok": True}
+
+    @router.get(
+        "/by-shopper", dependencies=[Depends(rate_limit("1/minute", scope="cart", key=shopper))]
+    )
+    async def by_shopper() -> dict[str, bool]:
+        return {"ok": True}
+
+    @router.post(
+        "/strict",
+        dependencies=[Depends(rate_limit("3/minute", scope="strict", fail_open=False))],
+    )
+    async def strict() -> dict[str, bool]:
+        return {"ok": True}
+
+    return router
+
+
+@pytest.fixture
+async def limited(
+    app: FastAPI, runtime: Runtime, store: tuple[str, str] | None, client: httpx2.AsyncClient
+) -> httpx2.AsyncClient:
+    """The app with the test routes, its limiter on the parametrized store."""
+    app.include_router(limited_routes())
+    if store is not None:
+        await runtime.limiter.close()
+        runtime.limiter = create_redis_rate_limiter(store[0], namespace=store[1])
+    return client
+
+
+def assert_rate_limited(response: httpx2.Response, policy: str) -> None:
+    assert response.status_code == 429
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["type"] == "/problems/rate-limited"
+    assert body["status"] == 429
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert response.headers["ratelimit-policy"] == policy
+    name = re.escape(policy.split(";", maxsplit=1)[0])
+    assert re.fullmatch(rf"{name};r=0;t=\d+", response.headers["ratelimit"])
+
+
+async def test_the_fourth_call_of_a_3_per_minute_route_is_refused(
+    limited: httpx2.AsyncClient,
+) -> None:
+    for remaining in (2, 1, 0):
+        response = await limited.post("/api/v1/test/otp")
+        assert response.status_code == 200
+        assert response.headers["ratelimit-policy"] == '"test";q=3;w=60'
+        assert re.fullmatch(rf'"test";r={remaining};t=\d+', response.headers["ratelimit"])
+        assert "retry-after" not in response.headers
+    refused = await limited.post("/api/v1/test/otp")
+    assert_rate_limited(refused, '"test";q=3;w=60')
+    assert "3 requests per 60 s" in refused.json()["detail"]
+
+
+async def test_a_route_with_two_quotas_lists_both(limited: httpx2.AsyncClient) -> None:
+    first = await limited.get("/api/v1/test/search")
+    policies = '"search-60s";q=2;w=60, "search-3600s";q=3;w=3600'
+    assert first.headers["ratelimit-policy"] == policies
+    assert re.fullmatch(r'"search-60s";r=1;t=\d+', first.headers["ratelimit"])
+    await limited.get("/api/v1/test/search")
+    refused = await limited.get("/api/v1/test/search")
+    assert refused.status_code == 429
+    assert re.fullmatch(r'"search-60s";r=0;t=\d+', refused.headers["ratelimit"])
+
+
+async def test_a_route_can_count_by_its_own_key(limited: httpx2.AsyncClient) -> None:
+    assert (await limited.get("/api/v1/test/by-shopper", headers={"x-shopper": "amina"})).is_success
+    assert (
+        await limited.get("/api/v1/test/by-shopper", headers={"x-shopper": "baraka"})
+    ).is_success
+    refused = await limited.get("/api/v1/test/by-shopper", headers={"x-shopper": "amina"})
+    assert_rate_limited(refused, '"cart";q=1;w=60')
+
+
+async def test_the_global_limit_refuses_but_never_operational_endpoints(
+    limited: httpx2.AsyncClient,
+) -> None:
+    for _ in range(5):
+        response = await limited.get("/api/v1/test/open")
+        assert response.status_code == 200
+        assert "ratelimit" not in response.headers  # no route limit here
+    refused = await limited.get("/api/v1/test/open")
+    assert_rate_limited(refused, '"global";q=5;w=60')
+    assert refused.json()["instance"] == "/api/v1/test/open"
+    assert int(refused.headers["content-length"]) == len(refused.content)
+    # Anything else from this address is refused too, except the operational endpoints.
+    assert (await limited.get("/api/v1/test/otp")).status_code == 429
+    for _ in range(7):
+        for path in ("/health", "/ready", "/metrics"):
+            assert (await limited.get(path)).status_code == 200, path
+
+
+async def test_unreachable_redis_lets_requests_through(
+    app: FastAPI, runtime: Runtime, client: httpx2.AsyncClient
+) -> None:
+    app.include_router(limited_routes())
+    await runtime.limiter.close()
+    runtime.limiter = create_redis_rate_limiter(UNREACHABLE_REDIS)
+    for _ in range(8):  # beyond both the route's 3 and the global 5
+        response = await client.post("/api/v1/test/otp")
+        assert response.status_code == 200
+        assert "ratelimit" not in response.headers
+
+
+async def test_a_fail_closed_route_answers_503_while_redis_is_unreachable(
+    app: FastAPI, runtime: Runtime, client: httpx2.AsyncClient
+) -> None:
+    app.include_router(limited_routes())
+    await runtime.limiter.close()
+    runtime.limiter = create_redis_rate_limiter(UNREACHABLE_REDIS, cooldown_seconds=5)
+    response = await client.post("/api/v1/test/strict")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"] == "/problems/service-unavailable"
+    assert response.headers["retry-after"] == "5"
+
+
+async def test_limits_can_be_switched_off(tmp_path: Path, database_url: str) -> None:
+    settings = make_settings(
+        tmp_path, database_url=database_url, ratelimit_default="1/minute", ratelimit_enabled=False
+    )
+    runtime = Runtime(settings)
+    try:
+        app = create_app(runtime=runtime)
+        app.include_router(limited_routes())
+        transport = httpx2.ASGITransport(app=app)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            for _ in range(5):
+                response = await client.post("/api/v1/test/otp")
+                assert response.status_code == 200
+                assert "ratelimit" not in response.headers
+    finally:
+        await runtime.stop()
