@@ -62,23 +62,23 @@ class Runtime:
 
     def _make_cache(self) -> Cache:
         if self.settings.cache_backend is Backend.redis:
-            from soko.platform.cache import RedisCache  # type: ignore[attr-defined]
+            from soko.platform.cache import RedisCache
 
             cache: Cache = RedisCache(self.redis)
             return cache
-        return MemoryCache()
+        return MemoryCache(clock=self.clock)
 
     def _make_limiter(self) -> RateLimiter:
         if self.settings.ratelimit_backend is Backend.redis:
-            from soko.platform.ratelimit import create_redis_rate_limiter  # type: ignore[attr-defined]
+            from soko.platform.ratelimit import create_redis_rate_limiter
 
-            limiter: RateLimiter = create_redis_rate_limiter(self.settings.redis_url)
+            limiter: RateLimiter = create_redis_rate_limiter(self.settings.redis_url, clock=self.clock)
             return limiter
         return create_memory_rate_limiter()
 
     def _make_pubsub(self) -> PubSub:
         if self.settings.pubsub_backend is Backend.redis:
-            from soko.platform.realtime import RedisPubSub  # type: ignore[attr-defined]
+            from soko.platform.realtime import RedisPubSub
 
             pubsub: PubSub = RedisPubSub(self.redis)
             return pubsub
