@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from soko.app import create_app
+from soko.platform.clock import ManualClock
+from soko.platform.outbox import MessageKind, add_message
+from soko.platform.runtime import Runtime
+from tests.conftest import make_settings
+
+UNREACHABLE_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:1/postgres"
+CLOSED_REDIS = "redis://127.0.0.1:1/0"
+
+
+async def _client_for(runtime: Runtime) -> AsyncIterator[httpx2.AsyncClient]:
+    transport = httpx2.ASGITransport(app=create_app(runtime=runtime))
+    async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+@pytest.fixture
+async def redis_runtime(
+    tmp_path: Path, database_url: str, redis_url: str, redis_namespace: str
+) -> AsyncIterator[Runtime]:
+    settings = make_settings(
+        tmp_path,
+        database_url=database_url,
+        redis_url=redis_url,
+        cache_backend="redis",
+        ratelimit_backend="redis",
+        pubsub_backend="redis",
+    )
+    runtime = Runtime(settings, clock=ManualClock())
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+async def test_health_calls_no_dependency(tmp_path: Path) -> None:
+    # Nothing behind this runtime answers, and liveness does not care.
+    settings = make_settings(tmp_path, database_url=UNREACHABLE_POSTGRES, redis_url=CLOSED_REDIS)
+    runtime = Runtime(settings)
+    try:
+        async for client in _client_for(runtime):
+            response = await client.get("/health")
+            assert response.status_code == 200
+            assert response.json() == {"status": "ok"}
+    finally:
+        await runtime.stop()
+
+
+async def test_ready_with_the_database_up(client: httpx2.AsyncClient, backend: str) -> None:
+    response = await client.get("/ready")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ready"
+    assert body["checks"]["database"]["status"] == "up"
+    assert body["checks"]["database"]["backend"] == backend
+    assert "redis" not in body["checks"]
+    for name in ("cache", "rate_limits", "pubsub"):
+        assert body["checks"][name] == {
+            "status": "up",
+            "backend": "memory",
+            "latency_ms": body["checks"][name]["latency_ms"],
+        }
+    assert body["outbox"] == {"oldest_due_seconds": 0.0}
+
+
+async def test_ready_reports_the_oldest_due_outbox_message_without_failing(
+    client: httpx2.AsyncClient, runtime: Runtime, clock: ManualClock
+) -> None:
+    now = clock.now()
+    async with runtime.db.transaction() as session:
+        for due in (now - dt.timedelta(seconds=90), now - dt.timedelta(seconds=5)):
+            await add_message(
+                session,
+                kind=MessageKind.job,
+                name="test.health.job",
+                payload={},
+                available_at=due,
+                created_at=now - dt.timedelta(seconds=120),
+            )
+        # Not due yet: does not count as waiting.
+        await add_message(
+            session,
+            kind=MessageKind.job,
+            name="test.health.later",
+            payload={},
+            available_at=now + dt.timedelta(hours=1),
+            created_at=now,
+        )
+    response = await client.get("/ready")
+    assert response.status_code == 200
+    assert response.json()["outbox"] == {"oldest_due_seconds": 90.0}
+
+    clock.advance(30)
+    assert (await client.get("/ready")).json()["outbox"] == {"oldest_due_seconds": 120.0}
+
+
+@pytest.mark.redis
+async def test_ready_with_redis_backends_up(redis_runtime: Runtime, backend: str) -> None:
+    async for client in _client_for(redis_runtime):
+        response = await client.get("/ready")
+        body = response.json()
+        assert response.status_code == 200, body
+        assert body["checks"]["redis"]["status"] == "up"
+        assert body["checks"]["database"]["backend"] == backend
+        for name in ("cache", "rate_limits", "pubsub"):
+            assert body["checks"][name]["status"] == "up"
+            assert body["checks"][name]["backend"] == "redis"
+
+
+def _assert_down(body: dict[str, Any], name: str) -> None:
+    assert body["status"] == "unavailable"
+    check = body["checks"][name]
+    assert check["status"] == "down"
+    assert check["error"]
+
+
+async def test_ready_503_names_redis_when_it_is_down(tmp_path: Path, database_url: str) -> None:
+    settings = make_settings(tmp_path, database_url=database_url, redis_url=CLOSED_REDIS)
+    runtime = Runtime(settings)
+    try:
+        async for client in _client_for(runtime):
+            response = await client.get("/ready")
+            assert response.status_code == 503
+            assert response.headers["content-type"] == "application/json"
+            body = response.json()
+            _assert_down(body, "redis")
+            assert body["checks"]["database"]["status"] == "up"
+            assert "127.0.0.1" not in response.text
+    finally:
+        await runtime.stop()
+
+
+async def test_ready_503_names_the_database_when_it_is_unreachable(
+    tmp_path: Path, backend: str
+) -> None:
+    if backend == "sqlite":
+        url = f"sqlite+aiosqlite:///{(tmp_path / 'missing' / 'dir' / 'soko.db').as_posix()}"
+    else:
+        url = UNREACHABLE_POSTGRES
+    runtime = Runtime(make_settings(tmp_path, database_url=url))
+    try:
+        async for client in _client_for(runtime):
+            response = await client.get("/ready")
+            assert response.status_code == 503
+            body = response.json()
+            _assert_down(body, "database")
+            assert body["checks"]["database"]["backend"] == backend
+            assert body["checks"]["cache"]["status"] == "up"
+            # Unreadable, so unknown; and still not what made readiness fail.
+            assert body["outbox"] == {"oldest_due_seconds": None}
+            assert "missing" not in response.text and "127.0.0.1" not in response.text
+    finally:
+        await runtime.stop()
