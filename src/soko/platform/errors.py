@@ -8,6 +8,7 @@ their own subclasses in their ``errors.py``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -326,9 +327,107 @@ async def _handle_http(request: Request, exc: Exception) -> Response:
     )
 
 
+_PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; see docs/problems.md for every `type`.",
+    "type": "object",
+    "properties": {
+        "type": {"type": "string", "description": "`/problems/<slug>`"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "request_id": {"type": "string"},
+    },
+    "required": ["type", "title", "status", "detail"],
+}
+_FIELD_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "FieldError",
+    "type": "object",
+    "properties": {
+        "in": {"type": "string", "enum": ["body", "query", "path", "header", "cookie"]},
+        "field": {"type": "string"},
+        "pointer": {"type": ["string", "null"]},
+        "detail": {"type": "string"},
+        "code": {"type": "string"},
+    },
+    "required": ["in", "field", "detail", "code"],
+}
+_VALIDATION_PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "ValidationProblem",
+    "allOf": [
+        {"$ref": "#/components/schemas/Problem"},
+        {
+            "type": "object",
+            "properties": {
+                "errors": {"type": "array", "items": {"$ref": "#/components/schemas/FieldError"}}
+            },
+            "required": ["errors"],
+        },
+    ],
+}
+_HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+def _problem_content(schema: str = "Problem") -> dict[str, Any]:
+    return {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` for a route's documented error statuses, each a problem:
+    ``@router.post(..., responses=problem_responses(404, 409))``."""
+    return {
+        status: {
+            "description": problem_for_status(status).title,
+            "content": _problem_content("ValidationProblem" if status == 422 else "Problem"),
+        }
+        for status in statuses
+    }
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Make the OpenAPI document tell the truth about errors: FastAPI documents 422 as
+    its own ``HTTPValidationError`` JSON, but Soko answers problem+json; and every
+    operation can answer some problem, so each gets a problem+json ``default``."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        document = build()
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        schemas["Problem"] = _PROBLEM_SCHEMA
+        schemas["FieldError"] = _FIELD_ERROR_SCHEMA
+        schemas["ValidationProblem"] = _VALIDATION_PROBLEM_SCHEMA
+        for path_item in document.get("paths", {}).values():
+            for method, operation in path_item.items():
+                if method not in _HTTP_METHODS:
+                    continue
+                responses = operation.setdefault("responses", {})
+                if "422" in responses:
+                    responses["422"] = {
+                        "description": ValidationFailed.title,
+                        "content": _problem_content("ValidationProblem"),
+                    }
+                responses.setdefault(
+                    "default",
+                    {"description": "An error, as a problem", "content": _problem_content()},
+                )
+        text = json.dumps(document.get("paths", {}))
+        for unused in ("HTTPValidationError", "ValidationError"):
+            if f"#/components/schemas/{unused}" not in text:
+                schemas.pop(unused, None)
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_problem_handlers(app: FastAPI) -> None:
-    """Answer every handled error as problem+json. Unhandled exceptions are turned into
-    a 500 problem by the request context middleware, which sits outside all others."""
+    """Answer every handled error as problem+json, and document them so in OpenAPI.
+    Unhandled exceptions are turned into a 500 problem by the request context
+    middleware, which sits outside all others."""
     app.add_exception_handler(ProblemError, _handle_problem)
     app.add_exception_handler(RequestValidationError, _handle_validation)
     app.add_exception_handler(StarletteHTTPException, _handle_http)
+    _document_problems(app)

@@ -346,6 +346,7 @@ class Money:
 
         from_dict = core_schema.no_info_after_validator_function(from_fields, fields)
         return core_schema.json_or_python_schema(
+            ref="Money",  # one named schema in OpenAPI rather than a copy per field
             json_schema=from_dict,
             python_schema=core_schema.union_schema(
                 [core_schema.is_instance_schema(Money), from_dict]
