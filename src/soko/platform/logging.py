@@ -55,6 +55,7 @@ from soko.platform.config import LogFormat, Settings
 from soko.platform.http import route_template
 
 REDACTED = "[redacted]"
+UNMATCHED_ROUTE = "<unmatched>"
 _MAX_DEPTH = 12
 
 EventDict = MutableMapping[str, Any]
@@ -89,8 +90,10 @@ def request_scope(scope: Scope) -> Iterator[None]:
 def add_route(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     if "route" not in event_dict:
         scope = _REQUEST_SCOPE.get()
-        if scope is not None and scope.get("route") is not None:
-            event_dict["route"] = route_template(scope)
+        if scope is not None:
+            route = route_template(scope)
+            if route != UNMATCHED_ROUTE:
+                event_dict["route"] = route
     return event_dict
 
 

@@ -43,7 +43,7 @@ from prometheus_client import (
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from soko.platform.http import route_template
-from soko.platform.logging import bind_request_context, request_scope
+from soko.platform.logging import UNMATCHED_ROUTE, bind_request_context, request_scope
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -127,7 +127,7 @@ class PrometheusMiddleware:
             # The router has stored the matched route in the scope by now; a path that
             # matched nothing has none and falls under "<unmatched>".
             route = route_template(scope)
-            if scope.get("route") is not None:
+            if route != UNMATCHED_ROUTE:
                 # Lines written after this one (an unhandled error's) name the route too.
                 bind_request_context(route=route)
             method = scope.get("method", "GET")
