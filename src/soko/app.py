@@ -21,8 +21,10 @@ from soko.platform.http import (
     SecurityHeadersMiddleware,
 )
 from soko.platform.logging import configure_logging
+from soko.platform.metrics import forget_this_process
 from soko.platform.ratelimit import GlobalRateLimitMiddleware
 from soko.platform.runtime import Runtime
+from soko.platform.tracing import Tracing, configure_tracing, fastapi_telemetry
 
 API_PREFIX = "/api/v1"
 
@@ -74,13 +76,21 @@ def _problems_router() -> APIRouter:
     return router
 
 
-def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    runtime: Runtime | None = None,
+    tracing: Tracing | None = None,
+) -> FastAPI:
     """Build the Soko application. Without ``settings``, they are read from the
-    environment; without ``runtime``, one is built from the settings at startup."""
+    environment; without ``runtime``, one is built from the settings at startup; without
+    ``tracing``, tracing is configured from the settings (off unless an OTLP endpoint)."""
     if runtime is not None:
         settings = runtime.settings
     settings = ensure_secrets(settings or load_settings())
     configure_logging(settings)
+    own_tracing = tracing is None
+    tracing = tracing or configure_tracing(settings)
     load_models()
     load_handlers()
 
@@ -89,6 +99,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         own_runtime = runtime is None
         active = runtime or Runtime(settings)
         app.state.runtime = active
+        if tracing is not None:
+            tracing.instrument_database(active.db.engine)
         if own_runtime:
             await active.start()
         try:
@@ -96,6 +108,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         finally:
             if own_runtime:
                 await active.stop()
+            if tracing is not None and own_tracing:
+                tracing.shutdown()
+            forget_this_process()
 
     app = FastAPI(
         title="Soko",
@@ -105,9 +120,13 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         docs_url="/docs",
         redoc_url=None,
         lifespan=lifespan,
+        telemetry=fastapi_telemetry(tracing),
     )
     if runtime is not None:
+        # A test's ASGI transport runs no lifespan: wire what it would have.
         app.state.runtime = runtime
+        if tracing is not None:
+            tracing.instrument_database(runtime.db.engine)
     install_problem_handlers(app)
 
     app.include_router(_problems_router())
