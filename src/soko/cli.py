@@ -148,6 +148,17 @@ def worker(
     from soko.platform.runtime import Runtime
 
     settings = _settings()
+    # A worker is always a process beside the API's: what its jobs cache, count or push
+    # must reach the API processes, so nothing shared may stay in this process's memory.
+    memory = settings.in_memory_shared_concerns()
+    if memory:
+        err.print(
+            "[bold red]refusing to start:[/] `soko worker` runs beside the API processes but "
+            f"{', '.join(memory)} still live in one process's memory: set SOKO_REDIS_URL "
+            "and SOKO_CACHE_BACKEND, SOKO_RATELIMIT_BACKEND and SOKO_PUBSUB_BACKEND to redis",
+            highlight=False,
+        )
+        raise typer.Exit(2)
     configure_logging(settings)
     load_models()
     load_handlers()
@@ -159,19 +170,18 @@ def worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         try:
-            if once:
-                await runtime.dispatcher.run_until_idle()
-                return
-            task = asyncio.create_task(runtime.dispatcher.run())
+            dispatcher = runtime.dispatcher
+            work = asyncio.create_task(dispatcher.run_until_idle() if once else dispatcher.run())
             stop_requested = asyncio.create_task(stopping.wait())
-            # A dispatcher that dies must end the worker (and show why), not leave a
-            # process that looks alive and runs nothing.
-            await asyncio.wait({task, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+            # Whichever comes first: a stop request drains; a dispatcher that ends or dies
+            # ends the worker (and shows why) rather than leaving a process that looks
+            # alive and runs nothing.
+            await asyncio.wait({work, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
             stop_requested.cancel()
-            if not task.done():
+            if not work.done():
                 err.print("worker stopping: finishing or releasing claimed jobs")
-                await runtime.dispatcher.stop(settings.shutdown_grace_seconds)
-            await task
+                await dispatcher.stop(settings.shutdown_grace_seconds)
+            await work
         finally:
             await runtime.stop()
 

@@ -166,6 +166,29 @@ def test_serve_rejects_a_port_out_of_range(workdir: Path) -> None:
     assert "serving on" not in result.stdout
 
 
+def test_worker_refuses_memory_backends(workdir: Path) -> None:
+    """A worker is always a second process, so in-memory shared concerns are refused."""
+    result = CliRunner().invoke(
+        app,
+        ["worker", "--once"],
+        env={
+            "SOKO_REDIS_URL": "redis://127.0.0.1:6379/15",
+            "SOKO_CACHE_BACKEND": "redis",
+            "SOKO_RATELIMIT_BACKEND": "redis",
+        },
+    )
+    assert result.exit_code == 2
+    assert "refusing to start" in result.stderr
+    assert "pub/sub still live" in result.stderr
+    assert "cache," not in result.stderr
+
+
+def test_worker_refuses_a_bad_configuration(workdir: Path) -> None:
+    result = CliRunner().invoke(app, ["worker"], env={"SOKO_OUTBOX_BATCH_SIZE": "0"})
+    assert result.exit_code == 2
+    assert "SOKO_OUTBOX_BATCH_SIZE" in result.stderr
+
+
 def _heads(tmp_path: Path) -> list[str]:
     config = _alembic_config(make_settings(tmp_path))
     assert isinstance(config, Config)

@@ -4,10 +4,12 @@ secrets, URL and list parsing, and the documented example file."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +18,7 @@ from soko.platform.config import (
     ConfigError,
     Settings,
     ensure_secrets,
+    load_generated_secrets,
     load_settings,
 )
 
@@ -273,6 +276,55 @@ def test_a_loosened_secrets_file_is_made_private_again(tmp_path: Path) -> None:
     path.chmod(0o644)
     ensure_secrets(load_settings(data_dir=tmp_path))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_generating_leaves_only_the_secrets_file(tmp_path: Path) -> None:
+    ensure_secrets(load_settings(data_dir=tmp_path / "d"))
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [GENERATED_SECRETS_FILE]
+
+
+def _read_secret_when_released(data_dir: str, barrier: Any, answers: Any) -> None:
+    barrier.wait()
+    try:
+        answers.put(load_generated_secrets(Path(data_dir))["secret_key"])
+    except Exception as exc:
+        answers.put(f"failed: {exc!r}")
+
+
+@pytest.mark.slow
+def test_processes_starting_together_share_one_secret(tmp_path: Path) -> None:
+    """Processes released at the same moment on an empty data dir all end up with the
+    first writer's secret; none reads a half-written file."""
+    context = multiprocessing.get_context("fork")
+    processes = 6
+    for attempt in range(5):
+        data_dir = tmp_path / f"round-{attempt}"
+        barrier = context.Barrier(processes)
+        answers = context.Queue()
+        starters = [
+            context.Process(
+                target=_read_secret_when_released, args=(str(data_dir), barrier, answers)
+            )
+            for _ in range(processes)
+        ]
+        for process in starters:
+            process.start()
+        keys = {answers.get(timeout=60) for _ in starters}
+        for process in starters:
+            process.join(timeout=60)
+        stored = json.loads((data_dir / GENERATED_SECRETS_FILE).read_text(encoding="utf-8"))
+        assert keys == {stored["secret_key"]}
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[]", '{"other": 1}', '{"secret_key": 7}'])
+def test_an_unreadable_secrets_file_is_a_problem_line(tmp_path: Path, content: str) -> None:
+    path = tmp_path / GENERATED_SECRETS_FILE
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        ensure_secrets(load_settings(data_dir=tmp_path))
+    (problem,) = caught.value.problems
+    assert str(path) in problem
+    assert "SOKO_SECRET_KEY" in problem
 
 
 def test_a_configured_secret_is_used_and_nothing_is_generated(tmp_path: Path) -> None:

@@ -276,15 +276,47 @@ def ensure_secrets(settings: Settings) -> Settings:
 def load_generated_secrets(data_dir: Path) -> dict[str, str]:
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / GENERATED_SECRETS_FILE
+    if not path.exists():
+        _publish_generated_secrets(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        path.chmod(0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            path.chmod(0o600)
-        data: dict[str, str] = json.loads(path.read_text(encoding="utf-8"))
-        return data
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        data = exc
+    if not isinstance(data, dict) or not isinstance(data.get("secret_key"), str):
+        raise ConfigError(
+            [
+                f"{path} is not a secrets file Soko can read: delete it to generate new "
+                "secrets (what the old ones signed stops being valid), or set SOKO_SECRET_KEY"
+            ]
+        )
+    return {str(key): str(value) for key, value in data.items()}
+
+
+def _publish_generated_secrets(path: Path) -> None:
+    """Write fresh secrets to ``path`` unless another process got there first.
+
+    The secrets are written and flushed to a private temporary file, then linked into
+    place, which fails if ``path`` exists: a process starting alongside never reads a
+    half-written file, and the first writer's secrets win.
+    """
     generated = {"secret_key": secrets.token_urlsafe(48)}
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(generated, handle)
-    return generated
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(generated, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+        except OSError:
+            # A file system without hard links: a plain rename, first come first kept.
+            if not path.exists():
+                os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
