@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx2
 import pytest
+from openapi_spec_validator import validate as validate_openapi
 
 from soko.platform.config import GENERATED_SECRETS_FILE
 
@@ -152,6 +153,7 @@ def test_newcomer_migrates_serves_and_stops(fresh: tuple[Path, Path]) -> None:
             assert spec_response.status_code == 200
             spec: dict[str, Any] = json.loads(spec_response.text)
             assert spec["openapi"].startswith("3.")
+            validate_openapi(spec)
             assert spec["info"]["title"] == "Soko"
 
             missing = client.get("/no/such/stall", headers={"X-Request-ID": "e2e-trace-1"})
