@@ -12,11 +12,11 @@ unless a test brings its own)::
     @registry.schedule("*/5 * * * *", name="expire_carts")
     async def expire_carts(ctx: JobContext, payload: dict[str, Any]) -> None: ...
 
-and write work with :func:`soko.platform.outbox.enqueue` / ``publish`` in their own
-transaction. A :class:`Dispatcher` claims due outbox rows, runs each handler in one
-transaction together with its "processed" marker and the row's completion, retries
-failures with exponential backoff and jitter, and gives up ("dead") after the maximum
-number of attempts.
+and write work with ``await enqueue(session, ...)`` / ``await publish(session, ...)``
+(:mod:`soko.platform.outbox`) in their own transaction. A :class:`Dispatcher` claims
+due outbox rows, runs each handler in one transaction together with its "processed"
+marker and the row's completion, retries failures with exponential backoff and jitter,
+and gives up ("dead") after the maximum number of attempts.
 
 Delivery is at least once; effects happen once because a handler's writes, its marker
 and the message's completion commit together. While a handler runs, its transaction
@@ -24,6 +24,10 @@ holds the message row (``FOR UPDATE`` on PostgreSQL, the write lock on SQLite), 
 live worker's job is never taken over; the lease only matters when a worker died. A
 handler that calls out of the database (HTTP, email) must itself be safe to repeat,
 for example by passing ``ctx.message_id`` as the provider's idempotency key.
+
+A published event is fanned out by whichever dispatcher claims it, to the subscribers in
+*its* registry: every process that dispatches must load every domain's handlers (the
+app and ``soko worker`` do, through ``load_handlers``).
 
 Handlers must not commit or roll back ``ctx.session``. On SQLite every handler
 transaction holds the database's single write lock while it runs, so handlers there
