@@ -151,6 +151,8 @@ def create_app(
             trusted_proxies=settings.trusted_proxies,
         )
     app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # CORS wraps the body and rate limits so a browser can read their 413 and 429.
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -175,7 +177,6 @@ def create_app(
             allow_credentials=False,
             max_age=600,
         )
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(
         SecurityHeadersMiddleware, hsts=settings.is_production, html_paths=("/docs", "/problems")
     )

@@ -146,6 +146,7 @@ def worker(
     from soko.app import load_handlers, load_models
     from soko.platform.logging import configure_logging
     from soko.platform.runtime import Runtime
+    from soko.platform.tracing import configure_tracing
 
     settings = _settings()
     # A worker is always a process beside the API's: what its jobs cache, count or push
@@ -160,11 +161,14 @@ def worker(
         )
         raise typer.Exit(2)
     configure_logging(settings)
+    tracing = configure_tracing(settings)
     load_models()
     load_handlers()
 
     async def main() -> None:
         runtime = Runtime(settings)
+        if tracing is not None:
+            tracing.instrument_database(runtime.db.engine)
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -184,6 +188,8 @@ def worker(
             await work
         finally:
             await runtime.stop()
+            if tracing is not None:
+                tracing.shutdown()
 
     asyncio.run(main())
 

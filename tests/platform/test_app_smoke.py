@@ -23,3 +23,34 @@ async def test_ready_lists_dependencies(client: httpx2.AsyncClient, backend: str
     checks = response.json()["checks"]
     assert checks["database"]["status"] == "up"
     assert checks["database"]["backend"] == backend
+
+
+async def test_sqlite_reader_does_not_queue_behind_a_writer(tmp_path: object) -> None:
+    """A read-only session starts deferred on SQLite, so an open write transaction (an
+    outbox handler, a checkout) does not hold up GET requests."""
+    import asyncio
+    from pathlib import Path
+
+    from sqlalchemy import text
+
+    from soko.platform.db import Database, create_engine
+
+    assert isinstance(tmp_path, Path)
+    db = Database(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}"))
+    try:
+        async with db.transaction() as setup:
+            await setup.execute(text("CREATE TABLE shelf (item TEXT)"))
+            await setup.execute(text("INSERT INTO shelf VALUES ('mango')"))
+        async with db.transaction() as writer:
+            await writer.execute(text("INSERT INTO shelf VALUES ('pawpaw')"))
+
+            async def read() -> list[str]:
+                async with db.transaction(read_only=True) as reader:
+                    rows = await reader.execute(text("SELECT item FROM shelf"))
+                    return [row[0] for row in rows]
+
+            # The writer has not committed: the reader sees the committed snapshot at once
+            # instead of waiting out the 30 s busy timeout for the write lock.
+            assert await asyncio.wait_for(read(), timeout=10) == ["mango"]
+    finally:
+        await db.dispose()

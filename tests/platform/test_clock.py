@@ -59,3 +59,11 @@ def test_ensure_utc() -> None:
     assert ensure_utc(local).tzinfo is dt.UTC
     with pytest.raises(ValueError):
         ensure_utc(dt.datetime(2030, 3, 1, 9, 0))
+
+
+def test_manual_clock_set_refuses_to_go_back() -> None:
+    clock = ManualClock(dt.datetime(2030, 1, 2, tzinfo=dt.UTC))
+    with pytest.raises(ValueError, match="forward"):
+        clock.set(dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
+    clock.set(dt.datetime(2030, 1, 3, tzinfo=dt.UTC))
+    assert clock.now() == dt.datetime(2030, 1, 3, tzinfo=dt.UTC)

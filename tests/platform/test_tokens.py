@@ -213,10 +213,11 @@ def test_expiry_boundary_follows_the_injected_clock_and_leeway(
     clock.set(START + dt.timedelta(seconds=330))
     assert rejection(ring, token, clock, leeway=leeway) is TokenRejection.expired
 
-    clock.set(START + dt.timedelta(seconds=300) - dt.timedelta(microseconds=1))
-    assert verify(ring, token, clock, leeway=dt.timedelta(0)).subject == "buyer-1"
-    clock.set(START + dt.timedelta(seconds=300))
-    assert rejection(ring, token, clock, leeway=dt.timedelta(0)) is TokenRejection.expired
+    # Time only moves forward: judge the no-leeway boundary with clocks of their own.
+    before = ManualClock(START + dt.timedelta(seconds=300) - dt.timedelta(microseconds=1))
+    assert verify(ring, token, before, leeway=dt.timedelta(0)).subject == "buyer-1"
+    at_expiry = ManualClock(START + dt.timedelta(seconds=300))
+    assert rejection(ring, token, at_expiry, leeway=dt.timedelta(0)) is TokenRejection.expired
     with pytest.raises(ValueError, match="leeway"):
         verify(ring, token, clock, leeway=dt.timedelta(seconds=-1))
 

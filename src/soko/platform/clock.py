@@ -40,6 +40,8 @@ class ManualClock:
     def set(self, moment: dt.datetime) -> None:
         if moment.tzinfo is None:
             raise ValueError("ManualClock needs an aware datetime")
+        if moment < self._now:
+            raise ValueError("time only moves forward")
         self._now = moment.astimezone(dt.UTC)
 
 

@@ -119,32 +119,62 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+SQLITE_BEGIN_OPTION = "soko_sqlite_begin"
+
+
 def _sqlite_on_begin(connection: Any) -> None:
     # BEGIN IMMEDIATE takes the write lock up front: two transactions that read and then
     # write can no longer deadlock on the lock upgrade, and the busy timeout applies.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # Sessions that only read (safe HTTP methods) ask for DEFERRED, so they never queue
+    # behind a writer: WAL lets them read beside it.
+    mode = connection.get_execution_options().get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
+    connection.exec_driver_sql("BEGIN DEFERRED" if mode == "DEFERRED" else "BEGIN IMMEDIATE")
 
 
-def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=True)
+def create_sessionmaker(
+    engine: AsyncEngine, *, clock: Any = None
+) -> async_sessionmaker[AsyncSession]:
+    """Sessions that keep loaded values after commit; ``session.info["clock"]`` is the
+    process clock, so code holding only a session (the outbox) tells the same time."""
+    info = {"clock": clock} if clock is not None else {}
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=True, info=info)
 
 
 class Database:
     """The engine and session factory of one process."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, clock: Any = None) -> None:
         self.engine = engine
-        self.sessionmaker = create_sessionmaker(engine)
+        self.sessionmaker = create_sessionmaker(engine, clock=clock)
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A session whose work commits when the block ends, or rolls back on error."""
-        async with self.sessionmaker() as session, session.begin():
-            yield session
+    async def transaction(self, *, read_only: bool = False) -> AsyncIterator[AsyncSession]:
+        """A session whose work commits when the block ends, or rolls back on error.
+
+        ``read_only`` lets SQLite start a deferred transaction that does not wait for the
+        write lock; it is a promise, not a guard: a write inside may fail as busy."""
+        async with self.sessionmaker() as session:
+            if read_only:
+                await mark_read_only(session)
+            try:
+                yield session
+            except BaseException:
+                await session.rollback()
+                raise
+            else:
+                await session.commit()
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+async def mark_read_only(session: AsyncSession) -> None:
+    """Start ``session``'s transaction as a reader (deferred on SQLite; no-op elsewhere).
+
+    Call before the session first touches the database."""
+    if session.bind is not None and session.bind.dialect.name == "sqlite":
+        await session.connection(execution_options={SQLITE_BEGIN_OPTION: "DEFERRED"})

@@ -239,7 +239,14 @@ def client_ip(scope: Scope, trusted_proxies: Iterable[str] = ()) -> str:
 
 
 def route_template(scope: Scope) -> str:
-    """The matched route's path template (``/api/v1/orders/{id}``), never the raw path."""
+    """The matched route's full path template (``/api/v1/orders/{id}``), never the raw path."""
+    fastapi_scope = scope.get("fastapi")
+    if isinstance(fastapi_scope, dict):
+        # FastAPI keeps an included router's prefix out of ``route.path``; the effective
+        # route context has the whole template.
+        path = getattr(fastapi_scope.get("effective_route_context"), "path_format", None)
+        if isinstance(path, str):
+            return path
     route: Any = scope.get("route")
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else "<unmatched>"

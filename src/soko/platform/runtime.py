@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from soko.platform.cache import Cache, MemoryCache
 from soko.platform.clock import Clock, SystemClock
 from soko.platform.config import Backend, OutboxDispatch, Settings
-from soko.platform.db import Database, create_engine
+from soko.platform.db import Database, create_engine, mark_read_only
 from soko.platform.jobs import Dispatcher, JobRegistry
 from soko.platform.jobs import registry as default_registry
 from soko.platform.ratelimit import RateLimiter, create_memory_rate_limiter
@@ -45,7 +45,8 @@ class Runtime:
                 pool_size=settings.database_pool_size,
                 max_overflow=settings.database_max_overflow,
                 statement_cache=settings.database_statement_cache,
-            )
+            ),
+            clock=self.clock,
         )
         self.redis: Any = None
         if settings.redis_url:
@@ -72,7 +73,9 @@ class Runtime:
         if self.settings.ratelimit_backend is Backend.redis:
             from soko.platform.ratelimit import create_redis_rate_limiter
 
-            limiter: RateLimiter = create_redis_rate_limiter(self.settings.redis_url, clock=self.clock)
+            limiter: RateLimiter = create_redis_rate_limiter(
+                self.settings.redis_url, clock=self.clock
+            )
             return limiter
         return create_memory_rate_limiter()
 
@@ -104,6 +107,9 @@ class Runtime:
         await self.db.dispose()
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
@@ -118,6 +124,8 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     commit becomes an error response, never a 2xx."""
     runtime = get_runtime(request)
     async with runtime.db.sessionmaker() as session:
+        if request.method in SAFE_METHODS:
+            await mark_read_only(session)
         try:
             yield session
         except BaseException:
