@@ -1,0 +1,28 @@
+"""Run every benchmark, or the ones named: ``python -m bench [name ...]``."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+
+from bench import outbox_throughput
+
+BENCHMARKS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
+    "outbox": outbox_throughput.main,
+}
+
+
+def main() -> None:
+    names = sys.argv[1:] or list(BENCHMARKS)
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        known = ", ".join(BENCHMARKS)
+        raise SystemExit(f"unknown benchmark(s): {', '.join(unknown)}; known: {known}")
+    for name in names:
+        print(f"== {name}")
+        asyncio.run(BENCHMARKS[name]([]))
+
+
+if __name__ == "__main__":
+    main()
