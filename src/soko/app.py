@@ -30,7 +30,7 @@ API_PREFIX = "/api/v1"
 
 # Each domain package is listed once here; its models, handlers and router are loaded
 # from the conventional module names when present.
-DOMAINS: tuple[str, ...] = ()
+DOMAINS: tuple[str, ...] = ("identity",)
 
 PLATFORM_MODEL_MODULES: tuple[str, ...] = ("soko.platform.outbox",)
 
@@ -122,6 +122,9 @@ def create_app(
         lifespan=lifespan,
         telemetry=fastapi_telemetry(tracing),
     )
+    from soko.identity.public import authenticate
+
+    app.state.authenticator = authenticate
     if runtime is not None:
         # A test's ASGI transport runs no lifespan: wire what it would have.
         app.state.runtime = runtime
@@ -140,6 +143,9 @@ def create_app(
         router = getattr(module, "router", None)
         if isinstance(router, APIRouter):
             app.include_router(router, prefix=API_PREFIX)
+        root_router = getattr(module, "root_router", None)
+        if isinstance(root_router, APIRouter):
+            app.include_router(root_router)
 
     # Middleware runs outermost-last-added: request context wraps everything, so even a
     # 413 or a 429 carries the request id, and an unhandled error becomes a problem.

@@ -104,6 +104,37 @@ class Settings(BaseSettings):
     outbox_concurrency: int = Field(8, ge=1, le=256)
     shutdown_grace_seconds: float = Field(20.0, ge=0)
 
+    # Personal data at rest (see soko.platform.crypto). Unset in development: derived
+    # from the secret key with HKDF. Production requires both.
+    encryption_keys: SecretStr = SecretStr("")
+    blind_index_key: SecretStr = SecretStr("")
+
+    # Access tokens (see soko.platform.tokens). Unset in development: an Ed25519 key is
+    # generated into the data directory. Production requires one of the two.
+    token_signing_keys: SecretStr = SecretStr("")
+    token_signing_keys_file: Path | None = None
+    token_issuer: str = ""
+    token_audience: str = "soko-api"
+    token_leeway_seconds: int = Field(30, ge=0, le=300)
+    access_token_ttl_seconds: int = Field(900, ge=60, le=86_400)
+    refresh_token_ttl_seconds: int = Field(7 * 86_400, ge=3_600, le=90 * 86_400)
+    refresh_reuse_grace_seconds: float = Field(10.0, ge=0, le=120)
+
+    # Passwords: Argon2id, at least OWASP's minimum cost (19 MiB, 2 iterations).
+    password_min_length: int = Field(10, ge=8, le=64)
+    password_hash_memory_kib: int = Field(19_456, ge=19_456, le=1_048_576)
+    password_hash_iterations: int = Field(2, ge=2, le=20)
+    password_hash_parallelism: int = Field(1, ge=1, le=16)
+    password_hash_threads: int = Field(2, ge=1, le=64)
+
+    # One-time codes by SMS, and sign-in throttling.
+    otp_ttl_seconds: int = Field(300, ge=60, le=3_600)
+    otp_max_attempts: int = Field(5, ge=1, le=20)
+    otp_resend_seconds: int = Field(60, ge=10, le=3_600)
+    otp_daily_limit_per_phone: int = Field(10, ge=1, le=1_000)
+    otp_daily_limit_per_ip: int = Field(30, ge=1, le=100_000)
+    login_rate_limit: str = "5/minute"
+
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.auto
     otlp_endpoint: str = ""
@@ -145,6 +176,36 @@ class Settings(BaseSettings):
                     return "postgresql+asyncpg://" + value[len(plain) :]
         return value
 
+    @field_validator("encryption_keys")
+    @classmethod
+    def _encryption_keys(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value().strip():
+            from soko.platform.crypto import Keyring
+
+            Keyring.from_config(value.get_secret_value())  # KeyConfigError is a ValueError
+        return value
+
+    @field_validator("blind_index_key")
+    @classmethod
+    def _blind_index_key(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value().strip():
+            from soko.platform.crypto import BlindIndex
+
+            BlindIndex.from_config(value.get_secret_value())
+        return value
+
+    @field_validator("token_signing_keys")
+    @classmethod
+    def _token_signing_keys(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value().strip():
+            from soko.platform.tokens import KeyRing
+
+            try:
+                KeyRing.from_pem_bundle(value.get_secret_value())
+            except Exception:
+                raise ValueError("is not a PEM bundle of Ed25519 or P-256 private keys") from None
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
@@ -152,7 +213,7 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
-    @field_validator("ratelimit_default")
+    @field_validator("ratelimit_default", "login_rate_limit")
     @classmethod
     def _rate(cls, value: str) -> str:
         from limits import parse_many
@@ -190,6 +251,10 @@ class Settings(BaseSettings):
         return f"sqlite+aiosqlite:///{(self.data_dir / 'soko.db').as_posix()}"
 
     @property
+    def effective_token_issuer(self) -> str:
+        return self.token_issuer or self.public_url.rstrip("/")
+
+    @property
     def is_sqlite(self) -> bool:
         return self.effective_database_url.startswith("sqlite")
 
@@ -224,6 +289,18 @@ class Settings(BaseSettings):
         if not self.is_production:
             return []
         problems = []
+        if not self.encryption_keys.get_secret_value():
+            problems.append(
+                "SOKO_ENCRYPTION_KEYS must be set in production (keys derived from the "
+                "secret key would make every stored email and phone unreadable if it changed)"
+            )
+        if not self.blind_index_key.get_secret_value():
+            problems.append("SOKO_BLIND_INDEX_KEY must be set in production")
+        if not (self.token_signing_keys.get_secret_value() or self.token_signing_keys_file):
+            problems.append(
+                "SOKO_TOKEN_SIGNING_KEYS or SOKO_TOKEN_SIGNING_KEYS_FILE must be set in "
+                "production (generated signing keys are for development only)"
+            )
         if len(self.secret_key.get_secret_value()) < 32:
             problems.append(
                 "SOKO_SECRET_KEY must be set to at least 32 random characters in production "
@@ -244,7 +321,11 @@ def _format_validation_error(error: ValidationError) -> list[str]:
         message = item["msg"].removeprefix("Value error, ")
         name = f"SOKO_{field.upper()}" if field != "settings" else "configuration"
         raw = item.get("input")
-        shown = "" if isinstance(raw, dict) or "secret" in field else f" (got {raw!r})"
+        model_field = Settings.model_fields.get(field)
+        secret = "secret" in field or (
+            model_field is not None and model_field.annotation is SecretStr
+        )
+        shown = "" if isinstance(raw, dict) or secret else f" (got {raw!r})"
         lines.append(f"{name}: {message}{shown}")
     return lines
 

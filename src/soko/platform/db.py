@@ -132,20 +132,25 @@ def _sqlite_on_begin(connection: Any) -> None:
 
 
 def create_sessionmaker(
-    engine: AsyncEngine, *, clock: Any = None
+    engine: AsyncEngine, *, clock: Any = None, info: dict[str, Any] | None = None
 ) -> async_sessionmaker[AsyncSession]:
     """Sessions that keep loaded values after commit; ``session.info["clock"]`` is the
-    process clock, so code holding only a session (the outbox) tells the same time."""
-    info = {"clock": clock} if clock is not None else {}
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=True, info=info)
+    process clock, so code holding only a session (the outbox) tells the same time, and
+    ``info`` adds other process services the same way (the data keys)."""
+    values = dict(info or {})
+    if clock is not None:
+        values["clock"] = clock
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=True, info=values)
 
 
 class Database:
     """The engine and session factory of one process."""
 
-    def __init__(self, engine: AsyncEngine, *, clock: Any = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, clock: Any = None, info: dict[str, Any] | None = None
+    ) -> None:
         self.engine = engine
-        self.sessionmaker = create_sessionmaker(engine, clock=clock)
+        self.sessionmaker = create_sessionmaker(engine, clock=clock, info=info)
 
     @property
     def dialect(self) -> str:

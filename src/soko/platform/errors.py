@@ -43,6 +43,16 @@ class ProblemError(Exception):
         self.extensions = extensions
         super().__init__(self.detail)
 
+    #: When true, the request's transaction commits even though this error is answered:
+    #: for refusals that must leave a trace (a failed sign-in counted, a reused refresh
+    #: token's session revoked). Set it with :meth:`keeping_changes`.
+    commit_changes: bool = False
+
+    def keeping_changes(self) -> ProblemError:
+        """Mark this error so the request's writes so far are committed, not rolled back."""
+        self.commit_changes = True
+        return self
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "slug" in cls.__dict__:

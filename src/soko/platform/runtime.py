@@ -18,11 +18,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from soko.platform.cache import Cache, MemoryCache
 from soko.platform.clock import Clock, SystemClock
 from soko.platform.config import Backend, OutboxDispatch, Settings
+from soko.platform.crypto import DataKeys
 from soko.platform.db import Database, create_engine, mark_read_only
+from soko.platform.errors import ProblemError
 from soko.platform.jobs import Dispatcher, JobRegistry
 from soko.platform.jobs import registry as default_registry
 from soko.platform.ratelimit import RateLimiter, create_memory_rate_limiter
 from soko.platform.realtime import MemoryPubSub, PubSub
+from soko.platform.tokens import SIGNING_KEYS_FILE, KeyRing, load_or_create_keyring
 
 log = structlog.get_logger("soko.runtime")
 
@@ -38,6 +41,11 @@ class Runtime:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self.registry = registry or default_registry
+        self.data_keys: DataKeys = DataKeys.from_config(
+            master_secret=settings.secret_key.get_secret_value().encode(),
+            encryption_keys=settings.encryption_keys.get_secret_value(),
+            blind_index_key=settings.blind_index_key.get_secret_value(),
+        )
         self.db = Database(
             create_engine(
                 settings.effective_database_url,
@@ -47,7 +55,9 @@ class Runtime:
                 statement_cache=settings.database_statement_cache,
             ),
             clock=self.clock,
+            info={"data_keys": self.data_keys},
         )
+        self.signing_keys: KeyRing = load_signing_keys(settings)
         self.redis: Any = None
         if settings.redis_url:
             from redis.asyncio import Redis
@@ -110,6 +120,18 @@ class Runtime:
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+def load_signing_keys(settings: Settings) -> KeyRing:
+    """The access-token signing keys: configured, from a mounted file, or (development)
+    generated once into the data directory with mode 0600."""
+    configured = settings.token_signing_keys.get_secret_value()
+    if configured.strip():
+        return KeyRing.from_pem_bundle(configured)
+    if settings.token_signing_keys_file is not None:
+        return KeyRing.from_pem_bundle(settings.token_signing_keys_file.read_text("utf-8"))
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return load_or_create_keyring(settings.data_dir / SIGNING_KEYS_FILE)
+
+
 def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
@@ -121,21 +143,49 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One transaction per request, committed after the endpoint returns and before the
     response is sent (``scope="function"``); any error rolls it back, and a failed
-    commit becomes an error response, never a 2xx."""
+    commit becomes an error response, never a 2xx.
+
+    A :class:`ProblemError` marked ``keeping_changes()`` commits instead (a refusal that
+    must leave a trace). Cache tags named with :func:`invalidate_after_commit` are
+    invalidated once the commit succeeded."""
     runtime = get_runtime(request)
     async with runtime.db.sessionmaker() as session:
         if request.method in SAFE_METHODS:
             await mark_read_only(session)
         try:
             yield session
+        except ProblemError as exc:
+            if exc.commit_changes:
+                await _commit(runtime, session)
+            else:
+                await session.rollback()
+            raise
         except BaseException:
             await session.rollback()
             raise
         else:
-            wrote_outbox = bool(session.info.get("outbox_written"))
-            await session.commit()
-            if wrote_outbox:
-                runtime.dispatcher.wake()
+            await _commit(runtime, session)
+
+
+async def _commit(runtime: Runtime, session: AsyncSession) -> None:
+    wrote_outbox = bool(session.info.get("outbox_written"))
+    tags: list[str] = session.info.pop(INVALIDATE_TAGS_KEY, [])
+    await session.commit()
+    if tags:
+        try:
+            await runtime.cache.invalidate_tags(*tags)
+        except Exception:  # the change is committed; a cache outage must not hide that
+            log.exception("cache invalidation failed after commit", tags=tags)
+    if wrote_outbox:
+        runtime.dispatcher.wake()
+
+
+INVALIDATE_TAGS_KEY = "invalidate_tags"
+
+
+def invalidate_after_commit(session: AsyncSession, *tags: str) -> None:
+    """Invalidate cache ``tags`` once this request's transaction has committed."""
+    session.info.setdefault(INVALIDATE_TAGS_KEY, []).extend(tags)
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

@@ -48,7 +48,7 @@ ALLOWED_ALGORITHMS: Final[frozenset[str]] = frozenset({"EdDSA", "ES256"})
 PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey
 PrivateKey = Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
-ACCESS_TOKEN_TYPE: Final = "at+jwt"  # noqa: S105 - RFC 9068 media type, not a secret
+ACCESS_TOKEN_TYPE: Final = "at+jwt"
 REGISTERED_CLAIMS: Final = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti"})
 DEFAULT_REQUIRED_CLAIMS: Final = ("iss", "sub", "aud", "exp", "iat", "jti")
 DEFAULT_LEEWAY: Final = dt.timedelta(seconds=30)

@@ -1,0 +1,1 @@
+"""Identity and access: accounts, sign-in, sessions, MFA, roles, API keys and audit."""

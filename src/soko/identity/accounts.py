@@ -1,0 +1,202 @@
+"""Accounts: creating and finding users by email or phone without storing either in clear.
+
+Each email or phone is encrypted bound to its row and column and indexed by an HMAC blind
+index of its canonical form, so an exact lookup works and a database dump reveals
+neither.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable
+
+import phonenumbers
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.identity.errors import AccountExists
+from soko.identity.models import Role, User, UserRole, UserStatus
+from soko.platform.crypto import DataKeys, canonical_email, canonical_phone
+from soko.platform.errors import ValidationFailed
+from soko.platform.ids import uuid7
+
+EMAIL_COLUMN = "users.email"
+PHONE_COLUMN = "users.phone"
+MAX_EMAIL_LENGTH = 254
+
+
+def normalize_email(raw: str) -> str:
+    """The canonical email, or a validation problem naming the field."""
+    value = raw.strip()
+    local, at, domain = value.rpartition("@")
+    if (
+        not at
+        or not local
+        or "." not in domain
+        or len(value) > MAX_EMAIL_LENGTH
+        or any(ch.isspace() for ch in value)
+    ):
+        raise _field_error("email", "is not a valid email address")
+    return canonical_email(value)
+
+
+def normalize_phone(raw: str, default_region: str | None = None) -> str:
+    """The number in E.164 (``+254712345678``), or a validation problem naming the field.
+
+    Numbers without a ``+`` need ``default_region`` (an ISO 3166 code such as ``KE``)."""
+    try:
+        number = phonenumbers.parse(raw, default_region)
+    except phonenumbers.NumberParseException:
+        raise _field_error("phone", "is not a phone number") from None
+    if not phonenumbers.is_valid_number(number):
+        raise _field_error("phone", "is not a valid phone number")
+    return canonical_phone(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+def _field_error(field: str, message: str) -> ValidationFailed:
+    return ValidationFailed(
+        f"{field} {message}",
+        errors=[
+            {
+                "in": "body",
+                "field": field,
+                "pointer": f"#/{field}",
+                "detail": message,
+                "code": "value_error",
+            }
+        ],
+    )
+
+
+def email_index(keys: DataKeys, canonical: str) -> str:
+    return keys.blind_index.compute(EMAIL_COLUMN, canonical)
+
+
+def phone_index(keys: DataKeys, e164: str) -> str:
+    return keys.blind_index.compute(PHONE_COLUMN, e164)
+
+
+def _context(column: str, user_id: uuid.UUID) -> str:
+    return f"{column}:{user_id}"
+
+
+def set_email(keys: DataKeys, user: User, canonical: str | None) -> None:
+    if canonical is None:
+        user.email_ciphertext = user.email_index = None
+        return
+    user.email_ciphertext = keys.keyring.encrypt(canonical, context=_context(EMAIL_COLUMN, user.id))
+    user.email_index = email_index(keys, canonical)
+
+
+def set_phone(keys: DataKeys, user: User, e164: str | None) -> None:
+    if e164 is None:
+        user.phone_ciphertext = user.phone_index = None
+        return
+    user.phone_ciphertext = keys.keyring.encrypt(e164, context=_context(PHONE_COLUMN, user.id))
+    user.phone_index = phone_index(keys, e164)
+
+
+def user_email(keys: DataKeys, user: User) -> str | None:
+    if user.email_ciphertext is None:
+        return None
+    return keys.keyring.decrypt(user.email_ciphertext, context=_context(EMAIL_COLUMN, user.id))
+
+
+def user_phone(keys: DataKeys, user: User) -> str | None:
+    if user.phone_ciphertext is None:
+        return None
+    return keys.keyring.decrypt(user.phone_ciphertext, context=_context(PHONE_COLUMN, user.id))
+
+
+async def find_user_by_email(session: AsyncSession, keys: DataKeys, canonical: str) -> User | None:
+    result = await session.scalars(
+        select(User).where(User.email_index == email_index(keys, canonical))
+    )
+    return result.first()
+
+
+async def find_user_by_phone(session: AsyncSession, keys: DataKeys, e164: str) -> User | None:
+    result = await session.scalars(select(User).where(User.phone_index == phone_index(keys, e164)))
+    return result.first()
+
+
+async def get_user(session: AsyncSession, user_id: uuid.UUID) -> User | None:
+    return await session.get(User, user_id)
+
+
+async def create_user(
+    session: AsyncSession,
+    keys: DataKeys,
+    *,
+    now: dt.datetime,
+    email: str | None = None,
+    phone: str | None = None,
+    display_name: str = "",
+    password_hash: str | None = None,
+    roles: Iterable[Role | str] = (Role.customer,),
+    email_verified: bool = False,
+    phone_verified: bool = False,
+    granted_by: uuid.UUID | None = None,
+) -> User:
+    """Add a user with canonical ``email``/``phone`` (already normalized).
+
+    A second account for the same email or phone is refused by the unique blind indexes,
+    even when two registrations race: the loser gets :class:`AccountExists`."""
+    user = User(
+        id=uuid7(),
+        display_name=display_name,
+        status=UserStatus.active.value,
+        password_hash=password_hash,
+        password_changed_at=now if password_hash else None,
+        created_at=now,
+        updated_at=now,
+        email_verified_at=now if email and email_verified else None,
+        phone_verified_at=now if phone and phone_verified else None,
+    )
+    set_email(keys, user, email)
+    set_phone(keys, user, phone)
+    try:
+        async with session.begin_nested():
+            session.add(user)
+            await session.flush()
+            for role in set(roles):
+                session.add(
+                    UserRole(
+                        user_id=user.id,
+                        role=Role(role).value,
+                        granted_at=now,
+                        granted_by=granted_by,
+                    )
+                )
+            await session.flush()
+    except IntegrityError:
+        raise AccountExists("An account already uses this email or phone number.") from None
+    return user
+
+
+async def user_roles(session: AsyncSession, user_id: uuid.UUID) -> frozenset[str]:
+    rows = await session.scalars(select(UserRole.role).where(UserRole.user_id == user_id))
+    return frozenset(rows.all())
+
+
+async def replace_roles(
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    roles: Iterable[Role | str],
+    *,
+    now: dt.datetime,
+    granted_by: uuid.UUID | None,
+) -> frozenset[str]:
+    wanted = {Role(role).value for role in roles}
+    await session.execute(delete(UserRole).where(UserRole.user_id == user_id))
+    for role in sorted(wanted):
+        session.add(UserRole(user_id=user_id, role=role, granted_at=now, granted_by=granted_by))
+    await session.flush()
+    return frozenset(wanted)
+
+
+def principal_tag(user_id: uuid.UUID) -> str:
+    """The cache tag of everything cached about a user's authorization."""
+    return f"identity:user:{user_id}"

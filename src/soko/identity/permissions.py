@@ -1,0 +1,40 @@
+"""Roles and the permissions they grant: the one declared matrix.
+
+Routes declare the permission they need with :func:`soko.platform.auth.require`; the
+matrix below says which roles hold it. The route-matrix test walks every route with a
+token for every role and fails on any difference from what these two say.
+"""
+
+from __future__ import annotations
+
+from soko.identity.models import Role
+
+# Every signed-in user may manage their own account, sessions, MFA and API keys.
+ACCOUNT_SELF = "account:self"
+USERS_READ = "users:read"
+USERS_MANAGE = "users:manage"
+AUDIT_READ = "audit:read"
+IDENTITY_SETTINGS = "identity:settings"
+
+ALL_PERMISSIONS: frozenset[str] = frozenset(
+    {ACCOUNT_SELF, USERS_READ, USERS_MANAGE, AUDIT_READ, IDENTITY_SETTINGS}
+)
+
+ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
+    Role.customer: frozenset({ACCOUNT_SELF}),
+    Role.seller: frozenset({ACCOUNT_SELF}),
+    Role.provider: frozenset({ACCOUNT_SELF}),
+    Role.operator: frozenset({ACCOUNT_SELF, USERS_READ}),
+    Role.support: frozenset({ACCOUNT_SELF, USERS_READ, AUDIT_READ}),
+    Role.admin: ALL_PERMISSIONS,
+}
+
+
+def permissions_for(roles: frozenset[str] | set[str]) -> frozenset[str]:
+    granted: set[str] = set()
+    for role in roles:
+        try:
+            granted |= ROLE_PERMISSIONS[Role(role)]
+        except ValueError:
+            continue  # a role removed from the code grants nothing
+    return frozenset(granted)

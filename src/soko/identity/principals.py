@@ -1,0 +1,157 @@
+"""Turning a request's credentials into a :class:`~soko.platform.auth.Principal`.
+
+Credentials are ``Authorization: Bearer <access token>`` or ``Authorization: Bearer
+<API key>`` (API keys start with ``soko_``). An access token is checked against the
+signing keys, and then against the database state behind it (the user is active, the
+session is not revoked), so blocking a user or revoking a session takes effect at once.
+That state is cached briefly and its cache entry is invalidated when it changes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import structlog
+from fastapi import Request
+from sqlalchemy import select
+
+from soko.identity.accounts import principal_tag
+from soko.identity.errors import InvalidApiKey
+from soko.identity.models import ApiKey, AuthSession, User, UserRole, UserStatus
+from soko.identity.permissions import permissions_for
+from soko.identity.sessions import hash_secret, session_tag
+from soko.platform.auth import Principal
+from soko.platform.logging import bind_request_context
+from soko.platform.runtime import Runtime
+from soko.platform.tokens import InvalidToken, TokenRejection
+
+API_KEY_PREFIX = "soko_"
+PRINCIPAL_CACHE_SECONDS = 30
+log = structlog.get_logger("soko.identity")
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise InvalidToken(TokenRejection.malformed, "not a bearer credential")
+    return value.strip()
+
+
+async def authenticate(request: Request) -> Principal | None:
+    """The principal behind the request's credentials; ``None`` without credentials.
+
+    Bad credentials answer 401 even on public routes: a client that sends a token
+    expects it to count, and silently treating it as anonymous hides bugs."""
+    credential = _bearer(request)
+    if credential is None:
+        return None
+    runtime: Runtime = request.app.state.runtime
+    if credential.startswith(API_KEY_PREFIX):
+        principal = await _from_api_key(runtime, credential)
+    else:
+        principal = await _from_access_token(runtime, credential)
+    bind_request_context(user_id=str(principal.user_id))
+    return principal
+
+
+async def _from_access_token(runtime: Runtime, token: str) -> Principal:
+    settings = runtime.settings
+    verified = runtime.signing_keys.verify(
+        token,
+        audience=settings.token_audience,
+        issuer=settings.effective_token_issuer,
+        clock=runtime.clock,
+        leeway=dt.timedelta(seconds=settings.token_leeway_seconds),
+    )
+    try:
+        user_id = uuid.UUID(verified.subject)
+        session_id = uuid.UUID(str(verified.claims.get("sid")))
+    except ValueError:
+        raise InvalidToken(TokenRejection.malformed, "subject or session is not an id") from None
+    state = await runtime.cache.get_or_set(
+        f"identity:principal:{session_id}",
+        lambda: _session_state(runtime, user_id, session_id),
+        ttl=PRINCIPAL_CACHE_SECONDS,
+        tags=(principal_tag(user_id), session_tag(session_id)),
+    )
+    if not state or not state.get("active"):
+        raise InvalidToken(TokenRejection.bad_signature, "session revoked or user not active")
+    roles = frozenset(state["roles"])
+    return Principal(
+        user_id=user_id,
+        roles=roles,
+        permissions=permissions_for(roles),
+        session_id=session_id,
+        extra={"mfa_verified": bool(state.get("mfa_verified"))},
+    )
+
+
+async def _session_state(
+    runtime: Runtime, user_id: uuid.UUID, session_id: uuid.UUID
+) -> dict[str, Any]:
+    async with runtime.db.transaction(read_only=True) as session:
+        row = (
+            await session.execute(
+                select(User.status, AuthSession.revoked_at, AuthSession.mfa_verified)
+                .join(AuthSession, AuthSession.user_id == User.id)
+                .where(User.id == user_id, AuthSession.id == session_id)
+            )
+        ).first()
+        if row is None:
+            return {"active": False, "roles": []}
+        roles = (
+            await session.scalars(select(UserRole.role).where(UserRole.user_id == user_id))
+        ).all()
+    active = row.status == UserStatus.active.value and row.revoked_at is None
+    return {"active": active, "roles": sorted(roles), "mfa_verified": row.mfa_verified}
+
+
+async def _from_api_key(runtime: Runtime, credential: str) -> Principal:
+    # soko_<prefix>_<secret>: the prefix finds the row, the hash of the whole key proves it.
+    parts = credential.split("_")
+    if len(parts) != 3 or len(credential) > 128:
+        raise InvalidApiKey()
+    prefix = f"{parts[0]}_{parts[1]}"
+    now = runtime.clock.now()
+    async with runtime.db.transaction(read_only=True) as session:
+        key = (await session.scalars(select(ApiKey).where(ApiKey.prefix == prefix))).first()
+        if key is None:
+            raise InvalidApiKey()
+        from soko.platform.crypto import digests_match
+
+        if not digests_match(key.key_hash, hash_secret(credential)):
+            raise InvalidApiKey()
+        if key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= now):
+            raise InvalidApiKey()
+        user = await session.get(User, key.user_id)
+        if user is None or user.status != UserStatus.active.value:
+            raise InvalidApiKey()
+        roles = frozenset(
+            (await session.scalars(select(UserRole.role).where(UserRole.user_id == user.id))).all()
+        )
+    await _touch_api_key(runtime, key.id, now)
+    # A key never holds more than its owner: the intersection of both.
+    granted = permissions_for(roles) & frozenset(key.permissions)
+    return Principal(user_id=user.id, roles=roles, permissions=granted, api_key_id=key.id)
+
+
+async def _touch_api_key(runtime: Runtime, key_id: uuid.UUID, now: dt.datetime) -> None:
+    """Record last use at most once a minute per key, so busy keys do not write per call."""
+    marker = f"identity:api-key-used:{key_id}"
+    if await runtime.cache.get(marker):
+        return
+    await runtime.cache.set(marker, True, ttl=60)
+    from sqlalchemy import update
+
+    try:
+        async with runtime.db.transaction() as session:
+            await session.execute(
+                update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now)
+            )
+    except Exception:  # last-used time is informative; never fail the request for it
+        log.warning("could not record API key use", api_key_id=str(key_id))

@@ -1,0 +1,7 @@
+"""Identity routes: apikeys."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

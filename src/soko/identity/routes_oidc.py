@@ -1,0 +1,7 @@
+"""Identity routes: oidc."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

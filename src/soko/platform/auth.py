@@ -1,0 +1,104 @@
+"""Who is calling, and what they may do: the principal and the permission dependency.
+
+The identity domain resolves a request's credentials (a bearer access token or an API
+key) into a :class:`Principal`; every route declares what it needs with
+:func:`require` (or :func:`public`). The declaration is read twice: by the code, which
+enforces it, and by the route-matrix test, which walks every route with every role.
+The platform only defines the shapes; the app wires the identity domain's resolver in
+as ``app.state.authenticator``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, Request
+
+from soko.platform.errors import Forbidden, Unauthorized
+
+PERMISSION_ATTRIBUTE = "__soko_permission__"
+PUBLIC = "public"
+SIGNED_IN = "signed-in"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller of one request, as authenticated."""
+
+    user_id: uuid.UUID
+    roles: frozenset[str]
+    permissions: frozenset[str]
+    session_id: uuid.UUID | None = None
+    api_key_id: uuid.UUID | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def can(self, permission: str) -> bool:
+        return permission in self.permissions
+
+
+class Authenticator(Protocol):
+    def __call__(self, request: Request) -> Awaitable[Principal | None]: ...
+
+
+async def current_principal_or_none(request: Request) -> Principal | None:
+    """The request's principal, resolved once per request; ``None`` when anonymous."""
+    if hasattr(request.state, "principal"):
+        cached: Principal | None = request.state.principal
+        return cached
+    authenticator: Authenticator | None = getattr(request.app.state, "authenticator", None)
+    principal = await authenticator(request) if authenticator is not None else None
+    request.state.principal = principal
+    return principal
+
+
+def _declare(permission: str, call: Callable[..., Any]) -> Callable[..., Any]:
+    setattr(call, PERMISSION_ATTRIBUTE, permission)
+    return call
+
+
+def require(permission: str | None = None) -> Any:
+    """A dependency: the caller must be signed in and, when ``permission`` is given,
+    hold it. Answers 401 without credentials and 403 without the permission."""
+
+    async def dependency(request: Request) -> Principal:
+        principal = await current_principal_or_none(request)
+        if principal is None:
+            raise Unauthorized(
+                "Sign in first: send an access token or API key.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if permission is not None and not principal.can(permission):
+            raise Forbidden(f"This needs the {permission!r} permission.")
+        return principal
+
+    return Depends(_declare(permission or SIGNED_IN, dependency))
+
+
+def public() -> Any:
+    """A dependency declaring a route open to anyone; yields the principal if any."""
+
+    async def dependency(request: Request) -> Principal | None:
+        return await current_principal_or_none(request)
+
+    return Depends(_declare(PUBLIC, dependency))
+
+
+SignedIn = Annotated[Principal, require()]
+MaybePrincipal = Annotated[Principal | None, public()]
+
+
+def declared_permission(dependant: Any) -> str | None:
+    """The permission a route declared through :func:`require`/:func:`public`, found by
+    walking its dependency tree; ``None`` when it declared nothing."""
+    call = getattr(dependant, "call", None)
+    declared = getattr(call, PERMISSION_ATTRIBUTE, None)
+    if isinstance(declared, str):
+        return declared
+    for sub in getattr(dependant, "dependencies", ()):
+        found = declared_permission(sub)
+        if found is not None:
+            return found
+    return None
