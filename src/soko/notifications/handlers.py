@@ -1,0 +1,32 @@
+"""Delivery jobs: open the sealed notification and hand it to its channel.
+
+``ctx.services`` is the process's :class:`soko.platform.runtime.Runtime`: its data keys
+open the payload (an older key still opens messages sealed before a rotation) and its
+settings choose the channel. A failure leaves the job to the outbox's retries; a payload
+that does not open fails the same way and ends dead, its text never logged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from soko.notifications.channels import configured_channel
+from soko.notifications.messages import EMAIL_JOB, SMS_JOB, NotificationKind, unseal
+from soko.platform.jobs import JobContext, registry
+from soko.platform.runtime import Runtime
+
+
+async def _deliver(ctx: JobContext, kind: NotificationKind, payload: dict[str, Any]) -> None:
+    runtime: Runtime = ctx.services
+    notification = unseal(kind, payload, runtime.data_keys.keyring)
+    await configured_channel(runtime.settings, kind).deliver(notification)
+
+
+@registry.job(SMS_JOB)
+async def deliver_sms(ctx: JobContext, payload: dict[str, Any]) -> None:
+    await _deliver(ctx, NotificationKind.sms, payload)
+
+
+@registry.job(EMAIL_JOB)
+async def deliver_email(ctx: JobContext, payload: dict[str, Any]) -> None:
+    await _deliver(ctx, NotificationKind.email, payload)
