@@ -30,7 +30,7 @@ API_PREFIX = "/api/v1"
 
 # Each domain package is listed once here; its models, handlers and router are loaded
 # from the conventional module names when present.
-DOMAINS: tuple[str, ...] = ("identity",)
+DOMAINS: tuple[str, ...] = ("identity", "notifications")
 
 PLATFORM_MODEL_MODULES: tuple[str, ...] = ("soko.platform.outbox",)
 
