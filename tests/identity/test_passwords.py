@@ -1,0 +1,294 @@
+"""Password hashing (Argon2id off the event loop, transparent rehash) and the policy."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+
+import argon2
+import pytest
+
+from soko.identity.errors import WeakPassword
+from soko.identity.passwords import (
+    MAX_PASSWORD_LENGTH,
+    PasswordHasher,
+    PasswordPolicy,
+    common_passwords,
+    normalize_password,
+    password_hasher,
+)
+from soko.platform.runtime import Runtime
+from tests.conftest import make_settings
+
+OWASP = {"memory_kib": 19_456, "iterations": 2, "parallelism": 1}
+PASSPHRASE = "mvua ya masika 2031"
+
+
+@pytest.fixture
+def hasher() -> Iterator[PasswordHasher]:
+    hasher = PasswordHasher(**OWASP, threads=2)
+    yield hasher
+    hasher.close()
+
+
+def full_width(text: str) -> str:
+    """``text`` as an East Asian keyboard's full-width forms (U+FF01 to U+FF5E)."""
+    return "".join(chr(ord(ch) + 0xFEE0) if "!" <= ch <= "~" else ch for ch in text)
+
+
+def parameters_of(stored_hash: str) -> str:
+    return stored_hash.split("$")[3]
+
+
+# -- hashing ----------------------------------------------------------------------------
+
+
+async def test_hash_round_trip(hasher: PasswordHasher) -> None:
+    stored = await hasher.hash(PASSPHRASE)
+    assert stored.startswith("$argon2id$v=19$")
+    assert parameters_of(stored) == "m=19456,t=2,p=1"
+    assert PASSPHRASE not in stored
+    assert await hasher.verify(PASSPHRASE, stored) == (True, None)
+    # A fresh salt every time.
+    assert await hasher.hash(PASSPHRASE) != stored
+
+
+async def test_wrong_password_is_refused(hasher: PasswordHasher) -> None:
+    stored = await hasher.hash(PASSPHRASE)
+    assert await hasher.verify(PASSPHRASE + "!", stored) == (False, None)
+    assert await hasher.verify(PASSPHRASE.upper(), stored) == (False, None)
+    assert await hasher.verify("", stored) == (False, None)
+
+
+async def test_changed_parameters_rehash_on_the_next_correct_sign_in(
+    hasher: PasswordHasher,
+) -> None:
+    stored = await hasher.hash(PASSPHRASE)
+    stronger = PasswordHasher(memory_kib=19_456 * 2, iterations=3, parallelism=1, threads=1)
+    try:
+        assert stronger.needs_rehash(stored)
+        ok, new_hash = await stronger.verify(PASSPHRASE, stored)
+        assert ok
+        assert new_hash is not None
+        assert parameters_of(new_hash) == "m=38912,t=3,p=1"
+        assert not stronger.needs_rehash(new_hash)
+        assert await stronger.verify(PASSPHRASE, new_hash) == (True, None)
+        # A wrong password never yields a hash to store.
+        assert await stronger.verify("not it at all", stored) == (False, None)
+    finally:
+        stronger.close()
+
+
+async def test_older_argon2_variant_is_upgraded_to_argon2id(hasher: PasswordHasher) -> None:
+    legacy = argon2.PasswordHasher(type=argon2.Type.I).hash(PASSPHRASE)
+    assert legacy.startswith("$argon2i$")
+    ok, new_hash = await hasher.verify(PASSPHRASE, legacy)
+    assert ok
+    assert new_hash is not None
+    assert new_hash.startswith("$argon2id$")
+
+
+async def test_missing_or_unreadable_hash_is_a_wrong_password(hasher: PasswordHasher) -> None:
+    assert await hasher.verify(PASSPHRASE, None) == (False, None)
+    assert await hasher.verify(PASSPHRASE, PASSPHRASE) == (False, None)
+    assert await hasher.verify(PASSPHRASE, "$2b$12$notreallyabcryptatall") == (False, None)
+    assert hasher.needs_rehash(PASSPHRASE)
+
+
+async def test_dummy_verification_costs_a_real_one(hasher: PasswordHasher) -> None:
+    await hasher.dummy_verify()
+    # It verifies against a hash made with the current parameters, so it does the same
+    # work as verifying a real account's password.
+    assert hasher._dummy_hash is not None
+    assert parameters_of(hasher._dummy_hash) == "m=19456,t=2,p=1"
+    assert hasher._dummy_hash.startswith("$argon2id$")
+
+
+async def test_passwords_are_compared_in_nfkc(hasher: PasswordHasher) -> None:
+    composed = "caf\u00e9 ya asubuhi"
+    decomposed = "cafe\u0301 ya asubuhi"
+    assert composed != decomposed
+    stored = await hasher.hash(composed)
+    assert await hasher.verify(decomposed, stored) == (True, None)
+    # Full-width forms from an East Asian keyboard fold to their ASCII letters.
+    assert full_width("safari njema") != "safari njema"
+    stored = await hasher.hash(full_width("safari njema"))
+    assert await hasher.verify("safari njema", stored) == (True, None)
+
+
+async def test_hashing_leaves_the_event_loop_free(hasher: PasswordHasher) -> None:
+    ticks = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    # Control: the same work run on the loop's own thread starves the ticker entirely.
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    blocking = argon2.PasswordHasher(time_cost=2, memory_cost=19_456, parallelism=1)
+    for index in range(8):
+        blocking.hash(f"{PASSPHRASE} {index}")
+    assert ticks == before
+
+    # The hasher: eight hashes in its pool while the ticker keeps running.
+    before = ticks
+    hashes = await asyncio.gather(*(hasher.hash(f"{PASSPHRASE} {i}") for i in range(8)))
+    during = ticks - before
+    done.set()
+    await task
+    assert len(set(hashes)) == 8
+    assert during >= 50, f"the event loop ticked only {during} times during 8 hashes"
+
+
+async def test_one_hasher_per_runtime(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'hasher.db'}",
+        password_hash_iterations=3,
+        password_hash_threads=3,
+    )
+    runtime = Runtime(settings)
+    other = Runtime(settings)
+    try:
+        hasher = password_hasher(runtime)
+        assert password_hasher(runtime) is hasher
+        assert password_hasher(other) is not hasher
+        assert hasher.iterations == 3
+        assert hasher.memory_kib == 19_456
+        assert parameters_of(await hasher.hash(PASSPHRASE)) == "m=19456,t=3,p=1"
+    finally:
+        await runtime.stop()
+        await other.stop()
+
+
+# -- policy -----------------------------------------------------------------------------
+
+
+def reasons(password: str, policy: PasswordPolicy | None = None, **account: str) -> list[str]:
+    policy = policy or PasswordPolicy()
+    return [code for code, _ in policy.problems(password, **account)]
+
+
+def test_blocklist_has_at_least_ten_thousand_passwords() -> None:
+    blocklist = common_passwords()
+    assert len(blocklist) >= 10_000
+    assert {"password", "123456", "qwertyuiop", "password123", "iloveyou"} <= blocklist
+    assert all(entry == entry.lower() and entry.strip() == entry for entry in blocklist)
+
+
+def test_blocklist_ships_inside_the_package() -> None:
+    import soko.identity
+
+    data = Path(soko.identity.__file__).parent / "data"
+    lines = gzip.decompress((data / "common-passwords.txt.gz").read_bytes()).splitlines()
+    assert len(lines) == len(common_passwords())
+    assert "MIT License" in (data / "README.md").read_text("utf-8")
+
+
+def test_short_passwords_are_refused() -> None:
+    assert reasons("kahawa!") == ["too_short"]
+    assert reasons("kahawa!22") == ["too_short"]  # 9 characters
+    assert reasons("kahawa!227") == []  # 10
+    stricter = PasswordPolicy.from_settings(
+        make_settings(Path("/nonexistent"), password_min_length=14)
+    )
+    assert stricter.min_length == 14
+    assert reasons("kahawa!227", stricter) == ["too_short"]
+
+
+def test_long_passwords_are_accepted_up_to_the_cap() -> None:
+    sixty_four = "nyumba ndogo juu ya mlima, karibu na mto wenye maji baridi sana."
+    assert len(sixty_four) == 64
+    assert reasons(sixty_four) == []
+    at_cap = (sixty_four * 4)[:MAX_PASSWORD_LENGTH]
+    assert len(at_cap) == 256
+    assert reasons(at_cap) == []
+    assert reasons(at_cap + "x") == ["too_long"]
+
+
+def test_refusal_is_a_weak_password_problem_with_reasons() -> None:
+    policy = PasswordPolicy()
+    with pytest.raises(WeakPassword) as refused:
+        policy.check("x" * 257)
+    problem = refused.value
+    assert problem.status == 422
+    assert problem.extensions["reasons"] == ["too_long"]
+    assert problem.extensions["max_length"] == 256
+    assert "at most 256 characters" in problem.detail
+
+    with pytest.raises(WeakPassword) as refused:
+        policy.check("Password1", email="someone@example.com")
+    assert refused.value.extensions["reasons"] == ["too_short", "common"]
+    assert refused.value.extensions["min_length"] == 10
+
+    policy.check(PASSPHRASE, email="someone@example.com")
+
+
+def test_common_passwords_are_refused_whatever_their_case() -> None:
+    assert reasons("password123") == ["common"]
+    assert reasons("PassWord123") == ["common"]
+    assert reasons("QWERTYUIOP") == ["common"]
+    assert reasons("1q2w3e4r5t") == ["common"]
+    # Full-width characters fold to the same common password.
+    assert reasons(full_width("password123")) == ["common"]
+
+
+def test_repeated_and_sequential_passwords_are_refused() -> None:
+    for password in (
+        "aaaaaaaaaaaa",
+        "abababababab",
+        "xyzxyzxyzxyz",
+        "abcdefghijkl",
+        "zyxwvutsrqpo",
+    ):
+        assert reasons(password) == ["predictable"], password
+    # Not every repetition is a pattern.
+    assert reasons("banana bread!") == []
+
+
+def test_own_email_phone_or_name_is_refused() -> None:
+    account = {
+        "email": "Wanjiru.Kamau@example.co.ke",
+        "phone": "+254712345678",
+        "display_name": "Wanjiru Kamau",
+    }
+    assert reasons("wanjiru.kamau@example.co.ke", **account) == ["matches_account"]
+    assert reasons("wanjiru.kamau", **account) == ["matches_account"]
+    assert reasons("WanjiruKamau", **account) == ["matches_account"]
+    assert reasons("Wanjiru Kamau", **account) == ["matches_account"]
+    assert reasons("+254712345678", **account) == ["matches_account"]
+    assert reasons("254 712 345 678", **account) == ["matches_account"]
+    assert reasons("0712 345 678", **account) == ["matches_account"]
+    # Someone else's name is fine.
+    assert reasons("Akinyi Otieno", **account) == []
+
+
+def test_length_counts_code_points_after_nfkc() -> None:
+    composed = "mañana sí!"  # 10 code points
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert len(decomposed) == 12
+    assert reasons(decomposed) == []
+    short = "mañana sí"  # 9 code points, 11 before normalization
+    assert len(unicodedata.normalize("NFD", short)) == 11
+    assert reasons(unicodedata.normalize("NFD", short)) == ["too_short"]
+    # A ligature counts as the letters it stands for.
+    assert len(normalize_password("\ufb01")) == 2
+
+
+def test_passwords_in_any_script_are_accepted() -> None:
+    for password in (
+        "ニワトリが空を飛ぶ日だ",
+        "Кошка спит на окне",
+        "ሰላም ለዓለም ሁሉ",
+        "🐘🦒🦓 safari 🌍",
+    ):
+        assert len(normalize_password(password)) >= 10
+        assert reasons(password) == [], password
