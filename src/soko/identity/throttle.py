@@ -1,0 +1,222 @@
+"""Brute-force throttling of sign-in: growing waits per account and per address, never a
+permanent lockout.
+
+Each key (``account:<blind index>``, ``ip:<address>``) has one ``login_throttles`` row
+counting consecutive failures. After a rule's free attempts, each further failure makes
+the key wait ``base * 2**n`` seconds, capped, before the next attempt is even looked at;
+the cap is what keeps an attacker from locking an owner out for good. A quiet period
+(``reset_after``) forgets old failures, and a successful sign-in resets the account.
+
+A sign-in does, in order::
+
+    await throttle.check(session, keys, clock)          # 429 while any key waits
+    ok, new_hash = await hasher.verify(password, stored_hash)
+    if not ok:
+        await throttle.record_failure(runtime.db, keys, clock, abandon=session)
+        raise InvalidCredentials()
+    await throttle.record_success(session, account)
+
+Failures are written in a transaction of their own, because the request's transaction
+rolls back with the error answer and would take the count with it (see
+:func:`record_failure`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import case, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.identity.models import LoginThrottle
+from soko.platform.clock import Clock
+from soko.platform.db import Database
+from soko.platform.errors import RateLimited
+
+MAX_KEY_LENGTH = 128
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleRule:
+    """How many failures pass free, and how the wait grows after them."""
+
+    free_attempts: int
+    base_seconds: float
+    cap_seconds: float
+    # Failures older than this (since the key's last failure) are forgotten.
+    reset_after_seconds: float
+
+    def wait_after(self, failures: int) -> float:
+        """Seconds the key must wait after its ``failures``-th consecutive failure."""
+        excess = failures - self.free_attempts
+        if excess <= 0:
+            return 0.0
+        # Bounded exponent: 2**1000 would still be a float, but 2**10000 overflows.
+        return float(min(self.base_seconds * 2 ** min(excess - 1, 64), self.cap_seconds))
+
+
+# An account gets three free tries, then waits 1 s, 2 s, 4 s... up to 15 minutes: an
+# owner who mistypes is barely slowed, a guesser gets a few tries an hour.
+ACCOUNT_RULE = ThrottleRule(
+    free_attempts=3, base_seconds=1.0, cap_seconds=15 * 60, reset_after_seconds=24 * 3600
+)
+# Many people share one address (carrier-grade NAT on mobile networks, cybercafés), so
+# an address gets far more free tries and forgets sooner; it still stops one machine
+# from trying a password against thousands of accounts.
+IP_RULE = ThrottleRule(
+    free_attempts=20, base_seconds=1.0, cap_seconds=15 * 60, reset_after_seconds=3600
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleKey:
+    key: str
+    rule: ThrottleRule
+
+
+@dataclass(frozen=True, slots=True)
+class FailureCount:
+    """A key's state after a recorded failure."""
+
+    key: str
+    failures: int
+    blocked_until: dt.datetime | None
+
+
+def account_key(identifier_index: str, rule: ThrottleRule = ACCOUNT_RULE) -> ThrottleKey:
+    """The key of the account an identifier names.
+
+    Pass the blind index of the canonical identifier (email or phone) that was typed,
+    not the user id: it exists whether or not the account does, so unknown and known
+    accounts are throttled alike and the throttle reveals nothing about who signed up."""
+    return ThrottleKey(_bounded(f"account:{identifier_index}"), rule)
+
+
+def ip_key(address: str, rule: ThrottleRule = IP_RULE) -> ThrottleKey:
+    """The key of a client address. IPv6 clients are counted per /64, the block one
+    subscriber usually holds, so rotating through it gains nothing."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return ThrottleKey(_bounded(f"ip:{address}"), rule)
+    if isinstance(parsed, ipaddress.IPv6Address):
+        mapped = parsed.ipv4_mapped
+        if mapped is not None:
+            return ThrottleKey(f"ip:{mapped}", rule)
+        network = ipaddress.IPv6Network((parsed, 64), strict=False)
+        return ThrottleKey(f"ip:{network}", rule)
+    return ThrottleKey(f"ip:{parsed}", rule)
+
+
+def _bounded(key: str) -> str:
+    return key[:MAX_KEY_LENGTH]
+
+
+async def check(session: AsyncSession, keys: Sequence[ThrottleKey], clock: Clock) -> None:
+    """Raise :class:`RateLimited` (429 with ``Retry-After``) while any key must wait.
+
+    Call before looking at the password, so attempts during a wait are neither
+    verified nor counted."""
+    if not keys:
+        return
+    now = clock.now()
+    result = await session.execute(
+        select(LoginThrottle.blocked_until).where(
+            LoginThrottle.key.in_([key.key for key in keys]),
+            LoginThrottle.blocked_until > now,
+        )
+    )
+    waits = [until for until in result.scalars() if until is not None]
+    if not waits:
+        return
+    seconds = max(1, math.ceil((max(waits) - now).total_seconds()))
+    raise RateLimited(
+        f"Too many failed sign-in attempts; try again in {seconds} seconds.",
+        headers={"Retry-After": str(seconds)},
+        retry_after=seconds,
+    )
+
+
+async def record_failure(
+    db: Database,
+    keys: Sequence[ThrottleKey],
+    clock: Clock,
+    *,
+    abandon: AsyncSession | None = None,
+) -> list[FailureCount]:
+    """Count one failed sign-in against every key, in a transaction of its own.
+
+    The request's transaction rolls back when the request answers an error, so a count
+    written there would vanish with it; this one commits before the error is raised.
+    The increment is one ``INSERT ... ON CONFLICT DO UPDATE`` per key, so concurrent
+    failures are each counted (PostgreSQL locks the row; SQLite has one writer).
+
+    ``abandon`` is the request's session, rolled back first: its work is discarded with
+    the error answer anyway, and on SQLite it may hold the database's write lock, which
+    this second transaction would otherwise wait on until the busy timeout."""
+    if abandon is not None:
+        await abandon.rollback()
+    now = clock.now()
+    counts = []
+    async with db.transaction() as session:
+        # One order for every caller, so two failures locking the same rows on
+        # PostgreSQL cannot deadlock.
+        for key in sorted(keys, key=lambda item: item.key):
+            counts.append(await _count_failure(session, db.dialect, key, now))
+    return counts
+
+
+async def _count_failure(
+    session: AsyncSession, dialect: str, key: ThrottleKey, now: dt.datetime
+) -> FailureCount:
+    stale_before = now - dt.timedelta(seconds=key.rule.reset_after_seconds)
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    values = insert(LoginThrottle).values(
+        key=key.key, failures=1, blocked_until=None, updated_at=now
+    )
+    upsert = values.on_conflict_do_update(
+        index_elements=[LoginThrottle.key],
+        set_={
+            "failures": case(
+                (LoginThrottle.updated_at < stale_before, 1),
+                else_=LoginThrottle.failures + 1,
+            ),
+            "updated_at": now,
+        },
+    ).returning(LoginThrottle.failures)
+    failures = int((await session.execute(upsert)).scalar_one())
+    wait = key.rule.wait_after(failures)
+    blocked_until = now + dt.timedelta(seconds=wait) if wait > 0 else None
+    # The upsert holds the row (PostgreSQL's row lock, SQLite's write lock) until commit,
+    # so no other failure runs between the two statements.
+    await session.execute(
+        update(LoginThrottle)
+        .where(LoginThrottle.key == key.key)
+        .values(blocked_until=blocked_until)
+    )
+    return FailureCount(key=key.key, failures=failures, blocked_until=blocked_until)
+
+
+async def record_success(session: AsyncSession, key: ThrottleKey) -> None:
+    """Forget an account's failures after a successful sign-in, in the request's
+    transaction (it commits with the sign-in). Address keys are left alone: one good
+    password from an address says nothing about the other attempts made from it."""
+    await session.execute(delete(LoginThrottle).where(LoginThrottle.key == key.key))
+
+
+async def forget_stale(session: AsyncSession, clock: Clock, *, older_than: float) -> int:
+    """Delete rows whose last failure is older than ``older_than`` seconds and that no
+    longer make anyone wait; for a daily job. Returns how many went."""
+    now = clock.now()
+    result = await session.execute(
+        delete(LoginThrottle).where(
+            LoginThrottle.updated_at < now - dt.timedelta(seconds=older_than),
+            (LoginThrottle.blocked_until.is_(None)) | (LoginThrottle.blocked_until <= now),
+        )
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
