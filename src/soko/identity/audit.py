@@ -1,0 +1,340 @@
+"""The audit log: an append-only, hash-chained record of security and admin events.
+
+Each event carries a ``seq`` (1, 2, 3...) and a SHA-256 ``hash`` over its canonical form
+and the previous event's hash (64 zeros before the first). Editing any field, deleting
+or reordering an event breaks the chain at that event, which :func:`verify_audit_chain`
+reports. Deleting the newest events (truncating the tail) leaves a valid shorter chain;
+the report names the head (last seq and hash) so an operator can compare it with one
+recorded elsewhere earlier.
+
+Appends are serialized so the chain never forks: on PostgreSQL a transaction-scoped
+advisory lock is taken before the last event is read; on SQLite every writing
+transaction starts with ``BEGIN IMMEDIATE``, which already admits one writer at a time.
+Either way the lock is held until the caller's transaction ends, so record events late
+in a transaction, after the slow work. The primary key on ``seq`` refuses a duplicate
+should anything slip through.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.identity.models import AuditEvent
+from soko.platform.clock import Clock, ensure_utc
+from soko.platform.ids import uuid7
+from soko.platform.logging import REDACTED, mask_field
+
+GENESIS_HASH = "0" * 64
+# A fixed key for pg_advisory_xact_lock: the first 8 bytes of SHA-256("soko.audit_events"),
+# as a signed 64-bit integer. Any constant works as long as nothing else uses it.
+AUDIT_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"soko.audit_events").digest()[:8], "big", signed=True
+)
+VERIFY_BATCH_SIZE = 2000
+
+_CHAIN_COLUMNS = (
+    AuditEvent.seq,
+    AuditEvent.id,
+    AuditEvent.occurred_at,
+    AuditEvent.action,
+    AuditEvent.actor_id,
+    AuditEvent.target_type,
+    AuditEvent.target_id,
+    AuditEvent.ip,
+    AuditEvent.request_id,
+    AuditEvent.data,
+    AuditEvent.prev_hash,
+    AuditEvent.hash,
+)
+
+
+# -- the canonical form ----------------------------------------------------------------
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` as plain JSON types, so what is hashed is exactly what the database
+    hands back later (a UUID or datetime would come back as a string)."""
+    if isinstance(value, Mapping):
+        return {str(key): _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_json_ready(item) for item in value]
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("audit data cannot hold NaN or infinity")
+        return float(value)
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        return _iso(value)
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    return str(value)
+
+
+# Keys naming a code that is not a secret; any other ``*_code``/``*_codes`` key is
+# redacted (recovery codes, one-time codes), beyond what the log mask already hides.
+_PLAIN_CODE_KEYS = frozenset(
+    {
+        "status_code",
+        "error_code",
+        "reason_code",
+        "country_code",
+        "currency_code",
+        "language_code",
+        "postal_code",
+        "zip_code",
+    }
+)
+
+
+def _is_secret_key(key: str) -> bool:
+    if mask_field(key, "probe") == REDACTED:
+        return True
+    lowered = key.lower().replace("-", "_")
+    if lowered in _PLAIN_CODE_KEYS:
+        return False
+    return lowered.endswith(("code", "codes"))
+
+
+def _mask_entry(key: str, value: Any) -> Any:
+    if _is_secret_key(key):
+        return REDACTED
+    if isinstance(value, dict):
+        return {name: _mask_entry(name, item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_mask_entry(key, item) for item in value]
+    return mask_field(key, value)
+
+
+def mask_audit_data(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``data`` as it is stored: secrets (passwords, tokens, codes, keys) redacted,
+    emails and phone numbers reduced to what a log line shows, in plain JSON types."""
+    if not data:
+        return {}
+    ready: dict[str, Any] = _json_ready(data)
+    return {key: _mask_entry(key, value) for key, value in ready.items()}
+
+
+def _iso(moment: dt.datetime) -> str:
+    return ensure_utc(moment).isoformat(timespec="microseconds")
+
+
+def event_hash(
+    *,
+    seq: int,
+    id: uuid.UUID,
+    occurred_at: dt.datetime,
+    action: str,
+    actor_id: uuid.UUID | None,
+    target_type: str | None,
+    target_id: str | None,
+    ip: str | None,
+    request_id: str | None,
+    data: Any,
+    prev_hash: str,
+) -> str:
+    """The SHA-256 (hex) of one event's canonical JSON, chained to ``prev_hash``."""
+    canonical = {
+        "seq": seq,
+        "id": str(id),
+        "occurred_at": _iso(occurred_at),
+        "action": action,
+        "actor_id": str(actor_id) if actor_id is not None else None,
+        "target_type": target_type,
+        "target_id": target_id,
+        "ip": ip,
+        "request_id": request_id,
+        "data": data,
+        "prev_hash": prev_hash,
+    }
+    encoded = json.dumps(
+        canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+    return hashlib.sha256(encoded).hexdigest()
+
+
+# -- appending -------------------------------------------------------------------------
+
+
+async def _lock_chain(session: AsyncSession) -> None:
+    bind = session.get_bind()
+    if bind.dialect.name == "postgresql":
+        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_LOCK_KEY})
+    # SQLite: the session's BEGIN IMMEDIATE holds the database's single write lock.
+
+
+async def record_audit_event(
+    session: AsyncSession,
+    *,
+    action: str,
+    actor_id: uuid.UUID | None = None,
+    target_type: str | None = None,
+    target_id: str | uuid.UUID | None = None,
+    ip: str | None = None,
+    request_id: str | None = None,
+    data: Mapping[str, Any] | None = None,
+    clock: Clock,
+) -> AuditEvent:
+    """Append one event to the audit log in the caller's transaction.
+
+    ``action`` is a dotted name (``auth.login_failed``, ``user.blocked``); ``actor_id``
+    who did it (``None`` for the anonymous or the system); ``target_type`` and
+    ``target_id`` what it was done to. ``data`` is masked before it is stored: never
+    rely on it to keep a secret, and never put one in. The event commits or rolls back
+    with the caller's transaction; until then it holds the audit log's append lock."""
+    await _lock_chain(session)
+    last = (
+        await session.execute(
+            select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+        )
+    ).first()
+    seq, prev_hash = (last.seq + 1, last.hash) if last is not None else (1, GENESIS_HASH)
+    event = AuditEvent(
+        seq=seq,
+        id=uuid7(),
+        occurred_at=ensure_utc(clock.now()),
+        action=action,
+        actor_id=actor_id,
+        target_type=target_type,
+        target_id=str(target_id) if target_id is not None else None,
+        ip=ip,
+        request_id=request_id,
+        data=mask_audit_data(data),
+        prev_hash=prev_hash,
+    )
+    event.hash = event_hash(
+        seq=event.seq,
+        id=event.id,
+        occurred_at=event.occurred_at,
+        action=event.action,
+        actor_id=event.actor_id,
+        target_type=event.target_type,
+        target_id=event.target_id,
+        ip=event.ip,
+        request_id=event.request_id,
+        data=event.data,
+        prev_hash=event.prev_hash,
+    )
+    session.add(event)
+    # Flushed now so a second event in the same transaction reads this one as the last.
+    await session.flush()
+    return event
+
+
+# -- verifying -------------------------------------------------------------------------
+
+
+class ChainBreak(StrEnum):
+    gap = "gap"  # an event is missing (deleted) or out of place
+    prev_hash_mismatch = "prev_hash_mismatch"  # linked to something other than its predecessor
+    hash_mismatch = "hash_mismatch"  # its content no longer matches its hash
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    """What :func:`verify_audit_chain` found.
+
+    ``checked`` counts the events verified intact before the first break (all of them
+    when ``ok``). ``broken_seq`` is the first seq at which the chain fails: for a gap,
+    the first missing seq. ``last_seq``/``last_hash`` are the head of the intact part."""
+
+    ok: bool
+    checked: int
+    broken_seq: int | None = None
+    reason: ChainBreak | None = None
+    detail: str = ""
+    last_seq: int | None = None
+    last_hash: str | None = None
+
+
+async def audit_chain_length(session: AsyncSession) -> int:
+    """The highest seq: what a full verification walks through (cheap: the primary key)."""
+    value = (await session.execute(select(func.max(AuditEvent.seq)))).scalar_one_or_none()
+    return int(value or 0)
+
+
+async def verify_audit_chain(
+    session: AsyncSession,
+    *,
+    batch_size: int = VERIFY_BATCH_SIZE,
+    on_progress: Callable[[int], None] | None = None,
+) -> ChainReport:
+    """Walk the whole chain in ``seq`` order, ``batch_size`` events at a time, and report
+    the first break. Plain rows, not ORM objects: a million events never sit in memory
+    together. ``on_progress`` is called with the count checked after each batch."""
+    expected_seq = 1
+    prev_hash = GENESIS_HASH
+    checked = 0
+    last_seq: int | None = None
+    while True:
+        batch = select(*_CHAIN_COLUMNS).order_by(AuditEvent.seq).limit(batch_size)
+        if last_seq is not None:
+            batch = batch.where(AuditEvent.seq > last_seq)
+        rows = (await session.execute(batch)).all()
+        if not rows:
+            break
+        for row in rows:
+            broken = _check(row, expected_seq, prev_hash)
+            if broken is not None:
+                reason, detail = broken
+                return ChainReport(
+                    ok=False,
+                    checked=checked,
+                    broken_seq=expected_seq if reason is ChainBreak.gap else row.seq,
+                    reason=reason,
+                    detail=detail,
+                    last_seq=last_seq,
+                    last_hash=prev_hash if last_seq is not None else None,
+                )
+            checked += 1
+            last_seq = row.seq
+            prev_hash = row.hash
+            expected_seq = row.seq + 1
+        if on_progress is not None:
+            on_progress(checked)
+        if len(rows) < batch_size:
+            break
+    return ChainReport(
+        ok=True,
+        checked=checked,
+        last_seq=last_seq,
+        last_hash=prev_hash if last_seq is not None else None,
+    )
+
+
+def _check(row: Any, expected_seq: int, prev_hash: str) -> tuple[ChainBreak, str] | None:
+    if row.seq != expected_seq:
+        return ChainBreak.gap, f"expected seq {expected_seq}, found {row.seq}"
+    if row.prev_hash != prev_hash:
+        return ChainBreak.prev_hash_mismatch, (
+            "its prev_hash is not the hash of the event before it"
+        )
+    computed = event_hash(
+        seq=row.seq,
+        id=row.id,
+        occurred_at=row.occurred_at,
+        action=row.action,
+        actor_id=row.actor_id,
+        target_type=row.target_type,
+        target_id=row.target_id,
+        ip=row.ip,
+        request_id=row.request_id,
+        data=row.data,
+        prev_hash=row.prev_hash,
+    )
+    if computed != row.hash:
+        return ChainBreak.hash_mismatch, "its content does not match its hash"
+    return None
