@@ -26,6 +26,15 @@ app = typer.Typer(
 migrate_app = typer.Typer(help="Apply and author database migrations.", no_args_is_help=True)
 app.add_typer(migrate_app, name="migrate")
 
+
+def _mount_domain_commands() -> None:
+    from soko.identity.cli import audit_app
+
+    app.add_typer(audit_app, name="audit")
+
+
+_mount_domain_commands()
+
 # Soft wrap: a problem line stays one line when the output is a pipe or a log file,
 # instead of being cut at 80 columns.
 err = Console(stderr=True, soft_wrap=True)

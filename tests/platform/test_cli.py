@@ -51,7 +51,7 @@ def _soko(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedPro
 def test_help_lists_every_command(workdir: Path) -> None:
     result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
-    for command in ("serve", "worker", "migrate", "check-config", "version"):
+    for command in ("serve", "worker", "migrate", "check-config", "version", "audit"):
         assert command in result.output
 
 

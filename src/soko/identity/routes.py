@@ -12,10 +12,12 @@ from soko.identity import (
     routes_me,
     routes_mfa,
     routes_oidc,
+    routes_otp,
 )
 
 router = APIRouter()
 router.include_router(routes_auth.router, prefix="/auth", tags=["sign-in"])
+router.include_router(routes_otp.router, prefix="/auth/otp", tags=["sign-in"])
 router.include_router(routes_oidc.router, prefix="/auth/oidc", tags=["sign-in"])
 router.include_router(routes_me.router, prefix="/me", tags=["account"])
 router.include_router(routes_mfa.router, prefix="/me/mfa", tags=["account"])

@@ -286,7 +286,7 @@ async def _record_reuse(
         target_type="session",
         target_id=str(auth_session.id),
         ip=device.ip,
-        data={"session_id": str(auth_session.id)},
+        data={"auth_session": str(auth_session.id), "device": device.device_name},
         clock=runtime.clock,
     )
 
