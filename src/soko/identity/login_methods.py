@@ -1,0 +1,150 @@
+"""Login methods and MFA requirements: runtime settings an admin changes without a restart.
+
+They live in ``identity_settings`` rows and are read from the database in the caller's
+own transaction, so a change is seen by every process at its next sign-in, and a
+sign-in never sees half a change. Each method is its own row (``login_method:<name>``),
+so two admins switching different methods at once cannot undo each other; the roles
+that require MFA are one row replaced as a whole.
+
+Social providers are ``oidc:<provider>`` and start switched off: configuring a provider
+makes it available, an admin turning it on makes it live.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.identity.models import IdentitySetting, Role
+
+PASSWORD = "password"
+SMS_CODE = "sms_code"
+OIDC_PREFIX = "oidc:"
+
+DEFAULT_LOGIN_METHODS: Mapping[str, bool] = {
+    PASSWORD: True,
+    SMS_CODE: True,
+    "oidc:google": False,
+    "oidc:apple": False,
+}
+METHOD_KEY_PREFIX = "login_method:"
+MFA_REQUIRED_ROLES_KEY = "mfa_required_roles"
+# Provider names as the OIDC configuration spells them.
+_OIDC_METHOD = re.compile(r"^oidc:[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+def oidc_method(provider: str) -> str:
+    """The login method name of a social provider (``oidc:google``)."""
+    return f"{OIDC_PREFIX}{provider}"
+
+
+def is_known_method(name: str) -> bool:
+    return name in DEFAULT_LOGIN_METHODS or bool(_OIDC_METHOD.match(name))
+
+
+@dataclass(frozen=True, slots=True)
+class LoginSettings:
+    methods: dict[str, bool]
+    mfa_required_roles: frozenset[str]
+
+
+async def login_method_enabled(session: AsyncSession, name: str) -> bool:
+    """Whether sign-in by ``name`` (``password``, ``sms_code``, ``oidc:<provider>``) is on.
+    A method nobody has set has its default: password and SMS on, social providers off."""
+    if not is_known_method(name):
+        return False
+    value = await session.scalar(
+        select(IdentitySetting.value).where(IdentitySetting.key == METHOD_KEY_PREFIX + name)
+    )
+    if isinstance(value, bool):
+        return value
+    return DEFAULT_LOGIN_METHODS.get(name, False)
+
+
+async def mfa_required_roles(session: AsyncSession) -> frozenset[str]:
+    """The roles whose members must sign in with a second factor."""
+    value = await session.scalar(
+        select(IdentitySetting.value).where(IdentitySetting.key == MFA_REQUIRED_ROLES_KEY)
+    )
+    if not isinstance(value, list):
+        return frozenset()
+    return frozenset(str(role) for role in value)
+
+
+async def login_settings(session: AsyncSession) -> LoginSettings:
+    """Every login method (defaults and any social provider ever set) and the MFA rule."""
+    stored = await _stored_all(session)
+    methods = dict(DEFAULT_LOGIN_METHODS)
+    for key, value in stored.items():
+        if key.startswith(METHOD_KEY_PREFIX) and isinstance(value, bool):
+            methods[key.removeprefix(METHOD_KEY_PREFIX)] = value
+    roles = stored.get(MFA_REQUIRED_ROLES_KEY)
+    return LoginSettings(
+        methods=dict(sorted(methods.items())),
+        mfa_required_roles=frozenset(roles) if isinstance(roles, list) else frozenset(),
+    )
+
+
+async def _stored_all(session: AsyncSession) -> dict[str, Any]:
+    rows = await session.execute(
+        select(IdentitySetting.key, IdentitySetting.value).where(
+            IdentitySetting.key.startswith(METHOD_KEY_PREFIX)
+            | (IdentitySetting.key == MFA_REQUIRED_ROLES_KEY)
+        )
+    )
+    return {row.key: row.value for row in rows}
+
+
+async def _put(
+    session: AsyncSession, key: str, value: Any, *, now: dt.datetime, by: uuid.UUID | None
+) -> None:
+    # An upsert, so two first writes of the same setting cannot collide on the key.
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(IdentitySetting).values(key=key, value=value, updated_at=now, updated_by=by)
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[IdentitySetting.key],
+            set_={"value": value, "updated_at": now, "updated_by": by},
+        )
+    )
+
+
+def _unknown(values: Iterable[str], valid: Any) -> list[str]:
+    return sorted(value for value in values if not valid(value))
+
+
+async def change_login_settings(
+    session: AsyncSession,
+    *,
+    methods: Mapping[str, bool] | None = None,
+    mfa_required_roles: Iterable[str] | None = None,
+    now: dt.datetime,
+    changed_by: uuid.UUID | None,
+) -> LoginSettings:
+    """Switch the named ``methods`` on or off (others keep their setting) and, when given,
+    replace the roles that require MFA. Raises ``ValueError`` naming unknown methods or
+    roles; callers answer it as a validation problem."""
+    if methods:
+        unknown = _unknown(methods, is_known_method)
+        if unknown:
+            raise ValueError(f"unknown login methods: {', '.join(unknown)}")
+    roles: list[str] | None = None
+    if mfa_required_roles is not None:
+        roles = sorted(set(mfa_required_roles))
+        unknown = _unknown(roles, lambda role: role in Role.__members__)
+        if unknown:
+            raise ValueError(f"unknown roles: {', '.join(unknown)}")
+    for name, enabled in sorted((methods or {}).items()):
+        await _put(session, METHOD_KEY_PREFIX + name, bool(enabled), now=now, by=changed_by)
+    if roles is not None:
+        await _put(session, MFA_REQUIRED_ROLES_KEY, roles, now=now, by=changed_by)
+    return await login_settings(session)
