@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -13,7 +15,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from joserfc import jwt
 from joserfc.jwk import ECKey
+from sqlalchemy import select, update
 
+from soko.identity.accounts import create_user, normalize_email
+from soko.identity.login_methods import change_login_settings
+from soko.identity.models import AuditEvent, AuthSession, ExternalIdentity, User, UserStatus
 from soko.identity.oidc import (
     APPLE_ISSUER,
     AUTHORIZATION_TTL,
@@ -30,8 +36,11 @@ from soko.identity.oidc import (
     remember_authorization,
     take_authorization,
 )
+from soko.identity.routes_oidc import oidc_providers
 from soko.platform.cache import MemoryCache, RedisCache
 from soko.platform.clock import ManualClock
+from soko.platform.runtime import Runtime
+from tests.identity.mfa_support import VERIFY, audit_actions, code_now, enable_mfa, make_holder
 from tests.identity.oidc_provider import LocalOidcProvider, RegisteredClient
 
 ISSUER = "http://oidc.test"
@@ -791,3 +800,389 @@ async def test_unknown_state_is_refused(clock: ManualClock) -> None:
     for state in ["", "made-up", "x" * 600]:
         with pytest.raises(OidcError):
             await take_authorization(cache, state, provider="local", clock=clock)
+
+
+# -- the routes: start, callback, linking ---------------------------------------------
+
+START = "/api/v1/auth/oidc/local/start"
+CALLBACK = "/api/v1/auth/oidc/local/callback"
+
+
+@pytest.fixture
+async def oidc_app(
+    app: Any, runtime: Runtime, provider: LocalOidcProvider
+) -> AsyncIterator[OidcProviders]:
+    """The app signing in through the local provider, with ``oidc:local`` switched on."""
+    registry = OidcProviders.from_config(
+        {"local": _local_config()},
+        clock=runtime.clock,
+        allow_http=True,
+        transport=httpx2.ASGITransport(app=provider.app),
+    )
+    app.dependency_overrides[oidc_providers] = lambda: registry
+    async with runtime.db.transaction() as session:
+        await change_login_settings(
+            session, methods={"oidc:local": True}, now=runtime.clock.now(), changed_by=None
+        )
+    yield registry
+    app.dependency_overrides.pop(oidc_providers, None)
+    await registry.aclose()
+
+
+async def _route_sign_in(
+    client: httpx2.AsyncClient, provider: LocalOidcProvider, **extra: Any
+) -> httpx2.Response:
+    started = await client.get(START)
+    assert started.status_code == 200, started.text
+    assert started.headers["cache-control"] == "no-store"
+    answer = await _authorize(provider, started.json()["authorization_url"])
+    assert answer["state"] == started.json()["state"]
+    return await client.post(
+        CALLBACK, json={"code": answer["code"], "state": answer["state"], **extra}
+    )
+
+
+async def _user(runtime: Runtime, user_id: str) -> User:
+    async with runtime.db.transaction(read_only=True) as session:
+        user = await session.get(User, uuid.UUID(user_id))
+        assert user is not None
+        return user
+
+
+async def _links(runtime: Runtime) -> list[tuple[uuid.UUID, str, str]]:
+    async with runtime.db.transaction(read_only=True) as session:
+        rows = await session.execute(
+            select(
+                ExternalIdentity.user_id, ExternalIdentity.provider, ExternalIdentity.subject
+            ).order_by(ExternalIdentity.created_at)
+        )
+        return [tuple(row) for row in rows]  # type: ignore[misc]
+
+
+async def _session_methods(runtime: Runtime, user_id: str) -> list[str]:
+    async with runtime.db.transaction(read_only=True) as session:
+        rows = await session.scalars(
+            select(AuthSession.method).where(AuthSession.user_id == uuid.UUID(user_id))
+        )
+        return list(rows)
+
+
+async def _existing_user(runtime: Runtime, email: str, *, verified: bool) -> uuid.UUID:
+    async with runtime.db.transaction() as session:
+        user = await create_user(
+            session,
+            runtime.data_keys,
+            now=runtime.clock.now(),
+            email=normalize_email(email),
+            display_name="Amina (password)",
+            email_verified=verified,
+        )
+        return user.id
+
+
+async def test_route_sign_in_creates_an_account_with_the_verified_email(
+    client: httpx2.AsyncClient,
+    oidc_app: OidcProviders,
+    provider: LocalOidcProvider,
+    runtime: Runtime,
+) -> None:
+    answer = await _route_sign_in(client, provider)
+
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["token_type"] == "Bearer" and body["refresh_token"]
+    me = await client.get("/api/v1/me", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert me.status_code == 200, me.text
+    assert me.json()["email"] == "amina@example.org"
+    assert me.json()["email_verified"] is True
+    assert me.json()["display_name"] == "Amina Njeri"
+    assert await _links(runtime) == [(uuid.UUID(body["user_id"]), "local", "user-1234")]
+    assert await _session_methods(runtime, body["user_id"]) == ["oidc:local"]
+    refreshed = await client.post(
+        "/api/v1/auth/refresh", json={"refresh_token": body["refresh_token"]}
+    )
+    assert refreshed.status_code == 200, refreshed.text
+
+
+async def test_route_second_sign_in_follows_the_link_not_the_email(
+    client: httpx2.AsyncClient, oidc_app: OidcProviders, provider: LocalOidcProvider
+) -> None:
+    first = (await _route_sign_in(client, provider)).json()
+    provider.user.email = "amina.new@example.org"
+
+    second = await _route_sign_in(client, provider)
+
+    assert second.status_code == 200, second.text
+    assert second.json()["user_id"] == first["user_id"]
+    assert second.json()["session_id"] != first["session_id"]
+
+
+async def test_route_verified_email_links_the_existing_account(
+    client: httpx2.AsyncClient,
+    oidc_app: OidcProviders,
+    provider: LocalOidcProvider,
+    runtime: Runtime,
+) -> None:
+    existing = await _existing_user(runtime, "Amina@Example.org", verified=True)
+
+    answer = await _route_sign_in(client, provider)
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["user_id"] == str(existing)
+    assert await _links(runtime) == [(existing, "local", "user-1234")]
+    actions = [action for action, _ in await audit_actions(runtime, existing)]
+    assert "auth.oidc_linked" in actions and actions[-1] == "auth.login"
+
+
+async def test_route_unverified_email_never_links_and_is_not_kept(
+    client: httpx2.AsyncClient,
+    oidc_app: OidcProviders,
+    provider: LocalOidcProvider,
+    runtime: Runtime,
+) -> None:
+    existing = await _existing_user(runtime, "amina@example.org", verified=True)
+    provider.user.email_verified = False
+
+    answer = await _route_sign_in(client, provider)
+
+    assert answer.status_code == 200, answer.text
+    created = answer.json()["user_id"]
+    assert created != str(existing)
+    user = await _user(runtime, created)
+    assert (user.email_ciphertext, user.email_index, user.email_verified_at) == (None, None, None)
+    assert await _links(runtime) == [(uuid.UUID(created), "local", "user-1234")]
+
+
+async def test_route_apple_style_string_true_links_like_a_boolean(
+    client: httpx2.AsyncClient,
+    oidc_app: OidcProviders,
+    provider: LocalOidcProvider,
+    runtime: Runtime,
+) -> None:
+    existing = await _existing_user(runtime, "amina@example.org", verified=True)
+    provider.user.email_verified = "true"
+    answer = await _route_sign_in(client, provider)
+    assert answer.json()["user_id"] == str(existing)
+
+
+async def test_route_refuses_to_link_an_account_whose_email_is_unverified(
+    client: httpx2.AsyncClient,
+    oidc_app: OidcProviders,
+    provider: LocalOidcProvider,
+    runtime: Runtime,
+) -> None:
+    # Someone registered the address without proving it: linking would hand the owner's
+    # provider sign-in to whoever knows that account's password.
+    await _existing_user(runtime, "amina@example.org", verified=False)
+
+    answer = await _route_sign_in(client, provider)
+
+    assert answer.status_code == 400
+    assert answer.json()["type"] == "/problems/oidc-failed"
+    assert await _links(runtime) == []
+
+
+async def test_route_refuses_a_second_provider_user_with_the_same_email(
+    client: httpx2.AsyncClient,
+    oidc_app: OidcProviders,
+    provider: LocalOidcProvider,
+    runtime: Runtime,
+) -> None:
+    first = (await _route_sign_in(client, provider)).json()
+    provider.user.subject = "user-recycled-address"
+
+    answer = await _route_sign_in(client, provider)
+
+    assert answer.status_code == 400
+    assert answer.json()["type"] == "/problems/oidc-failed"
+    assert await _links(runtime) == [(uuid.UUID(first["user_id"]), "local", "user-1234")]
+
+
+async def test_route_new_account_takes_the_app_supplied_name_when_the_token_has_none(
+    client: httpx2.AsyncClient,
+    oidc_app: OidcProviders,
+    provider: LocalOidcProvider,
+    runtime: Runtime,
+) -> None:
+    provider.user.name = None
+    answer = await _route_sign_in(client, provider, display_name="Amina N.")
+    assert (await _user(runtime, answer.json()["user_id"])).display_name == "Amina N."
+
+
+async def test_route_state_is_single_use(
+    client: httpx2.AsyncClient, oidc_app: OidcProviders, provider: LocalOidcProvider
+) -> None:
+    started = (await client.get(START)).json()
+    answer = await _authorize(provider, started["authorization_url"])
+    first = await client.post(CALLBACK, json={"code": answer["code"], "state": answer["state"]})
+    assert first.status_code == 200, first.text
+
+    again = await client.post(CALLBACK, json={"code": answer["code"], "state": answer["state"]})
+
+    assert again.status_code == 400
+    assert again.json()["type"] == "/problems/oidc-failed"
+
+
+async def test_route_made_up_state_is_refused_and_audited(
+    client: httpx2.AsyncClient,
+    oidc_app: OidcProviders,
+    provider: LocalOidcProvider,
+    runtime: Runtime,
+) -> None:
+    answer = await client.post(CALLBACK, json={"code": "abc", "state": "made-up"})
+
+    assert answer.status_code == 400
+    assert answer.json()["type"] == "/problems/oidc-failed"
+    assert provider.token_requests == 0
+    async with runtime.db.transaction(read_only=True) as session:
+        events = (
+            await session.scalars(
+                select(AuditEvent).where(AuditEvent.action == "auth.login_failed")
+            )
+        ).all()
+    assert [event.data for event in events] == [{"method": "oidc:local", "reason": "unknown_state"}]
+
+
+async def test_route_forged_id_token_is_refused(
+    client: httpx2.AsyncClient, oidc_app: OidcProviders, provider: LocalOidcProvider
+) -> None:
+    provider.forgery = "foreign-key"
+    answer = await _route_sign_in(client, provider)
+    assert answer.status_code == 400
+    assert answer.json()["type"] == "/problems/oidc-failed"
+    assert "signature" not in answer.text  # the reason is logged and audited, not told
+
+
+async def test_route_blocked_account_is_refused(
+    client: httpx2.AsyncClient,
+    oidc_app: OidcProviders,
+    provider: LocalOidcProvider,
+    runtime: Runtime,
+) -> None:
+    first = (await _route_sign_in(client, provider)).json()
+    async with runtime.db.transaction() as session:
+        await session.execute(
+            update(User)
+            .where(User.id == uuid.UUID(first["user_id"]))
+            .values(status=UserStatus.blocked.value)
+        )
+
+    answer = await _route_sign_in(client, provider)
+
+    assert answer.status_code == 403
+    assert answer.json()["type"] == "/problems/account-blocked"
+
+
+async def test_route_account_with_mfa_gets_a_challenge(
+    client: httpx2.AsyncClient,
+    oidc_app: OidcProviders,
+    provider: LocalOidcProvider,
+    runtime: Runtime,
+) -> None:
+    holder = await enable_mfa(
+        client, runtime, await make_holder(runtime, email="amina@example.org")
+    )
+
+    answer = await _route_sign_in(client, provider)
+
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["mfa_required"] is True
+    assert "access_token" not in answer.json()
+    verified = await client.post(
+        VERIFY,
+        json={
+            "challenge_token": answer.json()["challenge_token"],
+            "code": code_now(runtime, holder),
+        },
+    )
+    assert verified.status_code == 200, verified.text
+    assert verified.json()["user_id"] == str(holder.user_id)
+    assert "oidc:local" in await _session_methods(runtime, str(holder.user_id))
+
+
+async def test_route_switched_off_provider_is_refused(
+    client: httpx2.AsyncClient,
+    oidc_app: OidcProviders,
+    provider: LocalOidcProvider,
+    runtime: Runtime,
+) -> None:
+    started = (await client.get(START)).json()
+    async with runtime.db.transaction() as session:
+        await change_login_settings(
+            session, methods={"oidc:local": False}, now=runtime.clock.now(), changed_by=None
+        )
+
+    assert (await client.get(START)).json()["type"] == "/problems/login-method-disabled"
+    answer = await client.post(CALLBACK, json={"code": "abc", "state": started["state"]})
+    assert answer.status_code == 403
+    assert answer.json()["type"] == "/problems/login-method-disabled"
+
+
+async def test_route_unknown_provider_is_not_found(
+    client: httpx2.AsyncClient, oidc_app: OidcProviders
+) -> None:
+    answer = await client.get("/api/v1/auth/oidc/myspace/start")
+    assert answer.status_code == 404
+    assert answer.json()["type"] == "/problems/not-found"
+
+
+async def test_route_state_of_another_provider_is_refused(
+    client: httpx2.AsyncClient,
+    oidc_app: OidcProviders,
+    provider: LocalOidcProvider,
+    runtime: Runtime,
+) -> None:
+    authorization = await oidc_app.get("local").authorization()
+    await remember_authorization(
+        runtime.cache, dataclasses.replace(authorization, provider="apple")
+    )
+    answer = await client.post(CALLBACK, json={"code": "abc", "state": authorization.state})
+    assert answer.status_code == 400
+    assert provider.token_requests == 0
+
+
+async def test_route_redirect_uri_must_be_configured(
+    client: httpx2.AsyncClient, oidc_app: OidcProviders
+) -> None:
+    answer = await client.get(START, params={"redirect_uri": "https://evil.test/cb"})
+    assert answer.status_code == 422
+    assert answer.json()["type"] == "/problems/validation-error"
+
+
+async def test_route_unreachable_provider_is_503(
+    client: httpx2.AsyncClient, app: Any, runtime: Runtime, oidc_app: OidcProviders
+) -> None:
+    def refuse(request: httpx2.Request) -> httpx2.Response:
+        raise httpx2.ConnectError("connection refused", request=request)
+
+    down = OidcProviders.from_config(
+        {"local": _local_config()},
+        clock=runtime.clock,
+        allow_http=True,
+        transport=httpx2.MockTransport(refuse),
+    )
+    app.dependency_overrides[oidc_providers] = lambda: down
+    try:
+        answer = await client.get(START)
+    finally:
+        await down.aclose()
+    assert answer.status_code == 503
+    assert answer.json()["type"] == "/problems/service-unavailable"
+
+
+async def test_configured_providers_come_from_settings(runtime: Runtime, app: Any) -> None:
+    # Until Settings has the field, the registry is empty; once it has, it is parsed.
+    request = type("R", (), {"app": app})()
+    registry = oidc_providers(request)  # type: ignore[arg-type]
+    try:
+        assert oidc_providers(request) is registry  # type: ignore[arg-type]
+        expected = parse_oidc_providers(_raw_settings_value(runtime), allow_http=True)
+        assert registry.names() == sorted(expected)
+    finally:
+        await registry.aclose()
+        del app.state.oidc_providers
+
+
+def _raw_settings_value(runtime: Runtime) -> str:
+    raw = getattr(runtime.settings, "oidc_providers", "")
+    return raw.get_secret_value() if hasattr(raw, "get_secret_value") else str(raw or "")

@@ -85,7 +85,8 @@ HTTP_TIMEOUT_SECONDS: Final = 10.0
 
 _REFUSED_HEADERS: Final = frozenset({"jwk", "jku", "x5u", "x5c", "crit", "b64"})
 _KEY_TYPES: Final = {"RS256": "RSA", "ES256": "EC"}
-_PROVIDER_NAME: Final = re.compile(r"[a-z][a-z0-9-]{0,31}")
+# A session records its method as "oidc:<name>" in 32 characters.
+_PROVIDER_NAME: Final = re.compile(r"[a-z][a-z0-9-]{0,26}")
 # Parameters the adapter sets itself; a configuration may not override them.
 _RESERVED_AUTHORIZE_PARAMS: Final = frozenset(
     {
@@ -197,7 +198,7 @@ class OidcProviderConfig(BaseModel):
     @classmethod
     def _name(cls, value: str) -> str:
         if not _PROVIDER_NAME.fullmatch(value):
-            raise ValueError("must be lowercase letters, digits and dashes (at most 32)")
+            raise ValueError("must be lowercase letters, digits and dashes (at most 27)")
         return value
 
     @field_validator("scopes")
