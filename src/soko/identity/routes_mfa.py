@@ -1,9 +1,239 @@
-"""Identity routes: mfa."""
+"""Two-factor sign-in: the account holder's authenticator and recovery codes (under
+``/api/v1/me/mfa``) and completing a sign-in's challenge (``/api/v1/auth/mfa/verify``)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Self
+
+from fastapi import APIRouter, Depends, Request, Response, status
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from soko.identity import mfa
+from soko.identity.models import User, UserStatus
+from soko.identity.permissions import ACCOUNT_SELF
+from soko.identity.schemas import TokenPairOut
+from soko.identity.sessions import DeviceFacts
+from soko.platform.auth import Principal, public, require
+from soko.platform.errors import Forbidden, Unauthorized, problem_responses
+from soko.platform.http import client_ip
+from soko.platform.ratelimit import rate_limit
+from soko.platform.runtime import Runtime, RuntimeDep, SessionDep
 
 router = APIRouter()
 # Completing a sign-in that needs a second factor: mounted under /api/v1/auth/mfa.
 challenge_router = APIRouter()
+
+Me = Annotated[Principal, require(ACCOUNT_SELF)]
+
+TotpCode = Annotated[str, Field(min_length=1, max_length=16, examples=["123456"])]
+RecoveryCodeText = Annotated[str, Field(min_length=1, max_length=32, examples=["abcde-fghij"])]
+
+
+# -- shapes -----------------------------------------------------------------------------
+
+
+class TotpEnrollmentOut(BaseModel):
+    """A new authenticator secret: enter ``secret`` or scan ``otpauth_uri`` (as a QR
+    code), then confirm with the first code the app shows. Shown once."""
+
+    secret: str = Field(description="Base32, for typing into an authenticator app")
+    otpauth_uri: str
+    confirmed: bool = False
+
+
+class CodeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: TotpCode = Field(description="The 6-digit code the authenticator app shows now")
+
+
+class ProofIn(BaseModel):
+    """A fresh authenticator code or one unused recovery code (exactly one of them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: TotpCode | None = None
+    recovery_code: RecoveryCodeText | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.code is None) == (self.recovery_code is None):
+            raise ValueError("send either code or recovery_code")
+        return self
+
+
+class ChallengeAnswerIn(ProofIn):
+    challenge_token: str = Field(min_length=1, max_length=128)
+
+
+class RecoveryCodesOut(BaseModel):
+    """Ten single-use codes for signing in without the authenticator. Shown only now:
+    store them somewhere safe."""
+
+    recovery_codes: list[str]
+
+
+class MfaStatusOut(BaseModel):
+    totp_enabled: bool
+    enrollment_pending: bool
+    recovery_codes_left: int
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _device(request: Request, runtime: Runtime) -> DeviceFacts:
+    return DeviceFacts(
+        user_agent=request.headers.get("user-agent", ""),
+        ip=client_ip(request.scope, runtime.settings.trusted_proxies),
+    )
+
+
+def _request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "") or "")
+
+
+async def _account_holder(session: SessionDep, principal: Me) -> User:
+    # An API key acts for a server, not for the person holding the phone: the second
+    # factor is managed from a signed-in session only.
+    if principal.session_id is None:
+        raise Forbidden("Manage two-factor sign-in from a signed-in session, not an API key.")
+    user = await session.get(User, principal.user_id)
+    if user is None or user.status != UserStatus.active.value:
+        raise Unauthorized("Sign in again.", headers={"WWW-Authenticate": "Bearer"})
+    return user
+
+
+AccountHolder = Annotated[User, Depends(_account_holder)]
+
+
+# -- the account holder's factor ------------------------------------------------------------
+
+
+@router.get("", responses=problem_responses(401, 403))
+async def get_mfa_status(session: SessionDep, principal: Me) -> MfaStatusOut:
+    """Whether two-factor sign-in is on, and how many recovery codes are left."""
+    found = await mfa.mfa_status(session, principal.user_id)
+    return MfaStatusOut(
+        totp_enabled=found.totp_enabled,
+        enrollment_pending=found.enrollment_pending,
+        recovery_codes_left=found.recovery_codes_left,
+    )
+
+
+@router.post(
+    "/totp",
+    status_code=status.HTTP_201_CREATED,
+    responses=problem_responses(401, 403, 409),
+)
+async def enroll_totp(
+    session: SessionDep, runtime: RuntimeDep, user: AccountHolder, response: Response
+) -> TotpEnrollmentOut:
+    """Start enrolling an authenticator app. Enrolling again before confirming replaces
+    the secret; with an authenticator already on, disable it first (409)."""
+    enrollment = await mfa.enroll_totp(session, runtime, user)
+    response.headers["Cache-Control"] = "no-store"
+    return TotpEnrollmentOut(secret=enrollment.secret, otpauth_uri=enrollment.otpauth_uri)
+
+
+@router.post("/totp/confirm", responses=problem_responses(400, 401, 403, 409))
+async def confirm_totp(
+    body: CodeIn,
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    user: AccountHolder,
+    response: Response,
+) -> RecoveryCodesOut:
+    """Turn two-factor sign-in on with the first code from the app; answers the ten
+    recovery codes, once."""
+    codes = await mfa.confirm_totp(
+        session,
+        runtime,
+        user,
+        body.code,
+        ip=_device(request, runtime).ip,
+        request_id=_request_id(request),
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return RecoveryCodesOut(recovery_codes=codes)
+
+
+@router.post(
+    "/totp/disable",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=problem_responses(400, 401, 403, 409),
+)
+async def disable_totp(
+    body: ProofIn,
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    user: AccountHolder,
+) -> None:
+    """Turn two-factor sign-in off, proven with a fresh code or an unused recovery code.
+    The recovery codes are deleted with the authenticator."""
+    await mfa.disable_totp(
+        session,
+        runtime,
+        user,
+        code=body.code,
+        recovery_code=body.recovery_code,
+        ip=_device(request, runtime).ip,
+        request_id=_request_id(request),
+    )
+
+
+@router.post("/recovery-codes", responses=problem_responses(400, 401, 403, 409))
+async def regenerate_recovery_codes(
+    body: CodeIn,
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    user: AccountHolder,
+    response: Response,
+) -> RecoveryCodesOut:
+    """Replace all recovery codes with ten new ones (the old ones stop working), proven
+    with a fresh authenticator code."""
+    codes = await mfa.regenerate_recovery_codes(
+        session,
+        runtime,
+        user,
+        body.code,
+        ip=_device(request, runtime).ip,
+        request_id=_request_id(request),
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return RecoveryCodesOut(recovery_codes=codes)
+
+
+# -- completing a sign-in ---------------------------------------------------------------------
+
+
+@challenge_router.post(
+    "/verify",
+    dependencies=[public(), Depends(rate_limit("30/minute", scope="mfa-verify"))],
+    responses=problem_responses(400, 401, 403, 429),
+)
+async def verify_challenge(
+    body: ChallengeAnswerIn,
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    response: Response,
+) -> TokenPairOut:
+    """Complete a sign-in that answered ``mfa_required``: the challenge token with an
+    authenticator code or a recovery code. Each challenge takes five tries and lives five
+    minutes; a wrong code answers 400 ``invalid-code``, a spent or expired challenge 401
+    ``invalid-mfa-challenge`` (sign in again)."""
+    completed = await mfa.complete_challenge(
+        session,
+        runtime,
+        body.challenge_token,
+        code=body.code,
+        recovery_code=body.recovery_code,
+        device=_device(request, runtime),
+        request_id=_request_id(request),
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return TokenPairOut.of(completed.tokens)

@@ -1,0 +1,601 @@
+"""Two-factor sign-in with an authenticator app (TOTP, RFC 6238) and recovery codes.
+
+A user enrolls (a secret, shown once as base32 and as an ``otpauth://`` URI), confirms
+with a first code, and gets ten single-use recovery codes. From then on a sign-in that
+passed its first factor gets a short-lived *challenge* instead of tokens, completed at
+``POST /api/v1/auth/mfa/verify`` with a TOTP code or a recovery code.
+
+No code is ever accepted twice, even when two requests race with it: a TOTP code moves
+the factor's ``last_used_step`` forward with a conditional UPDATE (RFC 6238 section 5.2),
+a recovery code is spent with ``UPDATE ... WHERE used_at IS NULL``, a challenge counts
+its attempt with ``UPDATE ... WHERE attempts < max`` before any code is looked at, and
+is completed with ``UPDATE ... WHERE used_at IS NULL``. Whichever request the database
+lets through first wins; the other finds nothing to update and is refused.
+
+The login flow uses it like this::
+
+    if await mfa.second_factor_needed(session, runtime, user):
+        return await mfa.start_challenge(session, runtime, user, method="password",
+                                         device=device)  # 403 if enrollment is missing
+    pair = await sessions.start_session(...)
+
+:func:`start_challenge` raises :class:`MfaEnrollmentRequired` (403) when the user's
+roles require a second factor but none is confirmed, so no full tokens are handed out;
+:func:`enforce_enrollment` makes the same check on its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import math
+import secrets
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.identity.accounts import user_email, user_phone, user_roles
+from soko.identity.audit import record_audit_event
+from soko.identity.errors import (
+    AccountBlocked,
+    InvalidCode,
+    InvalidMfaChallenge,
+    MfaAlreadyEnabled,
+    MfaEnrollmentRequired,
+    MfaNotEnabled,
+)
+from soko.identity.models import MfaChallenge, RecoveryCode, TotpFactor, User, UserStatus
+from soko.identity.schemas import MfaChallengeOut
+from soko.identity.sessions import DeviceFacts, TokenPair, hash_secret, start_session
+from soko.platform.errors import RateLimited
+from soko.platform.ids import uuid7
+from soko.platform.otp import (
+    decode_secret,
+    new_totp_secret,
+    provisioning_uri,
+    verify_totp,
+)
+from soko.platform.runtime import Runtime
+
+TOTP_WINDOW: Final = 1  # one 30-second step either side, for phone clocks that drift
+RECOVERY_CODE_COUNT: Final = 10
+RECOVERY_CODE_LENGTH: Final = 10
+RECOVERY_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz234567"  # base32: no 0/1/8/9 to misread
+CHALLENGE_PREFIX: Final = "mfa_"
+CHALLENGE_LIFETIME: Final = dt.timedelta(minutes=5)
+CHALLENGE_MAX_ATTEMPTS: Final = 5
+# Someone holding the password can open challenge after challenge; past this many wrong
+# codes in the last hour, new challenges wait, so guessing six digits stays hopeless.
+FAILURES_BEFORE_PAUSE: Final = 20
+FAILURE_WINDOW: Final = dt.timedelta(hours=1)
+METHOD_TOTP: Final = "totp"
+METHOD_RECOVERY_CODE: Final = "recovery_code"
+SECRET_COLUMN: Final = "totp_factors.secret"
+RECOVERY_CODE_COLUMN: Final = "recovery_codes.code"
+
+
+@dataclass(frozen=True, slots=True)
+class TotpEnrollment:
+    """What the user types or scans into an authenticator app; shown once."""
+
+    secret: str
+    otpauth_uri: str
+
+
+@dataclass(frozen=True, slots=True)
+class MfaStatus:
+    totp_enabled: bool
+    enrollment_pending: bool
+    recovery_codes_left: int
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedSignIn:
+    tokens: TokenPair
+    factor: str
+
+
+# -- the factor ---------------------------------------------------------------------------
+
+
+def _secret_context(user_id: uuid.UUID) -> str:
+    return f"{SECRET_COLUMN}:{user_id}"
+
+
+def _issuer(runtime: Runtime) -> str:
+    name = runtime.settings.service_name.replace(":", " ").strip()
+    # The default service name is the code's name; people know the product as "Soko".
+    return "Soko" if not name or name == "soko" else name
+
+
+def _account_label(runtime: Runtime, user: User) -> str:
+    keys = runtime.data_keys
+    label = user_email(keys, user) or user_phone(keys, user) or str(user.id)
+    # A colon would split the otpauth label in the wrong place.
+    return label.replace(":", "")
+
+
+async def _factor(session: AsyncSession, user_id: uuid.UUID) -> TotpFactor | None:
+    return (
+        await session.scalars(
+            select(TotpFactor)
+            .where(TotpFactor.user_id == user_id)
+            .execution_options(populate_existing=True)
+        )
+    ).first()
+
+
+async def _confirmed_factor(session: AsyncSession, user_id: uuid.UUID) -> TotpFactor:
+    factor = await _factor(session, user_id)
+    if factor is None or factor.confirmed_at is None:
+        raise MfaNotEnabled()
+    return factor
+
+
+async def has_confirmed_factor(session: AsyncSession, user_id: uuid.UUID) -> bool:
+    found = await session.scalar(
+        select(TotpFactor.user_id).where(
+            TotpFactor.user_id == user_id, TotpFactor.confirmed_at.is_not(None)
+        )
+    )
+    return found is not None
+
+
+async def mfa_status(session: AsyncSession, user_id: uuid.UUID) -> MfaStatus:
+    factor = await _factor(session, user_id)
+    left = await session.scalar(
+        select(func.count())
+        .select_from(RecoveryCode)
+        .where(RecoveryCode.user_id == user_id, RecoveryCode.used_at.is_(None))
+    )
+    confirmed = factor is not None and factor.confirmed_at is not None
+    return MfaStatus(
+        totp_enabled=confirmed,
+        enrollment_pending=factor is not None and not confirmed,
+        recovery_codes_left=int(left or 0) if confirmed else 0,
+    )
+
+
+async def enroll_totp(session: AsyncSession, runtime: Runtime, user: User) -> TotpEnrollment:
+    """Start (or restart) enrollment with a fresh secret; the factor stays off until
+    :func:`confirm_totp`. Refused while a confirmed factor exists."""
+    now = runtime.clock.now()
+    secret = new_totp_secret()
+    ciphertext = runtime.data_keys.keyring.encrypt(secret, context=_secret_context(user.id))
+    if not await _replace_pending(session, user.id, ciphertext, now):
+        try:
+            async with session.begin_nested():
+                session.add(
+                    TotpFactor(
+                        user_id=user.id,
+                        secret_ciphertext=ciphertext,
+                        confirmed_at=None,
+                        last_used_step=None,
+                        created_at=now,
+                    )
+                )
+        except IntegrityError:
+            # A concurrent enrollment inserted first: take its place if it is still
+            # pending (the later secret wins, as if the user had clicked twice).
+            if not await _replace_pending(session, user.id, ciphertext, now):
+                raise MfaAlreadyEnabled() from None
+    return TotpEnrollment(
+        secret=secret,
+        otpauth_uri=provisioning_uri(
+            secret, account=_account_label(runtime, user), issuer=_issuer(runtime)
+        ),
+    )
+
+
+async def _replace_pending(
+    session: AsyncSession, user_id: uuid.UUID, ciphertext: str, now: dt.datetime
+) -> bool:
+    """Put a new secret on the user's unconfirmed factor. False when there is none;
+    raises when the factor is already confirmed."""
+    replaced = await session.execute(
+        update(TotpFactor)
+        .where(TotpFactor.user_id == user_id, TotpFactor.confirmed_at.is_(None))
+        .values(secret_ciphertext=ciphertext, last_used_step=None, created_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if replaced.rowcount == 1:  # type: ignore[attr-defined]
+        return True
+    if await has_confirmed_factor(session, user_id):
+        raise MfaAlreadyEnabled()
+    return False
+
+
+async def _spend_totp(
+    session: AsyncSession, runtime: Runtime, factor: TotpFactor, code: str, *, confirming: bool
+) -> bool:
+    """Accept ``code`` once: True if it matched a step after the last one used and this
+    request is the one that moved ``last_used_step`` to it."""
+    secret = decode_secret(
+        runtime.data_keys.keyring.decrypt(
+            factor.secret_ciphertext, context=_secret_context(factor.user_id)
+        )
+    )
+    now = runtime.clock.now()
+    step = verify_totp(secret, code, now, window=TOTP_WINDOW, last_used_step=factor.last_used_step)
+    if step is None:
+        return False
+    values: dict[str, object] = {"last_used_step": step}
+    if confirming:
+        values["confirmed_at"] = now
+    query = update(TotpFactor).where(
+        TotpFactor.user_id == factor.user_id,
+        or_(TotpFactor.last_used_step.is_(None), TotpFactor.last_used_step < step),
+        TotpFactor.confirmed_at.is_(None) if confirming else TotpFactor.confirmed_at.is_not(None),
+    )
+    spent = await session.execute(
+        query.values(**values).execution_options(synchronize_session=False)
+    )
+    return bool(spent.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def normalize_recovery_code(raw: str) -> str:
+    """A recovery code as stored: lower case, without spaces or hyphens; a 0 or 1 read
+    as the letter it resembles (base32 has no 0 or 1)."""
+    cleaned = "".join(raw.split()).replace("-", "").lower()
+    return cleaned.replace("0", "o").replace("1", "l")
+
+
+def _recovery_code_hash(runtime: Runtime, user_id: uuid.UUID, normalized: str) -> str:
+    # Keyed, unlike a plain SHA-256: a code has 50 bits, few enough to try them all
+    # offline against a dumped table, but not without the server's blind-index key.
+    return runtime.data_keys.blind_index.compute(RECOVERY_CODE_COLUMN, f"{user_id}:{normalized}")
+
+
+def _new_recovery_code() -> str:
+    raw = "".join(secrets.choice(RECOVERY_ALPHABET) for _ in range(RECOVERY_CODE_LENGTH))
+    half = RECOVERY_CODE_LENGTH // 2
+    return f"{raw[:half]}-{raw[half:]}"
+
+
+async def _issue_recovery_codes(
+    session: AsyncSession, runtime: Runtime, user_id: uuid.UUID
+) -> list[str]:
+    """Replace every recovery code of the user with ten new ones, returned once."""
+    now = runtime.clock.now()
+    await session.execute(delete(RecoveryCode).where(RecoveryCode.user_id == user_id))
+    codes = [_new_recovery_code() for _ in range(RECOVERY_CODE_COUNT)]
+    session.add_all(
+        RecoveryCode(
+            id=uuid7(),
+            user_id=user_id,
+            code_hash=_recovery_code_hash(runtime, user_id, normalize_recovery_code(code)),
+            used_at=None,
+            created_at=now,
+        )
+        for code in codes
+    )
+    await session.flush()
+    return codes
+
+
+async def _spend_recovery_code(
+    session: AsyncSession, runtime: Runtime, user_id: uuid.UUID, raw: str
+) -> bool:
+    normalized = normalize_recovery_code(raw)
+    if len(normalized) != RECOVERY_CODE_LENGTH or any(
+        ch not in RECOVERY_ALPHABET for ch in normalized
+    ):
+        return False
+    code_id = await session.scalar(
+        select(RecoveryCode.id).where(
+            RecoveryCode.user_id == user_id,
+            RecoveryCode.code_hash == _recovery_code_hash(runtime, user_id, normalized),
+            RecoveryCode.used_at.is_(None),
+        )
+    )
+    if code_id is None:
+        return False
+    spent = await session.execute(
+        update(RecoveryCode)
+        .where(RecoveryCode.id == code_id, RecoveryCode.used_at.is_(None))
+        .values(used_at=runtime.clock.now())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(spent.rowcount == 1)  # type: ignore[attr-defined]
+
+
+async def confirm_totp(
+    session: AsyncSession, runtime: Runtime, user: User, code: str, *, ip: str, request_id: str
+) -> list[str]:
+    """Turn the pending factor on with its first code; returns the recovery codes."""
+    factor = await _factor(session, user.id)
+    if factor is None:
+        raise MfaNotEnabled("Start enrollment first: POST /api/v1/me/mfa/totp.")
+    if factor.confirmed_at is not None:
+        raise MfaAlreadyEnabled()
+    if not await _spend_totp(session, runtime, factor, code, confirming=True):
+        raise InvalidCode("The code does not match; check the authenticator app's clock.")
+    codes = await _issue_recovery_codes(session, runtime, user.id)
+    await record_audit_event(
+        session,
+        action="mfa.enabled",
+        actor_id=user.id,
+        target_type="user",
+        target_id=str(user.id),
+        ip=ip,
+        request_id=request_id,
+        data={"factor": METHOD_TOTP},
+        clock=runtime.clock,
+    )
+    return codes
+
+
+async def disable_totp(
+    session: AsyncSession,
+    runtime: Runtime,
+    user: User,
+    *,
+    code: str | None,
+    recovery_code: str | None,
+    ip: str,
+    request_id: str,
+) -> None:
+    """Switch MFA off, proven with a fresh TOTP code or an unused recovery code."""
+    factor = await _confirmed_factor(session, user.id)
+    if code is not None:
+        ok = await _spend_totp(session, runtime, factor, code, confirming=False)
+    else:
+        ok = recovery_code is not None and await _spend_recovery_code(
+            session, runtime, user.id, recovery_code
+        )
+    if not ok:
+        raise InvalidCode()
+    await session.execute(delete(RecoveryCode).where(RecoveryCode.user_id == user.id))
+    await session.execute(delete(TotpFactor).where(TotpFactor.user_id == user.id))
+    await record_audit_event(
+        session,
+        action="mfa.disabled",
+        actor_id=user.id,
+        target_type="user",
+        target_id=str(user.id),
+        ip=ip,
+        request_id=request_id,
+        data={"proof": METHOD_TOTP if code is not None else METHOD_RECOVERY_CODE},
+        clock=runtime.clock,
+    )
+
+
+async def regenerate_recovery_codes(
+    session: AsyncSession, runtime: Runtime, user: User, code: str, *, ip: str, request_id: str
+) -> list[str]:
+    """Replace the recovery codes (the old ones stop working), proven with a fresh TOTP
+    code: a recovery code cannot mint more of itself."""
+    factor = await _confirmed_factor(session, user.id)
+    if not await _spend_totp(session, runtime, factor, code, confirming=False):
+        raise InvalidCode()
+    codes = await _issue_recovery_codes(session, runtime, user.id)
+    await record_audit_event(
+        session,
+        action="mfa.recovery_codes_regenerated",
+        actor_id=user.id,
+        target_type="user",
+        target_id=str(user.id),
+        ip=ip,
+        request_id=request_id,
+        data={"count": len(codes)},
+        clock=runtime.clock,
+    )
+    return codes
+
+
+# -- the sign-in challenge ------------------------------------------------------------------
+
+
+RolesReader = Callable[[AsyncSession], Awaitable[frozenset[str]]]
+
+
+def _required_roles_reader() -> RolesReader | None:
+    # The operator's runtime login settings live in identity/login_methods.py; looked up
+    # by name so this module works, requiring nothing, before that module exists.
+    # Only that module's own absence counts: one that fails to import for another reason
+    # fails loudly, so a broken settings module never silently drops the requirement.
+    qualified = "soko.identity.login_methods"
+    try:
+        module = importlib.import_module(qualified)
+    except ModuleNotFoundError as exc:
+        if exc.name == qualified:
+            return None
+        raise
+    reader: RolesReader | None = getattr(module, "mfa_required_roles", None)
+    return reader
+
+
+async def mfa_required_roles(session: AsyncSession) -> frozenset[str]:
+    reader = _required_roles_reader()
+    if reader is None:
+        return frozenset()
+    return frozenset(await reader(session))
+
+
+async def _role_requires_mfa(session: AsyncSession, user: User) -> bool:
+    required = await mfa_required_roles(session)
+    return bool(required) and bool(required & await user_roles(session, user.id))
+
+
+async def second_factor_needed(session: AsyncSession, runtime: Runtime, user: User) -> bool:
+    """Whether a sign-in of ``user`` that passed its first factor must go through
+    :func:`start_challenge` instead of receiving tokens: the user has a confirmed
+    authenticator, or one of their roles is among those the operator requires MFA for."""
+    if await has_confirmed_factor(session, user.id):
+        return True
+    return await _role_requires_mfa(session, user)
+
+
+async def enforce_enrollment(session: AsyncSession, user: User) -> None:
+    """Raise :class:`MfaEnrollmentRequired` (403) when the user's roles require MFA and
+    no authenticator is confirmed: such a sign-in must not get tokens."""
+    if await has_confirmed_factor(session, user.id):
+        return
+    if await _role_requires_mfa(session, user):
+        raise MfaEnrollmentRequired()
+
+
+async def start_challenge(
+    session: AsyncSession, runtime: Runtime, user: User, *, method: str, device: DeviceFacts
+) -> MfaChallengeOut:
+    """Store a challenge for a sign-in by ``method`` that passed its first factor and
+    return its token (shown once, stored hashed), valid for five minutes and five tries.
+
+    Raises :class:`MfaEnrollmentRequired` when the user has no confirmed authenticator,
+    and :class:`RateLimited` while too many wrong codes were sent for this user lately."""
+    if not await has_confirmed_factor(session, user.id):
+        raise MfaEnrollmentRequired()
+    now = runtime.clock.now()
+    await _refuse_while_guessing(session, user.id, now)
+    token = CHALLENGE_PREFIX + secrets.token_urlsafe(32)
+    session.add(
+        MfaChallenge(
+            id=uuid7(),
+            user_id=user.id,
+            token_hash=hash_secret(token),
+            method=method,
+            device_name=device.device_name[:200],
+            user_agent=device.user_agent[:500],
+            ip=device.ip[:64],
+            attempts=0,
+            created_at=now,
+            expires_at=now + CHALLENGE_LIFETIME,
+            used_at=None,
+        )
+    )
+    await session.flush()
+    return MfaChallengeOut(
+        challenge_token=token,
+        methods=[METHOD_TOTP, METHOD_RECOVERY_CODE],
+        expires_in=int(CHALLENGE_LIFETIME.total_seconds()),
+    )
+
+
+async def _refuse_while_guessing(
+    session: AsyncSession, user_id: uuid.UUID, now: dt.datetime
+) -> None:
+    since = now - FAILURE_WINDOW
+    rows = (
+        await session.execute(
+            select(MfaChallenge.attempts, MfaChallenge.created_at).where(
+                MfaChallenge.user_id == user_id,
+                MfaChallenge.created_at > since,
+                MfaChallenge.used_at.is_(None),
+                MfaChallenge.attempts > 0,
+            )
+        )
+    ).all()
+    if sum(row.attempts for row in rows) < FAILURES_BEFORE_PAUSE:
+        return
+    oldest = min(row.created_at for row in rows)
+    wait = max(1, math.ceil((oldest + FAILURE_WINDOW - now).total_seconds()))
+    raise RateLimited(
+        "Too many wrong codes for this account; try again later.",
+        headers={"Retry-After": str(wait)},
+    )
+
+
+async def complete_challenge(
+    session: AsyncSession,
+    runtime: Runtime,
+    token: str,
+    *,
+    code: str | None,
+    recovery_code: str | None,
+    device: DeviceFacts,
+    request_id: str,
+) -> CompletedSignIn:
+    """Check a challenge's second factor and, if it holds, open the session.
+
+    A wrong code raises :class:`InvalidCode` marked ``keeping_changes()`` so the spent
+    attempt (and its audit event) commit with the refusal."""
+    now = runtime.clock.now()
+    if not token.startswith(CHALLENGE_PREFIX) or len(token) > 128:
+        raise InvalidMfaChallenge()
+    challenge = (
+        await session.scalars(
+            select(MfaChallenge).where(MfaChallenge.token_hash == hash_secret(token))
+        )
+    ).first()
+    if challenge is None:
+        raise InvalidMfaChallenge()
+    # The attempt is counted before any code is looked at, atomically, so no number of
+    # parallel requests gets more than the allowed tries.
+    counted = await session.execute(
+        update(MfaChallenge)
+        .where(
+            MfaChallenge.id == challenge.id,
+            MfaChallenge.used_at.is_(None),
+            MfaChallenge.expires_at > now,
+            MfaChallenge.attempts < CHALLENGE_MAX_ATTEMPTS,
+        )
+        .values(attempts=MfaChallenge.attempts + 1)
+        .execution_options(synchronize_session=False)
+    )
+    if counted.rowcount != 1:  # type: ignore[attr-defined]
+        raise InvalidMfaChallenge()
+    user = await session.get(User, challenge.user_id)
+    if user is None or user.status == UserStatus.deleted.value:
+        raise InvalidMfaChallenge()
+    if user.status != UserStatus.active.value:
+        raise AccountBlocked()
+
+    factor_used = METHOD_TOTP if code is not None else METHOD_RECOVERY_CODE
+    factor = await _factor(session, user.id)
+    ok = False
+    if factor is not None and factor.confirmed_at is not None:
+        if code is not None:
+            ok = await _spend_totp(session, runtime, factor, code, confirming=False)
+        elif recovery_code is not None:
+            ok = await _spend_recovery_code(session, runtime, user.id, recovery_code)
+    if not ok:
+        await record_audit_event(
+            session,
+            action="auth.mfa_failed",
+            actor_id=user.id,
+            target_type="user",
+            target_id=str(user.id),
+            ip=device.ip,
+            request_id=request_id,
+            data={"method": challenge.method, "factor": factor_used},
+            clock=runtime.clock,
+        )
+        raise InvalidCode().keeping_changes()
+
+    completed = await session.execute(
+        update(MfaChallenge)
+        .where(MfaChallenge.id == challenge.id, MfaChallenge.used_at.is_(None))
+        .values(used_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if completed.rowcount != 1:  # type: ignore[attr-defined]
+        raise InvalidMfaChallenge()
+    pair = await start_session(
+        session, runtime, user, method=challenge.method, device=device, mfa_verified=True
+    )
+    data: dict[str, object] = {
+        "method": challenge.method,
+        "mfa": True,
+        "factor": factor_used,
+        "session": str(pair.session_id),  # "session_id" would be masked as a cookie
+        "device": device.device_name,
+    }
+    if factor_used == METHOD_RECOVERY_CODE:
+        data["recovery_left"] = (await mfa_status(session, user.id)).recovery_codes_left
+    await record_audit_event(
+        session,
+        action="auth.login",
+        actor_id=user.id,
+        target_type="user",
+        target_id=str(user.id),
+        ip=device.ip,
+        request_id=request_id,
+        data=data,
+        clock=runtime.clock,
+    )
+    return CompletedSignIn(tokens=pair, factor=factor_used)
