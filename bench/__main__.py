@@ -6,10 +6,11 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 
-from bench import outbox_throughput
+from bench import outbox_throughput, signin
 
 BENCHMARKS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
     "outbox": outbox_throughput.main,
+    "signin": signin.main,
 }
 
 

@@ -13,7 +13,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 import soko
 from soko.platform import errors
-from soko.platform.config import Settings, ensure_secrets, load_settings
+from soko.platform.config import ConfigError, Settings, ensure_secrets, load_settings
 from soko.platform.errors import NotFound, install_problem_handlers
 from soko.platform.http import (
     BodySizeLimitMiddleware,
@@ -57,6 +57,15 @@ def _import_optional(name: str) -> object | None:
         raise
 
 
+def check_domain_settings(settings: Settings) -> None:
+    """Settings that only a domain can judge (they name the domain's own formats)."""
+    from soko.identity.public import configuration_problems
+
+    problems = configuration_problems(settings)
+    if problems:
+        raise ConfigError(problems)
+
+
 def _problems_router() -> APIRouter:
     router = APIRouter(include_in_schema=False)
 
@@ -88,6 +97,7 @@ def create_app(
     if runtime is not None:
         settings = runtime.settings
     settings = ensure_secrets(settings or load_settings())
+    check_domain_settings(settings)
     configure_logging(settings)
     own_tracing = tracing is None
     tracing = tracing or configure_tracing(settings)
@@ -110,6 +120,9 @@ def create_app(
                 await active.stop()
             if tracing is not None and own_tracing:
                 tracing.shutdown()
+            providers = getattr(app.state, "oidc_providers", None)
+            if providers is not None:
+                await providers.aclose()
             forget_this_process()
 
     app = FastAPI(

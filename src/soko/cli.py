@@ -46,8 +46,12 @@ APP_FACTORY = "soko.app:create_app_from_env"
 
 
 def _settings() -> Settings:
+    from soko.app import check_domain_settings
+
     try:
-        return ensure_secrets(load_settings())
+        settings = ensure_secrets(load_settings())
+        check_domain_settings(settings)
+        return settings
     except ConfigError as exc:
         err.print("[bold red]Soko cannot start: the configuration has problems[/]")
         for line in exc.problems:

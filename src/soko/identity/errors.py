@@ -114,3 +114,33 @@ class InvalidApiKey(ProblemError):
     title = "API key not accepted"
     status = 401
     description = "The API key is unknown, expired or revoked."
+
+
+class ReauthenticationRequired(ProblemError):
+    slug = "reauthentication-required"
+    title = "Confirm it is you"
+    status = 403
+    description = (
+        "This change needs fresh proof that you own the account: your current password, "
+        "or for an account without one, a sign-in within the last few minutes."
+    )
+
+
+class InvalidMfaChallenge(ProblemError):
+    slug = "invalid-mfa-challenge"
+    title = "Sign-in challenge not accepted"
+    status = 401
+    description = (
+        "The two-factor challenge is unknown, expired, already completed, or has had too "
+        "many wrong codes. Sign in again for a new one."
+    )
+
+
+class WrongCurrentPassword(ProblemError):
+    slug = "wrong-current-password"
+    title = "Current password is wrong"
+    status = 403
+    description = (
+        "Changing the password needs the current one. Repeated failures are throttled like "
+        "failed sign-ins; use a reset link if it is forgotten."
+    )

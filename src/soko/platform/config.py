@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     refresh_token_ttl_seconds: int = Field(7 * 86_400, ge=3_600, le=90 * 86_400)
     refresh_reuse_grace_seconds: float = Field(10.0, ge=0, le=120)
 
+    # Social sign-in: JSON object of OpenID Connect providers (see docs/identity.md).
+    oidc_providers: SecretStr = SecretStr("")
+
     # Passwords: Argon2id, at least OWASP's minimum cost (19 MiB, 2 iterations).
     password_min_length: int = Field(10, ge=8, le=64)
     password_hash_memory_kib: int = Field(19_456, ge=19_456, le=1_048_576)
