@@ -1,0 +1,777 @@
+"""Password accounts: registration, sign-in, sign-out, email verification, and password
+reset and change.
+
+Hashing is slow on purpose (Argon2id, tens of milliseconds), so these flows hash and
+verify while holding no database lock: what they must read first (the user, the
+throttle state, the link token) is read in a short read-only transaction, and the
+request's own transaction starts only once the slow part is done. On SQLite, where every
+writing transaction holds the one write lock, that keeps sign-ins from queueing behind
+each other's hashing.
+
+Link tokens (email verification, password reset) are ``ev_``/``pr_`` plus 256 random
+bits, mailed once and stored only as their SHA-256; each is single use, spent by a
+conditional ``UPDATE ... WHERE used_at IS NULL`` so two concurrent uses cannot both win.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from limits import parse
+from sqlalchemy import delete, exists, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.identity import mfa, throttle
+from soko.identity.accounts import (
+    create_user,
+    email_index,
+    find_user_by_email,
+    find_user_by_phone,
+    normalize_email,
+    normalize_phone,
+    phone_index,
+    principal_tag,
+    user_email,
+    user_phone,
+)
+from soko.identity.audit import record_audit_event
+from soko.identity.errors import (
+    AccountBlocked,
+    AccountExists,
+    InvalidCredentials,
+    InvalidLinkToken,
+    LoginMethodDisabled,
+    WrongCurrentPassword,
+)
+from soko.identity.login_methods import PASSWORD, login_method_enabled
+from soko.identity.models import (
+    AuthSession,
+    RefreshToken,
+    Role,
+    User,
+    UserStatus,
+    VerificationPurpose,
+    VerificationToken,
+)
+from soko.identity.passwords import PasswordPolicy, password_hasher
+from soko.identity.schemas import MfaChallengeOut
+from soko.identity.sessions import (
+    DeviceFacts,
+    TokenPair,
+    hash_secret,
+    revoke_session,
+    revoke_user_sessions,
+    start_session,
+)
+from soko.notifications.public import send_email
+from soko.platform.auth import Principal
+from soko.platform.errors import ValidationFailed
+from soko.platform.ids import uuid7
+from soko.platform.runtime import Runtime, invalidate_after_commit
+
+PASSWORD_METHOD = PASSWORD
+EMAIL_VERIFICATION_PREFIX = "ev_"
+PASSWORD_RESET_PREFIX = "pr_"
+EMAIL_VERIFICATION_LIFE = dt.timedelta(hours=24)
+PASSWORD_RESET_LIFE = dt.timedelta(minutes=30)
+MAX_LINK_TOKEN_LENGTH = 128
+# Reset links one email address or phone number can be sent.
+RESET_LINKS_PER_IDENTIFIER = parse("3/hour")
+
+_LINK_PREFIXES = {
+    VerificationPurpose.email_verification: EMAIL_VERIFICATION_PREFIX,
+    VerificationPurpose.password_reset: PASSWORD_RESET_PREFIX,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the audit log and the session list need to know about the request."""
+
+    device: DeviceFacts
+    request_id: str | None = None
+
+    @property
+    def ip(self) -> str:
+        return self.device.ip
+
+
+@dataclass(frozen=True, slots=True)
+class Identifier:
+    """What a person typed to name their account: a canonical email or E.164 phone."""
+
+    kind: Literal["email", "phone"]
+    value: str
+
+    def index(self, runtime: Runtime) -> str:
+        keys = runtime.data_keys
+        return (
+            email_index(keys, self.value) if self.kind == "email" else phone_index(keys, self.value)
+        )
+
+
+def parse_identifier(raw: str, *, field: str = "identifier") -> Identifier:
+    """An email (anything with an ``@``) or an international phone number (``+...``)."""
+    try:
+        if "@" in raw:
+            return Identifier("email", normalize_email(raw))
+        return Identifier("phone", normalize_phone(raw.strip()))
+    except ValidationFailed:
+        message = "is neither an email address nor a phone number in international form (+...)"
+        raise ValidationFailed(
+            f"{field} {message}",
+            errors=[
+                {
+                    "in": "body",
+                    "field": field,
+                    "pointer": f"#/{field}",
+                    "detail": message,
+                    "code": "value_error",
+                }
+            ],
+        ) from None
+
+
+async def _find_user(
+    session: AsyncSession, runtime: Runtime, identifier: Identifier
+) -> User | None:
+    if identifier.kind == "email":
+        return await find_user_by_email(session, runtime.data_keys, identifier.value)
+    return await find_user_by_phone(session, runtime.data_keys, identifier.value)
+
+
+# -- collaborators ----------------------------------------------------------------------
+
+
+async def _second_factor(
+    session: AsyncSession, runtime: Runtime, user: User, device: DeviceFacts
+) -> MfaChallengeOut | None:
+    if not await mfa.second_factor_needed(session, runtime, user):
+        return None
+    return await mfa.start_challenge(session, runtime, user, method=PASSWORD_METHOD, device=device)
+
+
+async def _require_password_method(reader: AsyncSession) -> None:
+    if not await login_method_enabled(reader, PASSWORD_METHOD):
+        raise LoginMethodDisabled("Signing in with a password is switched off.")
+
+
+# -- link tokens ------------------------------------------------------------------------
+
+
+async def issue_link_token(
+    session: AsyncSession,
+    runtime: Runtime,
+    user_id: uuid.UUID,
+    purpose: VerificationPurpose,
+    life: dt.timedelta,
+) -> str:
+    """A new single-use link token for ``user_id``; only its hash is stored."""
+    now = runtime.clock.now()
+    token = _LINK_PREFIXES[purpose] + secrets.token_urlsafe(32)
+    session.add(
+        VerificationToken(
+            id=uuid7(),
+            user_id=user_id,
+            purpose=purpose.value,
+            token_hash=hash_secret(token),
+            created_at=now,
+            expires_at=now + life,
+            used_at=None,
+        )
+    )
+    await session.flush()
+    return token
+
+
+async def forget_link_tokens(
+    session: AsyncSession, user_id: uuid.UUID, purpose: VerificationPurpose
+) -> None:
+    """Invalidate every unused link token of ``purpose``: after a new reset link is
+    sent, a password is changed, or the email address changes (a verification link for
+    the old address must not verify the new one)."""
+    await session.execute(
+        delete(VerificationToken).where(
+            VerificationToken.user_id == user_id,
+            VerificationToken.purpose == purpose.value,
+            VerificationToken.used_at.is_(None),
+        )
+    )
+
+
+async def _live_link_token(
+    session: AsyncSession, runtime: Runtime, token: str, purpose: VerificationPurpose
+) -> VerificationToken:
+    if not token.startswith(_LINK_PREFIXES[purpose]) or len(token) > MAX_LINK_TOKEN_LENGTH:
+        raise InvalidLinkToken()
+    row = (
+        await session.scalars(
+            select(VerificationToken).where(
+                VerificationToken.token_hash == hash_secret(token),
+                VerificationToken.purpose == purpose.value,
+            )
+        )
+    ).first()
+    if row is None or row.used_at is not None or row.expires_at <= runtime.clock.now():
+        raise InvalidLinkToken()
+    return row
+
+
+async def _spend_link_token(session: AsyncSession, runtime: Runtime, token_id: uuid.UUID) -> None:
+    """Mark the token used, or refuse when another request spent it first (or it just
+    expired): the database decides, so two concurrent uses cannot both succeed."""
+    now = runtime.clock.now()
+    spent = await session.execute(
+        update(VerificationToken)
+        .where(
+            VerificationToken.id == token_id,
+            VerificationToken.used_at.is_(None),
+            VerificationToken.expires_at > now,
+        )
+        .values(used_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if spent.rowcount != 1:  # type: ignore[attr-defined]
+        raise InvalidLinkToken()
+
+
+def _link(runtime: Runtime, path: str, token: str) -> str:
+    return f"{runtime.settings.public_url.rstrip('/')}/{path}?token={token}"
+
+
+async def send_email_verification(
+    session: AsyncSession, runtime: Runtime, user_id: uuid.UUID, email: str
+) -> None:
+    """Mail ``email`` a link that marks it verified (24 hours, single use)."""
+    token = await issue_link_token(
+        session, runtime, user_id, VerificationPurpose.email_verification, EMAIL_VERIFICATION_LIFE
+    )
+    link = _link(runtime, "verify-email", token)
+    await send_email(
+        session,
+        to=email,
+        subject="Confirm your email address",
+        text=(
+            "Confirm this email address for your Soko account by opening this link:\n\n"
+            f"{link}\n\n"
+            "The link works once and expires in 24 hours. If you did not create an "
+            "account, ignore this email."
+        ),
+        category="identity.email_verification",
+    )
+
+
+# -- registration -----------------------------------------------------------------------
+
+
+async def register_with_password(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    email: str,
+    password: str,
+    display_name: str,
+    facts: RequestFacts,
+) -> TokenPair:
+    """Create a customer account with ``email`` and ``password``, mail the verification
+    link and sign the new user in.
+
+    Raises :class:`WeakPassword` (422), :class:`AccountExists` (409, also for the loser
+    of two registrations racing for one address) or :class:`LoginMethodDisabled`."""
+    canonical = normalize_email(email)
+    display_name = display_name.strip()
+    PasswordPolicy.from_settings(runtime.settings).check(
+        password, email=canonical, display_name=display_name or None
+    )
+    async with runtime.db.transaction(read_only=True) as reader:
+        await _require_password_method(reader)
+        taken = await find_user_by_email(reader, runtime.data_keys, canonical) is not None
+    if taken:  # spares the hash; the unique index still settles races below
+        raise AccountExists("An account already uses this email address.")
+    password_hash = await password_hasher(runtime).hash(password)
+
+    user = await create_user(
+        session,
+        runtime.data_keys,
+        now=runtime.clock.now(),
+        email=canonical,
+        display_name=display_name,
+        password_hash=password_hash,
+        roles=(Role.customer,),
+    )
+    await send_email_verification(session, runtime, user.id, canonical)
+    pair = await start_session(session, runtime, user, method=PASSWORD_METHOD, device=facts.device)
+    await record_audit_event(
+        session,
+        action="account.registered",
+        actor_id=user.id,
+        target_type="user",
+        target_id=str(user.id),
+        ip=facts.ip,
+        request_id=facts.request_id,
+        data={"method": PASSWORD_METHOD, "session": str(pair.session_id)},
+        clock=runtime.clock,
+    )
+    return pair
+
+
+# -- sign-in ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    """The account an identifier named, as read before the password was checked."""
+
+    user_id: uuid.UUID
+    password_hash: str | None
+    status: str
+
+
+async def sign_in_with_password(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    identifier: str,
+    password: str,
+    facts: RequestFacts,
+) -> TokenPair | MfaChallengeOut:
+    """Check ``password`` for the account ``identifier`` names and open a session, or
+    answer a second-factor challenge when the account needs one.
+
+    Unknown accounts, accounts without a password and wrong passwords all take one
+    verification's time and raise the same :class:`InvalidCredentials`; each failure is
+    counted by the throttle and recorded in the audit log (the error keeps the
+    request's changes). While the account or the address must wait, attempts answer 429
+    without the password being looked at. A blocked account is told so only after its
+    correct password."""
+    named = parse_identifier(identifier)
+    keys = [throttle.account_key(named.index(runtime)), throttle.ip_key(facts.ip)]
+    async with runtime.db.transaction(read_only=True) as reader:
+        await _require_password_method(reader)
+        await throttle.check(reader, keys, runtime.clock)
+        user = await _find_user(reader, runtime, named)
+        candidate = (
+            _Candidate(user.id, user.password_hash, user.status) if user is not None else None
+        )
+    usable = candidate is not None and candidate.status != UserStatus.deleted.value
+    ok, new_hash = await password_hasher(runtime).verify(
+        password, candidate.password_hash if candidate is not None and usable else None
+    )
+    if not ok or candidate is None:
+        await _refuse_sign_in(session, runtime, keys, candidate, named, facts)
+        raise InvalidCredentials().keeping_changes()
+
+    user = await session.get(User, candidate.user_id, populate_existing=True)
+    if user is None or user.password_hash != candidate.password_hash:
+        # Deleted or given a new password while this sign-in was checking the old one.
+        raise InvalidCredentials()
+    if user.status != UserStatus.active.value:
+        await record_audit_event(
+            session,
+            action="auth.login_refused",
+            actor_id=user.id,
+            target_type="user",
+            target_id=str(user.id),
+            ip=facts.ip,
+            request_id=facts.request_id,
+            data={"method": PASSWORD_METHOD, "reason": "account_" + user.status},
+            clock=runtime.clock,
+        )
+        if user.status == UserStatus.blocked.value:
+            raise AccountBlocked().keeping_changes()
+        raise InvalidCredentials().keeping_changes()
+
+    now = runtime.clock.now()
+    if new_hash is not None:
+        user.password_hash = new_hash
+        user.updated_at = now
+    await throttle.record_success(session, keys[0])
+    challenge = await _second_factor(session, runtime, user, facts.device)
+    if challenge is not None:
+        await session.flush()
+        return challenge
+    return await finish_sign_in(session, runtime, user, method=PASSWORD_METHOD, facts=facts)
+
+
+async def finish_sign_in(
+    session: AsyncSession,
+    runtime: Runtime,
+    user: User,
+    *,
+    method: str,
+    facts: RequestFacts,
+    mfa_verified: bool = False,
+) -> TokenPair:
+    """Open the session of a sign-in whose every factor passed, noting a device not
+    seen before and recording ``auth.login``. Other sign-in flows (a completed MFA
+    challenge, an SMS code) end here too."""
+    new_device = await is_new_device(session, user.id, facts.device)
+    pair = await start_session(
+        session, runtime, user, method=method, device=facts.device, mfa_verified=mfa_verified
+    )
+    data = {
+        "method": method,
+        "session": str(pair.session_id),
+        "device": facts.device.device_name,
+    }
+    if new_device:
+        await record_audit_event(
+            session,
+            action="auth.new_device",
+            actor_id=user.id,
+            target_type="user",
+            target_id=str(user.id),
+            ip=facts.ip,
+            request_id=facts.request_id,
+            data=data,
+            clock=runtime.clock,
+        )
+    await record_audit_event(
+        session,
+        action="auth.login",
+        actor_id=user.id,
+        target_type="user",
+        target_id=str(user.id),
+        ip=facts.ip,
+        request_id=facts.request_id,
+        data=data,
+        clock=runtime.clock,
+    )
+    return pair
+
+
+async def is_new_device(session: AsyncSession, user_id: uuid.UUID, device: DeviceFacts) -> bool:
+    """Whether no session of this user, live or ended, came from this User-Agent."""
+    seen = await session.scalar(
+        select(
+            exists().where(
+                AuthSession.user_id == user_id,
+                AuthSession.user_agent == device.user_agent[:500],
+            )
+        )
+    )
+    return not seen
+
+
+async def _refuse_sign_in(
+    session: AsyncSession,
+    runtime: Runtime,
+    keys: list[throttle.ThrottleKey],
+    candidate: _Candidate | None,
+    named: Identifier,
+    facts: RequestFacts,
+) -> None:
+    # The count commits in its own transaction; the request's transaction has not
+    # been touched yet, so on SQLite nothing holds the write lock it needs.
+    counts = await throttle.record_failure(runtime.db, keys, runtime.clock, abandon=session)
+    waits = [count.blocked_until for count in counts if count.blocked_until is not None]
+    if candidate is None or candidate.status == UserStatus.deleted.value:
+        reason = "unknown_account"
+    elif candidate.password_hash is None:
+        reason = "no_password"
+    else:
+        reason = "wrong_password"
+    await record_audit_event(
+        session,
+        action="auth.login_failed",
+        actor_id=None,
+        target_type="user" if candidate is not None else None,
+        target_id=str(candidate.user_id) if candidate is not None else None,
+        ip=facts.ip,
+        request_id=facts.request_id,
+        data={
+            "method": PASSWORD_METHOD,
+            "identifier_type": named.kind,
+            "reason": reason,
+            "throttled_until": max(waits).isoformat() if waits else None,
+        },
+        clock=runtime.clock,
+    )
+
+
+# -- sign-out ---------------------------------------------------------------------------
+
+
+async def sign_out(
+    session: AsyncSession,
+    runtime: Runtime,
+    principal: Principal,
+    *,
+    refresh_token: str | None,
+    facts: RequestFacts,
+) -> None:
+    """End the caller's session and, when a refresh token of the caller's is given, the
+    session it belongs to. Tokens of other users are ignored without a word."""
+    now = runtime.clock.now()
+    session_ids: set[uuid.UUID] = set()
+    if principal.session_id is not None:
+        session_ids.add(principal.session_id)
+    if refresh_token:
+        owner = await session.scalar(
+            select(RefreshToken.session_id).where(
+                RefreshToken.token_hash == hash_secret(refresh_token)
+            )
+        )
+        if owner is not None:
+            session_ids.add(owner)
+    ended: list[str] = []
+    for session_id in sorted(session_ids):
+        auth_session = await session.get(AuthSession, session_id)
+        if auth_session is None or auth_session.user_id != principal.user_id:
+            continue
+        if await revoke_session(session, auth_session, now=now, reason="logout"):
+            ended.append(str(session_id))
+    await record_audit_event(
+        session,
+        action="auth.logout",
+        actor_id=principal.user_id,
+        target_type="user",
+        target_id=str(principal.user_id),
+        ip=facts.ip,
+        request_id=facts.request_id,
+        data={"sessions": ended},
+        clock=runtime.clock,
+    )
+
+
+# -- email verification -----------------------------------------------------------------
+
+
+async def verify_email(
+    session: AsyncSession, runtime: Runtime, *, token: str, facts: RequestFacts
+) -> None:
+    """Spend an email verification link and mark the address verified."""
+    row = await _live_link_token(session, runtime, token, VerificationPurpose.email_verification)
+    await _spend_link_token(session, runtime, row.id)
+    user = await session.get(User, row.user_id)
+    if user is None or user.status == UserStatus.deleted.value or user.email_index is None:
+        raise InvalidLinkToken()
+    now = runtime.clock.now()
+    if user.email_verified_at is None:
+        user.email_verified_at = now
+        user.updated_at = now
+        user.version += 1
+        invalidate_after_commit(session, principal_tag(user.id))
+    await record_audit_event(
+        session,
+        action="account.email_verified",
+        actor_id=user.id,
+        target_type="user",
+        target_id=str(user.id),
+        ip=facts.ip,
+        request_id=facts.request_id,
+        clock=runtime.clock,
+    )
+
+
+# -- password reset ---------------------------------------------------------------------
+
+
+async def request_password_reset(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    identifier: str,
+    facts: RequestFacts,
+) -> bool:
+    """Mail a password reset link (30 minutes, single use) when ``identifier`` names an
+    active account with an email address; earlier unused reset links stop working.
+
+    At most :data:`RESET_LINKS_PER_IDENTIFIER` links go to one identifier, whether or
+    not it has an account, so nobody can flood someone's inbox; requests beyond that
+    are dropped without a word. Returns whether a link was sent, for the caller's logs
+    only: the HTTP answer must be the same either way, or it would tell who has an
+    account."""
+    named = parse_identifier(identifier)
+    if runtime.settings.ratelimit_enabled:
+        allowed = await runtime.limiter.hit(
+            RESET_LINKS_PER_IDENTIFIER, "password-reset-identifier", named.index(runtime)
+        )
+        if not allowed.allowed:
+            return False
+    user = await _find_user(session, runtime, named)
+    if user is None or user.status != UserStatus.active.value:
+        return False
+    address = user_email(runtime.data_keys, user)
+    if address is None:
+        return False  # a phone-only account resets by signing in with an SMS code
+    await forget_link_tokens(session, user.id, VerificationPurpose.password_reset)
+    token = await issue_link_token(
+        session, runtime, user.id, VerificationPurpose.password_reset, PASSWORD_RESET_LIFE
+    )
+    link = _link(runtime, "reset-password", token)
+    await send_email(
+        session,
+        to=address,
+        subject="Reset your password",
+        text=(
+            "Someone (hopefully you) asked to reset the password of your Soko account. "
+            f"Choose a new password here:\n\n{link}\n\n"
+            "The link works once and expires in 30 minutes. If you did not ask, ignore "
+            "this email: your password stays as it is."
+        ),
+        category="identity.password_reset",
+    )
+    await record_audit_event(
+        session,
+        action="auth.password_reset_requested",
+        actor_id=None,
+        target_type="user",
+        target_id=str(user.id),
+        ip=facts.ip,
+        request_id=facts.request_id,
+        clock=runtime.clock,
+    )
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class _ResetTarget:
+    token_id: uuid.UUID
+    user_id: uuid.UUID
+    email: str | None
+    phone: str | None
+
+
+async def reset_password(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    token: str,
+    new_password: str,
+    facts: RequestFacts,
+) -> None:
+    """Set a new password through a reset link, spend the link and sign every session
+    of the account out. The link proves the email address, so it is marked verified,
+    and the account's sign-in throttle is cleared: an owner locked out by someone
+    guessing can get back in at once."""
+    async with runtime.db.transaction(read_only=True) as reader:
+        row = await _live_link_token(reader, runtime, token, VerificationPurpose.password_reset)
+        user = await reader.get(User, row.user_id)
+        if user is None or user.status != UserStatus.active.value:
+            raise InvalidLinkToken()
+        target = _ResetTarget(
+            token_id=row.id,
+            user_id=user.id,
+            email=user_email(runtime.data_keys, user),
+            phone=user_phone(runtime.data_keys, user),
+        )
+        display_name = user.display_name
+    PasswordPolicy.from_settings(runtime.settings).check(
+        new_password, email=target.email, phone=target.phone, display_name=display_name or None
+    )
+    password_hash = await password_hasher(runtime).hash(new_password)
+
+    await _spend_link_token(session, runtime, target.token_id)
+    user = await session.get(User, target.user_id, populate_existing=True)
+    if user is None or user.status != UserStatus.active.value:
+        raise InvalidLinkToken()
+    now = runtime.clock.now()
+    _set_password(user, password_hash, now)
+    if user.email_verified_at is None and target.email is not None:
+        user.email_verified_at = now
+    await forget_link_tokens(session, user.id, VerificationPurpose.password_reset)
+    revoked = await revoke_user_sessions(session, user.id, now=now, reason="password_reset")
+    for identifier_index in (user.email_index, user.phone_index):
+        if identifier_index is not None:
+            await throttle.record_success(session, throttle.account_key(identifier_index))
+    await record_audit_event(
+        session,
+        action="auth.password_reset",
+        actor_id=user.id,
+        target_type="user",
+        target_id=str(user.id),
+        ip=facts.ip,
+        request_id=facts.request_id,
+        data={"sessions_revoked": revoked},
+        clock=runtime.clock,
+    )
+
+
+def _set_password(user: User, password_hash: str, now: dt.datetime) -> None:
+    user.password_hash = password_hash
+    user.password_changed_at = now
+    user.updated_at = now
+    user.version += 1
+
+
+# -- password change --------------------------------------------------------------------
+
+
+async def change_password(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    user_id: uuid.UUID,
+    current_password: str,
+    new_password: str,
+    keep_session_id: uuid.UUID | None,
+    facts: RequestFacts,
+) -> int:
+    """Replace a signed-in user's password, given the current one, and sign out every
+    other session (``keep_session_id`` stays: the one making the change). Returns how
+    many sessions were signed out.
+
+    Wrong current passwords count against the account's sign-in throttle like failed
+    sign-ins (a stolen access token must not become a password oracle) and raise
+    :class:`WrongCurrentPassword`; accounts without a password set one through a reset
+    link instead."""
+    async with runtime.db.transaction(read_only=True) as reader:
+        user = await reader.get(User, user_id)
+        if user is None or user.status != UserStatus.active.value:
+            raise InvalidCredentials()
+        keys = [
+            throttle.account_key(index)
+            for index in (user.email_index, user.phone_index)
+            if index is not None
+        ]
+        await throttle.check(reader, keys, runtime.clock)
+        stored_hash = user.password_hash
+        email, phone = user_email(runtime.data_keys, user), user_phone(runtime.data_keys, user)
+        display_name = user.display_name
+    PasswordPolicy.from_settings(runtime.settings).check(
+        new_password, email=email, phone=phone, display_name=display_name or None
+    )
+    hasher = password_hasher(runtime)
+    ok, _ = await hasher.verify(current_password, stored_hash)
+    if not ok:
+        if keys:
+            await throttle.record_failure(runtime.db, keys, runtime.clock, abandon=session)
+        await record_audit_event(
+            session,
+            action="auth.password_change_failed",
+            actor_id=user_id,
+            target_type="user",
+            target_id=str(user_id),
+            ip=facts.ip,
+            request_id=facts.request_id,
+            clock=runtime.clock,
+        )
+        raise WrongCurrentPassword().keeping_changes()
+    password_hash = await hasher.hash(new_password)
+
+    user = await session.get(User, user_id, populate_existing=True)
+    if user is None or user.password_hash != stored_hash:
+        raise WrongCurrentPassword()  # changed meanwhile by another request
+    now = runtime.clock.now()
+    _set_password(user, password_hash, now)
+    await forget_link_tokens(session, user.id, VerificationPurpose.password_reset)
+    revoked = await revoke_user_sessions(
+        session, user.id, now=now, reason="password_changed", keep=keep_session_id
+    )
+    await record_audit_event(
+        session,
+        action="auth.password_changed",
+        actor_id=user.id,
+        target_type="user",
+        target_id=str(user.id),
+        ip=facts.ip,
+        request_id=facts.request_id,
+        data={"sessions_revoked": revoked},
+        clock=runtime.clock,
+    )
+    return revoked

@@ -1,0 +1,149 @@
+"""Registration with an email and a password, and email verification, over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx2
+from sqlalchemy import func, select
+
+from soko.identity.models import Role, User, UserRole, VerificationToken
+from soko.platform.clock import ManualClock
+from soko.platform.runtime import Runtime
+from tests.identity.signin_support import (
+    AUTH,
+    PASSWORD,
+    audit_events,
+    bearer,
+    load_user,
+    mailed,
+    mailed_token,
+    new_email,
+    register,
+)
+
+
+async def test_register_signs_the_customer_in_and_mails_a_verification_link(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    email = new_email()
+    response = await register(client, email)
+    assert response.status_code == 201, response.text
+    tokens = response.json()
+    assert tokens["token_type"] == "Bearer"
+    assert tokens["refresh_token"].startswith("rt_")
+    assert tokens["expires_in"] == runtime.settings.access_token_ttl_seconds
+
+    user = await load_user(runtime, tokens["user_id"])
+    assert user.display_name == "Wanjiru"
+    assert user.email_verified_at is None
+    assert user.password_hash is not None and user.password_hash.startswith("$argon2id$")
+    assert email not in (user.email_ciphertext or "")
+    async with runtime.db.transaction(read_only=True) as session:
+        roles = (
+            await session.scalars(select(UserRole.role).where(UserRole.user_id == user.id))
+        ).all()
+        stored = (await session.scalars(select(VerificationToken.token_hash))).all()
+    assert roles == [Role.customer.value]
+
+    messages = await mailed(runtime, email)
+    assert [m["category"] for m in messages] == ["identity.email_verification"]
+    token = await mailed_token(runtime, email, "verify-email")
+    assert token.startswith("ev_")
+    assert token not in stored  # only its hash is kept
+
+    [event] = await audit_events(runtime, "account.registered")
+    assert event.target_id == tokens["user_id"]
+    assert event.data["session"] == tokens["session_id"]
+
+    # The tokens work: the new session can sign itself out.
+    signed_out = await client.post(f"{AUTH}/logout", headers=bearer(tokens))
+    assert signed_out.status_code == 204
+
+
+async def test_email_verification_link_works_once(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    email = new_email()
+    registered = await register(client, email)
+    token = await mailed_token(runtime, email, "verify-email")
+
+    first = await client.post(f"{AUTH}/email/verify", json={"token": token})
+    assert first.status_code == 204, first.text
+    user = await load_user(runtime, registered.json()["user_id"])
+    assert user.email_verified_at == runtime.clock.now()
+    assert len(await audit_events(runtime, "account.email_verified")) == 1
+
+    again = await client.post(f"{AUTH}/email/verify", json={"token": token})
+    assert again.status_code == 400
+    assert again.json()["type"] == "/problems/invalid-link-token"
+    forged = await client.post(f"{AUTH}/email/verify", json={"token": token[:-2] + "xx"})
+    assert forged.status_code == 400
+
+
+async def test_email_verification_link_expires_after_a_day(
+    client: httpx2.AsyncClient, runtime: Runtime, clock: ManualClock
+) -> None:
+    email = new_email()
+    registered = await register(client, email)
+    token = await mailed_token(runtime, email, "verify-email")
+    clock.advance(24 * 3600)
+    expired = await client.post(f"{AUTH}/email/verify", json={"token": token})
+    assert expired.status_code == 400
+    user = await load_user(runtime, registered.json()["user_id"])
+    assert user.email_verified_at is None
+
+
+async def test_weak_passwords_are_refused_with_every_reason(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    short = await register(client, new_email(), "wanjiru")
+    assert short.status_code == 422
+    body = short.json()
+    assert body["type"] == "/problems/weak-password"
+    assert "too_short" in body["reasons"]
+    assert "matches_account" in body["reasons"]  # it is the display name
+
+    common = await register(client, new_email(), "password123")
+    assert common.status_code == 422
+    assert common.json()["reasons"] == ["common"]
+
+    too_long = await register(client, new_email(), "k" + "x7" * 200)
+    assert too_long.status_code == 422
+    assert too_long.json()["reasons"] == ["too_long"]
+
+    async with runtime.db.transaction(read_only=True) as session:
+        assert await session.scalar(select(func.count()).select_from(User)) == 0
+
+
+async def test_malformed_email_is_a_validation_problem(client: httpx2.AsyncClient) -> None:
+    response = await register(client, "not-an-email")
+    assert response.status_code == 422
+    body = response.json()
+    assert body["type"] == "/problems/validation-error"
+    assert body["errors"][0]["field"] == "email"
+
+
+async def test_second_registration_of_an_email_is_a_conflict(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    email = new_email()
+    assert (await register(client, email)).status_code == 201
+    # Case and surrounding spaces do not make another address.
+    again = await register(client, "  " + email.upper() + " ")
+    assert again.status_code == 409
+    assert again.json()["type"] == "/problems/account-exists"
+    assert len(await mailed(runtime, email)) == 1
+
+
+async def test_concurrent_registrations_of_one_email_make_one_account(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    email = new_email()
+    answers = await asyncio.gather(
+        register(client, email, PASSWORD), register(client, email, PASSWORD + "-b")
+    )
+    assert sorted(answer.status_code for answer in answers) == [201, 409]
+    async with runtime.db.transaction(read_only=True) as session:
+        assert await session.scalar(select(func.count()).select_from(User)) == 1
+    assert len(await audit_events(runtime, "account.registered")) == 1
