@@ -40,7 +40,9 @@ class ApiKeyCreate(BaseModel):
 
     name: KeyName = Field(description="What the key is for, to tell keys apart")
     permissions: list[str] = Field(
-        max_length=50, description="Permissions the key grants; each must be one of yours"
+        min_length=1,
+        max_length=50,
+        description="Permissions the key grants; each must be one of yours",
     )
     expires_at: AwareDatetime | None = Field(
         default=None, description="When the key stops working; never when omitted"
