@@ -20,6 +20,7 @@ from soko.identity import throttle
 from soko.identity.accounts import principal_tag
 from soko.identity.audit import record_audit_event
 from soko.identity.errors import ReauthenticationRequired
+from soko.identity.events import USER_DELETED, UserDeleted
 from soko.identity.models import (
     ApiKey,
     AuthSession,
@@ -41,7 +42,7 @@ from soko.platform.auth import Principal
 from soko.platform.outbox import publish
 from soko.platform.runtime import Runtime, invalidate_after_commit
 
-USER_DELETED_EVENT = "identity.user_deleted"
+USER_DELETED_EVENT = USER_DELETED
 DELETED_DISPLAY_NAME = "Deleted user"
 # A password-less account (SMS code, social sign-in) proves it is the owner by having
 # signed in this recently: a stolen long-lived session cannot delete the account.
@@ -191,7 +192,7 @@ async def delete_account(
         },
         clock=runtime.clock,
     )
-    await publish(session, USER_DELETED_EVENT, {"user_id": str(user_id)}, now=now)
+    await publish(session, USER_DELETED_EVENT, UserDeleted(user_id=user_id), now=now)
     invalidate_after_commit(session, principal_tag(user_id))
     await session.refresh(user)
     return True

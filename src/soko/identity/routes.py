@@ -13,6 +13,7 @@ from soko.identity import (
     routes_mfa,
     routes_oidc,
     routes_otp,
+    routes_wellknown,
 )
 
 router = APIRouter()
@@ -28,3 +29,4 @@ router.include_router(routes_audit.router, prefix="/admin", tags=["administratio
 
 # Served at the site root, outside /api/v1: the public signing keys.
 root_router = APIRouter()
+root_router.include_router(routes_wellknown.router, tags=["sign-in"])
