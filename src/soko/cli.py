@@ -28,9 +28,13 @@ app.add_typer(migrate_app, name="migrate")
 
 
 def _mount_domain_commands() -> None:
+    from soko.identity.admin_cli import admin_app
     from soko.identity.cli import audit_app
+    from soko.identity.keys_cli import keys_app
 
+    app.add_typer(admin_app, name="admin")
     app.add_typer(audit_app, name="audit")
+    app.add_typer(keys_app, name="keys")
 
 
 _mount_domain_commands()
