@@ -55,9 +55,29 @@ def _production(**env: str) -> dict[str, str]:
         "SOKO_ENV": "production",
         "SOKO_SECRET_KEY": GOOD_SECRET,
         "SOKO_DATABASE_URL": POSTGRES,
+        "SOKO_ENCRYPTION_KEYS": PRODUCTION_KEYS["encryption"],
+        "SOKO_BLIND_INDEX_KEY": PRODUCTION_KEYS["blind_index"],
+        "SOKO_TOKEN_SIGNING_KEYS": PRODUCTION_KEYS["signing"],
     }
     values.update(env)
     return values
+
+
+def _production_keys() -> dict[str, str]:
+    import base64
+    import secrets
+
+    from soko.platform.crypto import new_key_spec
+    from soko.platform.tokens import KeyRing
+
+    return {
+        "encryption": new_key_spec("k1"),
+        "blind_index": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
+        "signing": KeyRing.generate().pem_bundle(),
+    }
+
+
+PRODUCTION_KEYS = _production_keys()
 
 
 # -- one clear line per problem --------------------------------------------------------
@@ -147,6 +167,15 @@ def test_a_good_production_configuration_starts(monkeypatch: pytest.MonkeyPatch)
     ("env", "variable"),
     [
         pytest.param({"SOKO_SECRET_KEY": ""}, "SOKO_SECRET_KEY", id="missing-secret"),
+        pytest.param(
+            {"SOKO_ENCRYPTION_KEYS": ""}, "SOKO_ENCRYPTION_KEYS", id="missing-encryption-keys"
+        ),
+        pytest.param(
+            {"SOKO_BLIND_INDEX_KEY": ""}, "SOKO_BLIND_INDEX_KEY", id="missing-blind-index-key"
+        ),
+        pytest.param(
+            {"SOKO_TOKEN_SIGNING_KEYS": ""}, "SOKO_TOKEN_SIGNING_KEYS", id="missing-signing-keys"
+        ),
         pytest.param({"SOKO_SECRET_KEY": "s" * 31}, "SOKO_SECRET_KEY", id="short-secret"),
         pytest.param({"SOKO_DATABASE_URL": ""}, "SOKO_DATABASE_URL", id="default-sqlite"),
         pytest.param(
@@ -182,9 +211,17 @@ def test_production_lists_every_refusal_at_once() -> None:
     problems = _problems(
         SOKO_ENV="production", SOKO_CORS_ORIGINS="*", SOKO_WORKERS="2", SOKO_SECRET_KEY=""
     )
-    assert len(problems) == 4, problems
+    assert len(problems) == 7, problems
     joined = "\n".join(problems)
-    for variable in ("SOKO_SECRET_KEY", "SOKO_DATABASE_URL", "SOKO_CORS_ORIGINS", "SOKO_WORKERS"):
+    for variable in (
+        "SOKO_SECRET_KEY",
+        "SOKO_DATABASE_URL",
+        "SOKO_CORS_ORIGINS",
+        "SOKO_WORKERS",
+        "SOKO_ENCRYPTION_KEYS",
+        "SOKO_BLIND_INDEX_KEY",
+        "SOKO_TOKEN_SIGNING_KEYS",
+    ):
         assert variable in joined
 
 
