@@ -55,12 +55,16 @@ def _settings() -> Settings:
     try:
         settings = ensure_secrets(load_settings())
         check_domain_settings(settings)
-        return settings
     except ConfigError as exc:
         err.print("[bold red]Soko cannot start: the configuration has problems[/]")
         for line in exc.problems:
             err.print(f"  - {line}", markup=False, highlight=False)
         raise typer.Exit(2) from None
+    # Every command logs through the same masked chain as the server.
+    from soko.platform.logging import configure_logging
+
+    configure_logging(settings)
+    return settings
 
 
 @app.command()

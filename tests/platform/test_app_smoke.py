@@ -54,3 +54,22 @@ async def test_sqlite_reader_does_not_queue_behind_a_writer(tmp_path: object) ->
             assert await asyncio.wait_for(read(), timeout=10) == ["mango"]
     finally:
         await db.dispose()
+
+
+def test_every_domain_job_is_registered_by_load_handlers() -> None:
+    """An API process imports only soko.app: its in-process dispatcher must know every
+    domain's jobs, or a job queued by another process would fail until dead."""
+    import subprocess
+    import sys
+
+    script = (
+        "from soko.app import load_handlers, load_models\n"
+        "from soko.platform.jobs import registry\n"
+        "load_models(); load_handlers()\n"
+        "print(sorted(registry.jobs))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert "identity.reencrypt" in result.stdout
+    assert "notifications.deliver_sms" in result.stdout
