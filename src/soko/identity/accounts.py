@@ -56,18 +56,7 @@ def normalize_phone(raw: str, default_region: str | None = None) -> str:
 
 
 def _field_error(field: str, message: str) -> ValidationFailed:
-    return ValidationFailed(
-        f"{field} {message}",
-        errors=[
-            {
-                "in": "body",
-                "field": field,
-                "pointer": f"#/{field}",
-                "detail": message,
-                "code": "value_error",
-            }
-        ],
-    )
+    return ValidationFailed.of_field(field, message)
 
 
 def email_index(keys: DataKeys, canonical: str) -> str:

@@ -50,18 +50,7 @@ def new_api_key() -> tuple[str, str]:
 
 
 def _invalid(field: str, message: str) -> ValidationFailed:
-    return ValidationFailed(
-        f"{field} {message}",
-        errors=[
-            {
-                "in": "body",
-                "field": field,
-                "pointer": f"#/{field}",
-                "detail": message,
-                "code": "value_error",
-            }
-        ],
-    )
+    return ValidationFailed.of_field(field, message)
 
 
 async def create_api_key(

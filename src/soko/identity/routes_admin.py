@@ -220,17 +220,8 @@ async def _user(session: AsyncSession, user_id: uuid.UUID) -> User:
 
 
 def _query_problem(field: str, problem: ValidationFailed) -> ValidationFailed:
-    return ValidationFailed(
-        problem.detail,
-        errors=[
-            {
-                "in": "query",
-                "field": field,
-                "pointer": None,
-                "detail": problem.detail.removeprefix(f"{field} "),
-                "code": "value_error",
-            }
-        ],
+    return ValidationFailed.of_field(
+        field, problem.detail.removeprefix(f"{field} "), location="query"
     )
 
 
@@ -522,18 +513,7 @@ async def change_login_methods(
             changed_by=admin.user_id,
         )
     except ValueError as exc:
-        raise ValidationFailed(
-            str(exc),
-            errors=[
-                {
-                    "in": "body",
-                    "field": "methods",
-                    "pointer": "#/methods",
-                    "detail": str(exc),
-                    "code": "value_error",
-                }
-            ],
-        ) from None
+        raise ValidationFailed.of_field("methods", str(exc)) from None
     if after != before:
         # Lists of names, not {"password": true}: the audit log masks any value under a
         # key named like a secret.

@@ -85,6 +85,23 @@ class ValidationFailed(ProblemError):
         "and message."
     )
 
+    @classmethod
+    def of_field(cls, field: str, message: str, *, location: str = "body") -> ValidationFailed:
+        """The problem for one field that passed the schema but broke a rule of the
+        service (an unparseable phone number, a permission the caller lacks)."""
+        return cls(
+            f"{field} {message}",
+            errors=[
+                {
+                    "in": location,
+                    "field": field,
+                    "pointer": f"#/{field}" if location == "body" else None,
+                    "detail": message,
+                    "code": "value_error",
+                }
+            ],
+        )
+
 
 class Unauthorized(ProblemError):
     slug = "unauthorized"
