@@ -5,6 +5,15 @@ with a first code, and gets ten single-use recovery codes. From then on a sign-i
 passed its first factor gets a short-lived *challenge* instead of tokens, completed at
 ``POST /api/v1/auth/mfa/verify`` with a TOTP code or a recovery code.
 
+A user whose role the operator requires MFA for, but who has no confirmed authenticator
+yet, gets an *enrollment challenge* instead (``methods: ["enroll"]``): with it they
+fetch a secret at ``POST /api/v1/auth/mfa/enroll`` and confirm it at
+``POST /api/v1/auth/mfa/enroll/confirm``, which turns the factor on and opens the
+session in one step. Without it they could never enroll, since enrolling otherwise
+needs a signed-in session. The two kinds of challenge differ by their token's prefix
+(``mfa_`` to verify, ``mfe_`` to enroll); the prefix is part of what is hashed into the
+stored row, so neither kind can be presented as the other.
+
 No code is ever accepted twice, even when two requests race with it: a TOTP code moves
 the factor's ``last_used_step`` forward with a conditional UPDATE (RFC 6238 section 5.2),
 a recovery code is spent with ``UPDATE ... WHERE used_at IS NULL``, a challenge counts
@@ -12,16 +21,18 @@ its attempt with ``UPDATE ... WHERE attempts < max`` before any code is looked a
 is completed with ``UPDATE ... WHERE used_at IS NULL``. Whichever request the database
 lets through first wins; the other finds nothing to update and is refused.
 
-The login flow uses it like this::
+The sign-in flows use it like this::
 
     if await mfa.second_factor_needed(session, runtime, user):
         return await mfa.start_challenge(session, runtime, user, method="password",
-                                         device=device)  # 403 if enrollment is missing
-    pair = await sessions.start_session(...)
+                                         device=device)  # to verify, or to enroll
+    pair = await signin.finish_sign_in(...)
 
-:func:`start_challenge` raises :class:`MfaEnrollmentRequired` (403) when the user's
-roles require a second factor but none is confirmed, so no full tokens are handed out;
-:func:`enforce_enrollment` makes the same check on its own.
+A completed challenge, of either kind, opens its session through
+:func:`soko.identity.signin.finish_sign_in` like every other sign-in, so the new-device
+record and ``auth.login`` are the same whichever way the user got in.
+:func:`enforce_enrollment` raises :class:`MfaEnrollmentRequired` (403) for a path that
+cannot offer enrollment when the user's roles require a second factor.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import ColumnElement, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -51,7 +62,7 @@ from soko.identity.errors import (
 )
 from soko.identity.models import MfaChallenge, RecoveryCode, TotpFactor, User, UserStatus
 from soko.identity.schemas import MfaChallengeOut
-from soko.identity.sessions import DeviceFacts, TokenPair, hash_secret, start_session
+from soko.identity.sessions import DeviceFacts, TokenPair, hash_secret
 from soko.platform.errors import RateLimited
 from soko.platform.ids import uuid7
 from soko.platform.otp import (
@@ -67,6 +78,7 @@ RECOVERY_CODE_COUNT: Final = 10
 RECOVERY_CODE_LENGTH: Final = 10
 RECOVERY_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz234567"  # base32: no 0/1/8/9 to misread
 CHALLENGE_PREFIX: Final = "mfa_"
+ENROLL_CHALLENGE_PREFIX: Final = "mfe_"
 CHALLENGE_LIFETIME: Final = dt.timedelta(minutes=5)
 CHALLENGE_MAX_ATTEMPTS: Final = 5
 # Someone holding the password can open challenge after challenge; past this many wrong
@@ -75,6 +87,7 @@ FAILURES_BEFORE_PAUSE: Final = 20
 FAILURE_WINDOW: Final = dt.timedelta(hours=1)
 METHOD_TOTP: Final = "totp"
 METHOD_RECOVERY_CODE: Final = "recovery_code"
+METHOD_ENROLL: Final = "enroll"
 SECRET_COLUMN: Final = "totp_factors.secret"
 RECOVERY_CODE_COLUMN: Final = "recovery_codes.code"
 
@@ -98,6 +111,15 @@ class MfaStatus:
 class CompletedSignIn:
     tokens: TokenPair
     factor: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnrolledSignIn:
+    """A sign-in that enrolled its authenticator: the session's tokens and the ten
+    recovery codes, both shown once."""
+
+    tokens: TokenPair
+    recovery_codes: list[str]
 
 
 # -- the factor ---------------------------------------------------------------------------
@@ -308,13 +330,35 @@ async def confirm_totp(
     session: AsyncSession, runtime: Runtime, user: User, code: str, *, ip: str, request_id: str
 ) -> list[str]:
     """Turn the pending factor on with its first code; returns the recovery codes."""
-    factor = await _factor(session, user.id)
-    if factor is None:
-        raise MfaNotEnabled("Start enrollment first: POST /api/v1/me/mfa/totp.")
-    if factor.confirmed_at is not None:
-        raise MfaAlreadyEnabled()
+    factor = await _pending_factor(session, user.id, start_at="POST /api/v1/me/mfa/totp")
     if not await _spend_totp(session, runtime, factor, code, confirming=True):
         raise InvalidCode("The code does not match; check the authenticator app's clock.")
+    return await _turn_on(
+        session, runtime, user, ip=ip, request_id=request_id, audit_data={"factor": METHOD_TOTP}
+    )
+
+
+async def _pending_factor(
+    session: AsyncSession, user_id: uuid.UUID, *, start_at: str
+) -> TotpFactor:
+    factor = await _factor(session, user_id)
+    if factor is None:
+        raise MfaNotEnabled(f"Start enrollment first: {start_at}.")
+    if factor.confirmed_at is not None:
+        raise MfaAlreadyEnabled()
+    return factor
+
+
+async def _turn_on(
+    session: AsyncSession,
+    runtime: Runtime,
+    user: User,
+    *,
+    ip: str,
+    request_id: str | None,
+    audit_data: dict[str, object],
+) -> list[str]:
+    """What follows a confirmed first code: new recovery codes and ``mfa.enabled``."""
     codes = await _issue_recovery_codes(session, runtime, user.id)
     await record_audit_event(
         session,
@@ -324,7 +368,7 @@ async def confirm_totp(
         target_id=str(user.id),
         ip=ip,
         request_id=request_id,
-        data={"factor": METHOD_TOTP},
+        data=audit_data,
         clock=runtime.clock,
     )
     return codes
@@ -425,7 +469,8 @@ async def _role_requires_mfa(session: AsyncSession, user: User) -> bool:
 async def second_factor_needed(session: AsyncSession, runtime: Runtime, user: User) -> bool:
     """Whether a sign-in of ``user`` that passed its first factor must go through
     :func:`start_challenge` instead of receiving tokens: the user has a confirmed
-    authenticator, or one of their roles is among those the operator requires MFA for."""
+    authenticator (a challenge to verify), or one of their roles is among those the
+    operator requires MFA for (a challenge to enroll)."""
     if await has_confirmed_factor(session, user.id):
         return True
     return await _role_requires_mfa(session, user)
@@ -433,7 +478,8 @@ async def second_factor_needed(session: AsyncSession, runtime: Runtime, user: Us
 
 async def enforce_enrollment(session: AsyncSession, user: User) -> None:
     """Raise :class:`MfaEnrollmentRequired` (403) when the user's roles require MFA and
-    no authenticator is confirmed: such a sign-in must not get tokens."""
+    no authenticator is confirmed: for a path that must not hand out tokens and cannot
+    offer the enrollment challenge :func:`start_challenge` gives sign-ins."""
     if await has_confirmed_factor(session, user.id):
         return
     if await _role_requires_mfa(session, user):
@@ -446,13 +492,20 @@ async def start_challenge(
     """Store a challenge for a sign-in by ``method`` that passed its first factor and
     return its token (shown once, stored hashed), valid for five minutes and five tries.
 
-    Raises :class:`MfaEnrollmentRequired` when the user has no confirmed authenticator,
-    and :class:`RateLimited` while too many wrong codes were sent for this user lately."""
-    if not await has_confirmed_factor(session, user.id):
-        raise MfaEnrollmentRequired()
+    With a confirmed authenticator it is completed at ``/auth/mfa/verify`` (``methods``
+    ``["totp", "recovery_code"]``); without one, when the user's roles require MFA, it
+    can only enroll one (``methods`` ``["enroll"]``). Raises :class:`MfaNotEnabled` when
+    neither holds (the caller should have asked :func:`second_factor_needed`), and
+    :class:`RateLimited` while too many wrong codes were sent for this user lately."""
+    if await has_confirmed_factor(session, user.id):
+        prefix, methods = CHALLENGE_PREFIX, [METHOD_TOTP, METHOD_RECOVERY_CODE]
+    elif await _role_requires_mfa(session, user):
+        prefix, methods = ENROLL_CHALLENGE_PREFIX, [METHOD_ENROLL]
+    else:
+        raise MfaNotEnabled("This account signs in without a second factor.")
     now = runtime.clock.now()
     await _refuse_while_guessing(session, user.id, now)
-    token = CHALLENGE_PREFIX + secrets.token_urlsafe(32)
+    token = prefix + secrets.token_urlsafe(32)
     session.add(
         MfaChallenge(
             id=uuid7(),
@@ -471,7 +524,7 @@ async def start_challenge(
     await session.flush()
     return MfaChallengeOut(
         challenge_token=token,
-        methods=[METHOD_TOTP, METHOD_RECOVERY_CODE],
+        methods=methods,
         expires_in=int(CHALLENGE_LIFETIME.total_seconds()),
     )
 
@@ -500,6 +553,120 @@ async def _refuse_while_guessing(
     )
 
 
+def _live(challenge_id: uuid.UUID, now: dt.datetime) -> list[ColumnElement[bool]]:
+    return [
+        MfaChallenge.id == challenge_id,
+        MfaChallenge.used_at.is_(None),
+        MfaChallenge.expires_at > now,
+        MfaChallenge.attempts < CHALLENGE_MAX_ATTEMPTS,
+    ]
+
+
+async def _open_challenge(
+    session: AsyncSession, runtime: Runtime, token: str, *, prefix: str, count_attempt: bool
+) -> tuple[MfaChallenge, User]:
+    """The live challenge ``token`` names, of the kind ``prefix`` says, and its user.
+
+    With ``count_attempt`` the attempt is counted before any code is looked at,
+    atomically, so no number of parallel requests gets more than the allowed tries."""
+    now = runtime.clock.now()
+    if not token.startswith(prefix) or len(token) > 128:
+        raise InvalidMfaChallenge()
+    challenge = (
+        await session.scalars(
+            select(MfaChallenge).where(MfaChallenge.token_hash == hash_secret(token))
+        )
+    ).first()
+    if challenge is None:
+        raise InvalidMfaChallenge()
+    if count_attempt:
+        counted = await session.execute(
+            update(MfaChallenge)
+            .where(*_live(challenge.id, now))
+            .values(attempts=MfaChallenge.attempts + 1)
+            .execution_options(synchronize_session=False)
+        )
+        live = counted.rowcount == 1  # type: ignore[attr-defined]
+    else:
+        live = (
+            await session.scalar(select(MfaChallenge.id).where(*_live(challenge.id, now)))
+            is not None
+        )
+    if not live:
+        raise InvalidMfaChallenge()
+    user = await session.get(User, challenge.user_id)
+    if user is None or user.status == UserStatus.deleted.value:
+        raise InvalidMfaChallenge()
+    if user.status != UserStatus.active.value:
+        raise AccountBlocked()
+    return challenge, user
+
+
+async def _close_challenge(
+    session: AsyncSession, challenge: MfaChallenge, now: dt.datetime
+) -> None:
+    completed = await session.execute(
+        update(MfaChallenge)
+        .where(MfaChallenge.id == challenge.id, MfaChallenge.used_at.is_(None))
+        .values(used_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if completed.rowcount != 1:  # type: ignore[attr-defined]
+        raise InvalidMfaChallenge()
+
+
+async def _record_failure(
+    session: AsyncSession,
+    runtime: Runtime,
+    user: User,
+    challenge: MfaChallenge,
+    *,
+    factor: str,
+    device: DeviceFacts,
+    request_id: str | None,
+) -> None:
+    data: dict[str, object] = {"method": challenge.method, "factor": factor}
+    if factor == METHOD_ENROLL:
+        data["factor"] = METHOD_TOTP
+        data["enrolling"] = True
+    await record_audit_event(
+        session,
+        action="auth.mfa_failed",
+        actor_id=user.id,
+        target_type="user",
+        target_id=str(user.id),
+        ip=device.ip,
+        request_id=request_id,
+        data=data,
+        clock=runtime.clock,
+    )
+
+
+async def _finish_sign_in(
+    session: AsyncSession,
+    runtime: Runtime,
+    user: User,
+    challenge: MfaChallenge,
+    *,
+    device: DeviceFacts,
+    request_id: str | None,
+    details: dict[str, object],
+) -> TokenPair:
+    # signin imports this module for its flows' second step; importing it back here,
+    # when a challenge completes, keeps one place where every sign-in ends.
+    from soko.identity.signin import RequestFacts, finish_sign_in
+
+    return await finish_sign_in(
+        session,
+        runtime,
+        user,
+        method=challenge.method,
+        facts=RequestFacts(device=device, request_id=request_id or None),
+        mfa_verified=True,
+        details=details,
+    )
+
+
 async def complete_challenge(
     session: AsyncSession,
     runtime: Runtime,
@@ -513,38 +680,11 @@ async def complete_challenge(
     """Check a challenge's second factor and, if it holds, open the session.
 
     A wrong code raises :class:`InvalidCode` marked ``keeping_changes()`` so the spent
-    attempt (and its audit event) commit with the refusal."""
-    now = runtime.clock.now()
-    if not token.startswith(CHALLENGE_PREFIX) or len(token) > 128:
-        raise InvalidMfaChallenge()
-    challenge = (
-        await session.scalars(
-            select(MfaChallenge).where(MfaChallenge.token_hash == hash_secret(token))
-        )
-    ).first()
-    if challenge is None:
-        raise InvalidMfaChallenge()
-    # The attempt is counted before any code is looked at, atomically, so no number of
-    # parallel requests gets more than the allowed tries.
-    counted = await session.execute(
-        update(MfaChallenge)
-        .where(
-            MfaChallenge.id == challenge.id,
-            MfaChallenge.used_at.is_(None),
-            MfaChallenge.expires_at > now,
-            MfaChallenge.attempts < CHALLENGE_MAX_ATTEMPTS,
-        )
-        .values(attempts=MfaChallenge.attempts + 1)
-        .execution_options(synchronize_session=False)
+    attempt (and its audit event) commit with the refusal. Enrollment challenges are
+    refused here (:class:`InvalidMfaChallenge`)."""
+    challenge, user = await _open_challenge(
+        session, runtime, token, prefix=CHALLENGE_PREFIX, count_attempt=True
     )
-    if counted.rowcount != 1:  # type: ignore[attr-defined]
-        raise InvalidMfaChallenge()
-    user = await session.get(User, challenge.user_id)
-    if user is None or user.status == UserStatus.deleted.value:
-        raise InvalidMfaChallenge()
-    if user.status != UserStatus.active.value:
-        raise AccountBlocked()
-
     factor_used = METHOD_TOTP if code is not None else METHOD_RECOVERY_CODE
     factor = await _factor(session, user.id)
     ok = False
@@ -554,48 +694,86 @@ async def complete_challenge(
         elif recovery_code is not None:
             ok = await _spend_recovery_code(session, runtime, user.id, recovery_code)
     if not ok:
-        await record_audit_event(
+        await _record_failure(
             session,
-            action="auth.mfa_failed",
-            actor_id=user.id,
-            target_type="user",
-            target_id=str(user.id),
-            ip=device.ip,
+            runtime,
+            user,
+            challenge,
+            factor=factor_used,
+            device=device,
             request_id=request_id,
-            data={"method": challenge.method, "factor": factor_used},
-            clock=runtime.clock,
         )
         raise InvalidCode().keeping_changes()
 
-    completed = await session.execute(
-        update(MfaChallenge)
-        .where(MfaChallenge.id == challenge.id, MfaChallenge.used_at.is_(None))
-        .values(used_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if completed.rowcount != 1:  # type: ignore[attr-defined]
-        raise InvalidMfaChallenge()
-    pair = await start_session(
-        session, runtime, user, method=challenge.method, device=device, mfa_verified=True
-    )
-    data: dict[str, object] = {
-        "method": challenge.method,
-        "mfa": True,
-        "factor": factor_used,
-        "session": str(pair.session_id),  # "session_id" would be masked as a cookie
-        "device": device.device_name,
-    }
+    await _close_challenge(session, challenge, runtime.clock.now())
+    details: dict[str, object] = {"factor": factor_used}
     if factor_used == METHOD_RECOVERY_CODE:
-        data["recovery_left"] = (await mfa_status(session, user.id)).recovery_codes_left
-    await record_audit_event(
-        session,
-        action="auth.login",
-        actor_id=user.id,
-        target_type="user",
-        target_id=str(user.id),
-        ip=device.ip,
-        request_id=request_id,
-        data=data,
-        clock=runtime.clock,
+        details["recovery_left"] = (await mfa_status(session, user.id)).recovery_codes_left
+    pair = await _finish_sign_in(
+        session, runtime, user, challenge, device=device, request_id=request_id, details=details
     )
     return CompletedSignIn(tokens=pair, factor=factor_used)
+
+
+async def begin_challenge_enrollment(
+    session: AsyncSession, runtime: Runtime, token: str
+) -> TotpEnrollment:
+    """A new authenticator secret for the user of an enrollment challenge. Asking again
+    replaces the secret, like enrolling again from a session; it spends no attempt (the
+    codes sent to confirm do), but the challenge must be live."""
+    _, user = await _open_challenge(
+        session, runtime, token, prefix=ENROLL_CHALLENGE_PREFIX, count_attempt=False
+    )
+    return await enroll_totp(session, runtime, user)
+
+
+async def complete_challenge_enrollment(
+    session: AsyncSession,
+    runtime: Runtime,
+    token: str,
+    code: str,
+    *,
+    device: DeviceFacts,
+    request_id: str,
+) -> EnrolledSignIn:
+    """Confirm the authenticator enrolled with an enrollment challenge by its first
+    code, and open the session (MFA verified: the code just proved the factor).
+
+    A wrong code counts an attempt and raises :class:`InvalidCode` marked
+    ``keeping_changes()``; the challenge is spent only by success."""
+    challenge, user = await _open_challenge(
+        session, runtime, token, prefix=ENROLL_CHALLENGE_PREFIX, count_attempt=True
+    )
+    factor = await _pending_factor(session, user.id, start_at="POST /api/v1/auth/mfa/enroll")
+    if not await _spend_totp(session, runtime, factor, code, confirming=True):
+        await _record_failure(
+            session,
+            runtime,
+            user,
+            challenge,
+            factor=METHOD_ENROLL,
+            device=device,
+            request_id=request_id,
+        )
+        raise InvalidCode(
+            "The code does not match; check the authenticator app's clock."
+        ).keeping_changes()
+    await _close_challenge(session, challenge, runtime.clock.now())
+    codes = await _turn_on(
+        session,
+        runtime,
+        user,
+        ip=device.ip,
+        request_id=request_id or None,
+        audit_data={"factor": METHOD_TOTP, "method": challenge.method, "at_sign_in": True},
+    )
+    pair = await _finish_sign_in(
+        session,
+        runtime,
+        user,
+        challenge,
+        device=device,
+        request_id=request_id,
+        details={"factor": METHOD_TOTP, "enrolled": True},
+    )
+    return EnrolledSignIn(tokens=pair, recovery_codes=codes)

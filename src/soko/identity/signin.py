@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -405,15 +406,17 @@ async def finish_sign_in(
     method: str,
     facts: RequestFacts,
     mfa_verified: bool = False,
+    details: Mapping[str, object] | None = None,
 ) -> TokenPair:
     """Open the session of a sign-in whose every factor passed, noting a device not
-    seen before and recording ``auth.login``. Other sign-in flows (a completed MFA
-    challenge, an SMS code) end here too."""
+    seen before and recording ``auth.login`` (with ``mfa`` and any ``details``, such as
+    the second factor used). Every sign-in ends here: password and SMS code directly,
+    and any of them, or a social sign-in, through a completed MFA challenge."""
     new_device = await is_new_device(session, user.id, facts.device)
     pair = await start_session(
         session, runtime, user, method=method, device=facts.device, mfa_verified=mfa_verified
     )
-    data = {
+    data: dict[str, object] = {
         "method": method,
         "session": str(pair.session_id),
         "device": facts.device.device_name,
@@ -438,7 +441,7 @@ async def finish_sign_in(
         target_id=str(user.id),
         ip=facts.ip,
         request_id=facts.request_id,
-        data=data,
+        data={**data, "mfa": mfa_verified, **(details or {})},
         clock=runtime.clock,
     )
     return pair
