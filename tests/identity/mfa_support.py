@@ -13,7 +13,9 @@ from sqlalchemy import select
 
 from soko.identity import mfa
 from soko.identity.accounts import create_user
+from soko.identity.login_methods import change_login_settings
 from soko.identity.models import AuditEvent, Role, User
+from soko.identity.passwords import password_hasher
 from soko.identity.sessions import DeviceFacts, TokenPair, start_session
 from soko.platform.clock import ManualClock
 from soko.platform.otp import DEFAULT_PERIOD, decode_secret, totp
@@ -21,6 +23,10 @@ from soko.platform.runtime import Runtime
 
 MFA = "/api/v1/me/mfa"
 VERIFY = "/api/v1/auth/mfa/verify"
+ENROLL = "/api/v1/auth/mfa/enroll"
+ENROLL_CONFIRM = "/api/v1/auth/mfa/enroll/confirm"
+LOGIN = "/api/v1/auth/login"
+PASSWORD = "marula-trees-at-dusk-17"
 PHONE_UA = "Mozilla/5.0 (Linux; Android 13; TECNO KI5k) Chrome/124.0.0.0 Mobile Safari/537.36"
 DEVICE = DeviceFacts(user_agent=PHONE_UA, ip="197.248.10.20")
 
@@ -46,7 +52,11 @@ async def make_holder(
     email: str | None = None,
     phone: str | None = None,
     roles: tuple[Role, ...] = (Role.customer,),
+    password: str | None = None,
 ) -> Holder:
+    """An account with a session opened from :data:`DEVICE`; with ``password`` it can
+    also sign in over HTTP."""
+    password_hash = await password_hasher(runtime).hash(password) if password else None
     if email is None and phone is None:
         email = f"wanjiru.{uuid.uuid4().hex[:8]}@example.com"
     async with runtime.db.transaction() as session:
@@ -57,6 +67,7 @@ async def make_holder(
             email=email,
             phone=phone,
             display_name="Wanjiru",
+            password_hash=password_hash,
             roles=roles,
             email_verified=email is not None,
             phone_verified=phone is not None,
@@ -128,3 +139,28 @@ async def audit_actions(runtime: Runtime, user_id: uuid.UUID) -> list[tuple[str,
             )
         ).all()
         return [(row.action, dict(row.data)) for row in rows]
+
+
+async def require_mfa_for(runtime: Runtime, *roles: Role) -> None:
+    """The operator's runtime setting: members of ``roles`` must sign in with MFA."""
+    async with runtime.db.transaction() as session:
+        await change_login_settings(
+            session,
+            mfa_required_roles=[role.value for role in roles],
+            now=runtime.clock.now(),
+            changed_by=None,
+        )
+
+
+async def password_login(
+    client: httpx2.AsyncClient, email: str, *, user_agent: str = PHONE_UA
+) -> dict[str, Any]:
+    """Sign in with :data:`PASSWORD`; the answer's body (tokens or a challenge)."""
+    answer = await client.post(
+        LOGIN,
+        json={"identifier": email, "password": PASSWORD},
+        headers={"User-Agent": user_agent},
+    )
+    assert answer.status_code == 200, answer.text
+    body: dict[str, Any] = answer.json()
+    return body

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select, text, update
 
 from soko.identity import mfa
-from soko.identity.errors import MfaEnrollmentRequired
+from soko.identity.errors import MfaEnrollmentRequired, MfaNotEnabled
 from soko.identity.models import (
     AuthSession,
     IdentitySetting,
@@ -33,7 +33,10 @@ from soko.platform.otp import TotpProvisioning, decode_secret, totp
 from soko.platform.runtime import Runtime
 from tests.identity.mfa_support import (
     DEVICE,
+    ENROLL,
+    ENROLL_CONFIRM,
     MFA,
+    PASSWORD,
     VERIFY,
     Holder,
     audit_actions,
@@ -44,7 +47,11 @@ from tests.identity.mfa_support import (
     next_step,
     open_challenge,
     other_code,
+    password_login,
+    require_mfa_for,
 )
+from tests.identity.signin_support import LAPTOP_UA
+from tests.identity.sms_support import ask_code, kenyan_number, last_code, send_code
 
 RECOVERY_CODE_SHAPE = re.compile(r"^[a-z2-7]{5}-[a-z2-7]{5}$")
 
@@ -284,6 +291,7 @@ async def test_the_same_totp_code_is_never_accepted_twice(
     actions = [action for action, _ in await audit_actions(runtime, holder.user_id)]
     assert actions == [
         "mfa.enabled",
+        "auth.new_device",  # the test client's User-Agent, not the holder's phone
         "auth.login",
         "auth.mfa_failed",
         "auth.mfa_failed",
@@ -426,7 +434,7 @@ async def test_a_challenge_needs_a_confirmed_factor(
         assert not await mfa.second_factor_needed(session, runtime, user)
         assert await mfa.mfa_required_roles(session) == frozenset()
         await mfa.enforce_enrollment(session, user)  # nothing required, nothing raised
-        with pytest.raises(MfaEnrollmentRequired):
+        with pytest.raises(MfaNotEnabled):
             await mfa.start_challenge(session, runtime, user, method="password", device=DEVICE)
 
 
@@ -468,10 +476,14 @@ async def test_roles_the_operator_names_must_enroll_before_signing_in(
         user = await session.get(User, seller.user_id)
         assert user is not None
         assert await mfa.second_factor_needed(session, runtime, user)
+        # A path that cannot offer enrollment refuses; a sign-in gets a challenge to enroll.
         with pytest.raises(MfaEnrollmentRequired):
             await mfa.enforce_enrollment(session, user)
-        with pytest.raises(MfaEnrollmentRequired):
-            await mfa.start_challenge(session, runtime, user, method="password", device=DEVICE)
+        challenge = await mfa.start_challenge(
+            session, runtime, user, method="password", device=DEVICE
+        )
+        assert challenge.methods == ["enroll"] and challenge.expires_in == 300
+        assert challenge.challenge_token.startswith("mfe_")
         other = await session.get(User, customer.user_id)
         assert other is not None
         assert not await mfa.second_factor_needed(session, runtime, other)
@@ -484,6 +496,278 @@ async def test_roles_the_operator_names_must_enroll_before_signing_in(
         user = await session.get(User, seller.user_id)
         assert user is not None
         await mfa.enforce_enrollment(session, user)
+
+
+# -- enrolling at sign-in, for roles that require MFA ---------------------------------------
+
+
+async def _seller_with_password(runtime: Runtime) -> Holder:
+    holder = await make_holder(runtime, roles=(Role.seller,), password=PASSWORD)
+    await require_mfa_for(runtime, Role.seller)
+    return holder
+
+
+async def _enroll_challenge(client: httpx2.AsyncClient, holder: Holder) -> str:
+    assert holder.email is not None
+    body = await password_login(client, holder.email, user_agent=LAPTOP_UA)
+    assert body["mfa_required"] is True and "access_token" not in body
+    assert body["methods"] == ["enroll"] and body["expires_in"] == 300
+    token: str = body["challenge_token"]
+    assert token.startswith("mfe_")
+    return token
+
+
+async def _secret_for(client: httpx2.AsyncClient, holder: Holder, token: str) -> None:
+    answer = await client.post(ENROLL, json={"challenge_token": token})
+    assert answer.status_code == 201, answer.text
+    assert answer.headers["cache-control"] == "no-store"
+    body = answer.json()
+    parsed = TotpProvisioning.parse(body["otpauth_uri"])
+    assert parsed.secret == body["secret"] and parsed.account == holder.email
+    holder.secret = decode_secret(body["secret"])
+
+
+async def _confirm(client: httpx2.AsyncClient, token: str, code: str) -> httpx2.Response:
+    return await client.post(
+        ENROLL_CONFIRM,
+        json={"challenge_token": token, "code": code},
+        headers={"User-Agent": LAPTOP_UA},
+    )
+
+
+async def _challenge_row(runtime: Runtime, user_id: uuid.UUID) -> MfaChallenge:
+    async with runtime.db.transaction(read_only=True) as session:
+        return (
+            await session.scalars(select(MfaChallenge).where(MfaChallenge.user_id == user_id))
+        ).one()
+
+
+async def test_a_role_requiring_mfa_enrolls_at_sign_in_and_gets_tokens_and_recovery_codes(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    holder = await _seller_with_password(runtime)
+    token = await _enroll_challenge(client, holder)
+    assert [action for action, _ in await audit_actions(runtime, holder.user_id)] == []
+
+    await _secret_for(client, holder, token)
+    # Asking again replaces the secret (as from a session); only the newest one confirms.
+    first_secret = holder.secret
+    await _secret_for(client, holder, token)
+    assert holder.secret != first_secret
+
+    answer = await _confirm(client, token, code_now(runtime, holder))
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["cache-control"] == "no-store"
+    body = answer.json()
+    assert body["user_id"] == str(holder.user_id) and body["refresh_token"].startswith("rt_")
+    codes = body["recovery_codes"]
+    assert len(set(codes)) == 10 and all(RECOVERY_CODE_SHAPE.match(code) for code in codes)
+
+    # The new tokens work, and the factor is on with its ten codes.
+    signed_in = {"Authorization": f"Bearer {body['access_token']}"}
+    status = await client.get(MFA, headers=signed_in)
+    assert status.status_code == 200, status.text
+    assert status.json() == {
+        "totp_enabled": True,
+        "enrollment_pending": False,
+        "recovery_codes_left": 10,
+    }
+    async with runtime.db.transaction(read_only=True) as session:
+        auth_session = await session.get(AuthSession, uuid.UUID(body["session_id"]))
+        assert auth_session is not None
+        assert auth_session.mfa_verified is True and auth_session.method == "password"
+        assert auth_session.device_name == "Firefox on Windows"
+    challenge = await _challenge_row(runtime, holder.user_id)
+    assert challenge.used_at is not None and challenge.attempts == 1
+
+    audit = await audit_actions(runtime, holder.user_id)
+    assert [action for action, _ in audit] == ["mfa.enabled", "auth.new_device", "auth.login"]
+    enabled, new_device, login = (data for _, data in audit)
+    assert enabled["factor"] == "totp" and enabled["at_sign_in"] is True
+    assert new_device["device"] == "Firefox on Windows"
+    assert login["mfa"] is True and login["method"] == "password"
+    assert login["factor"] == "totp" and login["enrolled"] is True
+    assert login["session"] == body["session_id"]
+
+    # From now on the password leads to a challenge to verify, answered with a recovery code.
+    next_step(runtime)
+    assert holder.email is not None
+    again = await password_login(client, holder.email, user_agent=LAPTOP_UA)
+    assert again["methods"] == ["totp", "recovery_code"]
+    assert again["challenge_token"].startswith("mfa_")
+    verified = await _verify(client, again["challenge_token"], recovery_code=codes[0])
+    assert verified.status_code == 200, verified.text
+
+
+async def test_enroll_and_verify_challenges_cannot_stand_in_for_each_other(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    seller = await _seller_with_password(runtime)
+    enroll_token = await _enroll_challenge(client, seller)
+    await _secret_for(client, seller, enroll_token)
+    code = code_now(runtime, seller)
+    # An enrollment challenge is no proof of a second factor, even with a right code...
+    _problem(await _verify(client, enroll_token, code=code), 401, "invalid-mfa-challenge")
+    # ...nor under the other kind's prefix: the prefix is part of the hashed token.
+    swapped = "mfa_" + enroll_token.removeprefix("mfe_")
+    _problem(await _verify(client, swapped, code=code), 401, "invalid-mfa-challenge")
+
+    holder = await enable_mfa(client, runtime, await make_holder(runtime))
+    verify_token = await open_challenge(runtime, holder)
+    for token in (verify_token, "mfe_" + verify_token.removeprefix("mfa_")):
+        _problem(
+            await client.post(ENROLL, json={"challenge_token": token}),
+            401,
+            "invalid-mfa-challenge",
+        )
+        _problem(
+            await _confirm(client, token, code_now(runtime, holder)),
+            401,
+            "invalid-mfa-challenge",
+        )
+    # The refusals spent nothing: both challenges still do their own job.
+    assert (await _verify(client, verify_token, code=code_now(runtime, holder))).status_code == 200
+    confirmed = await _confirm(client, enroll_token, code)
+    assert confirmed.status_code == 200, confirmed.text
+    assert (await _challenge_row(runtime, seller.user_id)).attempts == 1
+
+
+async def test_an_enroll_challenge_is_single_use(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    holder = await _seller_with_password(runtime)
+    token = await _enroll_challenge(client, holder)
+    await _secret_for(client, holder, token)
+    assert (await _confirm(client, token, code_now(runtime, holder))).status_code == 200
+    next_step(runtime)
+    _problem(
+        await client.post(ENROLL, json={"challenge_token": token}), 401, "invalid-mfa-challenge"
+    )
+    _problem(await _confirm(client, token, code_now(runtime, holder)), 401, "invalid-mfa-challenge")
+    logins = [a for a, _ in await audit_actions(runtime, holder.user_id) if a == "auth.login"]
+    assert logins == ["auth.login"]
+
+
+async def test_an_expired_enroll_challenge_is_refused(
+    client: httpx2.AsyncClient, runtime: Runtime, clock: ManualClock
+) -> None:
+    holder = await _seller_with_password(runtime)
+    token = await _enroll_challenge(client, holder)
+    await _secret_for(client, holder, token)
+    clock.advance(dt.timedelta(minutes=5, seconds=1))
+    _problem(await _confirm(client, token, code_now(runtime, holder)), 401, "invalid-mfa-challenge")
+    _problem(
+        await client.post(ENROLL, json={"challenge_token": token}), 401, "invalid-mfa-challenge"
+    )
+    async with runtime.db.transaction(read_only=True) as session:
+        factor = await session.get(TotpFactor, holder.user_id)
+        assert factor is not None and factor.confirmed_at is None
+        # No session was opened but the one the holder started with.
+        sessions = (
+            await session.scalars(select(AuthSession).where(AuthSession.user_id == holder.user_id))
+        ).all()
+        assert [row.user_agent for row in sessions] == [DEVICE.user_agent]
+    # Signing in again opens a fresh challenge that confirms the pending secret.
+    fresh = await _enroll_challenge(client, holder)
+    assert (await _confirm(client, fresh, code_now(runtime, holder))).status_code == 200
+
+
+async def test_wrong_enrollment_codes_are_counted_and_the_sixth_is_refused(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    holder = await _seller_with_password(runtime)
+    token = await _enroll_challenge(client, holder)
+    _problem(await _confirm(client, token, "123456"), 409, "mfa-not-enabled")  # no secret yet
+    await _secret_for(client, holder, token)
+    wrong = other_code(runtime, holder)
+    for _ in range(5):
+        _problem(await _confirm(client, token, wrong), 400, "invalid-code")
+    _problem(await _confirm(client, token, code_now(runtime, holder)), 401, "invalid-mfa-challenge")
+    _problem(
+        await client.post(ENROLL, json={"challenge_token": token}), 401, "invalid-mfa-challenge"
+    )
+    challenge = await _challenge_row(runtime, holder.user_id)
+    # Every wrong code was committed with its refusal; the right one was not taken.
+    assert challenge.attempts == 5 and challenge.used_at is None
+    audit = await audit_actions(runtime, holder.user_id)
+    assert [action for action, _ in audit] == ["auth.mfa_failed"] * 5
+    assert audit[0][1] == {"method": "password", "factor": "totp", "enrolling": True}
+    async with runtime.db.transaction(read_only=True) as session:
+        factor = await session.get(TotpFactor, holder.user_id)
+        assert factor is not None and factor.confirmed_at is None
+
+
+async def test_a_blocked_user_cannot_enroll_with_a_challenge(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    holder = await _seller_with_password(runtime)
+    token = await _enroll_challenge(client, holder)
+    await _secret_for(client, holder, token)
+    async with runtime.db.transaction() as session:
+        await session.execute(
+            update(User).where(User.id == holder.user_id).values(status=UserStatus.blocked.value)
+        )
+    _problem(await _confirm(client, token, code_now(runtime, holder)), 403, "account-blocked")
+    _problem(await client.post(ENROLL, json={"challenge_token": token}), 403, "account-blocked")
+
+
+# -- every sign-in through a challenge ends like any other --------------------------------
+
+
+async def test_a_password_sign_in_through_a_challenge_records_a_new_device(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    holder = await enable_mfa(client, runtime, await make_holder(runtime, password=PASSWORD))
+    assert holder.email is not None
+
+    def new_devices(audit: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        return [data for action, data in audit if action == "auth.new_device"]
+
+    for round_ in range(2):
+        body = await password_login(client, holder.email, user_agent=LAPTOP_UA)
+        answer = await client.post(
+            VERIFY,
+            json={"challenge_token": body["challenge_token"], "code": code_now(runtime, holder)},
+            headers={"User-Agent": LAPTOP_UA},
+        )
+        assert answer.status_code == 200, answer.text
+        audit = await audit_actions(runtime, holder.user_id)
+        # The laptop is new the first time only; the phone (DEVICE) never was.
+        [event] = new_devices(audit)
+        assert event["device"] == "Firefox on Windows" and event["method"] == "password"
+        if round_ == 0:
+            assert event["session"] == answer.json()["session_id"]
+        next_step(runtime)
+    logins = [data for action, data in audit if action == "auth.login"]
+    assert [(data["method"], data["mfa"], data["factor"]) for data in logins] == [
+        ("password", True, "totp"),
+        ("password", True, "totp"),
+    ]
+
+
+async def test_an_sms_sign_in_through_a_challenge_records_a_new_device(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    phone = kenyan_number(41)
+    holder = await enable_mfa(client, runtime, await make_holder(runtime, phone=phone))
+    assert (await ask_code(client, phone)).status_code == 202
+    body = (await send_code(client, phone, await last_code(runtime, phone))).json()
+    assert body["mfa_required"] is True and body["methods"] == ["totp", "recovery_code"]
+    answer = await client.post(
+        VERIFY,
+        json={
+            "challenge_token": body["challenge_token"],
+            "recovery_code": holder.recovery_codes[0],
+        },
+        headers={"User-Agent": LAPTOP_UA},
+    )
+    assert answer.status_code == 200, answer.text
+    audit = await audit_actions(runtime, holder.user_id)
+    assert [action for action, _ in audit][-2:] == ["auth.new_device", "auth.login"]
+    new_device, login = audit[-2][1], audit[-1][1]
+    assert new_device["device"] == "Firefox on Windows" and new_device["method"] == "sms"
+    assert login["mfa"] is True and login["method"] == "sms"
+    assert login["factor"] == "recovery_code" and login["recovery_left"] == 9
 
 
 # -- disabling and new recovery codes ----------------------------------------------------

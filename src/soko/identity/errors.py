@@ -97,7 +97,10 @@ class MfaEnrollmentRequired(ProblemError):
     slug = "mfa-enrollment-required"
     title = "Two-factor sign-in required"
     status = 403
-    description = "Your role requires an authenticator app: enroll one, then sign in again."
+    description = (
+        "Your role requires an authenticator app, and this way in cannot enroll one: "
+        "enroll one, then try again."
+    )
 
 
 class OidcFailed(ProblemError):

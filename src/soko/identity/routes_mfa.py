@@ -1,5 +1,7 @@
 """Two-factor sign-in: the account holder's authenticator and recovery codes (under
-``/api/v1/me/mfa``) and completing a sign-in's challenge (``/api/v1/auth/mfa/verify``)."""
+``/api/v1/me/mfa``) and completing a sign-in's challenge: ``/api/v1/auth/mfa/verify``
+with a code, or, for an account whose role requires MFA and that has no authenticator
+yet, ``/api/v1/auth/mfa/enroll`` and ``/api/v1/auth/mfa/enroll/confirm``."""
 
 from __future__ import annotations
 
@@ -66,9 +68,26 @@ class ChallengeAnswerIn(ProofIn):
     challenge_token: str = Field(min_length=1, max_length=128)
 
 
+class EnrollChallengeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    challenge_token: str = Field(min_length=1, max_length=128)
+
+
+class EnrollChallengeConfirmIn(CodeIn):
+    challenge_token: str = Field(min_length=1, max_length=128)
+
+
 class RecoveryCodesOut(BaseModel):
     """Ten single-use codes for signing in without the authenticator. Shown only now:
     store them somewhere safe."""
+
+    recovery_codes: list[str]
+
+
+class EnrolledSignInOut(TokenPairOut):
+    """The new session's tokens and the ten recovery codes of the authenticator just
+    turned on. Both are shown only now: store the recovery codes somewhere safe."""
 
     recovery_codes: list[str]
 
@@ -222,10 +241,12 @@ async def verify_challenge(
     runtime: RuntimeDep,
     response: Response,
 ) -> TokenPairOut:
-    """Complete a sign-in that answered ``mfa_required``: the challenge token with an
-    authenticator code or a recovery code. Each challenge takes five tries and lives five
-    minutes; a wrong code answers 400 ``invalid-code``, a spent or expired challenge 401
-    ``invalid-mfa-challenge`` (sign in again)."""
+    """Complete a sign-in that answered ``mfa_required`` with ``methods`` ``["totp",
+    "recovery_code"]``: the challenge token with an authenticator code or a recovery
+    code; an enrollment challenge is refused here (use ``/api/v1/auth/mfa/enroll``).
+    Each challenge takes five tries and lives five minutes; a wrong code answers 400
+    ``invalid-code``, a spent or expired challenge 401 ``invalid-mfa-challenge`` (sign
+    in again)."""
     completed = await mfa.complete_challenge(
         session,
         runtime,
@@ -237,3 +258,55 @@ async def verify_challenge(
     )
     response.headers["Cache-Control"] = "no-store"
     return TokenPairOut.of(completed.tokens)
+
+
+@challenge_router.post(
+    "/enroll",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=[public(), Depends(rate_limit("30/minute", scope="mfa-enroll"))],
+    responses=problem_responses(401, 403, 409, 429),
+)
+async def enroll_with_challenge(
+    body: EnrollChallengeIn,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    response: Response,
+) -> TotpEnrollmentOut:
+    """For a sign-in that answered ``mfa_required`` with ``methods: ["enroll"]`` (the
+    account's role requires an authenticator and it has none yet): a new authenticator
+    secret, to confirm at ``/api/v1/auth/mfa/enroll/confirm`` with the same challenge.
+    Asking again replaces the secret. A spent, expired or verify-only challenge answers
+    401 ``invalid-mfa-challenge``."""
+    enrollment = await mfa.begin_challenge_enrollment(session, runtime, body.challenge_token)
+    response.headers["Cache-Control"] = "no-store"
+    return TotpEnrollmentOut(secret=enrollment.secret, otpauth_uri=enrollment.otpauth_uri)
+
+
+@challenge_router.post(
+    "/enroll/confirm",
+    dependencies=[public(), Depends(rate_limit("30/minute", scope="mfa-enroll"))],
+    responses=problem_responses(400, 401, 403, 409, 429),
+)
+async def confirm_enrollment_with_challenge(
+    body: EnrollChallengeConfirmIn,
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    response: Response,
+) -> EnrolledSignInOut:
+    """Turn the authenticator on with the first code it shows and finish signing in:
+    answers the session's tokens and the ten recovery codes, once. The challenge takes
+    five codes and lives five minutes; a wrong code answers 400 ``invalid-code``, a
+    spent or expired challenge 401 ``invalid-mfa-challenge`` (sign in again)."""
+    enrolled = await mfa.complete_challenge_enrollment(
+        session,
+        runtime,
+        body.challenge_token,
+        body.code,
+        device=_device(request, runtime),
+        request_id=_request_id(request),
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return EnrolledSignInOut(
+        **TokenPairOut.of(enrolled.tokens).model_dump(), recovery_codes=enrolled.recovery_codes
+    )
