@@ -294,14 +294,19 @@ async def test_account_with_an_authenticator_gets_a_challenge_instead_of_tokens(
 async def test_role_that_requires_mfa_without_an_authenticator_gets_no_tokens(
     client: httpx2.AsyncClient, runtime: Runtime
 ) -> None:
+    """Such a user is not refused (they could never enroll) but gets no tokens either:
+    only a challenge that enrolls an authenticator and then signs in."""
     email, _ = await _registered(client)
     async with runtime.db.transaction() as session:
         await change_login_settings(
             session, mfa_required_roles=["customer"], now=runtime.clock.now(), changed_by=None
         )
     response = await login(client, email)
-    assert response.status_code == 403
-    assert response.json()["type"] == "/problems/mfa-enrollment-required"
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["mfa_required"] is True and body["methods"] == ["enroll"]
+    assert "access_token" not in body and body["challenge_token"].startswith("mfe_")
+    assert await audit_events(runtime, "auth.login") == []
 
 
 async def test_password_sign_in_switched_off_at_runtime(

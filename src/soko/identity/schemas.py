@@ -37,7 +37,9 @@ class TokenPairOut(BaseModel):
 
 
 class MfaChallengeOut(BaseModel):
-    """Sign-in needs a second factor: complete it at ``POST /api/v1/auth/mfa/verify``."""
+    """Sign-in needs a second factor: complete it at ``POST /api/v1/auth/mfa/verify``, or,
+    when ``methods`` is ``["enroll"]`` (the role requires an authenticator the user has not
+    set up), enroll at ``/api/v1/auth/mfa/enroll`` and then ``/api/v1/auth/mfa/enroll/confirm``."""
 
     mfa_required: bool = True
     challenge_token: str
