@@ -147,3 +147,24 @@ async def test_concurrent_registrations_of_one_email_make_one_account(
     async with runtime.db.transaction(read_only=True) as session:
         assert await session.scalar(select(func.count()).select_from(User)) == 1
     assert len(await audit_events(runtime, "account.registered")) == 1
+
+
+async def test_sign_up_when_customers_need_mfa_answers_an_enrollment_challenge(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    """A sign-up never hands out what a sign-in would not: with MFA required for
+    customers, the new account must enroll an authenticator before it gets tokens."""
+    from soko.identity.login_methods import change_login_settings
+
+    async with runtime.db.transaction() as session:
+        await change_login_settings(
+            session, mfa_required_roles=["customer"], now=runtime.clock.now(), changed_by=None
+        )
+    response = await client.post(
+        "/api/v1/auth/register",
+        json={"email": "amani@example.com", "password": "a long enough passphrase 7"},
+    )
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["mfa_required"] is True and body["methods"] == ["enroll"]
+    assert "access_token" not in body

@@ -111,7 +111,7 @@ async def login_rate_limit(request: Request, response: Response) -> None:
 @router.post(
     "/register",
     status_code=status.HTTP_201_CREATED,
-    response_model=TokenPairOut,
+    response_model=TokenPairOut | MfaChallengeOut,
     summary="Create an account with an email address and a password",
     responses=problem_responses(403, 409, 422, 429),
     dependencies=[Depends(rate_limit(REGISTER_RATE, scope="register"))],
@@ -122,9 +122,10 @@ async def register(
     runtime: RuntimeDep,
     facts: FactsDep,
     _caller: Annotated[Principal | None, public()],
-) -> TokenPairOut:
+) -> TokenPairOut | MfaChallengeOut:
     """Creates a customer account, mails a link that verifies the address, and signs
-    the new user in. Phone numbers sign up with an SMS code instead."""
+    the new user in; when the operator requires a second factor for customers, answers
+    the challenge that enrolls one instead. Phone numbers sign up with an SMS code."""
     pair = await signin.register_with_password(
         session,
         runtime,
@@ -133,7 +134,7 @@ async def register(
         display_name=body.display_name,
         facts=facts,
     )
-    return TokenPairOut.of(pair)
+    return pair if isinstance(pair, MfaChallengeOut) else TokenPairOut.of(pair)
 
 
 @router.post(

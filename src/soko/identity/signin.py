@@ -277,9 +277,9 @@ async def register_with_password(
     password: str,
     display_name: str,
     facts: RequestFacts,
-) -> TokenPair:
+) -> TokenPair | MfaChallengeOut:
     """Create a customer account with ``email`` and ``password``, mail the verification
-    link and sign the new user in.
+    link and sign the new user in (see :func:`finish_sign_up`).
 
     Raises :class:`WeakPassword` (422), :class:`AccountExists` (409, also for the loser
     of two registrations racing for one address) or :class:`LoginMethodDisabled`."""
@@ -305,7 +305,25 @@ async def register_with_password(
         roles=(Role.customer,),
     )
     await send_email_verification(session, runtime, user.id, canonical)
-    pair = await start_session(session, runtime, user, method=PASSWORD_METHOD, device=facts.device)
+    return await finish_sign_up(session, runtime, user, method=PASSWORD_METHOD, facts=facts)
+
+
+async def finish_sign_up(
+    session: AsyncSession, runtime: Runtime, user: User, *, method: str, facts: RequestFacts
+) -> TokenPair | MfaChallengeOut:
+    """Record a new account and sign it in: with tokens, or, when the operator requires a
+    second factor for new customers, with the challenge that enrolls one first (so a
+    sign-up never hands out what a sign-in would not). The first sign-in is recorded as
+    ``account.registered``, not as ``auth.login``."""
+    outcome: TokenPair | MfaChallengeOut
+    if await mfa.second_factor_needed(session, runtime, user):
+        outcome = await mfa.start_challenge(
+            session, runtime, user, method=method, device=facts.device
+        )
+        opened = None
+    else:
+        outcome = await start_session(session, runtime, user, method=method, device=facts.device)
+        opened = str(outcome.session_id)
     await record_audit_event(
         session,
         action="account.registered",
@@ -314,10 +332,10 @@ async def register_with_password(
         target_id=str(user.id),
         ip=facts.ip,
         request_id=facts.request_id,
-        data={"method": PASSWORD_METHOD, "session": str(pair.session_id)},
+        data={"method": method, "session": opened},
         clock=runtime.clock,
     )
-    return pair
+    return outcome
 
 
 # -- sign-in ----------------------------------------------------------------------------

@@ -50,8 +50,8 @@ from soko.identity.errors import (
 from soko.identity.login_methods import SMS_CODE, login_method_enabled
 from soko.identity.models import OneTimeCode, Role, User, UserStatus
 from soko.identity.schemas import MfaChallengeOut
-from soko.identity.sessions import TokenPair, start_session
-from soko.identity.signin import RequestFacts, finish_sign_in
+from soko.identity.sessions import TokenPair
+from soko.identity.signin import RequestFacts, finish_sign_in, finish_sign_up
 from soko.notifications.public import send_sms
 from soko.platform.crypto import digests_match, hkdf_sha256, mac
 from soko.platform.ids import uuid7
@@ -368,7 +368,7 @@ async def verify_code(
 
 async def _sign_up(
     session: AsyncSession, runtime: Runtime, e164: str, display_name: str, facts: RequestFacts
-) -> TokenPair:
+) -> TokenPair | MfaChallengeOut:
     user = await create_user(
         session,
         runtime.data_keys,
@@ -378,19 +378,7 @@ async def _sign_up(
         roles=(Role.customer,),
         phone_verified=True,
     )
-    pair = await start_session(session, runtime, user, method=SMS_METHOD, device=facts.device)
-    await record_audit_event(
-        session,
-        action="account.registered",
-        actor_id=user.id,
-        target_type="user",
-        target_id=str(user.id),
-        ip=facts.ip,
-        request_id=facts.request_id,
-        data={"method": SMS_METHOD, "session_id": str(pair.session_id)},
-        clock=runtime.clock,
-    )
-    return pair
+    return await finish_sign_up(session, runtime, user, method=SMS_METHOD, facts=facts)
 
 
 async def _sign_in(
