@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.identity import login_methods, mfa, signin
+from soko.identity import login_methods, signin
 from soko.identity.accounts import create_user, find_user_by_email, normalize_email
 from soko.identity.audit import record_audit_event
 from soko.identity.errors import AccountBlocked, LoginMethodDisabled, OidcFailed
@@ -252,26 +252,10 @@ async def sign_in_with_identity(
     user = await _linked_user(session, runtime, identity)
     if user is None:
         user = await _link_or_create(session, runtime, identity, facts, display_name)
-    if user.status != UserStatus.active.value:
-        await record_audit_event(
-            session,
-            action="auth.login_refused",
-            actor_id=user.id,
-            target_type="user",
-            target_id=str(user.id),
-            ip=facts.ip,
-            request_id=facts.request_id,
-            data={"method": method, "reason": "account_" + user.status},
-            clock=runtime.clock,
-        )
-        raise AccountBlocked().keeping_changes()
-    if await mfa.second_factor_needed(session, runtime, user):
-        challenge = await mfa.start_challenge(
-            session, runtime, user, method=method, device=facts.device
-        )
-        await session.flush()
-        return challenge
-    return await signin.finish_sign_in(session, runtime, user, method=method, facts=facts)
+    await signin.refuse_unless_active(
+        session, runtime, user, method=method, facts=facts, otherwise=AccountBlocked
+    )
+    return await signin.sign_in_or_challenge(session, runtime, user, method=method, facts=facts)
 
 
 async def _linked_user(

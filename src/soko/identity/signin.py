@@ -70,7 +70,7 @@ from soko.identity.sessions import (
 )
 from soko.notifications.public import send_email
 from soko.platform.auth import Principal
-from soko.platform.errors import ValidationFailed
+from soko.platform.errors import ProblemError, ValidationFailed
 from soko.platform.ids import uuid7
 from soko.platform.runtime import Runtime, invalidate_after_commit
 
@@ -146,14 +146,6 @@ async def _find_user(
 
 
 # -- collaborators ----------------------------------------------------------------------
-
-
-async def _second_factor(
-    session: AsyncSession, runtime: Runtime, user: User, device: DeviceFacts
-) -> MfaChallengeOut | None:
-    if not await mfa.second_factor_needed(session, runtime, user):
-        return None
-    return await mfa.start_challenge(session, runtime, user, method=PASSWORD_METHOD, device=device)
 
 
 async def _require_password_method(reader: AsyncSession) -> None:
@@ -388,32 +380,60 @@ async def sign_in_with_password(
     if user is None or user.password_hash != candidate.password_hash:
         # Deleted or given a new password while this sign-in was checking the old one.
         raise InvalidCredentials()
-    if user.status != UserStatus.active.value:
-        await record_audit_event(
-            session,
-            action="auth.login_refused",
-            actor_id=user.id,
-            target_type="user",
-            target_id=str(user.id),
-            ip=facts.ip,
-            request_id=facts.request_id,
-            data={"method": PASSWORD_METHOD, "reason": "account_" + user.status},
-            clock=runtime.clock,
-        )
-        if user.status == UserStatus.blocked.value:
-            raise AccountBlocked().keeping_changes()
-        raise InvalidCredentials().keeping_changes()
+    await refuse_unless_active(
+        session, runtime, user, method=PASSWORD_METHOD, facts=facts, otherwise=InvalidCredentials
+    )
 
     now = runtime.clock.now()
     if new_hash is not None:
         user.password_hash = new_hash
         user.updated_at = now
     await throttle.record_success(session, keys[0])
-    challenge = await _second_factor(session, runtime, user, facts.device)
-    if challenge is not None:
+    return await sign_in_or_challenge(session, runtime, user, method=PASSWORD_METHOD, facts=facts)
+
+
+async def refuse_unless_active(
+    session: AsyncSession,
+    runtime: Runtime,
+    user: User,
+    *,
+    method: str,
+    facts: RequestFacts,
+    otherwise: type[ProblemError],
+) -> None:
+    """Let an active account through; record and refuse any other, after its proof
+    passed: a blocked one with :class:`AccountBlocked`, a deleted one with ``otherwise``
+    (the flow's own "not accepted", so deletion is not revealed)."""
+    if user.status == UserStatus.active.value:
+        return
+    await record_audit_event(
+        session,
+        action="auth.login_refused",
+        actor_id=user.id,
+        target_type="user",
+        target_id=str(user.id),
+        ip=facts.ip,
+        request_id=facts.request_id,
+        data={"method": method, "reason": "account_" + user.status},
+        clock=runtime.clock,
+    )
+    if user.status == UserStatus.blocked.value:
+        raise AccountBlocked().keeping_changes()
+    raise otherwise().keeping_changes()
+
+
+async def sign_in_or_challenge(
+    session: AsyncSession, runtime: Runtime, user: User, *, method: str, facts: RequestFacts
+) -> TokenPair | MfaChallengeOut:
+    """The end of every sign-in whose first factor passed: the second-factor challenge
+    the account needs, or its session."""
+    if await mfa.second_factor_needed(session, runtime, user):
+        challenge = await mfa.start_challenge(
+            session, runtime, user, method=method, device=facts.device
+        )
         await session.flush()
         return challenge
-    return await finish_sign_in(session, runtime, user, method=PASSWORD_METHOD, facts=facts)
+    return await finish_sign_in(session, runtime, user, method=method, facts=facts)
 
 
 async def finish_sign_in(

@@ -31,7 +31,6 @@ from typing import Final
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.identity import mfa
 from soko.identity.accounts import (
     create_user,
     find_user_by_phone,
@@ -41,17 +40,21 @@ from soko.identity.accounts import (
 )
 from soko.identity.audit import record_audit_event
 from soko.identity.errors import (
-    AccountBlocked,
     AccountExists,
     CodeRequestThrottled,
     InvalidCode,
     LoginMethodDisabled,
 )
 from soko.identity.login_methods import SMS_CODE, login_method_enabled
-from soko.identity.models import OneTimeCode, Role, User, UserStatus
+from soko.identity.models import OneTimeCode, Role, User
 from soko.identity.schemas import MfaChallengeOut
 from soko.identity.sessions import TokenPair
-from soko.identity.signin import RequestFacts, finish_sign_in, finish_sign_up
+from soko.identity.signin import (
+    RequestFacts,
+    finish_sign_up,
+    refuse_unless_active,
+    sign_in_or_challenge,
+)
 from soko.notifications.public import send_sms
 from soko.platform.crypto import digests_match, hkdf_sha256, mac
 from soko.platform.ids import uuid7
@@ -384,31 +387,13 @@ async def _sign_up(
 async def _sign_in(
     session: AsyncSession, runtime: Runtime, user: User, facts: RequestFacts
 ) -> TokenPair | MfaChallengeOut:
-    if user.status != UserStatus.active.value:
-        await record_audit_event(
-            session,
-            action="auth.login_refused",
-            actor_id=user.id,
-            target_type="user",
-            target_id=str(user.id),
-            ip=facts.ip,
-            request_id=facts.request_id,
-            data={"method": SMS_METHOD, "reason": "account_" + user.status},
-            clock=runtime.clock,
-        )
-        if user.status == UserStatus.blocked.value:
-            raise AccountBlocked().keeping_changes()
-        raise InvalidCode().keeping_changes()
+    await refuse_unless_active(
+        session, runtime, user, method=SMS_METHOD, facts=facts, otherwise=InvalidCode
+    )
     if user.phone_verified_at is None:
         now = runtime.clock.now()
         user.phone_verified_at = now
         user.updated_at = now
         user.version += 1
         invalidate_after_commit(session, principal_tag(user.id))
-    if await mfa.second_factor_needed(session, runtime, user):
-        challenge = await mfa.start_challenge(
-            session, runtime, user, method=SMS_METHOD, device=facts.device
-        )
-        await session.flush()
-        return challenge
-    return await finish_sign_in(session, runtime, user, method=SMS_METHOD, facts=facts)
+    return await sign_in_or_challenge(session, runtime, user, method=SMS_METHOD, facts=facts)
