@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -176,6 +177,43 @@ async def _lock_chain(session: AsyncSession) -> None:
     # SQLite: the session's BEGIN IMMEDIATE holds the database's single write lock.
 
 
+# session.info key: the chain head this session's current transaction appended, as
+# (transaction, seq, hash). The append lock is held until that transaction ends, so no
+# other writer can have moved the head since: a second event in the same transaction (a
+# sign-in from a new device records two) needs neither the lock nor the read again.
+_HEAD_KEY = "soko.audit.head"
+
+
+def _current_transaction(session: AsyncSession) -> object | None:
+    # The innermost one: an event appended inside a savepoint that later rolls back must
+    # not be taken for the head afterwards, so a savepoint's memo ends with it.
+    sync_session = session.sync_session
+    return sync_session.get_nested_transaction() or sync_session.get_transaction()
+
+
+async def _chain_head(session: AsyncSession) -> tuple[int, str]:
+    """The last (seq, hash) of the chain, with the append lock held by the caller's
+    transaction from now until it ends."""
+    remembered = session.info.get(_HEAD_KEY)
+    if remembered is not None:
+        transaction, seq, head_hash = remembered
+        if transaction() is not None and transaction() is _current_transaction(session):
+            return seq, head_hash
+    await _lock_chain(session)
+    last = (
+        await session.execute(
+            select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+        )
+    ).first()
+    return (last.seq, last.hash) if last is not None else (0, GENESIS_HASH)
+
+
+def _remember_head(session: AsyncSession, seq: int, head_hash: str) -> None:
+    transaction = _current_transaction(session)
+    if transaction is not None:
+        session.info[_HEAD_KEY] = (weakref.ref(transaction), seq, head_hash)
+
+
 async def record_audit_event(
     session: AsyncSession,
     *,
@@ -195,13 +233,8 @@ async def record_audit_event(
     ``target_id`` what it was done to. ``data`` is masked before it is stored: never
     rely on it to keep a secret, and never put one in. The event commits or rolls back
     with the caller's transaction; until then it holds the audit log's append lock."""
-    await _lock_chain(session)
-    last = (
-        await session.execute(
-            select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
-        )
-    ).first()
-    seq, prev_hash = (last.seq + 1, last.hash) if last is not None else (1, GENESIS_HASH)
+    head_seq, prev_hash = await _chain_head(session)
+    seq = head_seq + 1
     event = AuditEvent(
         seq=seq,
         id=uuid7(),
@@ -229,8 +262,10 @@ async def record_audit_event(
         prev_hash=event.prev_hash,
     )
     session.add(event)
-    # Flushed now so a second event in the same transaction reads this one as the last.
+    # Flushed now: the primary key on seq refuses a duplicate here, at the append, and
+    # code reading the log later in the transaction finds the event.
     await session.flush()
+    _remember_head(session, event.seq, event.hash)
     return event
 
 

@@ -8,6 +8,11 @@ that require MFA are one row replaced as a whole.
 
 Social providers are ``oidc:<provider>`` and start switched off: configuring a provider
 makes it available, an admin turning it on makes it live.
+
+Sign-ins, the hot path, may read them through :func:`current_login_settings` instead:
+one whole snapshot (one statement, never half a change) kept in the runtime's cache and
+invalidated in every process when :func:`change_login_settings` commits in a request,
+so no sign-in pays two database reads for settings that change a few times a year.
 """
 
 from __future__ import annotations
@@ -17,13 +22,17 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.models import IdentitySetting, Role
+from soko.platform.runtime import invalidate_after_commit
+
+if TYPE_CHECKING:
+    from soko.platform.runtime import Runtime
 
 PASSWORD = "password"
 SMS_CODE = "sms_code"
@@ -37,6 +46,11 @@ DEFAULT_LOGIN_METHODS: Mapping[str, bool] = {
 }
 METHOD_KEY_PREFIX = "login_method:"
 MFA_REQUIRED_ROLES_KEY = "mfa_required_roles"
+LOGIN_SETTINGS_TAG = "identity:login-settings"
+LOGIN_SETTINGS_CACHE_KEY = "identity:login-settings"
+# A backstop only: a change through change_login_settings in a request invalidates at
+# once; one written any other way (a script, a failed invalidation) shows within this.
+LOGIN_SETTINGS_CACHE_SECONDS = 30
 # Provider names as the OIDC configuration spells them.
 _OIDC_METHOD = re.compile(r"^oidc:[a-z0-9][a-z0-9_-]{0,31}$")
 
@@ -93,6 +107,37 @@ async def login_settings(session: AsyncSession) -> LoginSettings:
     )
 
 
+async def current_login_settings(runtime: Runtime) -> LoginSettings:
+    """:func:`login_settings` as of the last change, from the runtime's cache (read in a
+    short read-only transaction of its own on a miss).
+
+    Code changing the settings outside a request (a script, a test) invalidates with
+    ``await runtime.cache.invalidate_tags(LOGIN_SETTINGS_TAG)`` after its commit."""
+
+    async def read() -> dict[str, Any]:
+        async with runtime.db.transaction(read_only=True) as session:
+            found = await login_settings(session)
+        return {"methods": found.methods, "mfa_required_roles": sorted(found.mfa_required_roles)}
+
+    cached = await runtime.cache.get_or_set(
+        LOGIN_SETTINGS_CACHE_KEY,
+        read,
+        ttl=LOGIN_SETTINGS_CACHE_SECONDS,
+        tags=(LOGIN_SETTINGS_TAG,),
+    )
+    return LoginSettings(
+        methods={str(name): bool(on) for name, on in cached["methods"].items()},
+        mfa_required_roles=frozenset(str(role) for role in cached["mfa_required_roles"]),
+    )
+
+
+def method_enabled_in(settings: LoginSettings, name: str) -> bool:
+    """:func:`login_method_enabled` answered from a :class:`LoginSettings` snapshot."""
+    if not is_known_method(name):
+        return False
+    return settings.methods.get(name, DEFAULT_LOGIN_METHODS.get(name, False))
+
+
 async def _stored_all(session: AsyncSession) -> dict[str, Any]:
     rows = await session.execute(
         select(IdentitySetting.key, IdentitySetting.value).where(
@@ -147,4 +192,5 @@ async def change_login_settings(
         await _put(session, METHOD_KEY_PREFIX + name, bool(enabled), now=now, by=changed_by)
     if roles is not None:
         await _put(session, MFA_REQUIRED_ROLES_KEY, roles, now=now, by=changed_by)
+    invalidate_after_commit(session, LOGIN_SETTINGS_TAG)
     return await login_settings(session)

@@ -3,7 +3,10 @@
 Hashing and verifying cost tens of milliseconds of CPU each (that is their point), so
 they run in a small thread pool owned by one :class:`PasswordHasher` per runtime
 (:func:`password_hasher`); argon2-cffi releases the GIL while it works, so the event loop
-keeps serving other requests meanwhile.
+keeps serving other requests meanwhile. On Linux those threads also run at a lower CPU
+priority (nice :data:`HASH_THREAD_NICENESS`) than the thread serving requests: when the
+cores are busy, the scheduler gives them to request handling first, so a burst of
+sign-ins slows the sign-ins themselves, not every other request.
 
 Passwords are NFKC-normalized before they are checked, hashed or verified, so the same
 password typed on two keyboards that compose characters differently still matches
@@ -19,8 +22,10 @@ import functools
 import gzip
 import importlib.resources
 import itertools
+import os
 import re
 import secrets
+import threading
 import unicodedata
 import weakref
 from collections.abc import Callable
@@ -49,6 +54,27 @@ BLOCKLIST_RESOURCE = "data/common-passwords.txt.gz"
 # Hashing cost grows with length (Argon2 pre-hashes the input, so only a little), and no
 # person types more than this; SP 800-63B asks for at least 64.
 MAX_PASSWORD_LENGTH = 256
+
+# How much lower the hashing threads' priority is than the rest of the process (Linux
+# nice values: 0 default, 19 lowest). At 10 the scheduler weighs them about ten times
+# lighter, so request handling preempts them; they still get every idle cycle, so
+# sign-ins only slow down when something else wants the CPU.
+HASH_THREAD_NICENESS = 10
+
+
+def _lower_thread_priority() -> None:
+    """Lower the calling thread's own priority (on Linux, ``setpriority`` on a thread
+    id affects that thread only). Lowering one's priority needs no privilege; where the
+    call is missing or refused, hashing simply runs at normal priority."""
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        os.setpriority(
+            os.PRIO_PROCESS,
+            threading.get_native_id(),
+            min(19, max(current, 0) + HASH_THREAD_NICENESS),
+        )
+    except (AttributeError, OSError):  # not Linux, or a sandbox that forbids it
+        log.debug("password_threads_priority_unchanged")
 
 
 def normalize_password(password: str) -> str:
@@ -81,7 +107,11 @@ class PasswordHasher:
         self._hash = PasswordHash(
             (Argon2Hasher(time_cost=iterations, memory_cost=memory_kib, parallelism=parallelism),)
         )
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="soko-password")
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads,
+            thread_name_prefix="soko-password",
+            initializer=_lower_thread_priority,
+        )
         self._dummy_hash: str | None = None
 
     @classmethod

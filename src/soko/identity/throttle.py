@@ -9,12 +9,12 @@ the cap is what keeps an attacker from locking an owner out for good. A quiet pe
 
 A sign-in does, in order::
 
-    await throttle.check(session, keys, clock)          # 429 while any key waits
+    checked = await throttle.check(session, keys, clock)  # 429 while any key waits
     ok, new_hash = await hasher.verify(password, stored_hash)
     if not ok:
         await throttle.record_failure(runtime.db, keys, clock, abandon=session)
         raise InvalidCredentials()
-    await throttle.record_success(session, account)
+    await throttle.record_success(session, account, checked)
 
 Failures are written in a transaction of their own, because the request's transaction
 rolls back with the error answer and would take the count with it (see
@@ -117,23 +117,34 @@ def _bounded(key: str) -> str:
     return key[:MAX_KEY_LENGTH]
 
 
-async def check(session: AsyncSession, keys: Sequence[ThrottleKey], clock: Clock) -> None:
+@dataclass(frozen=True, slots=True)
+class ThrottleCheck:
+    """What :func:`check` saw: the keys that had failures counted when it ran."""
+
+    counted: frozenset[str]
+
+    def had_failures(self, key: ThrottleKey) -> bool:
+        return key.key in self.counted
+
+
+async def check(session: AsyncSession, keys: Sequence[ThrottleKey], clock: Clock) -> ThrottleCheck:
     """Raise :class:`RateLimited` (429 with ``Retry-After``) while any key must wait.
 
     Call before looking at the password, so attempts during a wait are neither
-    verified nor counted."""
+    verified nor counted. The answer tells :func:`record_success` whether there is
+    anything to forget."""
     if not keys:
-        return
+        return ThrottleCheck(frozenset())
     now = clock.now()
     result = await session.execute(
-        select(LoginThrottle.blocked_until).where(
-            LoginThrottle.key.in_([key.key for key in keys]),
-            LoginThrottle.blocked_until > now,
+        select(LoginThrottle.key, LoginThrottle.blocked_until).where(
+            LoginThrottle.key.in_([key.key for key in keys])
         )
     )
-    waits = [until for until in result.scalars() if until is not None]
+    rows = result.all()
+    waits = [row.blocked_until for row in rows if row.blocked_until and row.blocked_until > now]
     if not waits:
-        return
+        return ThrottleCheck(frozenset(row.key for row in rows))
     seconds = max(1, math.ceil((max(waits) - now).total_seconds()))
     raise RateLimited(
         f"Too many failed sign-in attempts; try again in {seconds} seconds.",
@@ -202,10 +213,18 @@ async def _count_failure(
     return FailureCount(key=key.key, failures=failures, blocked_until=blocked_until)
 
 
-async def record_success(session: AsyncSession, key: ThrottleKey) -> None:
+async def record_success(
+    session: AsyncSession, key: ThrottleKey, checked: ThrottleCheck | None = None
+) -> None:
     """Forget an account's failures after a successful sign-in, in the request's
     transaction (it commits with the sign-in). Address keys are left alone: one good
-    password from an address says nothing about the other attempts made from it."""
+    password from an address says nothing about the other attempts made from it.
+
+    Given the :func:`check` of this sign-in, a key that had no failures then is left
+    alone: almost every sign-in saves a write. Failures counted while the password was
+    being verified then stay counted, which only errs on the side of caution."""
+    if checked is not None and not checked.had_failures(key):
+        return
     await session.execute(delete(LoginThrottle).where(LoginThrottle.key == key.key))
 
 

@@ -1,0 +1,149 @@
+"""What the sign-in path does to stay cheap, and that each saving keeps its guarantee:
+hashing threads yield the CPU to request handling, a transaction's second audit event
+reuses the chain head it holds, a clean account's success writes nothing, and the login
+settings are served from the cache until a change invalidates them."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import pytest
+from sqlalchemy import select
+
+from soko.identity import throttle
+from soko.identity.audit import record_audit_event, verify_audit_chain
+from soko.identity.login_methods import (
+    LOGIN_SETTINGS_TAG,
+    PASSWORD,
+    change_login_settings,
+    current_login_settings,
+    method_enabled_in,
+)
+from soko.identity.models import AuditEvent, LoginThrottle
+from soko.identity.passwords import HASH_THREAD_NICENESS, PasswordHasher
+from soko.platform.runtime import INVALIDATE_TAGS_KEY, Runtime
+
+ACCOUNT = throttle.account_key("b" * 64)
+ADDRESS = throttle.ip_key("198.51.100.4")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+async def test_hashing_threads_run_at_a_lower_priority_than_the_event_loop() -> None:
+    hasher = PasswordHasher(memory_kib=19_456, iterations=2, parallelism=1, threads=1)
+    try:
+
+        def own_priority() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        in_pool = await hasher._run(own_priority)
+        here = own_priority()
+        assert in_pool == min(19, max(here, 0) + HASH_THREAD_NICENESS)
+        assert here < in_pool
+        # Hashing in those threads still works.
+        stored = await hasher.hash("mvua ya masika 2031")
+        assert (await hasher.verify("mvua ya masika 2031", stored))[0]
+    finally:
+        hasher.close()
+
+
+async def test_events_of_one_transaction_chain_on_each_other(runtime: Runtime) -> None:
+    async with runtime.db.transaction() as session:
+        await record_audit_event(session, action="test.first", clock=runtime.clock)
+    async with runtime.db.transaction() as session:
+        second = await record_audit_event(session, action="test.second", clock=runtime.clock)
+        third = await record_audit_event(session, action="test.third", clock=runtime.clock)
+    assert (second.seq, third.seq) == (2, 3)
+    assert third.prev_hash == second.hash
+    async with runtime.db.transaction() as session:
+        fourth = await record_audit_event(session, action="test.fourth", clock=runtime.clock)
+    assert fourth.seq == 4 and fourth.prev_hash == third.hash
+    async with runtime.db.transaction(read_only=True) as session:
+        report = await verify_audit_chain(session)
+    assert report.ok and report.checked == 4
+
+
+async def test_an_event_rolled_back_with_its_savepoint_is_not_taken_for_the_head(
+    runtime: Runtime,
+) -> None:
+    async with runtime.db.transaction() as session:
+        first = await record_audit_event(session, action="test.kept", clock=runtime.clock)
+        savepoint = await session.begin_nested()
+        await record_audit_event(session, action="test.undone", clock=runtime.clock)
+        await savepoint.rollback()
+        after = await record_audit_event(session, action="test.after", clock=runtime.clock)
+    assert after.seq == first.seq + 1 and after.prev_hash == first.hash
+    async with runtime.db.transaction(read_only=True) as session:
+        report = await verify_audit_chain(session)
+        events = await session.scalars(select(AuditEvent).order_by(AuditEvent.seq))
+        actions = [event.action for event in events.all()]
+    assert report.ok
+    assert actions == ["test.kept", "test.after"]
+
+
+async def test_a_rolled_back_session_reads_the_head_again(runtime: Runtime) -> None:
+    async with runtime.db.sessionmaker() as session:
+        await record_audit_event(session, action="test.undone", clock=runtime.clock)
+        await session.rollback()
+        event = await record_audit_event(session, action="test.kept", clock=runtime.clock)
+        await session.commit()
+    assert event.seq == 1
+    async with runtime.db.transaction(read_only=True) as session:
+        assert (await verify_audit_chain(session)).ok
+
+
+async def _throttle_row(runtime: Runtime, key: throttle.ThrottleKey) -> LoginThrottle | None:
+    async with runtime.db.transaction(read_only=True) as session:
+        return await session.get(LoginThrottle, key.key)
+
+
+async def test_a_success_forgets_the_failures_its_check_saw(runtime: Runtime) -> None:
+    await throttle.record_failure(runtime.db, [ACCOUNT, ADDRESS], runtime.clock)
+    async with runtime.db.transaction(read_only=True) as session:
+        checked = await throttle.check(session, [ACCOUNT, ADDRESS], runtime.clock)
+    assert checked.had_failures(ACCOUNT) and checked.had_failures(ADDRESS)
+    async with runtime.db.transaction() as session:
+        await throttle.record_success(session, ACCOUNT, checked)
+    assert await _throttle_row(runtime, ACCOUNT) is None
+    assert await _throttle_row(runtime, ADDRESS) is not None
+
+
+async def test_a_success_after_a_clean_check_writes_nothing(runtime: Runtime) -> None:
+    async with runtime.db.transaction(read_only=True) as session:
+        checked = await throttle.check(session, [ACCOUNT, ADDRESS], runtime.clock)
+    assert not checked.had_failures(ACCOUNT)
+    # A failure counted while the password was being verified stays counted.
+    await throttle.record_failure(runtime.db, [ACCOUNT], runtime.clock)
+    async with runtime.db.transaction() as session:
+        await throttle.record_success(session, ACCOUNT, checked)
+    row = await _throttle_row(runtime, ACCOUNT)
+    assert row is not None and row.failures == 1
+    # Without the check's answer, a success forgets as before.
+    async with runtime.db.transaction() as session:
+        await throttle.record_success(session, ACCOUNT)
+    assert await _throttle_row(runtime, ACCOUNT) is None
+
+
+async def test_login_settings_come_from_the_cache_until_a_change_invalidates_them(
+    runtime: Runtime,
+) -> None:
+    before = await current_login_settings(runtime)
+    assert method_enabled_in(before, PASSWORD)
+    assert before.mfa_required_roles == frozenset()
+    async with runtime.db.transaction() as session:
+        await change_login_settings(
+            session,
+            methods={PASSWORD: False},
+            mfa_required_roles=["seller"],
+            now=runtime.clock.now(),
+            changed_by=None,
+        )
+        # A request's commit invalidates this tag (SessionDep); here we do it by hand.
+        assert LOGIN_SETTINGS_TAG in session.info[INVALIDATE_TAGS_KEY]
+    assert method_enabled_in(await current_login_settings(runtime), PASSWORD)
+    await runtime.cache.invalidate_tags(LOGIN_SETTINGS_TAG)
+    after = await current_login_settings(runtime)
+    assert not method_enabled_in(after, PASSWORD)
+    assert after.mfa_required_roles == frozenset({"seller"})
+    assert not method_enabled_in(after, "oidc:nobody")
