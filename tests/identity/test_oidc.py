@@ -1171,11 +1171,10 @@ async def test_route_unreachable_provider_is_503(
 
 
 async def test_configured_providers_come_from_settings(runtime: Runtime, app: Any) -> None:
-    # Until Settings has the field, the registry is empty; once it has, it is parsed.
     request = type("R", (), {"app": app})()
-    registry = oidc_providers(request)  # type: ignore[arg-type]
+    registry = await oidc_providers(request)  # type: ignore[arg-type]
     try:
-        assert oidc_providers(request) is registry  # type: ignore[arg-type]
+        assert await oidc_providers(request) is registry  # type: ignore[arg-type]
         expected = parse_oidc_providers(_raw_settings_value(runtime), allow_http=True)
         assert registry.names() == sorted(expected)
     finally:

@@ -83,7 +83,7 @@ class VerifyEmailIn(_Body):
     token: str = Field(min_length=1, max_length=256, description="From the verification link")
 
 
-def request_facts(request: Request, runtime: RuntimeDep) -> signin.RequestFacts:
+async def request_facts(request: Request, runtime: RuntimeDep) -> signin.RequestFacts:
     return signin.RequestFacts(
         device=DeviceFacts(
             user_agent=request.headers.get("user-agent", ""),

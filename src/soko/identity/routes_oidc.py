@@ -67,7 +67,7 @@ CALLBACK_RATE = "10/minute;100/hour"
 ProviderName = Annotated[str, Path(max_length=32, pattern=r"^[a-z][a-z0-9-]*$")]
 
 
-def oidc_providers(request: Request) -> OidcProviders:
+async def oidc_providers(request: Request) -> OidcProviders:
     """The configured providers, built once per app from ``SOKO_OIDC_PROVIDERS``.
 
     Tests (and anything that must reach a provider another way) override this dependency.

@@ -137,7 +137,13 @@ def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+async def _runtime_dependency(request: Request) -> Runtime:
+    # An ``async def`` dependency: FastAPI runs a plain ``def`` one in a worker thread,
+    # which costs a thread hop on every request for a simple attribute read.
+    return get_runtime(request)
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime_dependency)]
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
