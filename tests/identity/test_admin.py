@@ -12,7 +12,7 @@ from typing import Any
 import httpx2
 import pytest
 import typer
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from soko.app import create_app
@@ -23,7 +23,6 @@ from soko.identity.passwords import password_hasher
 from soko.platform.cache import RedisCache
 from soko.platform.clock import ManualClock
 from soko.platform.config import Settings, ensure_secrets, load_settings
-from soko.platform.db import Base, create_engine
 from soko.platform.runtime import Runtime
 from tests.identity.admin_support import (
     ADMIN,
@@ -402,25 +401,15 @@ async def test_a_block_is_seen_at_once_by_every_process(
 CLI_PASSWORD = "baobab-shade-at-noon"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
+@pytest.fixture
 def cli_env(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[dict[str, str]]:
-    """The environment of a `soko` run over an empty, migrated database."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{(tmp_path / 'cli.db').as_posix()}"
+    """The environment of a `soko` run over an empty, migrated database.
 
-        async def create_tables() -> None:
-            engine = create_engine(url)
-            async with engine.begin() as conn:
-                await conn.run_sync(Base.metadata.create_all)
-            await engine.dispose()
-
-        asyncio.run(create_tables())
-    else:
-        url = request.getfixturevalue("postgres_test_url")
+    ``database_url`` gives each backend an empty schema and cleans up after the test."""
     env = {
-        "SOKO_DATABASE_URL": url,
+        "SOKO_DATABASE_URL": database_url,
         "SOKO_DATA_DIR": str(tmp_path / "data"),
         "SOKO_ENV": "development",
         "COLUMNS": "200",
@@ -428,16 +417,6 @@ def cli_env(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     yield env
-    if request.param == "postgresql":
-
-        async def truncate() -> None:
-            engine = create_engine(url)
-            tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
-            async with engine.begin() as conn:
-                await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-            await engine.dispose()
-
-        asyncio.run(truncate())
 
 
 def _soko(*args: str, stdin: str = "") -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import typer
-from sqlalchemy import event, select, text, update
+from sqlalchemy import event, select, update
 from sqlalchemy.util import await_only
 from typer.testing import CliRunner
 
@@ -45,7 +45,6 @@ from soko.identity.models import AuditEvent, Role, TotpFactor, User
 from soko.platform.clock import ManualClock
 from soko.platform.config import ensure_secrets, load_settings
 from soko.platform.crypto import DataKeys, Keyring, derive_keys, new_key_spec
-from soko.platform.db import Base, create_engine
 from soko.platform.otp import decode_secret, totp
 from soko.platform.outbox import MessageStatus, OutboxMessage
 from soko.platform.runtime import Runtime
@@ -367,25 +366,15 @@ async def test_the_cursor_survives_the_job_payload() -> None:
 # -- the command line -------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
+@pytest.fixture
 def cli_env(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[dict[str, str]]:
-    """The environment of a `soko` run over an empty database, with k1 configured."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{(tmp_path / 'cli.db').as_posix()}"
+    """The environment of a `soko` run over an empty database, with k1 configured.
 
-        async def create_tables() -> None:
-            engine = create_engine(url)
-            async with engine.begin() as conn:
-                await conn.run_sync(Base.metadata.create_all)
-            await engine.dispose()
-
-        asyncio.run(create_tables())
-    else:
-        url = request.getfixturevalue("postgres_test_url")
+    ``database_url`` gives each backend an empty schema and cleans up after the test."""
     env = {
-        "SOKO_DATABASE_URL": url,
+        "SOKO_DATABASE_URL": database_url,
         "SOKO_DATA_DIR": str(tmp_path / "data"),
         "SOKO_ENV": "development",
         "SOKO_SECRET_KEY": TEST_SECRET,
@@ -396,16 +385,6 @@ def cli_env(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     yield env
-    if request.param == "postgresql":
-
-        async def truncate() -> None:
-            engine = create_engine(url)
-            tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
-            async with engine.begin() as conn:
-                await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-            await engine.dispose()
-
-        asyncio.run(truncate())
 
 
 def _soko(*args: str) -> Any:
