@@ -45,10 +45,10 @@ from soko.identity.permissions import AUDIT_READ, IDENTITY_SETTINGS, USERS_MANAG
 from soko.identity.routes_audit import AuditEventFields, AuditEventOut
 from soko.identity.schemas import UserOut
 from soko.identity.sessions import revoke_user_sessions
+from soko.identity.signin import RequestFacts
 from soko.platform.auth import Principal, require
 from soko.platform.errors import Conflict, NotFound, ValidationFailed
 from soko.platform.etag import etag_for_version, not_modified, require_match, tag_response
-from soko.platform.http import client_ip
 from soko.platform.pagination import (
     FieldSelection,
     Keyset,
@@ -140,10 +140,8 @@ USER_LISTING = Keyset(
 
 
 def _where(request: Request, runtime: Runtime) -> tuple[str, str | None]:
-    return (
-        client_ip(request.scope, runtime.settings.trusted_proxies),
-        getattr(request.state, "request_id", None),
-    )
+    facts = RequestFacts.of(request, runtime)
+    return facts.ip, facts.request_id
 
 
 async def _audit(

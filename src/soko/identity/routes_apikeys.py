@@ -15,8 +15,8 @@ from soko.identity.api_keys import create_api_key, revoke_api_key
 from soko.identity.audit import record_audit_event
 from soko.identity.models import ApiKey
 from soko.identity.permissions import ACCOUNT_SELF
+from soko.identity.signin import RequestFacts
 from soko.platform.auth import Principal, require
-from soko.platform.http import client_ip
 from soko.platform.pagination import (
     FieldSelection,
     Keyset,
@@ -81,10 +81,8 @@ def _own_keys(principal: Principal) -> Keyset:
 
 
 def _where(request: Request, runtime: Runtime) -> tuple[str, str | None]:
-    return (
-        client_ip(request.scope, runtime.settings.trusted_proxies),
-        getattr(request.state, "request_id", None),
-    )
+    facts = RequestFacts.of(request, runtime)
+    return facts.ip, facts.request_id
 
 
 @router.post("", status_code=201, response_model=ApiKeyCreated, summary="Create an API key")

@@ -17,10 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from soko.identity import signin
 from soko.identity.schemas import MfaChallengeOut, TokenPairOut
-from soko.identity.sessions import DeviceFacts, refresh_session
+from soko.identity.sessions import refresh_session
 from soko.platform.auth import Principal, public, require
 from soko.platform.errors import problem_responses
-from soko.platform.http import client_ip
 from soko.platform.ratelimit import rate_limit
 from soko.platform.runtime import RuntimeDep, SessionDep
 
@@ -83,19 +82,6 @@ class VerifyEmailIn(_Body):
     token: str = Field(min_length=1, max_length=256, description="From the verification link")
 
 
-async def request_facts(request: Request, runtime: RuntimeDep) -> signin.RequestFacts:
-    return signin.RequestFacts(
-        device=DeviceFacts(
-            user_agent=request.headers.get("user-agent", ""),
-            ip=client_ip(request.scope, runtime.settings.trusted_proxies),
-        ),
-        request_id=getattr(request.state, "request_id", None),
-    )
-
-
-FactsDep = Annotated[signin.RequestFacts, Depends(request_facts)]
-
-
 @functools.cache
 def _route_limit(rate: str, scope: str) -> Callable[[Request, Response], Awaitable[None]]:
     return rate_limit(rate, scope=scope)
@@ -120,7 +106,7 @@ async def register(
     body: RegisterIn,
     session: SessionDep,
     runtime: RuntimeDep,
-    facts: FactsDep,
+    facts: signin.FactsDep,
     _caller: Annotated[Principal | None, public()],
 ) -> TokenPairOut | MfaChallengeOut:
     """Creates a customer account, mails a link that verifies the address, and signs
@@ -148,7 +134,7 @@ async def login(
     body: LoginIn,
     session: SessionDep,
     runtime: RuntimeDep,
-    facts: FactsDep,
+    facts: signin.FactsDep,
     _caller: Annotated[Principal | None, public()],
 ) -> TokenPairOut | MfaChallengeOut:
     """Answers the session's tokens, or ``mfa_required`` with a challenge to complete at
@@ -172,7 +158,7 @@ async def refresh(
     body: RefreshIn,
     session: SessionDep,
     runtime: RuntimeDep,
-    facts: FactsDep,
+    facts: signin.FactsDep,
     _caller: Annotated[Principal | None, public()],
 ) -> TokenPairOut:
     """The refresh token is rotated: use the new one next time. Presenting a used one
@@ -190,7 +176,7 @@ async def refresh(
 async def logout(
     session: SessionDep,
     runtime: RuntimeDep,
-    facts: FactsDep,
+    facts: signin.FactsDep,
     principal: Annotated[Principal, require()],
     body: LogoutIn | None = None,
 ) -> Response:
@@ -217,7 +203,7 @@ async def forgot_password(
     body: ForgotPasswordIn,
     session: SessionDep,
     runtime: RuntimeDep,
-    facts: FactsDep,
+    facts: signin.FactsDep,
     _caller: Annotated[Principal | None, public()],
 ) -> Response:
     """Always answers 202, whether or not an account exists: when one does and has an
@@ -239,7 +225,7 @@ async def reset_password(
     body: ResetPasswordIn,
     session: SessionDep,
     runtime: RuntimeDep,
-    facts: FactsDep,
+    facts: signin.FactsDep,
     _caller: Annotated[Principal | None, public()],
 ) -> Response:
     """Signs every session of the account out; sign in again with the new password."""
@@ -259,7 +245,7 @@ async def verify_email(
     body: VerifyEmailIn,
     session: SessionDep,
     runtime: RuntimeDep,
-    facts: FactsDep,
+    facts: signin.FactsDep,
     _caller: Annotated[Principal | None, public()],
 ) -> Response:
     await signin.verify_email(session, runtime, token=body.token, facts=facts)

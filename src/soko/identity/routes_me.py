@@ -18,12 +18,11 @@ from soko.identity.audit import record_audit_event
 from soko.identity.models import AuthSession, TotpFactor, User, UserStatus
 from soko.identity.permissions import ACCOUNT_SELF
 from soko.identity.schemas import UserOut
-from soko.identity.sessions import DeviceFacts, revoke_session, revoke_user_sessions
+from soko.identity.sessions import revoke_session, revoke_user_sessions
 from soko.identity.signin import RequestFacts, change_password
 from soko.platform.auth import Principal, require
 from soko.platform.errors import NotFound, PreconditionFailed, problem_responses
 from soko.platform.etag import etag_for_version, not_modified, require_match, tag_response
-from soko.platform.http import client_ip
 from soko.platform.pagination import (
     FieldSelection,
     Keyset,
@@ -87,16 +86,6 @@ SessionFields = field_selection(SessionOut)
 
 
 # -- service --------------------------------------------------------------------------------
-
-
-def request_facts(request: Request, runtime: Runtime) -> RequestFacts:
-    return RequestFacts(
-        device=DeviceFacts(
-            user_agent=request.headers.get("user-agent", ""),
-            ip=client_ip(request.scope, runtime.settings.trusted_proxies),
-        ),
-        request_id=getattr(request.state, "request_id", None),
-    )
 
 
 async def account_view(session: AsyncSession, runtime: Runtime, user: User) -> UserOut:
@@ -217,7 +206,7 @@ async def change_my_password(
         current_password=change.current_password,
         new_password=change.new_password,
         keep_session_id=principal.session_id,
-        facts=request_facts(request, runtime),
+        facts=RequestFacts.of(request, runtime),
     )
     return Response(status_code=204)
 
@@ -235,7 +224,7 @@ async def delete_me(
     runtime: RuntimeDep,
     proof: Annotated[AccountDeletion | None, Body()] = None,
 ) -> Response:
-    facts = request_facts(request, runtime)
+    facts = RequestFacts.of(request, runtime)
     user = await _own_user(session, principal)
     await confirm_owner(
         session,
@@ -318,7 +307,7 @@ async def revoke_my_session(
     if await revoke_session(
         session, auth_session, now=runtime.clock.now(), reason="revoked_by_user"
     ):
-        facts = request_facts(request, runtime)
+        facts = RequestFacts.of(request, runtime)
         await record_audit_event(
             session,
             action="auth.session_revoked",
@@ -359,7 +348,7 @@ async def revoke_all_my_sessions(
         reason="signed_out_everywhere",
         keep=kept,
     )
-    facts = request_facts(request, runtime)
+    facts = RequestFacts.of(request, runtime)
     await record_audit_event(
         session,
         action="auth.sessions_revoked",

@@ -15,9 +15,9 @@ from soko.identity.models import User, UserStatus
 from soko.identity.permissions import ACCOUNT_SELF
 from soko.identity.schemas import TokenPairOut
 from soko.identity.sessions import DeviceFacts
+from soko.identity.signin import RequestFacts
 from soko.platform.auth import Principal, public, require
 from soko.platform.errors import Forbidden, Unauthorized, problem_responses
-from soko.platform.http import client_ip
 from soko.platform.ratelimit import rate_limit
 from soko.platform.runtime import Runtime, RuntimeDep, SessionDep
 
@@ -102,10 +102,7 @@ class MfaStatusOut(BaseModel):
 
 
 def _device(request: Request, runtime: Runtime) -> DeviceFacts:
-    return DeviceFacts(
-        user_agent=request.headers.get("user-agent", ""),
-        ip=client_ip(request.scope, runtime.settings.trusted_proxies),
-    )
+    return RequestFacts.of(request, runtime).device
 
 
 def _request_id(request: Request) -> str:

@@ -43,7 +43,7 @@ from soko.identity.oidc import (
     take_authorization,
 )
 from soko.identity.schemas import MfaChallengeOut, TokenPairOut
-from soko.identity.sessions import DeviceFacts, TokenPair
+from soko.identity.sessions import TokenPair
 from soko.platform.auth import Principal, public
 from soko.platform.errors import (
     Conflict,
@@ -52,7 +52,6 @@ from soko.platform.errors import (
     ValidationFailed,
     problem_responses,
 )
-from soko.platform.http import client_ip
 from soko.platform.ids import uuid7
 from soko.platform.ratelimit import rate_limit
 from soko.platform.runtime import Runtime, RuntimeDep, SessionDep
@@ -87,19 +86,6 @@ async def oidc_providers(request: Request) -> OidcProviders:
 
 
 ProvidersDep = Annotated[OidcProviders, Depends(oidc_providers)]
-
-
-def request_facts(request: Request, runtime: RuntimeDep) -> signin.RequestFacts:
-    return signin.RequestFacts(
-        device=DeviceFacts(
-            user_agent=request.headers.get("user-agent", ""),
-            ip=client_ip(request.scope, runtime.settings.trusted_proxies),
-        ),
-        request_id=getattr(request.state, "request_id", None),
-    )
-
-
-FactsDep = Annotated[signin.RequestFacts, Depends(request_facts)]
 
 
 class OidcStartOut(BaseModel):
@@ -200,7 +186,7 @@ async def callback(
     session: SessionDep,
     runtime: RuntimeDep,
     providers: ProvidersDep,
-    facts: FactsDep,
+    facts: signin.FactsDep,
     _caller: Annotated[Principal | None, public()],
 ) -> TokenPairOut | MfaChallengeOut:
     """Exchanges the code, verifies the ID token and signs the user in: the account

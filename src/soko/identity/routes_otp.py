@@ -8,8 +8,8 @@ from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from soko.identity import sms_codes
-from soko.identity.routes_auth import FactsDep
 from soko.identity.schemas import MfaChallengeOut, TokenPairOut
+from soko.identity.signin import FactsDep
 from soko.platform.auth import Principal, public
 from soko.platform.errors import problem_responses
 from soko.platform.runtime import RuntimeDep, SessionDep

@@ -20,8 +20,9 @@ import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
+from fastapi import Depends, Request
 from limits import parse
 from sqlalchemy import delete, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -71,8 +72,9 @@ from soko.identity.sessions import (
 from soko.notifications.public import send_email
 from soko.platform.auth import Principal
 from soko.platform.errors import ProblemError, ValidationFailed
+from soko.platform.http import client_ip
 from soko.platform.ids import uuid7
-from soko.platform.runtime import Runtime, invalidate_after_commit
+from soko.platform.runtime import Runtime, RuntimeDep, invalidate_after_commit
 
 PASSWORD_METHOD = PASSWORD
 EMAIL_VERIFICATION_PREFIX = "ev_"
@@ -99,6 +101,25 @@ class RequestFacts:
     @property
     def ip(self) -> str:
         return self.device.ip
+
+    @classmethod
+    def of(cls, request: Request, runtime: Runtime) -> RequestFacts:
+        """The facts of ``request``: its device, its caller's address (believing
+        ``X-Forwarded-For`` only from trusted proxies) and its request id."""
+        return cls(
+            device=DeviceFacts(
+                user_agent=request.headers.get("user-agent", ""),
+                ip=client_ip(request.scope, runtime.settings.trusted_proxies),
+            ),
+            request_id=getattr(request.state, "request_id", None),
+        )
+
+
+async def request_facts(request: Request, runtime: RuntimeDep) -> RequestFacts:
+    return RequestFacts.of(request, runtime)
+
+
+FactsDep = Annotated[RequestFacts, Depends(request_facts)]
 
 
 @dataclass(frozen=True, slots=True)
