@@ -12,10 +12,10 @@ from types import FrameType
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 import soko
-from soko.platform.config import ConfigError, Settings, ensure_secrets, load_settings
+from soko.platform.commands import command_settings, err, out
+from soko.platform.config import ConfigError, Settings
 
 app = typer.Typer(
     name="soko",
@@ -41,8 +41,6 @@ _mount_domain_commands()
 
 # Soft wrap: a problem line stays one line when the output is a pipe or a log file,
 # instead of being cut at 80 columns.
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
 
 # What `soko serve` hands uvicorn; a module attribute so tests can serve a factory of
 # their own through the same path.
@@ -52,19 +50,7 @@ APP_FACTORY = "soko.app:create_app_from_env"
 def _settings() -> Settings:
     from soko.app import check_domain_settings
 
-    try:
-        settings = ensure_secrets(load_settings())
-        check_domain_settings(settings)
-    except ConfigError as exc:
-        err.print("[bold red]Soko cannot start: the configuration has problems[/]")
-        for line in exc.problems:
-            err.print(f"  - {line}", markup=False, highlight=False)
-        raise typer.Exit(2) from None
-    # Every command logs through the same masked chain as the server.
-    from soko.platform.logging import configure_logging
-
-    configure_logging(settings)
-    return settings
+    return command_settings(check_domain_settings)
 
 
 @app.command()

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from sqlalchemy.exc import DBAPIError
 
 from soko.identity.accounts import (
@@ -28,24 +27,12 @@ from soko.identity.audit import record_audit_event
 from soko.identity.errors import AccountExists, WeakPassword
 from soko.identity.models import Role
 from soko.identity.passwords import PasswordPolicy, password_hasher
-from soko.platform.config import ConfigError, Settings, ensure_secrets, load_settings
+from soko.platform.commands import command_settings, err, exit_database_unusable, out
+from soko.platform.config import Settings
 from soko.platform.errors import ValidationFailed
 from soko.platform.runtime import Runtime
 
 admin_app = typer.Typer(help="Manage administrators.", no_args_is_help=True)
-
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
-
-
-def _settings() -> Settings:
-    try:
-        return ensure_secrets(load_settings())
-    except ConfigError as exc:
-        err.print("[bold red]Soko cannot start: the configuration has problems[/]")
-        for line in exc.problems:
-            err.print(f"  - {line}", markup=False, highlight=False)
-        raise typer.Exit(2) from None
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -133,7 +120,7 @@ def create(
     ] = False,
 ) -> None:
     """Create an administrator account (with the admin role and a verified email)."""
-    settings = _settings()
+    settings = command_settings()
     try:
         canonical_email = normalize_email(email)
         e164 = normalize_phone(phone) if phone else None
@@ -157,10 +144,5 @@ def create(
     except WeakPassword as problem:
         raise _fail(f"password not accepted: {problem.detail}") from None
     except DBAPIError as exc:
-        first_line = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
-        raise _fail(
-            f"cannot write the account: {first_line} (is the database migrated? "
-            "`soko migrate upgrade`)",
-            code=2,
-        ) from None
+        exit_database_unusable(exc, "write the account")
     out.print(f"[green]administrator created:[/] {canonical_email} (id {user_id})")

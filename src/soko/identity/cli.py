@@ -6,28 +6,15 @@ import asyncio
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.exc import DBAPIError
 
 from soko.identity.audit import ChainReport, audit_chain_length, verify_audit_chain
-from soko.platform.config import ConfigError, Settings, load_settings
+from soko.platform.commands import command_settings, err, exit_database_unusable, out
+from soko.platform.config import Settings
 from soko.platform.db import Database, create_engine
 
 audit_app = typer.Typer(help="Inspect the audit log.", no_args_is_help=True)
-
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        err.print("[bold red]Soko cannot start: the configuration has problems[/]")
-        for line in exc.problems:
-            err.print(f"  - {line}", markup=False, highlight=False)
-        raise typer.Exit(2) from None
 
 
 async def _verify(settings: Settings, batch_size: int) -> ChainReport:
@@ -60,18 +47,11 @@ def verify(
     ] = 2000,
 ) -> None:
     """Check the audit log's hash chain; exit 0 when intact, 1 when broken."""
-    settings = _settings()
+    settings = command_settings()
     try:
         report = asyncio.run(_verify(settings, batch_size))
     except DBAPIError as exc:
-        first_line = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
-        err.print("[bold red]cannot read the audit log:[/]", end=" ")
-        err.print(
-            f"{first_line} (is the database migrated? `soko migrate upgrade`)",
-            markup=False,
-            highlight=False,
-        )
-        raise typer.Exit(2) from None
+        exit_database_unusable(exc, "read the audit log")
     if report.ok:
         out.print(f"[green]audit log intact:[/] {report.checked} events verified")
         if report.last_seq is not None:

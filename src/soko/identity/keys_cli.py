@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy.exc import DBAPIError
@@ -31,7 +30,8 @@ from soko.identity.key_rotation import (
     rotate_all,
     values_to_rotate,
 )
-from soko.platform.config import ConfigError, Settings, ensure_secrets, load_settings
+from soko.platform.commands import command_settings, err, exit_database_unusable, out
+from soko.platform.config import Settings
 from soko.platform.crypto import (
     BLIND_INDEX_KEY_LABEL,
     ENCRYPTION_KEY_LABEL,
@@ -47,22 +47,8 @@ keys_app = typer.Typer(
     help="Keys that encrypt personal data at rest: new, rotate, status.", no_args_is_help=True
 )
 
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
 
 T = TypeVar("T")
-
-
-def _settings() -> Settings:
-    try:
-        # ensure_secrets: in development the data keys derive from the generated secret
-        # key, so the command must see the same one as the server.
-        return ensure_secrets(load_settings())
-    except ConfigError as exc:
-        err.print("[bold red]Soko cannot start: the configuration has problems[/]")
-        for line in exc.problems:
-            err.print(f"  - {line}", markup=False, highlight=False)
-        raise typer.Exit(2) from None
 
 
 def configured_data_keys(settings: Settings) -> DataKeys:
@@ -85,14 +71,7 @@ def _run(settings: Settings, work: Callable[[Runtime], Awaitable[T]]) -> T:
     try:
         return asyncio.run(main())
     except DBAPIError as exc:
-        first_line = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__
-        err.print("[bold red]cannot read the database:[/]", end=" ")
-        err.print(
-            f"{first_line} (is the database migrated? `soko migrate upgrade`)",
-            markup=False,
-            highlight=False,
-        )
-        raise typer.Exit(2) from None
+        exit_database_unusable(exc, "read the database")
 
 
 # -- soko keys new --------------------------------------------------------------------------
@@ -135,7 +114,7 @@ def new(
     Nothing is changed: set the printed value on every API and worker process, restart
     them, then run `soko keys rotate`.
     """
-    settings = _settings()
+    settings = command_settings()
     master = settings.secret_key.get_secret_value().encode()
     configured = settings.encryption_keys.get_secret_value().strip()
     keyring = configured_data_keys(settings).keyring
@@ -194,7 +173,7 @@ def _key_state(keyring: Keyring, key_id: str) -> str:
 @keys_app.command("status")
 def status() -> None:
     """Count the encrypted values under each key id (read from the ciphertext headers)."""
-    settings = _settings()
+    settings = command_settings()
 
     async def read(runtime: Runtime) -> tuple[list[KeyUsage], Keyring]:
         async with runtime.db.transaction(read_only=True) as session:
@@ -242,7 +221,7 @@ def rotate(
 ) -> None:
     """Re-encrypt every value that is not under the active key (the first one of
     SOKO_ENCRYPTION_KEYS). Safe to run twice or while the service runs."""
-    settings = _settings()
+    settings = command_settings()
     if wait:
         _rotate_now(settings, batch_size)
     else:
