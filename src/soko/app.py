@@ -30,7 +30,15 @@ API_PREFIX = "/api/v1"
 
 # Each domain package is listed once here; its models, handlers and router are loaded
 # from the conventional module names when present.
-DOMAINS: tuple[str, ...] = ("identity", "notifications")
+DOMAINS: tuple[str, ...] = (
+    "identity",
+    "notifications",
+    "sellers",
+    "catalog",
+    "inventory",
+    "cart",
+    "orders",
+)
 
 PLATFORM_MODEL_MODULES: tuple[str, ...] = ("soko.platform.outbox",)
 

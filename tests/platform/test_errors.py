@@ -221,8 +221,10 @@ def test_a_slug_cannot_be_declared_twice() -> None:
 
 
 def documented_slugs() -> dict[str, str]:
-    """Each ``## `slug` `` section of docs/problems.md and its text."""
-    text = PROBLEMS_DOC.read_text(encoding="utf-8")
+    """Each ``## `slug` `` section of docs/problems.md (and of the per-domain pages in
+    docs/problems/) and its text."""
+    pages = [PROBLEMS_DOC, *sorted((PROBLEMS_DOC.parent / "problems").glob("*.md"))]
+    text = "\n".join(page.read_text(encoding="utf-8") for page in pages)
     sections = re.split(r"^## ", text, flags=re.MULTILINE)[1:]
     found = {}
     for section in sections:

@@ -15,17 +15,38 @@ USERS_READ = "users:read"
 USERS_MANAGE = "users:manage"
 AUDIT_READ = "audit:read"
 IDENTITY_SETTINGS = "identity:settings"
+# Commerce: reviewing seller applications, curating categories, seeing every order and
+# settling disputes. Buyers and seller members need only to be signed in; what they may
+# touch is decided per object (their cart, their orders, their seller's products).
+SELLERS_REVIEW = "sellers:review"
+CATALOG_MANAGE = "catalog:manage"
+ORDERS_READ_ALL = "orders:read_all"
+DISPUTES_RESOLVE = "disputes:resolve"
 
 ALL_PERMISSIONS: frozenset[str] = frozenset(
-    {ACCOUNT_SELF, USERS_READ, USERS_MANAGE, AUDIT_READ, IDENTITY_SETTINGS}
+    {
+        ACCOUNT_SELF,
+        USERS_READ,
+        USERS_MANAGE,
+        AUDIT_READ,
+        IDENTITY_SETTINGS,
+        SELLERS_REVIEW,
+        CATALOG_MANAGE,
+        ORDERS_READ_ALL,
+        DISPUTES_RESOLVE,
+    }
 )
 
 ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
     Role.customer: frozenset({ACCOUNT_SELF}),
     Role.seller: frozenset({ACCOUNT_SELF}),
     Role.provider: frozenset({ACCOUNT_SELF}),
-    Role.operator: frozenset({ACCOUNT_SELF, USERS_READ}),
-    Role.support: frozenset({ACCOUNT_SELF, USERS_READ, AUDIT_READ}),
+    Role.operator: frozenset(
+        {ACCOUNT_SELF, USERS_READ, SELLERS_REVIEW, CATALOG_MANAGE, ORDERS_READ_ALL}
+    ),
+    Role.support: frozenset(
+        {ACCOUNT_SELF, USERS_READ, AUDIT_READ, ORDERS_READ_ALL, DISPUTES_RESOLVE}
+    ),
     Role.admin: ALL_PERMISSIONS,
 }
 

@@ -19,7 +19,7 @@ import datetime as dt
 import secrets
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from fastapi import Depends, Request
@@ -70,7 +70,7 @@ from soko.identity.sessions import (
     start_session,
 )
 from soko.notifications.public import send_email
-from soko.platform.auth import Principal
+from soko.platform.auth import Principal, run_sign_in_hooks
 from soko.platform.errors import ProblemError, ValidationFailed
 from soko.platform.http import client_ip
 from soko.platform.ids import uuid7
@@ -85,6 +85,9 @@ MAX_LINK_TOKEN_LENGTH = 128
 # Reset links one email address or phone number can be sent.
 RESET_LINKS_PER_IDENTIFIER = parse("3/hour")
 
+# Request headers a sign-in passes to other domains' hooks: an anonymous cart's token.
+HOOK_HEADERS: tuple[str, ...] = ("x-cart-token",)
+
 _LINK_PREFIXES = {
     VerificationPurpose.email_verification: EMAIL_VERIFICATION_PREFIX,
     VerificationPurpose.password_reset: PASSWORD_RESET_PREFIX,
@@ -97,6 +100,9 @@ class RequestFacts:
 
     device: DeviceFacts
     request_id: str | None = None
+    # Headers other domains' sign-in hooks read (soko.platform.auth.on_sign_in), such as
+    # an anonymous cart's token; lower-case names.
+    headers: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def ip(self) -> str:
@@ -112,6 +118,9 @@ class RequestFacts:
                 ip=client_ip(request.scope, runtime.settings.trusted_proxies),
             ),
             request_id=getattr(request.state, "request_id", None),
+            headers={
+                name: request.headers[name] for name in HOOK_HEADERS if name in request.headers
+            },
         )
 
 
@@ -337,6 +346,7 @@ async def finish_sign_up(
     else:
         outcome = await start_session(session, runtime, user, method=method, device=facts.device)
         opened = str(outcome.session_id)
+        await run_sign_in_hooks(session, runtime, user.id, facts.headers)
     await record_audit_event(
         session,
         action="account.registered",
@@ -503,6 +513,7 @@ async def finish_sign_in(
         data={**data, "mfa": mfa_verified, **(details or {})},
         clock=runtime.clock,
     )
+    await run_sign_in_hooks(session, runtime, user.id, facts.headers)
     return pair
 
 

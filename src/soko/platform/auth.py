@@ -11,7 +11,7 @@ as ``app.state.authenticator``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
@@ -102,3 +102,35 @@ def declared_permission(dependant: Any) -> str | None:
         if found is not None:
             return found
     return None
+
+
+# -- what other domains do when someone signs in -------------------------------------------------
+
+
+class SignInHook(Protocol):
+    """Called inside the sign-in's transaction once a session is opened, with the
+    request's headers (lower-case names). A hook flushes, never commits, and must not
+    fail the sign-in for a reason of its own: it logs and returns instead."""
+
+    def __call__(
+        self, session: Any, runtime: Any, user_id: uuid.UUID, headers: Mapping[str, str]
+    ) -> Awaitable[None]: ...
+
+
+_SIGN_IN_HOOKS: list[SignInHook] = []
+
+
+def on_sign_in(hook: SignInHook) -> SignInHook:
+    """Register ``hook`` to run on every completed sign-in or sign-up (a decorator).
+    The identity domain runs them; a domain registers from its ``handlers`` module, so a
+    cart can follow its owner when they sign in without identity knowing about carts."""
+    if hook not in _SIGN_IN_HOOKS:
+        _SIGN_IN_HOOKS.append(hook)
+    return hook
+
+
+async def run_sign_in_hooks(
+    session: Any, runtime: Any, user_id: uuid.UUID, headers: Mapping[str, str]
+) -> None:
+    for hook in tuple(_SIGN_IN_HOOKS):
+        await hook(session, runtime, user_id, headers)

@@ -40,6 +40,14 @@ class OutboxDispatch(StrEnum):
     worker = "worker"
 
 
+class ReservationStrategy(StrEnum):
+    """How checkout claims stock: one conditional UPDATE per batch (optimistic), or row
+    locks taken in a fixed order first (pessimistic; an immediate transaction on SQLite)."""
+
+    optimistic = "optimistic"
+    pessimistic = "pessimistic"
+
+
 class LogFormat(StrEnum):
     auto = "auto"
     json = "json"
@@ -137,6 +145,15 @@ class Settings(BaseSettings):
     otp_daily_limit_per_phone: int = Field(10, ge=1, le=1_000)
     otp_daily_limit_per_ip: int = Field(30, ge=1, le=100_000)
     login_rate_limit: str = "5/minute"
+
+    # Commerce: carts, stock reservations, orders and disputes.
+    default_currency: str = Field("KES", pattern=r"^[A-Z]{3}$")
+    reservation_strategy: ReservationStrategy = ReservationStrategy.optimistic
+    reservation_hold_seconds: int = Field(900, ge=60, le=86_400)
+    cart_expiry_hours: int = Field(72, ge=1, le=24 * 90)
+    dispute_window_days: int = Field(14, ge=1, le=365)
+    idempotency_key_hours: int = Field(24, ge=1, le=24 * 30)
+    seed_demo: bool = True
 
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.auto

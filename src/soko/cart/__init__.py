@@ -1,0 +1,1 @@
+"""Carts: anonymous or signed-in, versioned lines, and the merge that follows a sign-in."""

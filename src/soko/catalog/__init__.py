@@ -1,0 +1,1 @@
+"""Catalog: the category tree, sellers' products and their variants, and the public listing."""

@@ -1,0 +1,1 @@
+"""Sellers: stores that apply, are reviewed by an admin, and act through their members."""
