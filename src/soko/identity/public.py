@@ -2,11 +2,63 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.identity.accounts import (
+    AccountExists,
+    create_user,
+    find_user_by_email,
+    find_user_by_phone,
+    normalize_email,
+    normalize_phone,
+    principal_tag,
+    user_roles,
+)
 from soko.identity.audit import record_audit_event
+from soko.identity.models import Role, User, UserRole, UserStatus
+from soko.identity.passwords import password_hasher
+from soko.identity.permissions import (
+    ACCOUNT_SELF,
+    CATALOG_MANAGE,
+    DISPUTES_RESOLVE,
+    ORDERS_READ_ALL,
+    SELLERS_REVIEW,
+)
 from soko.identity.principals import authenticate
 from soko.platform.config import Settings
+from soko.platform.errors import ValidationFailed
+from soko.platform.runtime import Runtime, invalidate_after_commit
 
-__all__ = ["authenticate", "configuration_problems", "record_audit_event"]
+__all__ = [
+    "ACCOUNT_SELF",
+    "CATALOG_MANAGE",
+    "DISPUTES_RESOLVE",
+    "ORDERS_READ_ALL",
+    "SELLERS_REVIEW",
+    "AccountExists",
+    "UserCard",
+    "authenticate",
+    "configuration_problems",
+    "create_account",
+    "find_active_user_id",
+    "grant_role",
+    "record_audit_event",
+    "user_cards",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class UserCard:
+    """What another domain may show of a user: never their email or phone."""
+
+    id: uuid.UUID
+    display_name: str
+    active: bool
 
 
 def configuration_problems(settings: Settings) -> list[str]:
@@ -21,3 +73,89 @@ def configuration_problems(settings: Settings) -> list[str]:
     except ValueError as exc:
         return [f"SOKO_OIDC_PROVIDERS: {line}" for line in str(exc).splitlines() if line]
     return []
+
+
+async def user_cards(
+    session: AsyncSession, user_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, UserCard]:
+    """The cards of the users among ``user_ids`` that exist (one query)."""
+    wanted = set(user_ids)
+    if not wanted:
+        return {}
+    rows = await session.execute(
+        select(User.id, User.display_name, User.status).where(User.id.in_(wanted))
+    )
+    return {
+        row.id: UserCard(row.id, row.display_name, row.status == UserStatus.active.value)
+        for row in rows
+    }
+
+
+async def find_active_user_id(
+    session: AsyncSession, runtime: Runtime, identifier: str
+) -> uuid.UUID | None:
+    """The active user an email address or phone number names, by its blind index;
+    ``None`` when there is none (or the identifier is not a valid email or phone).
+    Callers must not reveal which of the two it was."""
+    try:
+        if "@" in identifier:
+            user = await find_user_by_email(session, runtime.data_keys, normalize_email(identifier))
+        else:
+            user = await find_user_by_phone(session, runtime.data_keys, normalize_phone(identifier))
+    except ValidationFailed:
+        return None
+    if user is None or user.status != UserStatus.active.value:
+        return None
+    return user.id
+
+
+async def grant_role(
+    session: AsyncSession,
+    runtime: Runtime,
+    user_id: uuid.UUID,
+    role: str,
+    *,
+    granted_by: uuid.UUID | None,
+) -> bool:
+    """Give ``user_id`` the role ``role`` (such as ``seller`` when their store is
+    approved) unless they hold it; whether it was added. Their cached authorization is
+    dropped once the transaction commits."""
+    wanted = Role(role).value
+    if wanted in await user_roles(session, user_id):
+        return False
+    session.add(
+        UserRole(
+            user_id=user_id, role=wanted, granted_at=runtime.clock.now(), granted_by=granted_by
+        )
+    )
+    await session.flush()
+    invalidate_after_commit(session, principal_tag(user_id))
+    return True
+
+
+async def create_account(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    email: str | None = None,
+    phone: str | None = None,
+    password: str | None = None,
+    display_name: str = "",
+    roles: Iterable[str] = (Role.customer.value,),
+) -> uuid.UUID:
+    """Create a verified account directly (demo data, operators' scripts), skipping the
+    sign-up flow; the password is hashed like any other. Raises :class:`AccountExists`."""
+    hashed = await password_hasher(runtime).hash(password) if password else None
+    user = await create_user(
+        session,
+        runtime.data_keys,
+        now=runtime.clock.now(),
+        email=normalize_email(email) if email else None,
+        phone=normalize_phone(phone) if phone else None,
+        display_name=display_name,
+        password_hash=hashed,
+        roles=[Role(role) for role in roles],
+        email_verified=bool(email),
+        phone_verified=bool(phone),
+    )
+    return user.id
