@@ -10,7 +10,6 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.accounts import (
-    AccountExists,
     create_user,
     find_user_by_email,
     find_user_by_phone,
@@ -20,6 +19,7 @@ from soko.identity.accounts import (
     user_roles,
 )
 from soko.identity.audit import record_audit_event
+from soko.identity.errors import AccountExists
 from soko.identity.models import Role, User, UserRole, UserStatus
 from soko.identity.passwords import password_hasher
 from soko.identity.permissions import (
