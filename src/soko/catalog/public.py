@@ -1,0 +1,108 @@
+"""What other domains may use of the catalog: frozen facts and cache tags, never ORM rows.
+
+Carts and orders read variants through :func:`variants_for_sale` (one query however many
+variants); cached reads that show catalog data carry :data:`CATALOG_TAG` or
+:func:`product_tag` so a catalog change makes them stale.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.catalog.models import Product, ProductStatus, Variant, VariantStatus
+
+__all__ = [
+    "CATALOG_TAG",
+    "VariantForSale",
+    "product_tag",
+    "variants_for_sale",
+]
+
+CATALOG_TAG = "catalog"
+"""Invalidated by every catalog write: product lists and anything else that shows more
+than one product."""
+
+
+def product_tag(product_id: uuid.UUID) -> str:
+    """The cache tag of one product and its variants, invalidated whenever either
+    changes (title, price, status, a variant added or archived)."""
+    return f"catalog:product:{product_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class VariantForSale:
+    """A variant as a cart or an order needs it, read at the moment of asking.
+
+    ``purchasable`` says the product is published and the variant active; whether the
+    seller may sell right now is the sellers domain's answer
+    (``sellers.public.inactive_seller_ids``), and how many are in stock inventory's.
+    """
+
+    variant_id: uuid.UUID
+    product_id: uuid.UUID
+    seller_id: uuid.UUID
+    title: str  # the product's title
+    sku: str
+    options: dict[str, str]  # {"size": "M", "colour": "red"}
+    price_minor: int
+    currency: str
+    compare_at_minor: int | None
+    image: str | None  # the product's first image
+    purchasable: bool
+    weight_grams: int | None = None
+
+
+async def variants_for_sale(
+    session: AsyncSession, variant_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, VariantForSale]:
+    """The variants among ``variant_ids`` that exist, in one query; unknown ids are left
+    out of the answer (archived variants and unpublished products are returned, with
+    ``purchasable`` false, so a cart can show what became unavailable)."""
+    ids = list(dict.fromkeys(variant_ids))
+    if not ids:
+        return {}
+    rows = await session.execute(
+        select(
+            Variant.id,
+            Variant.product_id,
+            Variant.seller_id,
+            Variant.sku,
+            Variant.options,
+            Variant.price_minor,
+            Variant.currency,
+            Variant.compare_at_minor,
+            Variant.weight_grams,
+            Variant.status,
+            Product.title,
+            Product.images,
+            Product.status.label("product_status"),
+        )
+        .join(Product, Product.id == Variant.product_id)
+        .where(Variant.id.in_(ids))
+    )
+    found: dict[uuid.UUID, VariantForSale] = {}
+    for row in rows:
+        images = row.images or []
+        found[row.id] = VariantForSale(
+            variant_id=row.id,
+            product_id=row.product_id,
+            seller_id=row.seller_id,
+            title=row.title,
+            sku=row.sku,
+            options=dict(row.options or {}),
+            price_minor=row.price_minor,
+            currency=row.currency,
+            compare_at_minor=row.compare_at_minor,
+            image=images[0] if images else None,
+            purchasable=(
+                row.product_status == ProductStatus.published.value
+                and row.status == VariantStatus.active.value
+            ),
+            weight_grams=row.weight_grams,
+        )
+    return found
