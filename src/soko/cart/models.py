@@ -14,6 +14,7 @@ import uuid
 from enum import StrEnum
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     ForeignKey,
     Index,
@@ -77,7 +78,7 @@ class CartLine(UUIDPrimaryKey, Base):
     # A catalog variant; no foreign key across domains.
     variant_id: Mapped[uuid.UUID]
     quantity: Mapped[int] = mapped_column(Integer)
-    unit_price_minor: Mapped[int] = mapped_column(Integer)
+    unit_price_minor: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     added_at: Mapped[dt.datetime]
     updated_at: Mapped[dt.datetime]
