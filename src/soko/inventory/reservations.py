@@ -1,0 +1,543 @@
+"""Reservations: checkout holds stock for a while, payment commits it, shipping takes it.
+
+The counters of a stock level move only through conditional UPDATEs, so concurrent
+checkouts can never take more than is there (``reserved + allocated <= on_hand`` is also
+a CHECK constraint). Two strategies choose how the rows are claimed:
+
+- **optimistic**: read the stock rows without locks, plan, then one conditional UPDATE
+  for every row of the plan. PostgreSQL re-checks the condition on the newest row
+  version after waiting for a concurrent writer, so the UPDATE is the arbiter. When a
+  row falls short the partial claim is undone and the plan is made again from a fresh
+  read; the last attempt reads under row locks, so the answer is always definitive.
+- **pessimistic**: read the rows ``FOR UPDATE`` in (variant_id, location_id) order, plan
+  on exact numbers, then update. On SQLite every writing transaction is already
+  ``BEGIN IMMEDIATE``, so both strategies run serialized there.
+
+Every UPDATE that touches several stock rows locks them in (variant_id, location_id)
+order first (PostgreSQL), and reservation rows are always locked before stock rows, so
+two transactions never wait on each other in a circle.
+
+Statement budget of :func:`reserve`: one read, one stock UPDATE and one INSERT of the
+reservation rows; one more UPDATE when expired holds of these variants are released on
+the way. It does not grow with the number of lines or sellers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import ColumnElement, and_, case, func, insert, literal, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.inventory.errors import OutOfStock
+from soko.inventory.models import (
+    AdjustmentKind,
+    Location,
+    Reservation,
+    ReservationStatus,
+    StockAdjustment,
+    StockLevel,
+)
+from soko.inventory.planning import (
+    ReservationRequest,
+    StockKey,
+    StockRow,
+    merge_lines,
+    plan_reservation,
+)
+from soko.inventory.tags import INVENTORY_TAG, stock_tag
+from soko.platform.config import ReservationStrategy
+from soko.platform.ids import uuid7
+from soko.platform.runtime import Runtime, invalidate_after_commit
+
+# Optimistic attempts before the last one, which reads under row locks.
+OPTIMISTIC_ATTEMPTS = 3
+# Stock keys per UPDATE when releasing many holds at once (the job): keeps the bound
+# parameters well under both drivers' limits.
+KEYS_PER_STATEMENT = 200
+
+S = StockLevel
+R = Reservation
+
+HOLD_EXPIRED = "hold expired"
+
+
+def _is_postgres(session: AsyncSession) -> bool:
+    bind = session.get_bind()
+    return bind.dialect.name == "postgresql"
+
+
+def _key_in(keys: Sequence[StockKey]) -> ColumnElement[bool]:
+    if len(keys) == 1:
+        (variant_id, location_id), *_ = keys
+        return and_(S.variant_id == variant_id, S.location_id == location_id)
+    return tuple_(S.variant_id, S.location_id).in_(keys)
+
+
+def _per_key(values: Mapping[StockKey, int], keys: Sequence[StockKey]) -> ColumnElement[int]:
+    """The value of each stock row as a CASE over its key (a plain parameter for one)."""
+    if len(keys) == 1:
+        return literal(values.get(keys[0], 0))
+    whens = [
+        (and_(S.variant_id == key[0], S.location_id == key[1]), values.get(key, 0))
+        for key in keys
+        if values.get(key, 0)
+    ]
+    if not whens:
+        return literal(0)
+    return case(*whens, else_=0)
+
+
+def _locked_keys(session: AsyncSession, keys: Sequence[StockKey]) -> ColumnElement[bool]:
+    """The WHERE of an UPDATE over ``keys`` that locks the rows in key order first.
+
+    PostgreSQL locks the rows an UPDATE touches in the order it happens to scan them,
+    which can differ between two transactions; a locking subquery sorted by key makes
+    the order fixed. One row needs no ordering, and SQLite serializes writers anyway."""
+    if len(keys) == 1 or not _is_postgres(session):
+        return _key_in(keys)
+    locking = (
+        select(S.variant_id, S.location_id)
+        .where(_key_in(keys))
+        .order_by(S.variant_id, S.location_id)
+        .with_for_update()
+    )
+    return tuple_(S.variant_id, S.location_id).in_(locking)
+
+
+async def read_stock_rows(
+    session: AsyncSession,
+    variant_ids: Iterable[uuid.UUID],
+    now: dt.datetime,
+    *,
+    lock: bool = False,
+) -> list[StockRow]:
+    """The stock rows of ``variant_ids`` (active locations only), each with the units of
+    its holds that expired but are not released yet; in one statement.
+
+    ``lock`` takes the rows ``FOR UPDATE`` in (variant_id, location_id) order."""
+    ids = list(variant_ids)
+    expired = (
+        select(R.variant_id, R.location_id, func.sum(R.quantity).label("quantity"))
+        .where(
+            R.status == ReservationStatus.held.value,
+            R.expires_at <= now,
+            R.variant_id.in_(ids),
+        )
+        .group_by(R.variant_id, R.location_id)
+        .subquery("expired_holds")
+    )
+    statement = (
+        select(
+            S.variant_id,
+            S.location_id,
+            S.on_hand,
+            S.reserved,
+            S.allocated,
+            func.coalesce(expired.c.quantity, 0),
+            Location.active,
+        )
+        .join(Location, Location.id == S.location_id)
+        .outerjoin(
+            expired,
+            and_(expired.c.variant_id == S.variant_id, expired.c.location_id == S.location_id),
+        )
+        .where(S.variant_id.in_(ids))
+        .order_by(S.variant_id, S.location_id)
+    )
+    if lock:
+        statement = statement.with_for_update(of=S)
+    result = await session.execute(statement)
+    return [
+        StockRow(
+            variant_id=variant_id,
+            location_id=location_id,
+            on_hand=on_hand,
+            reserved=reserved,
+            allocated=allocated,
+            expired_held=int(expired_held),
+            active=bool(active),
+        )
+        for variant_id, location_id, on_hand, reserved, allocated, expired_held, active in result
+    ]
+
+
+async def _expire_held(
+    session: AsyncSession, now: dt.datetime, *, variant_ids: Sequence[uuid.UUID] | None, limit: int
+) -> dict[StockKey, int]:
+    """Mark held reservations past their time as expired; the units to release per key.
+
+    Rows another transaction is handling right now are skipped (PostgreSQL), never
+    waited for: that transaction releases them."""
+    candidates = (
+        select(R.id)
+        .where(R.status == ReservationStatus.held.value, R.expires_at <= now)
+        .order_by(R.id)
+        .limit(limit)
+    )
+    if variant_ids is not None:
+        candidates = candidates.where(R.variant_id.in_(variant_ids))
+    if _is_postgres(session):
+        candidates = candidates.with_for_update(skip_locked=True)
+    result = await session.execute(
+        update(R)
+        .where(R.id.in_(candidates.scalar_subquery()), R.status == ReservationStatus.held.value)
+        .values(status=ReservationStatus.expired.value, ended_at=now, end_reason=HOLD_EXPIRED)
+        .returning(R.variant_id, R.location_id, R.quantity)
+        .execution_options(synchronize_session=False)
+    )
+    return _sum_by_key(result)
+
+
+def _sum_by_key(rows: Iterable[tuple[uuid.UUID, uuid.UUID, int]]) -> dict[StockKey, int]:
+    totals: dict[StockKey, int] = {}
+    for variant_id, location_id, quantity in rows:
+        key = (variant_id, location_id)
+        totals[key] = totals.get(key, 0) + quantity
+    return totals
+
+
+async def _move_counters(
+    session: AsyncSession,
+    now: dt.datetime,
+    *,
+    reserved: Mapping[StockKey, int] | None = None,
+    allocated: Mapping[StockKey, int] | None = None,
+    on_hand: Mapping[StockKey, int] | None = None,
+) -> list[tuple[uuid.UUID, uuid.UUID, uuid.UUID, int]]:
+    """Add the given deltas to the counters of their stock rows, unconditionally.
+
+    For moves the reservation rows already justify (a hold released, committed or
+    shipped): the CHECK constraints still stand behind them. Returns (variant_id,
+    location_id, seller_id, on_hand) of each row."""
+    keys = sorted(set(reserved or {}) | set(allocated or {}) | set(on_hand or {}))
+    changed: list[tuple[uuid.UUID, uuid.UUID, uuid.UUID, int]] = []
+    for start in range(0, len(keys), KEYS_PER_STATEMENT):
+        chunk = keys[start : start + KEYS_PER_STATEMENT]
+        values: dict[str, object] = {"version": S.version + 1, "updated_at": now}
+        if reserved:
+            values["reserved"] = S.reserved + _per_key(reserved, chunk)
+        if allocated:
+            values["allocated"] = S.allocated + _per_key(allocated, chunk)
+        if on_hand:
+            values["on_hand"] = S.on_hand + _per_key(on_hand, chunk)
+        result = await session.execute(
+            update(S)
+            .where(_locked_keys(session, chunk))
+            .values(values)
+            .returning(S.variant_id, S.location_id, S.seller_id, S.on_hand)
+            .execution_options(synchronize_session=False)
+        )
+        changed.extend(
+            (variant_id, location_id, seller_id, level)
+            for variant_id, location_id, seller_id, level in result
+        )
+    _invalidate(session, {variant_id for variant_id, _ in keys})
+    return changed
+
+
+def _invalidate(session: AsyncSession, variant_ids: Iterable[uuid.UUID]) -> None:
+    invalidate_after_commit(session, INVENTORY_TAG, *(stock_tag(v) for v in variant_ids))
+
+
+def _negate(values: Mapping[StockKey, int]) -> dict[StockKey, int]:
+    return {key: -quantity for key, quantity in values.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """What one attempt asked of each stock row: units to take and expired units to
+    give back in the same statement."""
+
+    takes: Mapping[StockKey, int]
+    releases: Mapping[StockKey, int]
+
+
+async def _claim(
+    session: AsyncSession, now: dt.datetime, claim: _Claim, *, rows_locked: bool
+) -> set[StockKey]:
+    """One conditional UPDATE: take ``claim.takes`` where each row still has them free,
+    and give back ``claim.releases``. Returns the keys that were updated."""
+    keys = sorted(set(claim.takes) | set(claim.releases))
+    take = _per_key(claim.takes, keys)
+    release = _per_key(claim.releases, keys)
+    where = _key_in(keys) if rows_locked else _locked_keys(session, keys)
+    result = await session.execute(
+        update(S)
+        .where(where, S.on_hand - (S.reserved - release) - S.allocated >= take)
+        .values(reserved=S.reserved - release + take, version=S.version + 1, updated_at=now)
+        .returning(S.variant_id, S.location_id)
+        .execution_options(synchronize_session=False)
+    )
+    return {(variant_id, location_id) for variant_id, location_id in result}
+
+
+async def reserve(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    holder_ref: uuid.UUID,
+    lines: Sequence[ReservationRequest],
+    expires_at: dt.datetime,
+    strategy: ReservationStrategy | None = None,
+) -> None:
+    wanted = merge_lines(lines)
+    if not wanted:
+        return
+    strategy = strategy or runtime.settings.reservation_strategy
+    now = runtime.clock.now()
+    locking = strategy is ReservationStrategy.pessimistic
+    variant_ids = list(wanted)
+
+    rows = await read_stock_rows(session, variant_ids, now, lock=locking)
+    releases: dict[StockKey, int] = {}
+    if any(row.expired_held for row in rows):
+        releases = await _expire_held(session, now, variant_ids=variant_ids, limit=10_000)
+        rows = [_after_release(row, releases) for row in rows]
+
+    attempts = 1 if locking else OPTIMISTIC_ATTEMPTS + 1
+    for attempt in range(attempts):
+        plan = plan_reservation(wanted, rows)
+        if not plan.feasible:
+            if releases:
+                await _move_counters(session, now, reserved=_negate(releases))
+            raise OutOfStock(plan.shortages)
+        claimed = await _claim(
+            session, now, _Claim(takes=plan.takes, releases=releases), rows_locked=locking
+        )
+        if claimed.issuperset(plan.takes):
+            break
+        # Some row fell short since the read: undo what this attempt took, keep the
+        # releases (all applied now), and plan again from the rows as they are.
+        undo = {key: -q for key, q in plan.takes.items() if key in claimed}
+        for key, quantity in releases.items():
+            if key not in claimed:
+                undo[key] = undo.get(key, 0) - quantity
+        if undo:
+            await _move_counters(session, now, reserved=undo)
+        releases = {}
+        locking = attempt + 1 >= OPTIMISTIC_ATTEMPTS
+        rows = await read_stock_rows(session, variant_ids, now, lock=locking)
+    else:  # pragma: no cover - the locked read above makes the last plan exact
+        raise RuntimeError("stock changed under row locks")
+
+    await session.execute(
+        insert(R),
+        [
+            {
+                "id": uuid7(),
+                "holder_ref": holder_ref,
+                "variant_id": variant_id,
+                "location_id": location_id,
+                "quantity": quantity,
+                "status": ReservationStatus.held.value,
+                "expires_at": expires_at,
+                "created_at": now,
+            }
+            for (variant_id, location_id), quantity in plan.takes.items()
+        ],
+    )
+    _invalidate(session, variant_ids)
+
+
+def _after_release(row: StockRow, releases: Mapping[StockKey, int]) -> StockRow:
+    released = releases.get((row.variant_id, row.location_id), 0)
+    return StockRow(
+        variant_id=row.variant_id,
+        location_id=row.location_id,
+        on_hand=row.on_hand,
+        reserved=row.reserved - released,
+        allocated=row.allocated,
+        expired_held=0,
+        active=row.active,
+    )
+
+
+def _holder_filter(
+    holder_ref: uuid.UUID, variant_ids: Iterable[uuid.UUID] | None
+) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = [R.holder_ref == holder_ref]
+    if variant_ids is not None:
+        conditions.append(R.variant_id.in_(list(variant_ids)))
+    return conditions
+
+
+async def _end(
+    session: AsyncSession,
+    now: dt.datetime,
+    conditions: Sequence[ColumnElement[bool]],
+    *,
+    from_status: ReservationStatus,
+    to_status: ReservationStatus,
+    reason: str | None = None,
+) -> dict[StockKey, int]:
+    result = await session.execute(
+        update(R)
+        .where(*conditions, R.status == from_status.value)
+        .values(
+            status=to_status.value,
+            ended_at=now if to_status is not ReservationStatus.committed else None,
+            end_reason=reason,
+        )
+        .returning(R.variant_id, R.location_id, R.quantity)
+        .execution_options(synchronize_session=False)
+    )
+    return _sum_by_key(result)
+
+
+async def commit_hold(session: AsyncSession, runtime: Runtime, holder_ref: uuid.UUID) -> None:
+    now = runtime.clock.now()
+    committed = await _end(
+        session,
+        now,
+        _holder_filter(holder_ref, None),
+        from_status=ReservationStatus.held,
+        to_status=ReservationStatus.committed,
+    )
+    if committed:
+        await _move_counters(session, now, reserved=_negate(committed), allocated=committed)
+
+
+async def release_hold(
+    session: AsyncSession,
+    runtime: Runtime,
+    holder_ref: uuid.UUID,
+    *,
+    reason: str,
+    variant_ids: Iterable[uuid.UUID] | None = None,
+) -> int:
+    now = runtime.clock.now()
+    ids = None if variant_ids is None else list(variant_ids)
+    conditions = _holder_filter(holder_ref, ids)
+    held = await _end(
+        session,
+        now,
+        conditions,
+        from_status=ReservationStatus.held,
+        to_status=ReservationStatus.released,
+        reason=reason,
+    )
+    committed = await _end(
+        session,
+        now,
+        conditions,
+        from_status=ReservationStatus.committed,
+        to_status=ReservationStatus.released,
+        reason=reason,
+    )
+    if held or committed:
+        await _move_counters(
+            session, now, reserved=_negate(held) or None, allocated=_negate(committed) or None
+        )
+    return sum(held.values()) + sum(committed.values())
+
+
+async def fulfil(
+    session: AsyncSession,
+    runtime: Runtime,
+    holder_ref: uuid.UUID,
+    variant_ids: Iterable[uuid.UUID] | None = None,
+) -> None:
+    now = runtime.clock.now()
+    ids = None if variant_ids is None else list(variant_ids)
+    shipped = await _end(
+        session,
+        now,
+        _holder_filter(holder_ref, ids),
+        from_status=ReservationStatus.committed,
+        to_status=ReservationStatus.fulfilled,
+        reason="shipped",
+    )
+    if not shipped:
+        return
+    gone = _negate(shipped)
+    changed = await _move_counters(session, now, allocated=gone, on_hand=gone)
+    await session.execute(
+        insert(StockAdjustment),
+        [
+            {
+                "id": uuid7(),
+                "variant_id": variant_id,
+                "location_id": location_id,
+                "seller_id": seller_id,
+                "delta": gone[(variant_id, location_id)],
+                "reason": f"shipped to a buyer (checkout {holder_ref})",
+                "kind": AdjustmentKind.sale.value,
+                "actor_id": None,
+                "on_hand_after": on_hand_after,
+                "at": now,
+            }
+            for variant_id, location_id, seller_id, on_hand_after in changed
+        ],
+    )
+
+
+async def rehold_if_available(
+    session: AsyncSession,
+    runtime: Runtime,
+    holder_ref: uuid.UUID,
+    expires_at: dt.datetime,
+    *,
+    variant_ids: Iterable[uuid.UUID] | None = None,
+) -> bool:
+    ids = None if variant_ids is None else list(variant_ids)
+    conditions = _holder_filter(holder_ref, ids)
+    # Holds still in place (even past their time, not released yet) just get longer.
+    await session.execute(
+        update(R)
+        .where(*conditions, R.status == ReservationStatus.held.value)
+        .values(expires_at=expires_at)
+        .execution_options(synchronize_session=False)
+    )
+    ended_statuses = (ReservationStatus.expired.value, ReservationStatus.released.value)
+    async with session.begin_nested() as savepoint:
+        result = await session.execute(
+            update(R)
+            .where(*conditions, R.status.in_(ended_statuses))
+            .values(status=ReservationStatus.renewed.value)
+            .returning(R.variant_id, R.quantity)
+            .execution_options(synchronize_session=False)
+        )
+        again = [
+            ReservationRequest(variant_id=variant_id, quantity=quantity)
+            for variant_id, quantity in result
+        ]
+        if again:
+            try:
+                await reserve(
+                    session,
+                    runtime,
+                    holder_ref=holder_ref,
+                    lines=again,
+                    expires_at=expires_at,
+                )
+            except OutOfStock:
+                await savepoint.rollback()
+                return False
+    held = await session.scalar(
+        select(func.count())
+        .select_from(R)
+        .where(
+            *conditions,
+            R.status.in_((ReservationStatus.held.value, ReservationStatus.committed.value)),
+        )
+    )
+    return bool(held)
+
+
+async def release_expired_holds(
+    session: AsyncSession, now: dt.datetime, *, batch_size: int = 1000
+) -> int:
+    """Release every held reservation whose time ran out; the number of units freed.
+
+    Works in batches so one run never holds a huge statement or lock set."""
+    freed = 0
+    while True:
+        releases = await _expire_held(session, now, variant_ids=None, limit=batch_size)
+        if not releases:
+            return freed
+        await _move_counters(session, now, reserved=_negate(releases))
+        freed += sum(releases.values())
