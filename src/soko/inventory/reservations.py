@@ -235,11 +235,12 @@ async def _move_counters(
             (variant_id, location_id, seller_id, level)
             for variant_id, location_id, seller_id, level in result
         )
-    _invalidate(session, {variant_id for variant_id, _ in keys})
+    stock_changed(session, {variant_id for variant_id, _ in keys})
     return changed
 
 
-def _invalidate(session: AsyncSession, variant_ids: Iterable[uuid.UUID]) -> None:
+def stock_changed(session: AsyncSession, variant_ids: Iterable[uuid.UUID]) -> None:
+    """Drop cached reads of these variants' stock once the transaction commits."""
     invalidate_after_commit(session, INVENTORY_TAG, *(stock_tag(v) for v in variant_ids))
 
 
@@ -340,7 +341,7 @@ async def reserve(
             for (variant_id, location_id), quantity in plan.takes.items()
         ],
     )
-    _invalidate(session, variant_ids)
+    stock_changed(session, variant_ids)
 
 
 def _after_release(row: StockRow, releases: Mapping[StockKey, int]) -> StockRow:
@@ -526,6 +527,16 @@ async def rehold_if_available(
         )
     )
     return bool(held)
+
+
+async def release_expired_of(
+    session: AsyncSession, now: dt.datetime, variant_ids: Sequence[uuid.UUID]
+) -> int:
+    """Release the holds of ``variant_ids`` whose time ran out; the units freed."""
+    releases = await _expire_held(session, now, variant_ids=variant_ids, limit=10_000)
+    if releases:
+        await _move_counters(session, now, reserved=_negate(releases))
+    return sum(releases.values())
 
 
 async def release_expired_holds(
