@@ -6,11 +6,13 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 
-from bench import outbox_throughput, signin
+from bench import catalog, checkout, outbox_throughput, signin
 
 BENCHMARKS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
     "outbox": outbox_throughput.main,
     "signin": signin.main,
+    "catalog": catalog.main,
+    "checkout": checkout.main,
 }
 
 

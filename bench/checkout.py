@@ -1,0 +1,595 @@
+"""Hot-SKU checkout: one variant with 1,000 units and 2,000 buyers, for both reservation
+strategies, against the same buyers spread over 1,000 SKUs of one unit each.
+
+Loads a database of its own (``soko_bench_checkout``, dropped and created again): one
+active seller, the hot variant, 1,000 spread variants, and 2,000 buyer accounts each
+with a session and an access token, inserted through the identity models (no sign-in,
+so no Argon2). Then, for each strategy (``SOKO_RESERVATION_STRATEGY=optimistic`` and
+``pessimistic``, one ``soko serve`` with ``BENCH_WORKERS`` processes each) and each
+shape (``hot``: every cart holds the hot variant; ``spread``: buyer i's cart holds spread
+variant i mod 1,000, so the same 1,000 succeed and 1,000 find their SKU sold out, and only
+the contention differs), two runs on fresh carts and stock:
+
+* ``capacity``: ``BENCH_CHECKOUT_CONNECTIONS`` clients post the 2,000 checkouts back to
+  back (closed loop): checkouts/s is the 201s divided by the time until the last one;
+* ``at rate``: the 2,000 checkouts arrive at ``BENCH_CHECKOUT_RATE`` a second (open
+  loop; latency counted from each request's scheduled send time): p50/p99 of the 201s
+  and of the "sold out" answers (409 ``out-of-stock``).
+
+Every ``POST /api/v1/checkout`` carries an ``Idempotency-Key``. Before each run the buyers'
+sessions are warmed with one ``GET /api/v1/me`` each (``BENCH_WARM_SESSIONS=0`` skips
+it), as they are for a buyer who just filled their cart. After each run it checks, in
+the database: exactly 1,000 answers 201 and every other one is 409 ``out-of-stock``; the
+reserved units of the run's variants sum to exactly 1,000, with on_hand - reserved -
+allocated >= 0 on every stock row; 1,000 held reservations of 1,000 units; 1,000
+checkout groups and carts converted; and that replaying some requests with their keys
+answers the stored answer (``Idempotency-Replayed: true``) without reserving more.
+
+    .venv/bin/python -m bench checkout
+
+Settings: ``BENCH_WORKERS`` (2), ``BENCH_BUYERS`` (2000), ``BENCH_UNITS`` (1000),
+``BENCH_CHECKOUT_CONNECTIONS`` (32), ``BENCH_CHECKOUT_RATE`` (250/s),
+``BENCH_STRATEGIES`` (``optimistic,pessimistic``), ``BENCH_SHAPES`` (``hot,spread``),
+``BENCH_DATABASE_URL`` (default
+``postgresql+asyncpg://postgres@127.0.0.1:5432/soko_bench_checkout``, dropped and created
+when its name starts with ``soko_bench``), ``BENCH_REDIS_URL``
+(``redis://127.0.0.1:6379/12``, emptied), ``BENCH_KEEP_DATABASE=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen
+from bench.loadgen import LoadSpec, percentile
+
+DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/soko_bench_checkout"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
+CHECKOUT_PATH = "/api/v1/checkout"
+PRICE_MINOR = 150_000
+GOALS = {"rate": 250.0, "spread_ratio": 0.8, "sold_out_ms": 50.0}
+SOLD_OUT = "out-of-stock"
+# Tables that hold the loaded accounts, store, catalog and stock; every other table
+# (carts, orders, reservations, idempotency keys, the outbox...) is emptied between runs.
+KEPT_TABLES = ("users", "user_roles", "auth_sessions", "inventory_items", "inventory_locations",
+               "inventory_stock_levels")  # fmt: skip
+KEPT_PREFIXES = ("sellers", "seller_", "catalog_")
+
+
+@dataclass
+class Buyer:
+    user_id: uuid.UUID
+    token: str
+
+
+@dataclass
+class Store:
+    seller_id: uuid.UUID
+    location_id: uuid.UUID
+    hot: uuid.UUID
+    spread: list[uuid.UUID]
+    buyers: list[Buyer]
+    units: int
+
+
+async def load(url: str, settings: Any, *, buyers: int, units: int) -> Store:
+    """The store, its catalog and stock, and the buyers with their access tokens."""
+    from sqlalchemy import insert
+
+    from soko.app import load_models
+    from soko.catalog.models import Product, Variant
+    from soko.identity.models import AuthSession, User, UserRole
+    from soko.identity.sessions import issue_access_token
+    from soko.inventory.models import InventoryItem, Location, StockLevel
+    from soko.platform.db import Base, create_engine
+    from soko.platform.ids import uuid7
+    from soko.platform.runtime import Runtime
+    from soko.sellers.models import Seller, SellerMember
+
+    load_models()
+    engine = create_engine(url)
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+        await conn.run_sync(Base.metadata.create_all)
+    now = dt.datetime.now(dt.UTC)
+    owner = uuid7()
+    seller_id, location_id = uuid7(), uuid7()
+    products: list[dict[str, Any]] = []
+    variants: list[dict[str, Any]] = []
+
+    def product(title: str) -> uuid.UUID:
+        product_id = uuid7()
+        products.append(
+            {
+                "id": product_id, "seller_id": seller_id, "title": title,
+                "description": f"{title}, sold by the checkout benchmark.", "status": "published",
+                "currency": "KES", "min_price_minor": PRICE_MINOR, "search_text": title.lower(),
+                "published_at": now, "created_at": now, "updated_at": now,
+            }
+        )  # fmt: skip
+        return product_id
+
+    def variant(product_id: uuid.UUID, sku: str, position: int) -> uuid.UUID:
+        variant_id = uuid7()
+        variants.append(
+            {
+                "id": variant_id, "product_id": product_id, "seller_id": seller_id, "sku": sku,
+                "options": {"size": "M"}, "price_minor": PRICE_MINOR, "currency": "KES",
+                "status": "active", "position": position, "created_at": now, "updated_at": now,
+            }
+        )  # fmt: skip
+        return variant_id
+
+    hot = variant(product("The hot item"), "HOT-1", 0)
+    spread = []
+    for index in range(units):
+        if index % 4 == 0:
+            spread_product = product(f"Spread item {index // 4}")
+        spread.append(variant(spread_product, f"SPREAD-{index}", index % 4))
+    runtime = Runtime(settings)
+    users, roles, sessions, tokens = [], [], [], []
+    for index in range(buyers):
+        user_id, session_id = uuid7(), uuid7()
+        users.append(
+            {"id": user_id, "display_name": f"Buyer {index}", "status": "active",
+             "created_at": now, "updated_at": now}
+        )  # fmt: skip
+        roles.append({"user_id": user_id, "role": "customer", "granted_at": now})
+        sessions.append(
+            {"id": session_id, "user_id": user_id, "device_name": "bench", "method": "password",
+             "created_at": now, "last_seen_at": now, "expires_at": now + dt.timedelta(days=1)}
+        )  # fmt: skip
+        token = issue_access_token(
+            runtime, user_id=user_id, session_id=session_id, roles=frozenset({"customer"})
+        )
+        tokens.append(Buyer(user_id, token))
+    await runtime.stop()
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(Seller),
+            [{"id": seller_id, "slug": "hot-store", "store_name": "Hot Store",
+              "status": "active", "created_by": owner, "created_at": now, "updated_at": now,
+              "reviewed_at": now}],
+        )  # fmt: skip
+        await conn.execute(
+            insert(SellerMember),
+            [{"seller_id": seller_id, "user_id": owner, "role": "owner", "added_at": now}],
+        )
+        await conn.execute(
+            insert(Location),
+            [{"id": location_id, "seller_id": seller_id, "name": "Main warehouse",
+              "kind": "warehouse", "created_at": now, "updated_at": now}],
+        )  # fmt: skip
+        for table, rows in (
+            (Product, products),
+            (Variant, variants),
+            (
+                InventoryItem,
+                [{"variant_id": v["id"], "seller_id": seller_id, "sku": v["sku"],
+                  "created_at": now} for v in variants],
+            ),
+            (
+                StockLevel,
+                [{"variant_id": v["id"], "location_id": location_id, "seller_id": seller_id,
+                  "on_hand": units if v["id"] == hot else 1, "updated_at": now}
+                 for v in variants],
+            ),
+            (User, users),
+            (UserRole, roles),
+            (AuthSession, sessions),
+        ):  # fmt: skip
+            for start in range(0, len(rows), 2000):
+                await conn.execute(insert(table), rows[start : start + 2000])
+        await conn.exec_driver_sql("ANALYZE")
+    await engine.dispose()
+    return Store(seller_id, location_id, hot, spread, tokens, units)
+
+
+async def reset(url: str, store: Store, shape: str) -> list[str]:
+    """Empty carts, orders, reservations and keys; stock back to its loaded level; a
+    fresh open cart per buyer holding one unit of their variant. The cart ids, in buyer
+    order."""
+    from sqlalchemy import insert, text
+
+    from soko.cart.models import Cart, CartLine
+    from soko.platform.db import Base, create_engine
+    from soko.platform.ids import uuid7
+
+    engine = create_engine(url)
+    emptied = [
+        name
+        for name in Base.metadata.tables
+        if name not in KEPT_TABLES and not name.startswith(KEPT_PREFIXES)
+    ]
+    now = dt.datetime.now(dt.UTC)
+    carts, lines = [], []
+    for index, buyer in enumerate(store.buyers):
+        cart_id = uuid7()
+        variant_id = store.hot if shape == "hot" else store.spread[index % len(store.spread)]
+        carts.append(
+            {"id": cart_id, "user_id": buyer.user_id, "status": "open", "currency": "KES",
+             "version": 1, "created_at": now, "updated_at": now}
+        )  # fmt: skip
+        lines.append(
+            {"id": uuid7(), "cart_id": cart_id, "variant_id": variant_id, "quantity": 1,
+             "unit_price_minor": PRICE_MINOR, "currency": "KES", "added_at": now,
+             "updated_at": now}
+        )  # fmt: skip
+    async with engine.begin() as conn:
+        quoted = ", ".join(f'"{name}"' for name in emptied)
+        await conn.execute(text(f"TRUNCATE {quoted} CASCADE"))
+        await conn.execute(
+            text(
+                "UPDATE inventory_stock_levels SET reserved = 0, allocated = 0, "
+                "on_hand = CASE WHEN variant_id = :hot THEN :units ELSE 1 END"
+            ),
+            {"hot": store.hot, "units": store.units},
+        )
+        for table, rows in ((Cart, carts), (CartLine, lines)):
+            for start in range(0, len(rows), 2000):
+                await conn.execute(insert(table), rows[start : start + 2000])
+        await conn.exec_driver_sql("ANALYZE")
+    await engine.dispose()
+    return [str(cart["id"]) for cart in carts]
+
+
+def checkout_requests(store: Store, cart_ids: list[str], run: str) -> list[bytes]:
+    return [
+        loadgen.post_json(
+            CHECKOUT_PATH,
+            {"cart_id": cart_id},
+            {"Authorization": f"Bearer {buyer.token}", "Idempotency-Key": f"{run}-{index}"},
+        )
+        for index, (buyer, cart_id) in enumerate(zip(store.buyers, cart_ids, strict=True))
+    ]
+
+
+# -- one run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    strategy: str
+    shape: str
+    kind: str  # "capacity" | "at rate"
+    records: list[list[Any]]
+    wall: float
+    cpu: dict[str, float]
+    generator_cpu: float
+    load: str
+    late_p99: float
+    checks: list[tuple[str, bool]] = field(default_factory=list)
+
+    def by_outcome(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, status, problem, _, _ in self.records:
+            key = f"{status} {problem}".strip()
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    @property
+    def created(self) -> list[list[Any]]:
+        return [r for r in self.records if r[1] == 201]
+
+    @property
+    def sold_out(self) -> list[list[Any]]:
+        return [r for r in self.records if r[1] == 409 and r[2] == SOLD_OUT]
+
+    @property
+    def checkout_rate(self) -> float:
+        """201s a second, from the first send until the last 201 was answered."""
+        created = self.created
+        if not created:
+            return 0.0
+        first = min(r[3] for r in self.records)
+        return len(created) / max(1e-9, max(r[4] for r in created) - first)
+
+    @property
+    def answer_rate(self) -> float:
+        first = min(r[3] for r in self.records)
+        return len(self.records) / max(1e-9, max(r[4] for r in self.records) - first)
+
+
+async def _warm_sessions(port: int, store: Store, connections: int, workdir: Path) -> None:
+    spec = LoadSpec(
+        port=port,
+        mode="closed",
+        requests=[
+            loadgen.get_request("/api/v1/me", {"Authorization": f"Bearer {b.token}"}).decode(
+                "latin-1"
+            )
+            for b in store.buyers
+        ],
+        start=time.time() + 0.5,
+        count=len(store.buyers),
+        connections=connections,
+    )
+    process = loadgen.spawn(spec, workdir, "warm")
+    result = await asyncio.to_thread(loadgen.collect, process)
+    bad = [r for r in result["records"] if r[1] != 200]
+    if bad:
+        raise SystemExit(f"warming the sessions: {len(bad)} answers not 200, e.g. {bad[0]}")
+
+
+async def one_run(
+    *, url: str, port: int, meter: loadgen.CpuMeter, store: Store, strategy: str, shape: str,
+    kind: str, workdir: Path, connections: int, rate: float, warm: bool,
+) -> Run:  # fmt: skip
+    name = f"{strategy}-{shape}-{kind.replace(' ', '-')}"
+    cart_ids = await reset(url, store, shape)
+    raws = checkout_requests(store, cart_ids, name)
+    if warm:
+        await _warm_sessions(port, store, 16, workdir)
+    spec = LoadSpec(
+        port=port,
+        mode="closed" if kind == "capacity" else "open",
+        requests=[raw.decode("latin-1") for raw in raws],
+        start=time.time() + 1.0,
+        count=len(raws),
+        rate=rate,
+        connections=connections if kind == "capacity" else 512,
+        keep_bodies=[201, 409],
+    )
+    (result,), cpu = await loadgen.run_phase([spec], meter, workdir, name)
+    run = Run(
+        strategy, shape, kind, result["records"], result["wall"], cpu, result["cpu"],
+        loadgen.load_average(), result["late_p99"],
+    )  # fmt: skip
+    run.checks = await check_run(url, port, store, shape, run, raws, result["bodies"])
+    return run
+
+
+async def check_run(
+    url: str, port: int, store: Store, shape: str, run: Run, raws: list[bytes],
+    bodies: dict[str, str],
+) -> list[tuple[str, bool]]:  # fmt: skip
+    """The invariants of one run, read from the answers and the database."""
+    units, buyers = store.units, len(store.buyers)
+    outcomes = run.by_outcome()
+    created, sold_out = len(run.created), len(run.sold_out)
+    checks = [
+        (f"exactly {units} checkouts answered 201 ({created})", created == units),
+        (
+            f"every other answer is 409 {SOLD_OUT} ({sold_out}; all: {json.dumps(outcomes)})",
+            sold_out == buyers - units,
+        ),
+    ]
+    state = await _stock_state(url, store, shape)
+    checks += [
+        (
+            f"reserved units sum to exactly {units} ({state['reserved']})",
+            state["reserved"] == units,
+        ),
+        (f"no units allocated yet ({state['allocated']})", state["allocated"] == 0),
+        (
+            f"on_hand - reserved - allocated >= 0 on every stock row (lowest {state['lowest']})",
+            state["lowest"] >= 0,
+        ),
+        (
+            f"{units} held reservations of {units} units ({state['holds']} of "
+            f"{state['held_units']})",
+            state["holds"] == units and state["held_units"] == units,
+        ),
+    ]
+    for table, expected in (("orders_checkout_groups", units), ("orders", units)):
+        if table in state["counts"]:
+            found = state["counts"][table]
+            checks.append((f"{expected} rows in {table} ({found})", found == expected))
+    checks.append((f"{units} carts converted ({state['converted']})", state["converted"] == units))
+    # Replays: the stored answer comes back, marked, and nothing more is reserved.
+    replayed_ok = 0
+    samples = [r[0] for r in run.created[:10]]
+    sold_samples = [r[0] for r in run.sold_out[:5]]
+    for index in samples + sold_samples:
+        first = bodies.get(str(index))
+        response = await loadgen.fetch(port, raws[index])
+        if (
+            response.header("idempotency-replayed") == "true"
+            and (first is None or json.loads(response.body) == json.loads(first))
+            and response.status in (201, 409)
+        ):
+            replayed_ok += 1
+    checks.append(
+        (
+            f"replays with the same key answer the stored answer ({replayed_ok} of "
+            f"{len(samples) + len(sold_samples)})",
+            replayed_ok == len(samples) + len(sold_samples),
+        )
+    )
+    after = await _stock_state(url, store, shape)
+    checks.append(
+        (f"replays reserved nothing more ({after['reserved']})", after["reserved"] == units)
+    )
+    return checks
+
+
+async def _stock_state(url: str, store: Store, shape: str) -> dict[str, Any]:
+    from sqlalchemy import func, select
+
+    from soko.cart.models import Cart
+    from soko.inventory.models import Reservation, StockLevel
+    from soko.platform.db import Base, create_engine
+
+    variants = [store.hot] if shape == "hot" else store.spread
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(
+                        func.coalesce(func.sum(StockLevel.reserved), 0),
+                        func.coalesce(func.sum(StockLevel.allocated), 0),
+                        func.min(StockLevel.on_hand - StockLevel.reserved - StockLevel.allocated),
+                    ).where(StockLevel.variant_id.in_(variants))
+                )
+            ).one()
+            holds = (
+                await conn.execute(
+                    select(func.count(), func.coalesce(func.sum(Reservation.quantity), 0)).where(
+                        Reservation.status == "held"
+                    )
+                )
+            ).one()
+            converted = await conn.scalar(
+                select(func.count()).select_from(Cart).where(Cart.status == "converted")
+            )
+            counts = {}
+            for name in ("orders_checkout_groups", "orders"):
+                table = Base.metadata.tables.get(name)
+                if table is not None:
+                    counts[name] = await conn.scalar(select(func.count()).select_from(table))
+    finally:
+        await engine.dispose()
+    return {
+        "reserved": int(row[0]),
+        "allocated": int(row[1]),
+        "lowest": int(row[2]),
+        "holds": int(holds[0]),
+        "held_units": int(holds[1]),
+        "converted": int(converted or 0),
+        "counts": counts,
+    }
+
+
+def print_run(run: Run) -> None:
+    created = [r[4] - r[3] for r in run.created]
+    sold = [r[4] - r[3] for r in run.sold_out]
+    shape = "service time" if run.kind == "capacity" else "from scheduled send"
+    print(f"-- {run.strategy} / {run.shape} / {run.kind}")
+    print(
+        f"   checkouts {run.checkout_rate:7.1f}/s   answers {run.answer_rate:7.1f}/s   "
+        f"outcomes {json.dumps(run.by_outcome())}; {run.load}"
+    )
+    print(
+        f"   201 latency ({shape}) p50/p99/max {percentile(created, 50) * 1000:.1f} / "
+        f"{percentile(created, 99) * 1000:.1f} / {max(created, default=0) * 1000:.1f} ms"
+    )
+    print(
+        f"   sold out ({shape})    p50/p99/max {percentile(sold, 50) * 1000:.1f} / "
+        f"{percentile(sold, 99) * 1000:.1f} / {max(sold, default=0) * 1000:.1f} ms"
+        + ("" if run.kind == "capacity" else f"; generator late p99 {run.late_p99 * 1000:.1f} ms")
+    )
+    count = max(1, len(run.records))
+    print(f"   CPU (cores)  {loadgen.describe_cpu(run.cpu, run.generator_cpu)}")
+    print(
+        f"   CPU per request  server {run.cpu['server'] / count * 1000:.2f} ms, postgres "
+        f"{run.cpu['postgres'] / count * 1000:.2f} ms, "
+        f"redis {run.cpu['redis'] / count * 1000:.2f} ms"
+    )
+    for label, passed in run.checks:
+        print(f"   {'ok  ' if passed else 'FAIL'} {label}")
+
+
+async def main(_argv: list[str]) -> None:
+    from soko.platform.config import Settings
+
+    workers = int(os.environ.get("BENCH_WORKERS", "2"))
+    buyers = int(os.environ.get("BENCH_BUYERS", "2000"))
+    units = int(os.environ.get("BENCH_UNITS", "1000"))
+    connections = int(os.environ.get("BENCH_CHECKOUT_CONNECTIONS", "32"))
+    rate = float(os.environ.get("BENCH_CHECKOUT_RATE", "250"))
+    strategies = os.environ.get("BENCH_STRATEGIES", "optimistic,pessimistic").split(",")
+    shapes = os.environ.get("BENCH_SHAPES", "hot,spread").split(",")
+    kinds = os.environ.get("BENCH_KINDS", "capacity,at rate").split(",")
+    warm = os.environ.get("BENCH_WARM_SESSIONS", "1") != "0"
+    url = os.environ.get("BENCH_DATABASE_URL") or DEFAULT_DATABASE_URL
+    redis_url = os.environ.get("BENCH_REDIS_URL") or DEFAULT_REDIS_URL
+    keep = os.environ.get("BENCH_KEEP_DATABASE") == "1"
+    if not url.startswith("postgresql"):
+        raise SystemExit("the checkout benchmark runs on PostgreSQL (BENCH_DATABASE_URL)")
+    if buyers <= units:
+        raise SystemExit("BENCH_BUYERS must exceed BENCH_UNITS: some buyers must find it sold out")
+    workdir = Path(tempfile.mkdtemp(prefix="soko-bench-checkout-"))
+    database = loadgen.database_name(url)
+    ttl = "86400"
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=workdir, database_url=url, secret_key=loadgen.SECRET_KEY,
+        access_token_ttl_seconds=int(ttl),
+    )  # fmt: skip
+    print(
+        f"setup         PostgreSQL database {database}, {workers} server process(es), "
+        f"{os.cpu_count()} cores; {buyers} buyers, {units} units; capacity with {connections} "
+        f"clients, latency at {rate:.0f}/s; {loadgen.load_average()}"
+    )
+    await loadgen.recreate_database(url)
+    started = time.perf_counter()
+    store = await load(url, settings, buyers=buyers, units=units)
+    print(f"loaded        in {time.perf_counter() - started:.1f} s")
+    runs: list[Run] = []
+    try:
+        for strategy in strategies:
+            await loadgen.flush_redis(redis_url)
+            env = loadgen.server_env(
+                workdir, url, workers=workers, redis_url=redis_url,
+                extra={"SOKO_RESERVATION_STRATEGY": strategy,
+                       "SOKO_ACCESS_TOKEN_TTL_SECONDS": ttl},
+            )  # fmt: skip
+            port = loadgen.free_port()
+            server = loadgen.start_soko(env, port, workers, log=workdir / "server.log")
+            meter = loadgen.CpuMeter(server.pid, database)
+            try:
+                await loadgen.wait_ready(port, server)
+                for shape in shapes:
+                    for kind in kinds:
+                        run = await one_run(
+                            url=url, port=port, meter=meter, store=store, strategy=strategy,
+                            shape=shape, kind=kind, workdir=workdir, connections=connections,
+                            rate=rate, warm=warm,
+                        )  # fmt: skip
+                        print_run(run)
+                        runs.append(run)
+            finally:
+                loadgen.stop_server(server)
+    finally:
+        if not keep:
+            await loadgen.drop_database(url)
+    report(runs, workers=workers, rate=rate)
+
+
+def report(runs: list[Run], *, workers: int, rate: float) -> bool:
+    def find(strategy: str, shape: str, kind: str) -> Run | None:
+        for run in runs:
+            if (run.strategy, run.shape, run.kind) == (strategy, shape, kind):
+                return run
+        return None
+
+    print(f"goals ({workers} process(es), {os.cpu_count()} cores; {loadgen.load_average()})")
+    verdicts = []
+    for strategy in dict.fromkeys(run.strategy for run in runs):
+        hot = find(strategy, "hot", "capacity")
+        spread = find(strategy, "spread", "capacity")
+        at_rate = find(strategy, "hot", "at rate")
+        lines = []
+        if hot is not None:
+            lines.append(
+                (f"hot-SKU checkouts            {hot.checkout_rate:7.1f}/s",
+                 hot.checkout_rate >= GOALS["rate"], f">= {GOALS['rate']:.0f}/s")
+            )  # fmt: skip
+        if hot is not None and spread is not None:
+            ratio = hot.checkout_rate / spread.checkout_rate if spread.checkout_rate else 0.0
+            lines.append(
+                (f"hot / spread                 {ratio:7.2f}x ({spread.checkout_rate:.1f}/s "
+                 "spread)", ratio >= GOALS["spread_ratio"], f">= {GOALS['spread_ratio']}")
+            )  # fmt: skip
+        if at_rate is not None:
+            p99 = percentile([r[4] - r[3] for r in at_rate.sold_out], 99) * 1000
+            lines.append(
+                (f"sold out p99 at {rate:.0f}/s      {p99:7.1f} ms", p99 < GOALS["sold_out_ms"],
+                 f"< {GOALS['sold_out_ms']:.0f} ms")
+            )  # fmt: skip
+        mine = [run for run in runs if run.strategy == strategy]
+        clean = all(passed for run in mine for _, passed in run.checks)
+        lines.append((f"0 oversold, every invariant held in {len(mine)} runs", clean, "every run"))
+        for label, passed, goal in lines:
+            print(f"   {'PASS' if passed else 'FAIL'} {strategy:11} {label}   (goal {goal})")
+            verdicts.append(passed)
+    return all(verdicts)

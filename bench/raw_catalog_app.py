@@ -1,0 +1,164 @@
+"""The baseline of the catalog benchmark: the public product page's SQL issued with asyncpg
+behind a bare Starlette route, nothing else (no middleware, no ORM, no cache, no
+validation beyond the limit).
+
+It answers ``GET /api/v1/products?limit=20`` with the statements the catalog issues for
+its first page in the default order (newest first), in one transaction: the
+page of products of active sellers, their active variants, and the availability of those
+variants; and the same JSON items, serialized by the same library (pydantic-core), so
+the ratio of the two servers' throughput is what the ORM, FastAPI and Soko's middleware
+cost. Served by uvicorn with the same number of processes as Soko:
+
+    BENCH_RAW_DSN=postgresql://postgres@127.0.0.1:5432/soko_bench_catalog \\
+        uvicorn bench.raw_catalog_app:app --workers 2
+
+``BENCH_RAW_POOL`` sets each process's pool size (default 10, Soko's
+``SOKO_DATABASE_POOL_SIZE`` default).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+from pydantic_core import to_json
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+CURSOR_KEY = hashlib.sha256(b"bench raw catalog cursor").digest()
+
+# The page: published products of active sellers, newest first, one more than the page
+# to know whether there is a next one.
+PAGE_SQL = """
+SELECT p.id, p.seller_id, p.title, p.description, p.category_id, p.attributes, p.images,
+       p.currency, p.min_price_minor, p.published_at
+FROM catalog_products AS p
+WHERE p.status = 'published'
+  AND p.seller_id IN (SELECT s.id FROM sellers AS s WHERE s.status = 'active')
+ORDER BY p.published_at DESC, p.id DESC
+LIMIT $1
+"""
+
+VARIANTS_SQL = """
+SELECT v.id, v.product_id, v.sku, v.options, v.price_minor, v.currency,
+       v.compare_at_minor, v.weight_grams
+FROM catalog_variants AS v
+WHERE v.product_id = ANY($1::uuid[]) AND v.status = 'active'
+ORDER BY v.product_id, v.position, v.created_at, v.id
+"""
+
+# Available = on hand - reserved - allocated at active locations, with the units of holds
+# past their expiry (not yet released by the job) given back.
+AVAILABILITY_SQL = """
+SELECT l.variant_id,
+       SUM(l.on_hand - l.reserved - l.allocated + COALESCE(expired.quantity, 0)) AS available
+FROM inventory_stock_levels AS l
+JOIN inventory_locations AS loc ON loc.id = l.location_id AND loc.active
+LEFT JOIN (
+    SELECT r.variant_id, r.location_id, SUM(r.quantity) AS quantity
+    FROM inventory_reservations AS r
+    WHERE r.status = 'held' AND r.expires_at <= $2 AND r.variant_id = ANY($1::uuid[])
+    GROUP BY r.variant_id, r.location_id
+) AS expired ON expired.variant_id = l.variant_id AND expired.location_id = l.location_id
+WHERE l.variant_id = ANY($1::uuid[])
+GROUP BY l.variant_id
+"""
+
+
+def _cursor(published_at: dt.datetime, product_id: Any) -> str:
+    payload = json.dumps([published_at.isoformat(), str(product_id)]).encode()
+    mac = hmac.new(CURSOR_KEY, payload, hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(payload + mac).rstrip(b"=").decode()
+
+
+def _money(amount: int | None, currency: str) -> dict[str, Any] | None:
+    return None if amount is None else {"amount": amount, "currency": currency}
+
+
+async def products(request: Request) -> Response:
+    try:
+        limit = int(request.query_params.get("limit", "20"))
+    except ValueError:
+        return JSONResponse({"detail": "limit must be a number"}, status_code=422)
+    limit = max(1, min(limit, 100))
+    pool: asyncpg.Pool = request.app.state.pool
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(PAGE_SQL, limit + 1)
+        page = rows[:limit]
+        variants = await conn.fetch(VARIANTS_SQL, [row["id"] for row in page])
+        available = {
+            row["variant_id"]: int(row["available"])
+            for row in await conn.fetch(
+                AVAILABILITY_SQL, [row["id"] for row in variants], dt.datetime.now(dt.UTC)
+            )
+        }
+    by_product: dict[Any, list[dict[str, Any]]] = {row["id"]: [] for row in page}
+    for row in variants:
+        count = max(0, available.get(row["id"], 0))
+        by_product[row["product_id"]].append(
+            {
+                "id": row["id"],
+                "sku": row["sku"],
+                "options": json.loads(row["options"]),
+                "price": {"amount": row["price_minor"], "currency": row["currency"]},
+                "compare_at_price": _money(row["compare_at_minor"], row["currency"]),
+                "weight_grams": row["weight_grams"],
+                "available": count,
+                "in_stock": count > 0,
+            }
+        )
+    items = []
+    for row in page:
+        offered = by_product[row["id"]]
+        items.append(
+            {
+                "id": row["id"],
+                "title": row["title"],
+                "description": row["description"],
+                "category_id": row["category_id"],
+                "seller_id": row["seller_id"],
+                "attributes": json.loads(row["attributes"]),
+                "images": json.loads(row["images"]),
+                "currency": row["currency"],
+                "min_price": {"amount": row["min_price_minor"], "currency": row["currency"]},
+                "in_stock": any(variant["in_stock"] for variant in offered),
+                "published_at": row["published_at"],
+                "variants": offered,
+            }
+        )
+    next_cursor = _cursor(page[-1]["published_at"], page[-1]["id"]) if len(rows) > limit else None
+    # The same serializer as Soko's listing, so the baseline is not slower for want of it.
+    return Response(
+        to_json({"items": items, "next_cursor": next_cursor}), media_type="application/json"
+    )
+
+
+async def health(_request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    size = int(os.environ.get("BENCH_RAW_POOL", "10"))
+    app.state.pool = await asyncpg.create_pool(
+        os.environ["BENCH_RAW_DSN"], min_size=size, max_size=size
+    )
+    try:
+        yield
+    finally:
+        await app.state.pool.close()
+
+
+app = Starlette(
+    routes=[Route("/api/v1/products", products), Route("/health", health)], lifespan=lifespan
+)
