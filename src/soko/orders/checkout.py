@@ -1,0 +1,270 @@
+"""Checkout: a buyer's cart becomes one checkout group, one order per seller, and stock
+held until the group is paid.
+
+Statements are counted (a checkout must stay within 15 whatever the number of lines and
+sellers, the idempotency claim included) and the stock rows of a popular item are the
+one thing many checkouts fight over. So a checkout reads each other domain once (the
+cart, its variants), checks the sellers inside the statement that creates the group,
+writes each table with one statement, and holds the stock last, right before the
+transaction commits, so the stock rows stay locked for as short a time as possible.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, insert, literal, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.cart.public import CartForCheckout, cart_for_checkout, mark_converted
+from soko.catalog.public import VariantForSale, variants_for_sale
+from soko.inventory.public import ReservationRequest, reserve
+from soko.orders.errors import (
+    CartPricesChanged,
+    CheckoutCartEmpty,
+    CheckoutItemsUnavailable,
+    CheckoutTotalChanged,
+)
+from soko.orders.events import ORDER_PLACED, OrderPlaced
+from soko.orders.models import CheckoutGroup, GroupStatus, Order, OrderLine
+from soko.orders.states import INITIAL_STATE
+from soko.platform.ids import uuid7
+from soko.platform.outbox import publish
+from soko.platform.runtime import Runtime
+from soko.sellers.public import active_seller_ids, inactive_seller_ids
+
+# Crockford's base32: no I, L, O or U, so a number read out on the phone is unambiguous.
+_NUMBER_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def order_number() -> str:
+    """A short random order reference, ``SK-XXXXX-XXXXX`` (50 random bits)."""
+    chars = "".join(secrets.choice(_NUMBER_ALPHABET) for _ in range(10))
+    return f"SK-{chars[:5]}-{chars[5:]}"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutRequest:
+    cart_id: uuid.UUID
+    accept_price_changes: bool = False
+    expected_total_minor: int | None = None
+    shipping_address: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedCheckout:
+    """What a checkout created, as written (nothing is read back)."""
+
+    group: CheckoutGroup
+    orders: list[Order]
+    lines: dict[uuid.UUID, list[OrderLine]] = field(default_factory=dict)
+
+    def reservation_lines(self) -> list[ReservationRequest]:
+        return [
+            ReservationRequest(variant_id=line.variant_id, quantity=line.quantity)
+            for order in self.orders
+            for line in self.lines[order.id]
+        ]
+
+
+def _unavailable_reason(
+    variant: VariantForSale | None, currency: str, inactive: set[uuid.UUID]
+) -> str | None:
+    if variant is None:
+        return "unknown"
+    if variant.seller_id in inactive:
+        return "seller_not_selling"
+    if not variant.purchasable:
+        return "not_for_sale"
+    if variant.currency != currency:
+        return "currency_changed"
+    return None
+
+
+def _unavailable(
+    cart: CartForCheckout, variants: Mapping[uuid.UUID, VariantForSale], inactive: set[uuid.UUID]
+) -> list[dict[str, str]]:
+    found = []
+    for line in cart.lines:
+        reason = _unavailable_reason(variants.get(line.variant_id), cart.currency, inactive)
+        if reason is not None:
+            found.append({"variant_id": str(line.variant_id), "reason": reason})
+    return found
+
+
+def _refuse_unavailable(unavailable: list[dict[str, str]]) -> CheckoutItemsUnavailable:
+    return CheckoutItemsUnavailable(
+        f"{len(unavailable)} item{'s' if len(unavailable) != 1 else ''} in the cart cannot "
+        "be bought now; remove them and check out again.",
+        unavailable=unavailable,
+    )
+
+
+async def place_checkout(
+    session: AsyncSession, runtime: Runtime, buyer_id: uuid.UUID, request: CheckoutRequest
+) -> PlacedCheckout:
+    """Turn ``buyer_id``'s open cart into a checkout group with one order per seller,
+    publish ``order.placed`` for each and close the cart. Stock is not held yet: call
+    :func:`hold_stock` last, right before the transaction commits."""
+    cart = await cart_for_checkout(session, cart_id=request.cart_id, user_id=buyer_id)
+    if not cart.lines:
+        raise CheckoutCartEmpty("The cart has no items to check out.")
+    variants = await variants_for_sale(session, [line.variant_id for line in cart.lines])
+    unavailable = _unavailable(cart, variants, set())
+    if unavailable:
+        # Name the lines of stores that stopped selling too, in the same answer.
+        sellers = {v.seller_id for v in variants.values()}
+        inactive = await inactive_seller_ids(session, sellers)
+        raise _refuse_unavailable(_unavailable(cart, variants, inactive))
+
+    now = runtime.clock.now()
+    group = CheckoutGroup(
+        id=uuid7(),
+        buyer_id=buyer_id,
+        cart_id=cart.cart_id,
+        status=GroupStatus.pending_payment.value,
+        currency=cart.currency,
+        total_minor=0,
+        reservation_expires_at=now
+        + dt.timedelta(seconds=runtime.settings.reservation_hold_seconds),
+        shipping_address=dict(request.shipping_address) if request.shipping_address else None,
+        created_at=now,
+        paid_at=None,
+        updated_at=now,
+        version=1,
+    )
+    orders: dict[uuid.UUID, Order] = {}  # by seller, in the cart's order
+    lines: dict[uuid.UUID, list[OrderLine]] = {}
+    changed_prices = []
+    for cart_line in cart.lines:
+        variant = variants[cart_line.variant_id]
+        if variant.price_minor != cart_line.unit_price_minor:
+            changed_prices.append(
+                {
+                    "variant_id": str(variant.variant_id),
+                    "price_when_added": cart_line.unit_price_minor,
+                    "price_now": variant.price_minor,
+                }
+            )
+        order = orders.get(variant.seller_id)
+        if order is None:
+            order = orders[variant.seller_id] = Order(
+                id=uuid7(),
+                group_id=group.id,
+                seller_id=variant.seller_id,
+                buyer_id=buyer_id,
+                number=order_number(),
+                status=INITIAL_STATE.value,
+                currency=cart.currency,
+                subtotal_minor=0,
+                item_count=0,
+                placed_at=now,
+                updated_at=now,
+                version=1,
+            )
+            lines[order.id] = []
+        # The buyer pays today's price: a changed one is refused below unless accepted.
+        line_total = variant.price_minor * cart_line.quantity
+        lines[order.id].append(
+            OrderLine(
+                id=uuid7(),
+                order_id=order.id,
+                variant_id=variant.variant_id,
+                product_id=variant.product_id,
+                title=variant.title,
+                sku=variant.sku,
+                options=dict(variant.options),
+                unit_price_minor=variant.price_minor,
+                quantity=cart_line.quantity,
+                line_total_minor=line_total,
+                position=len(lines[order.id]),
+            )
+        )
+        order.subtotal_minor += line_total
+        order.item_count += cart_line.quantity
+    group.total_minor = sum(order.subtotal_minor for order in orders.values())
+
+    if not await _create_group(session, group, list(orders)):
+        inactive = await inactive_seller_ids(session, orders)
+        raise _refuse_unavailable(_unavailable(cart, variants, inactive))
+    if changed_prices and not request.accept_price_changes:
+        raise CartPricesChanged(
+            "Prices changed since these items were added to the cart: check out again "
+            "with accept_price_changes to pay the prices of now.",
+            lines=changed_prices,
+        )
+    if (
+        request.expected_total_minor is not None
+        and request.expected_total_minor != group.total_minor
+    ):
+        raise CheckoutTotalChanged(
+            f"The checkout costs {group.total_minor}, not {request.expected_total_minor} "
+            f"({group.currency} minor units).",
+            total_minor=group.total_minor,
+            expected_total_minor=request.expected_total_minor,
+            currency=group.currency,
+        )
+
+    # One INSERT per table when the session flushes (at the cart's UPDATE below).
+    session.add_all(orders.values())
+    session.add_all(line for order_lines in lines.values() for line in order_lines)
+    for order in orders.values():
+        await publish(
+            session,
+            ORDER_PLACED,
+            OrderPlaced(
+                order_id=order.id,
+                group_id=group.id,
+                number=order.number,
+                buyer_id=buyer_id,
+                seller_id=order.seller_id,
+                currency=order.currency,
+                subtotal_minor=order.subtotal_minor,
+                item_count=order.item_count,
+                placed_at=now,
+            ),
+            now=now,
+        )
+    await mark_converted(session, cart_id=cart.cart_id, version=cart.version)
+    return PlacedCheckout(group=group, orders=list(orders.values()), lines=lines)
+
+
+async def _create_group(
+    session: AsyncSession, group: CheckoutGroup, sellers: Sequence[uuid.UUID]
+) -> bool:
+    """Insert the group only if every seller of the checkout may sell; whether it was.
+    The sellers' published "active stores" read model is checked inside the INSERT, so
+    the check costs no statement of its own (ADR 0006)."""
+    table = CheckoutGroup.__table__
+    active = active_seller_ids().subquery()
+    selling = (
+        select(func.count())
+        .select_from(active)
+        .where(active.c.id.in_(list(sellers)))
+        .scalar_subquery()
+    )
+    names = [column.name for column in table.columns]
+    values = select(
+        *(literal(getattr(group, name), type_=table.c[name].type).label(name) for name in names)
+    ).where(selling == len(sellers))
+    created = await session.execute(
+        insert(CheckoutGroup).from_select(names, values).returning(CheckoutGroup.id)
+    )
+    return created.first() is not None
+
+
+async def hold_stock(session: AsyncSession, runtime: Runtime, placed: PlacedCheckout) -> None:
+    """Hold the checkout's stock until the group's ``reservation_expires_at``, all or
+    nothing (raises ``out-of-stock``). The contended step: call it last."""
+    await reserve(
+        session,
+        runtime,
+        holder_ref=placed.group.id,
+        lines=placed.reservation_lines(),
+        expires_at=placed.group.reservation_expires_at,
+    )

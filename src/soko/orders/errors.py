@@ -1,0 +1,75 @@
+"""The orders domain's problem types."""
+
+from __future__ import annotations
+
+from soko.platform.errors import ProblemError
+
+
+class CheckoutCartEmpty(ProblemError):
+    slug = "checkout-cart-empty"
+    title = "The cart is empty"
+    status = 409
+    description = "A checkout needs at least one line in the cart."
+
+
+class CheckoutItemsUnavailable(ProblemError):
+    slug = "checkout-items-unavailable"
+    title = "Some items cannot be bought now"
+    status = 409
+    description = (
+        "Lines of the cart are no longer for sale: the product was unpublished or the "
+        "variant archived, the store may not sell right now, or the price is now in "
+        "another currency. `unavailable` lists each line's `variant_id` and `reason`."
+    )
+
+
+class CartPricesChanged(ProblemError):
+    slug = "cart-prices-changed"
+    title = "Prices changed since the items were added"
+    status = 409
+    description = (
+        "Some lines cost something else now than when they were added to the cart. "
+        "`lines` lists each with `price_when_added` and `price_now` (minor units); check "
+        "out again with `accept_price_changes: true` to pay the prices of now."
+    )
+
+
+class CheckoutTotalChanged(ProblemError):
+    slug = "checkout-total-changed"
+    title = "The total is not the one expected"
+    status = 409
+    description = (
+        "The checkout would cost `total_minor`, not the `expected_total_minor` the request "
+        "named: show the buyer the new total before checking out again."
+    )
+
+
+class OrderStateConflict(ProblemError):
+    slug = "order-state-conflict"
+    title = "The order is not in a state that allows this"
+    status = 409
+    description = (
+        "The order's state does not allow this move (it was already moved on, or it is "
+        "too early). `current_status` is the order's state now; `allowed_actions` what "
+        "you may still do."
+    )
+
+
+class DisputeWindowClosed(ProblemError):
+    slug = "dispute-window-closed"
+    title = "The dispute window has closed"
+    status = 409
+    description = (
+        "A dispute must be opened within the marketplace's dispute window after delivery "
+        "(`window_days`); it ended at `closed_at`."
+    )
+
+
+class DisputeStateConflict(ProblemError):
+    slug = "dispute-state-conflict"
+    title = "The dispute is not in a state that allows this"
+    status = 409
+    description = (
+        "A seller answers an open dispute once, and an administrator resolves a dispute "
+        "once; `current_status` is where the dispute is now."
+    )
