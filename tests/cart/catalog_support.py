@@ -91,8 +91,7 @@ class Shop:
                     json={
                         "sku": f"KW-{number}-{position}-{uuid.uuid4().hex[:6]}",
                         "options": {"size": f"S{position}"},
-                        "price_minor": price,
-                        "currency": currency,
+                        "price": {"amount": price, "currency": currency},
                     },
                     headers=self.headers,
                 )
@@ -117,12 +116,21 @@ class Shop:
             )
         )
 
-    async def set_price(self, variant_id: uuid.UUID, price_minor: int) -> None:
+    async def set_price(
+        self, variant_id: uuid.UUID, price_minor: int, currency: str = "KES"
+    ) -> None:
         _ok(
             await self.client.patch(
                 f"{API}/seller/variants/{variant_id}",
-                json={"price_minor": price_minor},
+                json={"price": {"amount": price_minor, "currency": currency}},
                 headers=self.headers,
+            )
+        )
+
+    async def archive_product(self, product_id: uuid.UUID) -> None:
+        _ok(
+            await self.client.post(
+                f"{API}/seller/products/{product_id}/archive", headers=self.headers
             )
         )
 
