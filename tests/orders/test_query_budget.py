@@ -1,0 +1,81 @@
+"""A checkout costs at most fifteen SQL statements, whatever the number of lines or
+stores: the idempotency key's claim (its own transaction), the checkout's transaction
+and the stock reservation, BEGIN included."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx2
+from sqlalchemy import event
+
+from soko.platform.config import ReservationStrategy
+from soko.platform.runtime import Runtime
+from tests.cart.catalog_support import Market
+from tests.orders.conftest import ORDERS, Buyer, MakeBuyer, ok
+
+CHECKOUT_BUDGET = 15
+
+
+@contextmanager
+def statements(runtime: Runtime) -> Iterator[list[str]]:
+    """Every statement sent to the database inside the block (BEGIN included)."""
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(statement)
+
+    engine = runtime.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+async def _cost_of_checkout(client: httpx2.AsyncClient, runtime: Runtime, buyer: Buyer) -> int:
+    # A first request of the buyer's token caches what the token stands for, as any
+    # client's earlier requests would have.
+    ok(await client.get(ORDERS, headers=buyer.headers))
+    with statements(runtime) as sent:
+        response = await buyer.post_checkout()
+    assert response.status_code == 201, response.text
+    assert len(sent) <= CHECKOUT_BUDGET, "\n".join(sent)
+    return len(sent)
+
+
+async def _buyers(market: Market, make_buyer: MakeBuyer) -> tuple[Buyer, Buyer]:
+    one_store = await market.open_shop()
+    single = await make_buyer((await one_store.list_product(1000)).variant_id)
+    lines: list[tuple[Any, int]] = []
+    for _ in range(4):
+        shop = await market.open_shop()
+        listing = await shop.list_product(100, 200, 300, stock=20)
+        lines.extend((variant_id, 2) for variant_id in listing.variant_ids)
+    assert len(lines) == 12
+    return single, await make_buyer(*lines)
+
+
+async def test_a_checkout_stays_in_budget_whatever_its_size(
+    client: httpx2.AsyncClient, runtime: Runtime, market: Market, make_buyer: MakeBuyer
+) -> None:
+    single, large = await _buyers(market, make_buyer)
+
+    one_line = await _cost_of_checkout(client, runtime, single)
+    twelve_lines = await _cost_of_checkout(client, runtime, large)
+
+    # Flat: twelve lines of four stores cost what one line of one store did.
+    assert twelve_lines == one_line
+    print(f"statements per checkout: {one_line} (1 line, 1 store; 12 lines, 4 stores)")
+
+
+async def test_the_pessimistic_strategy_stays_in_budget_too(
+    client: httpx2.AsyncClient, runtime: Runtime, market: Market, make_buyer: MakeBuyer
+) -> None:
+    runtime.settings.reservation_strategy = ReservationStrategy.pessimistic
+    single, large = await _buyers(market, make_buyer)
+    assert await _cost_of_checkout(client, runtime, single) == await _cost_of_checkout(
+        client, runtime, large
+    )
