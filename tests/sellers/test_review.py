@@ -236,3 +236,37 @@ async def test_the_review_queue_lists_by_status_newest_first(
     assert problem_type(crossed) == "invalid-cursor"
     bad = await client.get(ADMIN_SELLERS, params={"status": "open"}, headers=admin.headers)
     assert bad.status_code == 422
+
+
+async def test_a_suspended_stores_products_leave_the_catalog_at_once(
+    client: httpx2.AsyncClient, make_user: MakeUser, stores: Stores
+) -> None:
+    """The catalog caches its listing with SELLERS_TAG; each decision drops it."""
+    owner = await make_user()
+    store = await stores.active(owner)
+    product = await client.post(
+        "/api/v1/seller/products",
+        json={
+            "title": "Kiondo basket",
+            "variants": [{"sku": "KIONDO-M", "price": {"amount": 140000, "currency": "KES"}}],
+        },
+        headers=owner.headers,
+    )
+    assert product.status_code == 201, product.text
+    published = await client.post(
+        f"/api/v1/seller/products/{product.json()['id']}/publish", headers=owner.headers
+    )
+    assert published.status_code == 200, published.text
+
+    async def listed() -> list[str]:
+        page = await client.get("/api/v1/products", params={"seller": store["id"]})
+        assert page.status_code == 200, page.text
+        return [item["id"] for item in page.json()["items"]]
+
+    assert await listed() == [product.json()["id"]]
+    assert (await stores.decide(store["id"], "suspend")).status_code == 200
+    assert await listed() == []
+    detail = await client.get(f"/api/v1/products/{product.json()['id']}")
+    assert detail.status_code == 404
+    assert (await stores.decide(store["id"], "reinstate")).status_code == 200
+    assert await listed() == [product.json()["id"]]
