@@ -486,15 +486,15 @@ async def rehold_if_available(
 ) -> bool:
     ids = None if variant_ids is None else list(variant_ids)
     conditions = _holder_filter(holder_ref, ids)
-    # Holds still in place (even past their time, not released yet) just get longer.
-    await session.execute(
-        update(R)
-        .where(*conditions, R.status == ReservationStatus.held.value)
-        .values(expires_at=expires_at)
-        .execution_options(synchronize_session=False)
-    )
     ended_statuses = (ReservationStatus.expired.value, ReservationStatus.released.value)
     async with session.begin_nested() as savepoint:
+        # Holds still in place (even past their time, not released yet) just get longer.
+        await session.execute(
+            update(R)
+            .where(*conditions, R.status == ReservationStatus.held.value)
+            .values(expires_at=expires_at)
+            .execution_options(synchronize_session=False)
+        )
         result = await session.execute(
             update(R)
             .where(*conditions, R.status.in_(ended_statuses))
