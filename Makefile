@@ -28,8 +28,9 @@ $(BIN)/soko: $(UV) pyproject.toml uv.lock
 
 install: $(BIN)/soko  ## Create .venv and install Soko with every extra and the dev tools
 
-run: install  ## Migrate, then serve on http://127.0.0.1:8000 (embedded SQLite)
+run: install  ## Migrate, seed a new database with the demo marketplace, serve on http://127.0.0.1:8000
 	$(BIN)/soko migrate upgrade
+	$(BIN)/soko seed demo --if-empty --if-enabled
 	$(BIN)/soko serve
 
 worker: install  ## Run a separate outbox worker (when SOKO_OUTBOX_DISPATCH=worker)

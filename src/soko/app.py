@@ -192,6 +192,8 @@ def create_app(
                 "If-Match",
                 "If-None-Match",
                 "X-Request-ID",
+                "X-Seller-Id",
+                "X-Cart-Token",
             ],
             expose_headers=[
                 "ETag",

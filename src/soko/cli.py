@@ -9,13 +9,16 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 import soko
 from soko.platform.commands import command_settings, err, out
 from soko.platform.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from soko.platform.runtime import Runtime
 
 app = typer.Typer(
     name="soko",
@@ -27,7 +30,14 @@ migrate_app = typer.Typer(help="Apply and author database migrations.", no_args_
 app.add_typer(migrate_app, name="migrate")
 
 
+def _demo_app(runtime: Runtime) -> object:
+    from soko.app import create_app  # lazily, like serve
+
+    return create_app(runtime=runtime)
+
+
 def _mount_domain_commands() -> None:
+    from soko.demo.cli import seed_commands
     from soko.identity.admin_cli import admin_app
     from soko.identity.cli import audit_app
     from soko.identity.keys_cli import keys_app
@@ -35,6 +45,7 @@ def _mount_domain_commands() -> None:
     app.add_typer(admin_app, name="admin")
     app.add_typer(audit_app, name="audit")
     app.add_typer(keys_app, name="keys")
+    app.add_typer(seed_commands(_demo_app), name="seed")
 
 
 _mount_domain_commands()

@@ -159,3 +159,13 @@ def test_production_is_refused_unless_forced_and_then_gets_random_passwords(
     for password in (DemoPasswords().admin, DemoPasswords().seller, DemoPasswords().buyer):
         assert password not in forced.stdout
     assert ADMIN_EMAIL in forced.stdout
+
+
+def test_switched_off_by_setting_it_seeds_nothing(
+    cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOKO_SEED_DEMO", "false")
+    skipped = soko_seed("demo", "--if-empty", "--if-enabled")
+    assert skipped.exit_code == 0, skipped.output
+    assert skipped.output == ""
+    assert asyncio.run(_browse())["users"] == 0

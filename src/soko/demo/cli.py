@@ -48,6 +48,13 @@ def seed_commands(app_factory: AppFactory) -> typer.Typer:
                 help="Do nothing (and succeed) when the database already has accounts",
             ),
         ] = False,
+        if_enabled: Annotated[
+            bool,
+            typer.Option(
+                "--if-enabled",
+                help="Do nothing (and succeed) when SOKO_SEED_DEMO is false",
+            ),
+        ] = False,
         force: Annotated[
             bool,
             typer.Option("--force", help="Seed even with SOKO_ENV=production (random passwords)"),
@@ -56,6 +63,8 @@ def seed_commands(app_factory: AppFactory) -> typer.Typer:
         """Create a demo marketplace: an administrator, four stores with products, stock
         and a buyer; then print how to sign in."""
         settings = command_settings()
+        if if_enabled and not settings.seed_demo:
+            return
         if settings.is_production and not force:
             err.print(
                 "[bold red]refusing:[/] this is a production configuration (SOKO_ENV="

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx2
-from sqlalchemy import literal, select, table
 
 from soko.demo.catalogue import (
     ADMIN_EMAIL,
@@ -35,6 +34,7 @@ from soko.demo.catalogue import (
     product_count,
 )
 from soko.identity.public import create_account
+from soko.identity.public import has_accounts as identity_has_accounts
 from soko.platform.money import minor_units
 from soko.platform.runtime import Runtime
 
@@ -84,11 +84,8 @@ def step_count() -> int:
 
 async def has_accounts(runtime: Runtime) -> bool:
     """Whether anyone has an account yet: the demo goes only into a new marketplace."""
-    # Only the table's name: the demo reads no column of identity's and imports none of
-    # its modules but its public one.
     async with runtime.db.transaction(read_only=True) as session:
-        found = await session.scalar(select(literal(1)).select_from(table("users")).limit(1))
-    return found is not None
+        return await identity_has_accounts(session)
 
 
 class _Api:

@@ -47,6 +47,7 @@ __all__ = [
     "create_account",
     "find_active_user_id",
     "grant_role",
+    "has_accounts",
     "record_audit_event",
     "user_cards",
 ]
@@ -73,6 +74,11 @@ def configuration_problems(settings: Settings) -> list[str]:
     except ValueError as exc:
         return [f"SOKO_OIDC_PROVIDERS: {line}" for line in str(exc).splitlines() if line]
     return []
+
+
+async def has_accounts(session: AsyncSession) -> bool:
+    """Whether anyone has an account yet (a new marketplace has none)."""
+    return await session.scalar(select(User.id).limit(1)) is not None
 
 
 async def user_cards(
