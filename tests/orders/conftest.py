@@ -12,12 +12,13 @@ import httpx2
 import pytest
 from sqlalchemy import func, select
 
-from soko.identity.models import Role
+from soko.identity.models import Role, User
+from soko.identity.sessions import start_session
 from soko.inventory.public import available_for
 from soko.platform.outbox import MessageKind, OutboxMessage
 from soko.platform.runtime import Runtime
 from tests.cart.catalog_support import Market, Shop, market  # noqa: F401
-from tests.identity.conftest import MakeUser, SignedInUser, make_user  # noqa: F401
+from tests.identity.conftest import TEST_DEVICE, MakeUser, SignedInUser, make_user  # noqa: F401
 
 API = "/api/v1"
 CHECKOUT = f"{API}/checkout"
@@ -118,6 +119,21 @@ class Placed:
     variant_id: uuid.UUID
     group_id: uuid.UUID
     order_id: uuid.UUID
+
+    async def sign_in_again(self, runtime: Runtime) -> None:
+        """New access tokens for the buyer and the store's owner, after the clock moved
+        past the old ones' lifetime."""
+        self.buyer.user = await sign_in_again(runtime, self.buyer.user)
+        self.shop.owner = await sign_in_again(runtime, self.shop.owner)
+
+
+async def sign_in_again(runtime: Runtime, user: SignedInUser) -> SignedInUser:
+    """``user`` with a new session, as if they signed in now."""
+    async with runtime.db.transaction() as session:
+        account = await session.get(User, user.user_id)
+        assert account is not None
+        tokens = await start_session(session, runtime, account, method="test", device=TEST_DEVICE)
+    return SignedInUser(user.user_id, user.email, tokens)
 
 
 PlaceOrder = Callable[..., Awaitable[Placed]]

@@ -54,9 +54,10 @@ async def open_dispute(
     closes = dispute_window_closes(order, runtime)
     now = runtime.clock.now()
     if order.status == OrderStatus.delivered.value and closes is not None and now > closes:
+        closed_at = closes.isoformat().replace("+00:00", "Z")
         raise DisputeWindowClosed(
-            f"Disputes about this order could be opened until {closes.isoformat()}.",
-            closed_at=closes.isoformat(),
+            f"Disputes about this order could be opened until {closed_at}.",
+            closed_at=closed_at,
             window_days=runtime.settings.dispute_window_days,
         )
     await move_order(session, runtime, order, Action.dispute, acting, reason=reason.value)
