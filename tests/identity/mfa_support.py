@@ -13,13 +13,13 @@ from sqlalchemy import select
 
 from soko.identity import mfa
 from soko.identity.accounts import create_user
-from soko.identity.login_methods import change_login_settings
 from soko.identity.models import AuditEvent, Role, User
 from soko.identity.passwords import password_hasher
 from soko.identity.sessions import DeviceFacts, TokenPair, start_session
 from soko.platform.clock import ManualClock
 from soko.platform.otp import DEFAULT_PERIOD, decode_secret, totp
 from soko.platform.runtime import Runtime
+from tests.identity.signin_support import change_settings
 
 MFA = "/api/v1/me/mfa"
 VERIFY = "/api/v1/auth/mfa/verify"
@@ -143,13 +143,7 @@ async def audit_actions(runtime: Runtime, user_id: uuid.UUID) -> list[tuple[str,
 
 async def require_mfa_for(runtime: Runtime, *roles: Role) -> None:
     """The operator's runtime setting: members of ``roles`` must sign in with MFA."""
-    async with runtime.db.transaction() as session:
-        await change_login_settings(
-            session,
-            mfa_required_roles=[role.value for role in roles],
-            now=runtime.clock.now(),
-            changed_by=None,
-        )
+    await change_settings(runtime, mfa_required_roles=[role.value for role in roles])
 
 
 async def password_login(

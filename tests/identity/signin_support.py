@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx2
 from sqlalchemy import select
 
+from soko.identity.login_methods import LOGIN_SETTINGS_TAG, change_login_settings
 from soko.identity.models import AuditEvent, User
 from soko.notifications.public import read_sink
 from soko.platform.runtime import Runtime
@@ -21,6 +23,25 @@ NEW_PASSWORD = "baobab-shade-by-noon-42"
 PHONE_UA = "Mozilla/5.0 (Linux; Android 14; TECNO KI5) Chrome/130.0 Mobile"
 LAPTOP_UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) Firefox/133.0"
 TOKEN_IN_LINK = re.compile(r"/(verify-email|reset-password)\?token=([A-Za-z0-9_\-]+)")
+
+
+async def change_settings(
+    runtime: Runtime,
+    *,
+    methods: Mapping[str, bool] | None = None,
+    mfa_required_roles: Iterable[str] | None = None,
+) -> None:
+    """Change the runtime login settings as an admin's request would: commit, then
+    invalidate the cached copy sign-ins read (a request's commit does that itself)."""
+    async with runtime.db.transaction() as session:
+        await change_login_settings(
+            session,
+            methods=methods,
+            mfa_required_roles=mfa_required_roles,
+            now=runtime.clock.now(),
+            changed_by=None,
+        )
+    await runtime.cache.invalidate_tags(LOGIN_SETTINGS_TAG)
 
 
 def new_email() -> str:

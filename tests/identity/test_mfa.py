@@ -16,6 +16,7 @@ from sqlalchemy import select, text, update
 
 from soko.identity import mfa
 from soko.identity.errors import MfaEnrollmentRequired, MfaNotEnabled
+from soko.identity.login_methods import LOGIN_SETTINGS_TAG
 from soko.identity.models import (
     AuthSession,
     IdentitySetting,
@@ -471,6 +472,8 @@ async def test_roles_the_operator_names_must_enroll_before_signing_in(
                 key="mfa_required_roles", value=["seller"], updated_at=runtime.clock.now()
             )
         )
+    # Written behind the API's back: sign-ins read the cached settings until told.
+    await runtime.cache.invalidate_tags(LOGIN_SETTINGS_TAG)
     async with runtime.db.transaction() as session:
         assert await mfa.mfa_required_roles(session) == frozenset({"seller"})
         user = await session.get(User, seller.user_id)

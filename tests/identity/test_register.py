@@ -15,6 +15,7 @@ from tests.identity.signin_support import (
     PASSWORD,
     audit_events,
     bearer,
+    change_settings,
     load_user,
     mailed,
     mailed_token,
@@ -154,12 +155,7 @@ async def test_sign_up_when_customers_need_mfa_answers_an_enrollment_challenge(
 ) -> None:
     """A sign-up never hands out what a sign-in would not: with MFA required for
     customers, the new account must enroll an authenticator before it gets tokens."""
-    from soko.identity.login_methods import change_login_settings
-
-    async with runtime.db.transaction() as session:
-        await change_login_settings(
-            session, mfa_required_roles=["customer"], now=runtime.clock.now(), changed_by=None
-        )
+    await change_settings(runtime, mfa_required_roles=["customer"])
     response = await client.post(
         "/api/v1/auth/register",
         json={"email": "amani@example.com", "password": "a long enough passphrase 7"},

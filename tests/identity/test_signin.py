@@ -9,7 +9,6 @@ import httpx2
 from sqlalchemy import select, update
 
 from soko.identity.accounts import create_user
-from soko.identity.login_methods import change_login_settings
 from soko.identity.models import (
     AuthSession,
     LoginThrottle,
@@ -27,6 +26,7 @@ from tests.identity.signin_support import (
     PASSWORD,
     audit_events,
     bearer,
+    change_settings,
     load_user,
     login,
     new_email,
@@ -297,10 +297,7 @@ async def test_role_that_requires_mfa_without_an_authenticator_gets_no_tokens(
     """Such a user is not refused (they could never enroll) but gets no tokens either:
     only a challenge that enrolls an authenticator and then signs in."""
     email, _ = await _registered(client)
-    async with runtime.db.transaction() as session:
-        await change_login_settings(
-            session, mfa_required_roles=["customer"], now=runtime.clock.now(), changed_by=None
-        )
+    await change_settings(runtime, mfa_required_roles=["customer"])
     response = await login(client, email)
     assert response.status_code == 200, response.text
     body = response.json()
@@ -313,15 +310,9 @@ async def test_password_sign_in_switched_off_at_runtime(
     client: httpx2.AsyncClient, runtime: Runtime
 ) -> None:
     email, _ = await _registered(client)
-    async with runtime.db.transaction() as session:
-        await change_login_settings(
-            session, methods={"password": False}, now=runtime.clock.now(), changed_by=None
-        )
+    await change_settings(runtime, methods={"password": False})
     for response in (await login(client, email), await register(client, new_email())):
         assert response.status_code == 403
         assert response.json()["type"] == "/problems/login-method-disabled"
-    async with runtime.db.transaction() as session:
-        await change_login_settings(
-            session, methods={"password": True}, now=runtime.clock.now(), changed_by=None
-        )
+    await change_settings(runtime, methods={"password": True})
     assert (await login(client, email)).status_code == 200

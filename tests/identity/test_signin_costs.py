@@ -1,16 +1,21 @@
 """What the sign-in path does to stay cheap, and that each saving keeps its guarantee:
-hashing threads yield the CPU to request handling, a transaction's second audit event
-reuses the chain head it holds, a clean account's success writes nothing, and the login
-settings are served from the cache until a change invalidates them."""
+the statements a password sign-in runs (a budget), hashing threads yield the CPU to
+request handling, a transaction's second audit event reuses the chain head it holds, a
+clean account's success writes nothing, and the login settings are served from the
+cache until a change invalidates them."""
 
 from __future__ import annotations
 
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
+import httpx2
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from soko.identity import throttle
 from soko.identity.audit import record_audit_event, verify_audit_chain
@@ -22,11 +27,55 @@ from soko.identity.login_methods import (
     method_enabled_in,
 )
 from soko.identity.models import AuditEvent, LoginThrottle
-from soko.identity.passwords import HASH_THREAD_NICENESS, PasswordHasher
+from soko.identity.passwords import HASH_THREAD_NICENESS, PasswordHasher, password_hasher
 from soko.platform.runtime import INVALIDATE_TAGS_KEY, Runtime
+from tests.identity import signin_support
+from tests.identity.conftest import MakeUser
+from tests.identity.signin_support import LAPTOP_UA, PHONE_UA, login
 
 ACCOUNT = throttle.account_key("b" * 64)
 ADDRESS = throttle.ip_key("198.51.100.4")
+
+
+@contextmanager
+def statements(runtime: Runtime) -> Iterator[list[str]]:
+    """The SQL statements ``runtime``'s engine sends meanwhile, but the transaction
+    control SQLite's connections run themselves (``BEGIN IMMEDIATE``, ``PRAGMA``)."""
+    seen: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+        if not statement.startswith(("BEGIN", "PRAGMA")):
+            seen.append(" ".join(statement.split()))
+
+    engine = runtime.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", note)
+
+
+async def test_a_password_sign_in_runs_within_its_statement_budget(
+    client: httpx2.AsyncClient, runtime: Runtime, make_user: MakeUser
+) -> None:
+    """Read phase: the throttle and the account (2). Write phase, in the request's
+    transaction: the account again with its roles, authenticator and device (1), the
+    session and its refresh token (2), and the audit append: the chain lock on
+    PostgreSQL, the head and the event (2 or 3), plus ``auth.new_device`` the first
+    time a device signs in. The login settings come from the cache."""
+    stored = await password_hasher(runtime).hash(signin_support.PASSWORD)
+    user = await make_user(password_hash=stored)
+    lock = 1 if runtime.db.dialect == "postgresql" else 0
+    await login(client, user.email, user_agent=PHONE_UA)  # fills the settings cache
+    with statements(runtime) as new_device:
+        assert (await login(client, user.email, user_agent=LAPTOP_UA)).status_code == 200
+    with statements(runtime) as known_device:
+        assert (await login(client, user.email, user_agent=LAPTOP_UA)).status_code == 200
+    assert len(known_device) == 7 + lock, known_device
+    assert len(new_device) == len(known_device) + 1, new_device
+    assert not any("identity_settings" in statement for statement in known_device)
+    writes = [s for s in known_device if s.startswith(("INSERT", "UPDATE", "DELETE"))]
+    assert [s.split()[2] for s in writes] == ["auth_sessions", "refresh_tokens", "audit_events"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")

@@ -26,9 +26,9 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, text
+from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.models import AuditEvent
@@ -43,6 +43,9 @@ AUDIT_LOCK_KEY = int.from_bytes(
     hashlib.sha256(b"soko.audit_events").digest()[:8], "big", signed=True
 )
 VERIFY_BATCH_SIZE = 2000
+
+# The table under the model, for the plain Core INSERT of an append.
+_AUDIT_EVENTS = cast(Table, AuditEvent.__table__)
 
 _CHAIN_COLUMNS = (
     AuditEvent.seq,
@@ -261,10 +264,16 @@ async def record_audit_event(
         data=event.data,
         prev_hash=event.prev_hash,
     )
-    session.add(event)
-    # Flushed now: the primary key on seq refuses a duplicate here, at the append, and
-    # code reading the log later in the transaction finds the event.
+    # Written now, as one plain INSERT (the event is never changed afterwards, so the
+    # unit of work has nothing to track): the primary key on seq refuses a duplicate
+    # here, at the append, and code reading the log later in the transaction finds the
+    # event. The caller's pending changes are flushed first, as an ORM add would have.
     await session.flush()
+    await session.execute(
+        insert(_AUDIT_EVENTS).values(
+            {column.key: getattr(event, column.key) for column in _CHAIN_COLUMNS}
+        )
+    )
     _remember_head(session, event.seq, event.hash)
     return event
 

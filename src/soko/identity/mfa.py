@@ -38,18 +38,17 @@ cannot offer enrollment when the user's roles require a second factor.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import math
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from sqlalchemy import ColumnElement, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from soko.identity import login_methods
 from soko.identity.accounts import user_email, user_phone, user_roles
 from soko.identity.audit import record_audit_event
 from soko.identity.errors import (
@@ -72,6 +71,10 @@ from soko.platform.otp import (
     verify_totp,
 )
 from soko.platform.runtime import Runtime
+
+if TYPE_CHECKING:
+    from soko.identity.login_methods import LoginSettings
+    from soko.identity.signin import AccountFacts
 
 TOTP_WINDOW: Final = 1  # one 30-second step either side, for phone clocks that drift
 RECOVERY_CODE_COUNT: Final = 10
@@ -435,30 +438,9 @@ async def regenerate_recovery_codes(
 # -- the sign-in challenge ------------------------------------------------------------------
 
 
-RolesReader = Callable[[AsyncSession], Awaitable[frozenset[str]]]
-
-
-def _required_roles_reader() -> RolesReader | None:
-    # The operator's runtime login settings live in identity/login_methods.py; looked up
-    # by name so this module works, requiring nothing, before that module exists.
-    # Only that module's own absence counts: one that fails to import for another reason
-    # fails loudly, so a broken settings module never silently drops the requirement.
-    qualified = "soko.identity.login_methods"
-    try:
-        module = importlib.import_module(qualified)
-    except ModuleNotFoundError as exc:
-        if exc.name == qualified:
-            return None
-        raise
-    reader: RolesReader | None = getattr(module, "mfa_required_roles", None)
-    return reader
-
-
 async def mfa_required_roles(session: AsyncSession) -> frozenset[str]:
-    reader = _required_roles_reader()
-    if reader is None:
-        return frozenset()
-    return frozenset(await reader(session))
+    """The roles the operator requires a second factor for, as stored now."""
+    return await login_methods.mfa_required_roles(session)
 
 
 async def _role_requires_mfa(session: AsyncSession, user: User) -> bool:
@@ -466,14 +448,49 @@ async def _role_requires_mfa(session: AsyncSession, user: User) -> bool:
     return bool(required) and bool(required & await user_roles(session, user.id))
 
 
-async def second_factor_needed(session: AsyncSession, runtime: Runtime, user: User) -> bool:
+async def _challenge_needed(
+    session: AsyncSession,
+    runtime: Runtime,
+    user: User,
+    account: AccountFacts | None,
+    settings: LoginSettings | None,
+) -> list[str] | None:
+    """The methods of the challenge a sign-in of ``user`` must answer, or ``None`` when
+    it needs none: to verify with a confirmed authenticator, else to enroll one when a
+    role of the user's is among those the operator requires MFA for.
+
+    The requirement comes from the runtime's cached login settings (``settings`` when
+    the caller already holds them), like every other sign-in decision; the account's
+    own state from ``account`` when the caller read it in this transaction."""
+    if account is not None:
+        has_factor = account.has_authenticator
+    else:
+        has_factor = await has_confirmed_factor(session, user.id)
+    if has_factor:
+        return [METHOD_TOTP, METHOD_RECOVERY_CODE]
+    required = (settings or await login_methods.current_login_settings(runtime)).mfa_required_roles
+    if not required:
+        return None
+    roles = account.roles if account is not None else await user_roles(session, user.id)
+    return [METHOD_ENROLL] if required & roles else None
+
+
+async def second_factor_needed(
+    session: AsyncSession,
+    runtime: Runtime,
+    user: User,
+    *,
+    account: AccountFacts | None = None,
+    settings: LoginSettings | None = None,
+) -> bool:
     """Whether a sign-in of ``user`` that passed its first factor must go through
     :func:`start_challenge` instead of receiving tokens: the user has a confirmed
     authenticator (a challenge to verify), or one of their roles is among those the
-    operator requires MFA for (a challenge to enroll)."""
-    if await has_confirmed_factor(session, user.id):
-        return True
-    return await _role_requires_mfa(session, user)
+    operator requires MFA for (a challenge to enroll).
+
+    ``account`` and ``settings`` save the reads when the caller already holds them;
+    the operator's requirement is otherwise read from the cached login settings."""
+    return await _challenge_needed(session, runtime, user, account, settings) is not None
 
 
 async def enforce_enrollment(session: AsyncSession, user: User) -> None:
@@ -487,7 +504,14 @@ async def enforce_enrollment(session: AsyncSession, user: User) -> None:
 
 
 async def start_challenge(
-    session: AsyncSession, runtime: Runtime, user: User, *, method: str, device: DeviceFacts
+    session: AsyncSession,
+    runtime: Runtime,
+    user: User,
+    *,
+    method: str,
+    device: DeviceFacts,
+    account: AccountFacts | None = None,
+    settings: LoginSettings | None = None,
 ) -> MfaChallengeOut:
     """Store a challenge for a sign-in by ``method`` that passed its first factor and
     return its token (shown once, stored hashed), valid for five minutes and five tries.
@@ -495,14 +519,13 @@ async def start_challenge(
     With a confirmed authenticator it is completed at ``/auth/mfa/verify`` (``methods``
     ``["totp", "recovery_code"]``); without one, when the user's roles require MFA, it
     can only enroll one (``methods`` ``["enroll"]``). Raises :class:`MfaNotEnabled` when
-    neither holds (the caller should have asked :func:`second_factor_needed`), and
-    :class:`RateLimited` while too many wrong codes were sent for this user lately."""
-    if await has_confirmed_factor(session, user.id):
-        prefix, methods = CHALLENGE_PREFIX, [METHOD_TOTP, METHOD_RECOVERY_CODE]
-    elif await _role_requires_mfa(session, user):
-        prefix, methods = ENROLL_CHALLENGE_PREFIX, [METHOD_ENROLL]
-    else:
+    neither holds (the caller should have asked :func:`second_factor_needed`, with the
+    same ``account`` and ``settings``), and :class:`RateLimited` while too many wrong
+    codes were sent for this user lately."""
+    methods = await _challenge_needed(session, runtime, user, account, settings)
+    if methods is None:
         raise MfaNotEnabled("This account signs in without a second factor.")
+    prefix = ENROLL_CHALLENGE_PREFIX if methods == [METHOD_ENROLL] else CHALLENGE_PREFIX
     now = runtime.clock.now()
     await _refuse_while_guessing(session, user.id, now)
     token = prefix + secrets.token_urlsafe(32)

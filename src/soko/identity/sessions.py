@@ -22,8 +22,9 @@ import hmac
 import secrets
 import uuid
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.accounts import principal_tag, user_roles
@@ -35,6 +36,10 @@ from soko.platform.runtime import Runtime, invalidate_after_commit
 
 REFRESH_PREFIX = "rt_"
 SESSION_TAG_PREFIX = "identity:session:"
+
+# The tables under the models, for plain Core INSERTs.
+_SESSIONS = cast(Table, AuthSession.__table__)
+_REFRESH_TOKENS = cast(Table, RefreshToken.__table__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,46 +153,58 @@ async def start_session(
     method: str,
     device: DeviceFacts,
     mfa_verified: bool = False,
+    roles: frozenset[str] | None = None,
 ) -> TokenPair:
-    """Open a session for ``user`` and issue its first token pair."""
+    """Open a session for ``user`` and issue its first token pair. ``roles`` are the
+    user's roles when the caller has just read them in this transaction (they go into
+    the access token); otherwise they are read here."""
     now = runtime.clock.now()
     settings = runtime.settings
     refresh_life = dt.timedelta(seconds=settings.refresh_token_ttl_seconds)
-    auth_session = AuthSession(
-        id=uuid7(),
-        user_id=user.id,
-        device_name=device.device_name,
-        user_agent=device.user_agent[:500],
-        ip=device.ip[:64],
-        method=method,
-        mfa_verified=mfa_verified,
-        created_at=now,
-        last_seen_at=now,
-        expires_at=now + refresh_life,
-    )
-    session.add(auth_session)
+    session_id = uuid7()
     token = new_refresh_token()
-    session.add(
-        RefreshToken(
+    # Plain INSERTs: nothing reads these rows back as objects in this transaction, so
+    # the unit of work would only add bookkeeping. The caller's pending changes (a user
+    # created a moment ago) are flushed first, as an ORM add would have done.
+    await session.flush()
+    await session.execute(
+        insert(_SESSIONS).values(
+            id=session_id,
+            user_id=user.id,
+            device_name=device.device_name,
+            user_agent=device.user_agent[:500],
+            ip=device.ip[:64],
+            method=method,
+            mfa_verified=mfa_verified,
+            created_at=now,
+            last_seen_at=now,
+            expires_at=now + refresh_life,
+            revoked_at=None,
+            revoked_reason=None,
+        )
+    )
+    await session.execute(
+        insert(_REFRESH_TOKENS).values(
             id=uuid7(),
-            session_id=auth_session.id,
+            session_id=session_id,
             token_hash=hash_secret(token),
             parent_id=None,
             state=RefreshTokenState.active.value,
             created_at=now,
             expires_at=now + refresh_life,
+            rotated_at=None,
         )
     )
-    await session.flush()
-    roles = await user_roles(session, user.id)
+    if roles is None:
+        roles = await user_roles(session, user.id)
     return TokenPair(
         access_token=issue_access_token(
-            runtime, user_id=user.id, session_id=auth_session.id, roles=roles
+            runtime, user_id=user.id, session_id=session_id, roles=roles
         ),
         refresh_token=token,
         expires_in=settings.access_token_ttl_seconds,
         refresh_expires_in=int(refresh_life.total_seconds()),
-        session_id=auth_session.id,
+        session_id=session_id,
         user_id=user.id,
     )
 

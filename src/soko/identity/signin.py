@@ -18,13 +18,13 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
 from limits import parse
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import Select, delete, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity import mfa, throttle
@@ -49,12 +49,19 @@ from soko.identity.errors import (
     LoginMethodDisabled,
     WrongCurrentPassword,
 )
-from soko.identity.login_methods import PASSWORD, login_method_enabled
+from soko.identity.login_methods import (
+    PASSWORD,
+    LoginSettings,
+    current_login_settings,
+    method_enabled_in,
+)
 from soko.identity.models import (
     AuthSession,
     RefreshToken,
     Role,
+    TotpFactor,
     User,
+    UserRole,
     UserStatus,
     VerificationPurpose,
     VerificationToken,
@@ -178,9 +185,76 @@ async def _find_user(
 # -- collaborators ----------------------------------------------------------------------
 
 
-async def _require_password_method(reader: AsyncSession) -> None:
-    if not await login_method_enabled(reader, PASSWORD_METHOD):
+async def _require_password_method(runtime: Runtime) -> LoginSettings:
+    """The current login settings, once they allow passwords (from the runtime's cache:
+    a change an admin makes is seen by every process at its next sign-in)."""
+    settings = await current_login_settings(runtime)
+    if not method_enabled_in(settings, PASSWORD_METHOD):
         raise LoginMethodDisabled("Signing in with a password is switched off.")
+    return settings
+
+
+# -- what a sign-in decides on ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AccountFacts:
+    """What the end of a sign-in decides on, read with one statement in its transaction:
+    the account's roles (for the access token and the operator's MFA rule), whether it
+    has a confirmed authenticator, and whether this device signed in to it before."""
+
+    roles: frozenset[str]
+    has_authenticator: bool
+    known_device: bool
+
+
+def _account_facts_query(user_id: uuid.UUID, device: DeviceFacts) -> Select[str, bool, bool]:
+    has_authenticator = exists().where(
+        TotpFactor.user_id == user_id, TotpFactor.confirmed_at.is_not(None)
+    )
+    known_device = exists().where(
+        AuthSession.user_id == user_id, AuthSession.user_agent == device.user_agent[:500]
+    )
+    # One row per role (or one with no role), each carrying the two flags.
+    return (
+        select(
+            UserRole.role,
+            has_authenticator.label("has_authenticator"),
+            known_device.label("known_device"),
+        )
+        .select_from(User)
+        .outerjoin(UserRole, UserRole.user_id == User.id)
+        .where(User.id == user_id)
+    )
+
+
+def _facts_of(rows: Sequence[Any]) -> AccountFacts:
+    return AccountFacts(
+        roles=frozenset(row.role for row in rows if row.role is not None),
+        has_authenticator=any(row.has_authenticator for row in rows),
+        known_device=any(row.known_device for row in rows),
+    )
+
+
+async def read_account_facts(
+    session: AsyncSession, user_id: uuid.UUID, device: DeviceFacts
+) -> AccountFacts:
+    """The :class:`AccountFacts` of ``user_id`` signing in from ``device``."""
+    rows = (await session.execute(_account_facts_query(user_id, device))).all()
+    return _facts_of(rows)
+
+
+async def _reread_for_sign_in(
+    session: AsyncSession, user_id: uuid.UUID, device: DeviceFacts
+) -> tuple[User | None, AccountFacts]:
+    """The user, read again in the request's transaction (as it is now, not as it was
+    before the password was checked), with its :class:`AccountFacts`: one statement."""
+    query = _account_facts_query(user_id, device)
+    rows = (
+        await session.execute(query.add_columns(User).execution_options(populate_existing=True))
+    ).all()
+    user: User | None = rows[0].User if rows else None
+    return user, _facts_of(rows)
 
 
 # -- link tokens ------------------------------------------------------------------------
@@ -310,8 +384,8 @@ async def register_with_password(
     PasswordPolicy.from_settings(runtime.settings).check(
         password, email=canonical, display_name=display_name or None
     )
+    await _require_password_method(runtime)
     async with runtime.db.transaction(read_only=True) as reader:
-        await _require_password_method(reader)
         taken = await find_user_by_email(reader, runtime.data_keys, canonical) is not None
     if taken:  # spares the hash; the unique index still settles races below
         raise AccountExists("An account already uses this email address.")
@@ -392,13 +466,10 @@ async def sign_in_with_password(
     correct password."""
     named = parse_identifier(identifier)
     keys = [throttle.account_key(named.index(runtime)), throttle.ip_key(facts.ip)]
+    settings = await _require_password_method(runtime)
     async with runtime.db.transaction(read_only=True) as reader:
-        await _require_password_method(reader)
-        await throttle.check(reader, keys, runtime.clock)
-        user = await _find_user(reader, runtime, named)
-        candidate = (
-            _Candidate(user.id, user.password_hash, user.status) if user is not None else None
-        )
+        checked = await throttle.check(reader, keys, runtime.clock)
+        candidate = await _find_candidate(reader, runtime, named)
     usable = candidate is not None and candidate.status != UserStatus.deleted.value
     ok, new_hash = await password_hasher(runtime).verify(
         password, candidate.password_hash if candidate is not None and usable else None
@@ -407,7 +478,7 @@ async def sign_in_with_password(
         await _refuse_sign_in(session, runtime, keys, candidate, named, facts)
         raise InvalidCredentials().keeping_changes()
 
-    user = await session.get(User, candidate.user_id, populate_existing=True)
+    user, account = await _reread_for_sign_in(session, candidate.user_id, facts.device)
     if user is None or user.password_hash != candidate.password_hash:
         # Deleted or given a new password while this sign-in was checking the old one.
         raise InvalidCredentials()
@@ -419,8 +490,30 @@ async def sign_in_with_password(
     if new_hash is not None:
         user.password_hash = new_hash
         user.updated_at = now
-    await throttle.record_success(session, keys[0])
-    return await sign_in_or_challenge(session, runtime, user, method=PASSWORD_METHOD, facts=facts)
+    await throttle.record_success(session, keys[0], checked)
+    return await sign_in_or_challenge(
+        session,
+        runtime,
+        user,
+        method=PASSWORD_METHOD,
+        facts=facts,
+        account=account,
+        settings=settings,
+    )
+
+
+async def _find_candidate(
+    reader: AsyncSession, runtime: Runtime, named: Identifier
+) -> _Candidate | None:
+    index_column = User.email_index if named.kind == "email" else User.phone_index
+    row = (
+        await reader.execute(
+            select(User.id, User.password_hash, User.status).where(
+                index_column == named.index(runtime)
+            )
+        )
+    ).first()
+    return _Candidate(row.id, row.password_hash, row.status) if row is not None else None
 
 
 async def refuse_unless_active(
@@ -454,17 +547,33 @@ async def refuse_unless_active(
 
 
 async def sign_in_or_challenge(
-    session: AsyncSession, runtime: Runtime, user: User, *, method: str, facts: RequestFacts
+    session: AsyncSession,
+    runtime: Runtime,
+    user: User,
+    *,
+    method: str,
+    facts: RequestFacts,
+    account: AccountFacts | None = None,
+    settings: LoginSettings | None = None,
 ) -> TokenPair | MfaChallengeOut:
     """The end of every sign-in whose first factor passed: the second-factor challenge
-    the account needs, or its session."""
-    if await mfa.second_factor_needed(session, runtime, user):
+    the account needs, or its session. ``account`` (read in this transaction) and
+    ``settings`` save reads when the caller already holds them."""
+    if account is None:
+        account = await read_account_facts(session, user.id, facts.device)
+    if await mfa.second_factor_needed(session, runtime, user, account=account, settings=settings):
         challenge = await mfa.start_challenge(
-            session, runtime, user, method=method, device=facts.device
+            session,
+            runtime,
+            user,
+            method=method,
+            device=facts.device,
+            account=account,
+            settings=settings,
         )
         await session.flush()
         return challenge
-    return await finish_sign_in(session, runtime, user, method=method, facts=facts)
+    return await finish_sign_in(session, runtime, user, method=method, facts=facts, account=account)
 
 
 async def finish_sign_in(
@@ -476,21 +585,35 @@ async def finish_sign_in(
     facts: RequestFacts,
     mfa_verified: bool = False,
     details: Mapping[str, object] | None = None,
+    account: AccountFacts | None = None,
 ) -> TokenPair:
     """Open the session of a sign-in whose every factor passed, noting a device not
     seen before and recording ``auth.login`` (with ``mfa`` and any ``details``, such as
     the second factor used). Every sign-in ends here: password and SMS code directly,
-    and any of them, or a social sign-in, through a completed MFA challenge."""
-    new_device = await is_new_device(session, user.id, facts.device)
+    and any of them, or a social sign-in, through a completed MFA challenge.
+
+    ``account`` is the user's :class:`AccountFacts` when the caller read them in this
+    transaction; they are read here otherwise."""
+    if account is None:
+        account = await read_account_facts(session, user.id, facts.device)
     pair = await start_session(
-        session, runtime, user, method=method, device=facts.device, mfa_verified=mfa_verified
+        session,
+        runtime,
+        user,
+        method=method,
+        device=facts.device,
+        mfa_verified=mfa_verified,
+        roles=account.roles,
     )
+    # Other domains' hooks first: the audit events below take the audit log's append
+    # lock, held until commit, so nothing slow should follow them.
+    await run_sign_in_hooks(session, runtime, user.id, facts.headers)
     data: dict[str, object] = {
         "method": method,
         "session": str(pair.session_id),
         "device": facts.device.device_name,
     }
-    if new_device:
+    if not account.known_device:
         await record_audit_event(
             session,
             action="auth.new_device",
@@ -513,21 +636,7 @@ async def finish_sign_in(
         data={**data, "mfa": mfa_verified, **(details or {})},
         clock=runtime.clock,
     )
-    await run_sign_in_hooks(session, runtime, user.id, facts.headers)
     return pair
-
-
-async def is_new_device(session: AsyncSession, user_id: uuid.UUID, device: DeviceFacts) -> bool:
-    """Whether no session of this user, live or ended, came from this User-Agent."""
-    seen = await session.scalar(
-        select(
-            exists().where(
-                AuthSession.user_id == user_id,
-                AuthSession.user_agent == device.user_agent[:500],
-            )
-        )
-    )
-    return not seen
 
 
 async def _refuse_sign_in(
