@@ -382,29 +382,30 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
 
 
 def _generator_main(argv: list[str]) -> None:
-    """``python -m bench.loadgen <spec file>``: one generator; prints its result."""
-    spec = LoadSpec(**json.loads(Path(argv[0]).read_text()))
+    """``python -m bench.loadgen <spec file>``: one generator; writes its result beside
+    the spec (``<spec>.out``), not to a pipe an event loop may have made non-blocking."""
+    path = Path(argv[0])
+    spec = LoadSpec(**json.loads(path.read_text()))
     with contextlib.suppress(ImportError):
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     result = asyncio.run(run_load(spec))
-    sys.stdout.write(json.dumps(result))
+    Path(f"{path}.out").write_text(json.dumps(result))
 
 
 def spawn(spec: LoadSpec, workdir: Path, name: str) -> subprocess.Popen[bytes]:
     path = workdir / f"load-{name}.json"
     path.write_text(json.dumps(spec.__dict__))
-    return subprocess.Popen(
-        [sys.executable, "-m", "bench.loadgen", str(path)], stdout=subprocess.PIPE, cwd=ROOT
-    )
+    Path(f"{path}.out").unlink(missing_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "bench.loadgen", str(path)], cwd=ROOT)
 
 
 def collect(process: subprocess.Popen[bytes]) -> dict[str, Any]:
-    out, _ = process.communicate(timeout=1800)
+    process.wait(timeout=1800)
     if process.returncode != 0:
         raise SystemExit(f"a load generator failed ({process.returncode})")
-    result: dict[str, Any] = json.loads(out)
+    result: dict[str, Any] = json.loads(Path(f"{process.args[-1]}.out").read_text())  # type: ignore[index]
     return result
 
 
