@@ -21,21 +21,46 @@ the next read; a product page also carries its product's tag and the categories'
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from functools import lru_cache
+from typing import Any, cast
 
 from pydantic_core import to_json
-from sqlalchemy import ColumnElement, Select, and_, exists, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Integer,
+    Select,
+    String,
+    and_,
+    any_,
+    bindparam,
+    exists,
+    select,
+    tuple_,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.types import Uuid
 
 from soko.catalog.categories import CATEGORIES_TAG, category_tree
 from soko.catalog.models import Category, Product, ProductStatus, Variant, VariantStatus
 from soko.catalog.public import CATALOG_TAG, product_tag
-from soko.inventory.public import INVENTORY_TAG, availability_by_variant, available_for
+from soko.inventory.public import INVENTORY_TAG, availability_by_variant
+from soko.platform.db import SQLITE_BEGIN_OPTION, UTCDateTime
 from soko.platform.etag import etag_for_content
-from soko.platform.pagination import FieldSelection, Keyset, PageRequest, SortKey
+from soko.platform.pagination import (
+    FieldSelection,
+    Keyset,
+    PageRequest,
+    SortKey,
+    decode_cursor,
+    encode_cursor,
+)
 from soko.platform.runtime import Runtime
 from soko.sellers.public import SELLERS_TAG, active_seller_ids, seller_cards
 
@@ -119,29 +144,55 @@ class Rendered:
 async def cached(
     runtime: Runtime,
     key: str,
-    render: Callable[[AsyncSession], Awaitable[Rendered]],
+    render: Callable[[], Awaitable[Rendered]],
     *,
     ttl: float,
     tags: Sequence[str],
 ) -> Rendered:
-    """The rendered answer from the cache, or rendered in a read-only transaction of its
-    own: a cache hit never checks out a database connection."""
+    """The rendered answer from the cache, or ``render()``'s. ``render`` opens its own
+    connection, so a cache hit never checks one out of the pool."""
 
     async def factory() -> dict[str, Any]:
-        async with runtime.db.transaction(read_only=True) as session:
-            return (await render(session)).to_cache()
+        return (await render()).to_cache()
 
     return Rendered.from_cache(await runtime.cache.get_or_set(key, factory, ttl, tags))
 
 
-# -- money and variants as plain data -----------------------------------------------------------
+@asynccontextmanager
+async def reading(runtime: Runtime) -> AsyncIterator[AsyncConnection]:
+    """A connection for the listing's reads.
+
+    On PostgreSQL it runs in autocommit: at READ COMMITTED every statement takes its own
+    snapshot anyway, so a transaction would only add BEGIN and COMMIT round trips. On
+    SQLite the reads share one deferred transaction (one snapshot) beside the writer."""
+    async with runtime.db.engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            yield await connection.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
+        else:
+            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
 
-def _money(amount: int | None, currency: str) -> dict[str, Any] | None:
-    return None if amount is None else {"amount": amount, "currency": currency}
+# -- the statements, built once per shape ---------------------------------------------------------
+#
+# Building a SQLAlchemy statement costs more CPU than running it, so the listing's
+# statements are built once for each combination of filters and order (a few hundred at
+# most) with named parameters, and only the parameters change from one request to the
+# next. The compiled form is cached by SQLAlchemy and the prepared statement by asyncpg.
 
+_CARD_COLUMNS = (
+    Product.id,
+    Product.seller_id,
+    Product.title,
+    Product.description,
+    Product.category_id,
+    Product.attributes,
+    Product.images,
+    Product.currency,
+    Product.min_price_minor,
+    Product.published_at,
+)
 
-_VARIANT_COLUMNS = (
+_VARIANT_COLUMNS: tuple[Any, ...] = (
     Variant.id,
     Variant.product_id,
     Variant.sku,
@@ -153,24 +204,151 @@ _VARIANT_COLUMNS = (
 )
 
 
-async def _variants_for_sale(
-    session: AsyncSession, runtime: Runtime, product_ids: list[uuid.UUID]
+def _now_parameter() -> datetime:
+    # Inventory's read model compares hold expiry with ``now``; a bound parameter in its
+    # place lets one built statement serve every request at that request's time.
+    parameter: Any = bindparam("now", type_=UTCDateTime())
+    return cast(datetime, parameter)
+
+
+def _ids_in(column: Any, name: str, dialect: str) -> ColumnElement[bool]:
+    if dialect == "postgresql":
+        # One array parameter: no per-request rendering of a placeholder per id.
+        return cast(ColumnElement[bool], column == any_(bindparam(name, type_=ARRAY(Uuid()))))
+    return cast(ColumnElement[bool], column.in_(bindparam(name, expanding=True)))
+
+
+def _visible() -> list[ColumnElement[bool]]:
+    return [
+        Product.status == ProductStatus.published.value,
+        Product.seller_id.in_(active_seller_ids()),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """Which filters a listing request uses: one built statement per shape."""
+
+    sort: ProductSort
+    category: str | None  # "id", "slug" or None
+    seller: bool
+    min_price: bool
+    max_price: bool
+    currency: bool
+    in_stock: bool
+    q: bool
+    after: bool
+
+
+@lru_cache(maxsize=1024)
+def _page_statement(shape: _Shape) -> Select[Any]:
+    conditions = _visible()
+    if shape.category is not None:
+        named = (
+            Category.id == bindparam("category", type_=Uuid())
+            if shape.category == "id"
+            else Category.slug == bindparam("category", type_=String())
+        )
+        subtree = select(Category.path).where(named).scalar_subquery()
+        conditions.append(
+            Product.category_id.in_(select(Category.id).where(Category.path.startswith(subtree)))
+        )
+    if shape.seller:
+        conditions.append(Product.seller_id == bindparam("seller", type_=Uuid()))
+    if shape.currency:
+        conditions.append(Product.currency == bindparam("currency", type_=String()))
+    if shape.min_price:
+        conditions.append(Product.min_price_minor >= bindparam("min_price", type_=BigInteger()))
+    if shape.max_price:
+        conditions.append(Product.min_price_minor <= bindparam("max_price", type_=BigInteger()))
+    if shape.q:
+        conditions.append(Product.search_text.like(bindparam("q", type_=String()), escape="\\"))
+    if shape.in_stock:
+        # Correlated per variant, so PostgreSQL pushes the variant into inventory's
+        # aggregate and reads only that variant's stock rows; joined instead, it would
+        # aggregate all stock of the marketplace on every request.
+        availability = availability_by_variant(_now_parameter()).subquery("availability")
+        available = (
+            select(availability.c.available)
+            .where(availability.c.variant_id == Variant.id)
+            .scalar_subquery()
+        )
+        conditions.append(
+            exists(
+                select(Variant.id).where(
+                    Variant.product_id == Product.id,
+                    Variant.status == VariantStatus.active.value,
+                    available > 0,
+                )
+            )
+        )
+    keyset = LISTINGS[shape.sort]
+    if shape.after:
+        keys = keyset.keys
+        left = tuple_(*(key.column for key in keys))
+        right = tuple_(
+            *(bindparam(f"after_{i}", type_=key.column.type) for i, key in enumerate(keys))
+        )
+        # Each order sorts its key and the id the same way, so one row-value comparison
+        # selects "after the cursor" and stays an index range scan.
+        conditions.append(left < right if keys[0].descending else left > right)
+    return (
+        select(*_CARD_COLUMNS)
+        .where(and_(*conditions))
+        .order_by(*keyset.order_by())
+        .limit(bindparam("limit", type_=Integer()))
+    )
+
+
+@lru_cache(maxsize=4)
+def _variants_statement(dialect: str) -> Select[Any]:
+    return (
+        select(*_VARIANT_COLUMNS)
+        .where(
+            _ids_in(Variant.product_id, "product_ids", dialect),
+            Variant.status == VariantStatus.active.value,
+        )
+        .order_by(Variant.product_id, Variant.position, Variant.created_at, Variant.id)
+    )
+
+
+@lru_cache(maxsize=4)
+def _availability_statement(dialect: str) -> Select[Any]:
+    available = availability_by_variant(_now_parameter()).subquery("availability")
+    return select(available.c.variant_id, available.c.available).where(
+        _ids_in(available.c.variant_id, "variant_ids", dialect)
+    )
+
+
+def _like_pattern(text: str) -> str:
+    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+# -- money and variants as plain data -----------------------------------------------------------
+
+
+def _money(amount: int | None, currency: str) -> dict[str, Any] | None:
+    return None if amount is None else {"amount": amount, "currency": currency}
+
+
+async def _offers(
+    db: AsyncConnection | AsyncSession, runtime: Runtime, product_ids: list[uuid.UUID]
 ) -> dict[uuid.UUID, list[dict[str, Any]]]:
-    """The active variants of each product with their availability: two statements."""
+    """The active variants of each product with what can be bought now: two statements
+    (the variants, then inventory's availability of exactly those variants)."""
     by_product: dict[uuid.UUID, list[dict[str, Any]]] = {pid: [] for pid in product_ids}
     if not product_ids:
         return by_product
-    rows = (
-        await session.execute(
-            select(*_VARIANT_COLUMNS)
-            .where(
-                Variant.product_id.in_(product_ids),
-                Variant.status == VariantStatus.active.value,
-            )
-            .order_by(Variant.product_id, Variant.position, Variant.created_at, Variant.id)
+    dialect = runtime.db.dialect
+    rows = (await db.execute(_variants_statement(dialect), {"product_ids": product_ids})).all()
+    available: dict[uuid.UUID, int] = {}
+    if rows:
+        counted = await db.execute(
+            _availability_statement(dialect),
+            {"variant_ids": [row.id for row in rows], "now": runtime.clock.now()},
         )
-    ).all()
-    available = await available_for(session, runtime, [row.id for row in rows])
+        available = {variant_id: int(count) for variant_id, count in counted}
     for row in rows:
         count = max(0, available.get(row.id, 0))
         by_product[row.product_id].append(
@@ -188,105 +366,89 @@ async def _variants_for_sale(
     return by_product
 
 
+def _card(row: Any, offered: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "title": row.title,
+        "description": row.description,
+        "category_id": row.category_id,
+        "seller_id": row.seller_id,
+        "attributes": row.attributes,
+        "images": row.images,
+        "currency": row.currency,
+        "min_price": {"amount": row.min_price_minor, "currency": row.currency},
+        "in_stock": any(variant["in_stock"] for variant in offered),
+        "published_at": row.published_at,
+        "variants": offered,
+    }
+
+
 # -- the listing ---------------------------------------------------------------------------------
 
-_CARD_COLUMNS = (
-    Product.id,
-    Product.seller_id,
-    Product.title,
-    Product.description,
-    Product.category_id,
-    Product.attributes,
-    Product.images,
-    Product.currency,
-    Product.min_price_minor,
-    Product.published_at,
-)
 
-
-def _visible() -> list[ColumnElement[bool]]:
-    return [
-        Product.status == ProductStatus.published.value,
-        Product.seller_id.in_(active_seller_ids()),
-    ]
-
-
-def _in_category(category: str) -> ColumnElement[bool]:
-    try:
-        named = Category.id == uuid.UUID(category)
-    except ValueError:
-        named = Category.slug == category
-    subtree_path = select(Category.path).where(named).scalar_subquery()
-    return Product.category_id.in_(
-        select(Category.id).where(Category.path.startswith(subtree_path))
-    )
-
-
-def _in_stock(runtime: Runtime) -> ColumnElement[bool]:
-    available = availability_by_variant(runtime.clock.now()).subquery("availability")
-    return exists(
-        select(Variant.id)
-        .join(available, available.c.variant_id == Variant.id)
-        .where(
-            Variant.product_id == Product.id,
-            Variant.status == VariantStatus.active.value,
-            available.c.available > 0,
-        )
-    )
-
-
-def listing_statement(runtime: Runtime, filters: ProductFilters) -> Select[Any]:
-    """The listing's products before ordering and paging."""
-    conditions = _visible()
+def _shape_and_parameters(
+    runtime: Runtime, filters: ProductFilters, sort: ProductSort, page: PageRequest
+) -> tuple[_Shape, dict[str, Any]]:
+    parameters: dict[str, Any] = {"limit": page.limit + 1}
+    category_kind = None
     if filters.category is not None:
-        conditions.append(_in_category(filters.category))
-    if filters.seller is not None:
-        conditions.append(Product.seller_id == filters.seller)
-    if filters.currency is not None:
-        conditions.append(Product.currency == filters.currency)
-    if filters.min_price is not None:
-        conditions.append(Product.min_price_minor >= filters.min_price)
-    if filters.max_price is not None:
-        conditions.append(Product.min_price_minor <= filters.max_price)
-    if filters.q:
-        conditions.append(Product.search_text.contains(filters.q.lower(), autoescape=True))
+        try:
+            parameters["category"] = uuid.UUID(filters.category)
+            category_kind = "id"
+        except ValueError:
+            parameters["category"] = filters.category
+            category_kind = "slug"
+    optional = {
+        "seller": filters.seller,
+        "min_price": filters.min_price,
+        "max_price": filters.max_price,
+        "currency": filters.currency,
+        "q": _like_pattern(filters.q) if filters.q else None,
+    }
+    parameters.update({name: value for name, value in optional.items() if value is not None})
     if filters.in_stock:
-        conditions.append(_in_stock(runtime))
-    return select(*_CARD_COLUMNS).where(and_(*conditions))
+        parameters["now"] = runtime.clock.now()
+    keyset = LISTINGS[sort]
+    if page.cursor:
+        values = decode_cursor(
+            page.cursor, scope=keyset.scope, key=page.signing_key, arity=len(keyset.keys)
+        )
+        parameters.update({f"after_{i}": value for i, value in enumerate(values)})
+    shape = _Shape(
+        sort=sort,
+        category=category_kind,
+        seller=filters.seller is not None,
+        min_price=filters.min_price is not None,
+        max_price=filters.max_price is not None,
+        currency=filters.currency is not None,
+        in_stock=filters.in_stock,
+        q=bool(filters.q),
+        after=bool(page.cursor),
+    )
+    return shape, parameters
 
 
 async def product_page(
-    session: AsyncSession,
+    db: AsyncConnection | AsyncSession,
     runtime: Runtime,
     filters: ProductFilters,
     sort: ProductSort,
     page: PageRequest,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """One page of the public listing as plain data, and the next page's cursor."""
-    rows, next_cursor = await LISTINGS[sort].fetch(
-        session, listing_statement(runtime, filters), page
-    )
-    variants = await _variants_for_sale(session, runtime, [row.id for row in rows])
-    items = []
-    for row in rows:
-        offered = variants[row.id]
-        items.append(
-            {
-                "id": row.id,
-                "title": row.title,
-                "description": row.description,
-                "category_id": row.category_id,
-                "seller_id": row.seller_id,
-                "attributes": row.attributes,
-                "images": row.images,
-                "currency": row.currency,
-                "min_price": {"amount": row.min_price_minor, "currency": row.currency},
-                "in_stock": any(variant["in_stock"] for variant in offered),
-                "published_at": row.published_at,
-                "variants": offered,
-            }
+    shape, parameters = _shape_and_parameters(runtime, filters, sort, page)
+    rows = (await db.execute(_page_statement(shape), parameters)).all()
+    next_cursor = None
+    if len(rows) > page.limit:
+        rows = rows[: page.limit]
+        keyset = LISTINGS[sort]
+        next_cursor = encode_cursor(
+            [getattr(rows[-1], key.column.key) for key in keyset.keys],
+            scope=keyset.scope,
+            key=page.signing_key,
         )
-    return items, next_cursor
+    offers = await _offers(db, runtime, [row.id for row in rows])
+    return [_card(row, offers[row.id]) for row in rows], next_cursor
 
 
 def listing_cache_key(
@@ -308,8 +470,9 @@ async def render_listing(
 ) -> Rendered:
     """The listing page as cached JSON and its ETag."""
 
-    async def render(session: AsyncSession) -> Rendered:
-        items, next_cursor = await product_page(session, runtime, filters, sort, page)
+    async def render() -> Rendered:
+        async with reading(runtime) as connection:
+            items, next_cursor = await product_page(connection, runtime, filters, sort, page)
         if fields.fields is not None:
             wanted = fields.fields
             items = [{k: v for k, v in item.items() if k in wanted} for item in items]
@@ -345,37 +508,26 @@ async def product_detail(
     ).first()
     if row is None:
         return None
-    variants = (await _variants_for_sale(session, runtime, [row.id]))[row.id]
+    offered = (await _offers(session, runtime, [row.id]))[row.id]
     card = (await seller_cards(session, [row.seller_id])).get(row.seller_id)
     if card is None:  # the store vanished between the two reads
         return None
-    return {
-        "id": row.id,
-        "title": row.title,
-        "description": row.description,
-        "category_id": row.category_id,
-        "seller_id": row.seller_id,
-        "attributes": row.attributes,
-        "images": row.images,
-        "currency": row.currency,
-        "min_price": {"amount": row.min_price_minor, "currency": row.currency},
-        "in_stock": any(variant["in_stock"] for variant in variants),
-        "published_at": row.published_at,
-        "variants": variants,
-        "seller": {"id": card.id, "slug": card.slug, "store_name": card.store_name},
-        "category": (
-            {"id": row.category_id, "slug": row.category_slug, "name": row.category_name}
-            if row.category_id is not None
-            else None
-        ),
-    }
+    detail = _card(row, offered)
+    detail["seller"] = {"id": card.id, "slug": card.slug, "store_name": card.store_name}
+    detail["category"] = (
+        {"id": row.category_id, "slug": row.category_slug, "name": row.category_name}
+        if row.category_id is not None
+        else None
+    )
+    return detail
 
 
 async def render_product(runtime: Runtime, product_id: uuid.UUID) -> Rendered:
     """A product page as cached JSON and its ETag; an empty body when it is not shown."""
 
-    async def render(session: AsyncSession) -> Rendered:
-        detail = await product_detail(session, runtime, product_id)
+    async def render() -> Rendered:
+        async with runtime.db.transaction(read_only=True) as session:
+            detail = await product_detail(session, runtime, product_id)
         return Rendered(None, None) if detail is None else Rendered.of(detail)
 
     return await cached(
@@ -388,8 +540,9 @@ async def render_product(runtime: Runtime, product_id: uuid.UUID) -> Rendered:
 
 
 async def render_categories(runtime: Runtime) -> Rendered:
-    async def render(session: AsyncSession) -> Rendered:
-        return Rendered.of({"items": await category_tree(session)})
+    async def render() -> Rendered:
+        async with runtime.db.transaction(read_only=True) as session:
+            return Rendered.of({"items": await category_tree(session)})
 
     return await cached(
         runtime,
