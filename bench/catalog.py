@@ -397,14 +397,44 @@ async def _serve(
         loadgen.stop_server(server)
 
 
+@dataclass
+class Config:
+    seconds: float = 10.0
+    workers: int = 2
+    connections: int = 16
+    products: int = 10_000
+    url: str = DEFAULT_DATABASE_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    keep: bool = False
+
+    @classmethod
+    def from_env(cls) -> Config:
+        env = os.environ.get
+        return cls(
+            seconds=float(env("BENCH_SECONDS", "10")),
+            workers=int(env("BENCH_WORKERS", "2")),
+            connections=int(env("BENCH_CONNECTIONS", "16")),
+            products=int(env("BENCH_PRODUCTS", "10000")),
+            url=env("BENCH_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            redis_url=env("BENCH_REDIS_URL") or DEFAULT_REDIS_URL,
+            keep=env("BENCH_KEEP_DATABASE") == "1",
+        )
+
+
+@dataclass
+class Outcome:
+    invariants_held: bool
+    goals_met: bool
+    results: dict[str, Measured]
+
+
 async def main(_argv: list[str]) -> None:
-    seconds = float(os.environ.get("BENCH_SECONDS", "10"))
-    workers = int(os.environ.get("BENCH_WORKERS", "2"))
-    connections = int(os.environ.get("BENCH_CONNECTIONS", "16"))
-    products = int(os.environ.get("BENCH_PRODUCTS", "10000"))
-    url = os.environ.get("BENCH_DATABASE_URL") or DEFAULT_DATABASE_URL
-    redis_url = os.environ.get("BENCH_REDIS_URL") or DEFAULT_REDIS_URL
-    keep = os.environ.get("BENCH_KEEP_DATABASE") == "1"
+    await run(Config.from_env())
+
+
+async def run(config: Config) -> Outcome:
+    seconds, workers, connections = config.seconds, config.workers, config.connections
+    url, redis_url = config.url, config.redis_url
     warm = min(3.0, seconds)
     if not url.startswith("postgresql"):
         raise SystemExit("the catalog benchmark runs on PostgreSQL (BENCH_DATABASE_URL)")
@@ -417,7 +447,7 @@ async def main(_argv: list[str]) -> None:
     )
     await loadgen.recreate_database(url)
     started = time.perf_counter()
-    loaded = await load_catalog(url, products)
+    loaded = await load_catalog(url, config.products)
     print(
         f"catalog       {loaded.products} products, {loaded.variants} variants, "
         f"{loaded.sellers} active sellers + {loaded.suspended} suspended, loaded in "
@@ -430,7 +460,8 @@ async def main(_argv: list[str]) -> None:
         log = workdir / "server.log"
 
         # (a) and (c): uncached through the ORM.
-        await loadgen.flush_redis(redis_url)
+        if workers > 1:
+            await loadgen.flush_redis(redis_url)
         port = loadgen.free_port()
         server = loadgen.start_soko(
             env, port, workers, log=log, factory="bench.catalog:uncached_app"
@@ -452,7 +483,8 @@ async def main(_argv: list[str]) -> None:
         await _serve(server, port, "uncached", pages, uncached)
 
         # (b): cached.
-        await loadgen.flush_redis(redis_url)
+        if workers > 1:
+            await loadgen.flush_redis(redis_url)
         port = loadgen.free_port()
         server = loadgen.start_soko(env, port, workers, log=log)
         meter = loadgen.CpuMeter(server.pid, database)
@@ -486,11 +518,12 @@ async def main(_argv: list[str]) -> None:
 
         await _serve(server, port, "raw", pages, raw)
     finally:
-        if not keep:
+        if not config.keep:
             await loadgen.drop_database(url)
     for key in ("uncached", "uncached70", "cached", "cached70", "raw"):
         _print(results[key], closed=not key.endswith("70"))
-    report(results, pages, loaded, workers=workers)
+    held, met = report(results, pages, loaded, workers=workers)
+    return Outcome(held, met, results)
 
 
 def start_raw(url: str, port: int, workers: int, *, log: Path) -> Any:
@@ -513,8 +546,9 @@ def report(
     loaded: Loaded,
     *,
     workers: int,
-) -> bool:
-    """Print the invariants and the goals; whether everything passed."""
+) -> tuple[bool, bool]:
+    """Print the invariants and the goals; whether the invariants held, whether the goals
+    were met."""
     print("invariants")
     checks: list[tuple[str, bool]] = []
     for key, measured in results.items():
@@ -553,4 +587,4 @@ def report(
     print(f"goals ({workers} process(es), {os.cpu_count()} cores; {loadgen.load_average()})")
     for label, passed, goal in goals:
         print(f"   {'PASS' if passed else 'FAIL'} {label}   (goal {goal})")
-    return all(passed for _, passed in checks) and all(passed for _, passed, _ in goals)
+    return all(passed for _, passed in checks), all(passed for _, passed, _ in goals)

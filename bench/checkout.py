@@ -16,9 +16,10 @@ the contention differs), two runs on fresh carts and stock:
   loop; latency counted from each request's scheduled send time): p50/p99 of the 201s
   and of the "sold out" answers (409 ``out-of-stock``).
 
-Every ``POST /api/v1/checkout`` carries an ``Idempotency-Key``. Before each run the buyers'
-sessions are warmed with one ``GET /api/v1/me`` each (``BENCH_WARM_SESSIONS=0`` skips
-it), as they are for a buyer who just filled their cart. After each run it checks, in
+Every ``POST /api/v1/checkout`` carries an ``Idempotency-Key``. The buyers' sessions are
+cold (each checkout also loads its session's state, which Soko then caches for 30 s);
+``BENCH_WARM_SESSIONS=1`` warms them first with one ``GET /api/v1/me`` each, as for a
+buyer who just looked at their cart. After each run it checks, in
 the database: exactly 1,000 answers 201 and every other one is 409 ``out-of-stock``; the
 reserved units of the run's variants sum to exactly 1,000, with on_hand - reserved -
 allocated >= 0 on every stock row; 1,000 held reservations of 1,000 units; 1,000
@@ -489,21 +490,57 @@ def print_run(run: Run) -> None:
         print(f"   {'ok  ' if passed else 'FAIL'} {label}")
 
 
+@dataclass
+class Config:
+    workers: int = 2
+    buyers: int = 2000
+    units: int = 1000
+    connections: int = 32
+    rate: float = 250.0
+    strategies: tuple[str, ...] = ("optimistic", "pessimistic")
+    shapes: tuple[str, ...] = ("hot", "spread")
+    kinds: tuple[str, ...] = ("capacity", "at rate")
+    warm: bool = False
+    url: str = DEFAULT_DATABASE_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    keep: bool = False
+
+    @classmethod
+    def from_env(cls) -> Config:
+        env = os.environ.get
+        return cls(
+            workers=int(env("BENCH_WORKERS", "2")),
+            buyers=int(env("BENCH_BUYERS", "2000")),
+            units=int(env("BENCH_UNITS", "1000")),
+            connections=int(env("BENCH_CHECKOUT_CONNECTIONS", "32")),
+            rate=float(env("BENCH_CHECKOUT_RATE", "250")),
+            strategies=tuple(env("BENCH_STRATEGIES", "optimistic,pessimistic").split(",")),
+            shapes=tuple(env("BENCH_SHAPES", "hot,spread").split(",")),
+            kinds=tuple(env("BENCH_KINDS", "capacity,at rate").split(",")),
+            warm=env("BENCH_WARM_SESSIONS", "0") == "1",
+            url=env("BENCH_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            redis_url=env("BENCH_REDIS_URL") or DEFAULT_REDIS_URL,
+            keep=env("BENCH_KEEP_DATABASE") == "1",
+        )
+
+
+@dataclass
+class Outcome:
+    invariants_held: bool
+    goals_met: bool
+    runs: list[Run]
+
+
 async def main(_argv: list[str]) -> None:
+    await run(Config.from_env())
+
+
+async def run(config: Config) -> Outcome:
     from soko.platform.config import Settings
 
-    workers = int(os.environ.get("BENCH_WORKERS", "2"))
-    buyers = int(os.environ.get("BENCH_BUYERS", "2000"))
-    units = int(os.environ.get("BENCH_UNITS", "1000"))
-    connections = int(os.environ.get("BENCH_CHECKOUT_CONNECTIONS", "32"))
-    rate = float(os.environ.get("BENCH_CHECKOUT_RATE", "250"))
-    strategies = os.environ.get("BENCH_STRATEGIES", "optimistic,pessimistic").split(",")
-    shapes = os.environ.get("BENCH_SHAPES", "hot,spread").split(",")
-    kinds = os.environ.get("BENCH_KINDS", "capacity,at rate").split(",")
-    warm = os.environ.get("BENCH_WARM_SESSIONS", "1") != "0"
-    url = os.environ.get("BENCH_DATABASE_URL") or DEFAULT_DATABASE_URL
-    redis_url = os.environ.get("BENCH_REDIS_URL") or DEFAULT_REDIS_URL
-    keep = os.environ.get("BENCH_KEEP_DATABASE") == "1"
+    workers, buyers, units = config.workers, config.buyers, config.units
+    connections, rate, warm = config.connections, config.rate, config.warm
+    url, redis_url = config.url, config.redis_url
     if not url.startswith("postgresql"):
         raise SystemExit("the checkout benchmark runs on PostgreSQL (BENCH_DATABASE_URL)")
     if buyers <= units:
@@ -526,8 +563,9 @@ async def main(_argv: list[str]) -> None:
     print(f"loaded        in {time.perf_counter() - started:.1f} s")
     runs: list[Run] = []
     try:
-        for strategy in strategies:
-            await loadgen.flush_redis(redis_url)
+        for strategy in config.strategies:
+            if workers > 1:
+                await loadgen.flush_redis(redis_url)
             env = loadgen.server_env(
                 workdir, url, workers=workers, redis_url=redis_url,
                 extra={"SOKO_RESERVATION_STRATEGY": strategy,
@@ -538,8 +576,8 @@ async def main(_argv: list[str]) -> None:
             meter = loadgen.CpuMeter(server.pid, database)
             try:
                 await loadgen.wait_ready(port, server)
-                for shape in shapes:
-                    for kind in kinds:
+                for shape in config.shapes:
+                    for kind in config.kinds:
                         run = await one_run(
                             url=url, port=port, meter=meter, store=store, strategy=strategy,
                             shape=shape, kind=kind, workdir=workdir, connections=connections,
@@ -550,9 +588,11 @@ async def main(_argv: list[str]) -> None:
             finally:
                 loadgen.stop_server(server)
     finally:
-        if not keep:
+        if not config.keep:
             await loadgen.drop_database(url)
-    report(runs, workers=workers, rate=rate)
+    met = report(runs, workers=workers, rate=rate)
+    held = all(passed for one in runs for _, passed in one.checks)
+    return Outcome(held, met, runs)
 
 
 def report(runs: list[Run], *, workers: int, rate: float) -> bool:

@@ -1,0 +1,58 @@
+"""The commerce benchmarks run end to end on tiny data: a real ``soko serve``, the load
+generators, the raw baseline and every invariant they check. No figure is asserted (tests
+never assert on time); only that the runs complete and their invariants hold."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from bench import catalog, checkout
+from tests.conftest import POSTGRES_UP, POSTGRES_URL, REQUIRE_SERVICES
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres_only]
+
+
+def _database_url(kind: str) -> str:
+    if not POSTGRES_UP:
+        if REQUIRE_SERVICES:
+            pytest.fail("PostgreSQL is not reachable and SOKO_TEST_REQUIRE_SERVICES=1")
+        pytest.skip("PostgreSQL is not reachable")
+    # A database of its own, named like every benchmark database (they are dropped).
+    return f"{POSTGRES_URL.rpartition('/')[0]}/soko_bench_smoke_{kind}_{uuid.uuid4().hex[:8]}"
+
+
+async def test_catalog_benchmark_runs_and_its_invariants_hold() -> None:
+    outcome = await catalog.run(
+        catalog.Config(
+            seconds=1.0,
+            workers=1,  # one process: the in-memory cache, no Redis to empty
+            connections=4,
+            products=60,
+            url=_database_url("catalog"),
+        )
+    )
+    assert outcome.invariants_held
+    assert set(outcome.results) == {"uncached", "uncached70", "cached", "cached70", "raw"}
+    assert all(measured.ok > 0 for measured in outcome.results.values())
+
+
+async def test_checkout_benchmark_runs_and_nothing_is_oversold() -> None:
+    outcome = await checkout.run(
+        checkout.Config(
+            workers=1,
+            buyers=12,
+            units=5,
+            connections=4,
+            rate=50.0,
+            # One strategy keeps the test short; the inventory tests cover both.
+            strategies=("pessimistic",),
+            url=_database_url("checkout"),
+        )
+    )
+    assert outcome.invariants_held
+    assert {(run.shape, run.kind) for run in outcome.runs} == {
+        (shape, kind) for shape in ("hot", "spread") for kind in ("capacity", "at rate")
+    }
+    assert all(len(run.created) == 5 and len(run.sold_out) == 7 for run in outcome.runs)
