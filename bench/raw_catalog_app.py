@@ -3,11 +3,11 @@ behind a bare Starlette route, nothing else (no middleware, no ORM, no cache, no
 validation beyond the limit).
 
 It answers ``GET /api/v1/products?limit=20`` with the statements the catalog issues for
-its first page in the default order (newest first), in one transaction: the
-page of products of active sellers, their active variants, and the availability of those
-variants; and the same JSON items, serialized by the same library (pydantic-core), so
-the ratio of the two servers' throughput is what the ORM, FastAPI and Soko's middleware
-cost. Served by uvicorn with the same number of processes as Soko:
+its first page in the default order (newest first), each in autocommit as the catalog
+reads them on PostgreSQL: the page of products of active sellers, their active variants,
+and the availability of those variants; and the same JSON items, serialized by the same
+library (pydantic-core), so the ratio of the two servers' throughput is what the ORM,
+FastAPI and Soko's middleware cost. Served by uvicorn with the same number of processes as Soko:
 
     BENCH_RAW_DSN=postgresql://postgres@127.0.0.1:5432/soko_bench_catalog \\
         uvicorn bench.raw_catalog_app:app --workers 2
@@ -92,7 +92,7 @@ async def products(request: Request) -> Response:
         return JSONResponse({"detail": "limit must be a number"}, status_code=422)
     limit = max(1, min(limit, 100))
     pool: asyncpg.Pool = request.app.state.pool
-    async with pool.acquire() as conn, conn.transaction():
+    async with pool.acquire() as conn:
         rows = await conn.fetch(PAGE_SQL, limit + 1)
         page = rows[:limit]
         variants = await conn.fetch(VARIANTS_SQL, [row["id"] for row in page])
