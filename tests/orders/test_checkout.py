@@ -92,8 +92,12 @@ async def test_a_cart_of_two_stores_becomes_two_orders_in_one_group(
     assert {event["order_id"] for event in placed} == {first["id"], second["id"]}
     assert {event["group_id"] for event in placed} == {group["id"]}
 
-    # The buyer reads it back as it was answered.
+    # The buyer reads it back as it was answered; each store sees where to deliver.
     assert ok(await client.get(f"{CHECKOUT}/{group['id']}", headers=buyer.headers)) == group
+    for shop, order in ((kiosk, first), (bakery, second)):
+        seen = ok(await client.get(f"/api/v1/seller/orders/{order['id']}", headers=shop.headers))
+        assert seen["shipping_address"] == {"city": "Nairobi", "line1": "Moi Ave 1"}
+        assert seen["buyer_id"] == str(buyer.user_id)
 
 
 async def test_lines_keep_the_title_sku_and_price_of_the_checkout(

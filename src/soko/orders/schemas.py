@@ -227,6 +227,9 @@ class OrderOut(OrderSummaryOut):
     dispute_window_closes_at: dt.datetime | None = Field(
         description="Until when the buyer may open a dispute (once delivered)"
     )
+    shipping_address: dict[str, Any] | None = Field(
+        description="Where to deliver, as given at checkout"
+    )
 
     @classmethod
     def full(
@@ -236,9 +239,11 @@ class OrderOut(OrderSummaryOut):
         transitions: Sequence[OrderTransition],
         dispute: Dispute | None,
         dispute_window_closes_at: dt.datetime | None,
+        shipping_address: dict[str, Any] | None,
     ) -> OrderOut:
         return cls(
             **cls.summary(order),
+            shipping_address=shipping_address,
             lines=[OrderLineOut.of(line, order.currency) for line in lines],
             transitions=[TransitionOut.model_validate(move) for move in transitions],
             dispute=DisputeOut.of(dispute, order.currency) if dispute is not None else None,

@@ -95,10 +95,11 @@ class OrderDetails:
     lines: list[OrderLine]
     transitions: list[OrderTransition]
     dispute: Dispute | None
+    shipping_address: dict[str, Any] | None
 
 
 async def order_details(session: AsyncSession, order: Order) -> OrderDetails:
-    """An order with its lines, its moves and its dispute (three queries)."""
+    """An order with its lines, its moves, its dispute and where it goes (four queries)."""
     lines = (
         await session.scalars(
             select(OrderLine).where(OrderLine.order_id == order.id).order_by(OrderLine.position)
@@ -118,7 +119,10 @@ async def order_details(session: AsyncSession, order: Order) -> OrderDetails:
             .execution_options(populate_existing=True)
         )
     ).first()
-    return OrderDetails(order, list(lines), list(moves), dispute)
+    address = await session.scalar(
+        select(CheckoutGroup.shipping_address).where(CheckoutGroup.id == order.group_id)
+    )
+    return OrderDetails(order, list(lines), list(moves), dispute, address)
 
 
 async def lines_by_order(

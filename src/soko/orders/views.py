@@ -51,6 +51,7 @@ async def order_view(session: AsyncSession, runtime: Runtime, order: Order) -> O
         details.transitions,
         details.dispute,
         service.dispute_window_closes(order, runtime),
+        details.shipping_address,
     )
 
 
