@@ -130,7 +130,7 @@ async def test_a_key_is_claimed_once_then_answered_then_replayed(runtime: Runtim
 
     with pytest.raises(IdempotencyInFlight) as in_flight:
         await claim(runtime)
-    assert 1 <= int(in_flight.value.headers["Retry-After"]) <= LEASE.total_seconds()
+    assert in_flight.value.headers["Retry-After"] == "1"
 
     assert await answer(runtime, held)
     replay = (await claim(runtime)).replay

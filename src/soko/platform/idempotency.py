@@ -345,7 +345,7 @@ async def claim_key(
             answer = StoredAnswer(row.response_status, row.response_body, row.response_headers)
             return IdempotentRequest(scope, key, replay=answer.response(replayed=True))
         if row.locked_until > now:
-            raise _in_flight(row.locked_until - now)
+            raise _in_flight()
         # The holder died, or ran past its lease: the retry takes the claim over.
         takeover = update(table).where(
             table.id == row.id,
@@ -366,15 +366,16 @@ async def _take(
         )
     ).scalar_one_or_none()
     if taken is None:  # another retry took it first
-        raise _in_flight(LEASE)
+        raise _in_flight()
     return IdempotentRequest(scope, key, id=taken, token=token)
 
 
-def _in_flight(remaining: dt.timedelta) -> IdempotencyInFlight:
-    seconds = max(1, min(int(remaining.total_seconds()) + 1, int(LEASE.total_seconds())))
+def _in_flight() -> IdempotencyInFlight:
+    # A second, not the rest of the lease: the first request is nearly always about to
+    # finish (or has, and is storing a refusal), and a retry costs one indexed read.
     return IdempotencyInFlight(
         "A request with this Idempotency-Key is still running; retry shortly for its answer.",
-        headers={"Retry-After": str(seconds)},
+        headers={"Retry-After": "1"},
     )
 
 
