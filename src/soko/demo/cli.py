@@ -9,6 +9,7 @@ accounts (exit 1) unless ``--if-empty`` says to do nothing then, which is how
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated
 
 import typer
@@ -106,6 +107,8 @@ async def _seed(
     # The seed makes a hundred-odd calls from one address in a few seconds; the
     # per-address limits meant for clients would stop it half way.
     runtime = Runtime(settings.model_copy(update={"ratelimit_enabled": False}))
+    # The progress bar says what is happening; a log line per in-process call would not.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     try:
         if await has_accounts(runtime):
             return None
