@@ -111,3 +111,29 @@ def test_a_path_names_its_ids_root_first() -> None:
     path = f"/{root}/{child}/"
     assert path_ids(path) == [root, child]
     assert depth_of(path) == 2
+
+
+def test_no_two_listing_requests_share_a_cache_key() -> None:
+    from soko.catalog.storefront import ProductFilters, ProductSort, listing_cache_key
+    from soko.platform.pagination import FieldSelection, PageRequest
+
+    store = uuid.uuid4()
+    page, everything = PageRequest(limit=20), FieldSelection(None)
+    requests = [
+        ProductFilters(category="x", seller=store),
+        ProductFilters(category=f"x|{store}"),
+        ProductFilters(category="x", q="y"),
+        ProductFilters(category="x", currency="KES"),
+        ProductFilters(q="x"),
+        ProductFilters(category="x"),
+        ProductFilters(),
+        ProductFilters(in_stock=True),
+    ]
+    keys = {listing_cache_key(f, ProductSort.newest, page, everything) for f in requests}
+    assert len(keys) == len(requests)
+    sorts = {listing_cache_key(ProductFilters(), s, page, everything) for s in ProductSort}
+    assert len(sorts) == len(ProductSort)
+    trimmed = listing_cache_key(
+        ProductFilters(), ProductSort.newest, page, FieldSelection(frozenset({"id", "title"}))
+    )
+    assert trimmed not in keys

@@ -20,6 +20,7 @@ the next read; a product page also carries its product's tag and the categories'
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -105,19 +106,17 @@ class ProductFilters:
     in_stock: bool = False
     q: str | None = None
 
-    def key(self) -> str:
-        return "|".join(
-            "" if value is None else str(value)
-            for value in (
-                self.category,
-                self.seller,
-                self.min_price,
-                self.max_price,
-                self.currency,
-                int(self.in_stock),
-                self.q,
-            )
-        )
+    def key(self) -> list[Any]:
+        """The filters as a JSON-able list, for cache keys."""
+        return [
+            self.category,
+            None if self.seller is None else str(self.seller),
+            self.min_price,
+            self.max_price,
+            self.currency,
+            self.in_stock,
+            self.q,
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,11 +453,15 @@ async def product_page(
 def listing_cache_key(
     filters: ProductFilters, sort: ProductSort, page: PageRequest, fields: FieldSelection
 ) -> str:
-    selected = "" if fields.fields is None else ",".join(sorted(fields.fields))
-    return (
-        f"catalog:products:{_CACHE_VERSION}:{sort.value}:{page.limit}:{page.cursor or ''}:"
-        f"{selected}:{filters.key()}"
+    """Every parameter of the request, JSON-encoded so that no two requests share a key
+    (a separator inside a free-text value cannot make one filter look like another)."""
+    selected = None if fields.fields is None else sorted(fields.fields)
+    described = json.dumps(
+        [sort.value, page.limit, page.cursor, selected, *filters.key()],
+        separators=(",", ":"),
+        ensure_ascii=False,
     )
+    return f"catalog:products:{_CACHE_VERSION}:{described}"
 
 
 async def render_listing(
