@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.catalog.models import Product, ProductStatus, Variant, VariantStatus
+from soko.sellers.public import active_seller_ids
 
 __all__ = [
     "CATALOG_TAG",
@@ -38,9 +39,9 @@ def product_tag(product_id: uuid.UUID) -> str:
 class VariantForSale:
     """A variant as a cart or an order needs it, read at the moment of asking.
 
-    ``purchasable`` says the product is published and the variant active; whether the
-    seller may sell right now is the sellers domain's answer
-    (``sellers.public.inactive_seller_ids``), and how many are in stock inventory's.
+    ``purchasable`` says the product is published, the variant active and its store
+    active (checkout asks the sellers domain again, under its own transaction); how
+    many are in stock is inventory's answer.
     """
 
     variant_id: uuid.UUID
@@ -61,8 +62,9 @@ async def variants_for_sale(
     session: AsyncSession, variant_ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, VariantForSale]:
     """The variants among ``variant_ids`` that exist, in one query; unknown ids are left
-    out of the answer (archived variants and unpublished products are returned, with
-    ``purchasable`` false, so a cart can show what became unavailable)."""
+    out of the answer (archived variants, unpublished products and the products of a
+    store that is not active are returned, with ``purchasable`` false, so a cart can
+    show what became unavailable)."""
     ids = list(dict.fromkeys(variant_ids))
     if not ids:
         return {}
@@ -81,6 +83,7 @@ async def variants_for_sale(
             Product.title,
             Product.images,
             Product.status.label("product_status"),
+            Variant.seller_id.in_(active_seller_ids()).label("seller_active"),
         )
         .join(Product, Product.id == Variant.product_id)
         .where(Variant.id.in_(ids))
@@ -102,6 +105,7 @@ async def variants_for_sale(
             purchasable=(
                 row.product_status == ProductStatus.published.value
                 and row.status == VariantStatus.active.value
+                and bool(row.seller_active)
             ),
             weight_grams=row.weight_grams,
         )

@@ -36,7 +36,7 @@ import hashlib
 import hmac
 import json
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Annotated, Any, Generic, TypeVar
@@ -172,7 +172,7 @@ class PageRequest:
     signing_key: bytes = field(default=b"", repr=False)
 
 
-def page_request(
+async def page_request(
     request: Request,
     limit: Annotated[
         int,
@@ -325,14 +325,15 @@ def _public_names(model: type[BaseModel]) -> list[str]:
 
 def field_selection(
     model: type[BaseModel], *, always: Iterable[str] = ("id",)
-) -> Callable[..., FieldSelection]:
+) -> Callable[..., Awaitable[FieldSelection]]:
     """A dependency reading ``?fields=a,b`` for items shaped like ``model``; unknown
     names answer the ``unknown-field`` problem. ``always`` (the id) is always kept."""
     known = _public_names(model)
     known_set = frozenset(known)
     kept = frozenset(name for name in always if name in known_set)
 
-    def dependency(fields: str | None = None) -> FieldSelection:
+    # async: a plain function dependency would be sent to a worker thread per request.
+    async def dependency(fields: str | None = None) -> FieldSelection:
         if fields is None or not fields.strip():
             return FieldSelection(None)
         asked = [name.strip() for name in fields.split(",") if name.strip()]
