@@ -40,7 +40,7 @@ DOMAINS: tuple[str, ...] = (
     "orders",
 )
 
-PLATFORM_MODEL_MODULES: tuple[str, ...] = ("soko.platform.outbox",)
+PLATFORM_MODEL_MODULES: tuple[str, ...] = ("soko.platform.outbox", "soko.platform.idempotency")
 
 
 def load_models() -> None:
@@ -197,6 +197,7 @@ def create_app(
             ],
             expose_headers=[
                 "ETag",
+                "Idempotency-Replayed",
                 "Location",
                 "Retry-After",
                 "RateLimit",
