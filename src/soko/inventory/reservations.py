@@ -13,9 +13,14 @@ a CHECK constraint). Two strategies choose how the rows are claimed:
   on exact numbers, then update. On SQLite every writing transaction is already
   ``BEGIN IMMEDIATE``, so both strategies run serialized there.
 
-Every UPDATE that touches several stock rows locks them in (variant_id, location_id)
-order first (PostgreSQL), and reservation rows are always locked before stock rows, so
-two transactions never wait on each other in a circle.
+Deadlocks (PostgreSQL) are avoided by order. Reservation rows are always locked before
+stock rows, and expired holds are taken with ``SKIP LOCKED``, never waited for. A
+reservation takes all its stock row locks in one statement, in (variant_id,
+location_id) order: the pessimistic read, or the optimistic claim, which locks every
+row of the variants it plans for (a variant with a single row just updates it). A row
+that fell short stays locked, so the retry works within locks it already holds. Every
+other UPDATE over several stock rows (commit, release, shipping, the release job) locks
+them in the same order first.
 
 Statement budget of :func:`reserve`: one read, one stock UPDATE and one INSERT of the
 reservation rows; one more UPDATE when expired holds of these variants are released on
@@ -91,21 +96,31 @@ def _per_key(values: Mapping[StockKey, int], keys: Sequence[StockKey]) -> Column
     return case(*whens, else_=0)
 
 
-def _locked_keys(session: AsyncSession, keys: Sequence[StockKey]) -> ColumnElement[bool]:
-    """The WHERE of an UPDATE over ``keys`` that locks the rows in key order first.
+def _rows_locked_first(rows: ColumnElement[bool]) -> ColumnElement[bool]:
+    """A condition for an UPDATE that first locks every stock row matching ``rows``, in
+    (variant_id, location_id) order, in the same statement (PostgreSQL).
 
     PostgreSQL locks the rows an UPDATE touches in the order it happens to scan them,
-    which can differ between two transactions; a locking subquery sorted by key makes
-    the order fixed. One row needs no ordering, and SQLite serializes writers anyway."""
-    if len(keys) == 1 or not _is_postgres(session):
-        return _key_in(keys)
+    which differs between transactions; and a locking ``IN (subquery)`` runs as a semi
+    join that locks only up to each match. An uncorrelated scalar subquery is planned as
+    an InitPlan behind a one-time filter: it runs whole, before the first row is
+    touched, so every row is locked, in order, before any is updated."""
     locking = (
         select(S.variant_id, S.location_id)
-        .where(_key_in(keys))
+        .where(rows)
         .order_by(S.variant_id, S.location_id)
         .with_for_update()
+        .subquery("locked_in_order")
     )
-    return tuple_(S.variant_id, S.location_id).in_(locking)
+    return select(func.count()).select_from(locking).scalar_subquery() >= 0
+
+
+def _locked_keys(session: AsyncSession, keys: Sequence[StockKey]) -> ColumnElement[bool]:
+    """The WHERE of an UPDATE over ``keys`` that locks them all in key order first. One
+    row needs no ordering, and SQLite serializes writers anyway."""
+    if len(keys) == 1 or not _is_postgres(session):
+        return _key_in(keys)
+    return and_(_key_in(keys), _rows_locked_first(_key_in(keys)))
 
 
 async def read_stock_rows(
@@ -258,18 +273,34 @@ class _Claim:
 
 
 async def _claim(
-    session: AsyncSession, now: dt.datetime, claim: _Claim, *, rows_locked: bool
+    session: AsyncSession,
+    now: dt.datetime,
+    claim: _Claim,
+    *,
+    lock_variants: Sequence[uuid.UUID] | None,
 ) -> set[StockKey]:
     """One conditional UPDATE: take ``claim.takes`` where each row still has them free,
-    and give back ``claim.releases``. Returns the keys that were updated."""
+    and give back ``claim.releases``. Returns the keys that were updated.
+
+    ``lock_variants`` (PostgreSQL) first locks every stock row of those variants in key
+    order, within the same statement: whatever the plan, a retry then never needs a lock
+    it does not hold, so two buyers retrying on each other's rows cannot deadlock."""
     keys = sorted(set(claim.takes) | set(claim.releases))
     take = _per_key(claim.takes, keys)
-    release = _per_key(claim.releases, keys)
-    where = _key_in(keys) if rows_locked else _locked_keys(session, keys)
+    where = [_key_in(keys)]
+    if lock_variants is not None:
+        where.append(_rows_locked_first(S.variant_id.in_(lock_variants)))
+    if claim.releases:
+        release = _per_key(claim.releases, keys)
+        reserved_after = S.reserved - release + take
+        free = S.on_hand - (S.reserved - release) - S.allocated
+    else:  # the usual case, and the hot path: keep the statement plain
+        reserved_after = S.reserved + take
+        free = S.on_hand - S.reserved - S.allocated
     result = await session.execute(
         update(S)
-        .where(where, S.on_hand - (S.reserved - release) - S.allocated >= take)
-        .values(reserved=S.reserved - release + take, version=S.version + 1, updated_at=now)
+        .where(*where, free >= take)
+        .values(reserved=reserved_after, version=S.version + 1, updated_at=now)
         .returning(S.variant_id, S.location_id)
         .execution_options(synchronize_session=False)
     )
@@ -294,11 +325,11 @@ async def reserve(
     variant_ids = list(wanted)
 
     rows = await read_stock_rows(session, variant_ids, now, lock=locking)
-    releases: dict[StockKey, int] = {}
-    if any(row.expired_held for row in rows):
-        releases = await _expire_held(session, now, variant_ids=variant_ids, limit=10_000)
-        rows = [_after_release(row, releases) for row in rows]
+    rows, releases = await _release_expired_in_the_way(session, now, variant_ids, rows)
 
+    # Row locks: the pessimistic read holds them all already; one row needs no order;
+    # SQLite serializes writers. Otherwise the claim takes them all, in key order.
+    lock_variants = None if locking or len(rows) <= 1 or not _is_postgres(session) else variant_ids
     attempts = 1 if locking else OPTIMISTIC_ATTEMPTS + 1
     for attempt in range(attempts):
         plan = plan_reservation(wanted, rows)
@@ -307,7 +338,7 @@ async def reserve(
                 await _move_counters(session, now, reserved=_negate(releases))
             raise OutOfStock(plan.shortages)
         claimed = await _claim(
-            session, now, _Claim(takes=plan.takes, releases=releases), rows_locked=locking
+            session, now, _Claim(takes=plan.takes, releases=releases), lock_variants=lock_variants
         )
         if claimed.issuperset(plan.takes):
             break
@@ -320,8 +351,10 @@ async def reserve(
         if undo:
             await _move_counters(session, now, reserved=undo)
         releases = {}
+        lock_variants = None
         locking = attempt + 1 >= OPTIMISTIC_ATTEMPTS
         rows = await read_stock_rows(session, variant_ids, now, lock=locking)
+        rows, releases = await _release_expired_in_the_way(session, now, variant_ids, rows)
     else:  # pragma: no cover - the locked read above makes the last plan exact
         raise RuntimeError("stock changed under row locks")
 
@@ -342,6 +375,18 @@ async def reserve(
         ],
     )
     stock_changed(session, variant_ids)
+
+
+async def _release_expired_in_the_way(
+    session: AsyncSession, now: dt.datetime, variant_ids: Sequence[uuid.UUID], rows: list[StockRow]
+) -> tuple[list[StockRow], dict[StockKey, int]]:
+    """Expire the holds past their time that the read found, and plan with only the
+    units this transaction releases: holds another transaction is expiring right now
+    are skipped, and their units are not ours to count until it commits."""
+    if not any(row.expired_held for row in rows):
+        return rows, {}
+    releases = await _expire_held(session, now, variant_ids=variant_ids, limit=10_000)
+    return [_after_release(row, releases) for row in rows], releases
 
 
 def _after_release(row: StockRow, releases: Mapping[StockKey, int]) -> StockRow:
