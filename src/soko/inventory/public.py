@@ -109,8 +109,10 @@ async def reserve(
     its seller's active locations; lines of one variant add up. ``strategy`` overrides
     ``Settings.reservation_strategy`` (for experiments and tests).
 
-    At most four statements whatever the number of lines and sellers (three when no
-    expired hold is in the way). Call it last in the transaction, right before commit:
+    Three statements whatever the number of lines and sellers (four when expired holds
+    of these variants are released on the way); only a collision with a concurrent
+    buyer under the optimistic strategy adds any. Call it last in the transaction, right
+    before commit:
     the stock rows stay locked from the UPDATE to the commit, and a short lock makes a
     hot item sell faster."""
     await _reservations.reserve(
