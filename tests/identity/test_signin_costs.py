@@ -6,6 +6,7 @@ cache until a change invalidates them."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 
 from soko.identity import throttle
 from soko.identity.audit import record_audit_event, verify_audit_chain
@@ -28,6 +29,7 @@ from soko.identity.login_methods import (
 )
 from soko.identity.models import AuditEvent, LoginThrottle
 from soko.identity.passwords import HASH_THREAD_NICENESS, PasswordHasher, password_hasher
+from soko.platform.db import create_engine
 from soko.platform.runtime import INVALIDATE_TAGS_KEY, Runtime
 from tests.identity import signin_support
 from tests.identity.conftest import MakeUser
@@ -196,3 +198,53 @@ async def test_login_settings_come_from_the_cache_until_a_change_invalidates_the
     assert not method_enabled_in(after, PASSWORD)
     assert after.mfa_required_roles == frozenset({"seller"})
     assert not method_enabled_in(after, "oidc:nobody")
+
+
+async def test_a_pooled_connection_is_checked_out_without_a_ping_unless_it_idled(
+    backend: str, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's pool pings (three round trips with asyncpg) only a connection that sat
+    idle long enough to have been dropped silently; one the server closed is noticed
+    without a round trip and replaced before anyone uses it."""
+    if backend != "postgresql":
+        pytest.skip("SQLite connections are files, not sockets")
+    pings: list[object] = []
+
+    async def backend_pid(engine: Any) -> int:
+        async with engine.connect() as connection:
+            return int((await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+
+    engine = create_engine(database_url, pool_size=1, max_overflow=0, ping_after_idle_seconds=3600)
+    admin = create_engine(database_url, pool_size=1, max_overflow=0)
+    real_ping = engine.dialect.do_ping
+    monkeypatch.setattr(engine.dialect, "do_ping", lambda c: pings.append(c) or real_ping(c))
+    try:
+        first = await backend_pid(engine)
+        assert await backend_pid(engine) == first
+        assert pings == []
+        async with admin.connect() as connection:
+            await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+            while (
+                await connection.execute(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": first}
+                )
+            ).scalar_one():
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # the server's goodbye reaches the pooled connection
+        replacement = await backend_pid(engine)  # no error: replaced on checkout
+        assert replacement != first and pings == []
+    finally:
+        await engine.dispose()
+
+    idle_engine = create_engine(
+        database_url, pool_size=1, max_overflow=0, ping_after_idle_seconds=0
+    )
+    monkeypatch.setattr(idle_engine.dialect, "do_ping", lambda c: pings.append(c) or real_ping(c))
+    try:
+        first = await backend_pid(idle_engine)  # a fresh connection is not pinged
+        assert pings == []
+        assert await backend_pid(idle_engine) == first  # idle past the limit: pinged
+        assert len(pings) == 1
+    finally:
+        await idle_engine.dispose()
+        await admin.dispose()

@@ -8,14 +8,17 @@ foreign keys and a busy timeout on every connection.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import DateTime, MetaData, event
+from sqlalchemy import DateTime, MetaData, event, exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -79,6 +82,11 @@ class UUIDPrimaryKey:
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
 
 
+# A pooled PostgreSQL connection idle for longer than this is pinged before it is used
+# again (see _check_out).
+PING_AFTER_IDLE_SECONDS = 10.0
+
+
 def create_engine(
     url: str,
     *,
@@ -86,6 +94,7 @@ def create_engine(
     pool_size: int = 10,
     max_overflow: int = 10,
     statement_cache: bool = True,
+    ping_after_idle_seconds: float = PING_AFTER_IDLE_SECONDS,
 ) -> AsyncEngine:
     """Create the async engine for ``url`` with the settings each backend needs."""
     kwargs: dict[str, Any] = {"echo": echo}
@@ -97,7 +106,7 @@ def create_engine(
         kwargs["connect_args"] = {"timeout": 30}
         kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
     else:
-        kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)
+        kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
         if not statement_cache:
             # Needed behind PgBouncer in transaction mode.
             kwargs["connect_args"] = {"statement_cache_size": 0}
@@ -105,7 +114,57 @@ def create_engine(
     if url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
+    else:
+        event.listen(engine.sync_engine, "checkin", _note_return)
+        event.listen(
+            engine.sync_engine,
+            "checkout",
+            functools.partial(_check_out, engine.dialect, ping_after_idle_seconds),
+        )
     return engine
+
+
+# -- checking a pooled PostgreSQL connection before use ------------------------------------
+#
+# SQLAlchemy's pool_pre_ping pings on every checkout, and its asyncpg ping is three round
+# trips (BEGIN, a statement, ROLLBACK): more than most requests' own work. A connection
+# can be dead in two ways, and each is caught without that:
+#
+# * the server closed it (a restart, a failover, idle_session_timeout, an administrator):
+#   the server says so on the socket, the event loop reads it while the connection sits
+#   in the pool, and asyncpg marks it closed: checked for free on every checkout;
+# * something between us and the server dropped it without a word (a NAT or firewall
+#   timeout, typically after minutes of silence): only a round trip can tell, so a
+#   connection idle for longer than ``ping_after_idle_seconds`` is pinged first.
+#
+# Either way the pool replaces the connection and the request never sees it. A
+# connection that dies while in use fails its statement, as it did with pre-ping, and
+# SQLAlchemy then invalidates every connection pooled before it.
+
+_RETURNED_AT = "soko.returned_at"
+
+
+def _note_return(_dbapi_connection: Any, record: Any) -> None:
+    record.info[_RETURNED_AT] = time.monotonic()
+
+
+def _check_out(
+    dialect: Dialect, ping_after_idle: float, dbapi_connection: Any, record: Any, _proxy: Any
+) -> None:
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    is_closed = getattr(driver, "is_closed", None)
+    if callable(is_closed) and is_closed():
+        raise exc.DisconnectionError("the server closed this pooled connection")
+    returned = record.info.get(_RETURNED_AT)
+    if returned is None or time.monotonic() - returned < ping_after_idle:
+        return  # fresh from connect, or used a moment ago
+    try:
+        dialect.do_ping(dbapi_connection)
+    except Exception as error:
+        raise exc.DisconnectionError(
+            f"a pooled connection idle for {time.monotonic() - returned:.0f} s did not "
+            f"answer a ping ({type(error).__name__})"
+        ) from error
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -172,6 +231,20 @@ class Database:
                 raise
             else:
                 await session.commit()
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads that need no snapshot shared between them (a lookup or
+        two on a hot path): plain Core statements, no session, nothing written.
+
+        On PostgreSQL it runs in autocommit: at READ COMMITTED every statement takes its
+        own snapshot anyway, so a transaction would only add the BEGIN and COMMIT round
+        trips. On SQLite the reads share one deferred transaction beside the writer."""
+        async with self.engine.connect() as connection:
+            if connection.dialect.name == "sqlite":
+                yield await connection.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
+            else:
+                yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
     async def dispose(self) -> None:
         await self.engine.dispose()
