@@ -108,12 +108,18 @@ class Model:
             total += on_hand - reserved - allocated + expired
         return total
 
-    def expire(self, now: dt.datetime, variant_ids: set[uuid.UUID] | None = None) -> None:
+    def expire(
+        self,
+        now: dt.datetime,
+        variant_ids: set[uuid.UUID] | None = None,
+        key: Key | None = None,
+    ) -> None:
         for hold in self.holds.values():
             if (
                 hold.status == "held"
                 and hold.expires_at <= now
                 and (variant_ids is None or hold.variant_id in variant_ids)
+                and (key is None or (hold.variant_id, hold.location_id) == key)
             ):
                 hold.status = "expired"
 
@@ -204,7 +210,7 @@ def make_machine(runner: asyncio.Runner, runtime: Runtime, clock: ManualClock) -
         def set_stock(self, index: int, on_hand: int) -> None:
             key = self.keys()[index]
             before = self.model.copy_holds()
-            self.model.expire(clock.now(), {key[0]})
+            self.model.expire(clock.now(), key=key)
             _, reserved, allocated = self.model.counters(key)
             if on_hand < reserved + allocated:
                 self.model.holds = before
@@ -223,7 +229,7 @@ def make_machine(runner: asyncio.Runner, runtime: Runtime, clock: ManualClock) -
         def adjust(self, index: int, delta: int) -> None:
             key = self.keys()[index]
             before = self.model.copy_holds()
-            self.model.expire(clock.now(), {key[0]})
+            self.model.expire(clock.now(), key=key)
             on_hand, reserved, allocated = self.model.counters(key)
             if on_hand + delta < reserved + allocated:
                 self.model.holds = before

@@ -181,7 +181,12 @@ async def read_stock_rows(
 
 
 async def _expire_held(
-    session: AsyncSession, now: dt.datetime, *, variant_ids: Sequence[uuid.UUID] | None, limit: int
+    session: AsyncSession,
+    now: dt.datetime,
+    *,
+    variant_ids: Sequence[uuid.UUID] | None,
+    limit: int,
+    location_id: uuid.UUID | None = None,
 ) -> dict[StockKey, int]:
     """Mark held reservations past their time as expired; the units to release per key.
 
@@ -195,6 +200,8 @@ async def _expire_held(
     )
     if variant_ids is not None:
         candidates = candidates.where(R.variant_id.in_(variant_ids))
+    if location_id is not None:
+        candidates = candidates.where(R.location_id == location_id)
     if _is_postgres(session):
         candidates = candidates.with_for_update(skip_locked=True)
     result = await session.execute(
@@ -574,11 +581,14 @@ async def rehold_if_available(
     return bool(held)
 
 
-async def release_expired_of(
-    session: AsyncSession, now: dt.datetime, variant_ids: Sequence[uuid.UUID]
+async def release_expired_at(
+    session: AsyncSession, now: dt.datetime, variant_id: uuid.UUID, location_id: uuid.UUID
 ) -> int:
-    """Release the holds of ``variant_ids`` whose time ran out; the units freed."""
-    releases = await _expire_held(session, now, variant_ids=variant_ids, limit=10_000)
+    """Release the holds of one stock level whose time ran out; the units freed. Only
+    that row is locked, so a seller's change takes no lock out of order."""
+    releases = await _expire_held(
+        session, now, variant_ids=[variant_id], limit=10_000, location_id=location_id
+    )
     if releases:
         await _move_counters(session, now, reserved=_negate(releases))
     return sum(releases.values())

@@ -28,7 +28,7 @@ from soko.inventory.models import (
     StockAdjustment,
     StockLevel,
 )
-from soko.inventory.reservations import release_expired_of, stock_changed
+from soko.inventory.reservations import release_expired_at, stock_changed
 from soko.platform.errors import NotFound, PreconditionFailed
 from soko.platform.etag import etag_for_version, if_match_passes
 from soko.platform.ids import uuid7
@@ -296,7 +296,7 @@ async def set_stock(
     """Set the level after a count; refused when fewer than the promised units."""
     await _check_ownership(session, seller_id, variant_id, location_id)
     # Holds past their time must not stand in the seller's way.
-    await release_expired_of(session, now, [variant_id])
+    await release_expired_at(session, now, variant_id, location_id)
     await session.execute(
         _insert(session)(S)
         .values(
@@ -358,7 +358,7 @@ async def adjust_stock(
 ) -> tuple[StockView, StockAdjustment]:
     """Add ``delta`` (negative to remove) in one conditional statement."""
     await _check_ownership(session, seller_id, variant_id, location_id)
-    await release_expired_of(session, now, [variant_id])
+    await release_expired_at(session, now, variant_id, location_id)
     key = and_(S.variant_id == variant_id, S.location_id == location_id)
     if delta > 0:
         insert_ = _insert(session)(S).values(
