@@ -150,11 +150,38 @@ class RateLimiter:
     async def hit(
         self, item: RateLimitItem, scope: str, key: str, *, policy_name: str | None = None
     ) -> RateLimitResult:
+        """Count one request against ``item`` and report the window: allowed or not,
+        what remains and when it frees up (for the RateLimit header fields)."""
+        result = await self._hit(item, scope, key, policy_name, report_allowed=True)
+        assert result is not None  # reported whenever asked for
+        return result
+
+    async def refusal(
+        self, item: RateLimitItem, scope: str, key: str, *, policy_name: str | None = None
+    ) -> RateLimitResult | None:
+        """Count one request like :meth:`hit`, but read the window's figures only when
+        the request is refused: ``None`` when it may go on (also when the storage is
+        unreachable), which spares a round trip to the storage on every such request."""
+        result = await self._hit(item, scope, key, policy_name, report_allowed=False)
+        return result if result is not None and not result.allowed else None
+
+    async def _hit(
+        self,
+        item: RateLimitItem,
+        scope: str,
+        key: str,
+        policy_name: str | None,
+        *,
+        report_allowed: bool,
+    ) -> RateLimitResult | None:
         policy = RateLimitPolicy.of(item, policy_name or scope)
         if not self.available:
             return self._degraded(policy, scope)
         try:
             allowed = await self.strategy.hit(item, scope, key)
+            if allowed and not report_allowed:
+                self.unavailable_until = None
+                return None
             stats = await self.strategy.get_window_stats(item, scope, key)
         except self._unavailable_errors as exc:
             RATELIMIT_STORAGE_ERRORS.inc()
@@ -336,8 +363,8 @@ class GlobalRateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         ip = client_ip(scope, self.trusted_proxies)
-        result = await self.limiter_getter().hit(self.item, self.scope_name, ip)
-        if result.allowed:
+        result = await self.limiter_getter().refusal(self.item, self.scope_name, ip)
+        if result is None:
             await self.app(scope, receive, send)
             return
         request_id = scope.get("state", {}).get("request_id")
