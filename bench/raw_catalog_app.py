@@ -60,18 +60,22 @@ ORDER BY v.product_id, v.position, v.created_at, v.id
 # Available = on hand - reserved - allocated at active locations, with the units of holds
 # past their expiry (not yet released by the job) given back.
 AVAILABILITY_SQL = """
-SELECT l.variant_id,
-       SUM(l.on_hand - l.reserved - l.allocated + COALESCE(expired.quantity, 0)) AS available
-FROM inventory_stock_levels AS l
-JOIN inventory_locations AS loc ON loc.id = l.location_id AND loc.active
-LEFT JOIN (
-    SELECT r.variant_id, r.location_id, SUM(r.quantity) AS quantity
-    FROM inventory_reservations AS r
-    WHERE r.status = 'held' AND r.expires_at <= $2 AND r.variant_id = ANY($1::uuid[])
-    GROUP BY r.variant_id, r.location_id
-) AS expired ON expired.variant_id = l.variant_id AND expired.location_id = l.location_id
-WHERE l.variant_id = ANY($1::uuid[])
-GROUP BY l.variant_id
+SELECT availability.variant_id, availability.available
+FROM (
+    SELECT l.variant_id,
+           SUM(l.on_hand - l.reserved - l.allocated + COALESCE(expired.quantity, 0))
+               AS available
+    FROM inventory_stock_levels AS l
+    JOIN inventory_locations AS loc ON loc.id = l.location_id AND loc.active IS true
+    LEFT JOIN (
+        SELECT r.variant_id, r.location_id, SUM(r.quantity) AS quantity
+        FROM inventory_reservations AS r
+        WHERE r.status = 'held' AND r.expires_at <= $2
+        GROUP BY r.variant_id, r.location_id
+    ) AS expired ON expired.variant_id = l.variant_id AND expired.location_id = l.location_id
+    GROUP BY l.variant_id
+) AS availability
+WHERE availability.variant_id = ANY($1::uuid[])
 """
 
 
