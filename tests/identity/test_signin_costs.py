@@ -80,6 +80,21 @@ async def test_a_password_sign_in_runs_within_its_statement_budget(
     assert [s.split()[2] for s in writes] == ["auth_sessions", "refresh_tokens", "audit_events"]
 
 
+async def test_reading_ones_own_account_is_one_statement(
+    client: httpx2.AsyncClient, runtime: Runtime, make_user: MakeUser
+) -> None:
+    """``GET /api/v1/me``, the most frequent authenticated read: the account, its
+    authenticator and its roles in one statement, outside any transaction, once the
+    caller's principal is cached."""
+    user = await make_user()
+    assert (await client.get("/api/v1/me", headers=user.headers)).status_code == 200
+    with statements(runtime) as seen:
+        response = await client.get("/api/v1/me", headers=user.headers)
+    assert response.status_code == 200, response.text
+    assert len(seen) == 1, seen
+    assert response.json()["roles"] == ["customer"] and response.json()["mfa_enabled"] is False
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 async def test_hashing_threads_run_at_a_lower_priority_than_the_event_loop() -> None:
     hasher = PasswordHasher(memory_kib=19_456, iterations=2, parallelism=1, threads=1)

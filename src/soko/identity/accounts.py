@@ -88,15 +88,26 @@ def set_phone(keys: DataKeys, user: User, e164: str | None) -> None:
 
 
 def user_email(keys: DataKeys, user: User) -> str | None:
-    if user.email_ciphertext is None:
-        return None
-    return keys.keyring.decrypt(user.email_ciphertext, context=_context(EMAIL_COLUMN, user.id))
+    return email_of(keys, user.id, user.email_ciphertext)
 
 
 def user_phone(keys: DataKeys, user: User) -> str | None:
-    if user.phone_ciphertext is None:
+    return phone_of(keys, user.id, user.phone_ciphertext)
+
+
+def email_of(keys: DataKeys, user_id: uuid.UUID, ciphertext: str | None) -> str | None:
+    """The email in ``ciphertext``, the ``users.email_ciphertext`` of ``user_id`` read as
+    a plain column (no ``User`` loaded)."""
+    if ciphertext is None:
         return None
-    return keys.keyring.decrypt(user.phone_ciphertext, context=_context(PHONE_COLUMN, user.id))
+    return keys.keyring.decrypt(ciphertext, context=_context(EMAIL_COLUMN, user_id))
+
+
+def phone_of(keys: DataKeys, user_id: uuid.UUID, ciphertext: str | None) -> str | None:
+    """The phone number in ``ciphertext``, like :func:`email_of`."""
+    if ciphertext is None:
+        return None
+    return keys.keyring.decrypt(ciphertext, context=_context(PHONE_COLUMN, user_id))
 
 
 async def find_user_by_email(session: AsyncSession, keys: DataKeys, canonical: str) -> User | None:

@@ -173,10 +173,16 @@ def event_hash(
 # -- appending -------------------------------------------------------------------------
 
 
+# The statements of an append, built once: every sign-in runs them.
+_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+_HEAD = select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+_APPEND = insert(_AUDIT_EVENTS)
+
+
 async def _lock_chain(session: AsyncSession) -> None:
     bind = session.get_bind()
     if bind.dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_LOCK_KEY})
+        await session.execute(_LOCK, {"key": AUDIT_LOCK_KEY})
     # SQLite: the session's BEGIN IMMEDIATE holds the database's single write lock.
 
 
@@ -203,11 +209,7 @@ async def _chain_head(session: AsyncSession) -> tuple[int, str]:
         if transaction() is not None and transaction() is _current_transaction(session):
             return seq, head_hash
     await _lock_chain(session)
-    last = (
-        await session.execute(
-            select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
-        )
-    ).first()
+    last = (await session.execute(_HEAD)).first()
     return (last.seq, last.hash) if last is not None else (0, GENESIS_HASH)
 
 
@@ -270,9 +272,7 @@ async def record_audit_event(
     # event. The caller's pending changes are flushed first, as an ORM add would have.
     await session.flush()
     await session.execute(
-        insert(_AUDIT_EVENTS).values(
-            {column.key: getattr(event, column.key) for column in _CHAIN_COLUMNS}
-        )
+        _APPEND, {column.key: getattr(event, column.key) for column in _CHAIN_COLUMNS}
     )
     _remember_head(session, event.seq, event.hash)
     return event

@@ -3,10 +3,11 @@ reset and change.
 
 Hashing is slow on purpose (Argon2id, tens of milliseconds), so these flows hash and
 verify while holding no database lock: what they must read first (the user, the
-throttle state, the link token) is read in a short read-only transaction, and the
-request's own transaction starts only once the slow part is done. On SQLite, where every
-writing transaction holds the one write lock, that keeps sign-ins from queueing behind
-each other's hashing.
+throttle state, the link token) is read in a short read-only transaction (a sign-in's
+two lookups on a reading connection, see ``Database.reading``), and the request's own
+transaction starts only once the slow part is done. On SQLite, where every writing
+transaction holds the one write lock, that keeps sign-ins from queueing behind each
+other's hashing.
 
 Link tokens (email verification, password reset) are ``ev_``/``pr_`` plus 256 random
 bits, mailed once and stored only as their SHA-256; each is single use, spent by a
@@ -24,8 +25,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
 from limits import parse
-from sqlalchemy import Select, delete, exists, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, delete, exists, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.identity import mfa, throttle
 from soko.identity.accounts import (
@@ -208,24 +209,33 @@ class AccountFacts:
     known_device: bool
 
 
-def _account_facts_query(user_id: uuid.UUID, device: DeviceFacts) -> Select[str, bool, bool]:
-    has_authenticator = exists().where(
-        TotpFactor.user_id == user_id, TotpFactor.confirmed_at.is_not(None)
+# The statements of every sign-in, built once with named parameters (building one costs
+# more CPU than sending it). The facts come as one row per role (or one with no role),
+# each carrying the two flags; the re-read adds the user itself.
+_ACCOUNT_FACTS = (
+    select(
+        UserRole.role,
+        exists()
+        .where(TotpFactor.user_id == User.id, TotpFactor.confirmed_at.is_not(None))
+        .label("has_authenticator"),
+        exists()
+        .where(AuthSession.user_id == User.id, AuthSession.user_agent == bindparam("user_agent"))
+        .label("known_device"),
     )
-    known_device = exists().where(
-        AuthSession.user_id == user_id, AuthSession.user_agent == device.user_agent[:500]
-    )
-    # One row per role (or one with no role), each carrying the two flags.
-    return (
-        select(
-            UserRole.role,
-            has_authenticator.label("has_authenticator"),
-            known_device.label("known_device"),
-        )
-        .select_from(User)
-        .outerjoin(UserRole, UserRole.user_id == User.id)
-        .where(User.id == user_id)
-    )
+    .select_from(User)
+    .outerjoin(UserRole, UserRole.user_id == User.id)
+    .where(User.id == bindparam("user_id"))
+)
+_USER_WITH_FACTS = _ACCOUNT_FACTS.add_columns(User).execution_options(populate_existing=True)
+_CANDIDATE_COLUMNS = (User.id, User.password_hash, User.status)
+_CANDIDATE_BY = {
+    "email": select(*_CANDIDATE_COLUMNS).where(User.email_index == bindparam("index")),
+    "phone": select(*_CANDIDATE_COLUMNS).where(User.phone_index == bindparam("index")),
+}
+
+
+def _facts_parameters(user_id: uuid.UUID, device: DeviceFacts) -> dict[str, object]:
+    return {"user_id": user_id, "user_agent": device.user_agent[:500]}
 
 
 def _facts_of(rows: Sequence[Any]) -> AccountFacts:
@@ -240,7 +250,7 @@ async def read_account_facts(
     session: AsyncSession, user_id: uuid.UUID, device: DeviceFacts
 ) -> AccountFacts:
     """The :class:`AccountFacts` of ``user_id`` signing in from ``device``."""
-    rows = (await session.execute(_account_facts_query(user_id, device))).all()
+    rows = (await session.execute(_ACCOUNT_FACTS, _facts_parameters(user_id, device))).all()
     return _facts_of(rows)
 
 
@@ -249,10 +259,7 @@ async def _reread_for_sign_in(
 ) -> tuple[User | None, AccountFacts]:
     """The user, read again in the request's transaction (as it is now, not as it was
     before the password was checked), with its :class:`AccountFacts`: one statement."""
-    query = _account_facts_query(user_id, device)
-    rows = (
-        await session.execute(query.add_columns(User).execution_options(populate_existing=True))
-    ).all()
+    rows = (await session.execute(_USER_WITH_FACTS, _facts_parameters(user_id, device))).all()
     user: User | None = rows[0].User if rows else None
     return user, _facts_of(rows)
 
@@ -467,7 +474,7 @@ async def sign_in_with_password(
     named = parse_identifier(identifier)
     keys = [throttle.account_key(named.index(runtime)), throttle.ip_key(facts.ip)]
     settings = await _require_password_method(runtime)
-    async with runtime.db.transaction(read_only=True) as reader:
+    async with runtime.db.reading() as reader:
         checked = await throttle.check(reader, keys, runtime.clock)
         candidate = await _find_candidate(reader, runtime, named)
     usable = candidate is not None and candidate.status != UserStatus.deleted.value
@@ -503,16 +510,10 @@ async def sign_in_with_password(
 
 
 async def _find_candidate(
-    reader: AsyncSession, runtime: Runtime, named: Identifier
+    reader: AsyncConnection, runtime: Runtime, named: Identifier
 ) -> _Candidate | None:
-    index_column = User.email_index if named.kind == "email" else User.phone_index
-    row = (
-        await reader.execute(
-            select(User.id, User.password_hash, User.status).where(
-                index_column == named.index(runtime)
-            )
-        )
-    ).first()
+    query = _CANDIDATE_BY[named.kind]
+    row = (await reader.execute(query, {"index": named.index(runtime)})).first()
     return _Candidate(row.id, row.password_hash, row.status) if row is not None else None
 
 

@@ -29,9 +29,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import case, delete, select, update
+from sqlalchemy import bindparam, case, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.identity.models import LoginThrottle
 from soko.platform.clock import Clock
@@ -117,6 +117,12 @@ def _bounded(key: str) -> str:
     return key[:MAX_KEY_LENGTH]
 
 
+# What check reads, built once: every sign-in runs it.
+_STATE_OF_KEYS = select(LoginThrottle.key, LoginThrottle.blocked_until).where(
+    LoginThrottle.key.in_(bindparam("keys", expanding=True))
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ThrottleCheck:
     """What :func:`check` saw: the keys that had failures counted when it ran."""
@@ -127,7 +133,9 @@ class ThrottleCheck:
         return key.key in self.counted
 
 
-async def check(session: AsyncSession, keys: Sequence[ThrottleKey], clock: Clock) -> ThrottleCheck:
+async def check(
+    session: AsyncSession | AsyncConnection, keys: Sequence[ThrottleKey], clock: Clock
+) -> ThrottleCheck:
     """Raise :class:`RateLimited` (429 with ``Retry-After``) while any key must wait.
 
     Call before looking at the password, so attempts during a wait are neither
@@ -136,11 +144,7 @@ async def check(session: AsyncSession, keys: Sequence[ThrottleKey], clock: Clock
     if not keys:
         return ThrottleCheck(frozenset())
     now = clock.now()
-    result = await session.execute(
-        select(LoginThrottle.key, LoginThrottle.blocked_until).where(
-            LoginThrottle.key.in_([key.key for key in keys])
-        )
-    )
+    result = await session.execute(_STATE_OF_KEYS, {"keys": [key.key for key in keys]})
     rows = result.all()
     waits = [row.blocked_until for row in rows if row.blocked_until and row.blocked_until > now]
     if not waits:
