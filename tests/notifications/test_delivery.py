@@ -33,6 +33,18 @@ BODY = f"Your Soko code is {CODE}. It expires in 5 minutes."
 ADDRESS = "Wanjiku.Kamau@example.co.ke"
 
 
+@pytest.fixture(autouse=True)
+def no_scheduled_jobs(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counts below are of the messages these tests send; the domains' cron jobs
+    (releasing holds, expiring carts and orders...) would add theirs whenever the
+    manual clock crosses a minute."""
+
+    async def fire_nothing() -> None:
+        return None
+
+    monkeypatch.setattr(runtime.dispatcher, "fire_due_schedules", fire_nothing)
+
+
 @asynccontextmanager
 async def transaction(runtime: Runtime) -> AsyncIterator[AsyncSession]:
     """A transaction whose session carries the runtime's data keys, as the session
