@@ -33,8 +33,23 @@ import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, case, func, insert, literal, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.inventory.errors import OutOfStock
@@ -66,6 +81,11 @@ KEYS_PER_STATEMENT = 200
 
 S = StockLevel
 R = Reservation
+# The Core tables, for the statements of the hot path: a checkout binds values to
+# statements built once and skips the ORM's bookkeeping (and its bulk-insert path).
+STOCK_LEVELS = cast(Table, StockLevel.__table__)
+RESERVATIONS = cast(Table, Reservation.__table__)
+LOCATIONS = cast(Table, Location.__table__)
 
 HOLD_EXPIRED = "hold expired"
 
@@ -123,6 +143,69 @@ def _locked_keys(session: AsyncSession, keys: Sequence[StockKey]) -> ColumnEleme
     return and_(_key_in(keys), _rows_locked_first(_key_in(keys)))
 
 
+def _stock_rows_statement() -> Select[*tuple[Any, ...]]:
+    """The read of :func:`read_stock_rows`, built once: on the hot path a checkout only
+    binds its values (Core tables, no ORM bookkeeping)."""
+    stock, holds, places = STOCK_LEVELS.c, RESERVATIONS.c, LOCATIONS.c
+    ids: Any = bindparam("variant_ids", expanding=True)
+    expired = (
+        select(holds.variant_id, holds.location_id, func.sum(holds.quantity).label("quantity"))
+        .where(
+            holds.status == ReservationStatus.held.value,
+            holds.expires_at <= bindparam("now", type_=holds.expires_at.type),
+            holds.variant_id.in_(ids),
+        )
+        .group_by(holds.variant_id, holds.location_id)
+        .subquery("expired_holds")
+    )
+    return (
+        select(
+            stock.variant_id,
+            stock.location_id,
+            stock.on_hand,
+            stock.reserved,
+            stock.allocated,
+            func.coalesce(expired.c.quantity, 0),
+            places.active,
+        )
+        .select_from(STOCK_LEVELS)
+        .join(LOCATIONS, places.id == stock.location_id)
+        .outerjoin(
+            expired,
+            and_(
+                expired.c.variant_id == stock.variant_id,
+                expired.c.location_id == stock.location_id,
+            ),
+        )
+        .where(stock.variant_id.in_(ids))
+        .order_by(stock.variant_id, stock.location_id)
+    )
+
+
+_READ_STOCK_ROWS = _stock_rows_statement()
+_READ_STOCK_ROWS_LOCKED = _READ_STOCK_ROWS.with_for_update(of=STOCK_LEVELS)
+
+# The claim of a single stock row without expired holds to give back: the hot path of a
+# popular item at one location.
+_CLAIM_ONE_ROW = (
+    update(STOCK_LEVELS)
+    .where(
+        STOCK_LEVELS.c.variant_id
+        == bindparam("claim_variant_id", type_=STOCK_LEVELS.c.variant_id.type),
+        STOCK_LEVELS.c.location_id
+        == bindparam("claim_location_id", type_=STOCK_LEVELS.c.location_id.type),
+        STOCK_LEVELS.c.on_hand - STOCK_LEVELS.c.reserved - STOCK_LEVELS.c.allocated
+        >= bindparam("claim_quantity", type_=Integer()),
+    )
+    .values(
+        reserved=STOCK_LEVELS.c.reserved + bindparam("claim_quantity", type_=Integer()),
+        version=STOCK_LEVELS.c.version + 1,
+        updated_at=bindparam("claim_now", type_=STOCK_LEVELS.c.updated_at.type),
+    )
+    .returning(STOCK_LEVELS.c.variant_id, STOCK_LEVELS.c.location_id)
+)
+
+
 async def read_stock_rows(
     session: AsyncSession,
     variant_ids: Iterable[uuid.UUID],
@@ -130,42 +213,12 @@ async def read_stock_rows(
     *,
     lock: bool = False,
 ) -> list[StockRow]:
-    """The stock rows of ``variant_ids`` (active locations only), each with the units of
-    its holds that expired but are not released yet; in one statement.
+    """The stock rows of ``variant_ids`` (active or not), each with the units of its
+    holds that expired but are not released yet; in one statement.
 
     ``lock`` takes the rows ``FOR UPDATE`` in (variant_id, location_id) order."""
-    ids = list(variant_ids)
-    expired = (
-        select(R.variant_id, R.location_id, func.sum(R.quantity).label("quantity"))
-        .where(
-            R.status == ReservationStatus.held.value,
-            R.expires_at <= now,
-            R.variant_id.in_(ids),
-        )
-        .group_by(R.variant_id, R.location_id)
-        .subquery("expired_holds")
-    )
-    statement = (
-        select(
-            S.variant_id,
-            S.location_id,
-            S.on_hand,
-            S.reserved,
-            S.allocated,
-            func.coalesce(expired.c.quantity, 0),
-            Location.active,
-        )
-        .join(Location, Location.id == S.location_id)
-        .outerjoin(
-            expired,
-            and_(expired.c.variant_id == S.variant_id, expired.c.location_id == S.location_id),
-        )
-        .where(S.variant_id.in_(ids))
-        .order_by(S.variant_id, S.location_id)
-    )
-    if lock:
-        statement = statement.with_for_update(of=S)
-    result = await session.execute(statement)
+    statement = _READ_STOCK_ROWS_LOCKED if lock else _READ_STOCK_ROWS
+    result = await session.execute(statement, {"variant_ids": list(variant_ids), "now": now})
     return [
         StockRow(
             variant_id=variant_id,
@@ -292,6 +345,18 @@ async def _claim(
     ``lock_variants`` (PostgreSQL) first locks every stock row of those variants in key
     order, within the same statement: whatever the plan, a retry then never needs a lock
     it does not hold, so two buyers retrying on each other's rows cannot deadlock."""
+    if len(claim.takes) == 1 and not claim.releases and lock_variants is None:
+        ((variant_id, location_id), quantity), *_ = claim.takes.items()
+        one = await session.execute(
+            _CLAIM_ONE_ROW,
+            {
+                "claim_variant_id": variant_id,
+                "claim_location_id": location_id,
+                "claim_quantity": quantity,
+                "claim_now": now,
+            },
+        )
+        return {(row_variant, row_location) for row_variant, row_location in one}
     keys = sorted(set(claim.takes) | set(claim.releases))
     take = _per_key(claim.takes, keys)
     where = [_key_in(keys)]
@@ -366,7 +431,7 @@ async def reserve(
         raise RuntimeError("stock changed under row locks")
 
     await session.execute(
-        insert(R),
+        RESERVATIONS.insert(),
         [
             {
                 "id": uuid7(),
