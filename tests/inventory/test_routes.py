@@ -160,6 +160,24 @@ async def test_stock_is_set_adjusted_and_its_history_says_who_why_and_how_much(
     other_variant = await client.get(STOCK, params={"variant_id": str(uuid7())}, headers=manager)
     assert other_variant.json()["items"] == []
 
+    # A second location: the list pages through both levels, one at a time.
+    second = await add_location(client, team, "Back store")
+    await client.put(stock_url(team, second), json={"on_hand": 4}, headers=manager)
+    seen = []
+    cursor = None
+    while True:
+        params = {"limit": 1, "fields": "on_hand", **({"cursor": cursor} if cursor else {})}
+        page = await client.get(STOCK, params=params, headers=manager)
+        assert page.status_code == 200, page.text
+        seen += [
+            (item["location_id"], item["on_hand"], sorted(item)) for item in page.json()["items"]
+        ]
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            break
+    fields = ["location_id", "on_hand", "variant_id"]
+    assert sorted(seen) == sorted([(location_id, 15, fields), (second, 4, fields)])
+
 
 async def test_stock_cannot_go_below_what_buyers_hold(
     client: httpx2.AsyncClient, team: Team, runtime: Runtime, clock: ManualClock
