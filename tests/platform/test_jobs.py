@@ -524,3 +524,23 @@ async def test_postgres_claims_skip_rows_locked_by_another_worker(
         async with outbox.transaction() as session:
             await session.execute(text("DELETE FROM outbox_messages"))
         await outbox.close()
+
+
+async def test_cache_tags_a_job_marks_are_invalidated_once_it_commits(outbox: Outbox) -> None:
+    from types import SimpleNamespace
+
+    from soko.platform.cache import MemoryCache
+    from soko.platform.runtime import invalidate_after_commit
+
+    cache = MemoryCache()
+    await cache.set("availability:v-1", 5, ttl=60, tags=["stock:v-1"])
+
+    @outbox.registry.job("release_holds")
+    async def release_holds(ctx: JobContext, payload: dict[str, Any]) -> None:
+        invalidate_after_commit(ctx.session, "stock:v-1")
+        assert await cache.get("availability:v-1") == 5  # not before the commit
+
+    await _enqueue(outbox, "release_holds", {})
+    dispatcher = outbox.dispatcher(services=SimpleNamespace(cache=cache))
+    assert await dispatcher.run_until_idle() == 1
+    assert await cache.get("availability:v-1") is None

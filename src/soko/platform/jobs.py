@@ -597,7 +597,15 @@ class Dispatcher:
                     log.info("already processed; completing without running the handler")
                 await self._complete(session, message)
             wrote_outbox = bool(session.info.get("outbox_written"))
+            # What the handler marked with runtime.invalidate_after_commit.
+            tags: list[str] = session.info.pop("invalidate_tags", [])
         log.info("job done")
+        cache = getattr(self.services, "cache", None)
+        if tags and cache is not None:
+            try:
+                await cache.invalidate_tags(*tags)
+            except Exception:  # committed already; a cache outage must not hide that
+                log.exception("cache invalidation failed after a job", tags=tags)
         if wrote_outbox:
             self.wake()
 
