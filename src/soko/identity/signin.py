@@ -254,6 +254,24 @@ async def read_account_facts(
     return _facts_of(rows)
 
 
+async def _decision_inputs(
+    session: AsyncSession,
+    runtime: Runtime,
+    user: User,
+    facts: RequestFacts,
+    settings: LoginSettings | None,
+    account: AccountFacts | None = None,
+) -> tuple[AccountFacts, LoginSettings | None]:
+    """What deciding between a session and a second-factor challenge reads, once, so the
+    decision and the challenge it opens see the same state: the account's facts, and the
+    login settings unless an authenticator decides alone."""
+    if account is None:
+        account = await read_account_facts(session, user.id, facts.device)
+    if settings is None and not account.has_authenticator:
+        settings = await current_login_settings(runtime)
+    return account, settings
+
+
 async def _reread_for_sign_in(
     session: AsyncSession, user_id: uuid.UUID, device: DeviceFacts
 ) -> tuple[User | None, AccountFacts]:
@@ -419,13 +437,22 @@ async def finish_sign_up(
     sign-up never hands out what a sign-in would not). The first sign-in is recorded as
     ``account.registered``, not as ``auth.login``."""
     outcome: TokenPair | MfaChallengeOut
-    if await mfa.second_factor_needed(session, runtime, user):
+    account, settings = await _decision_inputs(session, runtime, user, facts, None)
+    if await mfa.second_factor_needed(session, runtime, user, account=account, settings=settings):
         outcome = await mfa.start_challenge(
-            session, runtime, user, method=method, device=facts.device
+            session,
+            runtime,
+            user,
+            method=method,
+            device=facts.device,
+            account=account,
+            settings=settings,
         )
         opened = None
     else:
-        outcome = await start_session(session, runtime, user, method=method, device=facts.device)
+        outcome = await start_session(
+            session, runtime, user, method=method, device=facts.device, roles=account.roles
+        )
         opened = str(outcome.session_id)
         await run_sign_in_hooks(session, runtime, user.id, facts.headers)
     await record_audit_event(
@@ -560,8 +587,7 @@ async def sign_in_or_challenge(
     """The end of every sign-in whose first factor passed: the second-factor challenge
     the account needs, or its session. ``account`` (read in this transaction) and
     ``settings`` save reads when the caller already holds them."""
-    if account is None:
-        account = await read_account_facts(session, user.id, facts.device)
+    account, settings = await _decision_inputs(session, runtime, user, facts, settings, account)
     if await mfa.second_factor_needed(session, runtime, user, account=account, settings=settings):
         challenge = await mfa.start_challenge(
             session,
