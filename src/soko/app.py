@@ -38,6 +38,8 @@ DOMAINS: tuple[str, ...] = (
     "inventory",
     "cart",
     "orders",
+    "payments",
+    "webhooks",
 )
 
 PLATFORM_MODEL_MODULES: tuple[str, ...] = ("soko.platform.outbox", "soko.platform.idempotency")

@@ -58,6 +58,8 @@ def _production(**env: str) -> dict[str, str]:
         "SOKO_ENCRYPTION_KEYS": PRODUCTION_KEYS["encryption"],
         "SOKO_BLIND_INDEX_KEY": PRODUCTION_KEYS["blind_index"],
         "SOKO_TOKEN_SIGNING_KEYS": PRODUCTION_KEYS["signing"],
+        "SOKO_PAYMENT_PROVIDERS": "paystack",
+        "SOKO_PAYSTACK_SECRET_KEY": "sk_live_0123456789abcdef",
     }
     values.update(env)
     return values
@@ -195,6 +197,16 @@ def test_a_good_production_configuration_starts(monkeypatch: pytest.MonkeyPatch)
         ),
         pytest.param({"SOKO_WORKERS": "4"}, "SOKO_WORKERS=4", id="several-processes-in-memory"),
         pytest.param(
+            {"SOKO_PAYMENT_PROVIDERS": "paystack,sandbox"},
+            "SOKO_PAYMENT_PROVIDERS",
+            id="sandbox-payments",
+        ),
+        pytest.param(
+            {"SOKO_PAYMENT_PROVIDERS": "paystack,stripe", "SOKO_STRIPE_SECRET_KEY": "sk_x"},
+            "SOKO_STRIPE_WEBHOOK_SECRET",
+            id="provider-without-credentials",
+        ),
+        pytest.param(
             {"SOKO_OUTBOX_DISPATCH": "worker"},
             "SOKO_OUTBOX_DISPATCH=worker",
             id="separate-workers-in-memory",
@@ -211,9 +223,10 @@ def test_production_lists_every_refusal_at_once() -> None:
     problems = _problems(
         SOKO_ENV="production", SOKO_CORS_ORIGINS="*", SOKO_WORKERS="2", SOKO_SECRET_KEY=""
     )
-    assert len(problems) == 7, problems
+    assert len(problems) == 8, problems
     joined = "\n".join(problems)
     for variable in (
+        "SOKO_PAYMENT_PROVIDERS",
         "SOKO_SECRET_KEY",
         "SOKO_DATABASE_URL",
         "SOKO_CORS_ORIGINS",

@@ -22,6 +22,13 @@ SELLERS_REVIEW = "sellers:review"
 CATALOG_MANAGE = "catalog:manage"
 ORDERS_READ_ALL = "orders:read_all"
 DISPUTES_RESOLVE = "disputes:resolve"
+# Money: reading every payment, refunding and settling flagged payments, recording
+# payouts and setting commission. Webhooks: managing the marketplace's own endpoints
+# (a seller manages its own with no permission beyond membership).
+PAYMENTS_READ_ALL = "payments:read_all"
+PAYMENTS_MANAGE = "payments:manage"
+PAYOUTS_MANAGE = "payouts:manage"
+WEBHOOKS_MANAGE = "webhooks:manage"
 
 ALL_PERMISSIONS: frozenset[str] = frozenset(
     {
@@ -34,6 +41,10 @@ ALL_PERMISSIONS: frozenset[str] = frozenset(
         CATALOG_MANAGE,
         ORDERS_READ_ALL,
         DISPUTES_RESOLVE,
+        PAYMENTS_READ_ALL,
+        PAYMENTS_MANAGE,
+        PAYOUTS_MANAGE,
+        WEBHOOKS_MANAGE,
     }
 )
 
@@ -42,10 +53,24 @@ ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
     Role.seller: frozenset({ACCOUNT_SELF}),
     Role.provider: frozenset({ACCOUNT_SELF}),
     Role.operator: frozenset(
-        {ACCOUNT_SELF, USERS_READ, SELLERS_REVIEW, CATALOG_MANAGE, ORDERS_READ_ALL}
+        {
+            ACCOUNT_SELF,
+            USERS_READ,
+            SELLERS_REVIEW,
+            CATALOG_MANAGE,
+            ORDERS_READ_ALL,
+            PAYMENTS_READ_ALL,
+        }
     ),
     Role.support: frozenset(
-        {ACCOUNT_SELF, USERS_READ, AUDIT_READ, ORDERS_READ_ALL, DISPUTES_RESOLVE}
+        {
+            ACCOUNT_SELF,
+            USERS_READ,
+            AUDIT_READ,
+            ORDERS_READ_ALL,
+            DISPUTES_RESOLVE,
+            PAYMENTS_READ_ALL,
+        }
     ),
     Role.admin: ALL_PERMISSIONS,
 }

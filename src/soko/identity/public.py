@@ -11,10 +11,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.accounts import (
     create_user,
+    email_of,
     find_user_by_email,
     find_user_by_phone,
     normalize_email,
     normalize_phone,
+    phone_of,
     principal_tag,
     user_roles,
 )
@@ -27,7 +29,11 @@ from soko.identity.permissions import (
     CATALOG_MANAGE,
     DISPUTES_RESOLVE,
     ORDERS_READ_ALL,
+    PAYMENTS_MANAGE,
+    PAYMENTS_READ_ALL,
+    PAYOUTS_MANAGE,
     SELLERS_REVIEW,
+    WEBHOOKS_MANAGE,
 )
 from soko.identity.principals import authenticate
 from soko.platform.config import Settings
@@ -39,11 +45,17 @@ __all__ = [
     "CATALOG_MANAGE",
     "DISPUTES_RESOLVE",
     "ORDERS_READ_ALL",
+    "PAYMENTS_MANAGE",
+    "PAYMENTS_READ_ALL",
+    "PAYOUTS_MANAGE",
     "SELLERS_REVIEW",
+    "WEBHOOKS_MANAGE",
     "AccountExists",
+    "Contact",
     "UserCard",
     "authenticate",
     "configuration_problems",
+    "contact_of",
     "create_account",
     "find_active_user_id",
     "grant_role",
@@ -165,3 +177,35 @@ async def create_account(
         phone_verified=bool(phone),
     )
     return user.id
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """How to reach a user, decrypted: for a payment provider's receipt or a message.
+    Only for the user's own business (their payment, their notification); never shown
+    to another user."""
+
+    user_id: uuid.UUID
+    email: str | None
+    phone: str | None
+    display_name: str
+
+
+async def contact_of(session: AsyncSession, runtime: Runtime, user_id: uuid.UUID) -> Contact | None:
+    """The active user's email and phone in clear (one query); ``None`` for a user who
+    does not exist, was deleted or is blocked."""
+    row = (
+        await session.execute(
+            select(User.email_ciphertext, User.phone_ciphertext, User.display_name).where(
+                User.id == user_id, User.status == UserStatus.active.value
+            )
+        )
+    ).first()
+    if row is None:
+        return None
+    return Contact(
+        user_id=user_id,
+        email=email_of(runtime.data_keys, user_id, row.email_ciphertext),
+        phone=phone_of(runtime.data_keys, user_id, row.phone_ciphertext),
+        display_name=row.display_name,
+    )

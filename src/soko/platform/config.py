@@ -155,12 +155,37 @@ class Settings(BaseSettings):
     idempotency_key_hours: int = Field(24, ge=1, le=24 * 30)
     seed_demo: bool = True
 
+    # Payments: providers, their credentials, commission and reconciliation.
+    payment_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["sandbox"],
+        description="Providers a buyer may choose: sandbox, stripe, paystack, flutterwave",
+    )
+    payment_return_url: str = ""
+    payment_http_timeout_seconds: float = Field(10.0, gt=0, le=120)
+    payment_http_retries: int = Field(3, ge=1, le=10)
+    payment_breaker_failures: int = Field(5, ge=1, le=1000)
+    payment_breaker_reset_seconds: float = Field(30.0, gt=0, le=3600)
+    payment_reconcile_after_minutes: int = Field(15, ge=1, le=24 * 60)
+    commission_bps: int = Field(1000, ge=0, le=10_000)
+    stripe_secret_key: SecretStr = SecretStr("")
+    stripe_webhook_secret: SecretStr = SecretStr("")
+    stripe_api_base: str = "https://api.stripe.com"
+    paystack_secret_key: SecretStr = SecretStr("")
+    paystack_api_base: str = "https://api.paystack.co"
+    flutterwave_secret_key: SecretStr = SecretStr("")
+    flutterwave_secret_hash: SecretStr = SecretStr("")
+    flutterwave_api_base: str = "https://api.flutterwave.com"
+    sandbox_webhook_secret: SecretStr = SecretStr("")
+    sandbox_webhook_url: str = ""
+    sandbox_delay_seconds: float = Field(1.0, ge=0, le=3600)
+    sandbox_duplicate_deliveries: int = Field(0, ge=0, le=10)
+
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.auto
     otlp_endpoint: str = ""
     service_name: str = "soko"
 
-    @field_validator("cors_origins", "trusted_proxies", mode="before")
+    @field_validator("cors_origins", "trusted_proxies", "payment_providers", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -304,6 +329,32 @@ class Settings(BaseSettings):
             "SOKO_PUBSUB_BACKEND to redis"
         ]
 
+    @field_validator("payment_providers")
+    @classmethod
+    def _payment_providers(cls, value: list[str]) -> list[str]:
+        names = [name.strip().lower() for name in value]
+        unknown = sorted(set(names) - set(PAYMENT_PROVIDER_CREDENTIALS))
+        if unknown:
+            known = ", ".join(PAYMENT_PROVIDER_CREDENTIALS)
+            raise ValueError(f"unknown provider(s) {', '.join(unknown)}; known: {known}")
+        if not names:
+            raise ValueError("name at least one provider")
+        return list(dict.fromkeys(names))
+
+    def payment_credential_problems(self) -> list[str]:
+        """An enabled provider whose credentials are missing: its payments could not
+        start and its webhooks could not be verified."""
+        problems = []
+        for name in self.payment_providers:
+            for field_name in PAYMENT_PROVIDER_CREDENTIALS[name]:
+                secret = getattr(self, field_name)
+                if not secret.get_secret_value():
+                    problems.append(
+                        f"SOKO_{field_name.upper()} must be set while SOKO_PAYMENT_PROVIDERS "
+                        f"includes {name}"
+                    )
+        return problems
+
     def production_problems(self) -> list[str]:
         """What production mode refuses in this configuration."""
         if not self.is_production:
@@ -328,10 +379,24 @@ class Settings(BaseSettings):
             )
         if self.is_sqlite:
             problems.append("SOKO_DATABASE_URL must point at PostgreSQL in production")
+        if "sandbox" in self.payment_providers:
+            problems.append(
+                "SOKO_PAYMENT_PROVIDERS may not include sandbox in production (its page "
+                "lets anyone mark a payment paid)"
+            )
+        problems.extend(self.payment_credential_problems())
         if any("*" in origin for origin in self.cors_origins):
             problems.append("SOKO_CORS_ORIGINS may not contain a wildcard in production")
         problems.extend(self.multi_process_problems())
         return problems
+
+
+PAYMENT_PROVIDER_CREDENTIALS: dict[str, tuple[str, ...]] = {
+    "sandbox": (),
+    "stripe": ("stripe_secret_key", "stripe_webhook_secret"),
+    "paystack": ("paystack_secret_key",),
+    "flutterwave": ("flutterwave_secret_key", "flutterwave_secret_hash"),
+}
 
 
 def _format_validation_error(error: ValidationError) -> list[str]:

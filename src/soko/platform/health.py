@@ -110,6 +110,11 @@ async def ready(request: Request) -> JSONResponse:
     }
     for name, backend in backends.items():
         results[name]["backend"] = backend
+    for name, extra in runtime.readiness_checks.items():
+        try:
+            results[name] = dict(extra())
+        except Exception as exc:
+            results[name] = {"status": "down", "error": type(exc).__name__}
     healthy = all(result["status"] == "up" for result in results.values())
     return JSONResponse(
         {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Annotated, Any
 
 import structlog
@@ -70,6 +70,14 @@ class Runtime:
             db=self.db, settings=settings, clock=self.clock, registry=self.registry, services=self
         )
         self._dispatcher_task: asyncio.Task[None] | None = None
+        # What domains attach to the runtime (a payment provider's HTTP client, say),
+        # keyed by the domain's name: the platform never looks inside.
+        self.extensions: dict[str, Any] = {}
+        # Extra dependencies ``/ready`` reports, by name: each returns a JSON-able dict
+        # with at least ``status`` ("up" or "down") and must not block on the network.
+        self.readiness_checks: dict[str, Callable[[], Mapping[str, Any]]] = {}
+        # Closed, newest first, when the runtime stops.
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     def _make_cache(self) -> Cache:
         if self.settings.cache_backend is Backend.redis:
@@ -103,12 +111,22 @@ class Runtime:
         if run_dispatcher:
             self._dispatcher_task = asyncio.create_task(self.dispatcher.run(), name="outbox")
 
+    def on_stop(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Run ``closer`` when the runtime stops, after the dispatcher has finished."""
+        self._closers.append(closer)
+
     async def stop(self) -> None:
         if self._dispatcher_task is not None:
             await self.dispatcher.stop(self.settings.shutdown_grace_seconds)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._dispatcher_task
             self._dispatcher_task = None
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                await closer()
+            except Exception:
+                log.exception("closing a runtime extension failed")
         await self.pubsub.close()
         await self.cache.close()
         await self.limiter.close()

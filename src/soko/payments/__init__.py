@@ -1,0 +1,1 @@
+"""Payments: providers, verified webhooks, refunds, payouts and a double-entry ledger."""

@@ -1,0 +1,1 @@
+"""Payment providers: one interface (:mod:`.base`), an adapter per provider."""

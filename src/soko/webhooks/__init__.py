@@ -1,0 +1,1 @@
+"""Outbound webhooks: endpoints that sellers and the marketplace connect, signed deliveries."""
