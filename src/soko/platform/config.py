@@ -180,6 +180,19 @@ class Settings(BaseSettings):
     sandbox_delay_seconds: float = Field(1.0, ge=0, le=3600)
     sandbox_duplicate_deliveries: int = Field(0, ge=0, le=10)
 
+    # Outbound webhooks: the time one delivery attempt may take, how much of a
+    # receiver's answer is read, whether plain http is accepted outside production
+    # (production always requires https), whether private, loopback and link-local
+    # addresses may be called (only for local development and tests), how long a rotated
+    # secret keeps signing beside the new one, and after how many hours of failing with
+    # no success an endpoint is disabled.
+    webhooks_timeout_seconds: float = Field(10.0, gt=0, le=60)
+    webhooks_response_max_bytes: int = Field(4096, ge=0, le=1_048_576)
+    webhooks_allow_http: bool = True
+    webhooks_allow_private_addresses: bool = False
+    webhooks_secret_overlap_hours: float = Field(24.0, ge=0, le=24 * 30)
+    webhooks_disable_after_hours: float = Field(72.0, gt=0, le=24 * 60)
+
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.auto
     otlp_endpoint: str = ""
