@@ -247,7 +247,7 @@ async def _account_ids(
     lookup = select(LedgerAccount.code, LedgerAccount.id).where(
         LedgerAccount.currency == currency, LedgerAccount.code.in_(by_code)
     )
-    found: dict[str, uuid.UUID] = dict((await session.execute(lookup)).tuples().all())
+    found: dict[str, uuid.UUID] = dict((await session.execute(lookup)).all())
     missing = sorted(code for code in by_code if code not in found)
     if missing:
         now = _now(runtime)
@@ -272,7 +272,7 @@ async def _account_ids(
         )
         await session.execute(statement)
         again = lookup.where(LedgerAccount.code.in_(missing))
-        found.update(dict((await session.execute(again)).tuples().all()))
+        found.update(dict((await session.execute(again)).all()))
     return found
 
 
@@ -378,7 +378,7 @@ async def _rates(
                 CommissionRate.seller_id.in_(wanted)
             )
         )
-        rates.update(dict(rows.tuples().all()))
+        rates.update(dict(rows.all()))
     return rates
 
 
@@ -475,7 +475,7 @@ async def _order_totals(
         .group_by(LedgerTransaction.kind, LedgerEntry.account_id)
     )
     sums: dict[tuple[str, str], int] = {}
-    for kind, account_id, total in rows.tuples():
+    for kind, account_id, total in rows:
         if account_id == seller_account:
             side = "seller"
         elif account_id == revenue_account:
@@ -648,7 +648,7 @@ async def seller_balance(session: AsyncSession, seller_id: uuid.UUID) -> dict[st
         .where(LedgerAccount.kind == AccountKind.seller.value, LedgerAccount.seller_id == seller_id)
         .group_by(LedgerAccount.currency)
     )
-    return {currency: -int(total) for currency, total in rows.tuples()}
+    return {currency: -int(total) for currency, total in rows}
 
 
 def seller_history(seller_id: uuid.UUID) -> Select[Any]:
@@ -836,7 +836,7 @@ async def verify_ledger(session: AsyncSession) -> LedgerCheck:
     )
     trial: dict[str, int] = {}
     entries = 0
-    for currency, total, count in rows.tuples():
+    for currency, total, count in rows:
         trial[currency] = int(total)
         entries += int(count)
     return LedgerCheck(
