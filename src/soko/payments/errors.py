@@ -54,13 +54,6 @@ class PaymentWebhookRejected(ProblemError):
     )
 
 
-class PaymentWebhookTooLarge(ProblemError):
-    slug = "payment-webhook-too-large"
-    title = "The webhook body is too large"
-    status = 413
-    description = "A payment webhook body may be at most 256 KiB. Nothing was stored."
-
-
 class RefundExceedsPayment(ProblemError):
     slug = "refund-exceeds-payment"
     title = "The refund is more than remains refundable"

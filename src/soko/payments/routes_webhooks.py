@@ -9,11 +9,11 @@ import structlog
 from fastapi import APIRouter, Request
 
 from soko.payments import intake, service
-from soko.payments.errors import PaymentWebhookRejected, PaymentWebhookTooLarge
+from soko.payments.errors import PaymentWebhookRejected
 from soko.payments.providers.base import WebhookRejectedError
 from soko.payments.schemas import WebhookReceivedOut
 from soko.platform.auth import Principal, public
-from soko.platform.errors import NotFound, problem_responses
+from soko.platform.errors import NotFound, PayloadTooLarge, problem_responses
 from soko.platform.runtime import RuntimeDep, SessionDep
 
 log = structlog.get_logger("soko.payments")
@@ -25,13 +25,13 @@ async def read_capped(request: Request, limit: int) -> bytes:
     """The raw body, refused past ``limit`` bytes without reading the rest."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PaymentWebhookTooLarge()
+        raise PayloadTooLarge(f"A payment webhook body may be at most {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PaymentWebhookTooLarge()
+            raise PayloadTooLarge(f"A payment webhook body may be at most {limit} bytes.")
         chunks.append(chunk)
     return b"".join(chunks)
 
