@@ -2,8 +2,10 @@
 
 A :class:`Channel` takes a decrypted :class:`~soko.notifications.messages.Sms` or
 :class:`~soko.notifications.messages.Email`. The embedded default is :class:`FileSink`;
-SMS and email providers (Africa's Talking, Twilio, SMTP...) will be further channels,
-chosen per kind by :func:`configured_channel` from the settings.
+the providers of :mod:`soko.notifications.providers` (SMTP, SendGrid, Africa's Talking,
+Twilio) are the others, chosen per kind by :func:`configured_channel` from the settings.
+The HTTP client and the per-provider circuit breakers they share live in one
+:class:`ProviderServices` per process (:func:`provider_services`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,19 @@ import stat
 from pathlib import Path
 from typing import Any, Protocol
 
+import httpx2
 import structlog
 
 from soko.notifications.messages import Email, Notification, NotificationKind, Sms
+from soko.notifications.providers import (
+    AfricasTalkingSms,
+    CircuitBreaker,
+    SendGridEmail,
+    Sent,
+    SmtpEmail,
+    TwilioSms,
+)
+from soko.platform.clock import Clock
 from soko.platform.config import Settings
 
 log = structlog.get_logger("soko.notifications")
@@ -32,12 +44,14 @@ class Channel(Protocol):
 
     The outbox delivers at least once: after a crash between the hand-over and the
     commit of the delivery job, :meth:`deliver` is called again with the same
-    notification. A channel must make that repeat harmless, for example by passing
-    ``notification.id`` to the provider as its idempotency key. An exception means "not
-    delivered": the job is retried with backoff.
+    notification. A channel must make that repeat harmless where it can, for example by
+    passing ``notification.id`` to the provider as its idempotency key. An exception
+    means "not delivered" (see :mod:`soko.notifications.providers` for which).
     """
 
-    async def deliver(self, notification: Notification) -> None: ...
+    provider: str
+
+    async def deliver(self, notification: Notification) -> Sent: ...
 
 
 class FileSink:
@@ -63,6 +77,8 @@ class FileSink:
     which is fine at development volumes; deleting the file forgets the ids in it.
     """
 
+    provider = "file"
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
@@ -73,7 +89,7 @@ class FileSink:
     def path_for(self, kind: NotificationKind) -> Path:
         return self.directory / f"{kind.value}.jsonl"
 
-    async def deliver(self, notification: Notification) -> None:
+    async def deliver(self, notification: Notification) -> Sent:
         path = self.path_for(notification.kind)
         line = json.dumps(
             sink_record(notification), ensure_ascii=False, separators=(",", ":")
@@ -92,6 +108,7 @@ class FileSink:
             log.info(f"{notification.kind.value} written to the development sink", **fields)
         else:
             log.info(f"{notification.kind.value} already in the development sink", **fields)
+        return Sent(self.provider, str(notification.id), delivered=True)
 
 
 def sink_record(notification: Notification) -> dict[str, Any]:
@@ -177,9 +194,111 @@ def read_sink_file(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def configured_channel(settings: Settings, kind: NotificationKind) -> Channel:
-    """The channel that carries notifications of ``kind`` under ``settings``.
+class ProviderServices:
+    """What the provider channels of one process share: an HTTP client with the
+    configured timeout, and one circuit breaker per provider."""
 
-    Only the file sink exists yet; provider channels will be chosen here.
-    """
-    return FileSink.in_data_dir(settings.data_dir)
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        *,
+        transport: httpx2.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.http = httpx2.AsyncClient(
+            timeout=settings.notifications_http_timeout_seconds,
+            transport=transport,
+            follow_redirects=False,
+        )
+        self.breakers: dict[str, CircuitBreaker] = {}
+
+    def breaker(self, provider: str) -> CircuitBreaker:
+        breaker = self.breakers.get(provider)
+        if breaker is None:
+            breaker = CircuitBreaker(
+                failures=self.settings.notifications_breaker_failures,
+                reset_seconds=self.settings.notifications_breaker_reset_seconds,
+                clock=self.clock,
+            )
+            self.breakers[provider] = breaker
+        return breaker
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+EXTENSION = "notifications"
+
+
+def provider_services(runtime: Any) -> ProviderServices:
+    """The runtime's :class:`ProviderServices`, made on first use and closed when the
+    runtime stops. A test puts its own (with a mock transport) in
+    ``runtime.extensions["notifications"]`` first."""
+    services = runtime.extensions.get(EXTENSION)
+    if not isinstance(services, ProviderServices):
+        services = ProviderServices(runtime.settings, runtime.clock)
+        runtime.extensions[EXTENSION] = services
+        runtime.on_stop(services.close)
+    return services
+
+
+def callback_url(settings: Settings, provider: str) -> str:
+    """Where ``provider`` sends its delivery reports: ``SOKO_PUBLIC_URL`` + the route."""
+    return f"{settings.public_url.rstrip('/')}/api/v1/notifications/callbacks/{provider}"
+
+
+def configured_channel(
+    settings: Settings, kind: NotificationKind, services: ProviderServices | None = None
+) -> Channel:
+    """The channel that carries notifications of ``kind`` under ``settings``: the file
+    sink unless ``SOKO_NOTIFICATIONS_EMAIL_PROVIDER`` / ``_SMS_PROVIDER`` names a
+    provider (which needs the process's ``services``)."""
+    name = (
+        settings.notifications_sms_provider
+        if kind is NotificationKind.sms
+        else settings.notifications_email_provider
+    )
+    if name == "file" or services is None:
+        return FileSink.in_data_dir(settings.data_dir)
+    timeout = settings.notifications_http_timeout_seconds
+    channel: Any
+    if name == "smtp":
+        channel = SmtpEmail(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            security=settings.smtp_security,
+            username=settings.smtp_username,
+            password=settings.smtp_password.get_secret_value(),
+            sender=settings.notifications_email_from,
+            timeout=timeout,
+        )
+    elif name == "sendgrid":
+        channel = SendGridEmail(
+            services.http,
+            base=settings.sendgrid_api_base,
+            api_key=settings.sendgrid_api_key.get_secret_value(),
+            sender=settings.notifications_email_from,
+        )
+    elif name == "africastalking":
+        channel = AfricasTalkingSms(
+            services.http,
+            base=settings.africastalking_api_base,
+            username=settings.africastalking_username,
+            api_key=settings.africastalking_api_key.get_secret_value(),
+            sender=settings.notifications_sms_sender,
+        )
+    elif name == "twilio":
+        channel = TwilioSms(
+            services.http,
+            base=settings.twilio_api_base,
+            account_sid=settings.twilio_account_sid,
+            auth_token=settings.twilio_auth_token.get_secret_value(),
+            sender=settings.notifications_sms_sender,
+            status_callback=callback_url(settings, "twilio"),
+        )
+    else:  # the settings' patterns allow nothing else
+        raise ValueError(f"unknown notification provider {name!r}")
+    typed: Channel = channel
+    return typed

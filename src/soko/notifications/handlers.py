@@ -2,7 +2,8 @@
 
 ``ctx.services`` is the process's :class:`soko.platform.runtime.Runtime`: its data keys
 open the payload (an older key still opens messages sealed before a rotation) and its
-settings choose the channel. A failure leaves the job to the outbox's retries; a payload
+settings choose the channel. :func:`soko.notifications.deliveries.deliver` keeps the
+delivery record; a transient failure leaves the job to the outbox's retries; a payload
 that does not open fails the same way and ends dead, its text never logged.
 """
 
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from soko.notifications.channels import configured_channel
+from soko.notifications import inbox  # noqa: F401  (registers the in-app push job)
+from soko.notifications.deliveries import deliver
 from soko.notifications.messages import EMAIL_JOB, SMS_JOB, NotificationKind, unseal
+from soko.notifications.triggers import EVENTS, notify
 from soko.platform.jobs import JobContext, registry
 from soko.platform.runtime import Runtime
 
@@ -19,7 +22,7 @@ from soko.platform.runtime import Runtime
 async def _deliver(ctx: JobContext, kind: NotificationKind, payload: dict[str, Any]) -> None:
     runtime: Runtime = ctx.services
     notification = unseal(kind, payload, runtime.data_keys.keyring)
-    await configured_channel(runtime.settings, kind).deliver(notification)
+    await deliver(ctx, notification)
 
 
 @registry.job(SMS_JOB)
@@ -30,3 +33,17 @@ async def deliver_sms(ctx: JobContext, payload: dict[str, Any]) -> None:
 @registry.job(EMAIL_JOB)
 async def deliver_email(ctx: JobContext, payload: dict[str, Any]) -> None:
     await _deliver(ctx, NotificationKind.email, payload)
+
+
+# -- domain events ------------------------------------------------------------------------------
+
+
+def _subscribe(event: str) -> None:
+    async def on_event(ctx: JobContext, payload: dict[str, Any]) -> None:
+        await notify(ctx, event, payload)
+
+    registry.on(event, name=f"notifications.{event}")(on_event)
+
+
+for _event in EVENTS:
+    _subscribe(_event)

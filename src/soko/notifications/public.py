@@ -13,12 +13,14 @@ request and job sessions alike carry them. A session without them is refused
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.notifications.channels import FileSink, read_sink_file
+from soko.notifications.deliveries import new_delivery
 from soko.notifications.messages import (
     CATEGORY,
     Email,
@@ -57,13 +59,18 @@ async def send_sms(
     body: str,
     category: str,
     dedupe_key: str | None = None,
-) -> None:
+    user_id: uuid.UUID | None = None,
+) -> bool:
     """Send ``body`` by SMS to ``to`` (E.164, such as ``+254712345678``) once the
     transaction of ``session`` commits.
 
     ``category`` names the kind of message in lowercase (``identity.sign_in_code``); it
     is stored in clear, as is ``dedupe_key``, which makes a second call with the same
-    key a no-op. Neither may hold personal data or the code itself.
+    key a no-op. Neither may hold personal data or the code itself. ``user_id`` names
+    the recipient's account on the delivery record, when there is one.
+
+    Returns whether a message was queued (False: the dedupe key was used before). Its
+    delivery record (``notifications_deliveries``) is written in the same transaction.
     """
     phone = canonical_phone(to)
     if not body.strip():
@@ -77,7 +84,7 @@ async def send_sms(
         to=phone,
         body=body,
     )
-    await _enqueue(session, sms, dedupe_key)
+    return await _enqueue(session, sms, dedupe_key, user_id)
 
 
 async def send_email(
@@ -89,11 +96,12 @@ async def send_email(
     html: str | None = None,
     category: str,
     dedupe_key: str | None = None,
-) -> None:
+    user_id: uuid.UUID | None = None,
+) -> bool:
     """Send an email to ``to`` once the transaction of ``session`` commits.
 
     ``text`` is the plain-text body and ``html`` an optional HTML alternative.
-    ``category`` and ``dedupe_key`` are as for :func:`send_sms`.
+    ``category``, ``dedupe_key``, ``user_id`` and the answer are as for :func:`send_sms`.
     """
     address = to.strip()
     canonical_email(address)  # refuses what is not an address
@@ -116,7 +124,7 @@ async def send_email(
         text=text,
         html=html,
     )
-    await _enqueue(session, email, dedupe_key)
+    return await _enqueue(session, email, dedupe_key, user_id)
 
 
 def read_sink(data_dir: Path, kind: Literal["sms", "email"]) -> list[dict[str, Any]]:
@@ -137,8 +145,11 @@ def _checked_category(category: str) -> str:
 
 
 async def _enqueue(
-    session: AsyncSession, notification: Notification, dedupe_key: str | None
-) -> None:
+    session: AsyncSession,
+    notification: Notification,
+    dedupe_key: str | None,
+    user_id: uuid.UUID | None = None,
+) -> bool:
     keys = session.info.get(SESSION_DATA_KEYS)
     if not isinstance(keys, DataKeys):
         raise MissingDataKeysError(
@@ -150,10 +161,14 @@ async def _enqueue(
         outbox_key = f"{notification.kind.job}:{dedupe_key}"
         if not dedupe_key or len(outbox_key) > DEDUPE_KEY_MAX_LENGTH:
             raise ValueError("the dedupe key is empty or too long")
-    await enqueue(
+    queued = await enqueue(
         session,
         notification.kind.job,
         seal(notification, keys.keyring),
         dedupe_key=outbox_key,
         now=notification.created_at,
     )
+    if queued is None:  # the dedupe key was used before: nothing new to deliver
+        return False
+    session.add(new_delivery(notification, keys, user_id))
+    return True

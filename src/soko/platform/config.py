@@ -193,6 +193,33 @@ class Settings(BaseSettings):
     webhooks_secret_overlap_hours: float = Field(24.0, ge=0, le=24 * 30)
     webhooks_disable_after_hours: float = Field(72.0, gt=0, le=24 * 60)
 
+    # Notifications: channels, providers and templates.
+    notifications_email_provider: str = Field("file", pattern=r"^(file|smtp|sendgrid)$")
+    notifications_sms_provider: str = Field("file", pattern=r"^(file|africastalking|twilio)$")
+    notifications_email_from: str = "Soko <no-reply@soko.invalid>"
+    notifications_sms_sender: str = Field("", max_length=32)
+    notifications_default_locale: str = Field("en", pattern=r"^(en|sw)$")
+    notifications_admin_email: str = ""
+    notifications_http_timeout_seconds: float = Field(10.0, gt=0, le=120)
+    notifications_breaker_failures: int = Field(5, ge=1, le=1000)
+    notifications_breaker_reset_seconds: float = Field(60.0, gt=0, le=3600)
+    notifications_provider_rate_limit: str = Field("20/second", min_length=3, max_length=64)
+    notifications_callback_token: SecretStr = SecretStr("")
+    smtp_host: str = ""
+    smtp_port: int = Field(587, ge=1, le=65_535)
+    smtp_security: str = Field("starttls", pattern=r"^(starttls|tls|none)$")
+    smtp_username: str = ""
+    smtp_password: SecretStr = SecretStr("")
+    sendgrid_api_key: SecretStr = SecretStr("")
+    sendgrid_api_base: str = "https://api.sendgrid.com"
+    sendgrid_webhook_public_key: SecretStr = SecretStr("")
+    africastalking_username: str = ""
+    africastalking_api_key: SecretStr = SecretStr("")
+    africastalking_api_base: str = "https://api.africastalking.com"
+    twilio_account_sid: str = ""
+    twilio_auth_token: SecretStr = SecretStr("")
+    twilio_api_base: str = "https://api.twilio.com"
+
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.auto
     otlp_endpoint: str = ""

@@ -1,0 +1,152 @@
+"""In-app notifications: stored per user, listed, counted, marked read, and pushed.
+
+Adding one writes the row and a push job in the caller's transaction; the job publishes
+``{"type": "notification", ...}`` on the user's realtime channel (:func:`user_channel`)
+once it commits. The push is at most once to whoever is connected (see
+:mod:`soko.platform.realtime`); the row is the record, so a client that reconnects
+reloads its list and unread count.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.notifications.models import InboxNotification
+from soko.platform.ids import uuid7
+from soko.platform.jobs import JobContext, registry
+from soko.platform.outbox import enqueue, session_now
+from soko.platform.runtime import Runtime
+
+PUSH_JOB = "notifications.push_in_app"
+TITLE_MAX_LENGTH = 200
+BODY_MAX_LENGTH = 4000
+
+
+def user_channel(user_id: uuid.UUID) -> str:
+    """The realtime channel a user's clients subscribe to for their notifications."""
+    return f"user:{user_id}:notifications"
+
+
+async def add_to_inbox(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID,
+    category: str,
+    title: str,
+    body: str,
+    link: str | None = None,
+    data: dict[str, Any] | None = None,
+    dedupe_key: str | None = None,
+) -> uuid.UUID | None:
+    """Store an in-app notification for ``user_id`` and push it once the transaction
+    commits; ``None`` (nothing written) when ``dedupe_key`` was used for them before."""
+    now = session_now(session)
+    values: dict[str, Any] = {
+        "id": uuid7(),
+        "user_id": user_id,
+        "category": category,
+        "title": title[:TITLE_MAX_LENGTH],
+        "body": body[:BODY_MAX_LENGTH],
+        "link": link,
+        "data": data or {},
+        "dedupe_key": dedupe_key,
+        "created_at": now,
+        "read_at": None,
+    }
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    inserted = (
+        await session.execute(
+            insert(InboxNotification)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=["user_id", "dedupe_key"])
+            .returning(InboxNotification.id)
+        )
+    ).scalar_one_or_none()
+    if inserted is None:
+        return None
+    await enqueue(session, PUSH_JOB, {"id": str(inserted), "user_id": str(user_id)}, now=now)
+    return uuid.UUID(str(inserted))
+
+
+def push_message(row: InboxNotification, unread: int) -> dict[str, Any]:
+    return {
+        "type": "notification",
+        "id": str(row.id),
+        "category": row.category,
+        "title": row.title,
+        "body": row.body,
+        "link": row.link,
+        "created_at": row.created_at.isoformat(),
+        "unread_count": unread,
+    }
+
+
+@registry.job(PUSH_JOB, max_attempts=3)
+async def push_in_app(ctx: JobContext, payload: dict[str, Any]) -> None:
+    runtime: Runtime = ctx.services
+    row = await ctx.session.get(InboxNotification, uuid.UUID(str(payload["id"])))
+    if row is None or row.read_at is not None:
+        return  # deleted with its user, or read elsewhere before the push went out
+    unread = await unread_count(ctx.session, row.user_id)
+    await runtime.pubsub.publish(user_channel(row.user_id), push_message(row, unread))
+
+
+async def unread_count(session: AsyncSession, user_id: uuid.UUID) -> int:
+    count = await session.scalar(
+        select(func.count())
+        .select_from(InboxNotification)
+        .where(InboxNotification.user_id == user_id, InboxNotification.read_at.is_(None))
+    )
+    return int(count or 0)
+
+
+async def mark_read(
+    session: AsyncSession, user_id: uuid.UUID, notification_id: uuid.UUID, now: dt.datetime
+) -> bool:
+    """Mark one of the user's notifications read; False when it is not theirs. Marking
+    a read one again keeps its first time."""
+    owned = await session.scalar(
+        select(InboxNotification.id).where(
+            InboxNotification.id == notification_id, InboxNotification.user_id == user_id
+        )
+    )
+    if owned is None:
+        return False
+    await session.execute(
+        update(InboxNotification)
+        .where(InboxNotification.id == notification_id, InboxNotification.read_at.is_(None))
+        .values(read_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return True
+
+
+async def mark_all_read(
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    now: dt.datetime,
+    *,
+    up_to_id: uuid.UUID | None = None,
+    before: dt.datetime | None = None,
+) -> int:
+    """Mark the user's unread notifications read, up to and including ``up_to_id``
+    (the newest one a client showed) and created at or before ``before``; both
+    optional. Those that arrive meanwhile stay unread. Returns how many were marked."""
+    statement = update(InboxNotification).where(
+        InboxNotification.user_id == user_id, InboxNotification.read_at.is_(None)
+    )
+    if up_to_id is not None:
+        statement = statement.where(InboxNotification.id <= up_to_id)
+    if before is not None:
+        statement = statement.where(InboxNotification.created_at <= before)
+    result = await session.execute(
+        statement.values(read_at=now).execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -1,0 +1,291 @@
+"""Which domain events send which messages to whom: the one declared table.
+
+Each :class:`Trigger` names an event, an audience (the order's buyer, the members of
+the seller's store, the marketplace's admins), the template rendered for them, the
+preference category and the channels it uses. :func:`notify` runs in the event
+handler's transaction: for each recipient it reads their contact (through
+``soko.identity.public.contact_of``), their locale and preferences, renders the
+template, and queues email, SMS and in-app notifications in that same transaction.
+Each is keyed by the event's id, the template and the recipient, so a second delivery
+of an event sends nothing twice.
+
+Admins are reached at ``SOKO_NOTIFICATIONS_ADMIN_EMAIL`` (an operations mailbox) until
+identity offers a way to list the users holding a role.
+
+Identity's own messages (sign-in codes, email verification, password resets) are sent
+by identity itself through :mod:`soko.notifications.public`, not from here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from soko.identity.public import contact_of
+from soko.notifications.inbox import add_to_inbox
+from soko.notifications.models import RecipientLocale
+from soko.notifications.preferences import Category, ChannelName, allowed_channels
+from soko.notifications.public import send_email, send_sms
+from soko.notifications.templates import LOCALES, Rendered, TemplateProblem, render
+from soko.orders import events as order_events
+from soko.orders.public import order_summary
+from soko.platform.jobs import JobContext
+from soko.platform.runtime import Runtime
+from soko.sellers import events as seller_events
+from soko.sellers.public import member_user_ids, seller_cards
+
+log = structlog.get_logger("soko.notifications")
+
+# The payments domain's events, by name: their payloads carry ``buyer_id``,
+# ``amount_minor`` and ``currency``, which is all the receipts need.
+PAYMENT_SUCCEEDED = "payment.succeeded"
+REFUND_SUCCEEDED = "refund.succeeded"
+
+
+class Audience(StrEnum):
+    buyer = "buyer"
+    seller = "seller"  # every member of the store
+    admins = "admins"
+
+
+E = ChannelName.email
+S = ChannelName.sms
+A = ChannelName.in_app
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    event: str
+    audience: Audience
+    template: str
+    category: Category
+    channels: frozenset[ChannelName]
+
+
+def _t(
+    event: str,
+    audience: Audience,
+    *channels: ChannelName,
+    category: Category = Category.transactional,
+) -> Trigger:
+    stem = event.replace("_", ".")
+    return Trigger(event, audience, f"{stem}.{audience.value}", category, frozenset(channels))
+
+
+TRIGGERS: tuple[Trigger, ...] = (
+    _t(order_events.ORDER_PLACED, Audience.buyer, E, A),
+    _t(order_events.ORDER_PLACED, Audience.seller, E, A),
+    _t(order_events.ORDER_PAID, Audience.buyer, E, S, A),
+    _t(order_events.ORDER_PAID, Audience.seller, E, S, A),
+    _t(order_events.ORDER_SHIPPED, Audience.buyer, E, S, A),
+    _t(order_events.ORDER_DELIVERED, Audience.buyer, E, A),
+    _t(order_events.ORDER_DELIVERED, Audience.seller, A),
+    _t(order_events.ORDER_CANCELLED, Audience.buyer, E, S, A),
+    _t(order_events.ORDER_CANCELLED, Audience.seller, E, A),
+    _t(order_events.ORDER_EXPIRED, Audience.buyer, E, A),
+    _t(order_events.ORDER_REFUNDED, Audience.buyer, E, S, A),
+    _t(order_events.ORDER_REFUNDED, Audience.seller, E, A),
+    _t(order_events.DISPUTE_OPENED, Audience.seller, E, S, A),
+    _t(order_events.DISPUTE_OPENED, Audience.admins, E),
+    _t(order_events.DISPUTE_ANSWERED, Audience.buyer, E, A),
+    _t(order_events.DISPUTE_ANSWERED, Audience.admins, E),
+    _t(order_events.DISPUTE_RESOLVED, Audience.buyer, E, S, A),
+    _t(order_events.DISPUTE_RESOLVED, Audience.seller, E, A),
+    _t(seller_events.SELLER_APPROVED, Audience.seller, E, S, A),
+    _t(seller_events.SELLER_SUSPENDED, Audience.seller, E, S, A),
+    _t(PAYMENT_SUCCEEDED, Audience.buyer, E, A),
+    _t(REFUND_SUCCEEDED, Audience.buyer, E, S, A),
+)
+
+
+def triggers_for(event: str) -> list[Trigger]:
+    return [trigger for trigger in TRIGGERS if trigger.event == event]
+
+
+EVENTS: tuple[str, ...] = tuple(dict.fromkeys(trigger.event for trigger in TRIGGERS))
+
+
+# -- what a template sees ------------------------------------------------------------------------
+
+
+def _uuid(payload: dict[str, Any], key: str) -> uuid.UUID | None:
+    value = payload.get(key)
+    try:
+        return uuid.UUID(str(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+async def event_context(
+    session: AsyncSession, runtime: Runtime, event: str, payload: dict[str, Any]
+) -> dict[str, Any]:
+    """The names a template of ``event`` may use, from the payload and the domains'
+    public reads (never ORM rows)."""
+    context: dict[str, Any] = {
+        "app": {"name": "Soko", "url": runtime.settings.public_url.rstrip("/")},
+    }
+    order_id = _uuid(payload, "order_id")
+    if order_id is not None:
+        summary = await order_summary(session, order_id)
+        context["order"] = {
+            "id": str(order_id),
+            "number": summary.number if summary else str(payload.get("number", "")),
+            "total_minor": summary.subtotal_minor if summary else payload.get("subtotal_minor"),
+            "currency": summary.currency if summary else payload.get("currency"),
+            "status": summary.status if summary else payload.get("to_status"),
+            "reason": str(payload.get("reason") or ""),
+            "carrier": payload.get("carrier") or "",
+            "tracking_number": payload.get("tracking_number") or "",
+            "refund_minor": payload.get("refund_due_minor"),
+        }
+    if event.startswith("dispute."):
+        context["dispute"] = {
+            "id": str(payload.get("dispute_id", "")),
+            "outcome": payload.get("outcome") or "",
+            "refund_minor": payload.get("refund_minor"),
+            "currency": payload.get("currency") or context.get("order", {}).get("currency"),
+        }
+    if event.startswith("seller."):
+        seller_id = _uuid(payload, "seller_id")
+        cards = await seller_cards(session, [seller_id]) if seller_id else {}
+        card = cards.get(seller_id) if seller_id else None
+        context["store"] = {
+            "name": card.store_name if card else "",
+            "reason": str(payload.get("reason") or ""),
+        }
+    if event in (PAYMENT_SUCCEEDED, REFUND_SUCCEEDED):
+        context["payment"] = {
+            "amount_minor": payload.get("amount_minor"),
+            "currency": payload.get("currency"),
+        }
+    return context
+
+
+async def audience_user_ids(
+    session: AsyncSession, audience: Audience, payload: dict[str, Any]
+) -> list[uuid.UUID]:
+    if audience is Audience.buyer:
+        buyer = _uuid(payload, "buyer_id")
+        return [buyer] if buyer else []
+    if audience is Audience.seller:
+        seller = _uuid(payload, "seller_id")
+        return await member_user_ids(session, seller) if seller else []
+    return []  # admins: the operations mailbox, see notify()
+
+
+async def locale_of(session: AsyncSession, user_id: uuid.UUID, default: str) -> str:
+    chosen = await session.scalar(
+        select(RecipientLocale.locale).where(RecipientLocale.user_id == user_id)
+    )
+    return chosen if chosen in LOCALES else default
+
+
+async def _rendered(
+    session: AsyncSession, trigger: Trigger, locale: str, context: dict[str, Any]
+) -> Rendered | None:
+    try:
+        return await render(session, trigger.template, locale, context)
+    except TemplateProblem as exc:
+        # An override that no longer renders with real data: the bundled one still does.
+        log.error("template failed to render", template=trigger.template, errors=exc.errors)
+        from soko.notifications.templates import bundled_source, render_source
+
+        source = bundled_source(trigger.template, locale) or bundled_source(trigger.template, "en")
+        return render_source(source, context) if source else None
+
+
+async def notify(ctx: JobContext, event: str, payload: dict[str, Any]) -> int:
+    """Send every message ``event`` triggers; returns how many were queued."""
+    runtime: Runtime = ctx.services
+    session = ctx.session
+    event_id = ctx.event_id or ctx.message_id
+    base = await event_context(session, runtime, event, payload)
+    default_locale = runtime.settings.notifications_default_locale
+    queued = 0
+    for trigger in triggers_for(event):
+        category = f"{trigger.category.value}.{trigger.template}"[:64]
+        if trigger.audience is Audience.admins:
+            address = runtime.settings.notifications_admin_email.strip()
+            if not address or E not in trigger.channels:
+                continue
+            context = {**base, "recipient": {"name": "Soko team"}}
+            rendered = await _rendered(session, trigger, default_locale, context)
+            if rendered is not None and await send_email(
+                session,
+                to=address,
+                subject=rendered.subject,
+                text=rendered.text,
+                html=rendered.html,
+                category=category,
+                dedupe_key=f"{event_id}:{trigger.template}:admins",
+            ):
+                queued += 1
+            continue
+        for user_id in await audience_user_ids(session, trigger.audience, payload):
+            queued += await _notify_user(ctx, trigger, user_id, base, category, event_id)
+    return queued
+
+
+async def _notify_user(
+    ctx: JobContext,
+    trigger: Trigger,
+    user_id: uuid.UUID,
+    base: dict[str, Any],
+    category: str,
+    event_id: uuid.UUID,
+) -> int:
+    runtime: Runtime = ctx.services
+    session = ctx.session
+    contact = await contact_of(session, runtime, user_id)
+    if contact is None:
+        return 0  # deleted or blocked: no messages
+    allowed = trigger.channels & await allowed_channels(session, user_id, trigger.category)
+    if not allowed:
+        return 0
+    locale = await locale_of(session, user_id, runtime.settings.notifications_default_locale)
+    context = {**base, "recipient": {"name": contact.display_name or ""}}
+    rendered = await _rendered(session, trigger, locale, context)
+    if rendered is None:
+        return 0
+    key = f"{event_id}:{trigger.template}:{user_id}"
+    queued = 0
+    if E in allowed and contact.email:
+        queued += await send_email(
+            session,
+            to=contact.email,
+            subject=rendered.subject,
+            text=rendered.text,
+            html=rendered.html,
+            category=category,
+            dedupe_key=key,
+            user_id=user_id,
+        )
+    if S in allowed and contact.phone and rendered.sms:
+        queued += await send_sms(
+            session,
+            to=contact.phone,
+            body=rendered.sms,
+            category=category,
+            dedupe_key=key,
+            user_id=user_id,
+        )
+    if A in allowed:
+        order = base.get("order")
+        added = await add_to_inbox(
+            session,
+            user_id=user_id,
+            category=trigger.category.value,
+            title=rendered.title,
+            body=rendered.text,
+            data={"event": trigger.event, "template": trigger.template}
+            | ({"order_id": order["id"]} if isinstance(order, dict) else {}),
+            dedupe_key=key,
+        )
+        queued += added is not None
+    return queued
