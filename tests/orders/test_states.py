@@ -27,6 +27,7 @@ S = OrderStatus
 # The table as the issue and docs/orders.md state it: (action, from, to, who, event).
 EXPECTED = {
     (Action.pay, S.pending_payment, S.paid, frozenset({Actor.system}), "order.paid"),
+    (Action.pay_late, S.expired, S.paid, frozenset({Actor.system}), "order.paid"),
     (
         Action.cancel,
         S.pending_payment,
@@ -93,7 +94,28 @@ def test_final_states_have_no_way_out() -> None:
     for state in FINAL_STATES:
         for actor in Actor:
             assert allowed_actions(state, actor) == []
-    assert {S.completed, S.cancelled, S.expired, S.refunded} == FINAL_STATES
+    assert {S.completed, S.cancelled, S.refunded} == FINAL_STATES
+
+
+def test_an_expired_order_is_only_paid_late_by_the_system() -> None:
+    # Nobody may act on an expired order; a payment confirmed after the expiry job ran
+    # still pays it (orders.public.pay_group), and it then goes on like any paid order.
+    for actor in (Actor.buyer, Actor.seller, Actor.admin):
+        assert allowed_actions(S.expired, actor) == []
+    assert allowed_actions(S.expired, Actor.system) == [Action.pay_late]
+    move = transition(Action.pay_late, S.expired, Actor.system)
+    assert (move.target, move.event) == (S.paid, TRANSITIONS[Action.pay].event)
+    # Both payment moves lead to paid, from the two states an unpaid order can be in.
+    assert {
+        source for action in (Action.pay, Action.pay_late) for source in TRANSITIONS[action].sources
+    } == {S.pending_payment, S.expired}
+    with pytest.raises(TransitionRefused) as refused:
+        transition(Action.pay_late, S.pending_payment, Actor.system)
+    assert refused.value.wrong_state
+    with pytest.raises(TransitionRefused) as refused:
+        transition(Action.pay_late, S.expired, Actor.admin)
+    assert not refused.value.wrong_state
+    assert reachable_from(S.expired) == reachable_from(S.paid) | {S.expired}
 
 
 def test_every_state_is_reachable_from_placement_and_every_path_ends() -> None:
@@ -117,6 +139,7 @@ def test_nothing_leads_back_to_placement_or_out_of_shipping_into_a_cancel() -> N
 
 def test_what_each_party_may_do() -> None:
     assert allowed_actions(S.pending_payment, Actor.buyer) == [Action.cancel]
+    assert allowed_actions(S.pending_payment, Actor.system) == [Action.pay, Action.expire]
     assert allowed_actions(S.paid, Actor.seller) == [Action.cancel, Action.accept]
     assert allowed_actions(S.shipped, Actor.buyer) == [Action.deliver]
     assert allowed_actions(S.delivered, Actor.buyer) == [Action.dispute]

@@ -12,12 +12,13 @@ import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Select, case, exists, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.inventory.public import commit_hold, fulfil, release_hold
+from soko.inventory.public import commit_hold, fulfil, rehold_if_available, release_hold
 from soko.orders.errors import OrderStateConflict
 from soko.orders.events import OrderMoved
 from soko.orders.models import (
@@ -467,6 +468,90 @@ async def mark_group_paid(
     await _record_bulk(session, orders, Action.pay, acting, reason="", now=now)
     await commit_hold(session, runtime, group_id)
     return True
+
+
+class PayOutcome(StrEnum):
+    """What confirmed money for a checkout group did to it (:func:`pay_group`)."""
+
+    paid = "paid"  # the group and its unpaid orders are paid now; the stock is theirs
+    already_paid = "already_paid"  # paid before (by this payment's earlier delivery or another)
+    stock_gone = "stock_gone"  # the holds ran out and the stock was sold meanwhile: unchanged
+    not_payable = "not_payable"  # cancelled (or no such group): nothing to pay for
+
+
+#: The reason recorded on the moves of a group paid after its stock holds ran out.
+PAID_LATE = "paid after the hold expired"
+# The orders a payment pays: those not cancelled (an expired group's orders are expired).
+_PAYABLE_ORDERS = (OrderStatus.pending_payment.value, OrderStatus.expired.value)
+_PAYABLE_GROUPS = (GroupStatus.pending_payment.value, GroupStatus.expired.value)
+
+
+async def pay_group(
+    session: AsyncSession, runtime: Runtime, group_id: uuid.UUID, acting: Acting
+) -> PayOutcome:
+    """Money for ``group_id`` is confirmed: pay the group and its unpaid orders, with
+    their stock, whether or not the holds are still running.
+
+    The group's compare-and-set (``pending_payment`` or ``expired`` -> ``paid``) comes
+    first and is the arbiter: its row lock makes a concurrent payment or the expiry job
+    wait, and whoever comes second sees the winner's state. Then the payable orders are
+    locked (lock order: group, orders, stock), their stock is held again where the holds
+    ran out or were released by the expiry job (``rehold_if_available``, all or nothing,
+    only the variants of these orders, so a cancelled order's stock stays on sale), the
+    orders move (``pay`` from ``pending_payment``, ``pay_late`` from ``expired``, each a
+    compare-and-set recorded and publishing ``order.paid``) and the holds are committed.
+    Holds are re-taken even while they still run: a hold past its time can be released by
+    another buyer's checkout at any moment, and the re-take locks our reservation rows
+    until commit. When the stock no longer allows it, everything rolls back to a
+    savepoint and the answer is ``stock_gone``."""
+    async with session.begin_nested() as savepoint:
+        now = runtime.clock.now()
+        won = (
+            await session.execute(
+                update(CheckoutGroup)
+                .where(CheckoutGroup.id == group_id, CheckoutGroup.status.in_(_PAYABLE_GROUPS))
+                .values(
+                    status=GroupStatus.paid.value,
+                    paid_at=now,
+                    updated_at=now,
+                    version=CheckoutGroup.version + 1,
+                )
+                .returning(CheckoutGroup.reservation_expires_at)
+                .execution_options(synchronize_session=False)
+            )
+        ).first()
+        if won is None:
+            status = await session.scalar(
+                select(CheckoutGroup.status).where(CheckoutGroup.id == group_id)
+            )
+            return PayOutcome.already_paid if status == GroupStatus.paid else PayOutcome.not_payable
+        rows = (
+            await session.execute(
+                select(Order.id, Order.status, OrderLine.variant_id)
+                .join(OrderLine, OrderLine.order_id == Order.id)
+                .where(Order.group_id == group_id, Order.status.in_(_PAYABLE_ORDERS))
+                .order_by(Order.id)
+                .with_for_update(of=Order)
+            )
+        ).all()
+        if not rows:  # a group that is not cancelled always has an order to pay
+            await savepoint.rollback()
+            return PayOutcome.not_payable
+        held_until = now + dt.timedelta(seconds=runtime.settings.reservation_hold_seconds)
+        if not await rehold_if_available(
+            session, runtime, group_id, held_until, variant_ids={row.variant_id for row in rows}
+        ):
+            await savepoint.rollback()
+            return PayOutcome.stock_gone
+        late = won.reservation_expires_at <= now
+        paid = await _bulk_move(session, Action.pay, [Order.group_id == group_id], now)
+        await _record_bulk(
+            session, paid, Action.pay, acting, reason=PAID_LATE if late else "", now=now
+        )
+        paid_late = await _bulk_move(session, Action.pay_late, [Order.group_id == group_id], now)
+        await _record_bulk(session, paid_late, Action.pay_late, acting, reason=PAID_LATE, now=now)
+        await commit_hold(session, runtime, group_id)
+    return PayOutcome.paid
 
 
 async def expire_unpaid(session: AsyncSession, runtime: Runtime, *, limit: int = JOB_BATCH) -> int:

@@ -11,6 +11,7 @@ The table (``TRANSITIONS``), in words:
 move               from                                        to              who
 =================  ==========================================  ==============  ===============
 pay                pending_payment                             paid            system
+pay_late           expired                                     paid            system
 cancel             pending_payment, paid, processing           cancelled       buyer, seller
 expire             pending_payment                             expired         system
 accept             paid                                        processing      seller
@@ -54,6 +55,7 @@ class Actor(StrEnum):
 
 class Action(StrEnum):
     pay = "pay"
+    pay_late = "pay_late"
     cancel = "cancel"
     expire = "expire"
     accept = "accept"
@@ -94,6 +96,9 @@ TRANSITIONS: Mapping[Action, Transition] = {
     for move in (
         # Payments (a later issue) move the whole checkout group through orders.public.
         _move(Action.pay, [S.pending_payment], S.paid, [A.system], "order.paid"),
+        # A payment confirmed after the expiry job ran is not lost: when the stock can
+        # be held again, the expired order is paid after all (orders.public.pay_group).
+        _move(Action.pay_late, [S.expired], S.paid, [A.system], "order.paid"),
         # Before shipping, either side may call the order off; after payment, the
         # payments issue refunds it on order.cancelled.
         _move(
@@ -116,8 +121,9 @@ TRANSITIONS: Mapping[Action, Transition] = {
     )
 }
 
-#: States no move leaves.
-FINAL_STATES: frozenset[OrderStatus] = frozenset({S.completed, S.cancelled, S.expired, S.refunded})
+#: States no move leaves. ``expired`` is not one of them: nobody may act on an expired
+#: order, but a payment confirmed late still pays it (``pay_late``, by the system).
+FINAL_STATES: frozenset[OrderStatus] = frozenset({S.completed, S.cancelled, S.refunded})
 
 #: The event an order publishes when it is created (not a move: it has no source state).
 PLACED_EVENT = "order.placed"
