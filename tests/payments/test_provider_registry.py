@@ -27,6 +27,7 @@ from soko.payments.providers.registry import (
 )
 from soko.payments.providers.stripe import StripeProvider
 from soko.platform.clock import ManualClock
+from soko.platform.config import Settings
 from soko.platform.runtime import Runtime
 from tests.conftest import make_settings
 
@@ -194,3 +195,35 @@ async def test_the_sandbox_is_the_default(runtimes: Runtimes) -> None:
     assert isinstance(providers["sandbox"], SandboxProvider)
     assert isinstance(providers["sandbox"], PaymentProvider)
     assert "payments.sandbox" in runtime.readiness_checks
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return make_settings(
+        tmp_path,
+        database_url=database_url,
+        payment_providers="stripe,paystack",
+        payment_breaker_failures=1,
+        **CREDENTIALS,
+    )
+
+
+async def test_ready_shows_each_provider_and_an_open_circuit(
+    runtime: Runtime, client: httpx2.AsyncClient
+) -> None:
+    runtime.extensions[TRANSPORT_KEY] = httpx2.MockTransport(lambda _: httpx2.Response(503))
+    providers = providers_of(runtime)
+    checks = (await client.get("/ready")).json()["checks"]
+    assert checks["payments.stripe"]["status"] == "up"
+    assert checks["payments.stripe"]["circuit"] == "closed"
+    assert checks["payments.paystack"]["status"] == "up"
+
+    with pytest.raises(ProviderError):
+        await providers["paystack"].fetch("ref-1", "ref-1")
+    checks = (await client.get("/ready")).json()["checks"]
+    assert checks["payments.paystack"]["status"] == "down"
+    assert checks["payments.paystack"]["circuit"] == "open"
+    assert checks["payments.paystack"]["critical"] is False
+    assert checks["payments.stripe"]["status"] == "up"
+    # The database and the rest are unaffected.
+    assert checks["database"]["status"] == "up"
