@@ -354,3 +354,49 @@ async def test_a_hanging_provider_does_not_block_other_work() -> None:
         await call
     # Cancelled from outside: no verdict against the provider.
     assert http.breaker.consecutive_failures == 0
+
+
+async def test_a_conflict_on_a_keyed_post_is_retried() -> None:
+    # The same key still being processed (an earlier attempt the provider is finishing).
+    conflict = httpx2.Response(409, json={"error": {"message": "idempotent request in progress"}})
+    script = Script(conflict, ok({"id": "pi_1"}))
+    http = make_http(script)
+    answer = await http.request("create", "POST", "/x", form={"a": "1"}, idempotency_key="k")
+    assert answer == {"id": "pi_1"}
+    assert len(script.requests) == 2
+    assert http.breaker.consecutive_failures == 0  # the provider works
+
+
+async def test_a_conflict_on_a_plain_post_is_final() -> None:
+    script = Script(httpx2.Response(409, json={"message": "conflict"}))
+    http = make_http(script)
+    with pytest.raises(ProviderError) as failed:
+        await http.request("initialize", "POST", "/x", json_body={})
+    assert failed.value.retryable is False
+    assert len(script.requests) == 1
+
+
+async def test_the_providers_retry_hint_is_followed() -> None:
+    def make(*answers: httpx2.Response) -> tuple[Script, ProviderHttp]:
+        script = Script(*answers)
+        http = ProviderHttp(
+            "hinted",
+            base_url="https://api.testpay.example",
+            headers={},
+            policy=HttpPolicy(timeout_seconds=5, attempts=3),
+            clock=ManualClock(),
+            transport=httpx2.MockTransport(script),
+            idempotency_header="Idempotency-Key",
+            retry_hint_header="Stripe-Should-Retry",
+        )
+        return script, http
+
+    script, http = make(httpx2.Response(503, headers={"Stripe-Should-Retry": "false"}))
+    with pytest.raises(ProviderError) as failed:
+        await http.request("fetch", "GET", "/x")
+    assert failed.value.retryable is False
+    assert len(script.requests) == 1
+
+    script, http = make(httpx2.Response(400, headers={"Stripe-Should-Retry": "true"}), ok())
+    assert await http.request("create", "POST", "/x", idempotency_key="k") == {"ok": True}
+    assert len(script.requests) == 2

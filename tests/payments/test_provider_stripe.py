@@ -553,3 +553,35 @@ def test_it_needs_both_secrets() -> None:
         StripeProvider(secret_key="", webhook_secret=WEBHOOK_SECRET, clock=ManualClock())
     with pytest.raises(ValueError):
         StripeProvider(secret_key=SECRET_KEY, webhook_secret="", clock=ManualClock())
+
+
+async def test_an_idempotency_conflict_is_waited_out() -> None:
+    # https://docs.stripe.com/error-low-level#idempotency: a keyed request still being
+    # processed answers 409; repeating it gets the first request's answer.
+    conflict = {
+        "error": {
+            "code": "idempotency_key_in_use",
+            "message": "There is currently another in-progress request using this "
+            "Idempotent Key (that probably means you submitted twice, and the other is "
+            "still going through).",
+            "type": "invalid_request_error",
+        }
+    }
+    p = Provider(httpx2.Response(409, json=conflict), httpx2.Response(200, json=INTENT))
+    started = await p.adapter.start(start())
+    assert started.provider_payment_id == INTENT["id"]
+    assert len(p.requests) == 2
+
+
+async def test_stripe_should_retry_false_is_final() -> None:
+    p = Provider(
+        httpx2.Response(
+            500,
+            headers={"Stripe-Should-Retry": "false"},
+            json={"error": {"type": "api_error", "message": "An unknown error occurred"}},
+        )
+    )
+    with pytest.raises(ProviderError) as failed:
+        await p.adapter.start(start())
+    assert failed.value.retryable is False
+    assert len(p.requests) == 1

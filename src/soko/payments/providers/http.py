@@ -149,10 +149,16 @@ class ProviderHttp:
         clock: Clock,
         transport: httpx2.AsyncBaseTransport | None = None,
         idempotency_header: str | None = None,
+        retry_hint_header: str | None = None,
     ) -> None:
+        """``idempotency_header``: the header carrying an idempotency key, for a
+        provider that honours one (requests with a key are then retried).
+        ``retry_hint_header``: a header by which the provider says whether repeating a
+        failed request makes sense ("true"/"false"), e.g. ``Stripe-Should-Retry``."""
         self.provider = provider
         self.policy = policy
         self.idempotency_header = idempotency_header
+        self.retry_hint_header = retry_hint_header
         self.breaker = CircuitBreaker(
             f"payments.{provider}",
             failure_threshold=policy.breaker_failures,
@@ -319,6 +325,30 @@ class ProviderHttp:
         detail = _provider_message(body)
         if detail:
             message = f"{message}: {detail}"
+        hint = (
+            response.headers.get(self.retry_hint_header, "").strip().lower()
+            if self.retry_hint_header
+            else ""
+        )
+        if hint == "false":
+            # The provider says a repeat would change nothing (its idempotency layer
+            # would replay this very answer).
+            raise self._error(
+                message,
+                retryable=False,
+                status_code=status,
+                outcome=SERVER_ERROR if status >= 500 else CLIENT_ERROR,
+            )
+        if exchange.safe and (status == 409 or hint == "true"):
+            # 409 on a keyed request: the same key is still being processed (a timed
+            # out attempt Stripe is finishing); the repeat gets its answer.
+            raise self._error(
+                message,
+                retryable=True,
+                status_code=status,
+                outcome=SERVER_ERROR if status >= 500 else CLIENT_ERROR,
+                retry_after=_retry_after_seconds(response),
+            )
         if status == 429:
             raise self._error(
                 message,

@@ -144,6 +144,9 @@ class StripeProvider:
             clock=clock,
             transport=transport,
             idempotency_header="Idempotency-Key",
+            # https://docs.stripe.com/error-low-level#idempotency (Stripe's own
+            # libraries follow this header and retry 409s of keyed requests too).
+            retry_hint_header="Stripe-Should-Retry",
         )
 
     @classmethod
