@@ -49,6 +49,7 @@ from tests.orders.conftest import (  # noqa: F401
     ok,
     place_order,
 )
+from tests.orders.conftest import MakeBuyer as MakeBuyerFn  # noqa: F401
 
 FAKE = "fake"
 SECRET = b"fake-provider-webhook-secret"
