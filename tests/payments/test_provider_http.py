@@ -400,3 +400,40 @@ async def test_the_providers_retry_hint_is_followed() -> None:
     script, http = make(httpx2.Response(400, headers={"Stripe-Should-Retry": "true"}), ok())
     assert await http.request("create", "POST", "/x", idempotency_key="k") == {"ok": True}
     assert len(script.requests) == 2
+
+
+async def test_an_unreadable_answer_is_classified_not_leaked() -> None:
+    script = Script(httpx2.DecodingError("bad gzip"), ok())
+    http = make_http(script)
+    assert await http.request("verify", "GET", "/x") == {"ok": True}
+    assert http.breaker.consecutive_failures == 0
+
+    script = Script(httpx2.DecodingError("bad gzip"))
+    http = make_http(script)
+    with pytest.raises(ProviderHttpError) as failed:
+        await http.request("refund", "POST", "/refund")
+    assert failed.value.retryable is False
+    assert failed.value.outcome == "bad_response"
+    assert http.breaker.consecutive_failures == 1
+
+
+async def test_a_cancelled_attempt_is_counted_as_cancelled() -> None:
+    async def hangs(request: httpx2.Request) -> httpx2.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    http = make_http(hangs, name="cancelled-http", attempts=1)
+    call = asyncio.create_task(http.request("verify", "GET", "/x"))
+    await asyncio.sleep(0.01)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert (
+        sample(
+            "soko_payment_provider_requests_total",
+            provider="cancelled-http",
+            operation="verify",
+            outcome="cancelled",
+        )
+        == 1
+    )

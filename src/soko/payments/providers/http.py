@@ -75,6 +75,7 @@ TIMEOUT = "timeout"
 CONNECTION_ERROR = "connection_error"
 BAD_RESPONSE = "bad_response"
 CIRCUIT_OPEN = "circuit_open"
+CANCELLED = "cancelled"
 
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 # Gateway errors: the provider's edge answered that the service behind it did not.
@@ -245,7 +246,8 @@ class ProviderHttp:
 
     async def _exchange(self, exchange: _Exchange) -> dict[str, Any]:
         began = time.perf_counter()
-        outcome = BAD_RESPONSE
+        # Stays so only if the attempt is cancelled from outside (its caller went away).
+        outcome = CANCELLED
         try:
             try:
                 async with asyncio.timeout(self.policy.timeout_seconds):
@@ -261,6 +263,16 @@ class ProviderHttp:
                 raise self._no_answer(exchange, exc, TIMEOUT) from None
             except httpx2.TransportError as exc:
                 raise self._no_answer(exchange, exc, CONNECTION_ERROR) from None
+            except httpx2.RequestError as exc:
+                # An answer came but could not be read (a broken encoding, a redirect
+                # loop): the provider, or something in front of it, is misbehaving.
+                raise ProviderHttpError(
+                    self.provider,
+                    f"{exchange.operation}: the answer could not be read ({type(exc).__name__})",
+                    retryable=exchange.safe,
+                    outage=True,
+                    outcome=BAD_RESPONSE,
+                ) from None
             answer = self._classify(exchange, response)
             outcome = OK
             return answer
