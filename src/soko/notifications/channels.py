@@ -24,12 +24,12 @@ import structlog
 from soko.notifications.messages import Email, Notification, NotificationKind, Sms
 from soko.notifications.providers import (
     AfricasTalkingSms,
-    CircuitBreaker,
     SendGridEmail,
     Sent,
     SmtpEmail,
     TwilioSms,
 )
+from soko.platform.breaker import CircuitBreaker
 from soko.platform.clock import Clock
 from soko.platform.config import Settings
 
@@ -196,7 +196,9 @@ def read_sink_file(path: Path) -> list[dict[str, Any]]:
 
 class ProviderServices:
     """What the provider channels of one process share: an HTTP client with the
-    configured timeout, and one circuit breaker per provider."""
+    configured timeout, and one circuit breaker per provider
+    (:class:`soko.platform.breaker.CircuitBreaker`, in this process's memory: each
+    worker judges a provider by its own calls)."""
 
     def __init__(
         self,
@@ -218,7 +220,8 @@ class ProviderServices:
         breaker = self.breakers.get(provider)
         if breaker is None:
             breaker = CircuitBreaker(
-                failures=self.settings.notifications_breaker_failures,
+                f"notifications.{provider}",
+                failure_threshold=self.settings.notifications_breaker_failures,
                 reset_seconds=self.settings.notifications_breaker_reset_seconds,
                 clock=self.clock,
             )

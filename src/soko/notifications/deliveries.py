@@ -31,12 +31,12 @@ from soko.notifications.models import (
     Suppression,
 )
 from soko.notifications.providers import (
-    DeliveryFailure,
     PermanentFailure,
     RecipientRejected,
     Sent,
     TransientFailure,
 )
+from soko.platform.breaker import CircuitOpenError
 from soko.platform.crypto import DataKeys, canonical_email, canonical_phone
 from soko.platform.jobs import JobContext
 from soko.platform.outbox import OutboxMessage, describe_failure
@@ -178,33 +178,34 @@ async def deliver(ctx: JobContext, notification: Notification) -> None:
         record.delivered_at = now
 
 
+def _counts_against_provider(exc: BaseException) -> bool:
+    # A permanent refusal is the provider answering: it is up.
+    return not isinstance(exc, PermanentFailure)
+
+
 async def _send(runtime: Runtime, channel: Channel, notification: Notification) -> Sent:
+    """Through the provider's rate limit and circuit breaker; the file sink needs
+    neither."""
     if channel.provider == "file":
         return await channel.deliver(notification)
-    services = provider_services(runtime)
-    breaker = services.breaker(channel.provider)
-    if not breaker.allow():
-        raise TransientFailure(
-            f"{channel.provider} circuit open; next try in {breaker.retry_after():.0f}s"
-        )
     refused = await runtime.limiter.refusal(
         parse(runtime.settings.notifications_provider_rate_limit),
         "notifications.provider",
         channel.provider,
     )
     if refused is not None:
-        breaker.trial_in_flight = False
-        raise TransientFailure(f"{channel.provider} rate limit reached")
+        raise TransientFailure(
+            f"{channel.provider} rate limit reached; {refused.retry_after}s to wait"
+        )
+    breaker = provider_services(runtime).breaker(channel.provider)
     try:
-        sent = await channel.deliver(notification)
-    except PermanentFailure:
-        breaker.record_success()  # the provider answered: it is up
-        raise
-    except (TransientFailure, DeliveryFailure, OSError):
-        breaker.record_failure()
-        raise
-    breaker.record_success()
-    return sent
+        return await breaker.call(
+            lambda: channel.deliver(notification), counts_as_failure=_counts_against_provider
+        )
+    except CircuitOpenError as exc:
+        raise TransientFailure(
+            f"{channel.provider} circuit open; next try in {exc.retry_after_seconds:.0f}s"
+        ) from None
 
 
 # -- provider reports -------------------------------------------------------------------------

@@ -24,7 +24,6 @@ final status makes every later redelivery a no-op.
 
 from __future__ import annotations
 
-import datetime as dt
 import email.utils
 import ssl
 from collections.abc import Mapping
@@ -36,7 +35,6 @@ import aiosmtplib
 import httpx2
 
 from soko.notifications.messages import Email, Sms
-from soko.platform.clock import Clock
 
 ERROR_TEXT_MAX = 300
 
@@ -65,54 +63,6 @@ class Sent:
     provider: str
     provider_message_id: str | None
     delivered: bool = False  # the development sink "delivers" at once
-
-
-class CircuitBreaker:
-    """A per-provider breaker: after ``failures`` transient failures in a row it opens
-    and refuses calls for ``reset_seconds``; then one trial call goes through (half
-    open) and its outcome closes or re-opens it. Kept in process memory: each worker
-    judges the provider by its own calls, which is what a breaker is for."""
-
-    def __init__(self, *, failures: int, reset_seconds: float, clock: Clock) -> None:
-        self.threshold = failures
-        self.reset = dt.timedelta(seconds=reset_seconds)
-        self.clock = clock
-        self.consecutive_failures = 0
-        self.opened_at: dt.datetime | None = None
-        self.trial_in_flight = False
-
-    @property
-    def state(self) -> str:
-        if self.opened_at is None:
-            return "closed"
-        if self.clock.now() >= self.opened_at + self.reset:
-            return "half-open"
-        return "open"
-
-    def allow(self) -> bool:
-        state = self.state
-        if state == "closed":
-            return True
-        if state == "half-open" and not self.trial_in_flight:
-            self.trial_in_flight = True
-            return True
-        return False
-
-    def record_success(self) -> None:
-        self.consecutive_failures = 0
-        self.opened_at = None
-        self.trial_in_flight = False
-
-    def record_failure(self) -> None:
-        self.consecutive_failures += 1
-        if self.trial_in_flight or self.consecutive_failures >= self.threshold:
-            self.opened_at = self.clock.now()
-        self.trial_in_flight = False
-
-    def retry_after(self) -> float:
-        if self.opened_at is None:
-            return 0.0
-        return max(0.0, (self.opened_at + self.reset - self.clock.now()).total_seconds())
 
 
 def _short(text: str) -> str:
