@@ -297,7 +297,9 @@ async def fan_out(
                 event_created_at=created_at,
                 data=rule.data_for(payload, seller_id),
                 status=DeliveryStatus.pending.value,
-                queue_key=uuid7(),
+                # Event ids are UUIDv7, time-ordered as published: the queue follows
+                # the order of publication, whatever order the fan-outs ran in.
+                queue_key=event_id,
                 attempts=0,
                 retry_step=0,
                 next_attempt_at=now,
