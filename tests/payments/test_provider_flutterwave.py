@@ -22,6 +22,7 @@ from soko.payments.providers.base import (
     ProviderStatus,
     RefundRequest,
     RefundStatus,
+    RefundStatusReader,
     WebhookRejectedError,
 )
 from soko.payments.providers.flutterwave import FlutterwaveProvider, to_major, to_minor
@@ -385,3 +386,21 @@ def test_an_odd_amount_is_left_out_not_refused() -> None:
 def test_bodies_that_are_not_events_are_rejected(body: bytes) -> None:
     with pytest.raises(WebhookRejectedError):
         verify(body, SECRET_HASH)
+
+
+async def test_a_pending_refund_is_followed_up_by_reading_it() -> None:
+    # https://developer.flutterwave.com/v3.0/reference/get-a-refund
+    fetched = json.loads(json.dumps(REFUND_ANSWER))
+    fetched["message"] = "Refund fetched"
+    p = Provider(httpx2.ConnectError("reset"), httpx2.Response(200, json=fetched))
+    assert isinstance(p.adapter, RefundStatusReader)
+    result = await p.adapter.refund_status(
+        "75923", RefundRequest("r-1", "4975363", REFERENCE, 500, "KES")
+    )
+    assert [(r.method, str(r.url)) for r in p.requests] == [
+        ("GET", "https://api.flutterwave.com/v3/refunds/75923"),
+        ("GET", "https://api.flutterwave.com/v3/refunds/75923"),
+    ]
+    assert p.requests[1].headers["authorization"] == f"Bearer {SECRET_KEY}"
+    assert result.provider_refund_id == "75923"
+    assert result.status is RefundStatus.succeeded

@@ -23,6 +23,7 @@ from soko.payments.providers.base import (
     ProviderStatus,
     RefundRequest,
     RefundStatus,
+    RefundStatusReader,
     WebhookRejectedError,
 )
 from soko.payments.providers.http import HttpPolicy
@@ -429,3 +430,22 @@ def test_refund_events_name_the_refunded_transaction() -> None:
 def test_signed_bodies_that_are_not_events_are_rejected(body: bytes) -> None:
     with pytest.raises(WebhookRejectedError):
         verify(body, sign(body))
+
+
+async def test_a_pending_refund_is_followed_up_by_reading_it() -> None:
+    # https://paystack.com/docs/api/refund/#fetch
+    processed = json.loads(json.dumps(REFUNDED))
+    processed["message"] = "Refund retrieved"
+    processed["data"]["status"] = "processed"
+    p = Provider(httpx2.Response(502), httpx2.Response(200, json=processed))
+    assert isinstance(p.adapter, RefundStatusReader)
+    result = await p.adapter.refund_status(
+        "3018284", RefundRequest("r-1", REFERENCE, REFERENCE, 200_000, "NGN")
+    )
+    assert [(r.method, str(r.url)) for r in p.requests] == [
+        ("GET", "https://api.paystack.co/refund/3018284"),
+        ("GET", "https://api.paystack.co/refund/3018284"),
+    ]
+    assert p.requests[1].headers["authorization"] == f"Bearer {SECRET_KEY}"
+    assert result.provider_refund_id == "3018284"
+    assert result.status is RefundStatus.succeeded

@@ -24,6 +24,7 @@ from soko.payments.providers.base import (
     ProviderStatus,
     RefundRequest,
     RefundStatus,
+    RefundStatusReader,
     WebhookRejectedError,
 )
 from soko.payments.providers.http import HttpPolicy
@@ -585,3 +586,22 @@ async def test_stripe_should_retry_false_is_final() -> None:
         await p.adapter.start(start())
     assert failed.value.retryable is False
     assert len(p.requests) == 1
+
+
+async def test_a_pending_refund_is_followed_up_by_reading_it() -> None:
+    # https://docs.stripe.com/api/refunds/retrieve
+    p = Provider(
+        httpx2.Response(503),
+        httpx2.Response(200, json={"id": "re_1", "object": "refund", "status": "succeeded"}),
+    )
+    assert isinstance(p.adapter, RefundStatusReader)
+    result = await p.adapter.refund_status(
+        "re_1", RefundRequest("r-1", INTENT["id"], REFERENCE, 500, "USD")
+    )
+    assert [(r.method, str(r.url)) for r in p.requests] == [
+        ("GET", "https://api.stripe.com/v1/refunds/re_1"),
+        ("GET", "https://api.stripe.com/v1/refunds/re_1"),
+    ]
+    assert p.requests[0].headers["authorization"] == f"Bearer {SECRET_KEY}"
+    assert result.provider_refund_id == "re_1"
+    assert result.status is RefundStatus.succeeded

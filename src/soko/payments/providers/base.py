@@ -172,3 +172,18 @@ class PaymentProvider(Protocol):
         """For ``/ready``: at least ``{"status": "up"|"down", "circuit": "closed"|...}``;
         never calls the provider."""
         ...
+
+
+@runtime_checkable
+class RefundStatusReader(Protocol):
+    """A provider that tells a refund's current state by its own refund id (Stripe,
+    Paystack and Flutterwave all can).
+
+    A refund the provider answered ``pending`` is followed up with
+    :meth:`refund_status`, never by calling :meth:`PaymentProvider.refund` again: only
+    some providers recognise a repeated refund request (Stripe, through its idempotency
+    key, for 24 hours); Paystack and Flutterwave would refund a second time."""
+
+    async def refund_status(
+        self, provider_refund_id: str, refund: RefundRequest
+    ) -> RefundResult: ...

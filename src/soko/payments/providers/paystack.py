@@ -194,12 +194,15 @@ class PaystackProvider:
             + (f": {refund.reason}" if refund.reason else ""),
         }
         answer = await self._http.request("refund", "POST", "/refund", json_body=body)
-        data = _data(answer, "refund")
-        refund_id = data.get("id")
-        status = _REFUND_STATUSES.get(_text(data, "status") or "")
-        if not isinstance(refund_id, int | str) or isinstance(refund_id, bool) or status is None:
-            raise unexpected_answer(NAME, "refund", "no id or unknown status")
-        return RefundResult(provider_refund_id=str(refund_id), status=status)
+        return _refund_result(answer, "refund")
+
+    async def refund_status(self, provider_refund_id: str, refund: RefundRequest) -> RefundResult:
+        """The refund's current state (``GET /refund/{id}``). Paystack has no
+        idempotency key: sending the refund again would refund twice."""
+        answer = await self._http.request(
+            "fetch_refund", "GET", f"/refund/{quote(provider_refund_id, safe='')}"
+        )
+        return _refund_result(answer, "fetch_refund")
 
     # -- inbound ---------------------------------------------------------------------------
 
@@ -253,6 +256,15 @@ def parse_event(raw_body: bytes) -> InboundEvent:
         currency=currency.upper() if currency else None,
         occurred_at=_moment(_text(data, "paid_at") or _text(data, "created_at")),
     )
+
+
+def _refund_result(answer: Mapping[str, Any], operation: str) -> RefundResult:
+    data = _data(answer, operation)
+    refund_id = data.get("id")
+    status = _REFUND_STATUSES.get(_text(data, "status") or "")
+    if not isinstance(refund_id, int | str) or isinstance(refund_id, bool) or status is None:
+        raise unexpected_answer(NAME, operation, "no id or unknown status")
+    return RefundResult(provider_refund_id=str(refund_id), status=status)
 
 
 def _data(answer: Mapping[str, Any], operation: str) -> Mapping[str, Any]:

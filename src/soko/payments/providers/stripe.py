@@ -225,11 +225,16 @@ class StripeProvider:
         answer = await self._http.request(
             "refund", "POST", "/v1/refunds", form=form, idempotency_key=refund.reference
         )
-        refund_id = _text(answer, "id")
-        status = _REFUND_STATUSES.get(_text(answer, "status") or "")
-        if refund_id is None or status is None:
-            raise unexpected_answer(NAME, "refund", "no id or unknown status")
-        return RefundResult(provider_refund_id=refund_id, status=status)
+        return _refund_result(answer, "refund")
+
+    async def refund_status(self, provider_refund_id: str, refund: RefundRequest) -> RefundResult:
+        """The refund's current state (``GET /v1/refunds/{id}``). Repeating the refund
+        POST would only replay its first answer, and not at all after the idempotency
+        key expires (24 hours)."""
+        answer = await self._http.request(
+            "fetch_refund", "GET", f"/v1/refunds/{quote(provider_refund_id, safe='')}"
+        )
+        return _refund_result(answer, "fetch_refund")
 
     # -- inbound ---------------------------------------------------------------------------
 
@@ -367,6 +372,14 @@ def intent_state(intent: Mapping[str, Any]) -> PaymentState:
         currency=currency,
         failure_reason=failure,
     )
+
+
+def _refund_result(answer: Mapping[str, Any], operation: str) -> RefundResult:
+    refund_id = _text(answer, "id")
+    status = _REFUND_STATUSES.get(_text(answer, "status") or "")
+    if refund_id is None or status is None:
+        raise unexpected_answer(NAME, operation, "no id or unknown status")
+    return RefundResult(provider_refund_id=refund_id, status=status)
 
 
 def _text(obj: Mapping[str, Any], key: str) -> str | None:
