@@ -1,3 +1,5 @@
+# ruff: noqa: F401, F811
+# (pytest fixtures are imported from test_pay_support and named as parameters)
 """Inbound payment webhooks on SQLite and PostgreSQL: verified first, stored once,
 processed once, confirmed with the provider, and never moving a payment backwards."""
 
@@ -25,11 +27,16 @@ from tests.payments.test_pay_support import (
     PlaceOrder,
     balance,
     deliver,
+    fake,
     ledger_check,
+    make_buyer,
+    make_user,
+    market,
     ok,
     order_status,
     pay_and_confirm,
     payment_row,
+    place_order,
     refunds_of,
     run_jobs,
     start_payment,

@@ -1,4 +1,5 @@
-# ruff: noqa: F811  (the fixtures are imported from test_pay_support)
+# ruff: noqa: F401, F811
+# (pytest fixtures are imported from test_pay_support and named as parameters)
 """Paying a checkout group over HTTP, on SQLite and PostgreSQL: the buyer starts a
 payment, the provider's webhook arrives, the job confirms it with the provider and the
 orders are paid, with the capture in a balanced ledger."""
@@ -15,7 +16,7 @@ from soko.payments.payment_models import Payment
 from soko.payments.providers.base import ProviderStatus
 from soko.platform.runtime import Runtime
 from tests.orders.conftest import events, refused
-from tests.payments.test_pay_support import (  # noqa: F401
+from tests.payments.test_pay_support import (
     FAKE,
     FakeProvider,
     PlaceOrder,
