@@ -172,7 +172,7 @@ async def test_start_without_an_email_is_refused_before_any_call() -> None:
 
 
 async def test_start_is_sent_once() -> None:
-    p = Provider(httpx2.Response(502), httpx2.Response(200, json=HOSTED_LINK))
+    p = Provider(httpx2.Response(503), httpx2.Response(200, json=HOSTED_LINK))
     with pytest.raises(ProviderError) as failed:
         await p.adapter.start(start())
     assert failed.value.retryable is True

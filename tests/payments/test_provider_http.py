@@ -187,7 +187,7 @@ async def test_a_post_without_idempotency_key_is_sent_once() -> None:
     http = make_http(script)
     with pytest.raises(ProviderError) as failed:
         await http.request("initialize", "POST", "/transaction/initialize", json_body={"a": 1})
-    # 503 from the edge: nothing happened at the provider, so a later try is safe...
+    # 503: turned away before anything happened, so a later try is safe...
     assert failed.value.retryable is True
     # ...but this call does not make it.
     assert len(script.requests) == 1
@@ -437,3 +437,13 @@ async def test_a_cancelled_attempt_is_counted_as_cancelled() -> None:
         )
         == 1
     )
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+async def test_a_post_whose_gateway_gave_up_may_have_taken_effect(status: int) -> None:
+    script = Script(httpx2.Response(status))
+    http = make_http(script)
+    with pytest.raises(ProviderError, match="may have acted") as failed:
+        await http.request("refund", "POST", "/refund", json_body={"amount": 1})
+    assert failed.value.retryable is False
+    assert http.breaker.consecutive_failures == 1

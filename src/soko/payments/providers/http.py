@@ -12,10 +12,11 @@ idempotency key the provider honours (Stripe's ``Idempotency-Key``). A ``POST`` 
 one is sent once. Its failures are classified by what the provider may have done:
 
 * it was refused before anything happened (the connection could not be opened, the
-  pool had no room, 429 Too Many Requests, 502/503/504 from the provider's edge):
+  pool had no room, 429 Too Many Requests, 503 Service Unavailable):
   ``retryable=True``;
 * it was sent and no answer came back (a read timeout, a dropped connection, the
-  deadline), or the provider failed mid-way (500): the provider may have acted on it,
+  deadline), or the provider failed mid-way (500, or a 502/504 from a gateway that
+  gave up waiting on it): the provider may have acted on it,
   so repeating it blindly could charge or refund twice: ``retryable=False``, with a
   message saying so. Whoever called decides (refunds are flagged for an admin, a start
   is simply tried again under a new reference).
@@ -78,8 +79,9 @@ CIRCUIT_OPEN = "circuit_open"
 CANCELLED = "cancelled"
 
 SAFE_METHODS = frozenset({"GET", "HEAD"})
-# Gateway errors: the provider's edge answered that the service behind it did not.
-_GATEWAY_STATUSES = frozenset({502, 503, 504})
+# Answers saying the request was turned away before the provider acted on it. A 502 or
+# 504 is not among them: the gateway gave up, but the service behind it may have acted.
+_REFUSED_STATUSES = frozenset({503})
 # Longest wait a provider's Retry-After may impose on a retry inside one call; beyond
 # it the call fails (retryable) and the caller's own schedule takes over.
 _MAX_RETRY_AFTER_SECONDS = 5.0
@@ -370,9 +372,7 @@ class ProviderHttp:
                 retry_after=_retry_after_seconds(response),
             )
         if status >= 500:
-            # A gateway error means the service behind the edge was not reached; a 500
-            # from the service itself may come after it acted.
-            retryable = exchange.safe or status in _GATEWAY_STATUSES
+            retryable = exchange.safe or status in _REFUSED_STATUSES
             if not retryable:
                 message += "; the provider may have acted on it, so check before repeating"
             raise self._error(
