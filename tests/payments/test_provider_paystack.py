@@ -449,3 +449,12 @@ async def test_a_pending_refund_is_followed_up_by_reading_it() -> None:
     assert p.requests[1].headers["authorization"] == f"Bearer {SECRET_KEY}"
     assert result.provider_refund_id == "3018284"
     assert result.status is RefundStatus.succeeded
+
+
+async def test_fetch_refuses_another_transaction_and_an_empty_reference() -> None:
+    p = Provider(httpx2.Response(200, json=verified(reference="someone-else")))
+    with pytest.raises(ProviderError, match="another reference"):
+        await p.adapter.fetch(REFERENCE, REFERENCE)
+    with pytest.raises(ProviderError):
+        await p.adapter.fetch("", "")
+    assert len(p.requests) == 1

@@ -605,3 +605,14 @@ async def test_a_pending_refund_is_followed_up_by_reading_it() -> None:
     assert p.requests[0].headers["authorization"] == f"Bearer {SECRET_KEY}"
     assert result.provider_refund_id == "re_1"
     assert result.status is RefundStatus.succeeded
+
+
+async def test_fetch_refuses_an_intent_of_another_payment_and_an_empty_id() -> None:
+    p = Provider(httpx2.Response(200, json=intent(metadata={"reference": "another"})))
+    with pytest.raises(ProviderError, match="another payment") as failed:
+        await p.adapter.fetch(INTENT["id"], REFERENCE)
+    assert failed.value.retryable is False
+    with pytest.raises(ProviderError) as failed:
+        await p.adapter.fetch("", REFERENCE)
+    assert failed.value.retryable is False
+    assert len(p.requests) == 1

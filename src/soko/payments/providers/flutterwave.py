@@ -173,6 +173,8 @@ class FlutterwaveProvider:
         )
 
     async def fetch(self, provider_payment_id: str, reference: str) -> PaymentState:
+        if not reference:
+            raise ProviderError(NAME, "no tx_ref to verify", retryable=False)
         data = await self._verify(reference)
         raw_status = _text(data, "status")
         currency = _text(data, "currency")

@@ -158,6 +158,8 @@ class PaystackProvider:
         )
 
     async def fetch(self, provider_payment_id: str, reference: str) -> PaymentState:
+        if not reference:
+            raise ProviderError(NAME, "no transaction reference to verify", retryable=False)
         # Verify takes the transaction reference, which is Soko's reference.
         answer = await self._http.request(
             "verify", "GET", f"/transaction/verify/{quote(reference, safe='')}"
@@ -168,6 +170,8 @@ class PaystackProvider:
         currency = _text(data, "currency")
         if raw_status is None or amount is None or currency is None:
             raise unexpected_answer(NAME, "verify", "no status, amount or currency")
+        if _text(data, "reference") != reference:
+            raise unexpected_answer(NAME, "verify", "the transaction has another reference")
         # A status Paystack adds later is treated as still pending: nothing is granted
         # on a state Soko does not understand.
         status = _TRANSACTION_STATUSES.get(raw_status, ProviderStatus.pending)
@@ -175,8 +179,8 @@ class PaystackProvider:
         if status in (ProviderStatus.failed, ProviderStatus.abandoned):
             failure = _text(data, "gateway_response") or raw_status
         return PaymentState(
-            provider_payment_id=_text(data, "reference") or provider_payment_id,
-            reference=_text(data, "reference"),
+            provider_payment_id=reference,
+            reference=reference,
             status=status,
             amount_minor=amount,
             currency=currency.upper(),

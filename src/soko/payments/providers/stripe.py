@@ -208,10 +208,16 @@ class StripeProvider:
         )
 
     async def fetch(self, provider_payment_id: str, reference: str) -> PaymentState:
+        if not provider_payment_id:
+            # Without an id the path would name the list of every intent.
+            raise ProviderError(NAME, "no PaymentIntent id to fetch", retryable=False)
         intent = await self._http.request(
             "fetch_intent", "GET", f"/v1/payment_intents/{quote(provider_payment_id, safe='')}"
         )
-        return intent_state(intent)
+        state = intent_state(intent)
+        if state.reference is not None and state.reference != reference:
+            raise unexpected_answer(NAME, "fetch_intent", "the intent belongs to another payment")
+        return state
 
     async def refund(self, refund: RefundRequest) -> RefundResult:
         form = {
