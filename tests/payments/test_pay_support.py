@@ -67,6 +67,7 @@ class FakeProvider:
     refund_outcome: str = "succeeded"  # succeeded | pending | failed | error | down
     down: bool = False
     fetches: int = 0
+    status_reads: int = 0
 
     async def start(self, payment: PaymentStart) -> StartedPayment:
         if self.down:
@@ -124,6 +125,11 @@ class FakeProvider:
         if not any(r.reference == refund.reference for r in self.refunds):
             self.refunds.append(refund)
         return RefundResult(f"re_{refund.reference}", RefundStatus(self.refund_outcome))
+
+    async def refund_status(self, provider_refund_id: str, refund: RefundRequest) -> RefundResult:
+        """Following up a pending refund: what became of it, never a second refund."""
+        self.status_reads += 1
+        return RefundResult(provider_refund_id, RefundStatus(self.refund_outcome))
 
     def readiness(self) -> Mapping[str, object]:
         return {"status": "down" if self.down else "up", "circuit": "closed"}

@@ -68,7 +68,9 @@ class PaymentNotRefundable(ProblemError):
     slug = "payment-not-refundable"
     title = "This payment has taken no money to refund"
     status = 409
-    description = "Only a succeeded (or duplicate) payment can be refunded. `status` is its state."
+    description = (
+        "Only a succeeded (or duplicate) payment can be refunded. `payment_status` is its state."
+    )
 
 
 class PaymentNotFlagged(ProblemError):

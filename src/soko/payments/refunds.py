@@ -35,7 +35,7 @@ from soko.payments.payment_models import (
     RefundSource,
     RefundStatus,
 )
-from soko.payments.providers.base import ProviderError, RefundRequest
+from soko.payments.providers.base import ProviderError, RefundRequest, RefundStatusReader
 from soko.payments.providers.base import RefundStatus as ProviderRefundStatus
 from soko.payments.service import enabled_providers, flag_payment, seller_ids_of_group
 from soko.platform.errors import ValidationFailed
@@ -206,17 +206,32 @@ async def send_refund(
     if provider is None:
         await _fail(session, runtime, refund, payment, "the payment's provider is not enabled")
         return
-    try:
-        result = await provider.refund(
-            RefundRequest(
-                reference=str(refund.id),
-                provider_payment_id=payment.provider_payment_id or "",
-                payment_reference=str(payment.id),
-                amount_minor=refund.amount_minor,
-                currency=refund.currency,
-                reason=refund.reason,
-            )
+    request = RefundRequest(
+        reference=str(refund.id),
+        provider_payment_id=payment.provider_payment_id or "",
+        payment_reference=str(payment.id),
+        amount_minor=refund.amount_minor,
+        currency=refund.currency,
+        reason=refund.reason,
+    )
+    following_up = refund.provider_refund_id is not None
+    if following_up and not isinstance(provider, RefundStatusReader):
+        await flag_payment(
+            session,
+            runtime,
+            payment,
+            PaymentFlag.refund_failed,
+            f"refund {refund.id} is pending at the provider, which cannot be asked about it",
         )
+        return
+    try:
+        if following_up:
+            # Never refund() again for a refund the provider accepted: only some
+            # providers recognise a repeated request; the others would pay out twice.
+            assert isinstance(provider, RefundStatusReader)
+            result = await provider.refund_status(refund.provider_refund_id or "", request)
+        else:
+            result = await provider.refund(request)
     except ProviderError as exc:
         if exc.retryable and attempt < SEND_REFUND_ATTEMPTS:
             raise  # the outbox retries with backoff; the refund id keeps it single
@@ -239,8 +254,6 @@ async def send_refund(
                 f"refund {refund.id} still pending at the provider",
             )
             return
-        # Asking again with the same reference is safe: the provider answers the same
-        # refund's state.
         await enqueue(
             session,
             SEND_REFUND_JOB,
@@ -337,7 +350,7 @@ async def admin_refund(
     the group (``order_id`` may be left out when it paid one order only), else from the
     money in suspense (a duplicate, or a payment the group could not take)."""
     if payment.status not in ("succeeded", "duplicate"):
-        raise PaymentNotRefundable(status=payment.status)
+        raise PaymentNotRefundable(payment_status=payment.status)
     group = await group_for_payment(session, payment.group_id)
     paid_orders = (
         [order for order in group.orders if order.status != "cancelled"]

@@ -34,6 +34,7 @@ from soko.payments.providers.base import (
     ProviderUnavailableError,
     StartedPayment,
 )
+from soko.payments.providers.registry import providers_of
 from soko.platform.errors import NotFound, ValidationFailed
 from soko.platform.outbox import publish
 from soko.platform.runtime import Runtime
@@ -48,12 +49,7 @@ PAID_GROUP = "paid"
 
 def enabled_providers(runtime: Runtime) -> Mapping[str, PaymentProvider]:
     """The providers this process may use, by name (the only way payments reach them)."""
-    try:
-        from soko.payments.providers.registry import providers_of  # type: ignore[import-not-found,import-untyped,unused-ignore]
-    except ImportError:  # the registry is not in this build yet
-        found: Mapping[str, PaymentProvider] = runtime.extensions.get("payments.providers", {})
-        return found
-    return providers_of(runtime)  # type: ignore[no-any-return,unused-ignore]
+    return providers_of(runtime)
 
 
 def provider_named(runtime: Runtime, name: str) -> PaymentProvider | None:

@@ -1,0 +1,314 @@
+# ruff: noqa: F401, F811
+# (pytest fixtures are imported from test_pay_support and named as parameters)
+"""Refunds on SQLite and PostgreSQL: from a cancelled paid order, from a dispute
+resolved with a refund, and by an admin; each goes through the provider (from a job,
+retried) and then the ledger, and never beyond what the payment took."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import httpx2
+
+from soko.identity.models import Role
+from soko.payments.providers.base import ProviderStatus
+from soko.platform.clock import ManualClock
+from soko.platform.runtime import Runtime
+from tests.identity.conftest import MakeUser
+from tests.orders.conftest import ADMIN, ORDERS, SELLER_ORDERS, Placed, events, refused
+from tests.payments.test_pay_support import (
+    FakeProvider,
+    PlaceOrder,
+    balance,
+    deliver,
+    fake,
+    ledger_check,
+    make_buyer,
+    make_user,
+    market,
+    ok,
+    pay_and_confirm,
+    payment_row,
+    place_order,
+    refunds_of,
+    run_jobs,
+    start_payment,
+)
+
+PAYMENTS_DESK = f"{ADMIN}/payments"
+
+
+async def admin_refund(
+    client: httpx2.AsyncClient,
+    payment_id: uuid.UUID,
+    headers: dict[str, str],
+    *,
+    key: str | None = None,
+    **body: Any,
+) -> httpx2.Response:
+    return await client.post(
+        f"{PAYMENTS_DESK}/{payment_id}/refunds",
+        json={"reason": "goodwill", **body},
+        headers={**headers, "Idempotency-Key": key or uuid.uuid4().hex},
+    )
+
+
+async def test_a_cancelled_paid_order_is_refunded_and_the_refund_reaches_the_ledger(
+    client: httpx2.AsyncClient, runtime: Runtime, fake: FakeProvider, place_order: PlaceOrder
+) -> None:
+    placed = await place_order(quantity=2)
+    payment_id = await pay_and_confirm(client, runtime, fake, placed)
+    assert await balance(runtime, placed.shop.seller_id) == {"KES": 2700}
+    ok(
+        await client.post(
+            f"{SELLER_ORDERS}/{placed.order_id}/cancel",
+            json={"reason": "out of stock after all"},
+            headers=placed.shop.headers,
+        )
+    )
+    await run_jobs(runtime)
+
+    [refund] = await refunds_of(runtime, payment_id)
+    assert (refund.status, refund.source, refund.amount_minor, refund.order_id) == (
+        "succeeded",
+        "cancellation",
+        3000,
+        placed.order_id,
+    )
+    assert refund.seller_id == placed.shop.seller_id
+    assert [(r.reference, r.amount_minor) for r in fake.refunds] == [(str(refund.id), 3000)]
+    assert (await payment_row(runtime, payment_id)).refunded_minor == 3000
+    # The seller's share and the commission are both reversed.
+    assert await balance(runtime, placed.shop.seller_id) == {"KES": 0}
+    assert (await ledger_check(runtime)).balanced
+    [told] = await events(runtime, "refund.succeeded")
+    assert (told["refund_id"], told["order_id"], told["source"]) == (
+        str(refund.id),
+        str(placed.order_id),
+        "cancellation",
+    )
+
+
+async def deliver_order(client: httpx2.AsyncClient, placed: Placed) -> None:
+    seller = f"{SELLER_ORDERS}/{placed.order_id}"
+    ok(await client.post(f"{seller}/accept", headers=placed.shop.headers))
+    ok(
+        await client.post(
+            f"{seller}/ship",
+            json={"carrier": "G4S", "tracking_number": "TRK-1"},
+            headers=placed.shop.headers,
+        )
+    )
+    ok(
+        await client.post(
+            f"{ORDERS}/{placed.order_id}/confirm-delivery", headers=placed.buyer.headers
+        )
+    )
+
+
+async def test_a_dispute_resolved_with_a_refund_reaches_the_ledger(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    fake: FakeProvider,
+    place_order: PlaceOrder,
+    make_user: MakeUser,
+) -> None:
+    placed = await place_order(quantity=2)
+    payment_id = await pay_and_confirm(client, runtime, fake, placed)
+    await deliver_order(client, placed)
+    dispute = ok(
+        await client.post(
+            f"{ORDERS}/{placed.order_id}/dispute",
+            json={"reason": "not_as_described", "details": "Half the size shown."},
+            headers=placed.buyer.headers,
+        ),
+        201,
+    )
+    support = await make_user(Role.support)
+    ok(
+        await client.post(
+            f"{ADMIN}/disputes/{dispute['id']}/resolve",
+            json={"outcome": "refund", "refund_minor": 1000, "note": "Photos agree"},
+            headers=support.headers,
+        )
+    )
+    await run_jobs(runtime)
+    await run_jobs(runtime)  # a second pass has nothing more to do
+
+    [refund] = await refunds_of(runtime, payment_id)
+    assert (refund.status, refund.source, refund.amount_minor, refund.order_id) == (
+        "succeeded",
+        "dispute",
+        1000,
+        placed.order_id,
+    )
+    # 2,700 owed after commission; 1,000 refunded at the same 10%: 900 from the seller.
+    assert await balance(runtime, placed.shop.seller_id) == {"KES": 1800}
+    assert (await ledger_check(runtime)).balanced
+
+
+async def test_an_admin_refund_is_idempotent_and_never_exceeds_the_payment(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    fake: FakeProvider,
+    place_order: PlaceOrder,
+    make_user: MakeUser,
+) -> None:
+    placed = await place_order(quantity=2)
+    payment_id = await pay_and_confirm(client, runtime, fake, placed)
+    admin = await make_user(Role.admin)
+    support = await make_user(Role.support)
+    refused(
+        await admin_refund(client, payment_id, support.headers, amount_minor=1), 403, "forbidden"
+    )
+
+    first = await admin_refund(client, payment_id, admin.headers, key="r1", amount_minor=1200)
+    again = await admin_refund(client, payment_id, admin.headers, key="r1", amount_minor=1200)
+    assert first.status_code == 201, first.text
+    assert again.headers["Idempotency-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert first.json()["order_id"] == str(placed.order_id)  # its only order
+
+    too_much = await admin_refund(client, payment_id, admin.headers, amount_minor=1801)
+    assert refused(too_much, 409, "refund-exceeds-payment")["refundable_minor"] == 1800
+    other_order = await admin_refund(
+        client, payment_id, admin.headers, amount_minor=1, order_id=str(uuid.uuid4())
+    )
+    refused(other_order, 422, "validation-error")
+    ok(await admin_refund(client, payment_id, admin.headers, amount_minor=1800), 201)
+    await run_jobs(runtime)
+
+    refunds = await refunds_of(runtime, payment_id)
+    assert [(r.amount_minor, r.status, r.source) for r in refunds] == [
+        (1200, "succeeded", "admin"),
+        (1800, "succeeded", "admin"),
+    ]
+    assert refunds[0].requested_by == admin.user_id
+    assert (await payment_row(runtime, payment_id)).refunded_minor == 3000
+    assert await balance(runtime, placed.shop.seller_id) == {"KES": 0}
+    assert (await ledger_check(runtime)).balanced
+    refused(
+        await admin_refund(client, payment_id, admin.headers, amount_minor=1),
+        409,
+        "refund-exceeds-payment",
+    )
+
+
+async def test_a_payment_without_money_is_not_refundable(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    fake: FakeProvider,
+    place_order: PlaceOrder,
+    make_user: MakeUser,
+) -> None:
+    placed = await place_order()
+    payment_id = uuid.UUID((await start_payment(client, placed))["id"])
+    admin = await make_user(Role.admin)
+    answer = await admin_refund(client, payment_id, admin.headers, amount_minor=100)
+    assert refused(answer, 409, "payment-not-refundable")["payment_status"] == "pending"
+    refused(
+        await admin_refund(client, uuid.uuid4(), admin.headers, amount_minor=100),
+        404,
+        "not-found",
+    )
+
+
+async def test_a_refund_refused_for_good_is_flagged_and_the_amount_is_refundable_again(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    fake: FakeProvider,
+    place_order: PlaceOrder,
+    make_user: MakeUser,
+) -> None:
+    placed = await place_order(quantity=2)
+    payment_id = await pay_and_confirm(client, runtime, fake, placed)
+    admin = await make_user(Role.admin)
+    fake.refund_outcome = "error"
+    ok(await admin_refund(client, payment_id, admin.headers, amount_minor=500), 201)
+    await run_jobs(runtime)
+
+    [refund] = await refunds_of(runtime, payment_id)
+    assert refund.status == "failed" and "charge disputed" in (refund.failure_reason or "")
+    payment = await payment_row(runtime, payment_id)
+    assert (payment.refunded_minor, payment.flag) == (0, "refund_failed")
+    [failed] = await events(runtime, "refund.failed")
+    assert failed["refund_id"] == str(refund.id)
+    assert await balance(runtime, placed.shop.seller_id) == {"KES": 2700}
+
+    flagged = ok(await client.get(PAYMENTS_DESK, params={"flagged": "true"}, headers=admin.headers))
+    assert [item["id"] for item in flagged["items"]] == [str(payment_id)]
+    detail = ok(await client.get(f"{PAYMENTS_DESK}/{payment_id}", headers=admin.headers))
+    assert [r["status"] for r in detail["refunds"]] == ["failed"]
+    assert [e["status"] for e in detail["events"]] == ["processed"]
+    resolved = ok(
+        await client.post(
+            f"{PAYMENTS_DESK}/{payment_id}/resolve-flag",
+            json={"note": "refunded by bank transfer"},
+            headers=admin.headers,
+        )
+    )
+    assert resolved["flag"] is None
+    refused(
+        await client.post(
+            f"{PAYMENTS_DESK}/{payment_id}/resolve-flag", json={}, headers=admin.headers
+        ),
+        409,
+        "payment-not-flagged",
+    )
+
+
+async def test_a_provider_outage_delays_a_refund_and_loses_none(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    clock: ManualClock,
+    fake: FakeProvider,
+    place_order: PlaceOrder,
+    make_user: MakeUser,
+) -> None:
+    placed = await place_order()
+    payment_id = await pay_and_confirm(client, runtime, fake, placed)
+    admin = await make_user(Role.admin)
+    fake.refund_outcome = "down"
+    ok(await admin_refund(client, payment_id, admin.headers, amount_minor=300), 201)
+    await run_jobs(runtime)
+    [refund] = await refunds_of(runtime, payment_id)
+    assert refund.status == "pending"
+
+    fake.refund_outcome = "succeeded"
+    clock.advance(dt.timedelta(minutes=10))
+    await run_jobs(runtime)
+    [refund] = await refunds_of(runtime, payment_id)
+    assert refund.status == "succeeded"
+    assert len(fake.refunds) == 1
+    assert (await ledger_check(runtime)).balanced
+
+
+async def test_a_refund_pending_at_the_provider_is_followed_up_never_sent_twice(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    clock: ManualClock,
+    fake: FakeProvider,
+    place_order: PlaceOrder,
+    make_user: MakeUser,
+) -> None:
+    placed = await place_order()
+    payment_id = await pay_and_confirm(client, runtime, fake, placed)
+    admin = await make_user(Role.admin)
+    fake.refund_outcome = "pending"
+    ok(await admin_refund(client, payment_id, admin.headers, amount_minor=300), 201)
+    await run_jobs(runtime)
+    [refund] = await refunds_of(runtime, payment_id)
+    assert (refund.status, refund.provider_refund_id) == ("pending", f"re_{refund.id}")
+
+    clock.advance(dt.timedelta(seconds=61))
+    await run_jobs(runtime)
+    assert fake.status_reads == 1
+    fake.refund_outcome = "succeeded"
+    clock.advance(dt.timedelta(seconds=61))
+    await run_jobs(runtime)
+    [refund] = await refunds_of(runtime, payment_id)
+    assert refund.status == "succeeded"
+    assert (len(fake.refunds), fake.status_reads) == (1, 2)
+    assert (await ledger_check(runtime)).balanced
