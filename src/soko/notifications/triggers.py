@@ -84,8 +84,10 @@ TRIGGERS: tuple[Trigger, ...] = (
     _t(order_events.ORDER_PAID, Audience.buyer, E, S, A),
     _t(order_events.ORDER_PAID, Audience.seller, E, S, A),
     _t(order_events.ORDER_SHIPPED, Audience.buyer, E, S, A),
-    _t(order_events.ORDER_DELIVERED, Audience.buyer, E, A),
-    _t(order_events.ORDER_DELIVERED, Audience.seller, A),
+    # "It arrived; tell us if something is wrong": useful, not essential, so the user may
+    # switch it off (the dispute window is also on the order's page).
+    _t(order_events.ORDER_DELIVERED, Audience.buyer, E, A, category=Category.updates),
+    _t(order_events.ORDER_DELIVERED, Audience.seller, A, category=Category.updates),
     _t(order_events.ORDER_CANCELLED, Audience.buyer, E, S, A),
     _t(order_events.ORDER_CANCELLED, Audience.seller, E, A),
     _t(order_events.ORDER_EXPIRED, Audience.buyer, E, A),

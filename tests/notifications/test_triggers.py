@@ -1,0 +1,207 @@
+"""Domain events to messages: the declared trigger table, and a demo order placed and
+paid reaching the buyer and the seller by email, SMS and in-app, on SQLite and
+PostgreSQL. (Payments may not publish yet: the order is paid through
+soko.orders.public.mark_group_paid, which publishes order.paid as a payment will.)"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx2
+
+from soko.identity.accounts import create_user
+from soko.identity.models import Role
+from soko.identity.sessions import start_session
+from soko.notifications.preferences import LOCKED, ChannelName
+from soko.notifications.public import read_sink
+from soko.notifications.templates import (
+    LOCALES,
+    SAMPLE_CONTEXT,
+    bundled_source,
+    render_source,
+    template_names,
+)
+from soko.notifications.triggers import TRIGGERS, Audience
+from soko.orders import events as order_events
+from soko.platform.clock import ManualClock
+from soko.platform.runtime import Runtime
+from soko.sellers import events as seller_events
+from soko.sellers.public import seller_cards
+from tests.cart.catalog_support import Market, market  # noqa: F401
+from tests.identity.conftest import TEST_DEVICE, MakeUser, SignedInUser, make_user  # noqa: F401
+from tests.notifications.support import no_scheduled_jobs  # noqa: F401
+from tests.orders.conftest import API, Buyer, ok, pay
+
+ME = f"{API}/me/notifications"
+
+
+def test_every_event_of_the_issue_has_its_audiences() -> None:
+    declared = {(trigger.event, trigger.audience) for trigger in TRIGGERS}
+    expected = {
+        (order_events.ORDER_PLACED, Audience.buyer),
+        (order_events.ORDER_PLACED, Audience.seller),
+        (order_events.ORDER_PAID, Audience.buyer),
+        (order_events.ORDER_PAID, Audience.seller),
+        (order_events.ORDER_SHIPPED, Audience.buyer),
+        (order_events.ORDER_DELIVERED, Audience.buyer),
+        (order_events.ORDER_DELIVERED, Audience.seller),
+        (order_events.ORDER_CANCELLED, Audience.buyer),
+        (order_events.ORDER_CANCELLED, Audience.seller),
+        (order_events.ORDER_EXPIRED, Audience.buyer),
+        (order_events.ORDER_REFUNDED, Audience.buyer),
+        (order_events.ORDER_REFUNDED, Audience.seller),
+        (order_events.DISPUTE_OPENED, Audience.seller),
+        (order_events.DISPUTE_OPENED, Audience.admins),
+        (order_events.DISPUTE_ANSWERED, Audience.buyer),
+        (order_events.DISPUTE_ANSWERED, Audience.admins),
+        (order_events.DISPUTE_RESOLVED, Audience.buyer),
+        (order_events.DISPUTE_RESOLVED, Audience.seller),
+        (seller_events.SELLER_APPROVED, Audience.seller),
+        (seller_events.SELLER_SUSPENDED, Audience.seller),
+        ("payment.succeeded", Audience.buyer),
+        ("refund.succeeded", Audience.buyer),
+    }
+    assert declared == expected
+    assert len(declared) == len(TRIGGERS)  # one row per (event, audience)
+
+
+def test_every_trigger_has_a_template_that_renders_in_every_locale() -> None:
+    names = set(template_names())
+    for trigger in TRIGGERS:
+        assert trigger.template in names, trigger
+        assert trigger.channels, trigger
+        for locale in LOCALES:
+            source = bundled_source(trigger.template, locale)
+            assert source is not None, (trigger.template, locale)
+            rendered = render_source(source, SAMPLE_CONTEXT)
+            if ChannelName.sms in trigger.channels:
+                assert rendered.sms, f"{trigger.template} sends SMS but has no sms block"
+    # Money and the orders' events are never optional; the admins only get email.
+    for trigger in TRIGGERS:
+        if trigger.event.startswith(("order.placed", "order.paid", "payment.", "refund.")):
+            assert trigger.category in LOCKED
+        if trigger.audience is Audience.admins:
+            assert trigger.channels == {ChannelName.email}
+    assert names == {trigger.template for trigger in TRIGGERS}
+
+
+def test_swahili_differs_from_english() -> None:
+    english = render_source(bundled_source("order.paid.buyer", "en") or "", SAMPLE_CONTEXT)
+    swahili = render_source(bundled_source("order.paid.buyer", "sw") or "", SAMPLE_CONTEXT)
+    assert "imelipwa" in swahili.subject and english.subject != swahili.subject
+    assert "KES 2,500.00" in english.text and "KES 2,500.00" in swahili.sms
+
+
+async def _user(
+    runtime: Runtime, *, phone: str | None = None, role: Role = Role.customer, name: str = ""
+) -> SignedInUser:
+    email = f"user-{uuid.uuid4().hex[:10]}@example.com"
+    async with runtime.db.transaction() as session:
+        user = await create_user(
+            session,
+            runtime.data_keys,
+            now=runtime.clock.now(),
+            email=email,
+            phone=phone,
+            display_name=name,
+            roles=(role,),
+            email_verified=True,
+            phone_verified=phone is not None,
+        )
+        tokens = await start_session(session, runtime, user, method="test", device=TEST_DEVICE)
+    return SignedInUser(user_id=user.id, email=email, tokens=tokens)
+
+
+def _by_category(records: list[dict[str, Any]], category: str) -> list[dict[str, Any]]:
+    return [record for record in records if record["category"] == category]
+
+
+async def test_placing_and_paying_an_order_reaches_the_buyer_and_the_seller(
+    runtime: Runtime,
+    client: httpx2.AsyncClient,
+    market: Market,  # noqa: F811
+    clock: ManualClock,
+) -> None:
+    owner = await _user(runtime, phone="+254711000001", name="Mama Duka")
+    shop = await market.open_shop(owner)
+    async with runtime.db.sessionmaker() as session:
+        shop_name = (await seller_cards(session, [shop.seller_id]))[shop.seller_id].store_name
+    variant_id = (await shop.list_product(1500, stock=10)).variant_id
+    buyer_user = await _user(runtime, phone="+254722000002", name="Wanjiku")
+    cart = ok(await client.post(f"{API}/carts", headers=buyer_user.headers), 200, 201)
+    buyer = Buyer(client, buyer_user, uuid.UUID(cart["cart"]["id"]))
+    await buyer.add(variant_id, 2)
+    group = await buyer.checkout()
+    number = group["orders"][0]["number"]
+    await runtime.dispatcher.run_until_idle()
+
+    data_dir = runtime.settings.data_dir
+    emails = read_sink(data_dir, "email")
+    [placed_buyer] = _by_category(emails, "transactional.order.placed.buyer")
+    [placed_seller] = _by_category(emails, "transactional.order.placed.seller")
+    assert placed_buyer["to"] == buyer_user.email and placed_seller["to"] == owner.email
+    assert number in placed_buyer["subject"] and "Wanjiku" in placed_buyer["text"]
+    assert "KES 30.00" in placed_buyer["text"]  # 2 x 15.00
+    assert f'/orders/{group["orders"][0]["id"]}"' in placed_buyer["html"]
+    assert _by_category(read_sink(data_dir, "sms"), "transactional.order.placed.buyer") == []
+
+    assert await pay(runtime, uuid.UUID(group["id"]))
+    await runtime.dispatcher.run_until_idle()
+    emails = read_sink(data_dir, "email")
+    sms = read_sink(data_dir, "sms")
+    [paid_buyer] = _by_category(emails, "transactional.order.paid.buyer")
+    [paid_seller] = _by_category(emails, "transactional.order.paid.seller")
+    assert paid_buyer["to"] == buyer_user.email and paid_seller["to"] == owner.email
+    [sms_buyer] = _by_category(sms, "transactional.order.paid.buyer")
+    [sms_seller] = _by_category(sms, "transactional.order.paid.seller")
+    assert sms_buyer["to"] == "+254722000002" and number in sms_buyer["body"]
+    assert sms_seller["to"] == "+254711000001"
+
+    # In-app, newest first, for each of them alone.
+    mine = ok(await client.get(ME, headers=buyer_user.headers))
+    assert [item["title"] for item in mine["items"]] == [
+        f"Order {number} is paid",
+        f"We received your order {number}",
+    ]
+    assert mine["items"][0]["data"]["order_id"] == group["orders"][0]["id"]
+    seller_view = ok(await client.get(ME, headers=owner.headers))
+    titles = [item["title"] for item in seller_view["items"]]
+    # The approval and the order were handled in one run of the outbox, in any order.
+    assert titles[0] == f"Order {number} is paid: ship it"
+    assert set(titles[1:]) == {f"New order {number}", f"Your store {shop_name} is approved"}
+    count = ok(await client.get(f"{ME}/unread-count", headers=buyer_user.headers))
+    assert count == {"unread": 2}
+
+    # A second run of the same events sends nothing more.
+    before = (len(read_sink(data_dir, "email")), len(read_sink(data_dir, "sms")))
+    assert await runtime.dispatcher.run_until_idle() == 0
+    assert (len(read_sink(data_dir, "email")), len(read_sink(data_dir, "sms"))) == before
+
+
+async def test_messages_are_in_the_buyers_language(
+    runtime: Runtime,
+    client: httpx2.AsyncClient,
+    market: Market,  # noqa: F811
+) -> None:
+    shop = await market.open_shop()
+    variant_id = (await shop.list_product(1000, stock=5)).variant_id
+    buyer_user = await _user(runtime, name="Juma")
+    ok(
+        await client.put(
+            f"{API}/me/notification-preferences",
+            json={"locale": "sw"},
+            headers=buyer_user.headers,
+        )
+    )
+    cart = ok(await client.post(f"{API}/carts", headers=buyer_user.headers), 200, 201)
+    buyer = Buyer(client, buyer_user, uuid.UUID(cart["cart"]["id"]))
+    await buyer.add(variant_id, 1)
+    group = await buyer.checkout()
+    await runtime.dispatcher.run_until_idle()
+    [email] = _by_category(
+        read_sink(runtime.settings.data_dir, "email"), "transactional.order.placed.buyer"
+    )
+    assert email["subject"].startswith("Tumepokea oda yako")
+    assert email["text"].startswith("Habari Juma")
+    assert group["orders"][0]["number"] in email["subject"]
