@@ -39,8 +39,8 @@ async def _add(runtime: Runtime, user: SignedInUser, title: str, **extra: object
 async def test_listing_pages_newest_first_and_filters_unread(
     runtime: Runtime,
     client: httpx2.AsyncClient,
-    make_user: MakeUser,
-    clock: ManualClock,  # noqa: F811
+    make_user: MakeUser,  # noqa: F811
+    clock: ManualClock,
 ) -> None:
     me = await make_user()
     other = await make_user()
@@ -227,8 +227,8 @@ async def test_a_switched_off_category_sends_nothing_on_that_channel(
 @pytest.mark.parametrize("unread", ["maybe", "2"])
 async def test_a_bad_unread_flag_is_a_validation_problem(
     client: httpx2.AsyncClient,
-    make_user: MakeUser,
-    unread: str,  # noqa: F811
+    make_user: MakeUser,  # noqa: F811
+    unread: str,
 ) -> None:
     me = await make_user()
     answer = await client.get(ME, params={"unread": unread}, headers=me.headers)
