@@ -192,8 +192,8 @@ async def test_an_override_is_used_for_real_messages(
 @pytest.mark.parametrize("role", [Role.customer, Role.operator, Role.support])
 async def test_only_administrators_touch_templates(
     client: httpx2.AsyncClient,
-    make_user: MakeUser,
-    role: Role,  # noqa: F811
+    make_user: MakeUser,  # noqa: F811
+    role: Role,
 ) -> None:
     user = await make_user(role)
     assert (await client.get(ADMIN, headers=user.headers)).status_code == 403
