@@ -271,3 +271,15 @@ async def test_start_and_refund_work_inside_a_callers_open_write_transaction(
     assert (await _charge(runtime, started.provider_payment_id)).reference == "pay-0002"
     deliveries = await queued_deliveries(runtime)
     assert [json.loads(m.payload["body"])["type"] for m in deliveries] == ["refund.succeeded"]
+
+
+async def test_a_refund_of_an_unknown_charge_is_refused(
+    runtime: Runtime, sandbox: SandboxProvider
+) -> None:
+    for charge_id in (str(uuid.uuid4()), "ch_not_a_uuid"):
+        with pytest.raises(ProviderError, match="no such charge") as refused:
+            await sandbox.refund(_refund(charge_id, 100))
+        assert refused.value.retryable is False
+    await drain(runtime)
+    async with runtime.db.transaction(read_only=True) as session:
+        assert await session.scalar(select(func.count()).select_from(SandboxRefund)) == 0

@@ -278,6 +278,12 @@ class SandboxState:
     staged_charges: dict[uuid.UUID, StagedCharge] = field(default_factory=dict)
     staged_references: dict[str, uuid.UUID] = field(default_factory=dict)
     staged_refunds: dict[tuple[uuid.UUID, str], StagedRefund] = field(default_factory=dict)
+    # Counts staged writes that have finished, so a reader can tell one finished while
+    # it was reading the database.
+    generation: int = 0
+    # Staged writes commit in the order they were staged (asyncio's lock is FIFO): a
+    # repeated start must not have its new page token overwritten by the first one's.
+    write_order: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def spawn_write(self, work: Coroutine[Any, Any, None], *, name: str) -> None:
         self._spawn(self.writes, work, name)
@@ -290,6 +296,10 @@ class SandboxState:
         task = asyncio.create_task(work, name=name)
         group.add(task)
         task.add_done_callback(group.discard)
+
+    def unstage_refund(self, key: tuple[uuid.UUID, str]) -> None:
+        self.staged_refunds.pop(key, None)
+        self.generation += 1
 
     def staged_refunded_minor(self, charge_id: uuid.UUID) -> int:
         return sum(r.amount_minor for r in self.staged_refunds.values() if r.charge_id == charge_id)
@@ -350,22 +360,29 @@ async def run_deferred_write(
     """Run ``await write(session)`` in a transaction of its own once the write lock is
     free; ``on_done()`` runs afterwards whatever happened (it unstages)."""
     try:
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
-            try:
-                async with runtime.db.transaction() as session:
-                    await write(session)
-            except OperationalError:
-                if attempt == WRITE_ATTEMPTS:
-                    raise
-                await asyncio.sleep(WRITE_RETRY_SECONDS)
-            else:
-                runtime.dispatcher.wake()
-                return
+        async with sandbox_state(runtime).write_order:
+            await _write_with_retries(runtime, write)
     except Exception:
         log.exception("a deferred sandbox write failed", what=what)
     finally:
         if on_done is not None:
             on_done()
+
+
+async def _write_with_retries(
+    runtime: Runtime, write: Callable[[AsyncSession], Awaitable[object]]
+) -> None:
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            async with runtime.db.transaction() as session:
+                await write(session)
+        except OperationalError:
+            if attempt == WRITE_ATTEMPTS:
+                raise
+            await asyncio.sleep(WRITE_RETRY_SECONDS)
+        else:
+            runtime.dispatcher.wake()
+            return
 
 
 # -- delivery ------------------------------------------------------------------------------

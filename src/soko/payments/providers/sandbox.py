@@ -115,10 +115,6 @@ def facts_of(charge: SandboxCharge) -> ChargeFacts:
     )
 
 
-def _discard(staged: dict[Any, Any], key: object) -> None:
-    staged.pop(key, None)
-
-
 def _insert(session: AsyncSession) -> Any:
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
@@ -232,15 +228,16 @@ class SandboxProvider:
         self, payment: PaymentStart, token_hash: str, now: dt.datetime
     ) -> uuid.UUID:
         state = self._state
-        staged_id = state.staged_references.get(payment.reference)
-        if staged_id is not None:
-            facts = state.staged_charges[staged_id].facts
-            existing: tuple[uuid.UUID, int, str] | None = (
-                staged_id,
-                facts.amount_minor,
-                facts.currency,
-            )
-        else:
+        existing: tuple[uuid.UUID, int, str] | None = None
+        while True:
+            # A staged write that finishes while the database is read would be neither
+            # staged nor (in that read) stored: read again if one did.
+            generation = state.generation
+            staged_id = state.staged_references.get(payment.reference)
+            if staged_id is not None:
+                facts = state.staged_charges[staged_id].facts
+                existing = (staged_id, facts.amount_minor, facts.currency)
+                break
             async with self._runtime.db.reading() as connection:
                 row = (
                     await connection.execute(
@@ -250,6 +247,8 @@ class SandboxProvider:
                     )
                 ).first()
             existing = (row.id, row.amount_minor, row.currency) if row is not None else None
+            if generation == state.generation:
+                break
         if existing is not None and existing[1:] != (payment.amount_minor, payment.currency):
             raise self._error("a charge with this reference exists for another amount")
         charge_id = existing[0] if existing is not None else uuid7()
@@ -271,6 +270,7 @@ class SandboxProvider:
             if state.staged_references.get(payment.reference) == charge_id:
                 state.staged_references.pop(payment.reference, None)
                 state.staged_charges.pop(charge_id, None)
+            state.generation += 1
 
         state.spawn_write(
             run_deferred_write(self._runtime, write, what="sandbox charge", on_done=unstage),
@@ -432,6 +432,9 @@ class SandboxProvider:
         refund_id: uuid.UUID,
     ) -> uuid.UUID:
         now = self._runtime.clock.now()
+        known = await session.scalar(select(SandboxCharge.id).where(SandboxCharge.id == charge_id))
+        if known is None:
+            raise self._error("no such charge")
         # The refund row first: a concurrent request with the same reference waits on
         # it (PostgreSQL) and then finds it, so one reference never refunds twice.
         inserted = (
@@ -524,26 +527,37 @@ class SandboxProvider:
             if staged.amount_minor != refund.amount_minor:
                 raise self._error("this refund reference was used for another amount")
             return staged.refund_id
-        async with self._runtime.db.reading() as connection:
-            charge = (
-                await connection.execute(
-                    select(
-                        SandboxCharge.reference,
-                        SandboxCharge.status,
-                        SandboxCharge.currency,
-                        SandboxCharge.amount_minor,
-                        SandboxCharge.refunded_minor,
-                    ).where(SandboxCharge.id == charge_id)
-                )
-            ).first()
-            done = (
-                await connection.execute(
-                    select(SandboxRefund.id, SandboxRefund.amount_minor).where(
-                        SandboxRefund.charge_id == charge_id,
-                        SandboxRefund.reference == refund.reference,
+        while True:
+            # As in _stage_start: a staged refund committing during the read would be
+            # counted neither as staged nor as stored.
+            generation = state.generation
+            async with self._runtime.db.reading() as connection:
+                charge = (
+                    await connection.execute(
+                        select(
+                            SandboxCharge.reference,
+                            SandboxCharge.status,
+                            SandboxCharge.currency,
+                            SandboxCharge.amount_minor,
+                            SandboxCharge.refunded_minor,
+                        ).where(SandboxCharge.id == charge_id)
                     )
-                )
-            ).first()
+                ).first()
+                done = (
+                    await connection.execute(
+                        select(SandboxRefund.id, SandboxRefund.amount_minor).where(
+                            SandboxRefund.charge_id == charge_id,
+                            SandboxRefund.reference == refund.reference,
+                        )
+                    )
+                ).first()
+            if generation == state.generation:
+                break
+        staged = state.staged_refunds.get(key)
+        if staged is not None:  # staged by a concurrent call meanwhile
+            if staged.amount_minor != refund.amount_minor:
+                raise self._error("this refund reference was used for another amount")
+            return staged.refund_id
         if done is not None:
             if done.amount_minor != refund.amount_minor:
                 raise self._error("this refund reference was used for another amount")
@@ -574,7 +588,7 @@ class SandboxProvider:
                 self._runtime,
                 write,
                 what="sandbox refund",
-                on_done=lambda: _discard(state.staged_refunds, key),
+                on_done=lambda: state.unstage_refund(key),
             ),
             name="sandbox refund write",
         )
