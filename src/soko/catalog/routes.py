@@ -48,7 +48,7 @@ from soko.platform.pagination import (
     page_response,
 )
 from soko.platform.runtime import RuntimeDep, SessionDep
-from soko.sellers.public import ActingSellerDep
+from soko.sellers.public import ActingSellerDep, seller_slug
 
 router = APIRouter()
 
@@ -84,6 +84,30 @@ async def categories(request: Request, runtime: RuntimeDep) -> Response:
     return _answer(request, await render_categories(runtime))
 
 
+# Room for a store id in any form uuid.UUID reads, and for the longest slug.
+SELLER_FILTER_MAX_LENGTH = 80
+
+
+def _seller_filter(raw: str | None) -> tuple[uuid.UUID | None, str | None]:
+    """The ``seller`` filter as a store id or a store slug (at most one of the two).
+
+    A value that reads as a UUID is an id (so a storefront whose slug happened to look
+    like one is filtered by its id); anything else must be a possible slug, else 422.
+    Blank means no filter, like the other text filters."""
+    if raw is None or not raw.strip():
+        return None, None
+    try:
+        return uuid.UUID(raw.strip()), None
+    except ValueError:
+        pass
+    slug = seller_slug(raw)
+    if slug is None:
+        raise ValidationFailed.of_field(
+            "seller", "is neither a store id nor a store slug", location="query"
+        )
+    return None, slug
+
+
 @router.get(
     "/products",
     response_model=Page[ProductCardOut],
@@ -100,7 +124,13 @@ async def list_products(
         str | None,
         Query(max_length=80, description="A category slug or id; its subcategories count too"),
     ] = None,
-    seller: Annotated[uuid.UUID | None, Query(description="A store's id")] = None,
+    seller: Annotated[
+        str | None,
+        Query(
+            max_length=SELLER_FILTER_MAX_LENGTH,
+            description="A store's id, or its slug (the address of its storefront)",
+        ),
+    ] = None,
     min_price: Annotated[
         int | None, Query(ge=0, description="Lowest price, in minor units (inclusive)")
     ] = None,
@@ -124,9 +154,11 @@ async def list_products(
     pages: products added while you page never make you skip or repeat one."""
     if min_price is not None and max_price is not None and max_price < min_price:
         raise ValidationFailed.of_field("max_price", "is below min_price", location="query")
+    seller_id, store_slug = _seller_filter(seller)
     filters = ProductFilters(
         category=category.strip() or None if category is not None else None,
-        seller=seller,
+        seller=seller_id,
+        seller_slug=store_slug,
         min_price=min_price,
         max_price=max_price,
         currency=currency,

@@ -99,7 +99,8 @@ class ProductFilters:
     """The public listing's filters, already validated."""
 
     category: str | None = None  # a slug or an id; includes the descendants
-    seller: uuid.UUID | None = None
+    seller: uuid.UUID | None = None  # a store's id ...
+    seller_slug: str | None = None  # ... or its slug (lower-case), never both
     min_price: int | None = None
     max_price: int | None = None
     currency: str | None = None
@@ -116,6 +117,7 @@ class ProductFilters:
             self.currency,
             self.in_stock,
             self.q,
+            self.seller_slug,
         ]
 
 
@@ -230,7 +232,7 @@ class _Shape:
 
     sort: ProductSort
     category: str | None  # "id", "slug" or None
-    seller: bool
+    seller: str | None  # "id", "slug" or None
     min_price: bool
     max_price: bool
     currency: bool
@@ -252,8 +254,13 @@ def _page_statement(shape: _Shape) -> Select[Any]:
         conditions.append(
             Product.category_id.in_(select(Category.id).where(Category.path.startswith(subtree)))
         )
-    if shape.seller:
+    if shape.seller == "id":
         conditions.append(Product.seller_id == bindparam("seller", type_=Uuid()))
+    elif shape.seller == "slug":
+        # The store's address resolves inside this statement (one row at most, NULL and
+        # so nothing listed for an unknown or inactive store): no statement of its own.
+        store = active_seller_ids(slug=bindparam("seller", type_=String())).scalar_subquery()
+        conditions.append(Product.seller_id == store)
     if shape.currency:
         conditions.append(Product.currency == bindparam("currency", type_=String()))
     if shape.min_price:
@@ -398,7 +405,7 @@ def _shape_and_parameters(
             parameters["category"] = filters.category
             category_kind = "slug"
     optional = {
-        "seller": filters.seller,
+        "seller": filters.seller if filters.seller is not None else filters.seller_slug,
         "min_price": filters.min_price,
         "max_price": filters.max_price,
         "currency": filters.currency,
@@ -416,7 +423,7 @@ def _shape_and_parameters(
     shape = _Shape(
         sort=sort,
         category=category_kind,
-        seller=filters.seller is not None,
+        seller="id" if filters.seller is not None else "slug" if filters.seller_slug else None,
         min_price=filters.min_price is not None,
         max_price=filters.max_price is not None,
         currency=filters.currency is not None,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
-from sqlalchemy import Select, select
+from sqlalchemy import ColumnElement, Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.platform.auth import Principal, require
@@ -25,6 +25,7 @@ from soko.platform.errors import ValidationFailed
 from soko.platform.runtime import SessionDep
 from soko.sellers.errors import NotASeller, SellerChoiceNeeded, SellerNotActive, SellerRoleRequired
 from soko.sellers.models import Seller, SellerMember, SellerRole, SellerStatus
+from soko.sellers.schemas import is_slug
 
 __all__ = [
     "SELLERS_TAG",
@@ -42,6 +43,7 @@ __all__ = [
     "require_active",
     "require_role",
     "seller_cards",
+    "seller_slug",
     "seller_tag",
 ]
 
@@ -215,11 +217,29 @@ async def inactive_seller_ids(session: AsyncSession, ids: Iterable[uuid.UUID]) -
     return wanted - set(active.all())
 
 
-def active_seller_ids() -> Select[Any]:
+def active_seller_ids(*, slug: str | ColumnElement[str] | None = None) -> Select[Any]:
     """``SELECT id FROM sellers WHERE status = 'active'``, to embed in another domain's
     query (``Product.seller_id.in_(active_seller_ids())``) so "only stores that may sell"
-    costs no extra statement. Read-only; its one column is ``id``."""
-    return select(Seller.id).where(Seller.status == SellerStatus.active.value)
+    costs no extra statement. Read-only; its one column is ``id``.
+
+    With ``slug`` (a value, or a bind parameter of the caller's statement built once),
+    only the active store at that address: at most one row, since slugs are unique, so
+    ``.scalar_subquery()`` resolves a storefront's address inside the caller's statement
+    (NULL, matching nothing, for an unknown slug or a store that may not sell). Pass a
+    slug already normalised by :func:`seller_slug`: slugs are stored lower-case."""
+    statement = select(Seller.id).where(Seller.status == SellerStatus.active.value)
+    if slug is not None:
+        statement = statement.where(Seller.slug == slug)
+    return statement
+
+
+def seller_slug(text: str) -> str | None:
+    """``text`` as a store's slug (the address of its storefront, ``GET
+    /api/v1/sellers/{slug}``): trimmed and lower-cased, as stores are addressed; ``None``
+    when no store can have it (3 to 60 characters from a-z, 0-9 and ``-``, starting and
+    ending with a letter or digit). Whether a store has it is another question."""
+    slug = text.strip().lower()
+    return slug if is_slug(slug) else None
 
 
 async def member_role(
