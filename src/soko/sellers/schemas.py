@@ -32,7 +32,13 @@ def _slug(value: str) -> str:
             f"must be {SLUG_MIN_LENGTH} to {SLUG_MAX_LENGTH} characters from a-z, 0-9 and "
             "'-', starting and ending with a letter or digit"
         )
-    return value
+    # The product list's seller filter reads a UUID-shaped value as a store id, so a
+    # slug shaped like one could never be filtered on (nor pose as another store's id).
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return value
+    raise ValueError("must not look like a store id (a UUID)")
 
 
 def _contact_email(value: str) -> str:
