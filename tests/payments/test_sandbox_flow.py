@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx2
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from soko.identity.models import Role
 from soko.payments.payment_models import Payment, WebhookEvent
@@ -20,6 +20,7 @@ from soko.payments.providers.sandbox import SandboxProvider
 from soko.payments.sandbox_delivery import TRANSPORT_EXTENSION
 from soko.payments.sandbox_models import SandboxCharge, SandboxRefund
 from soko.platform.clock import ManualClock
+from soko.platform.outbox import MessageStatus, OutboxMessage
 from soko.platform.runtime import Runtime
 from tests.cart.catalog_support import Market, market  # noqa: F401
 from tests.identity.conftest import MakeUser, make_user  # noqa: F401
@@ -53,6 +54,23 @@ async def _start(client: httpx2.AsyncClient, placed: Placed) -> dict[str, Any]:
         ),
         201,
     )
+
+
+async def _no_failed_jobs(runtime: Runtime) -> None:
+    """Every payments job (processing, deliveries, refunds) ran without an error."""
+    async with runtime.db.transaction(read_only=True) as session:
+        failed = (
+            await session.execute(
+                select(OutboxMessage.name, OutboxMessage.status, OutboxMessage.last_error).where(
+                    OutboxMessage.name.like("payments.%"),
+                    or_(
+                        OutboxMessage.status != MessageStatus.done.value,
+                        OutboxMessage.last_error.is_not(None),
+                    ),
+                )
+            )
+        ).all()
+    assert failed == [], failed
 
 
 async def _orders(client: httpx2.AsyncClient, placed: Placed) -> list[dict[str, Any]]:
@@ -126,6 +144,7 @@ async def test_a_buyer_pays_through_the_sandbox_page_and_sees_the_orders_paid(
     assert stored.status == "succeeded"
     seen = ok(await client.get(f"{API}/payments/{payment['id']}", headers=placed.buyer.headers))
     assert seen["status"] == "succeeded"
+    await _no_failed_jobs(runtime)
 
 
 @pytest.mark.usefixtures("through_soko")
@@ -150,6 +169,7 @@ async def test_duplicates_and_a_stale_pending_have_no_second_effect(
     assert {o["status"] for o in await _orders(client, placed)} == {"paid"}
     stored = await _payment(runtime, payment["id"])
     assert stored.status == "succeeded"  # the late pending never overwrote it
+    await _no_failed_jobs(runtime)
 
 
 @pytest.mark.usefixtures("through_soko")
@@ -190,3 +210,4 @@ async def test_an_admin_refund_goes_through_the_sandbox_and_comes_back_as_a_webh
     assert [(r.reference, r.amount_minor) for r in refunds] == [(refund["id"], 1_000)]
     assert (await _payment(runtime, payment["id"])).refunded_minor == 1_000
     assert "refund.succeeded" in {e.event_type for e in await _events(runtime)}
+    await _no_failed_jobs(runtime)
