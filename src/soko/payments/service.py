@@ -234,12 +234,15 @@ async def payment_event(
     *,
     outcome: str | None = None,
     flag: str | None = None,
+    seller_ids: list[uuid.UUID] | None = None,
 ) -> PaymentEvent:
+    if seller_ids is None:
+        seller_ids = await seller_ids_of_group(session, payment.group_id)
     return PaymentEvent(
         payment_id=payment.id,
         group_id=payment.group_id,
         buyer_id=payment.buyer_id,
-        seller_ids=await seller_ids_of_group(session, payment.group_id),
+        seller_ids=seller_ids,
         provider=payment.provider,
         amount_minor=payment.amount_minor,
         currency=payment.currency,

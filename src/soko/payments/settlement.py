@@ -207,7 +207,9 @@ async def _capture_for_orders(session: AsyncSession, runtime: Runtime, payment: 
         amount_minor=payment.amount_minor,
         shares=shares,
     )
-    await publish(session, PAYMENT_SUCCEEDED, await payment_event(session, payment, outcome="paid"))
+    sellers = sorted({order.seller_id for order in group.orders})
+    event = await payment_event(session, payment, outcome="paid", seller_ids=sellers)
+    await publish(session, PAYMENT_SUCCEEDED, event)
     owed = sum(share.gross_minor for share in shares)
     surplus = payment.amount_minor - owed
     if surplus > 0:
