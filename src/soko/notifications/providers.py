@@ -24,7 +24,10 @@ final status makes every later redelivery a no-op.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import functools
+import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -128,6 +131,13 @@ def message_id_header(message: Email, sender_address: str) -> str:
     return f"<{message.id}@{domain}>"
 
 
+@functools.cache
+def local_hostname() -> str:
+    """This host's name for EHLO, looked up once: aiosmtplib would call
+    ``socket.getfqdn`` (a DNS round trip, often tens of milliseconds) on every send."""
+    return socket.getfqdn() or "localhost"
+
+
 class SmtpEmail:
     provider = "smtp"
 
@@ -167,6 +177,7 @@ class SmtpEmail:
                 start_tls=self.security == "starttls",
                 tls_context=self.tls_context,
                 timeout=self.timeout,
+                local_hostname=await asyncio.to_thread(local_hostname),
             )
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [refusal.code for refusal in exc.recipients]
