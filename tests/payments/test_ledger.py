@@ -4,14 +4,17 @@ payouts within the balance, idempotent postings, and the balance check."""
 
 from __future__ import annotations
 
+import io
 import uuid
 from typing import Any
 
 import pytest
+from rich.console import Console
 from sqlalchemy import func, insert, select
 
-from soko.payments import ledger
+from soko.payments import ledger, ledger_cli
 from soko.payments.ledger import SellerShare
+from soko.payments.ledger_cli import verify_command
 from soko.payments.ledger_errors import (
     CommissionRateInvalid,
     LedgerUnbalanced,
@@ -524,3 +527,47 @@ async def test_the_check_finds_a_transaction_that_does_not_balance(runtime: Runt
     assert result.unbalanced_transaction_ids == (transaction_id,)
     assert result.trial_balance == {KES: 7}
     assert result.entries == 4
+
+
+# -- soko ledger verify ----------------------------------------------------------------------
+
+
+async def test_the_verify_command_exits_by_the_verdict(runtime: Runtime) -> None:
+    console = Console(file=io.StringIO(), width=120)
+    assert await verify_command(runtime, console) == 0  # an empty ledger balances
+    seller, order = uuid7(), uuid7()
+    _, transaction_id = await capture(runtime, (seller, order, 1000))
+    assert await verify_command(runtime, console) == 0
+    async with runtime.db.transaction() as session:
+        account_id = await session.scalar(select(LedgerAccount.id).limit(1))
+        await session.execute(
+            insert(LedgerEntry).values(
+                id=uuid7(),
+                transaction_id=transaction_id,
+                account_id=account_id,
+                amount_minor=-3,
+                currency=KES,
+                created_at=runtime.clock.now(),
+            )
+        )
+    assert await verify_command(runtime, console) == 1
+    printed = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "The ledger balances." in printed
+    assert "The ledger does not balance." in printed
+    assert f"unbalanced transaction {transaction_id}" in printed
+    assert "KES" in printed and "-3" in printed
+
+
+def test_the_ledger_command_group_runs_verify(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    calls: list[Runtime] = []
+
+    async def fake_verify(runtime: Runtime, console: Any = None) -> int:
+        calls.append(runtime)
+        return 1
+
+    monkeypatch.setattr(ledger_cli, "verify_command", fake_verify)
+    result = CliRunner().invoke(ledger_cli.ledger_commands(), ["verify"])
+    assert result.exit_code == 1, result.output
+    assert len(calls) == 1
