@@ -61,6 +61,7 @@ def test_every_event_of_the_issue_has_its_audiences() -> None:
         (seller_events.SELLER_SUSPENDED, Audience.seller),
         ("payment.succeeded", Audience.buyer),
         ("refund.succeeded", Audience.buyer),
+        ("identity.new_device_sign_in", Audience.account),
     }
     assert declared == expected
     assert len(declared) == len(TRIGGERS)  # one row per (event, audience)
@@ -205,3 +206,29 @@ async def test_messages_are_in_the_buyers_language(
     assert email["subject"].startswith("Tumepokea oda yako")
     assert email["text"].startswith("Habari Juma")
     assert group["orders"][0]["number"] in email["subject"]
+
+
+async def test_a_sign_in_from_a_new_device_warns_the_account(
+    runtime: Runtime, client: httpx2.AsyncClient
+) -> None:
+    """Identity does not publish this event yet; the trigger is ready for it."""
+    from soko.platform.outbox import publish
+
+    user = await _user(runtime, phone="+254733000003", name="Achieng")
+    async with runtime.db.transaction() as session:
+        await publish(
+            session,
+            "identity.new_device_sign_in",
+            {"user_id": str(user.user_id), "device": "Firefox on Linux", "at": "2030-01-01T08:30Z"},
+        )
+    await runtime.dispatcher.run_until_idle()
+    emails = _by_category(
+        read_sink(runtime.settings.data_dir, "email"),
+        "security.identity.new_device_sign_in.account",
+    )
+    assert [email["to"] for email in emails] == [user.email]
+    assert "Firefox on Linux" in emails[0]["text"]
+    assert _by_category(read_sink(runtime.settings.data_dir, "sms"), emails[0]["category"]) == []
+    mine = ok(await client.get(ME, headers=user.headers))
+    assert [item["title"] for item in mine["items"]] == ["New sign-in from Firefox on Linux"]
+    assert mine["items"][0]["category"] == "security"

@@ -196,6 +196,8 @@ def template_names() -> list[str]:
 def bundled_source(name: str, locale: str) -> str | None:
     if locale not in LOCALES or not name.replace(".", "").replace("_", "").isalnum():
         return None
+    if not name.isascii():
+        return None
     path = resources.files("soko.notifications") / "templates" / locale / f"{name}.jinja"
     try:
         return path.read_text("utf-8")
@@ -253,6 +255,7 @@ SAMPLE_CONTEXT: dict[str, Any] = {
     },
     "store": {"name": "Duka la Mama", "reason": "Listing counterfeit goods"},
     "payment": {"amount_minor": 250_000, "currency": "KES"},
+    "sign_in": {"device": "Chrome on Android", "at": "2030-01-01T08:30:00+00:00"},
     "now": dt.datetime(2030, 1, 1, tzinfo=dt.UTC).isoformat(),
 }
 

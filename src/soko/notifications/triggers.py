@@ -46,9 +46,15 @@ log = structlog.get_logger("soko.notifications")
 # ``amount_minor`` and ``currency``, which is all the receipts need.
 PAYMENT_SUCCEEDED = "payment.succeeded"
 REFUND_SUCCEEDED = "refund.succeeded"
+# Identity's event for a sign-in from a device the account has not used before, by name:
+# its payload carries ``user_id``, ``device`` (a name such as "Chrome on Android") and
+# ``at``. Identity does not publish it yet (it records the audit event
+# ``auth.new_device``); the trigger is ready for the day it does.
+NEW_DEVICE_SIGN_IN = "identity.new_device_sign_in"
 
 
 class Audience(StrEnum):
+    account = "account"  # the account the event is about (``user_id``)
     buyer = "buyer"
     seller = "seller"  # every member of the store
     admins = "admins"
@@ -74,8 +80,7 @@ def _t(
     *channels: ChannelName,
     category: Category = Category.transactional,
 ) -> Trigger:
-    stem = event.replace("_", ".")
-    return Trigger(event, audience, f"{stem}.{audience.value}", category, frozenset(channels))
+    return Trigger(event, audience, f"{event}.{audience.value}", category, frozenset(channels))
 
 
 TRIGGERS: tuple[Trigger, ...] = (
@@ -101,6 +106,7 @@ TRIGGERS: tuple[Trigger, ...] = (
     _t(order_events.DISPUTE_RESOLVED, Audience.seller, E, A),
     _t(seller_events.SELLER_APPROVED, Audience.seller, E, S, A),
     _t(seller_events.SELLER_SUSPENDED, Audience.seller, E, S, A),
+    _t(NEW_DEVICE_SIGN_IN, Audience.account, E, A, category=Category.security),
     _t(PAYMENT_SUCCEEDED, Audience.buyer, E, A),
     _t(REFUND_SUCCEEDED, Audience.buyer, E, S, A),
 )
@@ -161,6 +167,11 @@ async def event_context(
             "name": card.store_name if card else "",
             "reason": str(payload.get("reason") or ""),
         }
+    if event == NEW_DEVICE_SIGN_IN:
+        context["sign_in"] = {
+            "device": str(payload.get("device") or "")[:100],
+            "at": str(payload.get("at") or "")[:40],
+        }
     if event in (PAYMENT_SUCCEEDED, REFUND_SUCCEEDED):
         context["payment"] = {
             "amount_minor": payload.get("amount_minor"),
@@ -175,6 +186,9 @@ async def audience_user_ids(
     if audience is Audience.buyer:
         buyer = _uuid(payload, "buyer_id")
         return [buyer] if buyer else []
+    if audience is Audience.account:
+        account = _uuid(payload, "user_id")
+        return [account] if account else []
     if audience is Audience.seller:
         seller = _uuid(payload, "seller_id")
         return await member_user_ids(session, seller) if seller else []
