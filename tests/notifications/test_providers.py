@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import ipaddress
 import json
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from email import message_from_bytes
 from email.message import Message
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
 import httpx2
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from soko.notifications.messages import Email, Sms
 from soko.notifications.providers import (
@@ -392,3 +399,107 @@ async def test_smtp_refused_recipient_and_unreachable_server(
     assert inbox.messages == []
     with pytest.raises(TransientFailure):
         await _smtp(_free_port()).deliver(_email())  # nothing listens there
+
+
+# -- SMTP with STARTTLS, implicit TLS and AUTH ---------------------------------------------------
+
+
+def _certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (the client trusts exactly it)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class Accounts:
+    def __init__(self) -> None:
+        self.logins: list[str] = []
+
+    def __call__(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        ok = isinstance(data, LoginPassword) and (data.login, data.password) == (
+            b"soko",
+            b"s3cret",
+        )
+        if ok:
+            self.logins.append(mechanism)
+        return AuthResult(success=ok)
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+async def test_smtp_over_tls_with_auth(tmp_path: Path, security: str) -> None:
+    cert, key = _certificate(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=str(cert))
+    inbox, accounts, port = Inbox(), Accounts(), _free_port()
+    options: dict[str, Any] = {"authenticator": accounts, "auth_required": True}
+    if security == "starttls":
+        controller = Controller(
+            inbox,
+            hostname="127.0.0.1",
+            port=port,
+            server_hostname="smtp.test",
+            tls_context=server_context,
+            require_starttls=True,
+            **options,
+        )
+    else:
+        controller = Controller(
+            inbox,
+            hostname="127.0.0.1",
+            port=port,
+            server_hostname="smtp.test",
+            ssl_context=server_context,
+            auth_require_tls=False,  # the whole connection is TLS already
+            **options,
+        )
+    controller.start()
+    try:
+
+        def channel(password: str, context: ssl.SSLContext | None) -> SmtpEmail:
+            return SmtpEmail(
+                host="127.0.0.1",
+                port=port,
+                security=security,
+                username="soko",
+                password=password,
+                sender="no-reply@soko.example",
+                timeout=5,
+                tls_context=context,
+            )
+
+        await channel("s3cret", client_context).deliver(_email())
+        assert len(inbox.messages) == 1 and accounts.logins
+        with pytest.raises(TransientFailure):  # a certificate the client does not trust
+            await channel("s3cret", None).deliver(_email())
+        assert len(inbox.messages) == 1
+    finally:
+        controller.stop()
