@@ -517,7 +517,13 @@ async def post_refund(
 
     Raises :class:`RefundExceedsCapture` when the refunds of the order (or of the
     payment's suspense part, or of the payment as a whole) would exceed what was
-    captured for it."""
+    captured for it.
+
+    Concurrency: the debited account (the seller's, or suspense) is locked before the
+    limits are read, so refunds of one order, or of one payment's suspense part, run one
+    after the other. Refunds of one payment's orders at different sellers do not wait
+    for each other; the payment-wide limit between them is the payments domain's
+    conditional ``UPDATE`` of the payment's refunded amount, this check the backstop."""
     _check_currency(currency)
     _check_provider(provider)
     _check_positive("amount_minor", amount_minor)
