@@ -232,3 +232,78 @@ async def test_a_sign_in_from_a_new_device_warns_the_account(
     mine = ok(await client.get(ME, headers=user.headers))
     assert [item["title"] for item in mine["items"]] == ["New sign-in from Firefox on Linux"]
     assert mine["items"][0]["category"] == "security"
+
+
+async def test_admins_hear_of_a_dispute_at_the_operations_mailbox(
+    runtime: Runtime,
+    client: httpx2.AsyncClient,
+    market: Market,  # noqa: F811
+) -> None:
+    from soko.platform.outbox import publish
+
+    runtime.settings.notifications_admin_email = "ops@soko.example"
+    owner = await _user(runtime, name="Mama Duka")
+    shop = await market.open_shop(owner)
+    dispute = {
+        "dispute_id": str(uuid.uuid4()),
+        "order_id": str(uuid.uuid4()),  # an order the summary does not find: payload facts
+        "buyer_id": str(uuid.uuid4()),
+        "seller_id": str(shop.seller_id),
+        "status": "open",
+        "actor_id": None,
+        "at": "2030-01-01T08:30:00+00:00",
+    }
+    for _ in range(2):  # published twice: each event is its own, so each is told once
+        async with runtime.db.transaction() as session:
+            await publish(session, order_events.DISPUTE_OPENED, dispute)
+    await runtime.dispatcher.run_until_idle()
+    emails = read_sink(runtime.settings.data_dir, "email")
+    admins = _by_category(emails, "transactional.dispute.opened.admins")
+    assert [email["to"] for email in admins] == ["ops@soko.example"] * 2
+    assert dispute["dispute_id"] in admins[0]["text"]
+    sellers = _by_category(emails, "transactional.dispute.opened.seller")
+    assert {email["to"] for email in sellers} == {owner.email}
+    titles = [item["title"] for item in ok(await client.get(ME, headers=owner.headers))["items"]]
+    assert sum(title.startswith("A dispute was opened") for title in titles) == 2
+
+
+async def test_a_deleted_account_is_forgotten(runtime: Runtime, client: httpx2.AsyncClient) -> None:
+    from sqlalchemy import func, select
+
+    from soko.notifications.models import Delivery, InboxNotification, Preference
+    from soko.notifications.public import send_email
+    from soko.platform.outbox import publish
+    from tests.notifications.support import transaction
+
+    user = await _user(runtime, name="Achieng")
+    ok(
+        await client.put(
+            f"{API}/me/notification-preferences",
+            json={"locale": "sw", "categories": {"marketing": {"email": False}}},
+            headers=user.headers,
+        )
+    )
+    async with transaction(runtime) as session:
+        await send_email(
+            session, to=user.email, subject="Hi", text="x", category="x.y", user_id=user.user_id
+        )
+        await publish(
+            session,
+            "identity.new_device_sign_in",
+            {"user_id": str(user.user_id), "device": "Safari", "at": "now"},
+        )
+    await runtime.dispatcher.run_until_idle()
+    async with runtime.db.transaction() as session:
+        await publish(session, "identity.user_deleted", {"user_id": str(user.user_id)})
+    await runtime.dispatcher.run_until_idle()
+    async with runtime.db.sessionmaker() as session:
+        for model in (InboxNotification, Preference):
+            rows = await session.scalar(
+                select(func.count()).select_from(model).where(model.user_id == user.user_id)
+            )
+            assert rows == 0, model
+        kept = await session.scalar(
+            select(func.count()).select_from(Delivery).where(Delivery.user_id == user.user_id)
+        )
+        assert kept == 0
+        assert await session.scalar(select(func.count()).select_from(Delivery)) >= 2

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import delete, update
+
+from soko.identity.events import USER_DELETED, UserDeleted
 from soko.notifications import inbox  # noqa: F401  (registers the in-app push job)
 from soko.notifications.deliveries import deliver
 from soko.notifications.messages import EMAIL_JOB, SMS_JOB, NotificationKind, unseal
+from soko.notifications.models import Delivery, InboxNotification, Preference, RecipientLocale
 from soko.notifications.triggers import EVENTS, notify
 from soko.platform.jobs import JobContext, registry
 from soko.platform.runtime import Runtime
@@ -47,3 +51,21 @@ def _subscribe(event: str) -> None:
 
 for _event in EVENTS:
     _subscribe(_event)
+
+
+@registry.on(USER_DELETED, name="notifications.forget_user")
+async def forget_user(ctx: JobContext, payload: dict[str, Any]) -> None:
+    """A deleted account's in-app notifications (their texts name the person),
+    preferences and language go; delivery records keep no user id (they hold no address
+    in clear, only its blind index, which suppressions need)."""
+    user_id = UserDeleted.model_validate(payload).user_id
+    session = ctx.session
+    await session.execute(delete(InboxNotification).where(InboxNotification.user_id == user_id))
+    await session.execute(delete(Preference).where(Preference.user_id == user_id))
+    await session.execute(delete(RecipientLocale).where(RecipientLocale.user_id == user_id))
+    await session.execute(
+        update(Delivery)
+        .where(Delivery.user_id == user_id)
+        .values(user_id=None)
+        .execution_options(synchronize_session=False)
+    )
