@@ -351,3 +351,14 @@ def test_client_ip_believes_forwarded_for_only_from_trusted_proxies() -> None:
 
 def test_route_template_never_leaks_the_raw_path() -> None:
     assert route_template({}) == "<unmatched>"
+
+
+def test_capability_paths_are_logged_without_their_token() -> None:
+    from soko.platform.http import loggable_path, register_secret_path_prefix
+
+    register_secret_path_prefix("/sandbox/pay/")
+    assert loggable_path("/sandbox/pay/Zk3-secret-token") == "/sandbox/pay/***"
+    assert loggable_path("/sandbox/pay/Zk3-secret-token/done") == "/sandbox/pay/***/done"
+    assert loggable_path("/api/v1/products") == "/api/v1/products"
+    with pytest.raises(ValueError):
+        register_secret_path_prefix("/no-slash")

@@ -39,10 +39,13 @@ from soko.payments.sandbox_delivery import (
 )
 from soko.payments.sandbox_models import ChargeStatus, SandboxCharge
 from soko.platform.auth import Principal, public
+from soko.platform.http import register_secret_path_prefix
 from soko.platform.money import MINOR_UNITS
 from soko.platform.runtime import RuntimeDep, SessionDep
 
 router = APIRouter(include_in_schema=False)
+# The page's path segment is the capability to decide the payment: keep it out of logs.
+register_secret_path_prefix("/sandbox/pay/")
 
 # Anyone may open the page: the token is the capability.
 Visitor = Annotated[Principal | None, public()]

@@ -115,7 +115,13 @@ async def ready(request: Request) -> JSONResponse:
             results[name] = dict(extra())
         except Exception as exc:
             results[name] = {"status": "down", "error": type(exc).__name__}
-    healthy = all(result["status"] == "up" for result in results.values())
+    # A check marked "critical": False (a payment provider's circuit) is shown but does
+    # not make the instance unready: pulling every instance from the load balancer
+    # would turn one provider's outage into a full one.
+    healthy = all(
+        result["status"] == "up" or result.get("critical") is False
+        for result in results.values()
+    )
     return JSONResponse(
         {
             "status": "ready" if healthy else "unavailable",

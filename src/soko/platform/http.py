@@ -49,6 +49,28 @@ def _problem_message(
     return start, {"type": "http.response.body", "body": body}
 
 
+# Paths whose next segment is a capability (a token that grants what it names, such as
+# the sandbox provider's payment page): logs show the prefix and "***", never the token.
+_SECRET_PATH_PREFIXES: list[str] = []
+
+
+def register_secret_path_prefix(prefix: str) -> None:
+    """Keep the path segment after ``prefix`` (which ends with "/") out of the logs."""
+    if not prefix.endswith("/"):
+        raise ValueError("a secret path prefix ends with '/'")
+    if prefix not in _SECRET_PATH_PREFIXES:
+        _SECRET_PATH_PREFIXES.append(prefix)
+
+
+def loggable_path(path: str) -> str:
+    for prefix in _SECRET_PATH_PREFIXES:
+        if path.startswith(prefix):
+            rest = path[len(prefix) :]
+            _token, slash, tail = rest.partition("/")
+            return f"{prefix}***{slash}{tail}"
+    return path
+
+
 class RequestContextMiddleware:
     """Gives each request an id, binds it to every log line, and turns an unhandled
     exception into a 500 problem that carries the id but never the traceback."""
@@ -72,7 +94,9 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(
-            request_id=request_id, method=scope.get("method"), path=scope.get("path")
+            request_id=request_id,
+            method=scope.get("method"),
+            path=loggable_path(scope.get("path", "")),
         )
         started = False
         encoded_id = request_id.encode()
