@@ -3,6 +3,7 @@ the delivery record moved and bounced recipients suppressed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -18,6 +19,7 @@ from soko.notifications.callbacks import (
     twilio_signature,
     twilio_signature_valid,
 )
+from soko.notifications.channels import EXTENSION, ProviderServices
 from soko.notifications.models import DeliveryStatus
 from soko.notifications.public import send_email, send_sms
 from soko.platform.config import Settings
@@ -350,3 +352,47 @@ async def test_africastalking_success_marks_delivered(
     assert answer.status_code == 204
     [record] = await deliveries(runtime)
     assert record.status == "delivered" and record.delivered_at is not None
+
+
+async def test_a_report_during_the_delivery_job_is_not_lost(
+    runtime: Runtime, client: httpx2.AsyncClient, providers: ScriptedProviders, backend: str
+) -> None:
+    """SendGrid reports "delivered" while the job that sent the message has not
+    committed yet: the report waits for the job's row lock and then moves the record on
+    from the job's "sent" (PostgreSQL; SQLite runs one writer at a time anyway)."""
+    if backend != "postgresql":
+        pytest.skip("row locks: PostgreSQL only")
+    called, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_provider(request: httpx2.Request) -> httpx2.Response:
+        called.set()
+        await release.wait()
+        return httpx2.Response(202, headers={"X-Message-Id": "sg-race"})
+
+    services = ProviderServices(
+        runtime.settings, runtime.clock, transport=httpx2.MockTransport(slow_provider)
+    )
+    runtime.extensions[EXTENSION] = services
+    async with transaction(runtime) as session:
+        await send_email(session, to="amina@example.co.ke", subject="Hi", text="x", category="x.y")
+    [record] = await deliveries(runtime)
+    job = asyncio.create_task(runtime.dispatcher.run_until_idle())
+    await asyncio.wait_for(called.wait(), timeout=10)
+    payload = json.dumps(
+        [{"event": "delivered", "notification_id": str(record.id), "sg_message_id": "sg-race.x"}]
+    ).encode()
+    headers = {
+        "X-Twilio-Email-Event-Webhook-Signature": SENDGRID_KEY.sign("7", payload),
+        "X-Twilio-Email-Event-Webhook-Timestamp": "7",
+    }
+    report = asyncio.create_task(
+        client.post(f"{CALLBACKS}/sendgrid", content=payload, headers=headers)
+    )
+    await asyncio.sleep(0.3)
+    assert not report.done()  # waiting for the job's lock
+    release.set()
+    assert (await asyncio.wait_for(report, timeout=10)).status_code == 204
+    await asyncio.wait_for(job, timeout=10)
+    [record] = await deliveries(runtime)
+    assert (record.status, record.provider_message_id) == ("delivered", "sg-race")
+    await services.close()

@@ -122,7 +122,9 @@ async def deliver(ctx: JobContext, notification: Notification) -> None:
     session = ctx.session
     now = ctx.now()
     keys = runtime.data_keys
-    record = await session.get(Delivery, notification.id)
+    # Locked (PostgreSQL) until the job commits, so a provider report arriving while the
+    # provider is being called waits for the status this job writes.
+    record = await session.get(Delivery, notification.id, with_for_update=True)
     if record is None:  # queued before delivery records existed
         record = new_delivery(notification, keys)
         session.add(record)
@@ -215,42 +217,58 @@ async def apply_report(
     session: AsyncSession,
     *,
     delivery_id: uuid.UUID | None = None,
+    kind: NotificationKind | None = None,
     provider: str,
     provider_message_id: str | None = None,
     status: DeliveryStatus,
     error: str | None,
     now: dt.datetime,
 ) -> Delivery | None:
-    """Move the delivery a provider reported on, found by our id (SendGrid echoes it)
-    or by the provider's message id; only forwards. Returns the delivery, or ``None``
-    when none matches (a report for another system, or for a message purged since)."""
-    query = select(Delivery).where(Delivery.provider == provider)
+    """Move the delivery a provider reported on; only forwards. Returns the delivery,
+    or ``None`` when none matches (a report for another system, or one that came before
+    the delivery job committed the provider's id: see docs/notifications.md).
+
+    SendGrid echoes our id (``delivery_id``, with ``kind``): that finds the record even
+    while its delivery job is still running, whose row lock (PostgreSQL) then holds this
+    update until the job commits. The others are found by the provider's message id.
+    Each try is a conditional update on the status just read; when another writer moved
+    the record meanwhile, it is read again, so a report is never lost to a race and
+    never moves a record backwards."""
     if delivery_id is not None:
-        query = query.where(Delivery.id == delivery_id)
+        query = select(Delivery).where(Delivery.id == delivery_id)
+        if kind is not None:
+            query = query.where(Delivery.kind == kind.value)
     elif provider_message_id:
-        query = query.where(Delivery.provider_message_id == provider_message_id)
+        query = select(Delivery).where(
+            Delivery.provider == provider, Delivery.provider_message_id == provider_message_id
+        )
     else:
         return None
-    record = (await session.scalars(query.limit(1))).first()
-    if record is None:
-        return None
-    current = DeliveryStatus(record.status)
-    if STATUS_RANK[status] <= STATUS_RANK[current]:
-        return record
     values: dict[str, object] = {"status": status.value, "updated_at": now}
     if error is not None:
         values["last_error"] = _error(error)
     if status is DeliveryStatus.delivered:
         values["delivered_at"] = now
-    # Conditional: a concurrent report that moved it further wins.
-    result = await session.execute(
-        update(Delivery)
-        .where(Delivery.id == record.id, Delivery.status == current.value)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if getattr(result, "rowcount", 0):
-        await session.refresh(record)
+    for _ in range(3):
+        record = (
+            await session.scalars(query.limit(1).execution_options(populate_existing=True))
+        ).first()
+        if record is None:
+            return None
+        current = DeliveryStatus(record.status)
+        if STATUS_RANK[status] <= STATUS_RANK[current]:
+            return record
+        result = await session.execute(
+            update(Delivery)
+            .where(Delivery.id == record.id, Delivery.status == current.value)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(result, "rowcount", 0):
+            break
+    else:
+        return None
+    await session.refresh(record)
     if status is DeliveryStatus.undeliverable:
         await suppress(
             session,

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import uuid
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +30,7 @@ from soko.notifications.callbacks import (
 from soko.notifications.channels import callback_url
 from soko.notifications.deliveries import apply_report
 from soko.notifications.errors import CallbackUnverified, PreferenceLocked, TemplateInvalid
+from soko.notifications.messages import NotificationKind
 from soko.notifications.models import InboxNotification, RecipientLocale, TemplateOverride
 from soko.notifications.preferences import (
     LOCKED,
@@ -72,9 +74,7 @@ Anyone = Annotated[Principal | None, public()]
 # -- provider delivery reports -----------------------------------------------------------------
 
 
-async def _form_pairs(request: Request, body: bytes) -> list[tuple[str, str]]:
-    from urllib.parse import parse_qsl
-
+def _form_pairs(body: bytes) -> list[tuple[str, str]]:
     try:
         return parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
     except (UnicodeDecodeError, ValueError):
@@ -101,7 +101,7 @@ async def provider_callback(
         raise ValidationFailed("The report is too large.")
     reports: list[Report] = []
     if provider == "twilio":
-        pairs = await _form_pairs(request, body)
+        pairs = _form_pairs(body)
         url = callback_url(settings, "twilio")
         if request.url.query:
             url += "?" + request.url.query
@@ -132,7 +132,7 @@ async def provider_callback(
             request.query_params.get("token"),
         ):
             raise CallbackUnverified()
-        report = parse_africastalking(dict(await _form_pairs(request, body)))
+        report = parse_africastalking(dict(_form_pairs(body)))
         reports = [report] if report else []
     else:
         raise NotFound()
@@ -141,6 +141,7 @@ async def provider_callback(
         await apply_report(
             session,
             delivery_id=item.delivery_id,
+            kind=NotificationKind.email if provider == "sendgrid" else NotificationKind.sms,
             provider=provider,
             provider_message_id=item.provider_message_id,
             status=item.status,
