@@ -34,6 +34,9 @@ class Receiver:
     answer_body: bytes = b"ok"
     requests: list[Received] = field(default_factory=list)
     hold: threading.Event | None = None  # set: answer; unset: keep the request waiting
+    delay: float = 0.0  # seconds each request takes to answer
+    in_flight: dict[str, int] = field(default_factory=dict)  # by path, now
+    most_in_flight: dict[str, int] = field(default_factory=dict)  # by path, ever
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -47,6 +50,15 @@ class Receiver:
     def record(self, item: Received) -> None:
         with self._lock:
             self.requests.append(item)
+
+    def entered(self, path: str) -> None:
+        with self._lock:
+            self.in_flight[path] = self.in_flight.get(path, 0) + 1
+            self.most_in_flight[path] = max(self.most_in_flight.get(path, 0), self.in_flight[path])
+
+    def left(self, path: str) -> None:
+        with self._lock:
+            self.in_flight[path] -= 1
 
     def wait_for(self, count: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -66,8 +78,14 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             receiver.record(
                 Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
             )
-            if receiver.hold is not None:
-                receiver.hold.wait(60)
+            receiver.entered(self.path)
+            try:
+                if receiver.hold is not None:
+                    receiver.hold.wait(60)
+                if receiver.delay:
+                    time.sleep(receiver.delay)
+            finally:
+                receiver.left(self.path)
             status = receiver.next_status()
             payload = receiver.answer_body
             self.send_response(status)

@@ -33,7 +33,7 @@ import uuid
 from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.public import contact_of
@@ -47,6 +47,7 @@ from soko.platform.netguard import (
     OutboundHttpError,
     system_resolver,
 )
+from soko.platform.outbox import MessageKind, MessageStatus, OutboxMessage
 from soko.platform.runtime import Runtime
 from soko.sellers.public import SellerRole, member_role, member_user_ids
 from soko.webhooks.models import (
@@ -58,7 +59,7 @@ from soko.webhooks.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
-from soko.webhooks.service import fail_pending, kick, signing_secrets
+from soko.webhooks.service import FAN_OUT_SUBSCRIBER, fail_pending, kick, signing_secrets
 from soko.webhooks.signing import signature_header
 
 log = structlog.get_logger("soko.webhooks")
@@ -78,6 +79,8 @@ RETRY_SCHEDULE: tuple[dt.timedelta, ...] = (
 )
 MAX_ATTEMPTS_PER_ROUND = len(RETRY_SCHEDULE) + 1
 USER_AGENT = "Soko-Webhooks/1"
+#: How long the head of a queue waits for the fan-out of an earlier event.
+FAN_OUT_WAIT = dt.timedelta(seconds=1)
 HTTP_EXTENSION = "webhooks.http"
 #: Tests put a resolver here (``async (host, port) -> [addresses]``) before the first
 #: delivery; production resolves through the operating system.
@@ -142,6 +145,12 @@ async def deliver_next(ctx: JobContext, payload: dict[str, Any]) -> None:
     now = ctx.now()
     if head is None or head.next_attempt_at > now:
         return  # nothing due: a retry has its own job at its time
+    if await _earlier_events_not_fanned_out(session, endpoint, head):
+        # An event published before the head has not been turned into deliveries yet
+        # (another worker is on it, or it is being retried): it may be for this
+        # endpoint and must go first. Look again shortly; its fan-out also kicks.
+        await kick(session, endpoint_id, f"wait:{head.id}:{uuid7()}", now, at=now + FAN_OUT_WAIT)
+        return
     manual = head.retry_step == 0 and head.attempts > 0
     attempt = WebhookAttempt(
         id=uuid7(),
@@ -214,6 +223,32 @@ async def _queue_next(
     await session.flush()
     if await _head(session, endpoint_id) is not None:
         await kick(session, endpoint_id, f"after:{done.id}:{done.attempts}", now)
+
+
+async def _earlier_events_not_fanned_out(
+    session: AsyncSession, endpoint: WebhookEndpoint, head: WebhookDelivery
+) -> bool:
+    """Whether an event of a type the endpoint takes, published before the head was
+    queued, still waits in the outbox to be fanned out (as published, or as the fan-out
+    subscriber's own delivery). Dead ones do not count: they will never arrive."""
+    live = (MessageStatus.pending.value, MessageStatus.running.value)
+    found = await session.scalar(
+        select(OutboxMessage.id)
+        .where(
+            OutboxMessage.kind == MessageKind.event.value,
+            OutboxMessage.status.in_(live),
+            OutboxMessage.name.in_(list(endpoint.event_types)),
+            or_(
+                and_(OutboxMessage.handler.is_(None), OutboxMessage.id < head.queue_key),
+                and_(
+                    OutboxMessage.handler == FAN_OUT_SUBSCRIBER,
+                    OutboxMessage.event_id < head.queue_key,
+                ),
+            ),
+        )
+        .limit(1)
+    )
+    return found is not None
 
 
 async def _head(session: AsyncSession, endpoint_id: uuid.UUID) -> WebhookDelivery | None:

@@ -8,9 +8,7 @@ from typing import Any
 from soko.platform.jobs import JobContext, registry
 from soko.webhooks.delivery import deliver_next
 from soko.webhooks.event_types import EVENT_TYPES
-from soko.webhooks.service import DELIVER_JOB, fan_out
-
-FAN_OUT_SUBSCRIBER = "webhooks.fan_out"
+from soko.webhooks.service import DELIVER_JOB, FAN_OUT_SUBSCRIBER, fan_out
 
 
 async def fan_out_event(ctx: JobContext, payload: dict[str, Any]) -> None:

@@ -29,6 +29,8 @@ from soko.webhooks.models import DeliveryStatus, WebhookDelivery, WebhookEndpoin
 from soko.webhooks.signing import new_secret
 
 DELIVER_JOB = "webhooks.deliver"
+#: The subscriber name of the fan-out on every event type webhooks offer.
+FAN_OUT_SUBSCRIBER = "webhooks.fan_out"
 MAX_ENDPOINTS_PER_OWNER = 20
 REDELIVER_BATCH_MAX = 1000
 SECRET_COLUMN = "webhooks_endpoints.secret_ciphertext"
