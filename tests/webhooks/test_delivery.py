@@ -14,10 +14,12 @@ from typing import Any
 
 import httpx2
 import pytest
+from sqlalchemy import select
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from soko.notifications.public import read_sink
 from soko.platform.clock import ManualClock
+from soko.platform.outbox import OutboxMessage
 from soko.platform.runtime import Runtime
 from soko.webhooks.delivery import RESOLVER_EXTENSION, RETRY_SCHEDULE
 from tests.cart.catalog_support import Market, Shop
@@ -317,3 +319,26 @@ async def test_a_blocked_address_is_never_connected_to(
         [delivery] = await deliveries(runtime, endpoint["id"])
         assert (delivery.status, delivery.attempts) == ("pending", 1)
         assert listener.connections == 0
+
+
+@relaxed_guard
+async def test_secrets_never_reach_logs_or_the_outbox(
+    runtime: Runtime,
+    shop_hooks: ShopHooks,
+    receiver: Receiver,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    shop, hooks = await shop_hooks()
+    endpoint = await hooks.create(receiver.url, "order.completed")
+    rotated = ok(await hooks.post(f"/{endpoint['id']}/rotate-secret"))["secret"]
+    await publish_event(runtime, "order.completed", order_payload(shop.seller_id))
+    await run_jobs(runtime)
+    assert len(receiver.requests) == 1
+    captured = capsys.readouterr()
+    async with runtime.db.transaction(read_only=True) as session:
+        payloads = (await session.scalars(select(OutboxMessage.payload))).all()
+    for secret in (endpoint["secret"], rotated):
+        for text in (captured.out, captured.err, caplog.text, json.dumps(payloads)):
+            assert secret not in text
+            assert secret.removeprefix("whsec_") not in text
