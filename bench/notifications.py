@@ -9,6 +9,7 @@ and together, and checks that every message arrived once and every delivery reco
 ``sent``.
 
     python -m bench notifications                  # SQLite in a temporary directory
+    python -m bench.notifications                  # the same, run directly
     BENCH_DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/soko_bench \\
         python -m bench notifications              # an existing PostgreSQL database (emptied)
     BENCH_MESSAGES=2000 BENCH_CONCURRENCY=16 python -m bench notifications
@@ -199,3 +200,9 @@ async def main(_argv: list[str]) -> None:
     print(f"delivery records   {statuses}")
     if mail.received != count or sms.received != count or statuses != {"sent": total}:
         raise SystemExit("invariant broken: every message must arrive once and be recorded sent")
+
+
+if __name__ == "__main__":  # python -m bench.notifications, before bench/__main__ lists it
+    import sys
+
+    asyncio.run(main(sys.argv[1:]))
