@@ -1,11 +1,11 @@
 """Notification delivery throughput: messages delivered per second by one worker.
 
-Queues N emails and N SMS through ``soko.notifications.public`` (transactions of 100,
-each message with its delivery record), then lets one dispatcher (one worker) deliver
+Queues N emails and N SMS through ``soko.notifications.public`` (transactions of 50 of
+each, every message with its delivery record), then lets one dispatcher (one worker) deliver
 them through the real provider channels to local receivers: an aiosmtpd SMTP server for
 email (``SOKO_NOTIFICATIONS_EMAIL_PROVIDER=smtp``) and a small HTTP server that answers
-like Africa's Talking for SMS (``africastalking``). Prints messages per second per kind
-and together, and checks that every message arrived once and every delivery record is
+like Africa's Talking for SMS (``africastalking``). Prints messages delivered per
+second, and checks that every message arrived once and every delivery record is
 ``sent``.
 
     python -m bench notifications                  # SQLite in a temporary directory
