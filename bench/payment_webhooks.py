@@ -427,6 +427,7 @@ async def run(config: Config) -> Outcome:
 
             await runtime.start(run_dispatcher=True)
             window_start = dt.datetime.now(dt.UTC)
+            cpu_began = time.process_time()
             began = time.perf_counter()
             await asyncio.gather(*(sender() for _ in range(config.connections)))
             received = time.perf_counter() - began
@@ -439,6 +440,7 @@ async def run(config: Config) -> Outcome:
                     break
                 await asyncio.sleep(0.05)
             elapsed = time.perf_counter() - began
+            cpu = time.process_time() - cpu_began
             await runtime.dispatcher.stop(5)
             outcome.webhooks_per_second = len(mixed) / received
             outcome.events_per_second = n / elapsed
@@ -450,6 +452,11 @@ async def run(config: Config) -> Outcome:
                 f"end to end    {n} events received -> processed in {elapsed:.2f} s: "
                 f"{outcome.events_per_second:.0f} events/s "
                 f"({provider.fetches} provider confirmations)"
+            )
+            print(
+                f"cpu           this process used {cpu:.1f} s of CPU ({cpu / elapsed:.2f} of a "
+                f"core): {1000 * cpu / n:.1f} ms per event, intake and everything it set off "
+                f"(PostgreSQL's own CPU not counted); {loadgen.load_average()}"
             )
             print(f"outbox        {await _outbox_work(runtime, window_start)}")
             print(f"job time      {_job_times()}")

@@ -114,6 +114,10 @@ async def plan_payment(
                 f"The checkout is {group.status}; it can no longer be paid.",
                 group_status=group.status,
             )
+        if group.total_minor <= 0:
+            raise GroupNotPayable(
+                "Nothing is left to pay in this checkout.", group_status=group.status
+            )
         if group.reservation_expires_at <= now:
             raise GroupNotPayable(
                 "The stock held for this checkout ran out; check out again.",

@@ -68,19 +68,21 @@ async def settle(
     payment = await session.get(Payment, payment_id, populate_existing=True)
     if payment is None:
         raise LookupError(f"payment {payment_id} does not exist")
-    if state.amount_minor != payment.amount_minor or state.currency.upper() != payment.currency:
-        if state.status == ProviderStatus.succeeded or payment.status not in FINAL:
-            await flag_payment(
-                session,
-                runtime,
-                payment,
-                PaymentFlag.amount_mismatch,
-                f"provider reports {state.amount_minor} {state.currency.upper()} "
-                f"({state.status.value}), the payment is {payment.amount_minor} "
-                f"{payment.currency}",
-            )
-            return Settled.flagged
+    if payment.status in FINAL:
+        # Settled for good: a late or repeated report changes nothing (and a provider
+        # that reports an amount net of later refunds is not a mismatch).
         return Settled.unchanged
+    if state.amount_minor != payment.amount_minor or state.currency.upper() != payment.currency:
+        await flag_payment(
+            session,
+            runtime,
+            payment,
+            PaymentFlag.amount_mismatch,
+            f"provider reports {state.amount_minor} {state.currency.upper()} "
+            f"({state.status.value}), the payment is {payment.amount_minor} "
+            f"{payment.currency}",
+        )
+        return Settled.flagged
     if state.status == ProviderStatus.pending:
         return await _to_pending(session, runtime, payment)
     if state.status in (ProviderStatus.failed, ProviderStatus.abandoned):
