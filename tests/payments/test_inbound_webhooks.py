@@ -13,12 +13,14 @@ import httpx2
 import pytest
 from sqlalchemy import func, select
 
+from soko.identity.models import Role
 from soko.payments.events import PAYMENT_FLAGGED, PAYMENT_SUCCEEDED
 from soko.payments.payment_models import WebhookEvent
 from soko.payments.providers.base import ProviderStatus
 from soko.platform.clock import ManualClock
 from soko.platform.outbox import OutboxMessage
 from soko.platform.runtime import Runtime
+from tests.identity.conftest import MakeUser
 from tests.orders.conftest import available, events, refused, sign_in_again
 from tests.payments.test_pay_support import (
     WEBHOOK,
@@ -195,7 +197,7 @@ async def test_an_amount_or_currency_mismatch_is_flagged_not_paid(
 
 
 async def test_a_webhook_for_no_known_payment_is_kept_as_unmatched(
-    client: httpx2.AsyncClient, runtime: Runtime, fake: FakeProvider
+    client: httpx2.AsyncClient, runtime: Runtime, fake: FakeProvider, make_user: MakeUser
 ) -> None:
     ok(await deliver(client, fake, uuid.uuid4(), ProviderStatus.succeeded))
     ok(await deliver(client, fake, "not-a-uuid", ProviderStatus.succeeded))
@@ -203,6 +205,19 @@ async def test_a_webhook_for_no_known_payment_is_kept_as_unmatched(
     async with runtime.db.transaction(read_only=True) as session:
         statuses = (await session.scalars(select(WebhookEvent.status))).all()
     assert statuses == ["unmatched", "unmatched"]
+    admin = await make_user(Role.admin)
+    listed = ok(
+        await client.get(
+            "/api/v1/admin/payments/webhook-events",
+            params={"status": "unmatched"},
+            headers=admin.headers,
+        )
+    )
+    assert [item["status"] for item in listed["items"]] == ["unmatched", "unmatched"]
+    # Only the headers worth keeping are stored (this provider's signature header is not
+    # one of them).
+    assert listed["items"][0]["headers"]["content-type"] == "application/json"
+    assert "x-fake-signature" not in listed["items"][0]["headers"]
 
 
 async def test_a_payment_after_its_reservation_expired_is_re_reserved_when_stock_allows(
@@ -363,3 +378,42 @@ async def test_the_same_event_delivered_concurrently_is_processed_once(
     assert await balance(runtime, placed.shop.seller_id) == {"KES": 2700}
     assert (await ledger_check(runtime)).balanced
     placed.buyer.user = await sign_in_again(runtime, placed.buyer.user)
+
+
+@pytest.mark.postgresql
+async def test_two_successes_settled_at_the_same_moment_leave_one_winner(
+    backend: str,
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    fake: FakeProvider,
+    place_order: PlaceOrder,
+) -> None:
+    """Two payments of one group settled in two concurrent transactions: the partial
+    unique index lets one commit as ``succeeded``; the other, refused by it, becomes
+    ``duplicate`` and is refunded."""
+    if backend != "postgresql":
+        pytest.skip("concurrency is PostgreSQL's to show")
+    from soko.payments.intake import confirm_and_settle
+    from soko.payments.payment_models import Payment
+
+    placed = await place_order(quantity=2)
+    ids = [uuid.UUID((await start_payment(client, placed))["id"]) for _ in range(2)]
+    for payment_id in ids:
+        fake.settle(payment_id, ProviderStatus.succeeded)
+    await run_jobs(runtime)
+
+    async def settle_one(payment_id: uuid.UUID) -> str:
+        async with runtime.db.transaction() as session:
+            payment = await session.get(Payment, payment_id)
+            assert payment is not None
+            return (await confirm_and_settle(session, runtime, fake, payment)).value
+
+    outcomes = await asyncio.gather(*(settle_one(payment_id) for payment_id in ids))
+    assert sorted(outcomes) == ["paid", "refunded"]
+    await run_jobs(runtime)
+    rows = [await payment_row(runtime, payment_id) for payment_id in ids]
+    assert sorted(row.status for row in rows) == ["duplicate", "succeeded"]
+    loser = next(row for row in rows if row.status == "duplicate")
+    assert [r.status for r in await refunds_of(runtime, loser.id)] == ["succeeded"]
+    assert await balance(runtime, placed.shop.seller_id) == {"KES": 2700}
+    assert (await ledger_check(runtime)).balanced

@@ -172,3 +172,26 @@ async def test_a_paid_group_cannot_be_paid_again_but_a_failed_attempt_may_be_ret
         mine = select(Payment.status).where(Payment.group_id == placed.group_id)
         statuses = sorted((await session.scalars(mine)).all())
     assert statuses == ["failed", "succeeded"]
+
+
+async def test_other_domains_read_how_a_group_stands_with_its_payments(
+    client: httpx2.AsyncClient, runtime: Runtime, fake: FakeProvider, place_order: PlaceOrder
+) -> None:
+    from soko.payments.public import payment_status_of_group
+
+    placed = await place_order()
+
+    async def status() -> tuple[str, int]:
+        async with runtime.db.transaction(read_only=True) as session:
+            found = await payment_status_of_group(session, placed.group_id)
+        return found.status, found.attempts
+
+    assert await status() == ("none", 0)
+    failed = uuid.UUID((await start_payment(client, placed))["id"])
+    assert await status() == ("pending", 1)
+    fake.settle(failed, ProviderStatus.failed)
+    ok(await deliver(client, fake, failed, ProviderStatus.failed))
+    await run_jobs(runtime)
+    assert await status() == ("failed", 1)
+    await pay_and_confirm(client, runtime, fake, placed)
+    assert await status() == ("paid", 2)
