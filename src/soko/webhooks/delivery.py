@@ -59,7 +59,13 @@ from soko.webhooks.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
-from soko.webhooks.service import FAN_OUT_SUBSCRIBER, fail_pending, kick, signing_secrets
+from soko.webhooks.service import (
+    DELIVER_JOB,
+    FAN_OUT_SUBSCRIBER,
+    fail_pending,
+    kick,
+    signing_secrets,
+)
 from soko.webhooks.signing import signature_header
 
 log = structlog.get_logger("soko.webhooks")
@@ -193,7 +199,7 @@ async def deliver_next(ctx: JobContext, payload: dict[str, Any]) -> None:
         head.completed_at = now
         endpoint.failing_since = None
         endpoint.last_success_at = now
-        await _queue_next(session, endpoint_id, head, now)
+        await _queue_next(ctx, endpoint_id, head, now)
         return
     endpoint.failing_since = endpoint.failing_since or now
     disable_after = dt.timedelta(hours=runtime.settings.webhooks_disable_after_hours)
@@ -207,7 +213,7 @@ async def deliver_next(ctx: JobContext, payload: dict[str, Any]) -> None:
     if wait is None:
         head.status = DeliveryStatus.failed.value
         head.completed_at = now
-        await _queue_next(session, endpoint_id, head, now)
+        await _queue_next(ctx, endpoint_id, head, now)
         return
     head.next_attempt_at = now + wait
     await kick(
@@ -216,12 +222,35 @@ async def deliver_next(ctx: JobContext, payload: dict[str, Any]) -> None:
 
 
 async def _queue_next(
-    session: AsyncSession, endpoint_id: uuid.UUID, done: WebhookDelivery, now: dt.datetime
+    ctx: JobContext, endpoint_id: uuid.UUID, done: WebhookDelivery, now: dt.datetime
 ) -> None:
-    """Queue the next head now, if there is one. A delivery queued after this check has
-    its own job, which waits for this transaction's row lock and then finds it."""
+    """Queue the next head now, if there is one and no other job of this endpoint's is
+    due or running. That job will find the head: a running one has not yet taken the
+    endpoint's row, which this transaction holds (a job that held it has committed, and
+    its completion with it), and a due one has not started. A delivery queued after
+    this check has its own job, which waits for the row and then finds it."""
+    session = ctx.session
     await session.flush()
-    if await _head(session, endpoint_id) is not None:
+    if await _head(session, endpoint_id) is None:
+        return
+    other = await session.scalar(
+        select(OutboxMessage.id)
+        .where(
+            OutboxMessage.kind == MessageKind.job.value,
+            OutboxMessage.name == DELIVER_JOB,
+            OutboxMessage.id != ctx.message_id,
+            or_(
+                and_(
+                    OutboxMessage.status == MessageStatus.pending.value,
+                    OutboxMessage.available_at <= now,
+                ),
+                OutboxMessage.status == MessageStatus.running.value,
+            ),
+            OutboxMessage.payload["endpoint_id"].as_string() == str(endpoint_id),
+        )
+        .limit(1)
+    )
+    if other is None:
         await kick(session, endpoint_id, f"after:{done.id}:{done.attempts}", now)
 
 

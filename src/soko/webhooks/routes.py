@@ -245,7 +245,8 @@ async def redeliver(
     session: SessionDep,
     runtime: RuntimeDep,
 ) -> DeliveryOut:
-    endpoint = await service.endpoint_for(session, scope, endpoint_id)
+    # The endpoint's row lock waits for an attempt in flight to finish.
+    endpoint = await service.endpoint_for(session, scope, endpoint_id, lock=True)
     delivery = await service.redeliver(session, runtime, endpoint, delivery_id)
     return DeliveryOut.of(delivery)
 
@@ -264,6 +265,6 @@ async def redeliver_failed(
     session: SessionDep,
     runtime: RuntimeDep,
 ) -> RedeliverFailedOut:
-    endpoint = await service.endpoint_for(session, scope, endpoint_id)
+    endpoint = await service.endpoint_for(session, scope, endpoint_id, lock=True)
     count, more = await service.redeliver_failed_since(session, runtime, endpoint, body.since)
     return RedeliverFailedOut(requeued=count, more=more)
