@@ -376,6 +376,9 @@ async def run(config: Config) -> Outcome:
         access_token_ttl_seconds=86400, ratelimit_enabled=False, log_level="WARNING",
         outbox_concurrency=config.outbox_concurrency, outbox_poll_seconds=0.05,
         outbox_batch_size=50,
+        # Enough connections for every client and every job at once: the benchmark
+        # measures the work, not a queue for the pool.
+        database_pool_size=config.connections + config.outbox_concurrency + 4,
     )  # fmt: skip
     print(
         f"setup         PostgreSQL database {loadgen.database_name(url)}, one process "

@@ -74,8 +74,9 @@ async def reconcile_open_payments(
                     error=str(exc),
                 )
                 continue
-        if settled == Settled.unchanged:
-            # Still open at the provider: look again after another threshold.
+        if settled in (Settled.unchanged, Settled.flagged):
+            # Still open at the provider, or flagged for an admin: look again only
+            # after another threshold.
             await session.execute(
                 update(Payment)
                 .where(Payment.id == payment.id, Payment.status == payment.status)
