@@ -63,8 +63,9 @@ async def test_a_password_sign_in_runs_within_its_statement_budget(
     """Read phase: the throttle and the account (2). Write phase, in the request's
     transaction: the account again with its roles, authenticator and device (1), the
     session and its refresh token (2), and the audit append: the chain lock on
-    PostgreSQL, the head and the event (2 or 3), plus ``auth.new_device`` the first
-    time a device signs in. The login settings come from the cache."""
+    PostgreSQL, the head and the event (2 or 3), plus, the first time a device signs
+    in, ``auth.new_device`` and the ``identity.new_device_sign_in`` event that tells the
+    owner (2). The login settings come from the cache."""
     stored = await password_hasher(runtime).hash(signin_support.PASSWORD)
     user = await make_user(password_hash=stored)
     lock = 1 if runtime.db.dialect == "postgresql" else 0
@@ -74,7 +75,8 @@ async def test_a_password_sign_in_runs_within_its_statement_budget(
     with statements(runtime) as known_device:
         assert (await login(client, user.email, user_agent=LAPTOP_UA)).status_code == 200
     assert len(known_device) == 7 + lock, known_device
-    assert len(new_device) == len(known_device) + 1, new_device
+    assert len(new_device) == len(known_device) + 2, new_device
+    assert sum("INSERT INTO outbox" in statement for statement in new_device) == 1
     assert not any("identity_settings" in statement for statement in known_device)
     writes = [s for s in known_device if s.startswith(("INSERT", "UPDATE", "DELETE"))]
     assert [s.split()[2] for s in writes] == ["auth_sessions", "refresh_tokens", "audit_events"]

@@ -28,6 +28,7 @@ from soko.identity.permissions import (
     ACCOUNT_SELF,
     CATALOG_MANAGE,
     DISPUTES_RESOLVE,
+    IDENTITY_SETTINGS,
     ORDERS_READ_ALL,
     PAYMENTS_MANAGE,
     PAYMENTS_READ_ALL,
@@ -44,6 +45,7 @@ __all__ = [
     "ACCOUNT_SELF",
     "CATALOG_MANAGE",
     "DISPUTES_RESOLVE",
+    "IDENTITY_SETTINGS",
     "ORDERS_READ_ALL",
     "PAYMENTS_MANAGE",
     "PAYMENTS_READ_ALL",
@@ -62,6 +64,7 @@ __all__ = [
     "has_accounts",
     "record_audit_event",
     "user_cards",
+    "user_ids_with_role",
 ]
 
 
@@ -209,3 +212,14 @@ async def contact_of(session: AsyncSession, runtime: Runtime, user_id: uuid.UUID
         phone=phone_of(runtime.data_keys, user_id, row.phone_ciphertext),
         display_name=row.display_name,
     )
+
+
+async def user_ids_with_role(session: AsyncSession, role: str) -> list[uuid.UUID]:
+    """The active users holding ``role`` (e.g. every admin, to tell them something)."""
+    rows = await session.scalars(
+        select(UserRole.user_id)
+        .join(User, User.id == UserRole.user_id)
+        .where(UserRole.role == Role(role).value, User.status == UserStatus.active.value)
+        .order_by(UserRole.user_id)
+    )
+    return list(rows)

@@ -50,6 +50,7 @@ from soko.identity.errors import (
     LoginMethodDisabled,
     WrongCurrentPassword,
 )
+from soko.identity.events import NEW_DEVICE_SIGN_IN, NewDeviceSignIn
 from soko.identity.login_methods import (
     PASSWORD,
     LoginSettings,
@@ -82,6 +83,7 @@ from soko.platform.auth import Principal, run_sign_in_hooks
 from soko.platform.errors import ProblemError, ValidationFailed
 from soko.platform.http import client_ip
 from soko.platform.ids import uuid7
+from soko.platform.outbox import publish
 from soko.platform.runtime import Runtime, RuntimeDep, invalidate_after_commit
 
 PASSWORD_METHOD = PASSWORD
@@ -641,6 +643,13 @@ async def finish_sign_in(
         "device": facts.device.device_name,
     }
     if not account.known_device:
+        await publish(
+            session,
+            NEW_DEVICE_SIGN_IN,
+            NewDeviceSignIn(
+                user_id=user.id, device=facts.device.device_name, at=runtime.clock.now()
+            ),
+        )
         await record_audit_event(
             session,
             action="auth.new_device",

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from soko.identity.public import ACCOUNT_SELF
+from soko.identity.public import ACCOUNT_SELF, IDENTITY_SETTINGS
 from soko.notifications import inbox
 from soko.notifications.callbacks import (
     SENDGRID_SIGNATURE_HEADER,
@@ -58,10 +58,8 @@ from soko.platform.errors import NotFound, ValidationFailed, problem_responses
 from soko.platform.pagination import Keyset, Page, PageRequestDep
 from soko.platform.runtime import RuntimeDep, SessionDep
 
-# soko.identity.permissions.IDENTITY_SETTINGS (admins only): editing the messages the
-# marketplace sends is configuring the marketplace. Spelled out until soko.identity.public
-# exports the constant.
-TEMPLATES_PERMISSION = "identity:settings"
+# Admins only: editing the messages the marketplace sends is configuring the marketplace.
+TEMPLATES_PERMISSION = IDENTITY_SETTINGS
 
 CALLBACK_BODY_MAX_BYTES = 1_000_000
 

@@ -27,6 +27,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from soko.identity.events import NEW_DEVICE_SIGN_IN
 from soko.identity.public import contact_of
 from soko.notifications.inbox import add_to_inbox
 from soko.notifications.models import RecipientLocale
@@ -46,11 +47,6 @@ log = structlog.get_logger("soko.notifications")
 # ``amount_minor`` and ``currency``, which is all the receipts need.
 PAYMENT_SUCCEEDED = "payment.succeeded"
 REFUND_SUCCEEDED = "refund.succeeded"
-# Identity's event for a sign-in from a device the account has not used before, by name:
-# its payload carries ``user_id``, ``device`` (a name such as "Chrome on Android") and
-# ``at``. Identity does not publish it yet (it records the audit event
-# ``auth.new_device``); the trigger is ready for the day it does.
-NEW_DEVICE_SIGN_IN = "identity.new_device_sign_in"
 
 
 class Audience(StrEnum):
