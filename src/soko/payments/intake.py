@@ -47,7 +47,7 @@ KEPT_HEADERS = (
     "x-request-id",
     "stripe-signature",
     "x-paystack-signature",
-    "x-soko-sandbox-signature",
+    "sandbox-signature",
     "webhook-id",
     "webhook-timestamp",
     "webhook-signature",
