@@ -6,13 +6,26 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 
-from bench import catalog, checkout, outbox_throughput, signin
+from bench import (
+    catalog,
+    checkout,
+    ledger,
+    notifications,
+    outbox_throughput,
+    payment_webhooks,
+    signin,
+    webhook_delivery,
+)
 
 BENCHMARKS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
     "outbox": outbox_throughput.main,
     "signin": signin.main,
     "catalog": catalog.main,
     "checkout": checkout.main,
+    "payment_webhooks": payment_webhooks.main,
+    "ledger": ledger.main,
+    "notifications": notifications.main,
+    "webhook_delivery": webhook_delivery.main,
 }
 
 
