@@ -11,14 +11,15 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from soko.platform.jobs import Dispatcher
+from soko.platform.outbox import OutboxMessage
 from soko.platform.runtime import Runtime
 from soko.webhooks.models import WebhookDelivery
-from soko.webhooks.service import fan_out
+from soko.webhooks.service import DELIVER_JOB, fan_out
 from tests.cart.catalog_support import Shop
-from tests.webhooks.conftest import Hooks, deliveries, order_payload, publish_event
+from tests.webhooks.conftest import Hooks, deliveries, order_payload, publish_event, run_jobs
 from tests.webhooks.receiver import running_receiver
 
 EVENTS_PER_STORE = 8
@@ -109,3 +110,42 @@ async def test_fanning_out_one_event_twice_writes_one_delivery(
             .where(WebhookDelivery.endpoint_id == uuid.UUID(endpoint["id"]))
         )
     assert count == 1
+
+
+@pytest.mark.parametrize("allow_private_addresses", [True])
+async def test_a_later_event_waits_for_an_earlier_events_fan_out(
+    runtime: Runtime, shop_hooks: Callable[[], Awaitable[tuple[Shop, Hooks]]]
+) -> None:
+    """The earlier event's fan-out is held back (as a retry would hold it): the later
+    event is not sent before it, and waits with one follow-up job, not a busy loop."""
+    shop, hooks = await shop_hooks()
+    clock = runtime.clock
+    with running_receiver() as receiver:
+        await hooks.create(receiver.url, "order.shipped")
+        earlier = await publish_event(runtime, "order.shipped", order_payload(shop.seller_id))
+        later = await publish_event(runtime, "order.shipped", order_payload(shop.seller_id))
+        retry_at = clock.now() + dt.timedelta(minutes=10)
+        async with runtime.db.transaction() as session:
+            await session.execute(
+                update(OutboxMessage)
+                .where(OutboxMessage.id == earlier)
+                .values(available_at=retry_at)
+            )
+        await run_jobs(runtime)
+        assert receiver.requests == []
+        async with runtime.db.transaction(read_only=True) as session:
+            waiting = (
+                await session.scalars(
+                    select(OutboxMessage.available_at).where(
+                        OutboxMessage.name == DELIVER_JOB,
+                        OutboxMessage.status == "pending",
+                    )
+                )
+            ).all()
+        assert waiting == [retry_at]
+        clock.advance(dt.timedelta(minutes=10))  # type: ignore[attr-defined]
+        await run_jobs(runtime)
+        assert [r.headers["webhook-id"] for r in receiver.requests] == [
+            f"evt_{earlier.hex}",
+            f"evt_{later.hex}",
+        ]

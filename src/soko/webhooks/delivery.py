@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import uuid
 from typing import Any
 
@@ -151,11 +152,19 @@ async def deliver_next(ctx: JobContext, payload: dict[str, Any]) -> None:
     now = ctx.now()
     if head is None or head.next_attempt_at > now:
         return  # nothing due: a retry has its own job at its time
-    if await _earlier_events_not_fanned_out(session, endpoint, head):
+    blocked_until = await _earlier_events_not_fanned_out(session, endpoint, head, now)
+    if blocked_until is not None:
         # An event published before the head has not been turned into deliveries yet
-        # (another worker is on it, or it is being retried): it may be for this
-        # endpoint and must go first. Look again shortly; its fan-out also kicks.
-        await kick(session, endpoint_id, f"wait:{head.id}:{uuid7()}", now, at=now + FAN_OUT_WAIT)
+        # (another worker is on it, or it waits for a retry): it may be for this
+        # endpoint and must go first. Look again then; its fan-out also kicks. Jobs that
+        # find the same wait share one follow-up (the key names the second).
+        await kick(
+            session,
+            endpoint_id,
+            f"wait:{endpoint_id}:{blocked_until.isoformat()}",
+            now,
+            at=blocked_until,
+        )
         return
     manual = head.retry_step == 0 and head.attempts > 0
     attempt = WebhookAttempt(
@@ -168,11 +177,13 @@ async def deliver_next(ctx: JobContext, payload: dict[str, Any]) -> None:
         cause=(AttemptTrigger.manual if manual else AttemptTrigger.scheduled).value,
         at=now,
     )
+    began = time.perf_counter()
     answer, error = await _send(runtime, endpoint, head, attempt.id, now)
     succeeded = answer is not None and 200 <= answer.status < 300
     attempt.succeeded = succeeded
     attempt.status_code = answer.status if answer is not None else None
-    attempt.duration_ms = round((answer.seconds if answer else 0.0) * 1000)
+    seconds = answer.seconds if answer is not None else time.perf_counter() - began
+    attempt.duration_ms = round(seconds * 1000)
     if answer is not None and not succeeded:
         error = f"HTTP {answer.status}"
         if 300 <= answer.status < 400:
@@ -255,29 +266,40 @@ async def _queue_next(
 
 
 async def _earlier_events_not_fanned_out(
-    session: AsyncSession, endpoint: WebhookEndpoint, head: WebhookDelivery
-) -> bool:
-    """Whether an event of a type the endpoint takes, published before the head was
-    queued, still waits in the outbox to be fanned out (as published, or as the fan-out
-    subscriber's own delivery). Dead ones do not count: they will never arrive."""
+    session: AsyncSession, endpoint: WebhookEndpoint, head: WebhookDelivery, now: dt.datetime
+) -> dt.datetime | None:
+    """``None`` when no event of a type the endpoint takes, published before the head
+    was queued, still waits in the outbox to be fanned out (as published, or as the
+    fan-out subscriber's own delivery); else when to look again: the next whole second,
+    or the blocking message's retry time when that is later. Dead messages do not
+    count: they will never arrive."""
     live = (MessageStatus.pending.value, MessageStatus.running.value)
-    found = await session.scalar(
-        select(OutboxMessage.id)
-        .where(
-            OutboxMessage.kind == MessageKind.event.value,
-            OutboxMessage.status.in_(live),
-            OutboxMessage.name.in_(list(endpoint.event_types)),
-            or_(
-                and_(OutboxMessage.handler.is_(None), OutboxMessage.id < head.queue_key),
-                and_(
-                    OutboxMessage.handler == FAN_OUT_SUBSCRIBER,
-                    OutboxMessage.event_id < head.queue_key,
+    blocker = (
+        await session.execute(
+            select(OutboxMessage.status, OutboxMessage.available_at)
+            .where(
+                OutboxMessage.kind == MessageKind.event.value,
+                OutboxMessage.status.in_(live),
+                OutboxMessage.name.in_(list(endpoint.event_types)),
+                or_(
+                    and_(OutboxMessage.handler.is_(None), OutboxMessage.id < head.queue_key),
+                    and_(
+                        OutboxMessage.handler == FAN_OUT_SUBSCRIBER,
+                        OutboxMessage.event_id < head.queue_key,
+                    ),
                 ),
-            ),
+            )
+            .order_by(OutboxMessage.available_at)
+            .limit(1)
         )
-        .limit(1)
-    )
-    return found is not None
+    ).first()
+    if blocker is None:
+        return None
+    soon = (now + FAN_OUT_WAIT).replace(microsecond=0)
+    retry_at: dt.datetime = blocker.available_at
+    if blocker.status == MessageStatus.pending.value and retry_at > soon:
+        return retry_at
+    return soon
 
 
 async def _head(session: AsyncSession, endpoint_id: uuid.UUID) -> WebhookDelivery | None:
