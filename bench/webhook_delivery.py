@@ -13,10 +13,10 @@ connection), made inside its job's transaction, with its log line and the next j
 written in that same transaction. Deliveries of one endpoint go one at a time (the
 ordering guarantee), so more endpoints let the worker overlap more requests.
 
-    python -m bench webhooks                     # SQLite in a temporary directory
+    python -m bench webhook_delivery             # SQLite in a temporary directory
     BENCH_DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/soko_bench \\
-        python -m bench webhooks                 # a PostgreSQL database (emptied)
-    BENCH_EVENTS=5000 BENCH_ENDPOINTS=16 python -m bench webhooks
+        python -m bench webhook_delivery         # a PostgreSQL database (emptied)
+    BENCH_EVENTS=5000 BENCH_ENDPOINTS=16 python -m bench webhook_delivery
 """
 
 from __future__ import annotations
