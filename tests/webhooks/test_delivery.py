@@ -17,12 +17,15 @@ import pytest
 from sqlalchemy import select
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from soko.identity.models import Role
 from soko.notifications.public import read_sink
 from soko.platform.clock import ManualClock
 from soko.platform.outbox import OutboxMessage
 from soko.platform.runtime import Runtime
-from soko.webhooks.delivery import RESOLVER_EXTENSION, RETRY_SCHEDULE
+from soko.webhooks.delivery import RESOLVER_EXTENSION, RETRY_SCHEDULE, people_to_tell
+from soko.webhooks.models import WebhookEndpoint
 from tests.cart.catalog_support import Market, Shop
+from tests.identity.conftest import MakeUser
 from tests.orders.conftest import MakeBuyer, ok, pay, problem_type, sign_in_again
 from tests.webhooks.conftest import (
     Hooks,
@@ -342,3 +345,16 @@ async def test_secrets_never_reach_logs_or_the_outbox(
         for text in (captured.out, captured.err, caplog.text, json.dumps(payloads)):
             assert secret not in text
             assert secret.removeprefix("whsec_") not in text
+
+
+async def test_the_marketplaces_disabled_endpoint_is_told_to_every_admin(
+    runtime: Runtime, admin_hooks: Hooks, make_user: MakeUser
+) -> None:
+    other_admin = await make_user(Role.admin)
+    endpoint = await admin_hooks.create("https://hooks.example.com/in", "order.paid")
+    async with runtime.db.transaction() as session:
+        row = await session.get(WebhookEndpoint, uuid.UUID(endpoint["id"]))
+        assert row is not None
+        told = await people_to_tell(session, row)
+    assert told[0] == row.created_by
+    assert set(told) == {row.created_by, other_admin.user_id}

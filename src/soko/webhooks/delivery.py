@@ -37,7 +37,7 @@ import structlog
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.identity.public import contact_of
+from soko.identity.public import contact_of, user_ids_with_role
 from soko.notifications.public import send_email
 from soko.platform.ids import uuid7
 from soko.platform.jobs import JobContext
@@ -86,6 +86,7 @@ RETRY_SCHEDULE: tuple[dt.timedelta, ...] = (
 )
 MAX_ATTEMPTS_PER_ROUND = len(RETRY_SCHEDULE) + 1
 USER_AGENT = "Soko-Webhooks/1"
+ADMIN_ROLE = "admin"
 #: How long the head of a queue waits for the fan-out of an earlier event.
 FAN_OUT_WAIT = dt.timedelta(seconds=1)
 HTTP_EXTENSION = "webhooks.http"
@@ -376,7 +377,7 @@ async def _disable(
         seller_id=str(endpoint.seller_id) if endpoint.seller_id else None,
         given_up=given_up,
     )
-    for user_id in await _people_to_tell(session, endpoint):
+    for user_id in await people_to_tell(session, endpoint):
         contact = await contact_of(session, runtime, user_id)
         if contact is None or not contact.email:
             continue
@@ -390,9 +391,13 @@ async def _disable(
         )
 
 
-async def _people_to_tell(session: AsyncSession, endpoint: WebhookEndpoint) -> list[uuid.UUID]:
+async def people_to_tell(session: AsyncSession, endpoint: WebhookEndpoint) -> list[uuid.UUID]:
+    """Who is emailed when the endpoint is disabled: the store's owners, or for the
+    marketplace's endpoint the administrator who registered it and every other."""
     if endpoint.seller_id is None:
-        return [endpoint.created_by]  # the administrator who registered it
+        # The marketplace's own: the administrator who registered it, and every other.
+        admins = await user_ids_with_role(session, ADMIN_ROLE)
+        return list(dict.fromkeys([endpoint.created_by, *admins]))
     owners = []
     for user_id in await member_user_ids(session, endpoint.seller_id):
         if await member_role(session, endpoint.seller_id, user_id) == SellerRole.owner:
