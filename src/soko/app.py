@@ -122,6 +122,11 @@ def create_app(
         if tracing is not None:
             tracing.instrument_database(active.db.engine)
         if own_runtime:
+            # Built now rather than on the first payment: a provider whose credentials
+            # are missing stops the start, and /ready lists every provider's circuit.
+            from soko.payments.providers.registry import providers_of
+
+            providers_of(active)
             await active.start()
         try:
             yield

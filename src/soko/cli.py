@@ -41,10 +41,12 @@ def _mount_domain_commands() -> None:
     from soko.identity.admin_cli import admin_app
     from soko.identity.cli import audit_app
     from soko.identity.keys_cli import keys_app
+    from soko.payments.ledger_cli import ledger_commands
 
     app.add_typer(admin_app, name="admin")
     app.add_typer(audit_app, name="audit")
     app.add_typer(keys_app, name="keys")
+    app.add_typer(ledger_commands(), name="ledger")
     app.add_typer(seed_commands(_demo_app), name="seed")
 
 
