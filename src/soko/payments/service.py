@@ -139,9 +139,10 @@ async def plan_payment(
         await session.flush()
         payment_id = payment.id
     settings = runtime.settings
-    return_url = settings.payment_return_url or (
-        f"{settings.public_url.rstrip('/')}/checkout/{group_id}/paid"
-    )
+    return_url = (
+        settings.payment_return_url
+        or f"{settings.public_url.rstrip('/')}/payments/return?group_id={{group_id}}"
+    ).replace("{group_id}", str(group_id))
     start = PaymentStart(
         reference=str(payment_id),
         amount_minor=group.total_minor,

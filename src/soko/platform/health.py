@@ -119,8 +119,7 @@ async def ready(request: Request) -> JSONResponse:
     # not make the instance unready: pulling every instance from the load balancer
     # would turn one provider's outage into a full one.
     healthy = all(
-        result["status"] == "up" or result.get("critical") is False
-        for result in results.values()
+        result["status"] == "up" or result.get("critical") is False for result in results.values()
     )
     return JSONResponse(
         {
