@@ -44,7 +44,12 @@ from soko.payments.providers.base import (
     StartedPayment,
     WebhookRejectedError,
 )
-from soko.payments.providers.http import HttpPolicy, ProviderHttp, unexpected_answer
+from soko.payments.providers.http import (
+    HttpBackedProvider,
+    HttpPolicy,
+    ProviderHttp,
+    unexpected_answer,
+)
 from soko.platform.clock import Clock
 from soko.platform.config import Settings
 from soko.platform.money import Money, UnknownCurrencyError
@@ -91,7 +96,7 @@ def to_minor(amount: object, currency: str) -> int:
     return Money.from_decimal(value, currency).amount
 
 
-class FlutterwaveProvider:
+class FlutterwaveProvider(HttpBackedProvider):
     name = NAME
 
     def __init__(
@@ -132,16 +137,6 @@ class FlutterwaveProvider:
             clock=clock,
             transport=transport,
         )
-
-    @property
-    def http(self) -> ProviderHttp:
-        return self._http
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    def readiness(self) -> Mapping[str, object]:
-        return self._http.readiness()
 
     # -- outbound --------------------------------------------------------------------------
 

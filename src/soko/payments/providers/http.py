@@ -404,6 +404,23 @@ class ProviderHttp:
         )
 
 
+class HttpBackedProvider:
+    """What every adapter that talks to its provider over :class:`ProviderHttp` shares:
+    its client, closing it, and its circuit's state for ``/ready``."""
+
+    _http: ProviderHttp
+
+    @property
+    def http(self) -> ProviderHttp:
+        return self._http
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def readiness(self) -> Mapping[str, object]:
+        return self._http.readiness()
+
+
 @dataclass(frozen=True, slots=True)
 class _Exchange:
     operation: str

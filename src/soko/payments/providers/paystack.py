@@ -41,7 +41,12 @@ from soko.payments.providers.base import (
     StartedPayment,
     WebhookRejectedError,
 )
-from soko.payments.providers.http import HttpPolicy, ProviderHttp, unexpected_answer
+from soko.payments.providers.http import (
+    HttpBackedProvider,
+    HttpPolicy,
+    ProviderHttp,
+    unexpected_answer,
+)
 from soko.platform.clock import Clock
 from soko.platform.config import Settings
 
@@ -73,7 +78,7 @@ _REFUND_STATUSES: dict[str, RefundStatus] = {
 }
 
 
-class PaystackProvider:
+class PaystackProvider(HttpBackedProvider):
     name = NAME
 
     def __init__(
@@ -112,16 +117,6 @@ class PaystackProvider:
             clock=clock,
             transport=transport,
         )
-
-    @property
-    def http(self) -> ProviderHttp:
-        return self._http
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    def readiness(self) -> Mapping[str, object]:
-        return self._http.readiness()
 
     # -- outbound --------------------------------------------------------------------------
 

@@ -46,7 +46,12 @@ from soko.payments.providers.base import (
     StartedPayment,
     WebhookRejectedError,
 )
-from soko.payments.providers.http import HttpPolicy, ProviderHttp, unexpected_answer
+from soko.payments.providers.http import (
+    HttpBackedProvider,
+    HttpPolicy,
+    ProviderHttp,
+    unexpected_answer,
+)
 from soko.platform.clock import Clock
 from soko.platform.config import Settings
 from soko.platform.money import UnknownCurrencyError, minor_units
@@ -120,7 +125,7 @@ def from_stripe_amount(amount: int, currency: str) -> int:
     return amount * scale
 
 
-class StripeProvider:
+class StripeProvider(HttpBackedProvider):
     name = NAME
 
     def __init__(
@@ -165,16 +170,6 @@ class StripeProvider:
             clock=clock,
             transport=transport,
         )
-
-    @property
-    def http(self) -> ProviderHttp:
-        return self._http
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    def readiness(self) -> Mapping[str, object]:
-        return self._http.readiness()
 
     # -- outbound --------------------------------------------------------------------------
 
