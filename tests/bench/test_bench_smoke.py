@@ -1,4 +1,4 @@
-"""The commerce benchmarks run end to end on tiny data: a real ``soko serve``, the load
+"""The benchmarks run end to end on tiny data: a real ``soko serve``, the load
 generators, the raw baseline and every invariant they check. No figure is asserted (tests
 never assert on time); only that the runs complete and their invariants hold."""
 
@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from bench import catalog, checkout
+from bench import catalog, checkout, ledger, payment_webhooks
 from tests.conftest import POSTGRES_UP, POSTGRES_URL, REQUIRE_SERVICES
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres_only]
@@ -56,3 +56,17 @@ async def test_checkout_benchmark_runs_and_nothing_is_oversold() -> None:
         (shape, kind) for shape in ("hot", "spread") for kind in ("capacity", "at rate")
     }
     assert all(len(run.created) == 5 and len(run.sold_out) == 7 for run in outcome.runs)
+
+
+async def test_ledger_benchmark_checks_the_books_it_loaded() -> None:
+    outcome = await ledger.run(
+        ledger.Config(entries=5_000, sellers=20, repeat=1, url=_database_url("ledger"))
+    )
+    assert outcome.invariants_held
+
+
+async def test_payment_webhook_benchmark_captures_each_payment_once() -> None:
+    outcome = await payment_webhooks.run(
+        payment_webhooks.Config(payments=20, connections=4, url=_database_url("webhooks"))
+    )
+    assert outcome.invariants_held
