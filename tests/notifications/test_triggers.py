@@ -78,12 +78,12 @@ def test_every_trigger_has_a_template_that_renders_in_every_locale() -> None:
             rendered = render_source(source, SAMPLE_CONTEXT)
             if ChannelName.sms in trigger.channels:
                 assert rendered.sms, f"{trigger.template} sends SMS but has no sms block"
-    # Money and the orders' events are never optional; the admins only get email.
+    # Money and the orders' events are never optional; the admins get email and in-app.
     for trigger in TRIGGERS:
         if trigger.event.startswith(("order.placed", "order.paid", "payment.", "refund.")):
             assert trigger.category in LOCKED
         if trigger.audience is Audience.admins:
-            assert trigger.channels == {ChannelName.email}
+            assert trigger.channels == {ChannelName.email, ChannelName.in_app}
     assert names == {trigger.template for trigger in TRIGGERS}
 
 
@@ -234,7 +234,7 @@ async def test_a_sign_in_from_a_new_device_warns_the_account(
     assert mine["items"][0]["category"] == "security"
 
 
-async def test_admins_hear_of_a_dispute_at_the_operations_mailbox(
+async def test_admins_and_the_operations_mailbox_hear_of_a_dispute(
     runtime: Runtime,
     client: httpx2.AsyncClient,
     market: Market,  # noqa: F811
@@ -242,6 +242,7 @@ async def test_admins_hear_of_a_dispute_at_the_operations_mailbox(
     from soko.platform.outbox import publish
 
     runtime.settings.notifications_admin_email = "ops@soko.example"
+    admin = await _user(runtime, role=Role.admin, name="Baraka")
     owner = await _user(runtime, name="Mama Duka")
     shop = await market.open_shop(owner)
     dispute = {
@@ -259,8 +260,12 @@ async def test_admins_hear_of_a_dispute_at_the_operations_mailbox(
     await runtime.dispatcher.run_until_idle()
     emails = read_sink(runtime.settings.data_dir, "email")
     admins = _by_category(emails, "transactional.dispute.opened.admins")
-    assert [email["to"] for email in admins] == ["ops@soko.example"] * 2
+    recipients = [email["to"] for email in admins]
+    assert recipients.count("ops@soko.example") == 2
+    assert recipients.count(admin.email) == 2
     assert dispute["dispute_id"] in admins[0]["text"]
+    inbox = ok(await client.get(ME, headers=admin.headers))["items"]
+    assert [item["title"].startswith("Dispute opened") for item in inbox] == [True, True]
     sellers = _by_category(emails, "transactional.dispute.opened.seller")
     assert {email["to"] for email in sellers} == {owner.email}
     titles = [item["title"] for item in ok(await client.get(ME, headers=owner.headers))["items"]]

@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.events import NEW_DEVICE_SIGN_IN
-from soko.identity.public import contact_of
+from soko.identity.public import contact_of, user_ids_with_role
 from soko.notifications.inbox import add_to_inbox
 from soko.notifications.models import RecipientLocale
 from soko.notifications.preferences import Category, ChannelName, allowed_channels
@@ -95,9 +95,9 @@ TRIGGERS: tuple[Trigger, ...] = (
     _t(order_events.ORDER_REFUNDED, Audience.buyer, E, S, A),
     _t(order_events.ORDER_REFUNDED, Audience.seller, E, A),
     _t(order_events.DISPUTE_OPENED, Audience.seller, E, S, A),
-    _t(order_events.DISPUTE_OPENED, Audience.admins, E),
+    _t(order_events.DISPUTE_OPENED, Audience.admins, E, A),
     _t(order_events.DISPUTE_ANSWERED, Audience.buyer, E, A),
-    _t(order_events.DISPUTE_ANSWERED, Audience.admins, E),
+    _t(order_events.DISPUTE_ANSWERED, Audience.admins, E, A),
     _t(order_events.DISPUTE_RESOLVED, Audience.buyer, E, S, A),
     _t(order_events.DISPUTE_RESOLVED, Audience.seller, E, A),
     _t(seller_events.SELLER_APPROVED, Audience.seller, E, S, A),
@@ -188,7 +188,9 @@ async def audience_user_ids(
     if audience is Audience.seller:
         seller = _uuid(payload, "seller_id")
         return await member_user_ids(session, seller) if seller else []
-    return []  # admins: the operations mailbox, see notify()
+    # The admins: every active administrator, as themselves (their preferences apply);
+    # the operations mailbox, when configured, hears of it too (see notify()).
+    return await user_ids_with_role(session, "admin")
 
 
 async def locale_of(session: AsyncSession, user_id: uuid.UUID, default: str) -> str:
@@ -218,30 +220,43 @@ async def notify(ctx: JobContext, event: str, payload: dict[str, Any]) -> int:
     session = ctx.session
     event_id = ctx.event_id or ctx.message_id
     base = await event_context(session, runtime, event, payload)
-    default_locale = runtime.settings.notifications_default_locale
     queued = 0
     for trigger in triggers_for(event):
         category = f"{trigger.category.value}.{trigger.template}"[:64]
         if trigger.audience is Audience.admins:
-            address = runtime.settings.notifications_admin_email.strip()
-            if not address or E not in trigger.channels:
-                continue
-            context = {**base, "recipient": {"name": "Soko team"}}
-            rendered = await _rendered(session, trigger, default_locale, context)
-            if rendered is not None and await send_email(
-                session,
-                to=address,
-                subject=rendered.subject,
-                text=rendered.text,
-                html=rendered.html,
-                category=category,
-                dedupe_key=f"{event_id}:{trigger.template}:admins",
-            ):
-                queued += 1
-            continue
+            queued += await _notify_operations_mailbox(session, runtime, trigger, base, event_id)
         for user_id in await audience_user_ids(session, trigger.audience, payload):
             queued += await _notify_user(ctx, trigger, user_id, base, category, event_id)
     return queued
+
+
+async def _notify_operations_mailbox(
+    session: AsyncSession,
+    runtime: Runtime,
+    trigger: Trigger,
+    base: dict[str, Any],
+    event_id: uuid.UUID,
+) -> int:
+    """The marketplace's shared inbox (``SOKO_NOTIFICATIONS_ADMIN_EMAIL``), when set."""
+    address = runtime.settings.notifications_admin_email.strip()
+    if not address or E not in trigger.channels:
+        return 0
+    category = f"{trigger.category.value}.{trigger.template}"[:64]
+    context = {**base, "recipient": {"name": "Soko team"}}
+    rendered = await _rendered(
+        session, trigger, runtime.settings.notifications_default_locale, context
+    )
+    if rendered is not None and await send_email(
+        session,
+        to=address,
+        subject=rendered.subject,
+        text=rendered.text,
+        html=rendered.html,
+        category=category,
+        dedupe_key=f"{event_id}:{trigger.template}:admins",
+    ):
+        return 1
+    return 0
 
 
 async def _notify_user(
