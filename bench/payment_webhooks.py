@@ -61,6 +61,7 @@ class BenchProvider:
     bench made happen, webhooks are signed with HMAC-SHA256 over the raw body."""
 
     name = PROVIDER
+    refunds_are_idempotent = True  # the bench never refunds
 
     def __init__(self, secret: bytes) -> None:
         from soko.payments.providers.base import PaymentState

@@ -391,6 +391,7 @@ def upgrade() -> None:
         sa.Column("source", sa.String(length=16), nullable=False),
         sa.Column("provider_refund_id", sa.String(length=255), nullable=True),
         sa.Column("failure_reason", sa.String(length=500), nullable=True),
+        sa.Column("sent_at", soko.platform.db.UTCDateTime(timezone=True), nullable=True),
         sa.Column("dedupe_key", sa.String(length=200), nullable=False),
         sa.Column("requested_by", sa.Uuid(), nullable=True),
         sa.Column("created_at", soko.platform.db.UTCDateTime(timezone=True), nullable=False),

@@ -61,6 +61,7 @@ class FakeProvider:
     """A provider in memory: ``charges`` is what the provider knows (by reference)."""
 
     name: str = FAKE
+    refunds_are_idempotent: bool = True  # it keeps refunds by their reference
     charges: dict[str, PaymentState] = field(default_factory=dict)
     starts: list[PaymentStart] = field(default_factory=list)
     refunds: list[RefundRequest] = field(default_factory=list)

@@ -312,3 +312,77 @@ async def test_a_refund_pending_at_the_provider_is_followed_up_never_sent_twice(
     assert refund.status == "succeeded"
     assert (len(fake.refunds), fake.status_reads) == (1, 2)
     assert (await ledger_check(runtime)).balanced
+
+
+async def test_a_refund_whose_job_died_mid_call_is_never_asked_twice(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    clock: ManualClock,
+    fake: FakeProvider,
+    place_order: PlaceOrder,
+    make_user: MakeUser,
+) -> None:
+    """At a provider whose refunds take no idempotency key, a job that dies while the
+    provider is being asked leaves the refund to a person: the next run does not ask
+    again (it could pay twice), it fails the refund with the reason and flags the
+    payment. On SQLite the marker cannot be committed apart from the job (one write
+    lock), so there the refund is asked again; production runs on PostgreSQL."""
+    placed = await place_order()
+    payment_id = await pay_and_confirm(client, runtime, fake, placed)
+    admin = await make_user(Role.admin)
+    fake.refunds_are_idempotent = False
+    asked = 0
+    original = fake.refund
+
+    async def dies_after_the_provider_acted(request: Any) -> Any:
+        nonlocal asked
+        asked += 1
+        result = await original(request)
+        if asked == 1:
+            raise RuntimeError("the worker died before recording the answer")
+        return result
+
+    fake.refund = dies_after_the_provider_acted  # type: ignore[method-assign]
+    ok(await admin_refund(client, payment_id, admin.headers, amount_minor=300), 201)
+    await run_jobs(runtime)
+    clock.advance(dt.timedelta(minutes=10))
+    await run_jobs(runtime)
+    [refund] = await refunds_of(runtime, payment_id)
+    if runtime.db.dialect == "postgresql":
+        assert asked == 1
+        assert refund.status == "failed"
+        assert "may have reached the provider" in (refund.failure_reason or "")
+        assert (await payment_row(runtime, payment_id)).flag == "refund_failed"
+    else:
+        assert asked == 2
+        assert refund.status == "succeeded"
+    assert (await ledger_check(runtime)).balanced
+
+
+async def test_a_refund_the_provider_never_saw_is_asked_again(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    clock: ManualClock,
+    fake: FakeProvider,
+    place_order: PlaceOrder,
+    make_user: MakeUser,
+) -> None:
+    """A retryable failure means the provider did not act: the marker is cleared and
+    the next run asks again, even at a provider without refund idempotency."""
+    placed = await place_order()
+    payment_id = await pay_and_confirm(client, runtime, fake, placed)
+    admin = await make_user(Role.admin)
+    fake.refunds_are_idempotent = False
+    fake.refund_outcome = "down"
+    ok(await admin_refund(client, payment_id, admin.headers, amount_minor=300), 201)
+    await run_jobs(runtime)
+    [refund] = await refunds_of(runtime, payment_id)
+    assert (refund.status, refund.sent_at) == ("pending", None)
+
+    fake.refund_outcome = "succeeded"
+    clock.advance(dt.timedelta(minutes=10))
+    await run_jobs(runtime)
+    [refund] = await refunds_of(runtime, payment_id)
+    assert refund.status == "succeeded"
+    assert len(fake.refunds) == 1
+    assert (await ledger_check(runtime)).balanced

@@ -205,6 +205,9 @@ class Refund(UUIDPrimaryKey, Base):
         String(PROVIDER_ID_MAX_LENGTH), default=None
     )
     failure_reason: Mapped[str | None] = mapped_column(String(REASON_MAX_LENGTH), default=None)
+    # Set, and committed, right before a provider without refund idempotency is asked:
+    # if the job dies during that call, its next run knows the refund may have been paid.
+    sent_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     # The cause, once: "order.cancelled:<order id>", "dispute:<dispute id>", ...
     dedupe_key: Mapped[str] = mapped_column(String(DEDUPE_MAX_LENGTH), unique=True)
     requested_by: Mapped[uuid.UUID | None] = mapped_column(default=None)

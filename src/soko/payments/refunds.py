@@ -224,6 +224,14 @@ async def send_refund(
             f"refund {refund.id} is pending at the provider, which cannot be asked about it",
         )
         return
+    marked = False
+    if not following_up and not getattr(provider, "refunds_are_idempotent", False):
+        if refund.sent_at is not None:
+            # An earlier run asked the provider and died before recording the answer:
+            # asking again could pay twice, so a person checks the provider first.
+            await _fail(session, runtime, refund, payment, OUTCOME_UNKNOWN)
+            return
+        marked = await _mark_sent(runtime, refund.id, sent=True)
     try:
         if following_up:
             # Never refund() again for a refund the provider accepted: only some
@@ -234,6 +242,10 @@ async def send_refund(
             result = await provider.refund(request)
     except ProviderError as exc:
         if exc.retryable and attempt < SEND_REFUND_ATTEMPTS:
+            # Retryable means the provider did not act (see providers/http.py): the
+            # next run may ask again.
+            if marked:
+                await _mark_sent(runtime, refund.id, sent=False)
             raise  # the outbox retries with backoff; the refund id keeps it single
         await _fail(session, runtime, refund, payment, f"provider error: {exc}")
         return
@@ -292,6 +304,29 @@ async def send_refund(
     )
     await publish(session, REFUND_SUCCEEDED, await refund_event(session, refund, payment))
     log.info("refund succeeded", refund_id=str(refund.id), payment_id=str(payment.id))
+
+
+OUTCOME_UNKNOWN = (
+    "an earlier attempt may have reached the provider and its answer was lost; check the "
+    "provider's dashboard before refunding again"
+)
+
+
+async def _mark_sent(runtime: Runtime, refund_id: uuid.UUID, *, sent: bool) -> bool:
+    """Record (or clear) that the provider is being asked, in a transaction of its own
+    that commits before the call. PostgreSQL only: on SQLite the job's transaction holds
+    the database's one write lock, so a second transaction would wait for it forever;
+    production runs on PostgreSQL, and the sandbox's refunds are idempotent anyway."""
+    if runtime.db.dialect != "postgresql":
+        return False
+    async with runtime.db.transaction() as marker:
+        await marker.execute(
+            update(Refund)
+            .where(Refund.id == refund_id, Refund.status == RefundStatus.pending.value)
+            .values(sent_at=runtime.clock.now() if sent else None)
+            .execution_options(synchronize_session=False)
+        )
+    return True
 
 
 async def _fail(

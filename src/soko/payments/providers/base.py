@@ -153,6 +153,10 @@ class PaymentProvider(Protocol):
 
     #: The path segment of its webhook URL and the value stored on payments.
     name: str
+    #: Whether asking twice for the same refund (same ``RefundRequest.reference``) pays
+    #: once. When False, Soko records that it is asking before each refund call, and a
+    #: refund whose job died during the call is left to a person instead of retried.
+    refunds_are_idempotent: bool
 
     async def start(self, payment: PaymentStart) -> StartedPayment: ...
 

@@ -98,6 +98,7 @@ def to_minor(amount: object, currency: str) -> int:
 
 class FlutterwaveProvider(HttpBackedProvider):
     name = NAME
+    refunds_are_idempotent = False  # its refund API takes no idempotency key
 
     def __init__(
         self,

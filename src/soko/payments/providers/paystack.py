@@ -80,6 +80,7 @@ _REFUND_STATUSES: dict[str, RefundStatus] = {
 
 class PaystackProvider(HttpBackedProvider):
     name = NAME
+    refunds_are_idempotent = False  # its refund API takes no idempotency key
 
     def __init__(
         self,

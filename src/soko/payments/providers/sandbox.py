@@ -123,6 +123,7 @@ class SandboxProvider:
     """The sandbox as a :class:`~soko.payments.providers.base.PaymentProvider`."""
 
     name = PROVIDER_NAME
+    refunds_are_idempotent = True  # refunds are kept by their reference
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime

@@ -127,6 +127,7 @@ def from_stripe_amount(amount: int, currency: str) -> int:
 
 class StripeProvider(HttpBackedProvider):
     name = NAME
+    refunds_are_idempotent = True  # the refund id is sent as its Idempotency-Key
 
     def __init__(
         self,
