@@ -197,6 +197,11 @@ def test_a_good_production_configuration_starts(monkeypatch: pytest.MonkeyPatch)
         ),
         pytest.param({"SOKO_WORKERS": "4"}, "SOKO_WORKERS=4", id="several-processes-in-memory"),
         pytest.param(
+            {"SOKO_WEBHOOKS_ALLOW_PRIVATE_ADDRESSES": "true"},
+            "SOKO_WEBHOOKS_ALLOW_PRIVATE_ADDRESSES",
+            id="webhooks-to-private-addresses",
+        ),
+        pytest.param(
             {"SOKO_PAYMENT_PROVIDERS": "paystack,sandbox"},
             "SOKO_PAYMENT_PROVIDERS",
             id="sandbox-payments",

@@ -425,6 +425,11 @@ class Settings(BaseSettings):
                 "lets anyone mark a payment paid)"
             )
         problems.extend(self.payment_credential_problems())
+        if self.webhooks_allow_private_addresses:
+            problems.append(
+                "SOKO_WEBHOOKS_ALLOW_PRIVATE_ADDRESSES may not be true in production (it "
+                "lets a registered webhook URL reach internal services)"
+            )
         if any("*" in origin for origin in self.cors_origins):
             problems.append("SOKO_CORS_ORIGINS may not contain a wildcard in production")
         problems.extend(self.multi_process_problems())
