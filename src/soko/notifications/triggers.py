@@ -224,7 +224,9 @@ async def notify(ctx: JobContext, event: str, payload: dict[str, Any]) -> int:
     for trigger in triggers_for(event):
         category = f"{trigger.category.value}.{trigger.template}"[:64]
         if trigger.audience is Audience.admins:
-            queued += await _notify_operations_mailbox(session, runtime, trigger, base, event_id)
+            queued += await _notify_operations_mailbox(
+                session, runtime, trigger, base, category, event_id
+            )
         for user_id in await audience_user_ids(session, trigger.audience, payload):
             queued += await _notify_user(ctx, trigger, user_id, base, category, event_id)
     return queued
@@ -235,13 +237,13 @@ async def _notify_operations_mailbox(
     runtime: Runtime,
     trigger: Trigger,
     base: dict[str, Any],
+    category: str,
     event_id: uuid.UUID,
 ) -> int:
     """The marketplace's shared inbox (``SOKO_NOTIFICATIONS_ADMIN_EMAIL``), when set."""
     address = runtime.settings.notifications_admin_email.strip()
     if not address or E not in trigger.channels:
         return 0
-    category = f"{trigger.category.value}.{trigger.template}"[:64]
     context = {**base, "recipient": {"name": "Soko team"}}
     rendered = await _rendered(
         session, trigger, runtime.settings.notifications_default_locale, context

@@ -225,7 +225,7 @@ async def send_refund(
         )
         return
     marked = False
-    if not following_up and not getattr(provider, "refunds_are_idempotent", False):
+    if not following_up and not provider.refunds_are_idempotent:
         if refund.sent_at is not None:
             # An earlier run asked the provider and died before recording the answer:
             # asking again could pay twice, so a person checks the provider first.

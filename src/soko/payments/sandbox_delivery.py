@@ -44,8 +44,9 @@ import structlog
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from soko.payments.providers.signatures import sign_timestamped
 from soko.platform.config import Settings
-from soko.platform.crypto import hkdf_sha256, mac
+from soko.platform.crypto import hkdf_sha256
 from soko.platform.jobs import JobContext, registry
 from soko.platform.outbox import enqueue
 
@@ -95,13 +96,9 @@ def webhook_key(settings: Settings) -> bytes:
     )
 
 
-def signed_payload(timestamp: int, raw_body: bytes) -> bytes:
-    return f"{timestamp}.".encode("ascii") + raw_body
-
-
 def signature_header(key: bytes, raw_body: bytes, timestamp: int) -> str:
     """The ``sandbox-signature`` value for ``raw_body`` sent at ``timestamp``."""
-    return f"t={timestamp},v1={mac(key, signed_payload(timestamp, raw_body)).hex()}"
+    return sign_timestamped(key, raw_body, timestamp)
 
 
 def webhook_url(settings: Settings) -> str:
