@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import import_module
@@ -95,6 +96,18 @@ def _problems_router() -> APIRouter:
     return router
 
 
+def _freeze_startup_heap() -> None:
+    """Move every object alive after startup (modules, routes, models, compiled
+    statements) out of the cyclic collector's reach.
+
+    They live as long as the process, yet each full collection walked all of them: with
+    the application loaded that took 50 to 100 ms, a pause every request in flight
+    waited through, several times a minute under load. Frozen, a full collection walks
+    only what was made since."""
+    gc.collect()
+    gc.freeze()
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -128,6 +141,7 @@ def create_app(
 
             providers_of(active)
             await active.start()
+            _freeze_startup_heap()
         try:
             yield
         finally:

@@ -195,6 +195,8 @@ def test_sigterm_drains_the_request_in_flight(fresh: tuple[Path, Path]) -> None:
     request = threading.Thread(target=send_slow_request)
     try:
         server.wait_until_healthy()
+        # Startup froze what it loaded: full collections no longer walk the whole app.
+        assert httpx2.get(f"{server.url}/test/gc").json()["frozen"] > 50_000
         request.start()
         _wait_for((slow_dir / "started").exists, STOP_TIMEOUT, "the slow request to start")
 
