@@ -16,6 +16,7 @@ from soko.identity.passwords import (
     MAX_PASSWORD_LENGTH,
     PasswordHasher,
     PasswordPolicy,
+    SodiumArgon2Hasher,
     common_passwords,
     normalize_password,
     password_hasher,
@@ -292,3 +293,52 @@ def test_passwords_in_any_script_are_accepted() -> None:
     ):
         assert len(normalize_password(password)) >= 10
         assert reasons(password) == [], password
+
+
+# -- libsodium and argon2-cffi agree ----------------------------------------------------
+
+
+def test_libsodium_hashes_verify_with_argon2_cffi_and_back() -> None:
+    """Two independent implementations read each other's PHC strings: a hash stored by
+    an older Soko (argon2-cffi) still verifies, and one libsodium writes is standard."""
+    sodium = SodiumArgon2Hasher(time_cost=2, memory_cost=19_456, parallelism=1)
+    reference = argon2.PasswordHasher(time_cost=2, memory_cost=19_456, parallelism=1)
+
+    ours = sodium.hash(PASSPHRASE)
+    assert ours.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert reference.verify(ours, PASSPHRASE)
+    assert not sodium.check_needs_rehash(ours)
+    with pytest.raises(argon2.exceptions.VerifyMismatchError):
+        reference.verify(ours, PASSPHRASE + "!")
+
+    theirs = reference.hash(PASSPHRASE)
+    assert sodium.verify(PASSPHRASE, theirs)
+    assert sodium.verify(PASSPHRASE.encode(), theirs.encode())
+    assert not sodium.verify(PASSPHRASE + "!", theirs)
+
+
+def test_hashes_libsodium_cannot_compute_go_to_argon2_cffi() -> None:
+    sodium = SodiumArgon2Hasher(time_cost=2, memory_cost=19_456, parallelism=1)
+    two_lanes = argon2.PasswordHasher(time_cost=2, memory_cost=19_456, parallelism=2)
+    argon2i = argon2.PasswordHasher(type=argon2.Type.I)
+    for stored in (two_lanes.hash(PASSPHRASE), argon2i.hash(PASSPHRASE)):
+        assert sodium.verify(PASSPHRASE, stored)
+        assert not sodium.verify("not it at all", stored)
+    # A hasher configured with lanes writes them through argon2-cffi.
+    laned = SodiumArgon2Hasher(time_cost=2, memory_cost=19_456, parallelism=2)
+    stored = laned.hash(PASSPHRASE)
+    assert ",p=2$" in stored
+    assert laned.verify(PASSPHRASE, stored)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$AAAA",
+        "$argon2id$v=19$m=19456,t=2,p=1$!!!$!!!",
+        "$argon2id$v=19$m=1,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$" + "A" * 43,
+    ],
+)
+def test_a_damaged_hash_is_a_wrong_password(stored: str) -> None:
+    sodium = SodiumArgon2Hasher(time_cost=2, memory_cost=19_456, parallelism=1)
+    assert sodium.verify(PASSPHRASE, stored) is False

@@ -136,7 +136,7 @@ class Settings(BaseSettings):
     password_hash_memory_kib: int = Field(19_456, ge=19_456, le=1_048_576)
     password_hash_iterations: int = Field(2, ge=2, le=20)
     password_hash_parallelism: int = Field(1, ge=1, le=16)
-    password_hash_threads: int = Field(2, ge=1, le=64)
+    password_hash_threads: int = Field(1, ge=1, le=64)
 
     # One-time codes by SMS, and sign-in throttling.
     otp_ttl_seconds: int = Field(300, ge=60, le=3_600)
