@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -117,6 +117,8 @@ def serve(
     """Serve the HTTP API."""
     import uvicorn
 
+    from soko.platform import serving
+
     settings = _settings()
     processes = workers or settings.workers
     problems = settings.multi_process_problems(processes)
@@ -132,23 +134,28 @@ def serve(
     )
     # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the
     # handler it found; by default that kills the process (exit 143) after a clean stop.
+    options: dict[str, Any] = {
+        "factory": True,
+        "host": host or settings.host,
+        "port": port or settings.port,
+        "workers": processes if not reload else None,
+        "reload": reload,
+        "proxy_headers": bool(settings.trusted_proxies),
+        "forwarded_allow_ips": ",".join(settings.trusted_proxies) or None,
+        # Rounded up: a grace of 0.5 s must not become 0 s, which cancels in-flight
+        # requests at once.
+        "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_seconds),
+        "log_config": None,
+        "server_header": False,
+    }
     previous = signal.signal(signal.SIGTERM, _stopped_by_sigterm)
     try:
-        uvicorn.run(
-            APP_FACTORY,
-            factory=True,
-            host=host or settings.host,
-            port=port or settings.port,
-            workers=processes if not reload else None,
-            reload=reload,
-            proxy_headers=bool(settings.trusted_proxies),
-            forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
-            # Rounded up: a grace of 0.5 s must not become 0 s, which cancels in-flight
-            # requests at once.
-            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
-            log_config=None,
-            server_header=False,
-        )
+        if processes > 1 and not reload and serving.socket_per_worker_supported():
+            # Each process listens on a socket of its own, so the kernel spreads
+            # connections across them (soko.platform.serving).
+            serving.run_workers(serving.ReusePortConfig(APP_FACTORY, **options))
+        else:
+            uvicorn.run(APP_FACTORY, **options)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

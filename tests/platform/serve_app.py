@@ -3,7 +3,8 @@
 ``GET /test/slow`` touches ``$SOKO_TEST_SLOW_DIR/started`` and answers only once
 ``$SOKO_TEST_SLOW_DIR/release`` exists (or after a bound), so a test can send a request,
 know it is in flight, stop the server, and decide when the request may finish, without
-guessing at timings. ``GET /test/gc`` says how many objects startup froze out of the
+guessing at timings. ``GET /test/pid`` names the process that answered, and
+``GET /test/gc`` says how many objects startup froze out of the
 cyclic collector's reach.
 
 Run through soko's own serve path with ``python -m tests.platform.serve_app serve ...``,
@@ -38,6 +39,10 @@ def create() -> FastAPI:
                 return {"finished": True, "released": True}
             await asyncio.sleep(POLL_SECONDS)
         return {"finished": True, "released": False}
+
+    @app.get("/test/pid", include_in_schema=False)
+    async def pid() -> dict[str, int]:
+        return {"pid": os.getpid()}
 
     @app.get("/test/gc", include_in_schema=False)
     async def frozen() -> dict[str, int]:

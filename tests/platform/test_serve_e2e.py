@@ -40,6 +40,16 @@ def _free_port() -> int:
         return port
 
 
+def _listening_sockets(port: int) -> int:
+    """How many IPv4 sockets listen on ``port`` (Linux's /proc/net/tcp, state 0A)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+            count += 1
+    return count
+
+
 def _environment(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOKO_")}
     # The working directory is a scratch one (no .env); tests/ must still import.
@@ -221,6 +231,51 @@ def test_sigterm_drains_the_request_in_flight(fresh: tuple[Path, Path]) -> None:
         (slow_dir / "release").touch()
         server.close()
         request.join(timeout=STOP_TIMEOUT)
+
+
+def test_processes_share_new_connections(fresh: tuple[Path, Path], redis_url: str) -> None:
+    """With several processes each listens on a socket of its own (SO_REUSEPORT), so
+    connections opened at once spread across them instead of piling onto whichever
+    process accepted first. Sixteen connections all landing on one of two sockets by the
+    kernel's hash would happen about once in 30,000 runs."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the kernel spreads connections across sockets on Linux")
+    workdir, data_dir = fresh
+    env = _environment(
+        data_dir,
+        SOKO_REDIS_URL=redis_url,
+        SOKO_CACHE_BACKEND="redis",
+        SOKO_RATELIMIT_BACKEND="redis",
+        SOKO_PUBSUB_BACKEND="redis",
+    )
+    _migrate(env, workdir)
+    server = Server(
+        ["-m", "tests.platform.serve_app", "serve", "--workers", "2"], env, workdir, _free_port()
+    )
+    clients = [httpx2.Client(base_url=server.url, timeout=10) for _ in range(16)]
+    try:
+        server.wait_until_healthy()
+
+        def both_started() -> bool:
+            return server.output().count("Application startup complete") >= 2
+
+        _wait_for(both_started, START_TIMEOUT, "both processes to start")
+        # Each client holds one keep-alive connection; ask twice on each.
+        answered = [client.get("/test/pid").json()["pid"] for client in clients]
+        again = [client.get("/test/pid").json()["pid"] for client in clients]
+        assert answered == again, "a keep-alive connection changed process"
+        assert len(set(answered)) == 2, answered
+        # Two listening sockets on the port, one a process: the kernel chooses between
+        # them for each new connection (one shared socket would be listed once).
+        assert _listening_sockets(server.port) == 2
+        assert "with a socket per worker" in server.output()
+
+        assert server.stop() == 0, server.output()
+        assert not server.accepts_connections()
+    finally:
+        for client in clients:
+            client.close()
+        server.close()
 
 
 def test_worker_stops_cleanly_on_sigterm(fresh: tuple[Path, Path], redis_url: str) -> None:
