@@ -531,10 +531,15 @@ def start_raw(url: str, port: int, workers: int, *, log: Path) -> Any:
     import sys
 
     env = {**os.environ, "BENCH_RAW_DSN": url.replace("postgresql+asyncpg://", "postgresql://")}
+    # The same uvicorn serving as `soko serve` (a listening socket per process), so the
+    # two differ only in what answers the request.
     command = [
-        sys.executable, "-m", "uvicorn", "bench.raw_catalog_app:app", "--host", "127.0.0.1",
-        "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level",
-        "warning", "--no-server-header",
+        sys.executable, "-c",
+        "import sys; from soko.platform import serving; "
+        "serving.run_workers(serving.ReusePortConfig('bench.raw_catalog_app:app', "
+        "host='127.0.0.1', port=int(sys.argv[1]), workers=int(sys.argv[2]), "
+        "access_log=False, log_level='warning', server_header=False))",
+        str(port), str(workers),
     ]  # fmt: skip
     with log.open("ab") as sink:
         return subprocess.Popen(command, env=env, cwd=loadgen.ROOT, stdout=sink, stderr=sink)

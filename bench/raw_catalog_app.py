@@ -7,7 +7,9 @@ its first page in the default order (newest first), each in autocommit as the ca
 reads them on PostgreSQL: the page of products of active sellers, their active variants,
 and the availability of those variants; and the same JSON items, serialized by the same
 library (pydantic-core), so the ratio of the two servers' throughput is what the ORM,
-FastAPI and Soko's middleware cost. Served by uvicorn with the same number of processes as Soko:
+FastAPI and Soko's middleware cost. The catalog benchmark serves it as `soko serve` serves
+Soko: uvicorn, the same number of processes, a listening socket each
+(``soko.platform.serving``). By hand:
 
     BENCH_RAW_DSN=postgresql://postgres@127.0.0.1:5432/soko_bench_catalog \\
         uvicorn bench.raw_catalog_app:app --workers 2

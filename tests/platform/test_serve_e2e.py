@@ -50,6 +50,16 @@ def _listening_sockets(port: int) -> int:
     return count
 
 
+def _shared_on_redis(redis_url: str) -> dict[str, str]:
+    """The settings that let several processes share the cache, limits and pub/sub."""
+    return {
+        "SOKO_REDIS_URL": redis_url,
+        "SOKO_CACHE_BACKEND": "redis",
+        "SOKO_RATELIMIT_BACKEND": "redis",
+        "SOKO_PUBSUB_BACKEND": "redis",
+    }
+
+
 def _environment(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOKO_")}
     # The working directory is a scratch one (no .env); tests/ must still import.
@@ -243,10 +253,7 @@ def test_processes_share_new_connections(fresh: tuple[Path, Path], redis_url: st
     workdir, data_dir = fresh
     env = _environment(
         data_dir,
-        SOKO_REDIS_URL=redis_url,
-        SOKO_CACHE_BACKEND="redis",
-        SOKO_RATELIMIT_BACKEND="redis",
-        SOKO_PUBSUB_BACKEND="redis",
+        **_shared_on_redis(redis_url),
     )
     _migrate(env, workdir)
     server = Server(
@@ -284,10 +291,7 @@ def test_worker_stops_cleanly_on_sigterm(fresh: tuple[Path, Path], redis_url: st
     workdir, data_dir = fresh
     env = _environment(
         data_dir,
-        SOKO_REDIS_URL=redis_url,
-        SOKO_CACHE_BACKEND="redis",
-        SOKO_RATELIMIT_BACKEND="redis",
-        SOKO_PUBSUB_BACKEND="redis",
+        **_shared_on_redis(redis_url),
         SOKO_OUTBOX_DISPATCH="worker",
         SOKO_OUTBOX_POLL_SECONDS="0.1",
         # The claim statement in the log tells the test the worker is polling.
@@ -326,10 +330,7 @@ def test_worker_once_exits_when_the_outbox_is_drained(
     workdir, data_dir = fresh
     env = _environment(
         data_dir,
-        SOKO_REDIS_URL=redis_url,
-        SOKO_CACHE_BACKEND="redis",
-        SOKO_RATELIMIT_BACKEND="redis",
-        SOKO_PUBSUB_BACKEND="redis",
+        **_shared_on_redis(redis_url),
         SOKO_OUTBOX_DISPATCH="worker",
     )
     _migrate(env, workdir)
