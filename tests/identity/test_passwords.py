@@ -337,6 +337,7 @@ def test_hashes_libsodium_cannot_compute_go_to_argon2_cffi() -> None:
         "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$AAAA",
         "$argon2id$v=19$m=19456,t=2,p=1$!!!$!!!",
         "$argon2id$v=19$m=1,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$" + "A" * 43,
+        "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$ünïcödé",
     ],
 )
 def test_a_damaged_hash_is_a_wrong_password(stored: str) -> None:

@@ -117,7 +117,7 @@ class SodiumArgon2Hasher(Argon2Hasher):
         encoded = password.encode() if isinstance(password, str) else password
         try:
             return bool(nacl.pwhash.argon2id.verify(text.encode("ascii"), encoded))
-        except nacl.exceptions.InvalidkeyError:
+        except (nacl.exceptions.InvalidkeyError, UnicodeEncodeError):
             return False
 
 
