@@ -17,7 +17,7 @@ from sqlalchemy import select, text
 from soko.platform.clock import ManualClock
 from soko.platform.config import Settings
 from soko.platform.db import create_engine
-from soko.platform.jobs import JobContext, JobRegistry
+from soko.platform.jobs import JobContext, JobRegistry, Schedule
 from soko.platform.outbox import OutboxMessage, enqueue, publish
 from tests.conftest import make_settings
 from tests.platform.jobs_support import Outbox
@@ -329,6 +329,45 @@ async def test_a_schedule_fires_once_per_due_time_across_dispatchers(
         "schedule:expire_carts:2030-01-01T00:00:00+00:00",
         "schedule:expire_carts:2030-01-01T00:05:00+00:00",
     ]
+
+
+async def test_a_poll_before_the_next_due_time_skips_the_cron_arithmetic(
+    outbox: Outbox, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every poll used to ask croniter for each schedule's latest due time; once a
+    schedule fired, the dispatcher knows when it is next due and asks only then."""
+    fired: list[str] = []
+
+    @outbox.registry.schedule("*/5 * * * *", name="expire_carts")
+    async def expire_carts(ctx: JobContext, payload: dict[str, Any]) -> None:
+        fired.append(payload["scheduled_for"])
+
+    asked: list[dt.datetime] = []
+    latest_due = Schedule.latest_due
+
+    def counting(self: Schedule, now: dt.datetime) -> dt.datetime:
+        asked.append(now)
+        return latest_due(self, now)
+
+    monkeypatch.setattr(Schedule, "latest_due", counting)
+    dispatcher = outbox.dispatcher()
+    clock.set(dt.datetime(2030, 1, 1, 0, 0, 30, tzinfo=dt.UTC))
+    await dispatcher.fire_due_schedules()
+    assert len(asked) == 1
+    for _ in range(5):
+        clock.advance(dt.timedelta(seconds=50))  # up to 00:04:40
+        await dispatcher.fire_due_schedules()
+    assert len(asked) == 1
+
+    clock.advance(dt.timedelta(seconds=30))  # 00:05:10
+    await dispatcher.fire_due_schedules()
+    assert len(asked) == 2
+    # A clock set back before the last due time asks again rather than trust the memo.
+    clock.set(dt.datetime(2030, 1, 1, 0, 2, tzinfo=dt.UTC))
+    await dispatcher.fire_due_schedules()
+    assert len(asked) == 3
+    await dispatcher.run_until_idle()
+    assert fired == ["2030-01-01T00:00:00+00:00", "2030-01-01T00:05:00+00:00"]
 
 
 async def test_an_expired_lease_lets_another_dispatcher_take_over(

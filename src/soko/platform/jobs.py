@@ -146,6 +146,11 @@ class Schedule:
         moment: dt.datetime = croniter(self.cron, start).get_prev(dt.datetime)
         return moment.astimezone(dt.UTC)
 
+    def next_due(self, after: dt.datetime) -> dt.datetime:
+        """The first time strictly after ``after`` this schedule is due."""
+        moment: dt.datetime = croniter(self.cron, after).get_next(dt.datetime)
+        return moment.astimezone(dt.UTC)
+
 
 def _check_handler(handler: Callable[..., Any]) -> None:
     if not inspect.iscoroutinefunction(handler):
@@ -308,6 +313,8 @@ class Dispatcher:
         self._held = 0
         self._want_more = False
         self._schedules_fired: dict[str, dt.datetime] = {}
+        # When each fired schedule is next due: until then a poll need not ask croniter.
+        self._schedules_next: dict[str, dt.datetime] = {}
 
     # -- control ---------------------------------------------------------------------
 
@@ -703,11 +710,15 @@ class Dispatcher:
         if not schedules:
             return
         now = self.clock.now()
-        due = [
-            (schedule, at)
-            for schedule in schedules
-            if self._schedules_fired.get(schedule.name) != (at := schedule.latest_due(now))
-        ]
+        due = []
+        for schedule in schedules:
+            fired = self._schedules_fired.get(schedule.name)
+            upcoming = self._schedules_next.get(schedule.name)
+            if fired is not None and upcoming is not None and fired <= now < upcoming:
+                continue
+            at = schedule.latest_due(now)
+            if fired != at:
+                due.append((schedule, at))
         if not due:
             return
         async with self.db.transaction() as session:
@@ -725,3 +736,4 @@ class Dispatcher:
                 )
         for schedule, at in due:
             self._schedules_fired[schedule.name] = at
+            self._schedules_next[schedule.name] = schedule.next_due(at)
