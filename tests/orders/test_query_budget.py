@@ -79,3 +79,29 @@ async def test_the_pessimistic_strategy_stays_in_budget_too(
     assert await _cost_of_checkout(client, runtime, single) == await _cost_of_checkout(
         client, runtime, large
     )
+
+
+async def test_a_sold_out_checkout_is_refused_before_any_write(
+    client: httpx2.AsyncClient, runtime: Runtime, market: Market, make_buyer: MakeBuyer
+) -> None:
+    """What is already sold out is refused from the read of the cart's variants, which
+    carries inventory's availability: no order is written and rolled back, and no stock
+    row is touched, so a sold-out answer never waits on another checkout's row lock."""
+    shop = await market.open_shop()
+    scarce = (await shop.list_product(700, stock=1)).variant_ids[0]
+    buyer = await make_buyer((scarce, 2))
+    ok(await client.get(ORDERS, headers=buyer.headers))
+    with statements(runtime) as sent:
+        response = await buyer.post_checkout()
+    assert response.status_code == 409, response.text
+    assert response.json()["shortages"] == [
+        {"variant_id": str(scarce), "requested": 2, "available": 1}
+    ]
+    writes = [
+        statement
+        for statement in sent
+        if statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))
+        and "idempotency" not in statement
+    ]
+    assert writes == [], "\n".join(writes)
+    assert any("stock" in statement for statement in sent), "availability was not read"

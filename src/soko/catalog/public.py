@@ -7,14 +7,16 @@ variants); cached reads that show catalog data carry :data:`CATALOG_TAG` or
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.catalog.models import Product, ProductStatus, Variant, VariantStatus
+from soko.inventory.public import availability_by_variant
 from soko.sellers.public import active_seller_ids
 
 __all__ = [
@@ -56,19 +58,26 @@ class VariantForSale:
     image: str | None  # the product's first image
     purchasable: bool
     weight_grams: int | None = None
+    # Units available at the moment given as ``stock_at`` (inventory's read model, no
+    # lock taken); None when the caller did not ask.
+    available: int | None = None
 
 
 async def variants_for_sale(
-    session: AsyncSession, variant_ids: Iterable[uuid.UUID]
+    session: AsyncSession,
+    variant_ids: Iterable[uuid.UUID],
+    *,
+    stock_at: dt.datetime | None = None,
 ) -> dict[uuid.UUID, VariantForSale]:
     """The variants among ``variant_ids`` that exist, in one query; unknown ids are left
     out of the answer (archived variants, unpublished products and the products of a
     store that is not active are returned, with ``purchasable`` false, so a cart can
-    show what became unavailable)."""
+    show what became unavailable). With ``stock_at``, the same query also reads how
+    many units of each are available at that moment."""
     ids = list(dict.fromkeys(variant_ids))
     if not ids:
         return {}
-    rows = await session.execute(
+    query = (
         select(
             Variant.id,
             Variant.product_id,
@@ -88,6 +97,12 @@ async def variants_for_sale(
         .join(Product, Product.id == Variant.product_id)
         .where(Variant.id.in_(ids))
     )
+    if stock_at is not None:
+        stock = availability_by_variant(stock_at).subquery()
+        query = query.outerjoin(stock, stock.c.variant_id == Variant.id).add_columns(
+            func.coalesce(stock.c.available, 0).label("available")
+        )
+    rows = await session.execute(query)
     found: dict[uuid.UUID, VariantForSale] = {}
     for row in rows:
         images = row.images or []
@@ -108,5 +123,6 @@ async def variants_for_sale(
                 and bool(row.seller_active)
             ),
             weight_grams=row.weight_grams,
+            available=max(0, int(row.available)) if stock_at is not None else None,
         )
     return found

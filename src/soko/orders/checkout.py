@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.cart.public import CartForCheckout, cart_for_checkout, mark_converted
 from soko.catalog.public import VariantForSale, variants_for_sale
-from soko.inventory.public import ReservationRequest, reserve
+from soko.inventory.public import OutOfStock, ReservationRequest, Shortage, reserve
 from soko.orders.errors import (
     CartPricesChanged,
     CheckoutCartEmpty,
@@ -97,6 +97,20 @@ def _unavailable(
     return found
 
 
+def _shortages(
+    cart: CartForCheckout, variants: Mapping[uuid.UUID, VariantForSale]
+) -> list[Shortage]:
+    """The cart's lines that more than what is available now would be needed for."""
+    wanted: dict[uuid.UUID, int] = {}
+    for line in cart.lines:
+        wanted[line.variant_id] = wanted.get(line.variant_id, 0) + line.quantity
+    return [
+        Shortage(variant_id=variant_id, requested=quantity, available=available)
+        for variant_id, quantity in wanted.items()
+        if (available := variants[variant_id].available) is not None and available < quantity
+    ]
+
+
 def _refuse_unavailable(unavailable: list[dict[str, str]]) -> CheckoutItemsUnavailable:
     return CheckoutItemsUnavailable(
         f"{len(unavailable)} item{'s' if len(unavailable) != 1 else ''} in the cart cannot "
@@ -114,15 +128,23 @@ async def place_checkout(
     cart = await cart_for_checkout(session, cart_id=request.cart_id, user_id=buyer_id)
     if not cart.lines:
         raise CheckoutCartEmpty("The cart has no items to check out.")
-    variants = await variants_for_sale(session, [line.variant_id for line in cart.lines])
+    now = runtime.clock.now()
+    variants = await variants_for_sale(
+        session, [line.variant_id for line in cart.lines], stock_at=now
+    )
     unavailable = _unavailable(cart, variants, set())
     if unavailable:
         # Name the lines of stores that stopped selling too, in the same answer.
         sellers = {v.seller_id for v in variants.values()}
         inactive = await inactive_seller_ids(session, sellers)
         raise _refuse_unavailable(_unavailable(cart, variants, inactive))
+    shortages = _shortages(cart, variants)
+    if shortages:
+        # Sold out already: answered before writing anything or waiting on a stock row
+        # another checkout holds. When the read says there is enough, the reservation
+        # at the end still decides, under its row locks.
+        raise OutOfStock(shortages)
 
-    now = runtime.clock.now()
     group = CheckoutGroup(
         id=uuid7(),
         buyer_id=buyer_id,
