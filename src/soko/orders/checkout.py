@@ -100,7 +100,7 @@ def _unavailable(
 def _shortages(
     cart: CartForCheckout, variants: Mapping[uuid.UUID, VariantForSale]
 ) -> list[Shortage]:
-    """The cart's lines that more than what is available now would be needed for."""
+    """The cart's lines that ask for more units than are available now."""
     wanted: dict[uuid.UUID, int] = {}
     for line in cart.lines:
         wanted[line.variant_id] = wanted.get(line.variant_id, 0) + line.quantity
