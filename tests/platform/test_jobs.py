@@ -362,12 +362,11 @@ async def test_a_poll_before_the_next_due_time_skips_the_cron_arithmetic(
     clock.advance(dt.timedelta(seconds=30))  # 00:05:10
     await dispatcher.fire_due_schedules()
     assert len(asked) == 2
-    # A clock set back before the last due time asks again rather than trust the memo.
-    clock.set(dt.datetime(2030, 1, 1, 0, 2, tzinfo=dt.UTC))
+    clock.advance(dt.timedelta(minutes=4))  # 00:09:10, before 00:10
     await dispatcher.fire_due_schedules()
-    assert len(asked) == 3
+    assert len(asked) == 2
     await dispatcher.run_until_idle()
-    assert fired == ["2030-01-01T00:00:00+00:00", "2030-01-01T00:05:00+00:00"]
+    assert sorted(fired) == ["2030-01-01T00:00:00+00:00", "2030-01-01T00:05:00+00:00"]
 
 
 async def test_an_expired_lease_lets_another_dispatcher_take_over(
