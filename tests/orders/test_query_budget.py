@@ -104,4 +104,8 @@ async def test_a_sold_out_checkout_is_refused_before_any_write(
         and "idempotency" not in statement
     ]
     assert writes == [], "\n".join(writes)
-    assert any("stock" in statement for statement in sent), "availability was not read"
+    stock_reads = [statement for statement in sent if "inventory_stock_levels" in statement]
+    assert len(stock_reads) == 1, "availability was not read with the variants"
+    # Only the cart's variants are aggregated: without the filter the read would sum the
+    # stock of every variant in the market on every checkout.
+    assert "inventory_stock_levels.variant_id IN (" in stock_reads[0], stock_reads[0]

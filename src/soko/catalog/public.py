@@ -98,7 +98,7 @@ async def variants_for_sale(
         .where(Variant.id.in_(ids))
     )
     if stock_at is not None:
-        stock = availability_by_variant(stock_at).subquery()
+        stock = availability_by_variant(stock_at, ids).subquery()
         query = query.outerjoin(stock, stock.c.variant_id == Variant.id).add_columns(
             func.coalesce(stock.c.available, 0).label("available")
         )

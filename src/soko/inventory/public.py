@@ -85,12 +85,19 @@ async def available_for(
     return await _availability.available_for(session, runtime.clock.now(), variant_ids)
 
 
-def availability_by_variant(now: dt.datetime) -> Select[uuid.UUID, int]:
+def availability_by_variant(
+    now: dt.datetime, variant_ids: Iterable[uuid.UUID] | None = None
+) -> Select[uuid.UUID, int]:
     """A read model to embed in another domain's query: columns ``variant_id`` and
     ``available``, one row per variant with stock at an active location (a variant
     without a row has none). ``available`` can be 0; filter ``available > 0`` for "in
-    stock". Carry :data:`INVENTORY_TAG` on any cached read that uses it."""
-    return _availability.availability_by_variant(now)
+    stock". Carry :data:`INVENTORY_TAG` on any cached read that uses it.
+
+    With ``variant_ids`` it aggregates the stock of those variants only; without, of
+    every variant, which suits a query that filters by other columns (a product page)
+    and scans every stock row when the database cannot push a join's keys into the
+    grouping."""
+    return _availability.availability_by_variant(now, variant_ids)
 
 
 async def reserve(
