@@ -504,8 +504,8 @@ async def cart_view(session: AsyncSession, runtime: Runtime, cart: Cart) -> Cart
         )
     ).all()
     ids = [line.variant_id for line in lines]
-    variants = await variants_for_sale(session, ids) if ids else {}
-    stock = await available_for(session, runtime, ids) if ids else {}
+    # The variants and their stock in one statement (catalog's read carries inventory's).
+    variants = await variants_for_sale(session, ids, stock_at=runtime.clock.now()) if ids else {}
     return CartView(
         id=cart.id,
         status=cart.status,
@@ -513,17 +513,13 @@ async def cart_view(session: AsyncSession, runtime: Runtime, cart: Cart) -> Cart
         version=cart.version,
         signed_in=cart.user_id is not None,
         merged_into=cart.merged_into,
-        lines=tuple(
-            _view_line(LineState(*line), variants.get(line.variant_id), stock) for line in lines
-        ),
+        lines=tuple(_view_line(LineState(*line), variants.get(line.variant_id)) for line in lines),
         created_at=cart.created_at,
         updated_at=cart.updated_at,
     )
 
 
-def _view_line(
-    line: LineState, variant: VariantForSale | None, stock: dict[uuid.UUID, int]
-) -> ViewLine:
+def _view_line(line: LineState, variant: VariantForSale | None) -> ViewLine:
     when_added = Money(line.unit_price_minor, line.currency)
     if variant is None:
         # Gone from the catalog: shown so the buyer sees what happened, never charged.
@@ -559,7 +555,7 @@ def _view_line(
             if variant.compare_at_minor is not None
             else None
         ),
-        available=max(stock.get(line.variant_id, 0), 0),
+        available=variant.available or 0,
         purchasable=variant.purchasable,
         added_at=line.added_at,
     )

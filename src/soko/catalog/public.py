@@ -43,7 +43,8 @@ class VariantForSale:
 
     ``purchasable`` says the product is published, the variant active and its store
     active (checkout asks the sellers domain again, under its own transaction); how
-    many are in stock is inventory's answer.
+    many are in stock is inventory's answer, read in the same statement when asked
+    (``available``).
     """
 
     variant_id: uuid.UUID
