@@ -6,10 +6,10 @@ It answers ``GET /api/v1/products?limit=20`` with the statements the catalog iss
 its first page in the default order (newest first), each in autocommit as the catalog
 reads them on PostgreSQL: the page of products of active sellers, their active variants,
 and the availability of those variants; and the same JSON items, serialized by the same
-library (pydantic-core), so the ratio of the two servers' throughput is what the ORM,
-FastAPI and Soko's middleware cost. The catalog benchmark serves it as `soko serve` serves
-Soko: uvicorn, the same number of processes, a listening socket each
-(``soko.platform.serving``). By hand:
+function (``soko.platform.jsonbody.dumps``, orjson), so the ratio of the two servers'
+throughput is what the ORM, FastAPI and Soko's middleware cost. The catalog benchmark
+serves it as `soko serve` serves Soko: uvicorn, the same number of processes, a
+listening socket each (``soko.platform.serving``). By hand:
 
     BENCH_RAW_DSN=postgresql://postgres@127.0.0.1:5432/soko_bench_catalog \\
         uvicorn bench.raw_catalog_app:app --workers 2
@@ -31,11 +31,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-from pydantic_core import to_json
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from soko.platform import jsonbody
 
 CURSOR_KEY = hashlib.sha256(b"bench raw catalog cursor").digest()
 
@@ -145,7 +146,8 @@ async def products(request: Request) -> Response:
     next_cursor = _cursor(page[-1]["published_at"], page[-1]["id"]) if len(rows) > limit else None
     # The same serializer as Soko's listing, so the baseline is not slower for want of it.
     return Response(
-        to_json({"items": items, "next_cursor": next_cursor}), media_type="application/json"
+        jsonbody.dumps({"items": items, "next_cursor": next_cursor}),
+        media_type="application/json",
     )
 
 

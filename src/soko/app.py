@@ -24,6 +24,7 @@ from soko.platform.http import (
 from soko.platform.logging import configure_logging
 from soko.platform.metrics import forget_this_process
 from soko.platform.ratelimit import GlobalRateLimitMiddleware
+from soko.platform.routing import guard_included_routers
 from soko.platform.runtime import Runtime
 from soko.platform.tracing import Tracing, configure_tracing, fastapi_telemetry
 
@@ -188,6 +189,8 @@ def create_app(
         root_router = getattr(module, "root_router", None)
         if isinstance(root_router, APIRouter):
             app.include_router(root_router)
+    # Every router is in: let each domain's routes be skipped on paths none can match.
+    guard_included_routers(app)
 
     # Middleware runs outermost-last-added: request context wraps everything, so even a
     # 413 or a 429 carries the request id, and an unhandled error becomes a problem.

@@ -30,7 +30,6 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Any, cast
 
-from pydantic_core import to_json
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
@@ -52,6 +51,7 @@ from soko.catalog.categories import CATEGORIES_TAG, category_tree
 from soko.catalog.models import Category, Product, ProductStatus, Variant, VariantStatus
 from soko.catalog.public import CATALOG_TAG, product_tag
 from soko.inventory.public import INVENTORY_TAG, availability_by_variant
+from soko.platform import jsonbody
 from soko.platform.db import SQLITE_BEGIN_OPTION, UTCDateTime
 from soko.platform.etag import etag_for_content
 from soko.platform.pagination import (
@@ -130,7 +130,7 @@ class Rendered:
 
     @classmethod
     def of(cls, payload: Any) -> Rendered:
-        body = to_json(payload)
+        body = jsonbody.dumps(payload)
         return cls(body, etag_for_content(body))
 
     def to_cache(self) -> dict[str, Any]:
