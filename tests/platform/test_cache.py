@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from structlog.testing import capture_logs
 
 from soko.platform.cache import Cache, MemoryCache, RedisCache
 from soko.platform.clock import ManualClock
@@ -357,5 +358,76 @@ async def test_unreachable_redis_serves_from_the_factory_but_refuses_invalidatio
             await cache.invalidate_tags("seller:7")
         with pytest.raises(RedisConnectionError):
             await cache.ping()
+    finally:
+        await client.aclose()
+
+
+async def test_an_unreachable_cache_runs_one_factory_for_concurrent_callers() -> None:
+    """While Redis is down every caller bypasses the cache, but concurrent callers of
+    one key share one read of the source, its answer or its error."""
+    client = Redis.from_url("redis://127.0.0.1:1/0", decode_responses=False)
+    cache = RedisCache(client, namespace="sokotest:unreachable:")
+    calls = 0
+    release = asyncio.Event()
+
+    async def factory() -> dict[str, int]:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return {"page": calls}
+
+    try:
+        waiting = [asyncio.create_task(cache.get_or_set("k", factory, 30)) for _ in range(25)]
+        while calls == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # every caller has found the cache unreachable by now
+        release.set()
+        assert await asyncio.gather(*waiting) == [{"page": 1}] * 25
+        assert calls == 1
+        # Nothing was cached: the next caller reads the source again.
+        assert await cache.get_or_set("k", factory, 30) == {"page": 2}
+
+        async def broken() -> Any:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.05)
+            raise RuntimeError("source down")
+
+        calls = 0
+        failing = await asyncio.gather(
+            *(cache.get_or_set("k", broken, 30) for _ in range(5)), return_exceptions=True
+        )
+        assert calls == 1
+        assert all(isinstance(outcome, RuntimeError) for outcome in failing)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_burst_beyond_the_pool_is_served_from_the_cache(
+    redis_url: str, redis_namespace: str
+) -> None:
+    """More lookups in flight than the runtime's pool has connections: they wait for a
+    connection and hit the cache; none finds it "unavailable" and reads the source."""
+    from soko.platform.runtime import redis_client
+
+    client = redis_client(redis_url, max_connections=2)
+    cache = RedisCache(client, namespace=redis_namespace)
+    calls = 0
+
+    async def factory() -> dict[str, str]:
+        nonlocal calls
+        calls += 1
+        return {"page": "rendered"}
+
+    try:
+        await cache.get_or_set("page", factory, 30, tags=["catalog"])
+        with capture_logs() as logs:
+            answers = await asyncio.gather(
+                *(cache.get_or_set("page", factory, 30, tags=["catalog"]) for _ in range(80))
+            )
+        assert answers == [{"page": "rendered"}] * 80
+        assert calls == 1
+        assert not [entry for entry in logs if entry["event"] == "cache_unavailable"]
     finally:
         await client.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -362,3 +363,23 @@ async def test_limits_can_be_switched_off(tmp_path: Path, database_url: str) -> 
                 assert "ratelimit" not in response.headers
     finally:
         await runtime.stop()
+
+
+@pytest.mark.redis
+async def test_a_burst_beyond_the_pool_waits_for_a_connection_instead_of_failing_open(
+    redis_url: str, redis_namespace: str
+) -> None:
+    """More checks in flight than the pool has connections: each one is counted, none
+    is let through as if Redis were down."""
+    limiter = create_redis_rate_limiter(redis_url, namespace=redis_namespace, max_connections=2)
+    try:
+        item = parse("1000/minute")
+        with capture_logs() as logs:
+            results = await asyncio.gather(
+                *(limiter.hit(item, "burst", "caller") for _ in range(60))
+            )
+        assert not [entry for entry in logs if entry["event"] == "rate_limit_storage_unavailable"]
+        assert all(result.allowed and not result.degraded for result in results)
+        assert min(result.remaining for result in results) == 1000 - 60
+    finally:
+        await limiter.close()

@@ -166,6 +166,9 @@ class _TaggedCache:
 
     def __init__(self) -> None:
         self._flights = _SingleFlight()
+        # Factories running while the cache is unreachable, by key: concurrent callers
+        # share one answer instead of each reading the source.
+        self._bypasses: dict[str, asyncio.Future[bytes]] = {}
 
     async def _lookup(self, key: str) -> Any:
         """The decoded value, or ``MISSING``."""
@@ -228,9 +231,37 @@ class _TaggedCache:
         CACHE_UNAVAILABLE.inc()
 
     async def _bypass(self, key: str, factory: Callable[[], Awaitable[Any]], exc: Exception) -> Any:
-        # A cache is an optimisation: answer from the source rather than fail.
+        """Answer from the source rather than fail: a cache is an optimisation.
+
+        Callers arriving while another one's factory runs for the same key wait for its
+        answer (or its error), so an unreachable cache does not turn every request into
+        a read of the source just when the process is busiest."""
         self._report_unavailable(key, exc)
-        return decode_value(encode_value(await factory()))
+        running = self._bypasses.get(key)
+        if running is not None:
+            try:
+                return decode_value(await asyncio.shield(running))
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not running.cancelled() or (task is not None and task.cancelling()):
+                    raise
+                # The caller whose factory ran was cancelled, not us: run our own.
+        shared: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._bypasses[key] = shared
+        try:
+            raw = encode_value(await factory())
+        except Exception as failure:
+            shared.set_exception(failure)
+            shared.exception()  # retrieved, so a failure nobody waited for logs nothing
+            raise
+        except BaseException:
+            shared.cancel()
+            raise
+        finally:
+            if self._bypasses.get(key) is shared:
+                del self._bypasses[key]
+        shared.set_result(raw)
+        return decode_value(raw)
 
 
 @dataclass(slots=True)

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     database_echo: bool = False
 
     redis_url: str = ""
+    # Per process and per pool (the shared client, the rate limiter's own): a request
+    # beyond it waits for a connection instead of failing.
+    redis_max_connections: int = Field(64, ge=2, le=10_000)
     cache_backend: Backend = Backend.memory
     ratelimit_backend: Backend = Backend.memory
     pubsub_backend: Backend = Backend.memory

@@ -249,19 +249,25 @@ def create_redis_rate_limiter(
     timeout_seconds: float = 0.5,
     cooldown_seconds: float = 5.0,
     clock: Clock | None = None,
+    max_connections: int = 64,
 ) -> RateLimiter:
     """Limits shared by every process using the Redis at ``url``, under ``namespace``.
 
     The connection pool is our own (closed by :meth:`RateLimiter.close`) with short
-    timeouts and no retries: a rate limit check must answer fast or not at all.
+    timeouts and no retries: a rate limit check must answer fast or not at all. At
+    ``max_connections`` checks in flight, the next one waits (at most ``timeout_seconds``)
+    for a connection to come back rather than failing at once: a burst of requests is
+    checked, not let through as if Redis were down.
     """
     from limits.aio.storage import RedisStorage
-    from redis.asyncio import ConnectionPool
+    from redis.asyncio import BlockingConnectionPool
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    pool = ConnectionPool.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout_seconds,
         socket_connect_timeout=timeout_seconds,
         socket_timeout=timeout_seconds,
         retry=Retry(NoBackoff(), 0),

@@ -60,9 +60,9 @@ class Runtime:
         self.signing_keys: KeyRing = load_signing_keys(settings)
         self.redis: Any = None
         if settings.redis_url:
-            from redis.asyncio import Redis
-
-            self.redis = Redis.from_url(settings.redis_url, decode_responses=False)
+            self.redis = redis_client(
+                settings.redis_url, max_connections=settings.redis_max_connections
+            )
         self.cache: Cache = self._make_cache()
         self.limiter: RateLimiter = self._make_limiter()
         self.pubsub: PubSub = self._make_pubsub()
@@ -92,7 +92,9 @@ class Runtime:
             from soko.platform.ratelimit import create_redis_rate_limiter
 
             limiter: RateLimiter = create_redis_rate_limiter(
-                self.settings.redis_url, clock=self.clock
+                self.settings.redis_url,
+                clock=self.clock,
+                max_connections=self.settings.redis_max_connections,
             )
             return limiter
         return create_memory_rate_limiter()
@@ -133,6 +135,23 @@ class Runtime:
         if self.redis is not None:
             await self.redis.aclose()
         await self.db.dispose()
+
+
+def redis_client(url: str, *, max_connections: int, wait_seconds: float = 2.0) -> Any:
+    """The Redis client a runtime shares (cache, realtime), over a pool of at most
+    ``max_connections`` connections.
+
+    When all are in use, a command waits up to ``wait_seconds`` for one to come back.
+    redis-py's default pool refuses at once instead (``MaxConnectionsError``), and a
+    burst of requests past the pool's size then found the cache "unavailable" and read
+    the database, each request for itself, just when the process was busiest.
+    """
+    from redis.asyncio import BlockingConnectionPool, Redis
+
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=wait_seconds, decode_responses=False
+    )
+    return Redis.from_pool(pool)  # closing the client closes its pool
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
