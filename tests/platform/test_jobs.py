@@ -582,3 +582,69 @@ async def test_cache_tags_a_job_marks_are_invalidated_once_it_commits(outbox: Ou
     dispatcher = outbox.dispatcher(services=SimpleNamespace(cache=cache))
     assert await dispatcher.run_until_idle() == 1
     assert await cache.get("availability:v-1") is None
+
+
+def test_a_busy_process_runs_fewer_jobs_at_once(outbox: Outbox) -> None:
+    settings = outbox.settings.model_copy(
+        update={"outbox_concurrency": 6, "outbox_busy_concurrency": 2}
+    )
+    serving = False
+    dispatcher = outbox.dispatcher(settings=settings, busy=lambda: serving)
+    assert dispatcher.concurrency_now() == 6
+    serving = True
+    assert dispatcher.concurrency_now() == 2
+    assert outbox.dispatcher(settings=settings).concurrency_now() == 6  # a worker
+
+
+async def test_while_requests_are_served_new_jobs_start_one_at_a_time(
+    outbox: Outbox, backend: str
+) -> None:
+    """A backlog does not crowd requests out of the API process's event loop: while the
+    process serves requests its dispatcher starts jobs only up to
+    ``outbox_busy_concurrency``; once idle, up to ``outbox_concurrency``."""
+    if backend == "sqlite":
+        pytest.skip("on SQLite each job's transaction holds the one write lock: one at a time")
+    running = 0
+    most = 0
+    release = asyncio.Event()
+
+    @outbox.registry.job("slow")
+    async def slow(ctx: JobContext, payload: dict[str, Any]) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await release.wait()
+        finally:
+            running -= 1
+
+    for n in range(6):
+        await _enqueue(outbox, "slow", {"n": n})
+    settings = outbox.settings.model_copy(
+        update={"outbox_concurrency": 4, "outbox_busy_concurrency": 1, "outbox_poll_seconds": 0.05}
+    )
+    serving = True
+    dispatcher = outbox.dispatcher(settings=settings, busy=lambda: serving)
+    loop = asyncio.create_task(dispatcher.run())
+    try:
+        async with asyncio.timeout(WAIT):
+            while running < 1:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # several polls: none may start a second job
+        assert (running, most) == (1, 1)
+
+        serving = False
+        dispatcher.wake()
+        async with asyncio.timeout(WAIT):
+            while running < 4:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert most == 4
+        release.set()
+        async with asyncio.timeout(WAIT):
+            while {row.status for row in await outbox.messages()} != {"done"}:
+                await asyncio.sleep(0.05)
+    finally:
+        release.set()
+        await asyncio.wait_for(dispatcher.stop(grace=WAIT), WAIT)
+        await asyncio.wait_for(loop, WAIT)

@@ -71,9 +71,23 @@ def loggable_path(path: str) -> str:
     return path
 
 
+_in_flight = 0
+
+
+def requests_in_flight() -> int:
+    """HTTP requests this process has begun and not yet finished answering."""
+    return _in_flight
+
+
+def serving_requests() -> bool:
+    """Whether this process is answering an HTTP request right now."""
+    return _in_flight > 0
+
+
 class RequestContextMiddleware:
-    """Gives each request an id, binds it to every log line, and turns an unhandled
-    exception into a 500 problem that carries the id but never the traceback."""
+    """Gives each request an id, binds it to every log line, turns an unhandled
+    exception into a 500 problem that carries the id but never the traceback, and counts
+    the HTTP requests in flight (:func:`requests_in_flight`)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -110,6 +124,9 @@ class RequestContextMiddleware:
             await send(message)
 
         began = time.perf_counter()
+        global _in_flight
+        counted = 1 if scope["type"] == "http" else 0
+        _in_flight += counted
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
@@ -127,6 +144,7 @@ class RequestContextMiddleware:
             await send(start)
             await send(body)
         finally:
+            _in_flight -= counted
             structlog.contextvars.clear_contextvars()
 
 

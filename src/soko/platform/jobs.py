@@ -297,6 +297,7 @@ class Dispatcher:
         services: Any = None,
         worker_id: str | None = None,
         rng: random.Random | None = None,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
@@ -305,6 +306,10 @@ class Dispatcher:
         self.services = services
         self.worker_id = worker_id or default_worker_id()
         self._rng = rng or random.Random()
+        # True while the process serves requests: new jobs then start only up to
+        # ``outbox_busy_concurrency``, so a backlog does not crowd requests out of the
+        # event loop they share (the API process dispatching in-process).
+        self._busy = busy
         self._concurrency = asyncio.Semaphore(settings.outbox_concurrency)
         self._wake = asyncio.Event()
         self._stopping = False
@@ -344,10 +349,19 @@ class Dispatcher:
         finally:
             self._loop_done.set()
 
+    def concurrency_now(self) -> int:
+        """How many jobs may run at once now: ``outbox_concurrency``, or
+        ``outbox_busy_concurrency`` while the process is serving requests."""
+        limit = self.settings.outbox_concurrency
+        if self._busy is not None and self._busy():
+            return min(limit, self.settings.outbox_busy_concurrency)
+        return limit
+
     async def _poll_once(self) -> bool:
         """Fire due schedules and start what fits; True when more may be waiting."""
         await self.fire_due_schedules()
-        free = self.settings.outbox_concurrency - len(self._tasks)
+        limit = self.concurrency_now()
+        free = limit - len(self._tasks)
         self._want_more = False
         if free <= 0:
             self._want_more = True
@@ -361,7 +375,7 @@ class Dispatcher:
         if len(batch) < wanted:
             return False
         # A full batch: claim again at once if slots are left, else when one frees up.
-        self._want_more = len(self._tasks) >= self.settings.outbox_concurrency
+        self._want_more = len(self._tasks) >= limit
         return not self._want_more
 
     async def run_until_idle(self) -> int:

@@ -21,6 +21,7 @@ from soko.platform.config import Backend, OutboxDispatch, Settings
 from soko.platform.crypto import DataKeys
 from soko.platform.db import Database, create_engine, mark_read_only
 from soko.platform.errors import ProblemError
+from soko.platform.http import serving_requests
 from soko.platform.jobs import Dispatcher, JobRegistry
 from soko.platform.jobs import registry as default_registry
 from soko.platform.ratelimit import RateLimiter, create_memory_rate_limiter
@@ -67,7 +68,13 @@ class Runtime:
         self.limiter: RateLimiter = self._make_limiter()
         self.pubsub: PubSub = self._make_pubsub()
         self.dispatcher = Dispatcher(
-            db=self.db, settings=settings, clock=self.clock, registry=self.registry, services=self
+            db=self.db,
+            settings=settings,
+            clock=self.clock,
+            registry=self.registry,
+            services=self,
+            # In an API process, jobs give way to requests; a worker serves none.
+            busy=serving_requests,
         )
         self._dispatcher_task: asyncio.Task[None] | None = None
         # What domains attach to the runtime (a payment provider's HTTP client, say),
