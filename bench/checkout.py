@@ -423,7 +423,50 @@ async def check_run(
         (f"replays reserved nothing more ({after['reserved']})", after["reserved"] == created,
          True)
     )  # fmt: skip
+    checks.append(await _outbox_drained(url))
     return checks
+
+
+async def _outbox_drained(url: str, *, limit_seconds: float = 300.0) -> tuple[str, bool, bool]:
+    """Wait for the server to finish the run's background work (the events of the
+    orders placed and their subscribers' jobs): nothing due left pending or running, and
+    nothing dead. The next run starts on a drained outbox, so a backlog is neither
+    thrown away by the reset nor counted against the next run."""
+    from sqlalchemy import text
+
+    from soko.platform.db import create_engine
+
+    engine = create_engine(url)
+    began = time.perf_counter()
+    try:
+        while True:
+            async with engine.connect() as conn:
+                counts = dict(
+                    (
+                        await conn.execute(
+                            text(
+                                "SELECT CASE WHEN status IN ('pending', 'running') AND "
+                                "available_at > now() THEN 'later' ELSE status END, count(*) "
+                                "FROM outbox_messages GROUP BY 1"
+                            )
+                        )
+                    ).all()
+                )
+            waiting = counts.get("pending", 0) + counts.get("running", 0)
+            waited = time.perf_counter() - began
+            if not waiting or waited > limit_seconds:
+                break
+            await asyncio.sleep(0.25)
+    finally:
+        await engine.dispose()
+    done, dead = counts.get("done", 0), counts.get("dead", 0)
+    return (
+        f"background work drained: {done} outbox messages done, {dead} dead, "
+        f"{waiting} still due, {counts.get('later', 0)} retrying later ({waited:.1f} s after "
+        "the last answer)",
+        waiting == 0 and dead == 0 and done > 0,
+        False,
+    )
 
 
 async def _stock_state(url: str, store: Store, shape: str) -> dict[str, Any]:
