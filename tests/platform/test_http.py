@@ -366,7 +366,8 @@ def test_capability_paths_are_logged_without_their_token() -> None:
 
 async def test_requests_in_flight_are_counted_until_answered() -> None:
     """The count the in-process dispatcher reads to give way to requests: one while a
-    request runs, back to zero after its answer or its unhandled error."""
+    request runs, back to zero once its answer starts (a streamed body does not count)
+    or after its unhandled error."""
     import asyncio
 
     from soko.platform.http import RequestContextMiddleware, requests_in_flight
@@ -381,8 +382,9 @@ async def test_requests_in_flight_are_counted_until_answered() -> None:
             raise RuntimeError("boom")
         inside.set()
         await release.wait()
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        seen.append(requests_in_flight())  # streaming from here on
+        await send({"type": "http.response.body", "body": b"streamed"})
 
     before = requests_in_flight()
     transport = httpx2.ASGITransport(app=RequestContextMiddleware(app), raise_app_exceptions=False)
@@ -391,7 +393,7 @@ async def test_requests_in_flight_are_counted_until_answered() -> None:
         await asyncio.wait_for(inside.wait(), 10)
         assert requests_in_flight() == before + 1
         release.set()
-        assert (await waiting).status_code == 204
+        assert (await waiting).text == "streamed"
         assert (await client.get("/boom")).status_code == 500
-    assert seen == [before + 1, before + 1]
+    assert seen == [before + 1, before, before + 1]
     assert requests_in_flight() == before

@@ -75,7 +75,7 @@ _in_flight = 0
 
 
 def requests_in_flight() -> int:
-    """HTTP requests this process has begun and not yet finished answering."""
+    """HTTP requests this process has begun and not yet started answering."""
     return _in_flight
 
 
@@ -114,19 +114,24 @@ class RequestContextMiddleware:
         )
         started = False
         encoded_id = request_id.encode()
+        global _in_flight
+        # Counted until its answer starts: a streamed body or a background task after
+        # it does not make the process look busy.
+        counted = 1 if scope["type"] == "http" else 0
+        _in_flight += counted
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal started, counted
+            global _in_flight
             if message["type"] == "http.response.start":
                 started = True
+                _in_flight -= counted
+                counted = 0
                 headers = MutableHeaders(scope=message)
                 headers[REQUEST_ID_HEADER] = encoded_id.decode()
             await send(message)
 
         began = time.perf_counter()
-        global _in_flight
-        counted = 1 if scope["type"] == "http" else 0
-        _in_flight += counted
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
