@@ -66,11 +66,9 @@ def branch_prefixes(contexts: Iterable[Any]) -> tuple[str, ...] | None:
 
 
 def _guarded(matches: _Matcher, prefixes: tuple[str, ...]) -> _Matcher:
-    nothing: Scope = {}
-
     def guarded_matches(scope: Scope) -> tuple[Match, Scope]:
         if not get_route_path(scope).startswith(prefixes):
-            return Match.NONE, nothing
+            return Match.NONE, {}
         return matches(scope)
 
     return guarded_matches
