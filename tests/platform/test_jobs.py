@@ -584,7 +584,7 @@ async def test_cache_tags_a_job_marks_are_invalidated_once_it_commits(outbox: Ou
     assert await cache.get("availability:v-1") is None
 
 
-def test_a_busy_process_runs_fewer_jobs_at_once(outbox: Outbox) -> None:
+async def test_a_busy_process_runs_fewer_jobs_at_once(outbox: Outbox) -> None:
     settings = outbox.settings.model_copy(
         update={"outbox_concurrency": 6, "outbox_busy_concurrency": 2}
     )
