@@ -362,38 +362,3 @@ def test_capability_paths_are_logged_without_their_token() -> None:
     assert loggable_path("/api/v1/products") == "/api/v1/products"
     with pytest.raises(ValueError):
         register_secret_path_prefix("/no-slash")
-
-
-async def test_requests_in_flight_are_counted_until_answered() -> None:
-    """The count the in-process dispatcher reads to give way to requests: one while a
-    request runs, back to zero once its answer starts (a streamed body does not count)
-    or after its unhandled error."""
-    import asyncio
-
-    from soko.platform.http import RequestContextMiddleware, requests_in_flight
-
-    seen: list[int] = []
-    inside = asyncio.Event()
-    release = asyncio.Event()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        seen.append(requests_in_flight())
-        if scope["path"] == "/boom":
-            raise RuntimeError("boom")
-        inside.set()
-        await release.wait()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        seen.append(requests_in_flight())  # streaming from here on
-        await send({"type": "http.response.body", "body": b"streamed"})
-
-    before = requests_in_flight()
-    transport = httpx2.ASGITransport(app=RequestContextMiddleware(app), raise_app_exceptions=False)
-    async with httpx2.AsyncClient(transport=transport, base_url="http://test") as client:
-        waiting = asyncio.create_task(client.get("/slow"))
-        await asyncio.wait_for(inside.wait(), 10)
-        assert requests_in_flight() == before + 1
-        release.set()
-        assert (await waiting).text == "streamed"
-        assert (await client.get("/boom")).status_code == 500
-    assert seen == [before + 1, before, before + 1]
-    assert requests_in_flight() == before

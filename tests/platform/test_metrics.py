@@ -6,6 +6,7 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -178,3 +179,38 @@ def test_multiprocess_mode_adds_up_every_process(tmp_path: Path) -> None:
     # The two workers that said they stopped no longer count as answering; the killed
     # one still does, until the directory is emptied at the next start.
     assert _value(scraped, "soko_http_requests_in_flight") == 1
+
+
+async def test_requests_in_flight_are_counted_until_answered() -> None:
+    """The count the in-process dispatcher reads to give way to requests: one while a
+    request runs, back to zero once its answer starts (a streamed body does not count)
+    or after its unhandled error."""
+    import asyncio
+
+    from soko.platform.metrics import PrometheusMiddleware, requests_in_flight
+
+    seen: list[int] = []
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(requests_in_flight())
+        if scope["path"] == "/boom":
+            raise RuntimeError("boom")
+        inside.set()
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        seen.append(requests_in_flight())  # streaming from here on
+        await send({"type": "http.response.body", "body": b"streamed"})
+
+    before = requests_in_flight()
+    transport = httpx2.ASGITransport(app=PrometheusMiddleware(app), raise_app_exceptions=False)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://test") as client:
+        waiting = asyncio.create_task(client.get("/slow"))
+        await asyncio.wait_for(inside.wait(), 10)
+        assert requests_in_flight() == before + 1
+        release.set()
+        assert (await waiting).text == "streamed"
+        assert (await client.get("/boom")).status_code == 500
+    assert seen == [before + 1, before, before + 1]
+    assert requests_in_flight() == before

@@ -71,23 +71,9 @@ def loggable_path(path: str) -> str:
     return path
 
 
-_in_flight = 0
-
-
-def requests_in_flight() -> int:
-    """HTTP requests this process has begun and not yet started answering."""
-    return _in_flight
-
-
-def serving_requests() -> bool:
-    """Whether this process is answering an HTTP request right now."""
-    return _in_flight > 0
-
-
 class RequestContextMiddleware:
-    """Gives each request an id, binds it to every log line, turns an unhandled
-    exception into a 500 problem that carries the id but never the traceback, and counts
-    the HTTP requests in flight (:func:`requests_in_flight`)."""
+    """Gives each request an id, binds it to every log line, and turns an unhandled
+    exception into a 500 problem that carries the id but never the traceback."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -114,19 +100,11 @@ class RequestContextMiddleware:
         )
         started = False
         encoded_id = request_id.encode()
-        global _in_flight
-        # Counted until its answer starts: a streamed body or a background task after
-        # it does not make the process look busy.
-        counted = 1 if scope["type"] == "http" else 0
-        _in_flight += counted
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started, counted
-            global _in_flight
+            nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                _in_flight -= counted
-                counted = 0
                 headers = MutableHeaders(scope=message)
                 headers[REQUEST_ID_HEADER] = encoded_id.decode()
             await send(message)
@@ -149,7 +127,6 @@ class RequestContextMiddleware:
             await send(start)
             await send(body)
         finally:
-            _in_flight -= counted
             structlog.contextvars.clear_contextvars()
 
 

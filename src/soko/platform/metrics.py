@@ -62,6 +62,22 @@ HTTP_IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
 )
 
+# This process's requests whose answer has not started yet (the gauge above counts them
+# until their body is sent): what its in-process job dispatcher gives way to. A streamed
+# body, or a background task after the answer, does not make the process look busy.
+_computing = 0
+
+
+def requests_in_flight() -> int:
+    """HTTP requests this process has begun and not yet started answering."""
+    return _computing
+
+
+def serving_requests() -> bool:
+    """Whether this process is working out an answer to an HTTP request right now."""
+    return _computing > 0
+
+
 # Methods outside this set are counted as "OTHER": the method is a label too, and a
 # client may send any token there.
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -96,7 +112,8 @@ async def metrics() -> Response:
 
 
 class PrometheusMiddleware:
-    """Counts and times each HTTP request under its route template.
+    """Counts and times each HTTP request under its route template, and keeps the count
+    of requests in flight (:func:`requests_in_flight`).
 
     It also makes the request's scope current for logging, so log lines written while
     the request is handled carry the route once the router has matched it.
@@ -111,18 +128,25 @@ class PrometheusMiddleware:
             return
         status = 500
         began = time.perf_counter()
+        global _computing
+        computing = 1
 
         async def recording_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, computing
+            global _computing
             if message["type"] == "http.response.start":
                 status = message["status"]
+                _computing -= computing
+                computing = 0
             await send(message)
 
         HTTP_IN_FLIGHT.inc()
+        _computing += 1
         try:
             with request_scope(scope):
                 await self.app(scope, receive, recording_send)
         finally:
+            _computing -= computing
             HTTP_IN_FLIGHT.dec()
             # The router has stored the matched route in the scope by now; a path that
             # matched nothing has none and falls under "<unmatched>".

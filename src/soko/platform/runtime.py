@@ -21,9 +21,9 @@ from soko.platform.config import Backend, OutboxDispatch, Settings
 from soko.platform.crypto import DataKeys
 from soko.platform.db import Database, create_engine, mark_read_only
 from soko.platform.errors import ProblemError
-from soko.platform.http import serving_requests
 from soko.platform.jobs import Dispatcher, JobRegistry
 from soko.platform.jobs import registry as default_registry
+from soko.platform.metrics import serving_requests
 from soko.platform.ratelimit import RateLimiter, create_memory_rate_limiter
 from soko.platform.realtime import MemoryPubSub, PubSub
 from soko.platform.tokens import SIGNING_KEYS_FILE, KeyRing, load_or_create_keyring
