@@ -172,6 +172,10 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "secret_key": TEST_SECRET,
         "log_format": "json",
         "outbox_poll_seconds": 0.05,
+        # In-process hashing: a runtime per test would otherwise start a worker process
+        # each. The worker processes have tests of their own (test_passwords.py, and
+        # the served app in test_serve_e2e.py).
+        "password_hash_pool": "thread",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
+import sys
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import argon2
 import pytest
 
 from soko.identity.errors import WeakPassword
+from soko.identity.hashing import HASH_NICENESS, SodiumArgon2Hasher, password_hash, perform
 from soko.identity.passwords import (
     MAX_PASSWORD_LENGTH,
+    HashWorkerFailed,
     PasswordHasher,
     PasswordPolicy,
-    SodiumArgon2Hasher,
     common_passwords,
     normalize_password,
     password_hasher,
@@ -28,11 +32,13 @@ OWASP = {"memory_kib": 19_456, "iterations": 2, "parallelism": 1}
 PASSPHRASE = "mvua ya masika 2031"
 
 
-@pytest.fixture
-def hasher() -> Iterator[PasswordHasher]:
-    hasher = PasswordHasher(**OWASP, threads=2)
+@pytest.fixture(params=["thread", "process"])
+async def hasher(request: pytest.FixtureRequest) -> AsyncIterator[PasswordHasher]:
+    """Each hashing test runs on both pools: threads of this process, and worker
+    processes."""
+    hasher = PasswordHasher(**OWASP, threads=2, pool=request.param)
     yield hasher
-    hasher.close()
+    await hasher.aclose()
 
 
 def full_width(text: str) -> str:
@@ -68,7 +74,9 @@ async def test_changed_parameters_rehash_on_the_next_correct_sign_in(
     hasher: PasswordHasher,
 ) -> None:
     stored = await hasher.hash(PASSPHRASE)
-    stronger = PasswordHasher(memory_kib=19_456 * 2, iterations=3, parallelism=1, threads=1)
+    stronger = PasswordHasher(
+        memory_kib=19_456 * 2, iterations=3, parallelism=1, threads=1, pool=hasher.pool
+    )
     try:
         assert stronger.needs_rehash(stored)
         ok, new_hash = await stronger.verify(PASSPHRASE, stored)
@@ -80,7 +88,7 @@ async def test_changed_parameters_rehash_on_the_next_correct_sign_in(
         # A wrong password never yields a hash to store.
         assert await stronger.verify("not it at all", stored) == (False, None)
     finally:
-        stronger.close()
+        await stronger.aclose()
 
 
 async def test_older_argon2_variant_is_upgraded_to_argon2id(hasher: PasswordHasher) -> None:
@@ -168,6 +176,111 @@ async def test_one_hasher_per_runtime(tmp_path: Path) -> None:
     finally:
         await runtime.stop()
         await other.stop()
+
+
+# -- worker processes ---------------------------------------------------------------------
+
+
+@pytest.fixture
+async def in_processes() -> AsyncIterator[PasswordHasher]:
+    hasher = PasswordHasher(**OWASP, threads=2, pool="process")
+    yield hasher
+    await hasher.aclose()
+
+
+def workers_of(hasher: PasswordHasher) -> list[Any]:
+    return list(hasher._backend._workers)  # type: ignore[union-attr]
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_worker_processes_do_the_hashing_at_a_lower_priority(
+    in_processes: PasswordHasher,
+) -> None:
+    stored = await in_processes.hash(PASSPHRASE)
+    (first,) = workers_of(in_processes)
+    before = cpu_ticks(first.process.pid)
+    answers = await asyncio.gather(*(in_processes.verify(PASSPHRASE, stored) for _ in range(8)))
+    assert answers == [(True, None)] * 8
+    workers = workers_of(in_processes)
+    assert len(workers) == 2  # as many as the pool's size, never more
+    assert all(worker.process.pid != os.getpid() for worker in workers)
+    assert cpu_ticks(first.process.pid) > before  # the hashing ran there
+    here = os.getpriority(os.PRIO_PROCESS, 0)
+    for worker in workers:
+        assert os.getpriority(os.PRIO_PROCESS, worker.process.pid) == min(
+            19, max(here, 0) + HASH_NICENESS
+        )
+
+
+async def test_a_worker_that_dies_is_replaced(in_processes: PasswordHasher) -> None:
+    stored = await in_processes.hash(PASSPHRASE)
+    (first,) = workers_of(in_processes)
+    first.process.kill()
+    await first.process.wait()
+    assert await in_processes.verify(PASSPHRASE, stored) == (True, None)
+    assert first not in workers_of(in_processes)
+    assert len(workers_of(in_processes)) == 1
+
+
+async def test_a_caller_gone_mid_hash_leaves_every_answer_to_its_own_request() -> None:
+    """A request cancelled while its worker computes (a client that went away) lets the
+    exchange finish: the worker's late answer never reaches the next request."""
+    hasher = PasswordHasher(**OWASP, threads=1, pool="process")
+    try:
+        stored = await hasher.hash(PASSPHRASE)
+        (worker,) = workers_of(hasher)
+        abandoned = asyncio.create_task(hasher.verify(PASSPHRASE, stored))
+        await asyncio.sleep(0.002)
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        assert await hasher.verify("not the passphrase", stored) == (False, None)
+        assert await hasher.verify(PASSPHRASE, stored) == (True, None)
+        assert workers_of(hasher) == [worker]  # the same worker, reused
+    finally:
+        await hasher.aclose()
+
+
+async def test_closing_stops_the_workers() -> None:
+    hasher = PasswordHasher(**OWASP, threads=2, pool="process")
+    await asyncio.gather(*(hasher.hash(PASSPHRASE) for _ in range(2)))
+    workers = workers_of(hasher)
+    assert len(workers) == 2
+    await hasher.aclose()
+    assert all(worker.process.returncode == 0 for worker in workers)
+    with pytest.raises(HashWorkerFailed):
+        await hasher.hash(PASSPHRASE)
+
+
+async def test_runtime_stop_stops_its_hashing_workers(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'workers.db'}",
+        password_hash_pool="process",
+    )
+    runtime = Runtime(settings)
+    try:
+        hasher = password_hasher(runtime)
+        assert hasher.pool == "process"
+        await hasher.hash(PASSPHRASE)
+        (worker,) = workers_of(hasher)
+    finally:
+        await runtime.stop()
+    assert worker.process.returncode == 0
+
+
+def test_the_worker_answers_errors_without_echoing_secrets() -> None:
+    hasher = password_hash(**OWASP)
+    answer = perform(hasher, {"op": "verify", "password": PASSPHRASE, "hash": "$2b$12$x"})
+    assert answer == {"error": "unknown_hash"}
+    answer = perform(hasher, {"op": "verify", "password": PASSPHRASE})
+    assert answer == {"error": "failed", "kind": "KeyError"}
+    assert perform(hasher, {"op": "drop", "password": PASSPHRASE})["error"] == "failed"
 
 
 # -- policy -----------------------------------------------------------------------------

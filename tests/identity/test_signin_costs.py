@@ -105,7 +105,7 @@ async def test_hashing_threads_run_at_a_lower_priority_than_the_event_loop() -> 
         def own_priority() -> int:
             return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
-        in_pool = await hasher._run(own_priority)
+        in_pool = await hasher._backend._run(own_priority)  # type: ignore[union-attr]
         here = own_priority()
         assert in_pool == min(19, max(here, 0) + HASH_THREAD_NICENESS)
         assert here < in_pool

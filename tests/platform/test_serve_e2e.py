@@ -184,13 +184,65 @@ def test_newcomer_migrates_serves_and_stops(fresh: tuple[Path, Path]) -> None:
             assert problem["status"] == 404
             assert problem["type"] == "/problems/not-found"
 
+            # Sign up and sign in: the served app hashes passwords in worker processes
+            # (the default pool), which the server's own shutdown below then stops.
+            account = {"email": "wanjiru@example.com", "password": "mvua ya masika 2031"}
+            registered = client.post("/api/v1/auth/register", json=account)
+            assert registered.status_code == 201, registered.text
+            credentials = {"identifier": account["email"], "password": account["password"]}
+            signed_in = client.post("/api/v1/auth/login", json=credentials)
+            assert signed_in.status_code == 200, signed_in.text
+            token = signed_in.json()["access_token"]
+            wrong = client.post("/api/v1/auth/login", json={**credentials, "password": "x" * 12})
+            assert wrong.status_code == 401, wrong.text
+            me = client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+            assert me.json()["email"] == account["email"]
+
         secrets_file = data_dir / GENERATED_SECRETS_FILE
         assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
 
+        workers = _hash_workers(server.process.pid)
+        assert workers, "no password hashing worker ran"
         assert server.stop() == 0, server.output()
         assert not server.accepts_connections()
+        # They end with the server: none is left behind.
+        _wait_for(lambda: not any(_alive(pid) for pid in workers), STOP_TIMEOUT, "workers")
     finally:
         server.close()
+
+
+def _hash_workers(root: int) -> list[int]:
+    """The password hashing worker processes below ``root``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes()
+            status_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if b"soko.identity.hashing" not in command:
+            continue
+        parent = int(status_line.rsplit(")", 1)[1].split()[1])
+        if parent == root or _parent(parent) == root:
+            found.append(int(entry.name))
+    return found
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_sigterm_drains_the_request_in_flight(fresh: tuple[Path, Path]) -> None:

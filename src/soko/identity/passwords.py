@@ -1,13 +1,18 @@
 """Passwords: Argon2id hashing off the event loop, and the policy of NIST SP 800-63B.
 
 Hashing and verifying cost ten to twenty milliseconds of CPU each (that is their
-point), so they run in a small thread pool owned by one :class:`PasswordHasher` per
-runtime (:func:`password_hasher`). libsodium computes them (:class:`SodiumArgon2Hasher`,
-behind pwdlib) and releases the GIL while it works, so the event loop keeps serving
-other requests meanwhile. On Linux those threads also run at a lower CPU
-priority (nice :data:`HASH_THREAD_NICENESS`) than the thread serving requests: when the
-cores are busy, the scheduler gives them to request handling first, so a burst of
-sign-ins slows the sign-ins themselves, not every other request.
+point), so they run off the event loop, in a pool owned by one :class:`PasswordHasher`
+per runtime (:func:`password_hasher`). libsodium computes them
+(:class:`soko.identity.hashing.SodiumArgon2Hasher`, behind pwdlib).
+
+The pool is made of worker processes by default (``SOKO_PASSWORD_HASH_POOL=process``),
+spoken to over pipes by the event loop itself, at a lower CPU priority (nice
+:data:`HASH_THREAD_NICENESS`): when the cores are busy, the scheduler gives them to
+request handling first, so a burst of sign-ins slows the sign-ins themselves, not every
+other request. A thread pool (``thread``) does the same work inside the process, where a
+lower-priority thread must still take the GIL twice a hash and can hold up the event
+loop while it waits for a core (:mod:`soko.identity.hashing` says more); it needs no
+process to start, so tests and one-off commands use it.
 
 Passwords are NFKC-normalized before they are checked, hashed or verified, so the same
 password typed on two keyboards that compose characters differently still matches
@@ -19,30 +24,32 @@ list and the account's own email, phone or name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gzip
 import importlib.resources
 import itertools
+import json
 import os
 import re
 import secrets
+import sys
 import threading
 import unicodedata
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import nacl.exceptions
-import nacl.pwhash.argon2id
 import phonenumbers
 import structlog
 from pwdlib import PasswordHash
 from pwdlib.exceptions import UnknownHashError
-from pwdlib.hashers.argon2 import ARGON2_ENCODED_HASH_REGEX, Argon2Hasher
 
 from soko.identity.errors import WeakPassword
+from soko.identity.hashing import HASH_NICENESS, password_hash
 from soko.platform.config import Settings
 
 if TYPE_CHECKING:
@@ -59,10 +66,8 @@ BLOCKLIST_RESOURCE = "data/common-passwords.txt.gz"
 MAX_PASSWORD_LENGTH = 256
 
 # How much lower the hashing threads' priority is than the rest of the process (Linux
-# nice values: 0 default, 19 lowest). At 10 the scheduler weighs them about ten times
-# lighter, so request handling preempts them; they still get every idle cycle, so
-# sign-ins only slow down when something else wants the CPU.
-HASH_THREAD_NICENESS = 10
+# nice values: 0 default, 19 lowest); the worker processes use the same.
+HASH_THREAD_NICENESS = HASH_NICENESS
 
 
 def _lower_thread_priority() -> None:
@@ -80,47 +85,6 @@ def _lower_thread_priority() -> None:
         log.debug("password_threads_priority_unchanged")
 
 
-class SodiumArgon2Hasher(Argon2Hasher):
-    """pwdlib's Argon2 hasher, computing single-lane Argon2id with libsodium.
-
-    libsodium picks the fastest code the CPU has (AVX-512F, AVX2, SSSE3) at run time; on
-    machines with AVX-512 it verifies a 19 MiB, t=2 hash in about 10 ms where
-    argon2-cffi's portable build takes 17 ms. Both write and read the same PHC string
-    (``$argon2id$v=19$m=...,t=...,p=1$salt$hash``, a 16-byte salt and a 32-byte hash), so
-    each verifies the other's hashes; libsodium computes only one lane, so a hash with
-    ``p`` above 1, another Argon2 variant, or an explicit salt goes to argon2-cffi."""
-
-    def __init__(self, *, time_cost: int, memory_cost: int, parallelism: int) -> None:
-        super().__init__(time_cost=time_cost, memory_cost=memory_cost, parallelism=parallelism)
-        self._time_cost = time_cost
-        self._memory_bytes = memory_cost * 1024
-        self._sodium_hashes = parallelism == 1
-
-    def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
-        if not self._sodium_hashes or salt is not None:
-            return super().hash(password, salt=salt)
-        encoded = password.encode() if isinstance(password, str) else password
-        return nacl.pwhash.argon2id.str(
-            encoded, opslimit=self._time_cost, memlimit=self._memory_bytes
-        ).decode("ascii")
-
-    def verify(self, password: str | bytes, hash: str | bytes) -> bool:
-        text = hash.decode("ascii", "replace") if isinstance(hash, bytes) else hash
-        match = ARGON2_ENCODED_HASH_REGEX.fullmatch(text)
-        if (
-            match is None
-            or match.group("variant") != "argon2id"
-            or match.group("version") != "19"
-            or match.group("parallelism") != "1"
-        ):
-            return super().verify(password, hash)
-        encoded = password.encode() if isinstance(password, str) else password
-        try:
-            return bool(nacl.pwhash.argon2id.verify(text.encode("ascii"), encoded))
-        except (nacl.exceptions.InvalidkeyError, UnicodeEncodeError):
-            return False
-
-
 def normalize_password(password: str) -> str:
     """The form a password is checked, hashed and verified in (NFKC)."""
     return unicodedata.normalize("NFKC", password)
@@ -129,8 +93,211 @@ def normalize_password(password: str) -> str:
 # -- hashing ----------------------------------------------------------------------------
 
 
+class HashWorkerFailed(RuntimeError):
+    """A hashing worker process stopped or never started; the request fails (500)."""
+
+
+class _ThreadHashing:
+    """Hashing in a thread pool of this process, at a lower priority (see the module's
+    notes): no process to start, used by tests and the command line."""
+
+    def __init__(self, hasher: PasswordHash, *, threads: int) -> None:
+        self._hash = hasher
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads,
+            thread_name_prefix="soko-password",
+            initializer=_lower_thread_priority,
+        )
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, work)
+
+    async def hash(self, password: str) -> str:
+        return await self._run(lambda: self._hash.hash(password))
+
+    async def verify(self, password: str, stored_hash: str) -> bool:
+        return await self._run(lambda: bool(self._hash.verify(password, stored_hash)))
+
+    async def verify_and_update(self, password: str, stored_hash: str) -> tuple[bool, str | None]:
+        return await self._run(lambda: self._hash.verify_and_update(password, stored_hash))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+# The worker imports soko.identity.hashing from wherever this process found soko.
+_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+@dataclass(eq=False)
+class _HashWorker:
+    process: asyncio.subprocess.Process
+
+    @property
+    def pipes(self) -> tuple[asyncio.StreamWriter, asyncio.StreamReader]:
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None and stdout is not None
+        return stdin, stdout
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, RuntimeError):
+                self.process.kill()
+
+
+class _ProcessHashing:
+    """Hashing in up to ``processes`` worker processes (``python -m
+    soko.identity.hashing``), each one request at a time, spoken to over pipes by the
+    event loop itself: the API process gets no extra thread and never shares its GIL
+    with hashing.
+
+    Workers start on first use and are reused. A worker that dies (killed, out of
+    memory) is replaced and the request tried once more on a new one. A caller that
+    goes away mid-request leaves the exchange to finish, so no answer is ever read by
+    the wrong request. Pipes belong to an event loop: used from another loop, the pool
+    starts new workers."""
+
+    def __init__(
+        self, *, processes: int, memory_kib: int, iterations: int, parallelism: int
+    ) -> None:
+        self._size = processes
+        self._argv = [
+            sys.executable,
+            "-m",
+            "soko.identity.hashing",
+            str(memory_kib),
+            str(iterations),
+            str(parallelism),
+            str(HASH_NICENESS),
+        ]
+        self._idle: list[_HashWorker] = []
+        self._workers: set[_HashWorker] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    def _bound_slots(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._slots is None:
+            for worker in list(self._workers):
+                self._discard(worker)
+            self._loop = loop
+            self._slots = asyncio.Semaphore(self._size)
+        return self._slots
+
+    def _discard(self, worker: _HashWorker) -> None:
+        self._workers.discard(worker)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+        worker.kill()
+
+    async def _start(self) -> _HashWorker:
+        path = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": _ROOT + (os.pathsep + path if path else "")}
+        process = await asyncio.create_subprocess_exec(
+            *self._argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        worker = _HashWorker(process)
+        self._workers.add(worker)
+        try:
+            ready = await worker.pipes[1].readline()
+        except BaseException:
+            self._discard(worker)
+            raise
+        if ready != b'{"ready": true}\n':
+            self._discard(worker)
+            raise HashWorkerFailed("the password hashing worker did not start")
+        return worker
+
+    async def _exchange(self, payload: bytes) -> dict[str, Any]:
+        for attempt in (1, 2):
+            worker = self._idle.pop() if self._idle else await self._start()
+            stdin, stdout = worker.pipes
+            try:
+                stdin.write(payload)
+                await stdin.drain()
+                line = await stdout.readline()
+            except (OSError, ConnectionError):
+                line = b""
+            except BaseException:  # cancelled mid-request: its answer must not be reused
+                self._discard(worker)
+                raise
+            if line.endswith(b"\n"):
+                self._idle.append(worker)
+                answer: dict[str, Any] = json.loads(line)
+                return answer
+            self._discard(worker)
+            log.warning(
+                "password_worker_lost", attempt=attempt, returncode=worker.process.returncode
+            )
+        raise HashWorkerFailed("the password hashing worker stopped twice in a row")
+
+    async def _request(self, request: dict[str, Any]) -> Any:
+        if self._closed:
+            raise HashWorkerFailed("the password hasher is closed")
+        slots = self._bound_slots()
+        payload = json.dumps(request).encode("ascii") + b"\n"
+        await slots.acquire()
+        exchange = asyncio.ensure_future(self._exchange(payload))
+
+        def done(task: asyncio.Future[dict[str, Any]]) -> None:
+            slots.release()
+            if not task.cancelled():
+                task.exception()  # retrieved: a caller gone away is not an unhandled error
+
+        exchange.add_done_callback(done)
+        answer = await asyncio.shield(exchange)
+        error = answer.get("error")
+        if error == "unknown_hash":
+            raise UnknownHashError("no hasher reads this hash")
+        if error is not None:
+            raise HashWorkerFailed(f"password hashing failed: {answer.get('kind')}")
+        return answer["result"]
+
+    async def hash(self, password: str) -> str:
+        return str(await self._request({"op": "hash", "password": password}))
+
+    async def verify(self, password: str, stored_hash: str) -> bool:
+        request = {"op": "verify", "password": password, "hash": stored_hash}
+        return bool(await self._request(request))
+
+    async def verify_and_update(self, password: str, stored_hash: str) -> tuple[bool, str | None]:
+        request = {"op": "verify_and_update", "password": password, "hash": stored_hash}
+        ok, new_hash = await self._request(request)
+        return bool(ok), new_hash
+
+    def close(self) -> None:
+        """Ask every worker to stop: each sees its input close and exits after the hash
+        it is computing."""
+        self._closed = True
+        for worker in list(self._workers):
+            try:
+                worker.pipes[0].close()
+            except RuntimeError:  # its event loop is already closed
+                worker.kill()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, then wait (a few seconds at most) for the workers to exit."""
+        self.close()
+        workers, self._workers, self._idle = list(self._workers), set(), []
+        for worker in workers:
+            try:
+                await asyncio.wait_for(worker.process.wait(), timeout=5)
+            except (TimeoutError, RuntimeError):
+                worker.kill()
+
+
 class PasswordHasher:
-    """Argon2id hashing and verification in a bounded thread pool.
+    """Argon2id hashing and verification off the event loop: in worker processes
+    (``pool="process"``, the default for serving) or in a thread pool
+    (``pool="thread"``), at most ``threads`` at once either way.
 
     ``verify`` rehashes transparently: when the stored hash was made with other
     parameters (or another Argon2 variant), a correct password also yields a new hash
@@ -144,22 +311,27 @@ class PasswordHasher:
         iterations: int,
         parallelism: int,
         threads: int,
+        pool: str = "thread",
     ) -> None:
         self.memory_kib = memory_kib
         self.iterations = iterations
         self.parallelism = parallelism
-        self._hash = PasswordHash(
-            (
-                SodiumArgon2Hasher(
-                    time_cost=iterations, memory_cost=memory_kib, parallelism=parallelism
-                ),
+        self.pool = pool
+        self._hash = password_hash(
+            memory_kib=memory_kib, iterations=iterations, parallelism=parallelism
+        )
+        self._backend: _ThreadHashing | _ProcessHashing
+        if pool == "process":
+            self._backend = _ProcessHashing(
+                processes=threads,
+                memory_kib=memory_kib,
+                iterations=iterations,
+                parallelism=parallelism,
             )
-        )
-        self._executor = ThreadPoolExecutor(
-            max_workers=threads,
-            thread_name_prefix="soko-password",
-            initializer=_lower_thread_priority,
-        )
+        elif pool == "thread":
+            self._backend = _ThreadHashing(self._hash, threads=threads)
+        else:
+            raise ValueError(f"unknown password hashing pool {pool!r}")
         self._dummy_hash: str | None = None
 
     @classmethod
@@ -169,16 +341,12 @@ class PasswordHasher:
             iterations=settings.password_hash_iterations,
             parallelism=settings.password_hash_parallelism,
             threads=settings.password_hash_threads,
+            pool=settings.password_hash_pool,
         )
-
-    async def _run(self, work: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, work)
 
     async def hash(self, password: str) -> str:
         """The Argon2id hash of ``password`` (normalized) with the current parameters."""
-        normalized = normalize_password(password)
-        return await self._run(lambda: self._hash.hash(normalized))
+        return await self._backend.hash(normalize_password(password))
 
     async def verify(self, password: str, stored_hash: str | None) -> tuple[bool, str | None]:
         """Whether ``password`` matches ``stored_hash``, and a new hash to store when the
@@ -193,7 +361,7 @@ class PasswordHasher:
             return False, None
         normalized = normalize_password(password)
         try:
-            return await self._run(lambda: self._hash.verify_and_update(normalized, stored_hash))
+            return await self._backend.verify_and_update(normalized, stored_hash)
         except UnknownHashError:
             log.warning("password_hash_unreadable")
             await self.dummy_verify()
@@ -204,9 +372,7 @@ class PasswordHasher:
         if self._dummy_hash is None:
             # Two first calls at once both make one; either will do.
             self._dummy_hash = await self.hash(secrets.token_urlsafe(24))
-        dummy_hash = self._dummy_hash
-        candidate = secrets.token_urlsafe(24)
-        await self._run(lambda: self._hash.verify(candidate, dummy_hash))
+        await self._backend.verify(secrets.token_urlsafe(24), self._dummy_hash)
 
     def needs_rehash(self, stored_hash: str) -> bool:
         """Whether ``stored_hash`` was made with other parameters than the current ones."""
@@ -216,8 +382,13 @@ class PasswordHasher:
             return True
 
     def close(self) -> None:
-        """Stop the pool's threads once the hashes already queued are done."""
-        self._executor.shutdown(wait=False)
+        """Stop the threads or worker processes once the hashes already started are
+        done."""
+        self._backend.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, and wait for worker processes to exit."""
+        await self._backend.aclose()
 
 
 _hashers: weakref.WeakKeyDictionary[Runtime, PasswordHasher] = weakref.WeakKeyDictionary()
@@ -232,6 +403,7 @@ def password_hasher(runtime: Runtime) -> PasswordHasher:
     if hasher is None:
         hasher = PasswordHasher.from_settings(runtime.settings)
         _hashers[runtime] = hasher
+        runtime.on_stop(hasher.aclose)
     return hasher
 
 

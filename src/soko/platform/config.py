@@ -14,7 +14,7 @@ import secrets
 import stat
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -142,6 +142,9 @@ class Settings(BaseSettings):
     password_hash_iterations: int = Field(2, ge=2, le=20)
     password_hash_parallelism: int = Field(1, ge=1, le=16)
     password_hash_threads: int = Field(1, ge=1, le=64)
+    # Where hashing runs: worker processes (no GIL shared with request handling) or a
+    # thread pool of the API process.
+    password_hash_pool: Literal["process", "thread"] = "process"
 
     # One-time codes by SMS, and sign-in throttling.
     otp_ttl_seconds: int = Field(300, ge=60, le=3_600)
