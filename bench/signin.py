@@ -30,7 +30,9 @@ Settings: ``BENCH_SECONDS`` (10), ``BENCH_ME_RATE`` (100 requests/s),
 ``BENCH_SIGNIN_RATE`` (60 sign-ins/s),
 ``BENCH_SIGNIN_CLIENTS`` (8), ``BENCH_WORKERS`` (1; more needs Redis:
 ``BENCH_REDIS_URL``, default ``redis://127.0.0.1:6379/14``; its keys are left to expire),
-``BENCH_HASH_THREADS`` (the server's ``SOKO_PASSWORD_HASH_THREADS``; default the setting's).
+``BENCH_HASH_THREADS`` (the server's ``SOKO_PASSWORD_HASH_THREADS``; default the setting's),
+``BENCH_HASH_POOL`` (the server's ``SOKO_PASSWORD_HASH_POOL``, ``process`` or ``thread``;
+default the setting's).
 """
 
 from __future__ import annotations
@@ -598,6 +600,8 @@ async def main(_argv: list[str]) -> None:
     }
     if os.environ.get("BENCH_HASH_THREADS"):
         env["SOKO_PASSWORD_HASH_THREADS"] = os.environ["BENCH_HASH_THREADS"]
+    if os.environ.get("BENCH_HASH_POOL"):
+        env["SOKO_PASSWORD_HASH_POOL"] = os.environ["BENCH_HASH_POOL"]
     if workers > 1:
         env["SOKO_REDIS_URL"] = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
         for backend in ("CACHE", "RATELIMIT", "PUBSUB"):
@@ -618,7 +622,9 @@ async def main(_argv: list[str]) -> None:
     print(
         f"setup              {url.split(':')[0]}, {workers} server process(es), "
         f"{os.cpu_count()} cores, /me at {rate:.0f}/s, {clients} sign-in clients, "
-        f"{seconds:.0f} s a phase"
+        f"{seconds:.0f} s a phase; hashing in a "
+        f"{env.get('SOKO_PASSWORD_HASH_POOL') or settings.password_hash_pool} pool of "
+        f"{env.get('SOKO_PASSWORD_HASH_THREADS') or settings.password_hash_threads} a process"
     )
     port = _free_port()
     server = subprocess.Popen(
