@@ -1,11 +1,12 @@
 """Argon2id through libsodium behind pwdlib, and the small process that computes it away
 from the API process.
 
-This module imports nothing of Soko, so ``python -m soko.identity.hashing`` starts in a
-few tens of milliseconds. Run that way, it is a hashing worker
-(:class:`soko.identity.passwords.ProcessHashPool` starts one per slot). It reads one JSON
-request a line from stdin and writes one JSON answer a line to stdout, one at a time,
-until stdin closes. It runs at a lower CPU priority than the process that started it.
+This module imports nothing of Soko but its package, so ``python -m
+soko.identity.hashing`` starts quickly (about 130 ms, its first hash included). Run that
+way, it is a hashing worker: :class:`soko.identity.passwords.PasswordHasher` starts one
+per slot of its pool when ``SOKO_PASSWORD_HASH_POOL=process``. It reads one JSON request
+a line from stdin and writes one JSON answer a line to stdout, one at a time, until
+stdin closes. It runs at a lower CPU priority than the process that started it.
 
 Hashing in a process of its own matters because of the GIL. A hashing *thread* drops the
 GIL while libsodium works, but takes it back twice a hash, before and after. It runs at a
