@@ -138,10 +138,13 @@ def create_app(
         if own_runtime:
             # Built now rather than on the first payment: a provider whose credentials
             # are missing stops the start, and /ready lists every provider's circuit.
+            from soko.identity.public import start_password_hashing
             from soko.payments.providers.registry import providers_of
 
             providers_of(active)
             await active.start()
+            # Hashing workers start with the server: the first sign-ins wait for none.
+            await start_password_hashing(active)
             _freeze_startup_heap()
         try:
             yield

@@ -248,9 +248,11 @@ async def test_a_caller_gone_mid_hash_leaves_every_answer_to_its_own_request() -
 
 async def test_closing_stops_the_workers() -> None:
     hasher = PasswordHasher(**OWASP, threads=2, pool="process")
-    await asyncio.gather(*(hasher.hash(PASSPHRASE) for _ in range(2)))
+    await hasher.start()
     workers = workers_of(hasher)
-    assert len(workers) == 2
+    assert len(workers) == 2  # started before any hash, as the server does
+    await asyncio.gather(*(hasher.hash(PASSPHRASE) for _ in range(4)))
+    assert workers_of(hasher) == workers
     await hasher.aclose()
     assert all(worker.process.returncode == 0 for worker in workers)
     with pytest.raises(HashWorkerFailed):

@@ -184,8 +184,10 @@ def test_newcomer_migrates_serves_and_stops(fresh: tuple[Path, Path]) -> None:
             assert problem["status"] == 404
             assert problem["type"] == "/problems/not-found"
 
-            # Sign up and sign in: the served app hashes passwords in worker processes
-            # (the default pool), which the server's own shutdown below then stops.
+            # The served app hashes passwords in worker processes (the default pool),
+            # started with it; its own shutdown below stops them.
+            workers = _hash_workers(server.process.pid)
+            assert len(workers) == 1, workers
             account = {"email": "wanjiru@example.com", "password": "mvua ya masika 2031"}
             registered = client.post("/api/v1/auth/register", json=account)
             assert registered.status_code == 201, registered.text
@@ -201,8 +203,7 @@ def test_newcomer_migrates_serves_and_stops(fresh: tuple[Path, Path]) -> None:
         secrets_file = data_dir / GENERATED_SECRETS_FILE
         assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
 
-        workers = _hash_workers(server.process.pid)
-        assert workers, "no password hashing worker ran"
+        assert _hash_workers(server.process.pid) == workers  # the same one did the work
         assert server.stop() == 0, server.output()
         assert not server.accepts_connections()
         # They end with the server: none is left behind.

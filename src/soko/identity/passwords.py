@@ -122,6 +122,9 @@ class _ThreadHashing:
     async def verify_and_update(self, password: str, stored_hash: str) -> tuple[bool, str | None]:
         return await self._run(lambda: self._hash.verify_and_update(password, stored_hash))
 
+    async def start(self) -> None:
+        """Threads start on first use; nothing to do."""
+
     def close(self) -> None:
         self._executor.shutdown(wait=False)
 
@@ -215,6 +218,13 @@ class _ProcessHashing:
             self._discard(worker)
             raise HashWorkerFailed("the password hashing worker did not start")
         return worker
+
+    async def start(self) -> None:
+        """Start every worker now rather than on first use, so the first sign-ins wait
+        for none, and a worker that cannot start stops the server's start."""
+        self._bound_slots()
+        while len(self._workers) < self._size:
+            self._idle.append(await self._start())
 
     async def _exchange(self, payload: bytes) -> dict[str, Any]:
         for attempt in (1, 2):
@@ -343,6 +353,11 @@ class PasswordHasher:
             threads=settings.password_hash_threads,
             pool=settings.password_hash_pool,
         )
+
+    async def start(self) -> None:
+        """Start the worker processes now (a thread pool needs nothing): the server does
+        this at startup."""
+        await self._backend.start()
 
     async def hash(self, password: str) -> str:
         """The Argon2id hash of ``password`` (normalized) with the current parameters."""

@@ -63,6 +63,7 @@ __all__ = [
     "grant_role",
     "has_accounts",
     "record_audit_event",
+    "start_password_hashing",
     "user_cards",
     "user_ids_with_role",
 ]
@@ -89,6 +90,12 @@ def configuration_problems(settings: Settings) -> list[str]:
     except ValueError as exc:
         return [f"SOKO_OIDC_PROVIDERS: {line}" for line in str(exc).splitlines() if line]
     return []
+
+
+async def start_password_hashing(runtime: Runtime) -> None:
+    """Start the runtime's password hashing workers now rather than on the first
+    sign-in (the server does at startup); a worker that cannot start raises."""
+    await password_hasher(runtime).start()
 
 
 async def has_accounts(session: AsyncSession) -> bool:
