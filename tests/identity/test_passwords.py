@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import os
+import subprocess
 import sys
 import unicodedata
 from collections.abc import AsyncIterator
@@ -283,6 +285,26 @@ def test_the_worker_answers_errors_without_echoing_secrets() -> None:
     answer = perform(hasher, {"op": "verify", "password": PASSPHRASE})
     assert answer == {"error": "failed", "kind": "KeyError"}
     assert perform(hasher, {"op": "drop", "password": PASSPHRASE})["error"] == "failed"
+
+
+def test_the_worker_process_speaks_one_json_line_per_request() -> None:
+    """The worker's own loop: bad lines get an answer and the next request is served;
+    it exits cleanly when its input closes."""
+    request = {"op": "hash", "password": PASSPHRASE}
+    lines = [b"not json\n", b"[1, 2]\n", json.dumps(request).encode() + b"\n"]
+    done = subprocess.run(
+        [sys.executable, "-m", "soko.identity.hashing", "19456", "2", "1"],
+        input=b"".join(lines),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    ready, *answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert ready == {"ready": True}
+    assert answers[:2] == [{"error": "failed", "kind": "BadRequest"}] * 2
+    assert answers[2]["result"].startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert PASSPHRASE.encode() not in done.stdout + done.stderr
 
 
 # -- policy -----------------------------------------------------------------------------

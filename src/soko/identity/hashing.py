@@ -116,7 +116,8 @@ def lower_priority(niceness: int) -> None:
     """Lower this process's CPU priority by ``niceness`` (needs no privilege); where that
     is refused, it runs at normal priority."""
     with contextlib.suppress(AttributeError, OSError):
-        os.nice(niceness)
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, max(current, 0) + niceness))
 
 
 def main(argv: list[str]) -> int:
@@ -140,8 +141,11 @@ def main(argv: list[str]) -> int:
                 if isinstance(request, dict)
                 else {"error": "failed", "kind": "BadRequest"}
             )
-        answers.write(json.dumps(answer).encode("ascii") + b"\n")
-        answers.flush()
+        try:
+            answers.write(json.dumps(answer).encode("ascii") + b"\n")
+            answers.flush()
+        except BrokenPipeError:  # the API process is gone: so is the reason to run
+            return 0
     return 0
 
 
