@@ -158,7 +158,8 @@ class _ProcessHashing:
     event loop itself: the API process gets no extra thread and never shares its GIL
     with hashing.
 
-    Workers start on first use and are reused. A worker that dies (killed, out of
+    Workers start on first use, or all at once with :meth:`start` (the server does at
+    startup), and are reused. A worker that dies (killed, out of
     memory) is replaced and the request tried once more on a new one. A caller that
     goes away mid-request leaves the exchange to finish, so no answer is ever read by
     the wrong request. Pipes belong to an event loop: used from another loop, the pool
