@@ -20,6 +20,7 @@ from sqlalchemy import event, select, text
 
 from soko.identity import throttle
 from soko.identity.audit import record_audit_event, verify_audit_chain
+from soko.identity.hashing import HASH_NICENESS
 from soko.identity.login_methods import (
     LOGIN_SETTINGS_TAG,
     PASSWORD,
@@ -28,7 +29,7 @@ from soko.identity.login_methods import (
     method_enabled_in,
 )
 from soko.identity.models import AuditEvent, LoginThrottle
-from soko.identity.passwords import HASH_THREAD_NICENESS, PasswordHasher, password_hasher
+from soko.identity.passwords import PasswordHasher, password_hasher
 from soko.platform.db import create_engine
 from soko.platform.runtime import INVALIDATE_TAGS_KEY, Runtime
 from tests.identity import signin_support
@@ -107,7 +108,7 @@ async def test_hashing_threads_run_at_a_lower_priority_than_the_event_loop() -> 
 
         in_pool = await hasher._backend._run(own_priority)  # type: ignore[union-attr]
         here = own_priority()
-        assert in_pool == min(19, max(here, 0) + HASH_THREAD_NICENESS)
+        assert in_pool == min(19, max(here, 0) + HASH_NICENESS)
         assert here < in_pool
         # Hashing in those threads still works.
         stored = await hasher.hash("mvua ya masika 2031")

@@ -212,38 +212,40 @@ def test_newcomer_migrates_serves_and_stops(fresh: tuple[Path, Path]) -> None:
         server.close()
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first); none
+    for a process that is gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _parent(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else 0
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
 def _hash_workers(root: int) -> list[int]:
-    """The password hashing worker processes below ``root``."""
+    """The password hashing worker processes of ``root`` or of its children."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             command = (entry / "cmdline").read_bytes()
-            status_line = (entry / "stat").read_text()
         except OSError:
             continue
-        if b"soko.identity.hashing" not in command:
-            continue
-        parent = int(status_line.rsplit(")", 1)[1].split()[1])
-        if parent == root or _parent(parent) == root:
-            found.append(int(entry.name))
+        if b"soko.identity.hashing" in command:
+            parent = _parent(int(entry.name))
+            if root in (parent, _parent(parent)):
+                found.append(int(entry.name))
     return found
-
-
-def _parent(pid: int) -> int:
-    try:
-        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_sigterm_drains_the_request_in_flight(fresh: tuple[Path, Path]) -> None:

@@ -113,8 +113,11 @@ def perform(hasher: PasswordHash, request: dict[str, Any]) -> dict[str, Any]:
 
 
 def lower_priority(niceness: int) -> None:
-    """Lower this process's CPU priority by ``niceness`` (needs no privilege); where that
-    is refused, it runs at normal priority."""
+    """Lower the caller's CPU priority by ``niceness``, to at most 19 (needs no
+    privilege); where that is refused, it runs at normal priority.
+
+    On Linux a priority belongs to a thread, and ``who=0`` names the calling one: a
+    hashing thread lowers only itself, a worker process its one thread."""
     with contextlib.suppress(AttributeError, OSError):
         current = os.getpriority(os.PRIO_PROCESS, 0)
         os.setpriority(os.PRIO_PROCESS, 0, min(19, max(current, 0) + niceness))

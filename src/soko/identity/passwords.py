@@ -7,7 +7,7 @@ per runtime (:func:`password_hasher`). libsodium computes them
 
 The pool is made of worker processes by default (``SOKO_PASSWORD_HASH_POOL=process``),
 spoken to over pipes by the event loop itself, at a lower CPU priority (nice
-:data:`HASH_THREAD_NICENESS`): when the cores are busy, the scheduler gives them to
+:data:`soko.identity.hashing.HASH_NICENESS`): when the cores are busy, the scheduler gives them to
 request handling first, so a burst of sign-ins slows the sign-ins themselves, not every
 other request. A thread pool (``thread``) does the same work inside the process, where a
 lower-priority thread must still take the GIL twice a hash and can hold up the event
@@ -34,7 +34,6 @@ import os
 import re
 import secrets
 import sys
-import threading
 import unicodedata
 import weakref
 from collections.abc import Callable
@@ -49,7 +48,7 @@ from pwdlib import PasswordHash
 from pwdlib.exceptions import UnknownHashError
 
 from soko.identity.errors import WeakPassword
-from soko.identity.hashing import HASH_NICENESS, password_hash
+from soko.identity.hashing import HASH_NICENESS, lower_priority, password_hash
 from soko.platform.config import Settings
 
 if TYPE_CHECKING:
@@ -64,25 +63,6 @@ BLOCKLIST_RESOURCE = "data/common-passwords.txt.gz"
 # Hashing cost grows with length (Argon2 pre-hashes the input, so only a little), and no
 # person types more than this; SP 800-63B asks for at least 64.
 MAX_PASSWORD_LENGTH = 256
-
-# How much lower the hashing threads' priority is than the rest of the process (Linux
-# nice values: 0 default, 19 lowest); the worker processes use the same.
-HASH_THREAD_NICENESS = HASH_NICENESS
-
-
-def _lower_thread_priority() -> None:
-    """Lower the calling thread's own priority (on Linux, ``setpriority`` on a thread
-    id affects that thread only). Lowering one's priority needs no privilege; where the
-    call is missing or refused, hashing simply runs at normal priority."""
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        os.setpriority(
-            os.PRIO_PROCESS,
-            threading.get_native_id(),
-            min(19, max(current, 0) + HASH_THREAD_NICENESS),
-        )
-    except (AttributeError, OSError):  # not Linux, or a sandbox that forbids it
-        log.debug("password_threads_priority_unchanged")
 
 
 def normalize_password(password: str) -> str:
@@ -106,7 +86,7 @@ class _ThreadHashing:
         self._executor = ThreadPoolExecutor(
             max_workers=threads,
             thread_name_prefix="soko-password",
-            initializer=_lower_thread_priority,
+            initializer=functools.partial(lower_priority, HASH_NICENESS),
         )
 
     async def _run(self, work: Callable[[], T]) -> T:
