@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import multiprocessing
 import stat
 from pathlib import Path
 from typing import Any
@@ -573,6 +574,37 @@ def test_keys_in_the_data_directory_are_created_once_with_mode_0600(
     assert reloaded.active.kid == first.active.kid
     assert verify(reloaded, token, clock).subject == "buyer-1"
     assert sorted(p.name for p in path.parent.iterdir()) == [SIGNING_KEYS_FILE]
+
+
+def _kid_when_released(path: str, barrier: Any, answers: Any) -> None:
+    barrier.wait()
+    try:
+        answers.put(load_or_create_keyring(Path(path)).active.kid)
+    except Exception as exc:
+        answers.put(f"failed: {exc!r}")
+
+
+@pytest.mark.slow
+def test_processes_starting_together_share_one_signing_key(tmp_path: Path) -> None:
+    """API processes released at the same moment on a new data directory all end up
+    with the first writer's ring; none reads a half-written file ("no PEM private key")."""
+    context = multiprocessing.get_context("fork")
+    processes = 6
+    for attempt in range(5):
+        path = tmp_path / f"round-{attempt}" / SIGNING_KEYS_FILE
+        barrier = context.Barrier(processes)
+        answers = context.Queue()
+        starters = [
+            context.Process(target=_kid_when_released, args=(str(path), barrier, answers))
+            for _ in range(processes)
+        ]
+        for process in starters:
+            process.start()
+        kids = {answers.get(timeout=60) for _ in starters}
+        for process in starters:
+            process.join(timeout=60)
+        assert kids == {KeyRing.from_pem_bundle(path.read_text(encoding="ascii")).active.kid}
+        assert sorted(p.name for p in path.parent.iterdir()) == [SIGNING_KEYS_FILE]
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ for a laptop and refused in production.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import stat
 from enum import StrEnum
@@ -18,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from soko.platform.files import publish_once
 
 
 class Environment(StrEnum):
@@ -515,27 +516,6 @@ def load_generated_secrets(data_dir: Path) -> dict[str, str]:
 
 
 def _publish_generated_secrets(path: Path) -> None:
-    """Write fresh secrets to ``path`` unless another process got there first.
-
-    The secrets are written and flushed to a private temporary file, then linked into
-    place, which fails if ``path`` exists: a process starting alongside never reads a
-    half-written file, and the first writer's secrets win.
-    """
-    generated = {"secret_key": secrets.token_urlsafe(48)}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(generated, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            pass
-        except OSError:
-            # A file system without hard links: a plain rename, first come first kept.
-            if not path.exists():
-                os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Write fresh secrets to ``path`` unless another process got there first (the first
+    writer's secrets win; nobody reads a half-written file)."""
+    publish_once(path, json.dumps({"secret_key": secrets.token_urlsafe(48)}))

@@ -20,7 +20,6 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
 import re
 import secrets
 import stat
@@ -41,6 +40,7 @@ from jwt.algorithms import Algorithm, ECAlgorithm, OKPAlgorithm
 
 from soko.platform.clock import Clock, ensure_utc
 from soko.platform.errors import Unauthorized
+from soko.platform.files import publish_once, replace_private
 
 TokenAlgorithm = Literal["EdDSA", "ES256"]
 ALLOWED_ALGORITHMS: Final[frozenset[str]] = frozenset({"EdDSA", "ES256"})
@@ -637,32 +637,21 @@ SIGNING_KEYS_FILE: Final = "token_signing_keys.pem"
 def load_or_create_keyring(path: Path, *, alg: TokenAlgorithm = "EdDSA") -> KeyRing:
     """Read the ring from ``path``, creating it with one fresh key on first use.
 
-    For development: the file is created with mode 0600 before the key is written, and
-    looser modes found later are tightened. Production configures its keys instead.
+    For development: the file is written whole (mode 0600) before it appears, so API
+    processes starting together on a new data directory all end up with the first one's
+    ring, and looser modes found later are tightened. Production configures its keys
+    instead.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        if stat.S_IMODE(path.stat().st_mode) & 0o077:
-            path.chmod(0o600)
-        return KeyRing.from_pem_bundle(path.read_text(encoding="ascii"))
-    ring = KeyRing.generate(alg)
-    with os.fdopen(fd, "w", encoding="ascii") as handle:
-        handle.write(ring.pem_bundle())
-    return ring
+    if not path.exists():
+        ring = KeyRing.generate(alg)
+        if publish_once(path, ring.pem_bundle()):
+            return ring
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        path.chmod(0o600)
+    return KeyRing.from_pem_bundle(path.read_text(encoding="ascii"))
 
 
 def save_keyring(ring: KeyRing, path: Path) -> None:
     """Replace the file atomically (after a rotation), keeping mode 0600 throughout."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(ring.pem_bundle())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    replace_private(path, ring.pem_bundle())
