@@ -82,6 +82,15 @@ class CallThroughCache:
     ) -> Any:
         return await factory()
 
+    async def get_or_set_raw(
+        self,
+        key: str,
+        factory: Callable[[], Awaitable[bytes]],
+        ttl: float,
+        tags: Sequence[str] = (),
+    ) -> bytes:
+        return await factory()
+
     async def ping(self) -> None:
         return None
 

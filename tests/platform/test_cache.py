@@ -229,6 +229,47 @@ async def test_two_caches_over_one_store_share_entries_and_invalidations(
     assert await first.get("listing:1") is None
 
 
+async def test_raw_values_are_stored_and_served_as_their_bytes(cache: Cache) -> None:
+    page = b'W/"e1"\n{"items": ["\xc3\xa9\\u00e9", "\\"quoted\\""]}\x00\xff'
+    calls = 0
+
+    async def render() -> bytes:
+        nonlocal calls
+        calls += 1
+        return page
+
+    assert await cache.get_or_set_raw("page:1", render, ttl=60, tags=["catalog"]) == page
+    assert await cache.get_or_set_raw("page:1", render, ttl=60, tags=["catalog"]) == page
+    assert calls == 1
+    await cache.invalidate_tags("catalog")
+    assert await cache.get_or_set_raw("page:1", render, ttl=60, tags=["catalog"]) == page
+    assert calls == 2
+    empty = Counting(b"")
+    assert await cache.get_or_set_raw("page:404", empty, ttl=60) == b""
+    assert await cache.get_or_set_raw("page:404", empty, ttl=60) == b""
+    assert empty.calls == 1
+
+
+async def test_a_raw_factory_must_answer_bytes(cache: Cache) -> None:
+    async def text() -> Any:
+        return "not bytes"
+
+    with pytest.raises(TypeError, match="bytes"):
+        await cache.get_or_set_raw("page:1", text, ttl=60)
+    assert await cache.get("page:1") is None
+
+
+async def test_a_raw_value_read_across_an_invalidation_is_not_stored(cache: Cache) -> None:
+    async def racing() -> bytes:
+        await cache.invalidate_tags("catalog")
+        return b"old"
+
+    assert await cache.get_or_set_raw("page:1", racing, ttl=60, tags=["catalog"]) == b"old"
+    fresh = Counting(b"new")
+    assert await cache.get_or_set_raw("page:1", fresh, ttl=60, tags=["catalog"]) == b"new"
+    assert fresh.calls == 1
+
+
 async def test_ping(cache: Cache) -> None:
     await cache.ping()
 

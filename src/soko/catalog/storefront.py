@@ -71,7 +71,7 @@ PRODUCT_TTL_SECONDS = 30.0
 CATEGORIES_TTL_SECONDS = 60.0
 LISTING_TAGS = (CATALOG_TAG, SELLERS_TAG, INVENTORY_TAG)
 # Bumped when the cached shape changes, so a rolling deploy never serves the old one.
-_CACHE_VERSION = "v1"
+_CACHE_VERSION = "v2"
 
 
 class ProductSort(StrEnum):
@@ -133,13 +133,19 @@ class Rendered:
         body = jsonbody.dumps(payload)
         return cls(body, etag_for_content(body))
 
-    def to_cache(self) -> dict[str, Any]:
-        return {"b": self.body.decode() if self.body is not None else None, "e": self.etag}
+    def to_cache(self) -> bytes:
+        """The ETag, a newline, then the body; empty for "nothing" (an ETag has no
+        newline: it is a quoted string of visible characters)."""
+        if self.body is None or self.etag is None:
+            return b""
+        return self.etag.encode("ascii") + b"\n" + self.body
 
     @classmethod
-    def from_cache(cls, value: dict[str, Any]) -> Rendered:
-        body = value["b"]
-        return cls(body.encode() if body is not None else None, value["e"])
+    def from_cache(cls, value: bytes) -> Rendered:
+        if not value:
+            return cls(None, None)
+        etag, _, body = value.partition(b"\n")
+        return cls(body, etag.decode("ascii"))
 
 
 async def cached(
@@ -153,10 +159,10 @@ async def cached(
     """The rendered answer from the cache, or ``render()``'s. ``render`` opens its own
     connection, so a cache hit never checks one out of the pool."""
 
-    async def factory() -> dict[str, Any]:
+    async def factory() -> bytes:
         return (await render()).to_cache()
 
-    return Rendered.from_cache(await runtime.cache.get_or_set(key, factory, ttl, tags))
+    return Rendered.from_cache(await runtime.cache.get_or_set_raw(key, factory, ttl, tags))
 
 
 @asynccontextmanager

@@ -5,7 +5,9 @@ to run code in the app. Callers cache plain data (``model.model_dump(mode="json"
 other value is refused with ``TypeError`` on both backends alike. A value read back is the
 JSON round trip of what was stored (tuples come back as lists) and is a fresh copy, so
 mutating it never changes the cache; ``get_or_set`` returns that same round trip on a miss
-so the first caller sees exactly what later callers will.
+so the first caller sees exactly what later callers will. A value that is bytes already
+(a rendered answer) goes through ``get_or_set_raw``, stored and read back as those bytes:
+a 20 KB page wrapped in JSON cost more to decode on every hit than the rest of the lookup.
 
 Absence: :meth:`Cache.get` answers ``None`` for a missing key and for a cached ``None``
 alike. :meth:`Cache.get_or_set` tells them apart: a factory answering ``None`` (say, "no
@@ -129,6 +131,17 @@ class Cache(Protocol):
         """The cached value, or ``factory()``'s, stored unless a tag moved meanwhile."""
         ...
 
+    async def get_or_set_raw(
+        self,
+        key: str,
+        factory: Callable[[], Awaitable[bytes]],
+        ttl: float,
+        tags: Sequence[str] = (),
+    ) -> bytes:
+        """:meth:`get_or_set` for a value that is bytes already (a rendered answer): stored
+        and returned as they are, with no JSON round trip."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -170,8 +183,8 @@ class _TaggedCache:
         # share one answer instead of each reading the source.
         self._bypasses: dict[str, asyncio.Future[bytes]] = {}
 
-    async def _lookup(self, key: str) -> Any:
-        """The decoded value, or ``MISSING``."""
+    async def _lookup(self, key: str) -> bytes | _Missing:
+        """The stored bytes, or ``MISSING``."""
         raise NotImplementedError
 
     async def _stamp(self, tags: Sequence[str], ttl: float) -> Stamp:
@@ -183,9 +196,9 @@ class _TaggedCache:
         raise NotImplementedError
 
     async def get(self, key: str) -> Any | None:
-        value = await self._lookup(key)
-        CACHE_LOOKUPS.labels("miss" if value is MISSING else "hit").inc()
-        return None if value is MISSING else value
+        raw = await self._lookup(key)
+        CACHE_LOOKUPS.labels("miss" if raw is MISSING else "hit").inc()
+        return None if isinstance(raw, _Missing) else decode_value(raw)
 
     async def set(self, key: str, value: Any, ttl: float, tags: Sequence[str] = ()) -> None:
         _check_ttl(ttl)
@@ -199,38 +212,54 @@ class _TaggedCache:
         ttl: float,
         tags: Sequence[str] = (),
     ) -> Any:
+        async def encoded() -> bytes:
+            return encode_value(await factory())
+
+        return decode_value(await self.get_or_set_raw(key, encoded, ttl, tags))
+
+    async def get_or_set_raw(
+        self,
+        key: str,
+        factory: Callable[[], Awaitable[bytes]],
+        ttl: float,
+        tags: Sequence[str] = (),
+    ) -> bytes:
         _check_ttl(ttl)
         try:
-            value = await self._lookup(key)
+            raw = await self._lookup(key)
         except self.unavailable_errors as exc:
             return await self._bypass(key, factory, exc)
-        if value is not MISSING:
+        if not isinstance(raw, _Missing):
             CACHE_LOOKUPS.labels("hit").inc()
-            return value
+            return raw
         async with self._flights.hold(key):
             try:
-                value = await self._lookup(key)
-                if value is not MISSING:
+                raw = await self._lookup(key)
+                if not isinstance(raw, _Missing):
                     CACHE_LOOKUPS.labels("hit").inc()
-                    return value
+                    return raw
                 # The stamp is taken before the factory reads the source, so an
                 # invalidation during the factory makes the result unstorable.
                 stamp = await self._stamp(tags, ttl)
             except self.unavailable_errors as exc:
                 return await self._bypass(key, factory, exc)
             CACHE_LOOKUPS.labels("miss").inc()
-            raw = encode_value(await factory())
+            made = await factory()
+            if not isinstance(made, bytes):
+                raise TypeError(f"a raw cache value is bytes, not a {type(made).__name__}")
             try:
-                await self._store(key, raw, ttl, stamp)
+                await self._store(key, made, ttl, stamp)
             except self.unavailable_errors as exc:
                 self._report_unavailable(key, exc)
-            return decode_value(raw)
+            return made
 
     def _report_unavailable(self, key: str, exc: Exception) -> None:
         log.warning("cache_unavailable", key=key, error=type(exc).__name__)
         CACHE_UNAVAILABLE.inc()
 
-    async def _bypass(self, key: str, factory: Callable[[], Awaitable[Any]], exc: Exception) -> Any:
+    async def _bypass(
+        self, key: str, factory: Callable[[], Awaitable[bytes]], exc: Exception
+    ) -> bytes:
         """Answer from the source rather than fail: a cache is an optimisation.
 
         Callers arriving while another one's factory runs for the same key wait for its
@@ -240,7 +269,7 @@ class _TaggedCache:
         running = self._bypasses.get(key)
         if running is not None:
             try:
-                return decode_value(await asyncio.shield(running))
+                return await asyncio.shield(running)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if not running.cancelled() or (task is not None and task.cancelling()):
@@ -249,7 +278,7 @@ class _TaggedCache:
         shared: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._bypasses[key] = shared
         try:
-            raw = encode_value(await factory())
+            raw = await factory()
         except Exception as failure:
             shared.set_exception(failure)
             shared.exception()  # retrieved, so a failure nobody waited for logs nothing
@@ -261,7 +290,7 @@ class _TaggedCache:
             if self._bypasses.get(key) is shared:
                 del self._bypasses[key]
         shared.set_result(raw)
-        return decode_value(raw)
+        return raw
 
 
 @dataclass(slots=True)
@@ -293,7 +322,7 @@ class MemoryCache(_TaggedCache):
     def _is_current(self, stamp: Stamp) -> bool:
         return all(self._tags.get(tag) == token for tag, token in stamp)
 
-    async def _lookup(self, key: str) -> Any:
+    async def _lookup(self, key: str) -> bytes | _Missing:
         entry = self._entries.get(key)
         if entry is None:
             return MISSING
@@ -301,7 +330,7 @@ class MemoryCache(_TaggedCache):
             del self._entries[key]
             return MISSING
         self._entries.move_to_end(key)
-        return decode_value(entry.raw)
+        return entry.raw
 
     async def _stamp(self, tags: Sequence[str], ttl: float) -> Stamp:
         stamp = []
@@ -431,9 +460,9 @@ class RedisCache(_TaggedCache):
     def tag_key(self, tag: str) -> str:
         return f"{self.namespace}tag:{tag}"
 
-    async def _lookup(self, key: str) -> Any:
+    async def _lookup(self, key: str) -> bytes | _Missing:
         raw = await self._lookup_script(keys=[self.entry_key(key)])
-        return MISSING if raw is None else decode_value(raw)
+        return MISSING if raw is None else bytes(raw)
 
     async def _stamp(self, tags: Sequence[str], ttl: float) -> Stamp:
         unique = list(dict.fromkeys(tags))
