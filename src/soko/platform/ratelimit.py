@@ -8,6 +8,16 @@ and the RateLimit header fields of the IETF draft (``RateLimit-Policy: "login";q
 and ``RateLimit: "login";r=0;t=42``); successful answers of a route with a limit carry
 the same two fields.
 
+The per-IP default is checked on every request, so it does not ask the storage every
+time: a caller sending fast takes its hits from the storage in leases (:meth:`RateLimiter.
+refusal_leased`), counted there at once and used up locally within a second. A lease
+starts at one hit and doubles each time one is used up within its second, up to 1% of
+the quota (at most 64): a caller sending slowly is counted hit by hit, exactly as before,
+and one sending fast costs the storage a round trip every few dozen requests instead of
+on each. Hits leased but not used before the lease expires still count, so a process may
+refuse a busy caller up to 1% of the quota early; it never lets one through beyond the
+quota. The per-route limits (sign-in, one-time codes) are counted exactly, hit by hit.
+
 When the storage is unreachable the limiter fails open: the request goes through
 uncounted, a warning is logged and ``soko_ratelimit_unavailable_total`` is counted, so a
 Redis outage degrades protection instead of taking the whole API down. After a failure
@@ -23,6 +33,7 @@ import datetime as dt
 import json
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +130,21 @@ def rate_limit_headers(results: Sequence[RateLimitResult]) -> dict[str, str]:
     return headers
 
 
+# Leases of the per-IP default (see the module's docstring).
+LEASE_SHARE = 0.01  # of the quota, the largest lease
+LEASE_MAX = 64
+LEASE_SECONDS = 1.0  # a lease's hits not used by then are dropped
+LEASE_KEYS = 10_000  # callers with a lease held, per process (least recently used go)
+
+
+@dataclass(slots=True)
+class _Lease:
+    tokens: int  # hits counted in the storage, not used yet
+    size: int  # the size of the last lease taken
+    expires: float  # clock time after which the unused tokens are dropped
+    taking: bool = False  # a lease is being taken from the storage
+
+
 class RateLimiter:
     """Counts hits per (policy, scope, caller) in a ``limits`` storage, failing open."""
 
@@ -136,6 +162,7 @@ class RateLimiter:
         self.cooldown = dt.timedelta(seconds=cooldown_seconds)
         self.unavailable_until: dt.datetime | None = None
         self._on_close = on_close
+        self._leases: OrderedDict[tuple[str, str, str], _Lease] = OrderedDict()
         self._unavailable_errors: tuple[type[Exception], ...] = (
             StorageError,
             OSError,
@@ -165,6 +192,46 @@ class RateLimiter:
         result = await self._hit(item, scope, key, policy_name, report_allowed=False)
         return result if result is not None and not result.allowed else None
 
+    async def refusal_leased(
+        self, item: RateLimitItem, scope: str, key: str
+    ) -> RateLimitResult | None:
+        """:meth:`refusal` for a caller that may send fast: its hits are taken from the
+        storage in leases used up here (see the module's docstring), so a busy caller
+        costs the storage a round trip every few dozen requests. A refused lease falls
+        back to one exact hit, so a caller is refused only once the quota is spent (or
+        leased elsewhere)."""
+        largest = min(LEASE_MAX, int(item.amount * LEASE_SHARE))
+        if largest <= 1:
+            return await self.refusal(item, scope, key)
+        lease_key = (item.key_for(), scope, key)
+        now = self.clock.now().timestamp()
+        lease = self._leases.get(lease_key)
+        if lease is not None:
+            self._leases.move_to_end(lease_key)
+            if now < lease.expires and lease.tokens > 0:
+                lease.tokens -= 1
+                return None
+            if lease.taking:
+                return await self.refusal(item, scope, key)
+            # The last lease was used up within its second: take a larger one.
+            size = min(largest, lease.size * 2) if now < lease.expires else 1
+        else:
+            lease = self._leases[lease_key] = _Lease(tokens=0, size=1, expires=0.0)
+            while len(self._leases) > LEASE_KEYS:
+                self._leases.popitem(last=False)
+            size = 1
+        lease.taking = True
+        try:
+            result = await self._hit(item, scope, key, None, report_allowed=False, cost=size)
+        finally:
+            lease.taking = False
+        if result is None or result.allowed:  # taken (or the storage is unreachable)
+            granted = 0 if result is not None else size - 1
+            lease.tokens, lease.size, lease.expires = granted, size, now + LEASE_SECONDS
+            return None
+        lease.tokens, lease.size = 0, 1
+        return await self.refusal(item, scope, key) if size > 1 else result
+
     async def _hit(
         self,
         item: RateLimitItem,
@@ -173,12 +240,13 @@ class RateLimiter:
         policy_name: str | None,
         *,
         report_allowed: bool,
+        cost: int = 1,
     ) -> RateLimitResult | None:
         policy = RateLimitPolicy.of(item, policy_name or scope)
         if not self.available:
             return self._degraded(policy, scope)
         try:
-            allowed = await self.strategy.hit(item, scope, key)
+            allowed = await self.strategy.hit(item, scope, key, cost=cost)
             if allowed and not report_allowed:
                 self.unavailable_until = None
                 return None
@@ -196,7 +264,7 @@ class RateLimiter:
         self.unavailable_until = None
         # ``limits`` reports the reset as a wall-clock timestamp of its own.
         reset_after = max(0, math.ceil(stats.reset_time - time.time()))
-        if not allowed:
+        if not allowed and cost == 1:  # a refused lease is tried again as one hit
             RATELIMIT_REFUSED.labels(scope).inc()
         return RateLimitResult(
             policy=policy,
@@ -369,7 +437,7 @@ class GlobalRateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         ip = client_ip(scope, self.trusted_proxies)
-        result = await self.limiter_getter().refusal(self.item, self.scope_name, ip)
+        result = await self.limiter_getter().refusal_leased(self.item, self.scope_name, ip)
         if result is None:
             await self.app(scope, receive, send)
             return
