@@ -79,6 +79,8 @@ class CallThroughCache:
         factory: Callable[[], Awaitable[Any]],
         ttl: float,
         tags: Sequence[str] = (),
+        *,
+        near: bool = False,
     ) -> Any:
         return await factory()
 
@@ -88,6 +90,8 @@ class CallThroughCache:
         factory: Callable[[], Awaitable[bytes]],
         ttl: float,
         tags: Sequence[str] = (),
+        *,
+        near: bool = False,
     ) -> bytes:
         return await factory()
 

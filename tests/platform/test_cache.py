@@ -38,13 +38,17 @@ async def caches(store: tuple[str, str] | None, clock: ManualClock) -> AsyncIter
         return
     redis_url, namespace = store
     clients: list[Redis] = []
+    made: list[RedisCache] = []
 
     def make() -> Cache:
         client = Redis.from_url(redis_url, decode_responses=False)
         clients.append(client)
-        return RedisCache(client, namespace=namespace)
+        made.append(RedisCache(client, namespace=namespace))
+        return made[-1]
 
     yield make
+    for cache in made:
+        await cache.close()
     for client in clients:
         await client.aclose()
 

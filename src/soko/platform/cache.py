@@ -45,8 +45,10 @@ is cached and the next waiter calls the factory itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -127,6 +129,8 @@ class Cache(Protocol):
         factory: Callable[[], Awaitable[Any]],
         ttl: float,
         tags: Sequence[str] = (),
+        *,
+        near: bool = False,
     ) -> Any:
         """The cached value, or ``factory()``'s, stored unless a tag moved meanwhile."""
         ...
@@ -137,9 +141,12 @@ class Cache(Protocol):
         factory: Callable[[], Awaitable[bytes]],
         ttl: float,
         tags: Sequence[str] = (),
+        *,
+        near: bool = False,
     ) -> bytes:
         """:meth:`get_or_set` for a value that is bytes already (a rendered answer): stored
-        and returned as they are, with no JSON round trip."""
+        and returned as they are, with no JSON round trip. ``near`` also keeps a copy in
+        this process (see :class:`RedisCache`) for a value read far more than written."""
         ...
 
     async def ping(self) -> None: ...
@@ -211,11 +218,13 @@ class _TaggedCache:
         factory: Callable[[], Awaitable[Any]],
         ttl: float,
         tags: Sequence[str] = (),
+        *,
+        near: bool = False,
     ) -> Any:
         async def encoded() -> bytes:
             return encode_value(await factory())
 
-        return decode_value(await self.get_or_set_raw(key, encoded, ttl, tags))
+        return decode_value(await self.get_or_set_raw(key, encoded, ttl, tags, near=near))
 
     async def get_or_set_raw(
         self,
@@ -223,20 +232,32 @@ class _TaggedCache:
         factory: Callable[[], Awaitable[bytes]],
         ttl: float,
         tags: Sequence[str] = (),
+        *,
+        near: bool = False,
     ) -> bytes:
         _check_ttl(ttl)
+        if near and (copy := self._near_get(key)) is not None:
+            CACHE_LOOKUPS.labels("near").inc()
+            return copy
+        # Invalidations this process hears of from now on keep what it reads out of its
+        # near copies: they may have been read before the invalidation took effect.
+        mark = self._near_mark()
         try:
             raw = await self._lookup(key)
         except self.unavailable_errors as exc:
             return await self._bypass(key, factory, exc)
         if not isinstance(raw, _Missing):
             CACHE_LOOKUPS.labels("hit").inc()
+            if near:
+                self._near_put(key, raw, tags, ttl, mark)
             return raw
         async with self._flights.hold(key):
             try:
                 raw = await self._lookup(key)
                 if not isinstance(raw, _Missing):
                     CACHE_LOOKUPS.labels("hit").inc()
+                    if near:
+                        self._near_put(key, raw, tags, ttl, mark)
                     return raw
                 # The stamp is taken before the factory reads the source, so an
                 # invalidation during the factory makes the result unstorable.
@@ -248,10 +269,24 @@ class _TaggedCache:
             if not isinstance(made, bytes):
                 raise TypeError(f"a raw cache value is bytes, not a {type(made).__name__}")
             try:
-                await self._store(key, made, ttl, stamp)
+                stored = await self._store(key, made, ttl, stamp)
             except self.unavailable_errors as exc:
                 self._report_unavailable(key, exc)
+            else:
+                if stored and near:
+                    self._near_put(key, made, tags, ttl, mark)
             return made
+
+    # Near copies: only a shared backend keeps them (in memory, every value is near).
+
+    def _near_get(self, key: str) -> bytes | None:
+        return None
+
+    def _near_mark(self) -> int:
+        return 0
+
+    def _near_put(self, key: str, raw: bytes, tags: Sequence[str], ttl: float, mark: int) -> None:
+        return None
 
     def _report_unavailable(self, key: str, exc: Exception) -> None:
         log.warning("cache_unavailable", key=key, error=type(exc).__name__)
@@ -373,6 +408,81 @@ class MemoryCache(_TaggedCache):
         self._tags.clear()
 
 
+@dataclass(slots=True)
+class _NearCopy:
+    expires_at: float  # time.monotonic()
+    raw: bytes
+    tags: tuple[str, ...]
+
+
+class NearCopies:
+    """A process's copies of shared entries, dropped when any process invalidates them.
+
+    Every invalidation this process hears of (its own, and other processes' through the
+    shared backend's channel) drops the copies it names and moves :attr:`mark` on; a
+    value read from the shared backend is kept only if the mark has not moved since the
+    read began, so a copy never outlives an invalidation that raced with its read. While
+    the channel is not known to be listened to (:attr:`listening` false), nothing is
+    kept and nothing is served: a message missed then could leave a stale copy. Copies
+    also expire after ``max_seconds``, a bound on staleness if the channel ever lost a
+    message without failing."""
+
+    def __init__(self, *, max_entries: int = 1_000, max_seconds: float = 5.0) -> None:
+        self.max_entries = max_entries
+        self.max_seconds = max_seconds
+        self.listening = False
+        self.mark = 0
+        self._copies: OrderedDict[str, _NearCopy] = OrderedDict()
+        self._by_tag: dict[str, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def get(self, key: str) -> bytes | None:
+        copy = self._copies.get(key)
+        if copy is None or not self.listening:
+            return None
+        if copy.expires_at <= time.monotonic():
+            self._drop(key)
+            return None
+        return copy.raw
+
+    def put(self, key: str, raw: bytes, tags: Sequence[str], ttl: float, mark: int) -> None:
+        if not self.listening or mark != self.mark:
+            return
+        self._drop(key)
+        unique = tuple(dict.fromkeys(tags))
+        self._copies[key] = _NearCopy(time.monotonic() + min(ttl, self.max_seconds), raw, unique)
+        for tag in unique:
+            self._by_tag.setdefault(tag, set()).add(key)
+        while len(self._copies) > self.max_entries:
+            self._drop(next(iter(self._copies)))
+
+    def _drop(self, key: str) -> None:
+        copy = self._copies.pop(key, None)
+        if copy is None:
+            return
+        for tag in copy.tags:
+            keys = self._by_tag.get(tag)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_tag[tag]
+
+    def invalidate(self, *, tags: Sequence[str] = (), keys: Sequence[str] = ()) -> None:
+        self.mark += 1
+        for tag in tags:
+            for key in list(self._by_tag.get(tag, ())):
+                self._drop(key)
+        for key in keys:
+            self._drop(key)
+
+    def clear(self) -> None:
+        self.mark += 1
+        self._copies.clear()
+        self._by_tag.clear()
+
+
 # KEYS[1]: the entry. Returns its JSON value, or nil when missing or stale (then dropped).
 # The entry is a hash: field "v" holds the value, every other field is a tag key whose
 # token the value was computed under.
@@ -441,18 +551,113 @@ class RedisCache(_TaggedCache):
     ``get_or_set`` logs a warning, counts ``soko_cache_unavailable_total`` and answers
     from the factory; the other methods raise, since a lost ``invalidate_tags`` or
     ``delete`` would leave stale data behind once Redis is back.
+
+    Near copies (``get_or_set(..., near=True)``): a value read far more often than it
+    changes (a catalog page) is also kept in the process, for at most
+    ``near_seconds``, and served without a round trip. Every ``invalidate_tags``,
+    ``delete`` and ``set`` publishes what it changed on the namespace's channel, in the
+    same round trip as the change and after it; each process listens there and drops
+    its copies (:class:`NearCopies`). So a change is seen by the other processes as soon
+    as Redis has delivered the message, typically well under a millisecond; the process
+    that made it sees it at once. While the channel is not listened to (not yet
+    subscribed, or the connection broke and is being restored) no copy is served.
     """
 
-    def __init__(self, redis: Redis, namespace: str = "soko:cache:") -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        namespace: str = "soko:cache:",
+        *,
+        near_entries: int = 1_000,
+        near_seconds: float = 5.0,
+        retry_seconds: float = 1.0,
+    ) -> None:
         super().__init__()
         from redis.exceptions import RedisError
 
         self.unavailable_errors = (RedisError, OSError)
         self.redis = redis
         self.namespace = namespace
+        self.near = NearCopies(max_entries=near_entries, max_seconds=near_seconds)
+        self.retry_seconds = retry_seconds
+        self._listener: asyncio.Task[None] | None = None
+        self._subscription: Any = None  # the listener's, while it runs
         self._lookup_script = redis.register_script(_LOOKUP_SCRIPT)
         self._stamp_script = redis.register_script(_STAMP_SCRIPT)
         self._store_script = redis.register_script(_STORE_SCRIPT)
+
+    @property
+    def channel(self) -> str:
+        return f"{self.namespace}changes"
+
+    # -- near copies ---------------------------------------------------------------------------
+
+    def _near_get(self, key: str) -> bytes | None:
+        self._ensure_listening()
+        return self.near.get(key)
+
+    def _near_mark(self) -> int:
+        return self.near.mark
+
+    def _near_put(self, key: str, raw: bytes, tags: Sequence[str], ttl: float, mark: int) -> None:
+        self.near.put(key, raw, tags, ttl, mark)
+
+    def _ensure_listening(self) -> None:
+        loop = asyncio.get_running_loop()
+        listener = self._listener
+        if listener is not None and not listener.done() and listener.get_loop() is loop:
+            return
+        self.near.listening = False
+        self.near.clear()
+        self._listener = loop.create_task(self._listen(), name="cache-near-copies")
+
+    async def _listen(self) -> None:
+        """Hear every process's changes until cancelled, reconnecting after a failure."""
+        while True:
+            pubsub = self._subscription = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                while True:  # Redis confirms: from here on no change goes unheard.
+                    reply = await pubsub.get_message(timeout=self.retry_seconds * 5)
+                    if reply is not None and reply.get("type") == "subscribe":
+                        break
+                self.near.clear()
+                self.near.listening = True
+                silent = 0
+                while True:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=self.retry_seconds * 5
+                    )
+                    if message is None:
+                        # A quiet channel is asked for a pong: a connection that went
+                        # dead without closing is noticed within two silences.
+                        silent += 1
+                        if silent > 1:
+                            raise TimeoutError("no answer on the cache channel")
+                        await pubsub.ping()
+                        continue
+                    silent = 0
+                    if message.get("type") == "message":
+                        self._heard(message.get("data"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure: forget every copy, then listen again
+                log.warning("cache_channel_lost", error=type(exc).__name__)
+            finally:
+                self.near.listening = False
+                self.near.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(self.retry_seconds)
+
+    def _heard(self, data: Any) -> None:
+        try:
+            change = json.loads(data)
+            tags, keys = change.get("tags", []), change.get("keys", [])
+        except (TypeError, ValueError, AttributeError):
+            self.near.clear()  # a message we cannot read: drop everything to be safe
+            return
+        self.near.invalidate(tags=[str(tag) for tag in tags], keys=[str(key) for key in keys])
 
     def entry_key(self, key: str) -> str:
         return f"{self.namespace}entry:{key}"
@@ -486,15 +691,42 @@ class RedisCache(_TaggedCache):
         )
         return bool(stored)
 
+    async def set(self, key: str, value: Any, ttl: float, tags: Sequence[str] = ()) -> None:
+        self.near.invalidate(keys=[key])
+        await super().set(key, value, ttl, tags)
+        await self.redis.publish(self.channel, json.dumps({"keys": [key]}))
+        self.near.invalidate(keys=[key])
+
     async def delete(self, key: str) -> None:
-        await self.redis.delete(self.entry_key(key))
+        # Dropped here before and after: a read racing the change keeps nothing stale.
+        self.near.invalidate(keys=[key])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.entry_key(key))
+            pipe.publish(self.channel, json.dumps({"keys": [key]}))
+            await pipe.execute()
+        self.near.invalidate(keys=[key])
 
     async def invalidate_tags(self, *tags: str) -> None:
-        if tags:
-            await self.redis.delete(*(self.tag_key(tag) for tag in tags))
+        if not tags:
+            return
+        self.near.invalidate(tags=tags)
+        # One round trip, in order: the tokens are gone before anyone hears of it.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(*(self.tag_key(tag) for tag in tags))
+            pipe.publish(self.channel, json.dumps({"tags": list(tags)}))
+            await pipe.execute()
+        self.near.invalidate(tags=tags)
 
     async def ping(self) -> None:
         await self.redis.ping()
 
     async def close(self) -> None:
-        return None  # the client belongs to the runtime, which closes it
+        """Stop listening for changes; the client belongs to the runtime, which closes it."""
+        listener, self._listener = self._listener, None
+        if listener is not None and not listener.done():
+            listener.cancel()
+            if listener.get_loop() is asyncio.get_running_loop():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+        self.near.listening = False
+        self.near.clear()
