@@ -5,9 +5,10 @@ validation beyond the limit).
 It answers ``GET /api/v1/products?limit=20`` with the statements the catalog issues for
 its first page in the default order (newest first), each in autocommit as the catalog
 reads them on PostgreSQL: the page of products of active sellers, their active variants,
-and the availability of those variants; and the same JSON items, serialized by the same
-function (``soko.platform.jsonbody.dumps``, orjson), so the ratio of the two servers'
-throughput is what the ORM, FastAPI and Soko's middleware cost. The catalog benchmark
+and the availability of those variants; and the same JSON items, its JSON columns read
+and the page serialized by the same functions (``soko.platform.jsonbody.loads`` and
+``dumps``, orjson), so the ratio of the two servers' throughput is what the ORM, FastAPI
+and Soko's middleware cost. The catalog benchmark
 serves it as `soko serve` serves Soko: uvicorn, the same number of processes, a
 listening socket each (``soko.platform.serving``). By hand:
 
@@ -116,7 +117,7 @@ async def products(request: Request) -> Response:
             {
                 "id": row["id"],
                 "sku": row["sku"],
-                "options": json.loads(row["options"]),
+                "options": jsonbody.loads(row["options"]),
                 "price": {"amount": row["price_minor"], "currency": row["currency"]},
                 "compare_at_price": _money(row["compare_at_minor"], row["currency"]),
                 "weight_grams": row["weight_grams"],
@@ -134,8 +135,8 @@ async def products(request: Request) -> Response:
                 "description": row["description"],
                 "category_id": row["category_id"],
                 "seller_id": row["seller_id"],
-                "attributes": json.loads(row["attributes"]),
-                "images": json.loads(row["images"]),
+                "attributes": jsonbody.loads(row["attributes"]),
+                "images": jsonbody.loads(row["images"]),
                 "currency": row["currency"],
                 "min_price": {"amount": row["min_price_minor"], "currency": row["currency"]},
                 "in_stock": any(variant["in_stock"] for variant in offered),

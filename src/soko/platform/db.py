@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, Uuid
 
+from soko.platform import jsonbody
 from soko.platform.ids import uuid7
 
 # One naming convention for every constraint, so Alembic can name, find and drop them
@@ -97,7 +98,7 @@ def create_engine(
     ping_after_idle_seconds: float = PING_AFTER_IDLE_SECONDS,
 ) -> AsyncEngine:
     """Create the async engine for ``url`` with the settings each backend needs."""
-    kwargs: dict[str, Any] = {"echo": echo}
+    kwargs: dict[str, Any] = {"echo": echo, "json_deserializer": jsonbody.loads}
     if url.startswith("sqlite"):
         in_memory = ":memory:" in url or url.rstrip("/").endswith("sqlite+aiosqlite:")
         if in_memory:

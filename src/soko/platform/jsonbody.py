@@ -10,10 +10,17 @@ so both are given their text here.
 Whatever orjson refuses (an integer beyond 64 bits, a ``Decimal``, a dict with
 non-string keys, ...) is serialized by pydantic-core instead, so every value pydantic-core
 could write still gets an answer.
+
+:func:`loads` reads the JSON columns the database returns (a catalog page decodes a
+hundred of them) with orjson, and with the standard library whatever orjson refuses (``NaN``, lone
+surrogates) or would read differently (integers beyond 64 bits, which orjson turns into
+floats), so every document reads as before.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from typing import Any
 
@@ -35,3 +42,20 @@ def dumps(value: Any) -> bytes:
         return orjson.dumps(value, default=_default, option=_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return to_json(value)
+
+
+# orjson reads an integer beyond 64 bits as a float (silently losing digits): a document
+# holding a run of 19 digits or more, anywhere, is read by the standard library instead.
+_LONG_DIGITS = re.compile(r"[0-9]{19}")
+_LONG_DIGITS_BYTES = re.compile(rb"[0-9]{19}")
+
+
+def loads(text: str | bytes) -> Any:
+    """The value of a JSON document, as :func:`json.loads` reads it."""
+    pattern = _LONG_DIGITS_BYTES if isinstance(text, bytes) else _LONG_DIGITS
+    if pattern.search(text) is None:  # type: ignore[arg-type]
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
