@@ -3,6 +3,7 @@ the password (which signs the other devices out)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -206,6 +207,59 @@ async def test_a_revoked_session_stops_at_once(
     assert (event["target_type"], event["target_id"]) == ("session", str(lost_phone.session_id))
     assert event["request_id"] == "revoke-lost-phone"
     assert event["data"]["current"] is False
+
+
+@pytest.mark.redis
+async def test_a_session_revoked_in_one_process_stops_in_another(
+    tmp_path: Path, database_url: str, redis_url: str, runtime: Runtime
+) -> None:
+    """Two API processes over one Redis: the one that did not revoke held the session's
+    state as a near copy, and drops it as soon as the change reaches it."""
+    namespace = f"sokotest:{uuid.uuid4().hex[:12]}:cache:"
+    processes: list[Runtime] = []
+    for name in ("a", "b"):
+        settings = make_settings(
+            tmp_path / name, database_url=database_url, redis_url=redis_url, cache_backend="redis"
+        )
+        process = Runtime(settings, clock=runtime.clock)
+        process.signing_keys = runtime.signing_keys
+        process.cache = RedisCache(process.redis, namespace=namespace, retry_seconds=0.05)
+        processes.append(process)
+    first, second = processes
+    assert isinstance(second.cache, RedisCache)
+    try:
+        account = await make_account(runtime)
+        lost_phone = await sign_in_again(runtime, account.user_id)
+        one = httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=create_app(runtime=first)), base_url="http://a"
+        )
+        other = httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=create_app(runtime=second)), base_url="http://b"
+        )
+        async with one, other:
+            # The second process hears changes, then keeps the lost phone's state near.
+            assert (await other.get("/api/v1/me", headers=bearer(lost_phone))).status_code == 200
+            async with asyncio.timeout(5):
+                while not second.cache.near.listening:
+                    await asyncio.sleep(0.01)
+            assert (await other.get("/api/v1/me", headers=bearer(lost_phone))).status_code == 200
+            assert second.cache.near.get(f"identity:principal:{lost_phone.session_id}")
+
+            heard = second.cache.near.mark
+            revoked = await one.delete(
+                f"{SESSIONS}/{lost_phone.session_id}", headers=account.headers
+            )
+            assert revoked.status_code == 204, revoked.text
+            async with asyncio.timeout(5):
+                while second.cache.near.mark == heard:
+                    await asyncio.sleep(0.001)
+            assert (await other.get("/api/v1/me", headers=bearer(lost_phone))).status_code == 401
+            assert (await other.get("/api/v1/me", headers=account.headers)).status_code == 200
+    finally:
+        async for key in first.redis.scan_iter(match=f"{namespace}*", count=500):
+            await first.redis.delete(key)
+        for process in processes:
+            await process.stop()
 
 
 async def test_revoking_the_current_session_signs_it_out(

@@ -78,6 +78,7 @@ async def _from_access_token(runtime: Runtime, token: str) -> Principal:
         lambda: _session_state(runtime, user_id, session_id),
         ttl=PRINCIPAL_CACHE_SECONDS,
         tags=(principal_tag(user_id), session_tag(session_id)),
+        near=True,
     )
     if not state or not state.get("active"):
         raise InvalidToken(TokenRejection.bad_signature, "session revoked or user not active")
