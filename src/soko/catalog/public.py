@@ -11,12 +11,15 @@ import datetime as dt
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import BindParameter, Select, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.catalog.models import Product, ProductStatus, Variant, VariantStatus
 from soko.inventory.public import availability_by_variant
+from soko.platform.db import UTCDateTime
 from soko.sellers.public import active_seller_ids
 
 __all__ = [
@@ -35,6 +38,43 @@ def product_tag(product_id: uuid.UUID) -> str:
     """The cache tag of one product and its variants, invalidated whenever either
     changes (title, price, status, a variant added or archived)."""
     return f"catalog:product:{product_id}"
+
+
+@lru_cache(maxsize=2)
+def _for_sale_statement(with_stock: bool) -> Select[Any]:
+    """The statement of :func:`variants_for_sale`, built once with bind parameters
+    (``variant_ids``, expanding, and ``stock_at``): building it anew, with inventory's
+    availability as a subquery, cost more CPU than running it, on every checkout and
+    every cart read."""
+    ids: BindParameter[Any] = bindparam("variant_ids", expanding=True)
+    query: Any = (
+        select(
+            Variant.id,
+            Variant.product_id,
+            Variant.seller_id,
+            Variant.sku,
+            Variant.options,
+            Variant.price_minor,
+            Variant.currency,
+            Variant.compare_at_minor,
+            Variant.weight_grams,
+            Variant.status,
+            Product.title,
+            Product.images,
+            Product.status.label("product_status"),
+            Variant.seller_id.in_(active_seller_ids()).label("seller_active"),
+        )
+        .join(Product, Product.id == Variant.product_id)
+        .where(Variant.id.in_(ids))
+    )
+    if with_stock:
+        stock_at: Any = bindparam("stock_at", type_=UTCDateTime())
+        stock = availability_by_variant(stock_at, ids).subquery()
+        query = query.outerjoin(stock, stock.c.variant_id == Variant.id).add_columns(
+            func.coalesce(stock.c.available, 0).label("available")
+        )
+    statement: Select[Any] = query
+    return statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,32 +118,10 @@ async def variants_for_sale(
     ids = list(dict.fromkeys(variant_ids))
     if not ids:
         return {}
-    query = (
-        select(
-            Variant.id,
-            Variant.product_id,
-            Variant.seller_id,
-            Variant.sku,
-            Variant.options,
-            Variant.price_minor,
-            Variant.currency,
-            Variant.compare_at_minor,
-            Variant.weight_grams,
-            Variant.status,
-            Product.title,
-            Product.images,
-            Product.status.label("product_status"),
-            Variant.seller_id.in_(active_seller_ids()).label("seller_active"),
-        )
-        .join(Product, Product.id == Variant.product_id)
-        .where(Variant.id.in_(ids))
-    )
+    parameters: dict[str, Any] = {"variant_ids": ids}
     if stock_at is not None:
-        stock = availability_by_variant(stock_at, ids).subquery()
-        query = query.outerjoin(stock, stock.c.variant_id == Variant.id).add_columns(
-            func.coalesce(stock.c.available, 0).label("available")
-        )
-    rows = await session.execute(query)
+        parameters["stock_at"] = stock_at
+    rows = await session.execute(_for_sale_statement(stock_at is not None), parameters)
     found: dict[uuid.UUID, VariantForSale] = {}
     for row in rows:
         images = row.images or []

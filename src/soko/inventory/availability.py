@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Select, and_, func, select
+from sqlalchemy import BindParameter, Select, and_, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -45,13 +45,19 @@ async def register_item(
 
 
 def availability_by_variant(
-    now: dt.datetime, variant_ids: Iterable[uuid.UUID] | None = None
+    now: dt.datetime, variant_ids: Iterable[uuid.UUID] | BindParameter[Any] | None = None
 ) -> Select[uuid.UUID, int]:
     """``(variant_id, available)`` per variant that has stock at an active location.
 
     ``available`` is on_hand - reserved - allocated summed over those locations, with the
-    units of holds that expired but are not released yet added back."""
-    ids = None if variant_ids is None else list(variant_ids)
+    units of holds that expired but are not released yet added back. ``now`` and
+    ``variant_ids`` may be bind parameters (``variant_ids`` an expanding one) of a caller
+    that builds its statement once."""
+    ids = (
+        variant_ids
+        if variant_ids is None or isinstance(variant_ids, BindParameter)
+        else list(variant_ids)
+    )
     expired = select(R.variant_id, R.location_id, func.sum(R.quantity).label("quantity")).where(
         R.status == ReservationStatus.held.value, R.expires_at <= now
     )

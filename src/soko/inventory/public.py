@@ -14,8 +14,9 @@ import datetime as dt
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Select
+from sqlalchemy import BindParameter, Select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.inventory import availability as _availability
@@ -86,7 +87,7 @@ async def available_for(
 
 
 def availability_by_variant(
-    now: dt.datetime, variant_ids: Iterable[uuid.UUID] | None = None
+    now: dt.datetime, variant_ids: Iterable[uuid.UUID] | BindParameter[Any] | None = None
 ) -> Select[uuid.UUID, int]:
     """A read model to embed in another domain's query: columns ``variant_id`` and
     ``available``, one row per variant with stock at an active location (a variant
@@ -96,7 +97,8 @@ def availability_by_variant(
     With ``variant_ids`` it aggregates the stock of those variants only; without, of
     every variant, which suits a query that filters by other columns (a product page)
     and scans every stock row when the database cannot push a join's keys into the
-    grouping."""
+    grouping. A caller building its statement once passes bind parameters: ``now`` a
+    datetime one, ``variant_ids`` an expanding one."""
     return _availability.availability_by_variant(now, variant_ids)
 
 
