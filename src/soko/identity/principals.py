@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from functools import lru_cache
 from typing import Any
 
 import structlog
 from fastapi import Request
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from soko.identity.accounts import principal_tag
 from soko.identity.errors import InvalidApiKey
@@ -92,22 +93,31 @@ async def _from_access_token(runtime: Runtime, token: str) -> Principal:
     )
 
 
+@lru_cache(maxsize=1)
+def _session_state_statements() -> tuple[Any, Any]:
+    """The two reads behind an access token, built once (``user_id``, ``session_id``)."""
+    user_id: Any = bindparam("user_id")
+    session_id: Any = bindparam("session_id")
+    state = (
+        select(User.status, AuthSession.revoked_at, AuthSession.mfa_verified)
+        .join(AuthSession, AuthSession.user_id == User.id)
+        .where(User.id == user_id, AuthSession.id == session_id)
+    )
+    roles = select(UserRole.role).where(UserRole.user_id == user_id)
+    return state, roles
+
+
 async def _session_state(
     runtime: Runtime, user_id: uuid.UUID, session_id: uuid.UUID
 ) -> dict[str, Any]:
+    state_statement, roles_statement = _session_state_statements()
     async with runtime.db.transaction(read_only=True) as session:
         row = (
-            await session.execute(
-                select(User.status, AuthSession.revoked_at, AuthSession.mfa_verified)
-                .join(AuthSession, AuthSession.user_id == User.id)
-                .where(User.id == user_id, AuthSession.id == session_id)
-            )
+            await session.execute(state_statement, {"user_id": user_id, "session_id": session_id})
         ).first()
         if row is None:
             return {"active": False, "roles": []}
-        roles = (
-            await session.scalars(select(UserRole.role).where(UserRole.user_id == user_id))
-        ).all()
+        roles = (await session.scalars(roles_statement, {"user_id": user_id})).all()
     active = row.status == UserStatus.active.value and row.revoked_at is None
     return {"active": active, "roles": sorted(roles), "mfa_verified": row.mfa_verified}
 

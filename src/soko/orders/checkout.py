@@ -16,9 +16,10 @@ import secrets
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import func, insert, literal, select
+from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.cart.public import CartForCheckout, cart_for_checkout, mark_converted
@@ -256,27 +257,40 @@ async def place_checkout(
     return PlacedCheckout(group=group, orders=list(orders.values()), lines=lines)
 
 
+@lru_cache(maxsize=1)
+def _create_group_statement() -> Any:
+    """``INSERT INTO orders_checkout_groups ... SELECT <the group's values> WHERE <every
+    seller is active>``, built once: a bind parameter per column (``v_<name>``), the
+    sellers (``sellers``, expanding) and how many there are (``seller_count``)."""
+    table: Any = CheckoutGroup.__table__
+    active = active_seller_ids().subquery()
+    selling = (
+        select(func.count())
+        .select_from(active)
+        .where(active.c.id.in_(bindparam("sellers", expanding=True)))
+        .scalar_subquery()
+    )
+    names = [column.name for column in table.columns]
+    values = select(
+        *(bindparam(f"v_{name}", type_=table.c[name].type).label(name) for name in names)
+    ).where(selling == bindparam("seller_count"))
+    # The table, not the mapped class: executed with parameters, an ORM insert would be
+    # taken for a bulk insert of those parameters.
+    return insert(table).from_select(names, values).returning(table.c.id)
+
+
 async def _create_group(
     session: AsyncSession, group: CheckoutGroup, sellers: Sequence[uuid.UUID]
 ) -> bool:
     """Insert the group only if every seller of the checkout may sell; whether it was.
     The sellers' published "active stores" read model is checked inside the INSERT, so
     the check costs no statement of its own (ADR 0006)."""
-    table = CheckoutGroup.__table__
-    active = active_seller_ids().subquery()
-    selling = (
-        select(func.count())
-        .select_from(active)
-        .where(active.c.id.in_(list(sellers)))
-        .scalar_subquery()
-    )
-    names = [column.name for column in table.columns]
-    values = select(
-        *(literal(getattr(group, name), type_=table.c[name].type).label(name) for name in names)
-    ).where(selling == len(sellers))
-    created = await session.execute(
-        insert(CheckoutGroup).from_select(names, values).returning(CheckoutGroup.id)
-    )
+    parameters: dict[str, Any] = {
+        f"v_{column.name}": getattr(group, column.name)
+        for column in CheckoutGroup.__table__.columns
+    }
+    parameters.update(sellers=list(sellers), seller_count=len(sellers))
+    created = await session.execute(_create_group_statement(), parameters)
     return created.first() is not None
 
 
