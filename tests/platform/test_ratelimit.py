@@ -406,12 +406,18 @@ class CountingStrategy:
         return await self.inner.get_window_stats(item, *identifiers)
 
 
-async def test_a_fast_caller_is_counted_in_leases_and_refused_exactly_at_the_quota(
-    limiters: LimiterFactory, clock: ManualClock
-) -> None:
+@pytest.fixture
+def leasing(limiters: LimiterFactory, clock: ManualClock) -> tuple[RateLimiter, CountingStrategy]:
+    """A limiter on the test's clock, with the hits it sends to the storage recorded."""
     limiter = limiters()
     limiter.clock = clock
-    counting = CountingStrategy(limiter)
+    return limiter, CountingStrategy(limiter)
+
+
+async def test_a_fast_caller_is_counted_in_leases_and_refused_exactly_at_the_quota(
+    leasing: tuple[RateLimiter, CountingStrategy],
+) -> None:
+    limiter, counting = leasing
     item = parse("1000/hour")  # leases of up to 10 hits
     answers = [await limiter.refusal_leased(item, "global", "10.0.0.1") for _ in range(1005)]
     assert answers[:1000] == [None] * 1000
@@ -428,11 +434,9 @@ async def test_a_fast_caller_is_counted_in_leases_and_refused_exactly_at_the_quo
 
 
 async def test_a_slow_caller_is_counted_hit_by_hit(
-    limiters: LimiterFactory, clock: ManualClock
+    leasing: tuple[RateLimiter, CountingStrategy], clock: ManualClock
 ) -> None:
-    limiter = limiters()
-    limiter.clock = clock
-    counting = CountingStrategy(limiter)
+    limiter, counting = leasing
     item = parse("1000/hour")
     for _ in range(5):
         assert await limiter.refusal_leased(item, "global", "10.0.0.2") is None
@@ -443,11 +447,9 @@ async def test_a_slow_caller_is_counted_hit_by_hit(
 
 
 async def test_unused_leased_hits_expire_and_small_quotas_are_never_leased(
-    limiters: LimiterFactory, clock: ManualClock
+    leasing: tuple[RateLimiter, CountingStrategy], clock: ManualClock
 ) -> None:
-    limiter = limiters()
-    limiter.clock = clock
-    counting = CountingStrategy(limiter)
+    limiter, counting = leasing
     item = parse("1000/hour")
     for _ in range(4):  # leases of 1, 2 and 4 (three hits left over)
         assert await limiter.refusal_leased(item, "global", "10.0.0.3") is None
