@@ -619,7 +619,9 @@ class RedisCache(_TaggedCache):
                 await pubsub.subscribe(self.channel)
                 while True:  # Redis confirms: from here on no change goes unheard.
                     reply = await pubsub.get_message(timeout=self.retry_seconds * 5)
-                    if reply is not None and reply.get("type") == "subscribe":
+                    if reply is None:
+                        raise TimeoutError("the cache channel was not confirmed")
+                    if reply.get("type") == "subscribe":
                         break
                 self.near.clear()
                 self.near.listening = True
