@@ -12,9 +12,9 @@ non-string keys, ...) is serialized by pydantic-core instead, so every value pyd
 could write still gets an answer.
 
 :func:`loads` reads the JSON columns the database returns (a catalog page decodes a
-hundred of them) with orjson, and with the standard library whatever orjson refuses (``NaN``, lone
-surrogates) or would read differently (integers beyond 64 bits, which orjson turns into
-floats), so every document reads as before.
+hundred of them) with orjson, and with the standard library whatever orjson refuses
+(``NaN``, lone surrogates) or would read differently (integers beyond 64 bits, which
+orjson turns into floats), so every document reads as before.
 """
 
 from __future__ import annotations
