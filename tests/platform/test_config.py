@@ -4,12 +4,10 @@ secrets, URL and list parsing, and the documented example file."""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import stat
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,6 +19,7 @@ from soko.platform.config import (
     load_generated_secrets,
     load_settings,
 )
+from tests.platform.together import answers_of_processes_released_together
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD_SECRET = "k" * 32
@@ -338,35 +337,17 @@ def test_generating_leaves_only_the_secrets_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [GENERATED_SECRETS_FILE]
 
 
-def _read_secret_when_released(data_dir: str, barrier: Any, answers: Any) -> None:
-    barrier.wait()
-    try:
-        answers.put(load_generated_secrets(Path(data_dir))["secret_key"])
-    except Exception as exc:
-        answers.put(f"failed: {exc!r}")
+def _generated_secret(data_dir: str) -> str:
+    return load_generated_secrets(Path(data_dir))["secret_key"]
 
 
 @pytest.mark.slow
 def test_processes_starting_together_share_one_secret(tmp_path: Path) -> None:
     """Processes released at the same moment on an empty data dir all end up with the
     first writer's secret; none reads a half-written file."""
-    context = multiprocessing.get_context("fork")
-    processes = 6
     for attempt in range(5):
         data_dir = tmp_path / f"round-{attempt}"
-        barrier = context.Barrier(processes)
-        answers = context.Queue()
-        starters = [
-            context.Process(
-                target=_read_secret_when_released, args=(str(data_dir), barrier, answers)
-            )
-            for _ in range(processes)
-        ]
-        for process in starters:
-            process.start()
-        keys = {answers.get(timeout=60) for _ in starters}
-        for process in starters:
-            process.join(timeout=60)
+        keys = answers_of_processes_released_together(_generated_secret, str(data_dir))
         stored = json.loads((data_dir / GENERATED_SECRETS_FILE).read_text(encoding="utf-8"))
         assert keys == {stored["secret_key"]}
 

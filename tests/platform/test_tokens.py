@@ -8,7 +8,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import multiprocessing
 import stat
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from soko.platform.tokens import (
     load_or_create_keyring,
     save_keyring,
 )
+from tests.platform.together import answers_of_processes_released_together
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "jws"
 ISSUER = "https://market.example"
@@ -576,33 +576,17 @@ def test_keys_in_the_data_directory_are_created_once_with_mode_0600(
     assert sorted(p.name for p in path.parent.iterdir()) == [SIGNING_KEYS_FILE]
 
 
-def _kid_when_released(path: str, barrier: Any, answers: Any) -> None:
-    barrier.wait()
-    try:
-        answers.put(load_or_create_keyring(Path(path)).active.kid)
-    except Exception as exc:
-        answers.put(f"failed: {exc!r}")
+def _active_kid(path: str) -> str:
+    return load_or_create_keyring(Path(path)).active.kid
 
 
 @pytest.mark.slow
 def test_processes_starting_together_share_one_signing_key(tmp_path: Path) -> None:
     """API processes released at the same moment on a new data directory all end up
     with the first writer's ring; none reads a half-written file ("no PEM private key")."""
-    context = multiprocessing.get_context("fork")
-    processes = 6
     for attempt in range(5):
         path = tmp_path / f"round-{attempt}" / SIGNING_KEYS_FILE
-        barrier = context.Barrier(processes)
-        answers = context.Queue()
-        starters = [
-            context.Process(target=_kid_when_released, args=(str(path), barrier, answers))
-            for _ in range(processes)
-        ]
-        for process in starters:
-            process.start()
-        kids = {answers.get(timeout=60) for _ in starters}
-        for process in starters:
-            process.join(timeout=60)
+        kids = answers_of_processes_released_together(_active_kid, str(path))
         assert kids == {KeyRing.from_pem_bundle(path.read_text(encoding="ascii")).active.kid}
         assert sorted(p.name for p in path.parent.iterdir()) == [SIGNING_KEYS_FILE]
 
