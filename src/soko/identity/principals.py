@@ -94,32 +94,34 @@ async def _from_access_token(runtime: Runtime, token: str) -> Principal:
 
 
 @lru_cache(maxsize=1)
-def _session_state_statements() -> tuple[Any, Any]:
-    """The two reads behind an access token, built once (``user_id``, ``session_id``)."""
-    user_id: Any = bindparam("user_id")
-    session_id: Any = bindparam("session_id")
-    state = (
-        select(User.status, AuthSession.revoked_at, AuthSession.mfa_verified)
+def _session_state_statement() -> Any:
+    """The session, its user and the user's roles, one row per role (``user_id``,
+    ``session_id``), built once."""
+    return (
+        select(User.status, AuthSession.revoked_at, AuthSession.mfa_verified, UserRole.role)
         .join(AuthSession, AuthSession.user_id == User.id)
-        .where(User.id == user_id, AuthSession.id == session_id)
+        .outerjoin(UserRole, UserRole.user_id == User.id)
+        .where(User.id == bindparam("user_id"), AuthSession.id == bindparam("session_id"))
     )
-    roles = select(UserRole.role).where(UserRole.user_id == user_id)
-    return state, roles
 
 
 async def _session_state(
     runtime: Runtime, user_id: uuid.UUID, session_id: uuid.UUID
 ) -> dict[str, Any]:
-    state_statement, roles_statement = _session_state_statements()
-    async with runtime.db.transaction(read_only=True) as session:
-        row = (
-            await session.execute(state_statement, {"user_id": user_id, "session_id": session_id})
-        ).first()
-        if row is None:
-            return {"active": False, "roles": []}
-        roles = (await session.scalars(roles_statement, {"user_id": user_id})).all()
-    active = row.status == UserStatus.active.value and row.revoked_at is None
-    return {"active": active, "roles": sorted(roles), "mfa_verified": row.mfa_verified}
+    # One statement, so one snapshot, outside any transaction: the read an access token
+    # costs whenever its session's state is not cached.
+    async with runtime.db.reading() as reader:
+        rows = (
+            await reader.execute(
+                _session_state_statement(), {"user_id": user_id, "session_id": session_id}
+            )
+        ).all()
+    if not rows:
+        return {"active": False, "roles": []}
+    status, revoked_at, mfa_verified, _ = rows[0]
+    active = status == UserStatus.active.value and revoked_at is None
+    roles = sorted({role for *_, role in rows if role is not None})
+    return {"active": active, "roles": roles, "mfa_verified": mfa_verified}
 
 
 async def _from_api_key(runtime: Runtime, credential: str) -> Principal:

@@ -161,12 +161,14 @@ class _SingleFlight:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
+    async def hold(self, key: str) -> AsyncIterator[bool]:
+        """Hold ``key``'s lock; yields whether someone else held or awaited it first
+        (and may have stored the value meanwhile)."""
         lock, waiters = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, waiters + 1)
         try:
             async with lock:
-                yield
+                yield waiters > 0
         finally:
             lock, waiters = self._locks[key]
             if waiters == 1:
@@ -197,6 +199,12 @@ class _TaggedCache:
     async def _stamp(self, tags: Sequence[str], ttl: float) -> Stamp:
         """The current token of each tag, minting one where a tag has none."""
         raise NotImplementedError
+
+    async def _lookup_or_stamp(self, key: str, tags: Sequence[str], ttl: float) -> bytes | Stamp:
+        """The stored bytes; when missing, the stamp of ``tags`` (as :meth:`_stamp`) to
+        compute the value under. A backend may answer both in one round trip."""
+        raw = await self._lookup(key)
+        return await self._stamp(tags, ttl) if isinstance(raw, _Missing) else raw
 
     async def _store(self, key: str, raw: bytes, ttl: float, stamp: Stamp) -> bool:
         """Write the entry unless a stamped token is no longer current."""
@@ -243,27 +251,29 @@ class _TaggedCache:
         # near copies: they may have been read before the invalidation took effect.
         mark = self._near_mark()
         try:
-            raw = await self._lookup(key)
+            found = await self._lookup_or_stamp(key, tags, ttl)
         except self.unavailable_errors as exc:
             return await self._bypass(key, factory, exc)
-        if not isinstance(raw, _Missing):
+        if isinstance(found, bytes):
             CACHE_LOOKUPS.labels("hit").inc()
             if near:
-                self._near_put(key, raw, tags, ttl, mark)
-            return raw
-        async with self._flights.hold(key):
-            try:
-                raw = await self._lookup(key)
+                self._near_put(key, found, tags, ttl, mark)
+            return found
+        # The stamp was taken before the factory reads the source, so an invalidation
+        # from now on makes the result unstorable.
+        stamp = found
+        async with self._flights.hold(key) as waited:
+            if waited:
+                # Another caller computed it meanwhile, most likely: read what it stored.
+                try:
+                    raw = await self._lookup(key)
+                except self.unavailable_errors as exc:
+                    return await self._bypass(key, factory, exc)
                 if not isinstance(raw, _Missing):
                     CACHE_LOOKUPS.labels("hit").inc()
                     if near:
                         self._near_put(key, raw, tags, ttl, mark)
                     return raw
-                # The stamp is taken before the factory reads the source, so an
-                # invalidation during the factory makes the result unstorable.
-                stamp = await self._stamp(tags, ttl)
-            except self.unavailable_errors as exc:
-                return await self._bypass(key, factory, exc)
             CACHE_LOOKUPS.labels("miss").inc()
             made = await factory()
             if not isinstance(made, bytes):
@@ -500,6 +510,40 @@ end
 return value
 """
 
+# KEYS[1]: the entry, KEYS[2..]: the tag keys it would be computed under. ARGV as for
+# the stamp below. Returns {1, value} when the entry is there and current, else (after
+# dropping a stale one) {0, the token of each tag}, minted as the stamp script does: a
+# miss costs one round trip before its value is computed, not two.
+_LOOKUP_OR_STAMP_SCRIPT = """
+local fields = redis.call('HGETALL', KEYS[1])
+local value = false
+for i = 1, #fields, 2 do
+  if fields[i] == 'v' then
+    value = fields[i + 1]
+  elseif redis.call('GET', fields[i]) ~= fields[i + 1] then
+    redis.call('DEL', KEYS[1])
+    value = false
+    break
+  end
+end
+if value then
+  return {1, value}
+end
+local ttl = tonumber(ARGV[2])
+local answer = {0}
+for i = 2, #KEYS do
+  local token = redis.call('GET', KEYS[i])
+  if not token then
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ttl)
+    token = ARGV[1]
+  elseif redis.call('PTTL', KEYS[i]) < ttl then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+  answer[i] = token
+end
+return answer
+"""
+
 # KEYS: tag keys. ARGV[1]: a fresh token for tags that have none; ARGV[2]: ttl in ms.
 # A tag key lives at least as long as the entries that depend on it.
 _STAMP_SCRIPT = """
@@ -584,6 +628,7 @@ class RedisCache(_TaggedCache):
         self._subscription: Any = None  # the listener's, while it runs
         self._lookup_script = redis.register_script(_LOOKUP_SCRIPT)
         self._stamp_script = redis.register_script(_STAMP_SCRIPT)
+        self._lookup_or_stamp_script = redis.register_script(_LOOKUP_OR_STAMP_SCRIPT)
         self._store_script = redis.register_script(_STORE_SCRIPT)
 
     @property
@@ -684,6 +729,19 @@ class RedisCache(_TaggedCache):
         return tuple(
             (tag, token.decode() if isinstance(token, bytes) else str(token))
             for tag, token in zip(unique, tokens, strict=True)
+        )
+
+    async def _lookup_or_stamp(self, key: str, tags: Sequence[str], ttl: float) -> bytes | Stamp:
+        unique = list(dict.fromkeys(tags))
+        answer = await self._lookup_or_stamp_script(
+            keys=[self.entry_key(key), *(self.tag_key(tag) for tag in unique)],
+            args=[uuid.uuid4().hex, _ms(ttl) + 60_000],
+        )
+        if int(answer[0]) == 1:
+            return bytes(answer[1])
+        return tuple(
+            (tag, token.decode() if isinstance(token, bytes) else str(token))
+            for tag, token in zip(unique, answer[1:], strict=True)
         )
 
     async def _store(self, key: str, raw: bytes, ttl: float, stamp: Stamp) -> bool:

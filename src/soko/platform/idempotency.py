@@ -51,6 +51,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import lru_cache
 from typing import Annotated, Any
 
 import structlog
@@ -62,6 +63,7 @@ from sqlalchemy import (
     Index,
     String,
     UniqueConstraint,
+    bindparam,
     delete,
     select,
     update,
@@ -276,8 +278,39 @@ class IdempotentRequest:
         return stored.response(replayed=False)
 
 
-def _insert(session: AsyncSession) -> Any:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+# The two statements every idempotent request runs, built once with bind parameters:
+# built per request, SQLAlchemy spent more CPU constructing them than running them.
+_KEYS: Any = IdempotencyKey.__table__
+
+
+@lru_cache(maxsize=2)
+def _claim_statement(dialect: str) -> Any:
+    """Insert a fresh claim (every column a bind parameter of its name), or nothing when
+    the scope already holds the key."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        insert(_KEYS).on_conflict_do_nothing(index_elements=["scope", "key"]).returning(_KEYS.c.id)
+    )
+
+
+@lru_cache(maxsize=1)
+def _store_statement() -> Any:
+    """Store an answer on the claim ``claim_id`` still held with ``token``."""
+    return (
+        update(_KEYS)
+        .where(
+            _KEYS.c.id == bindparam("claim_id"),
+            _KEYS.c.claim_token == bindparam("token"),
+            _KEYS.c.status == KeyStatus.in_flight.value,
+        )
+        .values(
+            status=KeyStatus.done.value,
+            response_status=bindparam("v_status", type_=_KEYS.c.response_status.type),
+            response_body=bindparam("v_body", type_=_KEYS.c.response_body.type),
+            response_headers=bindparam("v_headers", type_=_KEYS.c.response_headers.type),
+        )
+        .returning(_KEYS.c.id)
+    )
 
 
 async def claim_key(
@@ -307,12 +340,11 @@ async def claim_key(
     }
     table = IdempotencyKey
     async with db.transaction() as session:
+        connection = await session.connection()
         inserted = (
-            await session.execute(
-                _insert(session)(table)
-                .values(id=uuid7(), scope=scope, key=key, **fresh)
-                .on_conflict_do_nothing(index_elements=["scope", "key"])
-                .returning(table.id)
+            await connection.execute(
+                _claim_statement(connection.dialect.name),
+                {"id": uuid7(), "scope": scope, "key": key, **fresh},
             )
         ).scalar_one_or_none()
         if inserted is not None:
@@ -384,21 +416,16 @@ async def store_answer(
 ) -> bool:
     """Store ``answer`` on the claim in ``session``'s transaction; false when the claim
     is no longer held with ``token``."""
-    stored = await session.execute(
-        update(IdempotencyKey)
-        .where(
-            IdempotencyKey.id == claim_id,
-            IdempotencyKey.claim_token == token,
-            IdempotencyKey.status == KeyStatus.in_flight.value,
-        )
-        .values(
-            status=KeyStatus.done.value,
-            response_status=answer.status_code,
-            response_body=answer.body,
-            response_headers=dict(answer.headers),
-        )
-        .returning(IdempotencyKey.id)
-        .execution_options(synchronize_session=False)
+    connection = await session.connection()
+    stored = await connection.execute(
+        _store_statement(),
+        {
+            "claim_id": claim_id,
+            "token": token,
+            "v_status": answer.status_code,
+            "v_body": answer.body,
+            "v_headers": dict(answer.headers),
+        },
     )
     return stored.first() is not None
 

@@ -47,12 +47,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, TypeVar
 
 import structlog
 from croniter import croniter
 from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Integer, and_, bindparam, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.platform.clock import Clock
@@ -279,6 +281,105 @@ _CLAIMED_COLUMNS = (
     OutboxMessage.max_attempts,
 )
 
+# -- statements built once ------------------------------------------------------------------------
+#
+# Every message costs a claim, a hold, a completion and (for a handler) its marker, and
+# an event's fan-out one row per subscriber. Built anew on each call, SQLAlchemy spent
+# more CPU constructing these statements and computing their cache keys than running
+# them, and that CPU is taken from the requests the same event loop serves. Built once
+# with bind parameters, they run on the session's connection as plain Core statements.
+
+_OUTBOX: Any = OutboxMessage.__table__
+_PROCESSED: Any = ProcessedMessage.__table__
+
+
+def _ours() -> Any:
+    """The message is still this worker's, at this attempt: ``message_id``, ``worker``,
+    ``attempts``."""
+    return and_(
+        _OUTBOX.c.id == bindparam("message_id"),
+        _OUTBOX.c.status == MessageStatus.running.value,
+        _OUTBOX.c.locked_by == bindparam("worker"),
+        _OUTBOX.c.attempts == bindparam("attempts"),
+    )
+
+
+@lru_cache(maxsize=1)
+def _claim_statement() -> Any:
+    """Take up to ``limit`` due messages (pending and due at ``now``, or running with a
+    lease run out) for ``worker`` until ``locked_until``."""
+    now = bindparam("now", type_=_OUTBOX.c.available_at.type)
+    due = or_(
+        and_(_OUTBOX.c.status == MessageStatus.pending.value, _OUTBOX.c.available_at <= now),
+        and_(_OUTBOX.c.status == MessageStatus.running.value, _OUTBOX.c.locked_until < now),
+    )
+    # SKIP LOCKED lets concurrent workers claim disjoint rows on PostgreSQL; SQLite omits
+    # it, and BEGIN IMMEDIATE makes claims take turns there.
+    candidates = (
+        select(_OUTBOX.c.id)
+        .where(due)
+        .order_by(_OUTBOX.c.available_at)
+        .limit(bindparam("limit", type_=Integer))
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(_OUTBOX)
+        .where(_OUTBOX.c.id.in_(candidates))
+        .values(
+            status=MessageStatus.running.value,
+            locked_by=bindparam("worker"),
+            locked_until=bindparam("lease_until"),
+            attempts=_OUTBOX.c.attempts + 1,
+        )
+        .returning(*(_OUTBOX.c[column.key] for column in _CLAIMED_COLUMNS))
+    )
+
+
+@lru_cache(maxsize=2)
+def _hold_statement(with_marker: bool) -> Any:
+    """Lock the message row if it is still ours (:func:`_ours`); ``with_marker`` also
+    says, in the same round trip, whether ``marker_handler`` already finished
+    ``marker_message``."""
+    columns: list[Any] = [_OUTBOX.c.id]
+    if with_marker:
+        done_before = (
+            select(_PROCESSED.c.id)
+            .where(
+                _PROCESSED.c.handler == bindparam("marker_handler"),
+                _PROCESSED.c.message_id == bindparam("marker_message"),
+            )
+            .exists()
+        )
+        columns.append(done_before.label("done_before"))
+    return select(*columns).where(_ours()).with_for_update(of=_OUTBOX)
+
+
+@lru_cache(maxsize=1)
+def _complete_statement() -> Any:
+    return (
+        update(_OUTBOX)
+        .where(_OUTBOX.c.id == bindparam("message_id"))
+        .values(
+            status=MessageStatus.done.value,
+            completed_at=bindparam("done_at"),
+            locked_by=None,
+            locked_until=None,
+            last_error=None,
+        )
+    )
+
+
+@lru_cache(maxsize=1)
+def _marker_statement() -> Any:
+    return insert(_PROCESSED)
+
+
+@lru_cache(maxsize=2)
+def _fan_out_statement(dialect: str) -> Any:
+    """One delivery row per subscriber, each skipped if its dedupe key exists."""
+    insert_ = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert_(_OUTBOX).on_conflict_do_nothing(index_elements=["dedupe_key"])
+
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid7().hex[-8:]}"[-NAME_MAX_LENGTH:]
@@ -420,34 +521,15 @@ class Dispatcher:
         if limit <= 0:
             return []
         now = self.clock.now()
-        message = OutboxMessage
-        due = or_(
-            and_(message.status == MessageStatus.pending, message.available_at <= now),
-            and_(message.status == MessageStatus.running, message.locked_until < now),
-        )
-        # SKIP LOCKED lets concurrent workers claim disjoint rows on PostgreSQL; SQLite
-        # omits it, and BEGIN IMMEDIATE makes claims take turns there.
-        candidates = (
-            select(message.id)
-            .where(due)
-            .order_by(message.available_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        statement = (
-            update(message)
-            .where(message.id.in_(candidates))
-            .values(
-                status=MessageStatus.running.value,
-                locked_by=self.worker_id,
-                locked_until=now + dt.timedelta(seconds=self.settings.outbox_lease_seconds),
-                attempts=message.attempts + 1,
-            )
-            .returning(*_CLAIMED_COLUMNS)
-            .execution_options(synchronize_session=False)
-        )
+        parameters = {
+            "now": now,
+            "limit": limit,
+            "worker": self.worker_id,
+            "lease_until": now + dt.timedelta(seconds=self.settings.outbox_lease_seconds),
+        }
         async with self.db.transaction() as session:
-            rows = (await session.execute(statement)).all()
+            connection = await session.connection()
+            rows = (await connection.execute(_claim_statement(), parameters)).all()
         claimed = [
             ClaimedMessage(
                 id=row.id,
@@ -540,13 +622,23 @@ class Dispatcher:
         JOB_DURATION.labels(message.label).observe(time.perf_counter() - began)
         JOBS_TOTAL.labels(message.label, OUTCOME_DONE).inc()
 
-    async def _hold(self, session: AsyncSession, message: ClaimedMessage) -> None:
-        """Lock the message row for this transaction, if it is still ours."""
-        held = await session.execute(
-            select(OutboxMessage.id).where(self._still_ours(message)).with_for_update()
-        )
-        if held.first() is None:
+    def _ours(self, message: ClaimedMessage) -> dict[str, Any]:
+        return {"message_id": message.id, "worker": self.worker_id, "attempts": message.attempts}
+
+    async def _hold(
+        self, session: AsyncSession, message: ClaimedMessage, marker: tuple[str, uuid.UUID] | None
+    ) -> bool:
+        """Lock the message row for this transaction, if it is still ours (else raise
+        :class:`LeaseLostError`); with ``marker`` (handler, message id), whether that
+        handler already finished that message."""
+        parameters = self._ours(message)
+        if marker is not None:
+            parameters.update(marker_handler=marker[0], marker_message=marker[1])
+        connection = await session.connection()
+        held = (await connection.execute(_hold_statement(marker is not None), parameters)).first()
+        if held is None:
             raise LeaseLostError(str(message.id))
+        return marker is not None and bool(held[1])
 
     def _still_ours(self, message: ClaimedMessage) -> Any:
         return and_(
@@ -557,17 +649,9 @@ class Dispatcher:
         )
 
     async def _complete(self, session: AsyncSession, message: ClaimedMessage) -> None:
-        await session.execute(
-            update(OutboxMessage)
-            .where(OutboxMessage.id == message.id)
-            .values(
-                status=MessageStatus.done.value,
-                completed_at=self.clock.now(),
-                locked_by=None,
-                locked_until=None,
-                last_error=None,
-            )
-            .execution_options(synchronize_session=False)
+        connection = await session.connection()
+        await connection.execute(
+            _complete_statement(), {"message_id": message.id, "done_at": self.clock.now()}
         )
 
     def _target(self, message: ClaimedMessage) -> tuple[JobHandler, int | None] | None:
@@ -586,16 +670,10 @@ class Dispatcher:
         async with self.db.sessionmaker() as session:
             session.info[SESSION_CLOCK_KEY] = self.clock
             async with session.begin():
-                await self._hold(session, message)
+                done_before = await self._hold(session, message, (marker_handler, marker_message))
                 if target is None:
                     raise UnknownHandlerError(f"no handler is registered for {message.label!r}")
-                done_before = await session.scalar(
-                    select(ProcessedMessage.id).where(
-                        ProcessedMessage.handler == marker_handler,
-                        ProcessedMessage.message_id == marker_message,
-                    )
-                )
-                if done_before is None:
+                if not done_before:
                     handler, _ = target
                     context = JobContext(
                         session=session,
@@ -607,12 +685,15 @@ class Dispatcher:
                         event_id=message.event_id,
                     )
                     await handler(context, message.payload)
-                    session.add(
-                        ProcessedMessage(
-                            handler=marker_handler,
-                            message_id=marker_message,
-                            processed_at=self.clock.now(),
-                        )
+                    connection = await session.connection()
+                    await connection.execute(
+                        _marker_statement(),
+                        {
+                            "id": uuid7(),
+                            "handler": marker_handler,
+                            "message_id": marker_message,
+                            "processed_at": self.clock.now(),
+                        },
                     )
                 else:
                     log.info("already processed; completing without running the handler")
@@ -634,20 +715,32 @@ class Dispatcher:
         subscribers = self.registry.subscribers(message.name)
         now = self.clock.now()
         async with self.db.transaction() as session:
-            await self._hold(session, message)
-            for subscriber in subscribers:
-                await add_message(
-                    session,
-                    kind=MessageKind.event,
-                    name=message.name,
-                    handler=subscriber.name,
-                    event_id=message.id,
-                    payload=message.payload,
-                    available_at=now,
-                    created_at=now,
-                    dedupe_key=f"event:{message.id}:{subscriber.name}",
-                    max_attempts=subscriber.max_attempts,
-                )
+            await self._hold(session, message, None)
+            connection = await session.connection()
+            if subscribers:
+                # The payload was read back from the database: JSON already.
+                deliveries = [
+                    {
+                        "id": uuid7(),
+                        "kind": MessageKind.event.value,
+                        "name": message.name,
+                        "handler": subscriber.name,
+                        "event_id": message.id,
+                        "payload": message.payload,
+                        "status": MessageStatus.pending.value,
+                        "attempts": 0,
+                        "max_attempts": subscriber.max_attempts,
+                        "available_at": now,
+                        "locked_by": None,
+                        "locked_until": None,
+                        "last_error": None,
+                        "dedupe_key": f"event:{message.id}:{subscriber.name}",
+                        "created_at": now,
+                        "completed_at": None,
+                    }
+                    for subscriber in subscribers
+                ]
+                await connection.execute(_fan_out_statement(connection.dialect.name), deliveries)
             await self._complete(session, message)
         log.info("event fanned out", subscribers=[s.name for s in subscribers])
         if subscribers:
