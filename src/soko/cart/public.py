@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.cart.errors import CartChanged, CartNotFound
@@ -43,6 +45,32 @@ class CartForCheckout:
     lines: tuple[CartLineForCheckout, ...]
 
 
+@lru_cache(maxsize=1)
+def _cart_statement() -> Any:
+    """The cart and its lines (``cart_id``, ``user_id``), built once: plain Core, read
+    on every checkout."""
+    carts: Any = Cart.__table__
+    lines: Any = CartLine.__table__
+    return (
+        select(
+            carts.c.version,
+            carts.c.currency,
+            lines.c.variant_id,
+            lines.c.quantity,
+            lines.c.unit_price_minor,
+            lines.c.currency,
+        )
+        .select_from(carts)
+        .outerjoin(lines, lines.c.cart_id == carts.c.id)
+        .where(
+            carts.c.id == bindparam("cart_id"),
+            carts.c.user_id == bindparam("user_id"),
+            carts.c.status == CartStatus.open.value,
+        )
+        .order_by(lines.c.added_at, lines.c.id)
+    )
+
+
 async def cart_for_checkout(
     session: AsyncSession, *, cart_id: uuid.UUID, user_id: uuid.UUID
 ) -> CartForCheckout:
@@ -53,23 +81,7 @@ async def cart_for_checkout(
     Pass the ``version`` on to :func:`mark_converted` so a change made meanwhile is
     noticed instead of checked out unseen."""
     rows = (
-        await session.execute(
-            select(
-                Cart.version,
-                Cart.currency,
-                CartLine.variant_id,
-                CartLine.quantity,
-                CartLine.unit_price_minor,
-                CartLine.currency,
-            )
-            .outerjoin(CartLine, CartLine.cart_id == Cart.id)
-            .where(
-                Cart.id == cart_id,
-                Cart.user_id == user_id,
-                Cart.status == CartStatus.open.value,
-            )
-            .order_by(CartLine.added_at, CartLine.id)
-        )
+        await session.execute(_cart_statement(), {"cart_id": cart_id, "user_id": user_id})
     ).all()
     if not rows:
         raise CartNotFound()
@@ -89,24 +101,32 @@ async def cart_for_checkout(
     )
 
 
-async def mark_converted(session: AsyncSession, *, cart_id: uuid.UUID, version: int) -> None:
-    """Close the cart as checked out, only if it is still open at ``version`` (one
-    conditional UPDATE). Raises :class:`CartChanged` (409) when it moved meanwhile: a
-    line changed, it was merged, expired or already checked out."""
-    result = await session.execute(
-        update(Cart)
+@lru_cache(maxsize=1)
+def _mark_converted_statement() -> Any:
+    carts: Any = Cart.__table__
+    return (
+        update(carts)
         .where(
-            Cart.id == cart_id,
-            Cart.status == CartStatus.open.value,
-            Cart.version == version,
+            carts.c.id == bindparam("cart_id"),
+            carts.c.status == CartStatus.open.value,
+            carts.c.version == bindparam("read_version"),
         )
         .values(
             status=CartStatus.converted.value,
-            version=Cart.version + 1,
-            updated_at=session_now(session),
+            version=carts.c.version + 1,
+            updated_at=bindparam("now", type_=carts.c.updated_at.type),
         )
-        .returning(Cart.id)
-        .execution_options(synchronize_session=False)
+        .returning(carts.c.id)
+    )
+
+
+async def mark_converted(session: AsyncSession, *, cart_id: uuid.UUID, version: int) -> None:
+    """Close the cart as checked out, only if it is still open at ``version`` (one
+    conditional UPDATE, built once). Raises :class:`CartChanged` (409) when it moved
+    meanwhile: a line changed, it was merged, expired or already checked out."""
+    result = await session.execute(
+        _mark_converted_statement(),
+        {"cart_id": cart_id, "read_version": version, "now": session_now(session)},
     )
     if result.first() is None:
         raise CartChanged("The cart changed since it was read; read it again and retry.")
