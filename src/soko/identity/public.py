@@ -5,8 +5,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.accounts import (
@@ -201,16 +203,20 @@ class Contact:
     display_name: str
 
 
+@lru_cache(maxsize=1)
+def _contact_statement() -> Any:
+    """The read behind :func:`contact_of` (``user_id``), built once: every notification
+    a handler sends runs it."""
+    users: Any = User.__table__
+    return select(users.c.email_ciphertext, users.c.phone_ciphertext, users.c.display_name).where(
+        users.c.id == bindparam("user_id"), users.c.status == UserStatus.active.value
+    )
+
+
 async def contact_of(session: AsyncSession, runtime: Runtime, user_id: uuid.UUID) -> Contact | None:
     """The active user's email and phone in clear (one query); ``None`` for a user who
     does not exist, was deleted or is blocked."""
-    row = (
-        await session.execute(
-            select(User.email_ciphertext, User.phone_ciphertext, User.display_name).where(
-                User.id == user_id, User.status == UserStatus.active.value
-            )
-        )
-    ).first()
+    row = (await session.execute(_contact_statement(), {"user_id": user_id})).first()
     if row is None:
         return None
     return Contact(

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -31,6 +32,31 @@ BODY_MAX_LENGTH = 4000
 def user_channel(user_id: uuid.UUID) -> str:
     """The realtime channel a user's clients subscribe to for their notifications."""
     return f"user:{user_id}:notifications"
+
+
+# Built once: every in-app notification runs both.
+_INBOX: Any = InboxNotification.__table__
+
+
+@lru_cache(maxsize=2)
+def _insert_statement(dialect: str) -> Any:
+    """Insert a notification (every column a bind parameter), or nothing when the user
+    already had one with its dedupe key."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return (
+        insert(_INBOX)
+        .on_conflict_do_nothing(index_elements=["user_id", "dedupe_key"])
+        .returning(_INBOX.c.id)
+    )
+
+
+@lru_cache(maxsize=1)
+def _unread_statement() -> Any:
+    return (
+        select(func.count())
+        .select_from(_INBOX)
+        .where(_INBOX.c.user_id == bindparam("user_id"), _INBOX.c.read_at.is_(None))
+    )
 
 
 async def add_to_inbox(
@@ -59,16 +85,8 @@ async def add_to_inbox(
         "created_at": now,
         "read_at": None,
     }
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    inserted = (
-        await session.execute(
-            insert(InboxNotification)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=["user_id", "dedupe_key"])
-            .returning(InboxNotification.id)
-        )
-    ).scalar_one_or_none()
+    statement = _insert_statement(session.get_bind().dialect.name)
+    inserted = (await session.execute(statement, values)).scalar_one_or_none()
     if inserted is None:
         return None
     await enqueue(session, PUSH_JOB, {"id": str(inserted), "user_id": str(user_id)}, now=now)
@@ -99,11 +117,7 @@ async def push_in_app(ctx: JobContext, payload: dict[str, Any]) -> None:
 
 
 async def unread_count(session: AsyncSession, user_id: uuid.UUID) -> int:
-    count = await session.scalar(
-        select(func.count())
-        .select_from(InboxNotification)
-        .where(InboxNotification.user_id == user_id, InboxNotification.read_at.is_(None))
-    )
+    count = await session.scalar(_unread_statement(), {"user_id": user_id})
     return int(count or 0)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -209,11 +209,17 @@ def override_key(name: str, locale: str) -> str:
     return f"{name}:{locale}"
 
 
+@functools.lru_cache(maxsize=1)
+def _override_statement() -> Any:
+    overrides: Any = TemplateOverride.__table__
+    return select(overrides.c.source).where(overrides.c.key == bindparam("key"))
+
+
 async def effective_source(session: AsyncSession, name: str, locale: str) -> str | None:
     """The source used for (name, locale): the override if any, else the bundled one;
     a locale without the template falls back to English."""
-    override = await session.scalar(
-        select(TemplateOverride.source).where(TemplateOverride.key == override_key(name, locale))
+    override: str | None = await session.scalar(
+        _override_statement(), {"key": override_key(name, locale)}
     )
     if override is not None:
         return override

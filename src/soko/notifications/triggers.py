@@ -21,10 +21,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.events import NEW_DEVICE_SIGN_IN
@@ -193,10 +194,14 @@ async def audience_user_ids(
     return await user_ids_with_role(session, "admin")
 
 
+@lru_cache(maxsize=1)
+def _locale_statement() -> Any:
+    locales: Any = RecipientLocale.__table__
+    return select(locales.c.locale).where(locales.c.user_id == bindparam("user_id"))
+
+
 async def locale_of(session: AsyncSession, user_id: uuid.UUID, default: str) -> str:
-    chosen = await session.scalar(
-        select(RecipientLocale.locale).where(RecipientLocale.user_id == user_id)
-    )
+    chosen = await session.scalar(_locale_statement(), {"user_id": user_id})
     return chosen if chosen in LOCALES else default
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.orders import service
@@ -155,22 +157,26 @@ class OrderSummary:
     subtotal_minor: int
 
 
+@lru_cache(maxsize=1)
+def _summary_statement() -> Any:
+    """The read behind :func:`order_summary` (``order_id``), built once: every order
+    event's notifications run it."""
+    orders: Any = Order.__table__
+    return select(
+        orders.c.id,
+        orders.c.number,
+        orders.c.group_id,
+        orders.c.buyer_id,
+        orders.c.seller_id,
+        orders.c.status,
+        orders.c.currency,
+        orders.c.subtotal_minor,
+    ).where(orders.c.id == bindparam("order_id"))
+
+
 async def order_summary(session: AsyncSession, order_id: uuid.UUID) -> OrderSummary | None:
     """The order ``order_id`` in brief (one query); ``None`` when there is none."""
-    row = (
-        await session.execute(
-            select(
-                Order.id,
-                Order.number,
-                Order.group_id,
-                Order.buyer_id,
-                Order.seller_id,
-                Order.status,
-                Order.currency,
-                Order.subtotal_minor,
-            ).where(Order.id == order_id)
-        )
-    ).first()
+    row = (await session.execute(_summary_statement(), {"order_id": order_id})).first()
     if row is None:
         return None
     return OrderSummary(

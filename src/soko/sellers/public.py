@@ -14,10 +14,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
-from sqlalchemy import ColumnElement, Select, select
+from sqlalchemy import ColumnElement, Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.platform.auth import Principal, require
@@ -254,11 +255,17 @@ async def member_role(
     return SellerRole(role) if role is not None else None
 
 
+@lru_cache(maxsize=1)
+def _members_statement() -> Any:
+    members: Any = SellerMember.__table__
+    return select(members.c.user_id, members.c.role).where(
+        members.c.seller_id == bindparam("seller_id")
+    )
+
+
 async def member_user_ids(session: AsyncSession, seller_id: uuid.UUID) -> list[uuid.UUID]:
     """The users who act for store ``seller_id`` (to notify them of an order, say),
     owners first."""
-    rows = await session.execute(
-        select(SellerMember.user_id, SellerMember.role).where(SellerMember.seller_id == seller_id)
-    )
+    rows = await session.execute(_members_statement(), {"seller_id": seller_id})
     ordered = sorted(rows, key=lambda row: (-SellerRole(row.role).rank, str(row.user_id)))
     return [row.user_id for row in ordered]

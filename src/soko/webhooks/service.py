@@ -11,9 +11,10 @@ import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -257,6 +258,24 @@ def event_time(payload: Mapping[str, Any], fallback: dt.datetime) -> dt.datetime
     return fallback
 
 
+@lru_cache(maxsize=1)
+def _candidates_statement() -> Any:
+    """The enabled endpoints that may see an event: the marketplace's, and those of the
+    stores in ``owners`` (expanding; may be empty). Built once: every event runs it."""
+    endpoints: Any = WebhookEndpoint.__table__
+    return (
+        select(endpoints.c.id, endpoints.c.seller_id, endpoints.c.event_types)
+        .where(
+            endpoints.c.enabled.is_(True),
+            or_(
+                endpoints.c.seller_id.is_(None),
+                endpoints.c.seller_id.in_(bindparam("owners", expanding=True)),
+            ),
+        )
+        .order_by(endpoints.c.id)
+    )
+
+
 async def fan_out(
     session: AsyncSession,
     *,
@@ -272,16 +291,7 @@ async def fan_out(
     if rule is None:
         return 0
     owners = rule.owners(payload)
-    allowed: Any = WebhookEndpoint.seller_id.is_(None)
-    if owners:
-        allowed = or_(allowed, WebhookEndpoint.seller_id.in_(owners))
-    candidates = (
-        await session.execute(
-            select(WebhookEndpoint.id, WebhookEndpoint.seller_id, WebhookEndpoint.event_types)
-            .where(WebhookEndpoint.enabled.is_(True), allowed)
-            .order_by(WebhookEndpoint.id)
-        )
-    ).all()
+    candidates = (await session.execute(_candidates_statement(), {"owners": list(owners)})).all()
     created_at = event_time(payload, now)
     written = 0
     insert = _insert(session)
