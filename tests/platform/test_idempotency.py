@@ -12,7 +12,7 @@ import httpx2
 import pytest
 from fastapi import APIRouter, FastAPI, Response
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from starlette.responses import JSONResponse
 
 from soko.platform.auth import SignedIn
@@ -142,6 +142,36 @@ async def test_a_key_is_claimed_once_then_answered_then_replayed(runtime: Runtim
     # Another request under the same key, answered or not, is refused.
     with pytest.raises(IdempotencyKeyReused):
         await claim(runtime, fingerprint="f2")
+
+
+async def test_a_new_key_is_claimed_in_one_statement_outside_any_transaction(
+    runtime: Runtime,
+) -> None:
+    """On PostgreSQL the claim of a new key runs in autocommit: no BEGIN and COMMIT
+    around its one INSERT. It is committed all the same (another connection reads it)."""
+    engine = runtime.db.engine.sync_engine
+    sent: list[tuple[str, bool]] = []
+
+    def after(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        driver = conn.connection.driver_connection
+        in_transaction = (
+            driver.is_in_transaction()
+            if callable(getattr(driver, "is_in_transaction", None))
+            else bool(driver.in_transaction)
+        )
+        sent.append((statement.split(maxsplit=1)[0].upper(), in_transaction))
+
+    event.listen(engine, "after_cursor_execute", after)
+    try:
+        held = await claim(runtime)
+    finally:
+        event.remove(engine, "after_cursor_execute", after)
+    assert held.id is not None
+    assert [verb for verb, _ in sent if verb != "BEGIN"] == ["INSERT"]  # SQLite: BEGIN IMMEDIATE
+    if runtime.db.dialect == "postgresql":
+        assert sent == [("INSERT", False)]
+    [row] = await rows(runtime)
+    assert row.id == held.id and row.status == KeyStatus.in_flight.value
 
 
 async def test_another_request_with_a_key_in_flight_is_a_reuse(runtime: Runtime) -> None:

@@ -247,6 +247,22 @@ class Database:
             else:
                 yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
+    @asynccontextmanager
+    async def writing_once(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for one write that is whole on its own: a single statement such
+        as an ``INSERT ... ON CONFLICT`` or a compare-and-set ``UPDATE``, which needs no
+        transaction around it.
+
+        On PostgreSQL it runs in autocommit, sparing the BEGIN and COMMIT round trips of
+        a transaction of its own (twice the statement's). On SQLite it is an immediate
+        transaction, committed when the block ends."""
+        if self.engine.dialect.name == "sqlite":
+            async with self.engine.begin() as connection:
+                yield connection
+        else:
+            async with self.engine.connect() as connection:
+                yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+
     async def dispose(self) -> None:
         await self.engine.dispose()
 

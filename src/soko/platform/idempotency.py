@@ -69,7 +69,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 from starlette.responses import JSONResponse, Response
 
@@ -323,9 +323,10 @@ async def claim_key(
     ttl: dt.timedelta,
     lease: dt.timedelta = LEASE,
 ) -> IdempotentRequest:
-    """Claim ``key`` of ``scope`` for a request with ``fingerprint``, in a transaction of
-    its own that commits before this returns. Returns the claim, or the earlier answer to
-    replay; raises :class:`IdempotencyKeyReused` or :class:`IdempotencyInFlight`."""
+    """Claim ``key`` of ``scope`` for a request with ``fingerprint``, outside the
+    request's transaction: the claim is committed before this returns. Returns the
+    claim, or the earlier answer to replay; raises :class:`IdempotencyKeyReused` or
+    :class:`IdempotencyInFlight`."""
     token = uuid7()
     fresh = {
         "request_hash": fingerprint,
@@ -339,16 +340,18 @@ async def claim_key(
         "expires_at": now + ttl,
     }
     table = IdempotencyKey
-    async with db.transaction() as session:
-        connection = await session.connection()
+    # A new key, nearly always: one statement, whole on its own.
+    async with db.writing_once() as connection:
         inserted = (
             await connection.execute(
                 _claim_statement(connection.dialect.name),
                 {"id": uuid7(), "scope": scope, "key": key, **fresh},
             )
         ).scalar_one_or_none()
-        if inserted is not None:
-            return IdempotentRequest(scope, key, id=inserted, token=token)
+    if inserted is not None:
+        return IdempotentRequest(scope, key, id=inserted, token=token)
+    # The key was used before: read its state and decide, in a transaction.
+    async with db.transaction() as session:
         row = (
             await session.execute(
                 select(
@@ -412,11 +415,14 @@ def _in_flight() -> IdempotencyInFlight:
 
 
 async def store_answer(
-    session: AsyncSession, claim_id: uuid.UUID, token: uuid.UUID, answer: StoredAnswer
+    session: AsyncSession | AsyncConnection,
+    claim_id: uuid.UUID,
+    token: uuid.UUID,
+    answer: StoredAnswer,
 ) -> bool:
-    """Store ``answer`` on the claim in ``session``'s transaction; false when the claim
-    is no longer held with ``token``."""
-    connection = await session.connection()
+    """Store ``answer`` on the claim in ``session``'s transaction (or on a connection);
+    false when the claim is no longer held with ``token``."""
+    connection = await session.connection() if isinstance(session, AsyncSession) else session
     stored = await connection.execute(
         _store_statement(),
         {
@@ -496,9 +502,9 @@ async def _store_refusal(
         extensions=problem.extensions,
     )
     headers = {**problem.headers, "content-type": PROBLEM_MEDIA_TYPE}
-    async with db.transaction() as session:
+    async with db.writing_once() as connection:
         await store_answer(
-            session, claim.id, claim.token, StoredAnswer(problem.status, body, headers)
+            connection, claim.id, claim.token, StoredAnswer(problem.status, body, headers)
         )
 
 
