@@ -444,11 +444,14 @@ def _descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:
     return found
 
 
-def _machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, all cores."""
+def _machine_cpu() -> tuple[float, float, float]:
+    """(busy, total, stolen) CPU seconds of the whole machine since boot, all cores.
+    Busy includes stolen time: what the hypervisor gave to other guests while this one
+    wanted to run."""
     fields = [int(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
     idle = fields[3] + fields[4]
-    return (sum(fields[:8]) - idle) / CLOCK_TICKS, sum(fields[:8]) / CLOCK_TICKS
+    total = sum(fields[:8])
+    return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS, fields[7] / CLOCK_TICKS
 
 
 @dataclass
@@ -462,7 +465,7 @@ class CpuMeter:
     server_pid: int
     database: str | None
     before: dict[str, dict[int, float]] = field(default_factory=dict)
-    machine_before: tuple[float, float] = (0.0, 0.0)
+    machine_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     started: float = 0.0
 
     def _sample(self) -> dict[str, dict[int, float]]:
@@ -486,7 +489,7 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         after = self._sample()
-        busy, total = _machine_cpu()
+        busy, total, stolen = _machine_cpu()
         used = {
             party: sum(
                 max(0.0, cpu - self.before.get(party, {}).get(pid, 0.0))
@@ -496,21 +499,26 @@ class CpuMeter:
         }
         used["machine"] = busy - self.machine_before[0]
         used["machine_total"] = total - self.machine_before[1]
+        used["steal"] = stolen - self.machine_before[2]
         used["wall"] = time.monotonic() - self.started
         return used
 
 
 def describe_cpu(cpu: dict[str, float], generator_cpu: float) -> str:
     """``server 1.20, postgres 0.40, redis 0.10, generator 0.15; machine 1.95 of 2
-    (others 0.10)`` in cores over the phase."""
+    (others 0.05, stolen 0.05)`` in cores over the phase. ``stolen`` is the time a
+    virtual machine's hypervisor ran other guests instead (Linux's steal time): a busy
+    host takes it from whoever wanted the CPU then."""
     wall = cpu["wall"] or 1.0
     ours = cpu["server"] + cpu["postgres"] + cpu["redis"] + generator_cpu
-    others = max(0.0, cpu["machine"] - ours)
+    stolen = cpu.get("steal", 0.0)
+    others = max(0.0, cpu["machine"] - ours - stolen)
     cores = cpu["machine_total"] / wall
     return (
         f"server {cpu['server'] / wall:.2f}, postgres {cpu['postgres'] / wall:.2f}, "
         f"redis {cpu['redis'] / wall:.2f}, generator {generator_cpu / wall:.2f}; "
-        f"machine {cpu['machine'] / wall:.2f} of {cores:.0f} (others {others / wall:.2f})"
+        f"machine {cpu['machine'] / wall:.2f} of {cores:.0f} (others {others / wall:.2f}, "
+        f"stolen {stolen / wall:.2f})"
     )
 
 
