@@ -527,8 +527,9 @@ class Dispatcher:
             "worker": self.worker_id,
             "lease_until": now + dt.timedelta(seconds=self.settings.outbox_lease_seconds),
         }
-        async with self.db.transaction() as session:
-            connection = await session.connection()
+        # One statement, whole on its own (its row locks last as long as it runs): on
+        # PostgreSQL it needs no BEGIN and COMMIT around it.
+        async with self.db.writing_once() as connection:
             rows = (await connection.execute(_claim_statement(), parameters)).all()
         claimed = [
             ClaimedMessage(
