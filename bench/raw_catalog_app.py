@@ -15,7 +15,7 @@ listening socket each (``soko.platform.serving``). By hand:
     BENCH_RAW_DSN=postgresql://postgres@127.0.0.1:5432/soko_bench_catalog \\
         uvicorn bench.raw_catalog_app:app --workers 2
 
-``BENCH_RAW_POOL`` sets each process's pool size (default 10, Soko's
+``BENCH_RAW_POOL`` sets each process's pool size (default 20, Soko's
 ``SOKO_DATABASE_POOL_SIZE`` default).
 """
 
@@ -158,7 +158,7 @@ async def health(_request: Request) -> Response:
 
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    size = int(os.environ.get("BENCH_RAW_POOL", "10"))
+    size = int(os.environ.get("BENCH_RAW_POOL", "20"))
     app.state.pool = await asyncpg.create_pool(
         os.environ["BENCH_RAW_DSN"], min_size=size, max_size=size
     )

@@ -84,8 +84,11 @@ class Settings(BaseSettings):
     public_url: str = "http://127.0.0.1:8000"
 
     database_url: str = ""
-    database_pool_size: int = Field(10, ge=1, le=500)
-    database_max_overflow: int = Field(10, ge=0, le=500)
+    # All kept open once opened, none beyond: an overflow connection is closed as soon
+    # as it is returned, so a pool that overflows under a steady load keeps starting
+    # PostgreSQL backends and preparing its statements on them anew.
+    database_pool_size: int = Field(20, ge=1, le=500)
+    database_max_overflow: int = Field(0, ge=0, le=500)
     database_statement_cache: bool = True
     database_echo: bool = False
 
