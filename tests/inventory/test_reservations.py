@@ -386,7 +386,14 @@ async def test_reserve_costs_the_same_statements_for_one_line_or_twenty_over_fiv
     twenty = await count_reserve(
         runtime, statements, [(v, 4 if i % 3 else 1) for i, v in enumerate(variants)], strategy
     )
-    assert one == twenty == 3, statements.statements
+    assert twenty == 3, statements.statements
+    # A claim of a single stock row (here: pessimistic, whose locked read leaves nothing
+    # to lock in order; the optimistic claim locks both of the variant's rows) writes
+    # its hold in the same statement on PostgreSQL.
+    single_row = (
+        runtime.db.dialect == "postgresql" and strategy is public.ReservationStrategy.pessimistic
+    )
+    assert one == (2 if single_row else 3), statements.statements
     # With expired holds of these variants in the way: one statement more, still flat.
     clock.advance(HOLD)
     one_expired = await count_reserve(runtime, statements, [(variants[0], 1)], strategy)

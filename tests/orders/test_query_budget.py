@@ -46,6 +46,12 @@ async def _cost_of_checkout(client: httpx2.AsyncClient, runtime: Runtime, buyer:
     return len(sent)
 
 
+def _one_row_saving(runtime: Runtime) -> int:
+    """On PostgreSQL a checkout of one stock row claims it and writes its hold in one
+    statement; several rows take two."""
+    return 1 if runtime.db.dialect == "postgresql" else 0
+
+
 async def _buyers(market: Market, make_buyer: MakeBuyer) -> tuple[Buyer, Buyer]:
     one_store = await market.open_shop()
     single = await make_buyer((await one_store.list_product(1000)).variant_id)
@@ -66,8 +72,9 @@ async def test_a_checkout_stays_in_budget_whatever_its_size(
     one_line = await _cost_of_checkout(client, runtime, single)
     twelve_lines = await _cost_of_checkout(client, runtime, large)
 
-    # Flat: twelve lines of four stores cost what one line of one store did.
-    assert twelve_lines == one_line
+    # Flat: twelve lines of four stores cost what one line of one store did, but for
+    # the one stock row whose claim writes its hold in the same statement (PostgreSQL).
+    assert twelve_lines == one_line + _one_row_saving(runtime)
     print(f"statements per checkout: {one_line} (1 line, 1 store; 12 lines, 4 stores)")
 
 
@@ -76,9 +83,8 @@ async def test_the_pessimistic_strategy_stays_in_budget_too(
 ) -> None:
     runtime.settings.reservation_strategy = ReservationStrategy.pessimistic
     single, large = await _buyers(market, make_buyer)
-    assert await _cost_of_checkout(client, runtime, single) == await _cost_of_checkout(
-        client, runtime, large
-    )
+    one_line = await _cost_of_checkout(client, runtime, single)
+    assert await _cost_of_checkout(client, runtime, large) == one_line + _one_row_saving(runtime)
 
 
 async def test_a_sold_out_checkout_is_refused_before_any_write(

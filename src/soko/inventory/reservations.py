@@ -206,6 +206,31 @@ _CLAIM_ONE_ROW = (
 )
 
 
+# The same claim and its reservation row in one statement (PostgreSQL): the stock row
+# of a popular item stays locked from its UPDATE until the commit, and every round trip
+# in between (each also waiting its turn in a busy event loop) is time the next buyer
+# waits. The INSERT writes nothing when the UPDATE took nothing.
+_CLAIMED_ONE_ROW = _CLAIM_ONE_ROW.cte("claimed")
+_CLAIM_AND_HOLD_ONE_ROW = (
+    RESERVATIONS.insert()
+    .from_select(
+        ["id", "holder_ref", "variant_id", "location_id", "quantity", "status", "expires_at",
+         "created_at"],
+        select(
+            bindparam("hold_id", type_=RESERVATIONS.c.id.type),
+            bindparam("holder_ref", type_=RESERVATIONS.c.holder_ref.type),
+            _CLAIMED_ONE_ROW.c.variant_id,
+            _CLAIMED_ONE_ROW.c.location_id,
+            bindparam("claim_quantity", type_=Integer()),
+            literal(ReservationStatus.held.value, RESERVATIONS.c.status.type),
+            bindparam("hold_expires_at", type_=RESERVATIONS.c.expires_at.type),
+            bindparam("claim_now", type_=STOCK_LEVELS.c.updated_at.type),
+        ).select_from(_CLAIMED_ONE_ROW),
+    )
+    .returning(RESERVATIONS.c.variant_id, RESERVATIONS.c.location_id)
+)  # fmt: skip
+
+
 async def read_stock_rows(
     session: AsyncSession,
     variant_ids: Iterable[uuid.UUID],
@@ -332,31 +357,48 @@ class _Claim:
     releases: Mapping[StockKey, int]
 
 
+@dataclass(frozen=True, slots=True)
+class _Hold:
+    """The reservation rows a claim writes in its own statement, when it can."""
+
+    holder_ref: uuid.UUID
+    expires_at: dt.datetime
+
+
 async def _claim(
     session: AsyncSession,
     now: dt.datetime,
     claim: _Claim,
     *,
     lock_variants: Sequence[uuid.UUID] | None,
-) -> set[StockKey]:
+    hold: _Hold | None = None,
+) -> tuple[set[StockKey], bool]:
     """One conditional UPDATE: take ``claim.takes`` where each row still has them free,
-    and give back ``claim.releases``. Returns the keys that were updated.
+    and give back ``claim.releases``. Returns the keys that were updated, and whether
+    the reservation rows of ``hold`` were written too (one stock row on PostgreSQL: in
+    the same statement, only when its row was taken).
 
     ``lock_variants`` (PostgreSQL) first locks every stock row of those variants in key
     order, within the same statement: whatever the plan, a retry then never needs a lock
     it does not hold, so two buyers retrying on each other's rows cannot deadlock."""
     if len(claim.takes) == 1 and not claim.releases and lock_variants is None:
         ((variant_id, location_id), quantity), *_ = claim.takes.items()
+        parameters: dict[str, Any] = {
+            "claim_variant_id": variant_id,
+            "claim_location_id": location_id,
+            "claim_quantity": quantity,
+            "claim_now": now,
+        }
+        holding = hold is not None and _is_postgres(session)
+        if hold is not None and holding:
+            parameters.update(
+                hold_id=uuid7(), holder_ref=hold.holder_ref, hold_expires_at=hold.expires_at
+            )
         one = await session.execute(
-            _CLAIM_ONE_ROW,
-            {
-                "claim_variant_id": variant_id,
-                "claim_location_id": location_id,
-                "claim_quantity": quantity,
-                "claim_now": now,
-            },
+            _CLAIM_AND_HOLD_ONE_ROW if holding else _CLAIM_ONE_ROW, parameters
         )
-        return {(row_variant, row_location) for row_variant, row_location in one}
+        taken = {(row_variant, row_location) for row_variant, row_location in one}
+        return taken, holding and bool(taken)
     keys = sorted(set(claim.takes) | set(claim.releases))
     take = _per_key(claim.takes, keys)
     where = [_key_in(keys)]
@@ -376,7 +418,7 @@ async def _claim(
         .returning(S.variant_id, S.location_id)
         .execution_options(synchronize_session=False)
     )
-    return {(variant_id, location_id) for variant_id, location_id in result}
+    return {(variant_id, location_id) for variant_id, location_id in result}, False
 
 
 async def reserve(
@@ -403,14 +445,20 @@ async def reserve(
     # SQLite serializes writers. Otherwise the claim takes them all, in key order.
     lock_variants = None if locking or len(rows) <= 1 or not _is_postgres(session) else variant_ids
     attempts = 1 if locking else OPTIMISTIC_ATTEMPTS + 1
+    hold = _Hold(holder_ref=holder_ref, expires_at=expires_at)
+    held = False
     for attempt in range(attempts):
         plan = plan_reservation(wanted, rows)
         if not plan.feasible:
             if releases:
                 await _move_counters(session, now, reserved=_negate(releases))
             raise OutOfStock(plan.shortages)
-        claimed = await _claim(
-            session, now, _Claim(takes=plan.takes, releases=releases), lock_variants=lock_variants
+        claimed, held = await _claim(
+            session,
+            now,
+            _Claim(takes=plan.takes, releases=releases),
+            lock_variants=lock_variants,
+            hold=hold,
         )
         if claimed.issuperset(plan.takes):
             break
@@ -430,6 +478,9 @@ async def reserve(
     else:  # pragma: no cover - the locked read above makes the last plan exact
         raise RuntimeError("stock changed under row locks")
 
+    if held:  # written by the claim itself
+        stock_changed(session, variant_ids)
+        return
     await session.execute(
         RESERVATIONS.insert(),
         [
