@@ -493,28 +493,10 @@ class NearCopies:
         self._by_tag.clear()
 
 
-# KEYS[1]: the entry. Returns its JSON value, or nil when missing or stale (then dropped).
-# The entry is a hash: field "v" holds the value, every other field is a tag key whose
-# token the value was computed under.
-_LOOKUP_SCRIPT = """
-local fields = redis.call('HGETALL', KEYS[1])
-local value = false
-for i = 1, #fields, 2 do
-  if fields[i] == 'v' then
-    value = fields[i + 1]
-  elseif redis.call('GET', fields[i]) ~= fields[i + 1] then
-    redis.call('DEL', KEYS[1])
-    return false
-  end
-end
-return value
-"""
-
-# KEYS[1]: the entry, KEYS[2..]: the tag keys it would be computed under. ARGV as for
-# the stamp below. Returns {1, value} when the entry is there and current, else (after
-# dropping a stale one) {0, the token of each tag}, minted as the stamp script does: a
-# miss costs one round trip before its value is computed, not two.
-_LOOKUP_OR_STAMP_SCRIPT = """
+# The entry KEYS[1] is a hash: field "v" holds the value, every other field is a tag key
+# whose token the value was computed under. Leaves the value in `value`, or false when
+# missing or stale (then dropped).
+_READ_ENTRY = """
 local fields = redis.call('HGETALL', KEYS[1])
 local value = false
 for i = 1, #fields, 2 do
@@ -526,12 +508,14 @@ for i = 1, #fields, 2 do
     break
   end
 end
-if value then
-  return {1, value}
-end
+"""
+
+# Appends to `tokens` the token of each tag key from KEYS[{first}] on, minting ARGV[1]
+# where a tag has none; ARGV[2]: ttl in ms. A tag key lives at least as long as the
+# entries that depend on it.
+_MINT_TOKENS = """
 local ttl = tonumber(ARGV[2])
-local answer = {0}
-for i = 2, #KEYS do
+for i = {first}, #KEYS do
   local token = redis.call('GET', KEYS[i])
   if not token then
     redis.call('SET', KEYS[i], ARGV[1], 'PX', ttl)
@@ -539,28 +523,25 @@ for i = 2, #KEYS do
   elseif redis.call('PTTL', KEYS[i]) < ttl then
     redis.call('PEXPIRE', KEYS[i], ttl)
   end
-  answer[i] = token
+  tokens[#tokens + 1] = token
 end
-return answer
 """
 
-# KEYS: tag keys. ARGV[1]: a fresh token for tags that have none; ARGV[2]: ttl in ms.
-# A tag key lives at least as long as the entries that depend on it.
-_STAMP_SCRIPT = """
-local ttl = tonumber(ARGV[2])
-local tokens = {}
-for i, key in ipairs(KEYS) do
-  local token = redis.call('GET', key)
-  if not token then
-    redis.call('SET', key, ARGV[1], 'PX', ttl)
-    token = ARGV[1]
-  elseif redis.call('PTTL', key) < ttl then
-    redis.call('PEXPIRE', key, ttl)
-  end
-  tokens[i] = token
-end
-return tokens
-"""
+# KEYS[1]: the entry. Returns its value, or nil when missing or stale.
+_LOOKUP_SCRIPT = _READ_ENTRY + "return value\n"
+
+# KEYS: tag keys. Returns the token of each.
+_STAMP_SCRIPT = "local tokens = {}\n" + _MINT_TOKENS.replace("{first}", "1") + "return tokens\n"
+
+# KEYS[1]: the entry, KEYS[2..]: the tag keys it would be computed under. Returns {1,
+# value} when the entry is there and current, else (after dropping a stale one) {0, the
+# token of each tag}: a miss costs one round trip before its value is computed, not two.
+_LOOKUP_OR_STAMP_SCRIPT = (
+    _READ_ENTRY
+    + "if value then\n  return {1, value}\nend\nlocal tokens = {0}\n"
+    + _MINT_TOKENS.replace("{first}", "2")
+    + "return tokens\n"
+)
 
 # KEYS[1]: the entry, KEYS[2..]: its tag keys. ARGV[1]: JSON value, ARGV[2]: ttl in ms,
 # ARGV[3..]: the token each tag had when the value was read. Returns 1 when stored.
