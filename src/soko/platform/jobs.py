@@ -307,7 +307,7 @@ def _ours() -> Any:
 @lru_cache(maxsize=1)
 def _claim_statement() -> Any:
     """Take up to ``limit`` due messages (pending and due at ``now``, or running with a
-    lease run out) for ``worker`` until ``locked_until``."""
+    lease run out) for ``worker`` until ``lease_until``."""
     now = bindparam("now", type_=_OUTBOX.c.available_at.type)
     due = or_(
         and_(_OUTBOX.c.status == MessageStatus.pending.value, _OUTBOX.c.available_at <= now),
