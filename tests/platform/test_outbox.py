@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from sqlalchemy import text
+from sqlalchemy import event, select, text
 
 from soko.platform.clock import ManualClock
 from soko.platform.config import Settings
@@ -19,6 +19,7 @@ from soko.platform.outbox import (
     describe_failure,
     enqueue,
     publish,
+    publish_all,
 )
 from tests.platform.jobs_support import Outbox
 
@@ -155,6 +156,46 @@ async def test_publish_writes_one_event_row_from_a_model(
         "currency": "KES",
         "paid_at": clock.now().isoformat().replace("+00:00", "Z"),
     }
+
+
+async def test_publish_all_writes_every_event_in_one_statement(
+    outbox: Outbox, clock: ManualClock
+) -> None:
+    events = [
+        OrderPaid(order_id=f"o-{i}", amount_minor=100 * i, currency="KES", paid_at=clock.now())
+        for i in range(3)
+    ]
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if not statement.startswith("BEGIN"):
+            sent.append(statement)
+
+    engine = outbox.db.engine.sync_engine
+    async with outbox.transaction() as session:
+        await session.execute(select(1))  # the transaction has begun before counting
+        sent.clear()
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            ids = await publish_all(session, "order.paid", events, now=clock.now())
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        assert session.info["outbox_written"] is True
+        assert await publish_all(session, "order.paid", [], now=clock.now()) == []
+    assert len(sent) == 1, sent
+
+    rows = {row.id: row for row in await outbox.messages()}
+    assert set(rows) == set(ids)
+    for message_id, published in zip(ids, events, strict=True):
+        row = rows[message_id]
+        assert (row.kind, row.name, row.handler, row.status) == (
+            "event",
+            "order.paid",
+            None,
+            "pending",
+        )
+        assert row.payload == published.model_dump(mode="json")
+        assert row.available_at == row.created_at == clock.now()
 
 
 def test_failure_descriptions_hide_secrets_and_are_bounded() -> None:
