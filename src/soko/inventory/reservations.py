@@ -389,8 +389,9 @@ async def _claim(
             "claim_quantity": quantity,
             "claim_now": now,
         }
-        holding = hold is not None and _is_postgres(session)
-        if hold is not None and holding:
+        holding = False
+        if hold is not None and _is_postgres(session):
+            holding = True
             parameters.update(
                 hold_id=uuid7(), holder_ref=hold.holder_ref, hold_expires_at=hold.expires_at
             )
