@@ -22,7 +22,6 @@ from typing import Any
 
 import structlog
 from sqlalchemy import ColumnElement, and_, delete, false, or_, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,6 +29,7 @@ from soko.cart.errors import CartClosed, CartNotFound
 from soko.cart.models import MAX_LINE_QUANTITY, Cart, CartLine, CartStatus
 from soko.catalog.public import VariantForSale, variants_for_sale
 from soko.inventory.public import available_for
+from soko.platform.db import dialect_insert
 from soko.platform.errors import NotFound, PreconditionFailed, ValidationFailed
 from soko.platform.etag import etag_for_version, parse_etag_list
 from soko.platform.ids import uuid7
@@ -112,11 +112,6 @@ def versions_named(if_match: str | None) -> frozenset[int] | None:
     return frozenset(versions)
 
 
-def _insert(session: AsyncSession) -> Any:
-    dialect = session.get_bind().dialect.name
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
-
-
 # -- creating carts ---------------------------------------------------------------------------
 
 
@@ -157,7 +152,7 @@ async def open_cart_of_user(
     Insert-or-nothing against the one-open-cart-per-user index, then read: two requests
     racing both end with the same cart."""
     now = runtime.clock.now()
-    insert = _insert(session)
+    insert = dialect_insert(session)
     created = (
         await session.execute(
             insert(Cart)
@@ -295,7 +290,7 @@ async def add_line(
         raise ValidationFailed.of_field(
             "variant_id", f"is priced in {variant.currency}; this cart is in {currency}"
         )
-    insert = _insert(session)
+    insert = dialect_insert(session)
     statement = insert(CartLine).values(
         id=uuid7(),
         cart_id=cart_id,
@@ -691,7 +686,7 @@ async def merge_anonymous_cart(
     if merged_lines:
         # The user's cart is locked (its version was bumped above), so the quantities
         # read a moment ago are still the current ones.
-        insert = _insert(session)
+        insert = dialect_insert(session)
         statement = insert(CartLine).values(merged_lines)
         await session.execute(
             statement.on_conflict_do_update(

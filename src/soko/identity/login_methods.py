@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.models import IdentitySetting, Role
+from soko.platform.db import dialect_insert
 from soko.platform.runtime import invalidate_after_commit
 
 if TYPE_CHECKING:
@@ -152,8 +152,7 @@ async def _put(
     session: AsyncSession, key: str, value: Any, *, now: dt.datetime, by: uuid.UUID | None
 ) -> None:
     # An upsert, so two first writes of the same setting cannot collide on the key.
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = dialect_insert(session)
     statement = insert(IdentitySetting).values(key=key, value=value, updated_at=now, updated_by=by)
     await session.execute(
         statement.on_conflict_do_update(

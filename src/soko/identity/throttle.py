@@ -30,12 +30,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, case, delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.identity.models import LoginThrottle
 from soko.platform.clock import Clock
-from soko.platform.db import Database
+from soko.platform.db import Database, dialect_insert
 from soko.platform.errors import RateLimited
 
 MAX_KEY_LENGTH = 128
@@ -190,7 +189,7 @@ async def _count_failure(
     session: AsyncSession, dialect: str, key: ThrottleKey, now: dt.datetime
 ) -> FailureCount:
     stale_before = now - dt.timedelta(seconds=key.rule.reset_after_seconds)
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = dialect_insert(dialect)
     values = insert(LoginThrottle).values(
         key=key.key, failures=1, blocked_until=None, updated_at=now
     )

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import BindParameter, Select, and_, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.inventory.models import (
@@ -18,6 +17,7 @@ from soko.inventory.models import (
     ReservationStatus,
     StockLevel,
 )
+from soko.platform.db import dialect_insert
 
 S = StockLevel
 R = Reservation
@@ -33,8 +33,7 @@ async def register_item(
 ) -> None:
     """Insert the item, or update its SKU; a variant never changes seller."""
     values = {"variant_id": variant_id, "seller_id": seller_id, "sku": sku, "created_at": now}
-    dialect = session.get_bind().dialect.name
-    insert_: Any = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert_: Any = dialect_insert(session)
     statement = insert_(InventoryItem).values(values)
     statement = statement.on_conflict_do_update(
         index_elements=[InventoryItem.variant_id],

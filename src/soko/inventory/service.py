@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, and_, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -29,16 +28,13 @@ from soko.inventory.models import (
     StockLevel,
 )
 from soko.inventory.reservations import release_expired_at, stock_changed
+from soko.platform.db import dialect_insert
 from soko.platform.errors import NotFound, PreconditionFailed
 from soko.platform.etag import etag_for_version, if_match_passes
 from soko.platform.ids import uuid7
 
 S = StockLevel
 R = Reservation
-
-
-def _insert(session: AsyncSession) -> Any:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 # -- locations ---------------------------------------------------------------------------------
@@ -54,7 +50,7 @@ async def create_location(
     address: str,
 ) -> Location:
     statement = (
-        _insert(session)(Location)
+        dialect_insert(session)(Location)
         .values(
             id=uuid7(),
             seller_id=seller_id,
@@ -298,7 +294,7 @@ async def set_stock(
     # Holds past their time must not stand in the seller's way.
     await release_expired_at(session, now, variant_id, location_id)
     await session.execute(
-        _insert(session)(S)
+        dialect_insert(session)(S)
         .values(
             variant_id=variant_id,
             location_id=location_id,
@@ -361,7 +357,7 @@ async def adjust_stock(
     await release_expired_at(session, now, variant_id, location_id)
     key = and_(S.variant_id == variant_id, S.location_id == location_id)
     if delta > 0:
-        insert_ = _insert(session)(S).values(
+        insert_ = dialect_insert(session)(S).values(
             variant_id=variant_id,
             location_id=location_id,
             seller_id=seller_id,

@@ -15,10 +15,10 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import bindparam, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.notifications.models import InboxNotification
+from soko.platform.db import dialect_insert
 from soko.platform.ids import uuid7
 from soko.platform.jobs import JobContext, registry
 from soko.platform.outbox import enqueue, session_now
@@ -42,7 +42,7 @@ _INBOX: Any = InboxNotification.__table__
 def _insert_statement(dialect: str) -> Any:
     """Insert a notification (every column a bind parameter), or nothing when the user
     already had one with its dedupe key."""
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = dialect_insert(dialect)
     return (
         insert(_INBOX)
         .on_conflict_do_nothing(index_elements=["user_id", "dedupe_key"])

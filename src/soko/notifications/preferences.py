@@ -12,10 +12,10 @@ import uuid
 from enum import StrEnum
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.notifications.models import Preference, RecipientLocale
+from soko.platform.db import dialect_insert
 from soko.platform.ids import uuid7
 from soko.platform.outbox import session_now
 
@@ -78,8 +78,7 @@ async def set_preferences(
     with one of them whole). Locked categories must not be in ``choices`` with a
     channel switched off: the caller refuses that first (:data:`LOCKED`)."""
     now = session_now(session)
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = dialect_insert(session)
     for category, channels in choices.items():
         if category in LOCKED:
             continue
@@ -99,8 +98,7 @@ async def set_preferences(
 async def set_locale(session: AsyncSession, user_id: uuid.UUID, locale: str) -> None:
     """The language of the user's messages from now on (an upsert)."""
     now = session_now(session)
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = dialect_insert(session)
     await session.execute(
         insert(RecipientLocale)
         .values(user_id=user_id, locale=locale, updated_at=now)

@@ -28,10 +28,10 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 from sqlalchemy import bindparam, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.notifications.models import TemplateOverride
+from soko.platform.db import dialect_insert
 from soko.platform.money import minor_units
 
 LOCALES = ("en", "sw")
@@ -271,8 +271,7 @@ async def store_override(
 ) -> None:
     """Store an administrator's source for ``key`` (an upsert that counts versions, so
     two concurrent saves both land, the later one winning)."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = dialect_insert(session)
     statement = insert(TemplateOverride).values(
         key=key, source=source, version=1, updated_at=now, updated_by=user_id
     )

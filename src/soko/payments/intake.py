@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import structlog
 from prometheus_client import Counter
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.payments.payment_models import EventStatus, Payment, WebhookEvent
 from soko.payments.providers.base import InboundEvent, PaymentProvider
 from soko.payments.service import enabled_providers
 from soko.payments.settlement import Settled, settle
+from soko.platform.db import dialect_insert
 from soko.platform.ids import uuid7
 from soko.platform.outbox import enqueue
 from soko.platform.runtime import Runtime
@@ -80,8 +80,7 @@ async def store_event(
     """Insert the verified event once, queueing its processing only when it is new."""
     now = runtime.clock.now()
     row_id = uuid7()
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = dialect_insert(session)
     inserted = (
         await session.execute(
             insert(WebhookEvent)

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, delete, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -66,6 +65,7 @@ from soko.payments.ledger_models import (
     Payout,
     TransactionKind,
 )
+from soko.platform.db import dialect_insert
 from soko.platform.ids import uuid7
 from soko.platform.money import minor_units
 from soko.platform.runtime import Runtime
@@ -229,10 +229,6 @@ _PAYOUTS = _Account(PAYOUTS_SENT, AccountKind.payouts)
 _ADJUSTMENTS = _Account(ADJUSTMENTS, AccountKind.adjustments)
 
 
-def _insert(session: AsyncSession) -> Any:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-
-
 def _now(runtime: Runtime) -> Any:
     return runtime.clock.now()
 
@@ -266,7 +262,7 @@ async def _account_ids(
             for code in missing
         ]
         statement = (
-            _insert(session)(LedgerAccount)
+            dialect_insert(session)(LedgerAccount)
             .values(rows)
             .on_conflict_do_nothing(index_elements=["code", "currency"])
         )
@@ -803,7 +799,7 @@ async def set_commission_rate(
         return CommissionSetting(seller_id, runtime.settings.commission_bps, False, None, None)
     _check_rate(rate_bps)
     now = _now(runtime)
-    statement = _insert(session)(CommissionRate).values(
+    statement = dialect_insert(session)(CommissionRate).values(
         seller_id=seller_id, rate_bps=rate_bps, updated_by=actor_id, updated_at=now
     )
     await session.execute(

@@ -21,7 +21,6 @@ from typing import Any
 
 import structlog
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.orders.public import group_for_payment
@@ -38,6 +37,7 @@ from soko.payments.payment_models import (
 from soko.payments.providers.base import ProviderError, RefundRequest, RefundStatusReader
 from soko.payments.providers.base import RefundStatus as ProviderRefundStatus
 from soko.payments.service import enabled_providers, flag_payment, seller_ids_of_group
+from soko.platform.db import dialect_insert
 from soko.platform.errors import ValidationFailed
 from soko.platform.ids import uuid7
 from soko.platform.outbox import enqueue, publish
@@ -111,8 +111,7 @@ async def request_refund(
             refundable_minor=int(current or 0),
         )
     refund_id = uuid7()
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = dialect_insert(session)
     inserted = (
         await session.execute(
             insert(Refund)

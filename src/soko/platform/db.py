@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import DateTime, MetaData, event, exc
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -81,6 +82,19 @@ class UUIDPrimaryKey:
     """Mixin: a time-ordered UUIDv7 primary key generated in Python."""
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+
+
+def dialect_insert(where: str | AsyncSession | AsyncConnection) -> Any:
+    """The ``insert`` of the dialect ``where`` speaks (a dialect name, a session or a
+    connection): PostgreSQL's, else SQLite's. Both have ``on_conflict_do_nothing`` and
+    ``on_conflict_do_update``, which the generic ``insert`` lacks."""
+    if isinstance(where, str):
+        name = where
+    elif isinstance(where, AsyncSession):
+        name = where.get_bind().dialect.name
+    else:
+        name = where.dialect.name
+    return postgresql.insert if name == "postgresql" else sqlite.insert
 
 
 # A pooled PostgreSQL connection idle for longer than this is pinged before it is used

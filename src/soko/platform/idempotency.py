@@ -68,13 +68,12 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 from starlette.responses import JSONResponse, Response
 
 from soko.platform.auth import current_principal_or_none
-from soko.platform.db import Base, Database, UUIDPrimaryKey
+from soko.platform.db import Base, Database, UUIDPrimaryKey, dialect_insert
 from soko.platform.errors import (
     PROBLEM_MEDIA_TYPE,
     ProblemError,
@@ -287,7 +286,7 @@ _KEYS: Any = IdempotencyKey.__table__
 def _claim_statement(dialect: str) -> Any:
     """Insert a fresh claim (every column a bind parameter of its name), or nothing when
     the scope already holds the key."""
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = dialect_insert(dialect)
     return (
         insert(_KEYS).on_conflict_do_nothing(index_elements=["scope", "key"]).returning(_KEYS.c.id)
     )

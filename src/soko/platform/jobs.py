@@ -54,12 +54,11 @@ import structlog
 from croniter import croniter
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import Integer, and_, bindparam, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.platform.clock import Clock
 from soko.platform.config import Settings
-from soko.platform.db import Database
+from soko.platform.db import Database, dialect_insert
 from soko.platform.ids import uuid7
 from soko.platform.outbox import (
     NAME_MAX_LENGTH,
@@ -377,7 +376,7 @@ def _marker_statement() -> Any:
 @lru_cache(maxsize=2)
 def _fan_out_statement(dialect: str) -> Any:
     """One delivery row per subscriber, each skipped if its dedupe key exists."""
-    insert_ = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert_ = dialect_insert(dialect)
     return insert_(_OUTBOX).on_conflict_do_nothing(index_elements=["dedupe_key"])
 
 

@@ -31,11 +31,11 @@ from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import JSON, CheckConstraint, Index, String, Text, UniqueConstraint, insert
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
-from soko.platform.db import Base, UUIDPrimaryKey
+from soko.platform.db import Base, UUIDPrimaryKey, dialect_insert
 from soko.platform.ids import uuid7
 
 NAME_MAX_LENGTH = 200
@@ -190,7 +190,7 @@ async def add_message(
     # A duplicate must not fail the caller's transaction: insert-or-nothing in one
     # statement, which also settles two concurrent writers of the same key.
     dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = dialect_insert(dialect)
     statement = (
         insert(OutboxMessage)
         .values(**values)

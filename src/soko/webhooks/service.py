@@ -15,10 +15,10 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import bindparam, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.platform.config import Settings
+from soko.platform.db import dialect_insert
 from soko.platform.errors import NotFound, ValidationFailed
 from soko.platform.ids import uuid7
 from soko.platform.netguard import UnsafeUrlError, check_url
@@ -239,11 +239,6 @@ async def rotate_secret(
 # -- fan-out -------------------------------------------------------------------------------
 
 
-def _insert(session: AsyncSession) -> Any:
-    dialect = session.get_bind().dialect.name
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
-
-
 def event_time(payload: Mapping[str, Any], fallback: dt.datetime) -> dt.datetime:
     """When the event happened, from its payload's own time when it has one."""
     for field in ("at", "placed_at", "occurred_at"):
@@ -294,7 +289,7 @@ async def fan_out(
     candidates = (await session.execute(_candidates_statement(), {"owners": list(owners)})).all()
     created_at = event_time(payload, now)
     written = 0
-    insert = _insert(session)
+    insert = dialect_insert(session)
     for endpoint_id, seller_id, event_types in candidates:
         if event_type not in (event_types or ()):
             continue

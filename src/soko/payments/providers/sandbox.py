@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.payments.providers.base import (
@@ -64,6 +63,7 @@ from soko.payments.sandbox_models import (
     SandboxCharge,
     SandboxRefund,
 )
+from soko.platform.db import dialect_insert
 from soko.platform.ids import uuid7
 from soko.platform.money import MINOR_UNITS
 
@@ -111,10 +111,6 @@ def facts_of(charge: SandboxCharge) -> ChargeFacts:
     return ChargeFacts(
         charge.id, charge.reference, charge.status, charge.amount_minor, charge.currency
     )
-
-
-def _insert(session: AsyncSession) -> Any:
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 class SandboxProvider:
@@ -198,7 +194,7 @@ class SandboxProvider:
         }
         inserted = (
             await session.execute(
-                _insert(session)(SandboxCharge)
+                dialect_insert(session)(SandboxCharge)
                 .values(**values)
                 .on_conflict_do_nothing(index_elements=["reference"])
                 .returning(SandboxCharge.id)
@@ -421,7 +417,7 @@ class SandboxProvider:
         # it (PostgreSQL) and then finds it, so one reference never refunds twice.
         inserted = (
             await session.execute(
-                _insert(session)(SandboxRefund)
+                dialect_insert(session)(SandboxRefund)
                 .values(
                     id=refund_id,
                     charge_id=charge_id,
