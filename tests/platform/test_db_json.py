@@ -1,0 +1,77 @@
+"""JSON columns read back exactly as written, on SQLite and PostgreSQL (whose JSON and
+JSONB codecs Soko registers itself, handing the driver's bytes to jsonbody.loads)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import JSON, Column, Integer, MetaData, Table, insert, select, text
+from sqlalchemy.dialects import postgresql
+
+from soko.platform.db import create_engine
+
+DOCUMENTS: list[Any] = [
+    {"size": "M", "colour": "nyekundu"},
+    [{"key": "weight", "value": 1.5}, {"key": "organic", "value": True}],
+    {"big": 2**70, "negative": -(2**65), "edge": 2**64 - 1, "small": -(2**63)},
+    {"text": 'é</script>\u2028"\\', "emoji": "\U0001f600", "nothing": None},
+    [],
+    "just a string",
+    42,
+]
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonb"])
+async def test_documents_read_back_as_written(database_url: str, kind: str) -> None:
+    if kind == "jsonb" and not database_url.startswith("postgresql"):
+        pytest.skip("JSONB is PostgreSQL's")
+    column_type: Any = postgresql.JSONB() if kind == "jsonb" else JSON()
+    table = Table(
+        f"json_round_trip_{kind}",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("doc", column_type),
+    )
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(table.create)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    insert(table), [{"id": i, "doc": doc} for i, doc in enumerate(DOCUMENTS)]
+                )
+            async with engine.connect() as conn:
+                rows = (await conn.execute(select(table.c.doc).order_by(table.c.id))).all()
+            assert [row[0] for row in rows] == DOCUMENTS
+            # Integers beyond 64 bits stay integers, not floats.
+            assert isinstance(rows[2][0]["big"], int)
+        finally:
+            async with engine.begin() as conn:
+                await conn.run_sync(table.drop)
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.postgresql
+async def test_postgresql_json_literals_read_by_the_registered_codecs(
+    postgres_test_url: str,
+) -> None:
+    engine = create_engine(postgres_test_url)
+    try:
+        async with engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        """SELECT '{"n": 123456789012345678901, "s": "ø"}'::json,
+                                  '{"n": 123456789012345678901, "s": "ø"}'::jsonb,
+                                  '[1, 2.5, "NaN"]'::jsonb"""
+                    )
+                )
+            ).one()
+    finally:
+        await engine.dispose()
+    assert row[0] == {"n": 123456789012345678901, "s": "ø"}
+    assert row[1] == {"n": 123456789012345678901, "s": "ø"}
+    assert row[2] == [1, 2.5, "NaN"]
