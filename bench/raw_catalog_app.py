@@ -4,8 +4,9 @@ validation beyond the limit).
 
 It answers ``GET /api/v1/products?limit=20`` with the statements the catalog issues for
 its first page in the default order (newest first), each in autocommit as the catalog
-reads them on PostgreSQL: the page of products of active sellers, their active variants,
-and the availability of those variants; and the same JSON items, its JSON columns read
+reads them on PostgreSQL: the page of products of active sellers (its limit written into
+the SQL, as the catalog writes it), then their active variants, each with its
+availability; and the same JSON items, its JSON columns read
 and the page serialized by the same functions (``soko.platform.jsonbody.loads`` and
 ``dumps``, orjson), so the ratio of the two servers' throughput is what the ORM, FastAPI
 and Soko's middleware cost. The catalog benchmark
@@ -50,22 +51,20 @@ FROM catalog_products AS p
 WHERE p.status = 'published'
   AND p.seller_id IN (SELECT s.id FROM sellers AS s WHERE s.status = 'active')
 ORDER BY p.published_at DESC, p.id DESC
-LIMIT $1
+LIMIT {limit:d}
 """
 
-VARIANTS_SQL = """
+# The active variants of the page's products, each with what is available: on hand -
+# reserved - allocated at active locations, with the units of holds past their expiry
+# (not yet released by the job) given back; NULL for a variant without stock.
+_PAGE_VARIANT_IDS = """
+    SELECT id FROM catalog_variants WHERE product_id = ANY($1::uuid[]) AND status = 'active'
+"""
+OFFERS_SQL = f"""
 SELECT v.id, v.product_id, v.sku, v.options, v.price_minor, v.currency,
-       v.compare_at_minor, v.weight_grams
+       v.compare_at_minor, v.weight_grams, availability.available
 FROM catalog_variants AS v
-WHERE v.product_id = ANY($1::uuid[]) AND v.status = 'active'
-ORDER BY v.product_id, v.position, v.created_at, v.id
-"""
-
-# Available = on hand - reserved - allocated at active locations, with the units of holds
-# past their expiry (not yet released by the job) given back.
-AVAILABILITY_SQL = """
-SELECT availability.variant_id, availability.available
-FROM (
+LEFT JOIN (
     SELECT l.variant_id,
            SUM(l.on_hand - l.reserved - l.allocated + COALESCE(expired.quantity, 0))
                AS available
@@ -75,11 +74,14 @@ FROM (
         SELECT r.variant_id, r.location_id, SUM(r.quantity) AS quantity
         FROM inventory_reservations AS r
         WHERE r.status = 'held' AND r.expires_at <= $2
+          AND r.variant_id IN ({_PAGE_VARIANT_IDS})
         GROUP BY r.variant_id, r.location_id
     ) AS expired ON expired.variant_id = l.variant_id AND expired.location_id = l.location_id
+    WHERE l.variant_id IN ({_PAGE_VARIANT_IDS})
     GROUP BY l.variant_id
-) AS availability
-WHERE availability.variant_id = ANY($1::uuid[])
+) AS availability ON availability.variant_id = v.id
+WHERE v.product_id = ANY($1::uuid[]) AND v.status = 'active'
+ORDER BY v.product_id, v.position, v.created_at, v.id
 """
 
 
@@ -101,18 +103,14 @@ async def products(request: Request) -> Response:
     limit = max(1, min(limit, 100))
     pool: asyncpg.Pool = request.app.state.pool
     async with pool.acquire() as conn:
-        rows = await conn.fetch(PAGE_SQL, limit + 1)
+        rows = await conn.fetch(PAGE_SQL.format(limit=limit + 1))
         page = rows[:limit]
-        variants = await conn.fetch(VARIANTS_SQL, [row["id"] for row in page])
-        available = {
-            row["variant_id"]: int(row["available"])
-            for row in await conn.fetch(
-                AVAILABILITY_SQL, [row["id"] for row in variants], dt.datetime.now(dt.UTC)
-            )
-        }
+        variants = await conn.fetch(
+            OFFERS_SQL, [row["id"] for row in page], dt.datetime.now(dt.UTC)
+        )
     by_product: dict[Any, list[dict[str, Any]]] = {row["id"]: [] for row in page}
     for row in variants:
-        count = max(0, available.get(row["id"], 0))
+        count = max(0, int(row["available"] or 0))
         by_product[row["product_id"]].append(
             {
                 "id": row["id"],

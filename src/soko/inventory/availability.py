@@ -44,17 +44,19 @@ async def register_item(
 
 
 def availability_by_variant(
-    now: dt.datetime, variant_ids: Iterable[uuid.UUID] | BindParameter[Any] | None = None
+    now: dt.datetime,
+    variant_ids: Iterable[uuid.UUID] | BindParameter[Any] | Select[Any] | None = None,
 ) -> Select[uuid.UUID, int]:
     """``(variant_id, available)`` per variant that has stock at an active location.
 
     ``available`` is on_hand - reserved - allocated summed over those locations, with the
     units of holds that expired but are not released yet added back. ``now`` and
     ``variant_ids`` may be bind parameters (``variant_ids`` an expanding one) of a caller
-    that builds its statement once."""
+    that builds its statement once; ``variant_ids`` may also be a select of one column
+    of ids, which the database evaluates inside this statement."""
     ids = (
         variant_ids
-        if variant_ids is None or isinstance(variant_ids, BindParameter)
+        if variant_ids is None or isinstance(variant_ids, BindParameter | Select)
         else list(variant_ids)
     )
     expired = select(R.variant_id, R.location_id, func.sum(R.quantity).label("quantity")).where(

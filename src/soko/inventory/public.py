@@ -87,7 +87,8 @@ async def available_for(
 
 
 def availability_by_variant(
-    now: dt.datetime, variant_ids: Iterable[uuid.UUID] | BindParameter[Any] | None = None
+    now: dt.datetime,
+    variant_ids: Iterable[uuid.UUID] | BindParameter[Any] | Select[Any] | None = None,
 ) -> Select[uuid.UUID, int]:
     """A read model to embed in another domain's query: columns ``variant_id`` and
     ``available``, one row per variant with stock at an active location (a variant
@@ -98,7 +99,9 @@ def availability_by_variant(
     every variant, which suits a query that filters by other columns (a product page)
     and scans every stock row when the database cannot push a join's keys into the
     grouping. A caller building its statement once passes bind parameters: ``now`` a
-    datetime one, ``variant_ids`` an expanding one."""
+    datetime one, ``variant_ids`` an expanding one. ``variant_ids`` may also be a select
+    of one column of ids (the variants of a page of products, say): the database then
+    finds the ids and their stock in one statement."""
     return _availability.availability_by_variant(now, variant_ids)
 
 

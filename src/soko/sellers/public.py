@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.platform.auth import Principal, require
+from soko.platform.db import sql_constant
 from soko.platform.errors import ValidationFailed
 from soko.platform.runtime import SessionDep
 from soko.sellers.errors import NotASeller, SellerChoiceNeeded, SellerNotActive, SellerRoleRequired
@@ -228,7 +229,7 @@ def active_seller_ids(*, slug: str | ColumnElement[str] | None = None) -> Select
     ``.scalar_subquery()`` resolves a storefront's address inside the caller's statement
     (NULL, matching nothing, for an unknown slug or a store that may not sell). Pass a
     slug already normalised by :func:`seller_slug`: slugs are stored lower-case."""
-    statement = select(Seller.id).where(Seller.status == SellerStatus.active.value)
+    statement = select(Seller.id).where(Seller.status == sql_constant(SellerStatus.active.value))
     if slug is not None:
         statement = statement.where(Seller.slug == slug)
     return statement
