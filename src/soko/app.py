@@ -13,7 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 
 import soko
-from soko.platform import errors
+from soko.platform import errors, fastapi_params
 from soko.platform.config import ConfigError, Settings, ensure_secrets, load_settings
 from soko.platform.errors import NotFound, install_problem_handlers
 from soko.platform.http import (
@@ -127,6 +127,7 @@ def create_app(
     tracing = tracing or configure_tracing(settings)
     load_models()
     load_handlers()
+    fastapi_params.install()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
