@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from soko.platform.clock import ManualClock
 from soko.platform.config import Settings
@@ -160,6 +161,68 @@ async def test_an_event_without_subscribers_is_simply_done(outbox: Outbox) -> No
     assert await outbox.dispatcher().run_until_idle() == 1
     [row] = await outbox.messages()
     assert (row.id, row.status) == (event_id, "done")
+
+
+async def test_a_subscriber_that_does_not_want_the_event_gets_no_delivery(
+    outbox: Outbox,
+) -> None:
+    calls: Counter[str] = Counter()
+    asked: list[str] = []
+    wants = {"order.shipped": True, "order.delivered": False}
+
+    async def wanted(connection: AsyncConnection, event: str) -> bool:
+        asked.append(event)
+        # Asked inside the fan-out's transaction: its connection reads the database.
+        assert await connection.scalar(text("SELECT 1")) == 1
+        return wants[event]
+
+    for event in wants:
+
+        @outbox.registry.on(event, name="mirror", wanted=wanted)
+        async def mirror(ctx: JobContext, payload: dict[str, Any]) -> None:
+            calls[ctx.name] += 1
+
+        @outbox.registry.on(event, name="audit_trail")
+        async def audit_trail(ctx: JobContext, payload: dict[str, Any]) -> None:
+            calls[ctx.name] += 1
+
+    shipped = await _publish(outbox, "order.shipped", {"order_id": "o-1"})
+    delivered = await _publish(outbox, "order.delivered", {"order_id": "o-1"})
+    await outbox.dispatcher().run_until_idle()
+
+    assert sorted(asked) == ["order.delivered", "order.shipped"]
+    assert calls == {
+        "order.shipped:mirror": 1,
+        "order.shipped:audit_trail": 1,
+        "order.delivered:audit_trail": 1,
+    }
+    deliveries = {(row.event_id, row.handler) for row in await outbox.messages() if row.handler}
+    assert deliveries == {
+        (shipped, "mirror"),
+        (shipped, "audit_trail"),
+        (delivered, "audit_trail"),
+    }
+    assert {row.status for row in await outbox.messages()} == {"done"}
+
+
+async def test_a_failing_wanted_check_retries_the_fan_out(outbox: Outbox) -> None:
+    failures = [ConnectionError("database went away")]
+
+    async def wanted(connection: AsyncConnection, event: str) -> bool:
+        if failures:
+            raise failures.pop()
+        return True
+
+    @outbox.registry.on("order.refunded", name="mirror", wanted=wanted)
+    async def mirror(ctx: JobContext, payload: dict[str, Any]) -> None:
+        return None
+
+    event_id = await _publish(outbox, "order.refunded", {"order_id": "o-2"})
+    await outbox.dispatcher().run_until_idle()
+    event = await outbox.message(event_id)
+    assert (event.status, event.attempts) == ("pending", 1)
+    assert event.last_error == "ConnectionError: database went away"
+    assert [row.handler for row in await outbox.messages() if row.handler] == []
 
 
 def settings_backoff_ceiling(settings: Settings, attempt: int) -> float:

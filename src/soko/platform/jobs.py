@@ -54,7 +54,7 @@ import structlog
 from croniter import croniter
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import Integer, and_, bindparam, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.platform.clock import Clock
 from soko.platform.config import Settings
@@ -118,6 +118,9 @@ class JobContext:
 
 JobHandler = Callable[[JobContext, dict[str, Any]], Awaitable[None]]
 HandlerT = TypeVar("HandlerT", bound=JobHandler)
+# Whether a subscriber wants an event now, asked on the connection of the transaction
+# that fans the event out, with the event's name (see JobRegistry.on).
+WantedCheck = Callable[[AsyncConnection, str], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class Subscription:
     name: str
     handler: JobHandler
     max_attempts: int | None = None
+    wanted: WantedCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -191,10 +195,22 @@ class JobRegistry:
         return register
 
     def on(
-        self, event: str, *, name: str | None = None, max_attempts: int | None = None
+        self,
+        event: str,
+        *,
+        name: str | None = None,
+        max_attempts: int | None = None,
+        wanted: WantedCheck | None = None,
     ) -> Callable[[HandlerT], HandlerT]:
         """Subscribe ``async def handler(ctx, payload)`` to ``event`` under ``name``
-        (default: the function's name). Each subscriber gets its own delivery."""
+        (default: the function's name). Each subscriber gets its own delivery.
+
+        ``wanted(connection, event)``, when given, is asked in the transaction that fans
+        the event out; ``False`` means this subscriber gets no delivery of it (a
+        subscriber with nothing to do for now, such as webhooks with no endpoint). It
+        must be cheap, and answer ``True`` whenever the handler might have work: a
+        wrong ``False`` loses the event for that subscriber. If it raises, the fan-out
+        fails and is retried like any job."""
         _check_name("an event name", event)
         _check_max_attempts(max_attempts)
 
@@ -205,7 +221,7 @@ class JobRegistry:
             subscribers = self.subscriptions.setdefault(event, {})
             if subscriber in subscribers:
                 raise ValueError(f"{event!r} already has a subscriber named {subscriber!r}")
-            subscribers[subscriber] = Subscription(event, subscriber, handler, max_attempts)
+            subscribers[subscriber] = Subscription(event, subscriber, handler, max_attempts, wanted)
             return handler
 
         return register
@@ -712,11 +728,15 @@ class Dispatcher:
             self.wake()
 
     async def _fan_out(self, message: ClaimedMessage) -> None:
-        subscribers = self.registry.subscribers(message.name)
         now = self.clock.now()
         async with self.db.transaction() as session:
             await self._hold(session, message, None)
             connection = await session.connection()
+            subscribers = [
+                subscriber
+                for subscriber in self.registry.subscribers(message.name)
+                if subscriber.wanted is None or await subscriber.wanted(connection, message.name)
+            ]
             if subscribers:
                 # The payload was read back from the database: JSON already.
                 deliveries = [

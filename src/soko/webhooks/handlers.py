@@ -8,7 +8,7 @@ from typing import Any
 from soko.platform.jobs import JobContext, registry
 from soko.webhooks.delivery import deliver_next
 from soko.webhooks.event_types import EVENT_TYPES
-from soko.webhooks.service import DELIVER_JOB, FAN_OUT_SUBSCRIBER, fan_out
+from soko.webhooks.service import DELIVER_JOB, FAN_OUT_SUBSCRIBER, any_endpoint_enabled, fan_out
 
 
 async def fan_out_event(ctx: JobContext, payload: dict[str, Any]) -> None:
@@ -21,7 +21,9 @@ async def fan_out_event(ctx: JobContext, payload: dict[str, Any]) -> None:
     )
 
 
+# With no endpoint enabled (many marketplaces never add one), an event gets no fan-out
+# delivery at all: one statement in the event's own fan-out instead of a job.
 for _event_type in EVENT_TYPES:
-    registry.on(_event_type, name=FAN_OUT_SUBSCRIBER)(fan_out_event)
+    registry.on(_event_type, name=FAN_OUT_SUBSCRIBER, wanted=any_endpoint_enabled)(fan_out_event)
 
 registry.job(DELIVER_JOB)(deliver_next)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, exists, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.platform.config import Settings
 from soko.platform.db import dialect_insert
@@ -269,6 +269,18 @@ def _candidates_statement() -> Any:
         )
         .order_by(endpoints.c.id)
     )
+
+
+@lru_cache(maxsize=1)
+def _any_enabled_statement() -> Any:
+    endpoints: Any = WebhookEndpoint.__table__
+    return select(exists().where(endpoints.c.enabled.is_(True)))
+
+
+async def any_endpoint_enabled(connection: AsyncConnection, _event_type: str) -> bool:
+    """Whether any endpoint, the marketplace's or a store's, is enabled: without one no
+    event needs fanning out (asked by the dispatcher before it queues the fan-out)."""
+    return bool(await connection.scalar(_any_enabled_statement()))
 
 
 async def fan_out(
