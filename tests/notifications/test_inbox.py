@@ -9,9 +9,11 @@ import uuid
 
 import httpx2
 import pytest
+from sqlalchemy import select
 
 from soko.identity.models import Role
 from soko.notifications.inbox import add_to_inbox, user_channel
+from soko.notifications.models import InboxNotification
 from soko.platform.clock import ManualClock
 from soko.platform.runtime import Runtime
 from tests.identity.conftest import MakeUser, SignedInUser, make_user  # noqa: F401
@@ -26,6 +28,7 @@ async def _add(runtime: Runtime, user: SignedInUser, title: str, **extra: object
     async with transaction(runtime) as session:
         added = await add_to_inbox(
             session,
+            pubsub=runtime.pubsub,
             user_id=user.user_id,
             category="transactional",
             title=title,
@@ -34,6 +37,14 @@ async def _add(runtime: Runtime, user: SignedInUser, title: str, **extra: object
         )
     assert added is not None
     return added
+
+
+async def _titles(runtime: Runtime, user: SignedInUser) -> list[str]:
+    async with transaction(runtime) as session:
+        rows = await session.scalars(
+            select(InboxNotification.title).where(InboxNotification.user_id == user.user_id)
+        )
+        return list(rows.all())
 
 
 async def test_listing_pages_newest_first_and_filters_unread(
@@ -112,7 +123,13 @@ async def test_the_same_dedupe_key_stores_one_notification(
     await _add(runtime, me, "once", dedupe_key="event-1")
     async with transaction(runtime) as session:
         again = await add_to_inbox(
-            session, user_id=me.user_id, category="x", title="t", body="b", dedupe_key="event-1"
+            session,
+            pubsub=runtime.pubsub,
+            user_id=me.user_id,
+            category="x",
+            title="t",
+            body="b",
+            dedupe_key="event-1",
         )
     assert again is None
     assert (await client.get(f"{ME}/unread-count", headers=me.headers)).json() == {"unread": 1}
@@ -123,13 +140,40 @@ async def test_a_new_notification_is_pushed_on_the_users_channel(
     make_user: MakeUser,  # noqa: F811
 ) -> None:
     me = await make_user()
+    await _add(runtime, me, "an earlier one")
     async with runtime.pubsub.subscribe(user_channel(me.user_id)) as messages:
         added = await _add(runtime, me, "Order SK-1 is paid")
-        assert await runtime.dispatcher.run_until_idle() == 1
+        # Pushed once the transaction committed, with no job in between.
         message = await asyncio.wait_for(anext(aiter(messages)), timeout=5)
     assert message.data["type"] == "notification"
     assert message.data["id"] == str(added) and message.data["title"] == "Order SK-1 is paid"
-    assert message.data["unread_count"] == 1
+    assert message.data["unread_count"] == 2
+    assert await runtime.dispatcher.run_until_idle() == 0
+
+
+async def test_a_notification_rolled_back_is_never_pushed(
+    runtime: Runtime,
+    make_user: MakeUser,  # noqa: F811
+) -> None:
+    me = await make_user()
+    channel = user_channel(me.user_id)
+    async with runtime.pubsub.subscribe(channel) as messages:
+        with pytest.raises(RuntimeError):
+            async with transaction(runtime) as session:
+                await add_to_inbox(
+                    session,
+                    pubsub=runtime.pubsub,
+                    user_id=me.user_id,
+                    category="transactional",
+                    title="never stored",
+                    body="b",
+                )
+                raise RuntimeError("the handler failed after adding it")
+        await asyncio.sleep(0.05)  # room for a wrongly started publish to arrive first
+        await runtime.pubsub.publish(channel, {"type": "marker"})
+        first = await asyncio.wait_for(anext(aiter(messages)), timeout=5)
+    assert first.data == {"type": "marker"}
+    assert (await _titles(runtime, me)) == []
 
 
 async def test_routes_need_a_signed_in_user(client: httpx2.AsyncClient) -> None:

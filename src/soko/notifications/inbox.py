@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -21,7 +22,8 @@ from soko.notifications.models import InboxNotification
 from soko.platform.db import dialect_insert
 from soko.platform.ids import uuid7
 from soko.platform.jobs import JobContext, registry
-from soko.platform.outbox import enqueue, session_now
+from soko.platform.outbox import session_now
+from soko.platform.realtime import PubSub, publish_after_commit
 from soko.platform.runtime import Runtime
 
 PUSH_JOB = "notifications.push_in_app"
@@ -62,6 +64,7 @@ def _unread_statement() -> Any:
 async def add_to_inbox(
     session: AsyncSession,
     *,
+    pubsub: PubSub | None,
     user_id: uuid.UUID,
     category: str,
     title: str,
@@ -70,8 +73,10 @@ async def add_to_inbox(
     data: dict[str, Any] | None = None,
     dedupe_key: str | None = None,
 ) -> uuid.UUID | None:
-    """Store an in-app notification for ``user_id`` and push it once the transaction
-    commits; ``None`` (nothing written) when ``dedupe_key`` was used for them before."""
+    """Store an in-app notification for ``user_id`` and push it on ``pubsub`` (when
+    given) once the transaction commits, with the user's unread count as of this
+    transaction; ``None`` (nothing written) when ``dedupe_key`` was used for them
+    before."""
     now = session_now(session)
     values: dict[str, Any] = {
         "id": uuid7(),
@@ -89,23 +94,33 @@ async def add_to_inbox(
     inserted = (await session.execute(statement, values)).scalar_one_or_none()
     if inserted is None:
         return None
-    await enqueue(session, PUSH_JOB, {"id": str(inserted), "user_id": str(user_id)}, now=now)
+    if pubsub is not None:
+        unread = await unread_count(session, user_id)
+        publish_after_commit(session, pubsub, user_channel(user_id), push_message(values, unread))
     return uuid.UUID(str(inserted))
 
 
-def push_message(row: InboxNotification, unread: int) -> dict[str, Any]:
+_PUSHED_FIELDS = ("id", "category", "title", "body", "link", "created_at")
+
+
+def push_message(fields: Mapping[str, Any], unread: int) -> dict[str, Any]:
+    """What a connected client is sent about a new notification, from the values it was
+    inserted with (or its row's)."""
+    created_at: dt.datetime = fields["created_at"]
     return {
         "type": "notification",
-        "id": str(row.id),
-        "category": row.category,
-        "title": row.title,
-        "body": row.body,
-        "link": row.link,
-        "created_at": row.created_at.isoformat(),
+        "id": str(fields["id"]),
+        "category": fields["category"],
+        "title": fields["title"],
+        "body": fields["body"],
+        "link": fields["link"],
+        "created_at": created_at.isoformat(),
         "unread_count": unread,
     }
 
 
+# Notifications are pushed after their transaction commits (add_to_inbox) rather than by
+# this job; it stays registered for the pushes queued before that change.
 @registry.job(PUSH_JOB, max_attempts=3)
 async def push_in_app(ctx: JobContext, payload: dict[str, Any]) -> None:
     runtime: Runtime = ctx.services
@@ -113,7 +128,8 @@ async def push_in_app(ctx: JobContext, payload: dict[str, Any]) -> None:
     if row is None or row.read_at is not None:
         return  # deleted with its user, or read elsewhere before the push went out
     unread = await unread_count(ctx.session, row.user_id)
-    await runtime.pubsub.publish(user_channel(row.user_id), push_message(row, unread))
+    fields = {name: getattr(row, name) for name in _PUSHED_FIELDS}
+    await runtime.pubsub.publish(user_channel(row.user_id), push_message(fields, unread))
 
 
 async def unread_count(session: AsyncSession, user_id: uuid.UUID) -> int:

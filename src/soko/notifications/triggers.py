@@ -313,6 +313,7 @@ async def _notify_user(
         order = base.get("order")
         added = await add_to_inbox(
             session,
+            pubsub=runtime.pubsub,
             user_id=user_id,
             category=trigger.category.value,
             title=rendered.title,

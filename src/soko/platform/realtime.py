@@ -15,6 +15,9 @@ clients reload state on reconnect and durable work goes through the outbox.
 
 Messages are JSON on both backends, so a publisher learns at once (``TypeError``) that a
 payload would not survive Redis, and each subscriber gets its own copy.
+
+:func:`publish_after_commit` publishes once a database transaction has committed, and
+not at all if it rolls back: a push about a row never goes out before the row exists.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -50,6 +56,48 @@ def encode_message(message: Mapping[str, Any]) -> bytes:
         return json.dumps(dict(message), separators=(",", ":"), allow_nan=False).encode()
     except ValueError as exc:
         raise TypeError(f"cannot publish {message!r}: {exc}") from exc
+
+
+# What publish_after_commit queued on a session: (pub/sub, channel, message).
+_AFTER_COMMIT = "soko.realtime.after_commit"
+# Publishes started after a commit, referenced until done (a task nobody holds can be
+# collected before it runs).
+_STARTED: set[asyncio.Task[None]] = set()
+
+
+def publish_after_commit(
+    session: AsyncSession, pubsub: PubSub, channel: str, message: Mapping[str, Any]
+) -> None:
+    """Publish ``message`` on ``channel`` once ``session``'s transaction has committed;
+    never if it rolls back. At most once, like every publish: a process that stops
+    between the commit and the publish loses the push, and clients reload on reconnect.
+    A message that could not be published raises here, inside the transaction."""
+    encode_message(message)
+    session.info.setdefault(_AFTER_COMMIT, []).append((pubsub, channel, dict(message)))
+
+
+async def _publish_committed(pubsub: PubSub, channel: str, message: dict[str, Any]) -> None:
+    try:
+        await pubsub.publish(channel, message)
+    except Exception:  # the change is committed; a lost push is reloaded on reconnect
+        log.exception("publish after commit failed", channel=channel)
+
+
+@event.listens_for(Session, "after_commit")
+def _start_committed_publishes(session: Session) -> None:
+    queued = session.info.pop(_AFTER_COMMIT, None)
+    if not queued:
+        return
+    loop = asyncio.get_running_loop()
+    for pubsub, channel, message in queued:
+        task = loop.create_task(_publish_committed(pubsub, channel, message))
+        _STARTED.add(task)
+        task.add_done_callback(_STARTED.discard)
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_rolled_back_publishes(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)
 
 
 class PubSub(Protocol):
