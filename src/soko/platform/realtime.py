@@ -71,7 +71,8 @@ def publish_after_commit(
     """Publish ``message`` on ``channel`` once ``session``'s transaction has committed;
     never if it rolls back. At most once, like every publish: a process that stops
     between the commit and the publish loses the push, and clients reload on reconnect.
-    A message that could not be published raises here, inside the transaction."""
+    A message that could not be published raises here, inside the transaction. Queue it
+    outside a savepoint: one rolled back on its own does not withdraw the push."""
     encode_message(message)
     session.info.setdefault(_AFTER_COMMIT, []).append((pubsub, channel, dict(message)))
 
