@@ -10,6 +10,7 @@ import uuid
 import httpx2
 import pytest
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.models import Role
 from soko.notifications.inbox import add_to_inbox, user_channel
@@ -24,17 +25,23 @@ ME = f"{API}/me/notifications"
 PREFS = f"{API}/me/notification-preferences"
 
 
+async def _add_in(
+    session: AsyncSession, runtime: Runtime, user: SignedInUser, title: str, **extra: object
+) -> uuid.UUID | None:
+    return await add_to_inbox(
+        session,
+        pubsub=runtime.pubsub,
+        user_id=user.user_id,
+        category="transactional",
+        title=title,
+        body=f"{title} body",
+        **extra,  # type: ignore[arg-type]
+    )
+
+
 async def _add(runtime: Runtime, user: SignedInUser, title: str, **extra: object) -> uuid.UUID:
     async with transaction(runtime) as session:
-        added = await add_to_inbox(
-            session,
-            pubsub=runtime.pubsub,
-            user_id=user.user_id,
-            category="transactional",
-            title=title,
-            body=f"{title} body",
-            **extra,  # type: ignore[arg-type]
-        )
+        added = await _add_in(session, runtime, user, title, **extra)
     assert added is not None
     return added
 
@@ -122,15 +129,7 @@ async def test_the_same_dedupe_key_stores_one_notification(
     me = await make_user()
     await _add(runtime, me, "once", dedupe_key="event-1")
     async with transaction(runtime) as session:
-        again = await add_to_inbox(
-            session,
-            pubsub=runtime.pubsub,
-            user_id=me.user_id,
-            category="x",
-            title="t",
-            body="b",
-            dedupe_key="event-1",
-        )
+        again = await _add_in(session, runtime, me, "twice", dedupe_key="event-1")
     assert again is None
     assert (await client.get(f"{ME}/unread-count", headers=me.headers)).json() == {"unread": 1}
 
@@ -160,14 +159,7 @@ async def test_a_notification_rolled_back_is_never_pushed(
     async with runtime.pubsub.subscribe(channel) as messages:
         with pytest.raises(RuntimeError):
             async with transaction(runtime) as session:
-                await add_to_inbox(
-                    session,
-                    pubsub=runtime.pubsub,
-                    user_id=me.user_id,
-                    category="transactional",
-                    title="never stored",
-                    body="b",
-                )
+                await _add_in(session, runtime, me, "never stored")
                 raise RuntimeError("the handler failed after adding it")
         await asyncio.sleep(0.05)  # room for a wrongly started publish to arrive first
         await runtime.pubsub.publish(channel, {"type": "marker"})
