@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx2
 from sqlalchemy import event
+from sqlalchemy.orm import Session
 
 from soko.platform.config import ReservationStrategy
 from soko.platform.runtime import Runtime
@@ -115,3 +116,38 @@ async def test_a_sold_out_checkout_is_refused_before_any_write(
     # Only the cart's variants are aggregated: without the filter the read would sum the
     # stock of every variant in the market on every checkout.
     assert "inventory_stock_levels.variant_id IN (" in stock_reads[0], stock_reads[0]
+
+
+async def test_a_sold_out_checkout_opens_no_transaction(
+    client: httpx2.AsyncClient, runtime: Runtime, market: Market, make_buyer: MakeBuyer
+) -> None:
+    """The cart and its variants are read before the checkout's transaction writes
+    anything, so a sold-out answer costs no BEGIN and no ROLLBACK: only the reads and the
+    idempotency key's own statements."""
+    shop = await market.open_shop()
+    scarce = (await shop.list_product(700, stock=1)).variant_ids[0]
+    buyer = await make_buyer((scarce, 2))
+    ok(await client.get(ORDERS, headers=buyer.headers))
+    began: list[object] = []
+
+    def record(session: Any, transaction: Any, connection: Any) -> None:
+        began.append(transaction)
+
+    event.listen(Session, "after_begin", record)
+    try:
+        response = await buyer.post_checkout()
+    finally:
+        event.remove(Session, "after_begin", record)
+    assert response.status_code == 409, response.text
+    assert began == []
+
+    # A checkout that goes through still runs its writes in one transaction.
+    shop_two = await market.open_shop()
+    plenty = (await shop_two.list_product(700, stock=5)).variant_ids[0]
+    other = await make_buyer((plenty, 1))
+    event.listen(Session, "after_begin", record)
+    try:
+        assert (await other.post_checkout()).status_code == 201
+    finally:
+        event.remove(Session, "after_begin", record)
+    assert len(began) == 1

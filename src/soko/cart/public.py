@@ -9,7 +9,7 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.cart.errors import CartChanged, CartNotFound
 from soko.cart.models import Cart, CartLine, CartStatus
@@ -72,14 +72,15 @@ def _cart_statement() -> Any:
 
 
 async def cart_for_checkout(
-    session: AsyncSession, *, cart_id: uuid.UUID, user_id: uuid.UUID
+    session: AsyncSession | AsyncConnection, *, cart_id: uuid.UUID, user_id: uuid.UUID
 ) -> CartForCheckout:
     """The open cart ``cart_id`` of ``user_id`` with its lines (ordered by when they were
     added), in one statement. Raises :class:`CartNotFound` (404) when there is no such
     cart, it is someone else's or anonymous, or it is no longer open.
 
     Pass the ``version`` on to :func:`mark_converted` so a change made meanwhile is
-    noticed instead of checked out unseen."""
+    noticed instead of checked out unseen. ``session`` may be a plain connection: the
+    version makes a read outside the checkout's transaction as safe as one inside."""
     rows = (
         await session.execute(_cart_statement(), {"cart_id": cart_id, "user_id": user_id})
     ).all()

@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import BindParameter, Select, bindparam, func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.catalog.models import Product, ProductStatus, Variant, VariantStatus
 from soko.inventory.public import availability_by_variant
@@ -105,7 +105,7 @@ class VariantForSale:
 
 
 async def variants_for_sale(
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     variant_ids: Iterable[uuid.UUID],
     *,
     stock_at: dt.datetime | None = None,

@@ -125,20 +125,28 @@ async def place_checkout(
 ) -> PlacedCheckout:
     """Turn ``buyer_id``'s open cart into a checkout group with one order per seller,
     publish ``order.placed`` for each and close the cart. Stock is not held yet: call
-    :func:`hold_stock` last, right before the transaction commits."""
-    cart = await cart_for_checkout(session, cart_id=request.cart_id, user_id=buyer_id)
-    if not cart.lines:
-        raise CheckoutCartEmpty("The cart has no items to check out.")
-    now = runtime.clock.now()
-    variants = await variants_for_sale(
-        session, [line.variant_id for line in cart.lines], stock_at=now
-    )
-    unavailable = _unavailable(cart, variants, set())
-    if unavailable:
-        # Name the lines of stores that stopped selling too, in the same answer.
-        sellers = {v.seller_id for v in variants.values()}
-        inactive = await inactive_seller_ids(session, sellers)
-        raise _refuse_unavailable(_unavailable(cart, variants, inactive))
+    :func:`hold_stock` last, right before the transaction commits.
+
+    The cart and its variants are read before the transaction writes anything, on a
+    connection of their own (autocommit on PostgreSQL): a checkout refused there (an
+    empty cart, an item no longer for sale, sold out) opens no transaction at all. The
+    writes check what those reads decided: the cart is closed only at the version read,
+    each store must still be active for the group to be created, and the reservation
+    takes only the stock there is."""
+    async with runtime.db.reading() as reader:
+        cart = await cart_for_checkout(reader, cart_id=request.cart_id, user_id=buyer_id)
+        if not cart.lines:
+            raise CheckoutCartEmpty("The cart has no items to check out.")
+        now = runtime.clock.now()
+        variants = await variants_for_sale(
+            reader, [line.variant_id for line in cart.lines], stock_at=now
+        )
+        unavailable = _unavailable(cart, variants, set())
+        if unavailable:
+            # Name the lines of stores that stopped selling too, in the same answer.
+            sellers = {v.seller_id for v in variants.values()}
+            inactive = await inactive_seller_ids(reader, sellers)
+            raise _refuse_unavailable(_unavailable(cart, variants, inactive))
     shortages = _shortages(cart, variants)
     if shortages:
         # Sold out already: answered before writing anything or waiting on a stock row

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 from sqlalchemy import ColumnElement, Select, bindparam, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.platform.auth import Principal, require
 from soko.platform.db import sql_constant
@@ -207,7 +207,9 @@ async def seller_cards(
     return {row.id: SellerCard(row.id, row.slug, row.store_name, row.status) for row in rows}
 
 
-async def inactive_seller_ids(session: AsyncSession, ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
+async def inactive_seller_ids(
+    session: AsyncSession | AsyncConnection, ids: Iterable[uuid.UUID]
+) -> set[uuid.UUID]:
     """The ids among ``ids`` of stores that may not sell now: pending, suspended,
     rejected, or unknown (one query)."""
     wanted = set(ids)
