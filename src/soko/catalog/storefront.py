@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -53,7 +52,7 @@ from soko.catalog.models import Category, Product, ProductStatus, Variant, Varia
 from soko.catalog.public import CATALOG_TAG, product_tag
 from soko.inventory.public import INVENTORY_TAG, availability_by_variant
 from soko.platform import jsonbody
-from soko.platform.db import SQLITE_BEGIN_OPTION, UTCDateTime, sql_constant
+from soko.platform.db import UTCDateTime, sql_constant
 from soko.platform.etag import etag_for_content
 from soko.platform.pagination import (
     FieldSelection,
@@ -167,20 +166,6 @@ async def cached(
 
     raw = await runtime.cache.get_or_set_raw(key, factory, ttl, tags, near=True)
     return Rendered.from_cache(raw)
-
-
-@asynccontextmanager
-async def reading(runtime: Runtime) -> AsyncIterator[AsyncConnection]:
-    """A connection for the listing's reads.
-
-    On PostgreSQL it runs in autocommit: at READ COMMITTED every statement takes its own
-    snapshot anyway, so a transaction would only add BEGIN and COMMIT round trips. On
-    SQLite the reads share one deferred transaction (one snapshot) beside the writer."""
-    async with runtime.db.engine.connect() as connection:
-        if connection.dialect.name == "sqlite":
-            yield await connection.execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
-        else:
-            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
 
 # -- the statements, built once per shape ---------------------------------------------------------
@@ -500,7 +485,9 @@ async def render_listing(
     """The listing page as cached JSON and its ETag."""
 
     async def render() -> Rendered:
-        async with reading(runtime) as connection:
+        # Autocommit on PostgreSQL (each statement has its own snapshot at READ COMMITTED
+        # anyway); one deferred transaction on SQLite.
+        async with runtime.db.reading() as connection:
             items, next_cursor = await product_page(connection, runtime, filters, sort, page)
         if fields.fields is not None:
             wanted = fields.fields

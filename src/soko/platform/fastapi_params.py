@@ -52,33 +52,18 @@ def _check(name: str, function: Callable[..., Any]) -> None:
         )
 
 
-def _by_field(original: Callable[..., Any]) -> Callable[..., Any]:
-    remembered: dict[tuple[int, bool], tuple[Any, Any]] = {}
+def _remembering(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original``, its answer computed once per subject (a field or an annotation) and
+    keyword options, then looked up."""
+    remembered: dict[Any, tuple[Any, Any]] = {}
 
-    def wrapper(field: Any, *, convert_underscores: bool = False) -> Any:
-        key = (id(field), convert_underscores)
+    def wrapper(subject: Any, **options: Any) -> Any:
+        key = (id(subject), *options.values()) if options else id(subject)
         entry = remembered.get(key)
-        if entry is not None and entry[0] is field:
+        if entry is not None and entry[0] is subject:
             return entry[1]
-        if convert_underscores:
-            answer = original(field, convert_underscores=True)
-        else:
-            answer = original(field)
-        remembered[key] = (field, answer)
-        return answer
-
-    return wrapper
-
-
-def _by_annotation(original: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    remembered: dict[int, tuple[Any, bool]] = {}
-
-    def wrapper(annotation: Any) -> bool:
-        entry = remembered.get(id(annotation))
-        if entry is not None and entry[0] is annotation:
-            return entry[1]
-        answer = original(annotation)
-        remembered[id(annotation)] = (annotation, answer)
+        answer = original(subject, **options)
+        remembered[key] = (subject, answer)
         return answer
 
     return wrapper
@@ -90,7 +75,6 @@ def install() -> None:
         if hasattr(getattr(_utils, name), _MARK):
             continue
         _check(name, original)
-        wrapper = _by_annotation(original) if name == "field_annotation_is_sequence" else None
-        wrapper = wrapper or _by_field(original)
+        wrapper = _remembering(original)
         setattr(wrapper, _MARK, original)
         setattr(_utils, name, wrapper)

@@ -189,8 +189,7 @@ async def add_message(
         return uuid.UUID(str(values["id"]))
     # A duplicate must not fail the caller's transaction: insert-or-nothing in one
     # statement, which also settles two concurrent writers of the same key.
-    dialect = session.get_bind().dialect.name
-    insert = dialect_insert(dialect)
+    insert = dialect_insert(session)
     statement = (
         insert(OutboxMessage)
         .values(**values)
