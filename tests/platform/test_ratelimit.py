@@ -32,6 +32,11 @@ from soko.platform.runtime import Runtime
 from tests.conftest import make_settings
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
+# Tests of counting give a reachable Redis room to answer. The default half second is for
+# production, where a slow check should fail open; a loaded test machine (two pytest
+# workers beside PostgreSQL and Redis) has taken longer, and the check then let a request
+# through that the test expected refused.
+ROOMY_TIMEOUT = 5.0
 LimiterFactory = Callable[[], RateLimiter]
 
 
@@ -59,7 +64,9 @@ async def limiters(store: tuple[str, str] | None) -> AsyncIterator[LimiterFactor
         redis_url, namespace = store
 
         def make() -> RateLimiter:
-            limiter = create_redis_rate_limiter(redis_url, namespace=namespace)
+            limiter = create_redis_rate_limiter(
+                redis_url, namespace=namespace, timeout_seconds=ROOMY_TIMEOUT
+            )
             made.append(limiter)
             return limiter
 
@@ -114,7 +121,9 @@ async def test_ping(limiter: RateLimiter) -> None:
 async def test_redis_counts_live_under_the_namespace(redis_url: str, redis_namespace: str) -> None:
     from redis.asyncio import Redis
 
-    limiter = create_redis_rate_limiter(redis_url, namespace=redis_namespace)
+    limiter = create_redis_rate_limiter(
+        redis_url, namespace=redis_namespace, timeout_seconds=ROOMY_TIMEOUT
+    )
     client = Redis.from_url(redis_url)
     try:
         await limiter.hit(parse("3/minute"), "login", "10.0.0.1")
@@ -255,7 +264,9 @@ async def limited(
     app.include_router(limited_routes())
     if store is not None:
         await runtime.limiter.close()
-        runtime.limiter = create_redis_rate_limiter(store[0], namespace=store[1])
+        runtime.limiter = create_redis_rate_limiter(
+            store[0], namespace=store[1], timeout_seconds=ROOMY_TIMEOUT
+        )
     return client
 
 
@@ -376,7 +387,7 @@ async def test_a_burst_beyond_the_pool_waits_for_a_connection_instead_of_failing
     room here: thirty round trips queue on each connection, and a loaded test machine
     took longer than the default half second for them.)"""
     limiter = create_redis_rate_limiter(
-        redis_url, namespace=redis_namespace, max_connections=2, timeout_seconds=5.0
+        redis_url, namespace=redis_namespace, max_connections=2, timeout_seconds=ROOMY_TIMEOUT
     )
     try:
         item = parse("1000/hour")
