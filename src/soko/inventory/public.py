@@ -43,6 +43,7 @@ __all__ = [
     "rehold_if_available",
     "release_hold",
     "reserve",
+    "reserve_committed",
     "stock_tag",
 ]
 
@@ -134,6 +135,28 @@ async def reserve(
         lines=lines,
         expires_at=expires_at,
         strategy=strategy,
+    )
+
+
+async def reserve_committed(
+    runtime: Runtime,
+    *,
+    holder_ref: uuid.UUID,
+    lines: Sequence[ReservationRequest],
+    expires_at: dt.datetime,
+    strategy: ReservationStrategy | None = None,
+) -> None:
+    """:func:`reserve`, committed on its own before it returns: the stock rows are
+    locked only while the hold is written, never while the caller's own transaction
+    goes on. On PostgreSQL a variant stocked at one location is held in one statement,
+    locked and committed inside the database.
+
+    The caller owns what follows: if its own work is not committed, it gives the units
+    back with :func:`release_hold` (``soko.platform.runtime.on_rollback``). Should that
+    never happen (the process died), the hold runs out at ``expires_at`` like any other
+    and the release job gives its units back."""
+    await _reservations.reserve_committed(
+        runtime, holder_ref=holder_ref, lines=lines, expires_at=expires_at, strategy=strategy
     )
 
 

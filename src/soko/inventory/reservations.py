@@ -50,7 +50,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.inventory.errors import OutOfStock
 from soko.inventory.models import (
@@ -231,8 +231,39 @@ _CLAIM_AND_HOLD_ONE_ROW = (
 )  # fmt: skip
 
 
+def _claim_and_hold_one_row_locked() -> Any:
+    """:data:`_CLAIM_AND_HOLD_ONE_ROW` for the pessimistic strategy: the stock row is
+    taken ``FOR UPDATE`` before the UPDATE decides on it, in the same statement."""
+    row = and_(
+        S.variant_id == bindparam("claim_variant_id", type_=STOCK_LEVELS.c.variant_id.type),
+        S.location_id == bindparam("claim_location_id", type_=STOCK_LEVELS.c.location_id.type),
+    )
+    claimed = _CLAIM_ONE_ROW.where(_rows_locked_first(row)).cte("claimed")
+    return (
+        RESERVATIONS.insert()
+        .from_select(
+            ["id", "holder_ref", "variant_id", "location_id", "quantity", "status",
+             "expires_at", "created_at"],
+            select(
+                bindparam("hold_id", type_=RESERVATIONS.c.id.type),
+                bindparam("holder_ref", type_=RESERVATIONS.c.holder_ref.type),
+                claimed.c.variant_id,
+                claimed.c.location_id,
+                bindparam("claim_quantity", type_=Integer()),
+                literal(ReservationStatus.held.value, RESERVATIONS.c.status.type),
+                bindparam("hold_expires_at", type_=RESERVATIONS.c.expires_at.type),
+                bindparam("claim_now", type_=STOCK_LEVELS.c.updated_at.type),
+            ).select_from(claimed),
+        )
+        .returning(RESERVATIONS.c.variant_id, RESERVATIONS.c.location_id)
+    )  # fmt: skip
+
+
+_CLAIM_AND_HOLD_ONE_ROW_LOCKED = _claim_and_hold_one_row_locked()
+
+
 async def read_stock_rows(
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     variant_ids: Iterable[uuid.UUID],
     now: dt.datetime,
     *,
@@ -499,6 +530,84 @@ async def reserve(
         ],
     )
     stock_changed(session, variant_ids)
+
+
+async def reserve_committed(
+    runtime: Runtime,
+    *,
+    holder_ref: uuid.UUID,
+    lines: Sequence[ReservationRequest],
+    expires_at: dt.datetime,
+    strategy: ReservationStrategy | None = None,
+) -> None:
+    """:func:`reserve` in a transaction of its own, committed before it returns.
+
+    On PostgreSQL a hold of one stock row (the usual case: a variant stocked at one
+    location) is one statement in autocommit: the row is locked, updated, its hold
+    written and the whole committed inside the database, with no round trip to the
+    application while the lock is held. The pessimistic strategy takes the row ``FOR
+    UPDATE`` first in that statement. Any other hold (several rows, expired holds to give
+    back on the way, a claim that fell short) runs :func:`reserve` in a transaction."""
+    wanted = merge_lines(lines)
+    if not wanted:
+        return
+    strategy = strategy or runtime.settings.reservation_strategy
+    if runtime.db.dialect == "postgresql" and len(wanted) == 1:
+        async with runtime.db.writing_once() as connection:
+            held = await _hold_one_row(
+                connection, runtime, holder_ref, wanted, expires_at, strategy
+            )
+        if held:
+            await runtime.invalidate(INVENTORY_TAG, *(stock_tag(v) for v in wanted))
+            return
+    async with runtime.transaction() as session:
+        await reserve(
+            session,
+            runtime,
+            holder_ref=holder_ref,
+            lines=lines,
+            expires_at=expires_at,
+            strategy=strategy,
+        )
+
+
+async def _hold_one_row(
+    connection: AsyncConnection,
+    runtime: Runtime,
+    holder_ref: uuid.UUID,
+    wanted: Mapping[uuid.UUID, int],
+    expires_at: dt.datetime,
+    strategy: ReservationStrategy,
+) -> bool:
+    """Hold a variant stocked in one row, in one autocommitted statement; False when
+    this takes more (several rows, expired holds in the way, the row fell short since
+    the read), for :func:`reserve` to decide with its retries and exact shortages."""
+    now = runtime.clock.now()
+    rows = await read_stock_rows(connection, list(wanted), now)
+    if len(rows) != 1 or rows[0].expired_held:
+        return False
+    plan = plan_reservation(wanted, rows)
+    if not plan.feasible:
+        raise OutOfStock(plan.shortages)
+    ((variant_id, location_id), quantity), *_ = plan.takes.items()
+    statement = (
+        _CLAIM_AND_HOLD_ONE_ROW_LOCKED
+        if strategy is ReservationStrategy.pessimistic
+        else _CLAIM_AND_HOLD_ONE_ROW
+    )
+    result = await connection.execute(
+        statement,
+        {
+            "claim_variant_id": variant_id,
+            "claim_location_id": location_id,
+            "claim_quantity": quantity,
+            "claim_now": now,
+            "hold_id": uuid7(),
+            "holder_ref": holder_ref,
+            "hold_expires_at": expires_at,
+        },
+    )
+    return result.first() is not None
 
 
 async def _release_expired_in_the_way(

@@ -5,13 +5,16 @@ Statements are counted (a checkout must stay within 15 whatever the number of li
 sellers, the idempotency claim included) and the stock rows of a popular item are the
 one thing many checkouts fight over. So a checkout reads each other domain once (the
 cart, its variants), checks the sellers inside the statement that creates the group,
-writes each table with one statement, and holds the stock last, right before the
-transaction commits, so the stock rows stay locked for as short a time as possible.
+writes each table with one statement, and holds the stock so that its rows stay locked
+for as short a time as possible: on PostgreSQL in a statement committed on its own
+before the writes (given back if they do not commit), on SQLite last in the checkout's
+transaction (see :func:`holds_apart`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import secrets
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,12 +22,20 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+import structlog
 from sqlalchemy import bindparam, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.cart.public import CartForCheckout, cart_for_checkout, mark_converted
 from soko.catalog.public import VariantForSale, variants_for_sale
-from soko.inventory.public import OutOfStock, ReservationRequest, Shortage, reserve
+from soko.inventory.public import (
+    OutOfStock,
+    ReservationRequest,
+    Shortage,
+    release_hold,
+    reserve,
+    reserve_committed,
+)
 from soko.orders.errors import (
     CartPricesChanged,
     CheckoutCartEmpty,
@@ -36,8 +47,10 @@ from soko.orders.models import CheckoutGroup, GroupStatus, Order, OrderLine
 from soko.orders.states import INITIAL_STATE
 from soko.platform.ids import uuid7
 from soko.platform.outbox import publish_all
-from soko.platform.runtime import Runtime
+from soko.platform.runtime import Runtime, on_rollback
 from soko.sellers.public import active_seller_ids, inactive_seller_ids
+
+log = structlog.get_logger("soko.orders")
 
 # Crockford's base32: no I, L, O or U, so a number read out on the phone is unambiguous.
 _NUMBER_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -57,13 +70,15 @@ class CheckoutRequest:
     shipping_address: Mapping[str, Any] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PlacedCheckout:
-    """What a checkout created, as written (nothing is read back)."""
+    """What a checkout created, as written (nothing is read back), and whether its
+    stock is held already."""
 
     group: CheckoutGroup
     orders: list[Order]
     lines: dict[uuid.UUID, list[OrderLine]] = field(default_factory=dict)
+    held: bool = False
 
     def reservation_lines(self) -> list[ReservationRequest]:
         return [
@@ -124,15 +139,19 @@ async def place_checkout(
     session: AsyncSession, runtime: Runtime, buyer_id: uuid.UUID, request: CheckoutRequest
 ) -> PlacedCheckout:
     """Turn ``buyer_id``'s open cart into a checkout group with one order per seller,
-    publish ``order.placed`` for each and close the cart. Stock is not held yet: call
+    publish ``order.placed`` for each and close the cart. On PostgreSQL the stock is
+    held first, committed on its own, and given back if ``session``'s transaction does
+    not commit (the session must be a request's or :meth:`Runtime.transaction`'s, which
+    run :func:`~soko.platform.runtime.on_rollback`). Elsewhere it is not held yet: call
     :func:`hold_stock` last, right before the transaction commits.
 
     The cart and its variants are read before the transaction writes anything, on a
     connection of their own (autocommit on PostgreSQL): a checkout refused there (an
     empty cart, an item no longer for sale, sold out) opens no transaction at all. The
     writes check what those reads decided: the cart is closed only at the version read,
-    each store must still be active for the group to be created, and the reservation
-    takes only the stock there is."""
+    each store must still be active for the group to be created, and the hold takes
+    only the stock there is. A price change or an expected total that differs is
+    refused before anything is held."""
     async with runtime.db.reading() as reader:
         cart = await cart_for_checkout(reader, cart_id=request.cart_id, user_id=buyer_id)
         if not cart.lines:
@@ -220,9 +239,6 @@ async def place_checkout(
         order.item_count += cart_line.quantity
     group.total_minor = sum(order.subtotal_minor for order in orders.values())
 
-    if not await _create_group(session, group, list(orders)):
-        inactive = await inactive_seller_ids(session, orders)
-        raise _refuse_unavailable(_unavailable(cart, variants, inactive))
     if changed_prices and not request.accept_price_changes:
         raise CartPricesChanged(
             "Prices changed since these items were added to the cart: check out again "
@@ -241,6 +257,23 @@ async def place_checkout(
             currency=group.currency,
         )
 
+    placed = PlacedCheckout(group=group, orders=list(orders.values()), lines=lines)
+    if holds_apart(runtime):
+        # Held before anything is written, in a transaction of its own, so the stock rows
+        # are locked only while the hold is written; given back if this transaction does
+        # not commit (and in any case once the hold runs out).
+        await reserve_committed(
+            runtime,
+            holder_ref=group.id,
+            lines=placed.reservation_lines(),
+            expires_at=group.reservation_expires_at,
+        )
+        placed.held = True
+        on_rollback(session, functools.partial(_give_back_unless_placed, runtime, group.id))
+
+    if not await _create_group(session, group, list(orders)):
+        inactive = await inactive_seller_ids(session, orders)
+        raise _refuse_unavailable(_unavailable(cart, variants, inactive))
     # One INSERT per table, whatever the number of orders and lines: plain Core
     # statements built once, not the session's unit of work (which spent more CPU on
     # its bookkeeping than the database on the rows).
@@ -269,7 +302,28 @@ async def place_checkout(
         now=now,
     )
     await mark_converted(session, cart_id=cart.cart_id, version=cart.version)
-    return PlacedCheckout(group=group, orders=list(orders.values()), lines=lines)
+    return placed
+
+
+def holds_apart(runtime: Runtime) -> bool:
+    """Whether a checkout holds its stock in a transaction of its own, before its
+    writes (PostgreSQL), rather than last in its own transaction (SQLite). On PostgreSQL
+    the stock row of a popular item is locked from the hold's UPDATE to its commit; in
+    the checkout's transaction that spans the round trips to COMMIT, each waiting its
+    turn in a busy event loop, while every other buyer of the item waits. On SQLite the
+    one write lock is held from BEGIN IMMEDIATE to COMMIT whatever the order, so a
+    transaction apart would only add one."""
+    return runtime.db.dialect == "postgresql"
+
+
+async def _give_back_unless_placed(runtime: Runtime, group_id: uuid.UUID) -> None:
+    """The checkout's transaction did not commit: give back the stock held for it,
+    unless the group exists after all (a COMMIT whose answer was lost)."""
+    async with runtime.transaction() as session:
+        placed = await session.scalar(select(CheckoutGroup.id).where(CheckoutGroup.id == group_id))
+        if placed is None:
+            released = await release_hold(session, runtime, group_id, reason="checkout not placed")
+            log.info("checkout_hold_given_back", group_id=str(group_id), units=released)
 
 
 @lru_cache(maxsize=2)
@@ -324,7 +378,10 @@ async def _create_group(
 
 async def hold_stock(session: AsyncSession, runtime: Runtime, placed: PlacedCheckout) -> None:
     """Hold the checkout's stock until the group's ``reservation_expires_at``, all or
-    nothing (raises ``out-of-stock``). The contended step: call it last."""
+    nothing (raises ``out-of-stock``), unless :func:`place_checkout` held it already
+    (see :func:`holds_apart`). The contended step: call it last."""
+    if placed.held:
+        return
     await reserve(
         session,
         runtime,

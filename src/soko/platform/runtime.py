@@ -120,6 +120,29 @@ class Runtime:
         if run_dispatcher:
             self._dispatcher_task = asyncio.create_task(self.dispatcher.run(), name="outbox")
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A transaction of its own, outside any request's, kept as a request's is: when
+        the block ends it commits, then invalidates the cache tags it named and wakes the
+        dispatcher for the outbox messages it wrote; on error it rolls back and runs what
+        :func:`on_rollback` registered."""
+        async with self.db.sessionmaker() as session:
+            try:
+                yield session
+            except BaseException:
+                await _roll_back(session)
+                raise
+            else:
+                await _commit(self, session)
+
+    async def invalidate(self, *tags: str) -> None:
+        """Drop the cached reads of ``tags`` after a change already committed. A cache
+        outage is logged, not raised: the change is made, and cached reads expire."""
+        try:
+            await self.cache.invalidate_tags(*tags)
+        except Exception:
+            log.exception("cache invalidation failed after commit", tags=tags)
+
     def on_stop(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Run ``closer`` when the runtime stops, after the dispatcher has finished."""
         self._closers.append(closer)
@@ -208,10 +231,10 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             if exc.commit_changes:
                 await _commit(runtime, session)
             else:
-                await session.rollback()
+                await _roll_back(session)
             raise
         except BaseException:
-            await session.rollback()
+            await _roll_back(session)
             raise
         else:
             await _commit(runtime, session)
@@ -220,17 +243,47 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 async def _commit(runtime: Runtime, session: AsyncSession) -> None:
     wrote_outbox = bool(session.info.get("outbox_written"))
     tags: list[str] = session.info.pop(INVALIDATE_TAGS_KEY, [])
-    await session.commit()
+    try:
+        await session.commit()
+    except BaseException:
+        await _undo_outside(session)
+        raise
+    session.info.pop(ROLLBACK_CALLBACKS_KEY, None)
     if tags:
-        try:
-            await runtime.cache.invalidate_tags(*tags)
-        except Exception:  # the change is committed; a cache outage must not hide that
-            log.exception("cache invalidation failed after commit", tags=tags)
+        await runtime.invalidate(*tags)
     if wrote_outbox:
         runtime.dispatcher.wake()
 
 
+async def _roll_back(session: AsyncSession) -> None:
+    try:
+        await session.rollback()
+    finally:
+        await _undo_outside(session)
+
+
+async def _undo_outside(session: AsyncSession) -> None:
+    """Run what :func:`on_rollback` registered, in order; a failing one is logged and
+    the others still run."""
+    callbacks: list[Callable[[], Awaitable[None]]] = session.info.pop(ROLLBACK_CALLBACKS_KEY, [])
+    for callback in callbacks:
+        try:
+            await callback()
+        except Exception:
+            log.exception("undoing work done outside a failed transaction failed")
+
+
 INVALIDATE_TAGS_KEY = "invalidate_tags"
+ROLLBACK_CALLBACKS_KEY = "on_rollback"
+
+
+def on_rollback(session: AsyncSession, callback: Callable[[], Awaitable[None]]) -> None:
+    """Await ``callback`` if this request's transaction does not commit: it rolled back,
+    or its commit failed. For work committed apart from the transaction that must not
+    outlive it (stock held in a transaction of its own, say). The callback runs once
+    the rollback is done, in the same task; it must be safe when the commit's outcome is
+    unknown (a connection lost during COMMIT), so it checks before it undoes."""
+    session.info.setdefault(ROLLBACK_CALLBACKS_KEY, []).append(callback)
 
 
 def invalidate_after_commit(session: AsyncSession, *tags: str) -> None:

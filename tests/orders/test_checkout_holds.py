@@ -1,0 +1,184 @@
+"""Where a checkout holds its stock. On PostgreSQL the hold is committed on its own before
+the checkout writes anything, so a popular item's stock row is never locked while the
+checkout's transaction goes on; when that transaction does not commit, the hold is given
+back. On SQLite the hold is the last write of the checkout's transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx2
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+from structlog.testing import capture_logs
+
+from soko.inventory.models import Reservation, StockLevel
+from soko.orders import checkout
+from soko.orders.models import CheckoutGroup, Order
+from soko.platform.runtime import ROLLBACK_CALLBACKS_KEY, Runtime
+from tests.cart.catalog_support import Market
+from tests.orders.conftest import MakeBuyer, available, count, ok
+
+postgresql_only = pytest.mark.parametrize(
+    "backend", [pytest.param("postgresql", marks=pytest.mark.postgresql)]
+)
+
+
+async def holds(runtime: Runtime, variant_id: uuid.UUID) -> list[tuple[str, int]]:
+    async with runtime.db.transaction(read_only=True) as session:
+        rows = await session.execute(
+            select(Reservation.status, Reservation.quantity)
+            .where(Reservation.variant_id == variant_id)
+            .order_by(Reservation.status)
+        )
+        return [(status, quantity) for status, quantity in rows]
+
+
+async def reserved(runtime: Runtime, variant_id: uuid.UUID) -> int:
+    async with runtime.db.transaction(read_only=True) as session:
+        total = await session.scalar(
+            select(func.sum(StockLevel.reserved)).where(StockLevel.variant_id == variant_id)
+        )
+        return int(total or 0)
+
+
+def during_the_writes(monkeypatch: pytest.MonkeyPatch, step: Callable[[], Awaitable[None]]) -> None:
+    """Run ``step`` while the checkout's transaction is writing: just before its
+    ``order.placed`` events are written."""
+    publish_all = checkout.publish_all
+
+    async def publish_then(*args: Any, **kwargs: Any) -> Any:
+        await step()
+        return await publish_all(*args, **kwargs)
+
+    monkeypatch.setattr(checkout, "publish_all", publish_then)
+
+
+async def post_failing(post: Awaitable[httpx2.Response]) -> int:
+    """The status of a request whose handler raised: 500, or the error itself when the
+    test transport lets it through."""
+    try:
+        return (await post).status_code
+    except RuntimeError:
+        return 500
+
+
+async def test_a_checkout_whose_writes_fail_gives_its_stock_back(
+    runtime: Runtime, market: Market, make_buyer: MakeBuyer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    variant_id = await market.variant(stock=5)
+    buyer = await make_buyer((variant_id, 2))
+
+    async def fail() -> None:
+        raise RuntimeError("the outbox table is gone")
+
+    during_the_writes(monkeypatch, fail)
+    with capture_logs() as logs:
+        assert await post_failing(buyer.post_checkout()) == 500
+
+    assert await count(runtime, CheckoutGroup) == 0
+    assert await count(runtime, Order) == 0
+    assert (await available(runtime, variant_id))[variant_id] == 5
+    assert await reserved(runtime, variant_id) == 0
+    # On PostgreSQL the hold was committed, then given back; on SQLite it was never
+    # written (it comes last in the transaction that failed).
+    given_back = [log for log in logs if log["event"] == "checkout_hold_given_back"]
+    if runtime.db.dialect == "postgresql":
+        assert await holds(runtime, variant_id) == [("released", 2)]
+        assert [log["units"] for log in given_back] == [2]
+    else:
+        assert await holds(runtime, variant_id) == []
+        assert given_back == []
+
+    monkeypatch.undo()
+    ok(await buyer.post_checkout(), 201)
+    assert (await available(runtime, variant_id))[variant_id] == 3
+
+
+@postgresql_only
+async def test_the_hold_is_committed_before_the_writes_and_the_row_left_unlocked(
+    runtime: Runtime, market: Market, make_buyer: MakeBuyer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another connection, while the checkout writes its orders, already sees the hold
+    and can lock the stock row at once: the next buyer of the item does not wait for
+    this checkout's transaction."""
+    variant_id = await market.variant(stock=5)
+    buyer = await make_buyer((variant_id, 2))
+    seen: list[Any] = []
+
+    async def look() -> None:
+        async with runtime.db.engine.connect() as other:
+            # NOWAIT: an error, not a wait, if the row were locked.
+            row = await other.execute(
+                text(
+                    "SELECT reserved FROM inventory_stock_levels "
+                    "WHERE variant_id = :variant_id FOR UPDATE NOWAIT"
+                ),
+                {"variant_id": variant_id},
+            )
+            seen.append(row.scalar_one())
+            seen.append(
+                await other.scalar(
+                    select(func.count())
+                    .select_from(Reservation)
+                    .where(Reservation.variant_id == variant_id, Reservation.status == "held")
+                )
+            )
+            await other.rollback()
+
+    during_the_writes(monkeypatch, look)
+    ok(await buyer.post_checkout(), 201)
+
+    assert seen == [2, 1]
+    assert await holds(runtime, variant_id) == [("held", 2)]
+
+
+@postgresql_only
+async def test_a_commit_whose_answer_was_lost_keeps_its_hold(
+    runtime: Runtime, market: Market, make_buyer: MakeBuyer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkout's COMMIT went through but its answer never came back (a dropped
+    connection): the group exists, so the hold it was placed with stays."""
+    variant_id = await market.variant(stock=5)
+    buyer = await make_buyer((variant_id, 2))
+    commit = AsyncSession.commit
+
+    async def commit_then_lose_the_answer(self: AsyncSession) -> None:
+        await commit(self)
+        if self.info.get(ROLLBACK_CALLBACKS_KEY):  # the checkout's transaction
+            raise ConnectionResetError("connection lost after COMMIT")
+
+    monkeypatch.setattr(AsyncSession, "commit", commit_then_lose_the_answer)
+    try:
+        status = (await buyer.post_checkout()).status_code
+    except ConnectionResetError:
+        status = 500
+    assert status == 500
+    monkeypatch.undo()
+
+    assert await count(runtime, CheckoutGroup) == 1
+    assert await holds(runtime, variant_id) == [("held", 2)]
+    assert (await available(runtime, variant_id))[variant_id] == 3
+
+
+async def test_two_checkouts_of_one_cart_at_once_hold_its_stock_once(
+    runtime: Runtime, market: Market, make_buyer: MakeBuyer
+) -> None:
+    """Two keys, one cart: one checkout converts the cart, the other is refused, and
+    what the refused one held (on PostgreSQL, before it found the cart taken) is given
+    back."""
+    variant_id = await market.variant(stock=10)
+    buyer = await make_buyer((variant_id, 3))
+
+    answers = await asyncio.gather(buyer.post_checkout(), buyer.post_checkout())
+
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses[0] == 201 and 400 <= statuses[1] < 500, [a.text for a in answers]
+    assert await count(runtime, CheckoutGroup) == 1
+    assert await reserved(runtime, variant_id) == 3
+    assert (await available(runtime, variant_id))[variant_id] == 7
+    assert ("held", 3) in await holds(runtime, variant_id)
