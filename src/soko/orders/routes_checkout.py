@@ -56,8 +56,9 @@ async def checkout(
         status_code=201,
         headers={"Location": f"/api/v1/checkout/{placed.group.id}"},
     )
-    # Last, right before the commit: the stock rows of a popular item are what checkouts
-    # queue for, and they stay locked from this UPDATE until the commit.
+    # On SQLite, last, right before the commit (the stock rows stay locked from this
+    # UPDATE until the commit); on PostgreSQL place_checkout held the stock already, in
+    # a statement committed on its own (ADR 0016), and this does nothing.
     await hold_stock(session, runtime, placed)
     return answer
 
