@@ -214,3 +214,32 @@ async def test_requests_in_flight_are_counted_until_answered() -> None:
         assert (await client.get("/boom")).status_code == 500
     assert seen == [before + 1, before, before + 1]
     assert requests_in_flight() == before
+
+
+async def test_a_process_stays_busy_for_a_moment_after_an_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the in-process dispatcher gives way to: a request being answered, or one
+    answered less than ``within`` seconds ago (the gaps of a stream of requests)."""
+    import time
+
+    from soko.platform import metrics
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    transport = httpx2.ASGITransport(app=metrics.PrometheusMiddleware(app))
+    async with httpx2.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/ping")).status_code == 204
+    if metrics.requests_in_flight():
+        pytest.skip("another request of this process is in flight")
+    assert not metrics.serving_requests()
+    assert metrics.serving_requests(within=0.25)
+    now[0] += 0.2
+    assert metrics.serving_requests(within=0.25)
+    now[0] += 0.1
+    assert not metrics.serving_requests(within=0.25)
+    assert not metrics.serving_requests(within=0)

@@ -117,8 +117,10 @@ class Settings(BaseSettings):
     outbox_backoff_base_seconds: float = Field(2.0, gt=0)
     outbox_backoff_max_seconds: float = Field(3600.0, gt=0)
     outbox_concurrency: int = Field(8, ge=1, le=256)
-    # While an API process dispatching in-process is serving requests.
+    # While an API process dispatching in-process is serving requests...
     outbox_busy_concurrency: int = Field(1, ge=1, le=256)
+    # ...or served one less than this many seconds ago.
+    outbox_idle_seconds: float = Field(0.25, ge=0, le=60)
     shutdown_grace_seconds: float = Field(20.0, ge=0)
 
     # Personal data at rest (see soko.platform.crypto). Unset in development: derived

@@ -25,6 +25,7 @@ Job metrics live with the jobs in :mod:`soko.platform.jobs`.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -66,6 +67,8 @@ HTTP_IN_FLIGHT = Gauge(
 # until their body is sent): what its in-process job dispatcher gives way to. A streamed
 # body, or a background task after the answer, does not make the process look busy.
 _computing = 0
+# When this process last began or finished working out an answer (time.monotonic()).
+_last_computed = -math.inf
 
 
 def requests_in_flight() -> int:
@@ -73,9 +76,13 @@ def requests_in_flight() -> int:
     return _computing
 
 
-def serving_requests() -> bool:
-    """Whether this process is working out an answer to an HTTP request right now."""
-    return _computing > 0
+def serving_requests(within: float = 0.0) -> bool:
+    """Whether this process is working out an answer to an HTTP request right now, or
+    was less than ``within`` seconds ago: requests come in streams, and the gap between
+    two of them is not an idle moment."""
+    if _computing > 0:
+        return True
+    return within > 0 and time.monotonic() - _last_computed < within
 
 
 # Methods outside this set are counted as "OTHER": the method is a label too, and a
@@ -111,6 +118,11 @@ async def metrics() -> Response:
     return Response(render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
 
+def _note_computed() -> None:
+    global _last_computed
+    _last_computed = time.monotonic()
+
+
 class PrometheusMiddleware:
     """Counts and times each HTTP request under its route template, and keeps the count
     of requests in flight (:func:`requests_in_flight`).
@@ -138,15 +150,19 @@ class PrometheusMiddleware:
                 status = message["status"]
                 _computing -= computing
                 computing = 0
+                _note_computed()
             await send(message)
 
         HTTP_IN_FLIGHT.inc()
         _computing += 1
+        _note_computed()
         try:
             with request_scope(scope):
                 await self.app(scope, receive, recording_send)
         finally:
-            _computing -= computing
+            if computing:
+                _computing -= computing
+                _note_computed()
             HTTP_IN_FLIGHT.dec()
             # The router has stored the matched route in the scope by now; a path that
             # matched nothing has none and falls under "<unmatched>".

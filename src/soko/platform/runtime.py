@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Annotated, Any
 
@@ -74,7 +75,7 @@ class Runtime:
             registry=self.registry,
             services=self,
             # In an API process, jobs give way to requests; a worker serves none.
-            busy=serving_requests,
+            busy=functools.partial(serving_requests, within=settings.outbox_idle_seconds),
         )
         self._dispatcher_task: asyncio.Task[None] | None = None
         # What domains attach to the runtime (a payment provider's HTTP client, say),
