@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from structlog.testing import capture_logs
 
@@ -182,3 +182,73 @@ async def test_two_checkouts_of_one_cart_at_once_hold_its_stock_once(
     assert await reserved(runtime, variant_id) == 3
     assert (await available(runtime, variant_id))[variant_id] == 7
     assert ("held", 3) in await holds(runtime, variant_id)
+
+
+@postgresql_only
+async def test_a_hold_whose_answer_was_lost_is_given_back(
+    runtime: Runtime, market: Market, make_buyer: MakeBuyer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hold went through but the checkout never heard (the connection dropped after
+    its commit): the undo was registered before the hold, so the units come back."""
+    variant_id = await market.variant(stock=5)
+    buyer = await make_buyer((variant_id, 2))
+    reserve_committed = checkout.reserve_committed
+
+    async def hold_then_lose_the_answer(*args: Any, **kwargs: Any) -> None:
+        await reserve_committed(*args, **kwargs)
+        raise ConnectionResetError("connection lost after the hold")
+
+    monkeypatch.setattr(checkout, "reserve_committed", hold_then_lose_the_answer)
+    try:
+        status = (await buyer.post_checkout()).status_code
+    except ConnectionResetError:
+        status = 500
+    assert status == 500
+
+    assert await count(runtime, CheckoutGroup) == 0
+    assert await holds(runtime, variant_id) == [("released", 2)]
+    assert (await available(runtime, variant_id))[variant_id] == 5
+
+
+@postgresql_only
+async def test_a_hold_refused_for_want_of_stock_has_nothing_to_give_back(
+    runtime: Runtime, market: Market, make_buyer: MakeBuyer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another buyer took the last units between the read and the hold: the hold is
+    refused whole, the answer is out-of-stock, and no undo runs (a refused hold holds
+    nothing)."""
+    variant_id = await market.variant(stock=3)
+    buyer, rival = await make_buyer((variant_id, 2)), await make_buyer((variant_id, 2))
+    reserve_committed = checkout.reserve_committed
+
+    async def rival_first(*args: Any, **kwargs: Any) -> None:
+        monkeypatch.setattr(checkout, "reserve_committed", reserve_committed)
+        ok(await rival.post_checkout(), 201)
+        await reserve_committed(*args, **kwargs)
+
+    monkeypatch.setattr(checkout, "reserve_committed", rival_first)
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(statement)
+
+    engine = runtime.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with capture_logs() as logs:
+            response = await buyer.post_checkout()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert response.status_code == 409, response.text
+    lookups = [
+        statement
+        for statement in sent
+        if statement.lstrip().startswith("SELECT") and "FROM orders_checkout_groups" in statement
+    ]
+    assert lookups == [], lookups
+    assert response.json()["shortages"] == [
+        {"variant_id": str(variant_id), "requested": 2, "available": 1}
+    ]
+    assert not [log for log in logs if log["event"] == "checkout_hold_given_back"]
+    assert await count(runtime, CheckoutGroup) == 1
+    assert await holds(runtime, variant_id) == [("held", 2)]

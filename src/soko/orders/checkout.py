@@ -14,7 +14,6 @@ transaction (see :func:`holds_apart`).
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import secrets
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -261,15 +260,22 @@ async def place_checkout(
     if holds_apart(runtime):
         # Held before anything is written, in a transaction of its own, so the stock rows
         # are locked only while the hold is written; given back if this transaction does
-        # not commit (and in any case once the hold runs out).
-        await reserve_committed(
-            runtime,
-            holder_ref=group.id,
-            lines=placed.reservation_lines(),
-            expires_at=group.reservation_expires_at,
-        )
+        # not commit (and in any case once the hold runs out). The undo is registered
+        # first: a hold whose answer never came back (a cancelled request) is covered too,
+        # and giving back a hold that was never made gives back nothing.
+        give_back = _GiveBackUnlessPlaced(runtime, group.id)
+        on_rollback(session, give_back)
+        try:
+            await reserve_committed(
+                runtime,
+                holder_ref=group.id,
+                lines=placed.reservation_lines(),
+                expires_at=group.reservation_expires_at,
+            )
+        except OutOfStock:
+            give_back.needed = False  # all or nothing: a refused hold holds nothing
+            raise
         placed.held = True
-        on_rollback(session, functools.partial(_give_back_unless_placed, runtime, group.id))
 
     if not await _create_group(session, group, list(orders)):
         inactive = await inactive_seller_ids(session, orders)
@@ -316,14 +322,29 @@ def holds_apart(runtime: Runtime) -> bool:
     return runtime.db.dialect == "postgresql"
 
 
-async def _give_back_unless_placed(runtime: Runtime, group_id: uuid.UUID) -> None:
+@dataclass(slots=True)
+class _GiveBackUnlessPlaced:
     """The checkout's transaction did not commit: give back the stock held for it,
     unless the group exists after all (a COMMIT whose answer was lost)."""
-    async with runtime.transaction() as session:
-        placed = await session.scalar(select(CheckoutGroup.id).where(CheckoutGroup.id == group_id))
-        if placed is None:
-            released = await release_hold(session, runtime, group_id, reason="checkout not placed")
-            log.info("checkout_hold_given_back", group_id=str(group_id), units=released)
+
+    runtime: Runtime
+    group_id: uuid.UUID
+    needed: bool = True
+
+    async def __call__(self) -> None:
+        if not self.needed:
+            return
+        async with self.runtime.transaction() as session:
+            placed = await session.scalar(
+                select(CheckoutGroup.id).where(CheckoutGroup.id == self.group_id)
+            )
+            if placed is not None:
+                return
+            released = await release_hold(
+                session, self.runtime, self.group_id, reason="checkout not placed"
+            )
+        if released:
+            log.info("checkout_hold_given_back", group_id=str(self.group_id), units=released)
 
 
 @lru_cache(maxsize=2)
