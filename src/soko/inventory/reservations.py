@@ -206,39 +206,14 @@ _CLAIM_ONE_ROW = (
 )
 
 
-# The same claim and its reservation row in one statement (PostgreSQL): the stock row
-# of a popular item stays locked from its UPDATE until the commit, and every round trip
-# in between (each also waiting its turn in a busy event loop) is time the next buyer
-# waits. The INSERT writes nothing when the UPDATE took nothing.
-_CLAIMED_ONE_ROW = _CLAIM_ONE_ROW.cte("claimed")
-_CLAIM_AND_HOLD_ONE_ROW = (
-    RESERVATIONS.insert()
-    .from_select(
-        ["id", "holder_ref", "variant_id", "location_id", "quantity", "status", "expires_at",
-         "created_at"],
-        select(
-            bindparam("hold_id", type_=RESERVATIONS.c.id.type),
-            bindparam("holder_ref", type_=RESERVATIONS.c.holder_ref.type),
-            _CLAIMED_ONE_ROW.c.variant_id,
-            _CLAIMED_ONE_ROW.c.location_id,
-            bindparam("claim_quantity", type_=Integer()),
-            literal(ReservationStatus.held.value, RESERVATIONS.c.status.type),
-            bindparam("hold_expires_at", type_=RESERVATIONS.c.expires_at.type),
-            bindparam("claim_now", type_=STOCK_LEVELS.c.updated_at.type),
-        ).select_from(_CLAIMED_ONE_ROW),
-    )
-    .returning(RESERVATIONS.c.variant_id, RESERVATIONS.c.location_id)
-)  # fmt: skip
-
-
-def _claim_and_hold_one_row_locked() -> Any:
-    """:data:`_CLAIM_AND_HOLD_ONE_ROW` for the pessimistic strategy: the stock row is
-    taken ``FOR UPDATE`` before the UPDATE decides on it, in the same statement."""
-    row = and_(
-        S.variant_id == bindparam("claim_variant_id", type_=STOCK_LEVELS.c.variant_id.type),
-        S.location_id == bindparam("claim_location_id", type_=STOCK_LEVELS.c.location_id.type),
-    )
-    claimed = _CLAIM_ONE_ROW.where(_rows_locked_first(row)).cte("claimed")
+def _hold_what_was_claimed(claim: Any) -> Any:
+    """The stock row claim ``claim`` (an UPDATE ... RETURNING the row's key) and its
+    reservation row in one statement (PostgreSQL): ``WITH claimed AS (<claim>) INSERT
+    INTO inventory_reservations SELECT ... FROM claimed``. The stock row of a popular
+    item stays locked from its UPDATE until the commit, and every round trip in between
+    (each also waiting its turn in a busy event loop) is time the next buyer waits. The
+    INSERT writes nothing when the UPDATE took nothing."""
+    claimed = claim.cte("claimed")
     return (
         RESERVATIONS.insert()
         .from_select(
@@ -259,7 +234,20 @@ def _claim_and_hold_one_row_locked() -> Any:
     )  # fmt: skip
 
 
-_CLAIM_AND_HOLD_ONE_ROW_LOCKED = _claim_and_hold_one_row_locked()
+_CLAIM_AND_HOLD_ONE_ROW = _hold_what_was_claimed(_CLAIM_ONE_ROW)
+# For the pessimistic strategy: the stock row is taken FOR UPDATE before the UPDATE
+# decides on it, in the same statement.
+_CLAIM_AND_HOLD_ONE_ROW_LOCKED = _hold_what_was_claimed(
+    _CLAIM_ONE_ROW.where(
+        _rows_locked_first(
+            and_(
+                S.variant_id == bindparam("claim_variant_id", type_=STOCK_LEVELS.c.variant_id.type),
+                S.location_id
+                == bindparam("claim_location_id", type_=STOCK_LEVELS.c.location_id.type),
+            )
+        )
+    )
+)
 
 
 async def read_stock_rows(
