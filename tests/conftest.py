@@ -13,13 +13,14 @@ import socket
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx2
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from soko.app import create_app, load_handlers, load_models
@@ -163,6 +164,23 @@ async def database_url(
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
+
+
+@contextmanager
+def sql_statements(runtime: Runtime) -> Iterator[list[str]]:
+    """Every statement sent to ``runtime``'s database inside the block (BEGIN included
+    where the driver sends it as one)."""
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(statement)
+
+    engine = runtime.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:

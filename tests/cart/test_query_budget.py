@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx2
-from sqlalchemy import event
 
 from soko.platform.runtime import Runtime
 from tests.cart.catalog_support import Market
 from tests.cart.conftest import CartHandle, add, anonymous_cart, user_cart
+from tests.conftest import sql_statements
 from tests.identity.conftest import SignedInUser
 
 ADD_BUDGET = 5
-
-
-@contextmanager
-def statements(runtime: Runtime) -> Iterator[list[str]]:
-    """Every statement sent to the database inside the block (BEGIN included)."""
-    sent: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        sent.append(statement)
-
-    engine = runtime.db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield sent
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 async def _costs_of_adding(
@@ -40,7 +22,7 @@ async def _costs_of_adding(
     (a new line, then more of an existing one)."""
     costs: list[int] = []
     for variant in [*variants, variants[-1]]:
-        with statements(runtime) as sent:
+        with sql_statements(runtime) as sent:
             response = await add(client, cart, variant)
         assert response.status_code == 200, response.text
         assert len(sent) <= ADD_BUDGET, "\n".join(sent)

@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import event
 
 from soko.inventory import public, reservations
 from soko.inventory.planning import StockRow
 from soko.platform.clock import ManualClock
 from soko.platform.ids import uuid7
 from soko.platform.runtime import Runtime
+from tests.conftest import sql_statements
 from tests.inventory.support import available, levels, make_store, reservation_statuses, reserve
 
 HOLD = dt.timedelta(minutes=15)
@@ -30,15 +30,8 @@ def strategy(request: pytest.FixtureRequest) -> public.ReservationStrategy:
 @pytest.fixture
 def sent(runtime: Runtime) -> Iterator[list[str]]:
     """Every statement sent to the database while the test runs."""
-    statements: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
-
-    engine = runtime.db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", record)
-    yield statements
-    event.remove(engine, "before_cursor_execute", record)
+    with sql_statements(runtime) as statements:
+        yield statements
 
 
 async def hold(

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from sqlalchemy import event, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from structlog.testing import capture_logs
 
@@ -21,6 +21,7 @@ from soko.orders import checkout
 from soko.orders.models import CheckoutGroup, Order
 from soko.platform.runtime import ROLLBACK_CALLBACKS_KEY, Runtime
 from tests.cart.catalog_support import Market
+from tests.conftest import sql_statements
 from tests.orders.conftest import MakeBuyer, available, count, ok
 
 postgresql_only = pytest.mark.parametrize(
@@ -227,18 +228,8 @@ async def test_a_hold_refused_for_want_of_stock_has_nothing_to_give_back(
         await reserve_committed(*args, **kwargs)
 
     monkeypatch.setattr(checkout, "reserve_committed", rival_first)
-    sent: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        sent.append(statement)
-
-    engine = runtime.db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        with capture_logs() as logs:
-            response = await buyer.post_checkout()
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
+    with sql_statements(runtime) as sent, capture_logs() as logs:
+        response = await buyer.post_checkout()
     assert response.status_code == 409, response.text
     lookups = [
         statement

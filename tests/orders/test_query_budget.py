@@ -4,8 +4,6 @@ and the stock reservation, BEGIN included."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx2
@@ -15,32 +13,17 @@ from sqlalchemy.orm import Session
 from soko.platform.config import ReservationStrategy
 from soko.platform.runtime import Runtime
 from tests.cart.catalog_support import Market
+from tests.conftest import sql_statements
 from tests.orders.conftest import ORDERS, Buyer, MakeBuyer, ok
 
 CHECKOUT_BUDGET = 15
-
-
-@contextmanager
-def statements(runtime: Runtime) -> Iterator[list[str]]:
-    """Every statement sent to the database inside the block (BEGIN included)."""
-    sent: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        sent.append(statement)
-
-    engine = runtime.db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield sent
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 async def _cost_of_checkout(client: httpx2.AsyncClient, runtime: Runtime, buyer: Buyer) -> int:
     # A first request of the buyer's token caches what the token stands for, as any
     # client's earlier requests would have.
     ok(await client.get(ORDERS, headers=buyer.headers))
-    with statements(runtime) as sent:
+    with sql_statements(runtime) as sent:
         response = await buyer.post_checkout()
     assert response.status_code == 201, response.text
     assert len(sent) <= CHECKOUT_BUDGET, "\n".join(sent)
@@ -98,7 +81,7 @@ async def test_a_sold_out_checkout_is_refused_before_any_write(
     scarce = (await shop.list_product(700, stock=1)).variant_ids[0]
     buyer = await make_buyer((scarce, 2))
     ok(await client.get(ORDERS, headers=buyer.headers))
-    with statements(runtime) as sent:
+    with sql_statements(runtime) as sent:
         response = await buyer.post_checkout()
     assert response.status_code == 409, response.text
     assert response.json()["shortages"] == [
