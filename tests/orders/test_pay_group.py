@@ -24,6 +24,7 @@ from soko.orders.public import (
 from soko.platform.clock import ManualClock
 from soko.platform.runtime import Runtime
 from tests.cart.catalog_support import Market
+from tests.conftest import sql_statements
 from tests.orders.conftest import (
     CHECKOUT,
     ORDERS,
@@ -38,7 +39,6 @@ from tests.orders.conftest import (
     sign_in_again,
     stock,
 )
-from tests.orders.test_query_budget import statements
 
 
 def new_day(market: Market) -> None:
@@ -109,7 +109,7 @@ async def test_group_for_payment_lists_every_order_in_one_query(
     )
 
     async with runtime.db.transaction(read_only=True) as session:
-        with statements(runtime) as sent:
+        with sql_statements(runtime) as sent:
             found = await group_for_payment(session, group_id)
     assert len([s for s in sent if s.lstrip().upper().startswith("SELECT")]) == 1
     assert found is not None
