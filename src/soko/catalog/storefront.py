@@ -215,6 +215,10 @@ def _ids_in(column: Any, name: str, dialect: str) -> ColumnElement[bool]:
     return cast(ColumnElement[bool], column.in_(bindparam(name, expanding=True)))
 
 
+def _variant_active() -> ColumnElement[bool]:
+    return Variant.status == sql_constant(VariantStatus.active.value)
+
+
 def _visible() -> list[ColumnElement[bool]]:
     return [
         Product.status == sql_constant(ProductStatus.published.value),
@@ -285,7 +289,7 @@ def _page_statement(shape: _Shape, limit: int) -> Select[Any]:
             exists(
                 select(Variant.id).where(
                     Variant.product_id == Product.id,
-                    Variant.status == VariantStatus.active.value,
+                    _variant_active(),
                     available > 0,
                 )
             )
@@ -315,7 +319,7 @@ def _offers_statement(dialect: str) -> Select[Any]:
     restricted to those variants inside it."""
     of_products = (
         _ids_in(Variant.product_id, "product_ids", dialect),
-        Variant.status == VariantStatus.active.value,
+        _variant_active(),
     )
     available = availability_by_variant(
         _now_parameter(), select(Variant.id).where(*of_products)
