@@ -318,3 +318,25 @@ async def test_list_and_page_answer_304_until_they_change(
     assert relisted.status_code == 200 and relisted.json()["items"][0]["title"] == "Mkeka mpya"
     reread = await client.get(f"{PRODUCTS}/{product['id']}", headers={"If-None-Match": page_etag})
     assert reread.status_code == 200 and reread.json()["title"] == "Mkeka mpya"
+
+
+async def test_json_values_are_served_as_stored(
+    client: httpx2.AsyncClient, catalog: Catalog, backend: str
+) -> None:
+    store = await catalog.store()
+    attributes = [
+        {"key": "pattern", "type": "text", "value": 'Kitenge "Ua" \u2713 </b>'},
+        {"key": "weight_kg", "type": "number", "value": 1.25},
+    ]
+    images = ["https://img.example.com/kitenge.jpg"]
+    product = await store.product(1500, title="Kitenge", attributes=attributes, images=images)
+    listed = await client.get(PRODUCTS)
+    shown = await client.get(f"{PRODUCTS}/{product['id']}")
+    for answer, item in ((listed, ok(listed)["items"][0]), (shown, ok(shown))):
+        assert (item["attributes"], item["images"]) == (attributes, images)
+        assert item["variants"][0]["options"] == {"size": "M"}
+        if backend == "postgresql":
+            # The stored text itself (written with ", " and ": "), not parsed and written
+            # again (which would be compact).
+            assert b'{"size": "M"}' in answer.content
+            assert b'"key": "weight_kg", "type": "number", "value": 1.25' in answer.content

@@ -1,15 +1,19 @@
 """JSON columns read back exactly as written, on SQLite and PostgreSQL (whose JSON and
-JSONB codecs Soko registers itself, handing the driver's bytes to jsonbody.loads)."""
+JSONB codecs Soko registers itself, handing the driver's bytes to jsonbody.loads), and
+``json_text``: a JSON column served as stored, unparsed on PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import orjson
 import pytest
-from sqlalchemy import JSON, Column, Integer, MetaData, Table, insert, select, text
+from sqlalchemy import JSON, Column, Integer, MetaData, Table, Text, cast, insert, select, text
 from sqlalchemy.dialects import postgresql
 
-from soko.platform.db import create_engine
+from soko.platform import jsonbody
+from soko.platform.db import create_engine, json_text
 
 DOCUMENTS: list[Any] = [
     {"size": "M", "colour": "nyekundu"},
@@ -75,3 +79,60 @@ async def test_postgresql_json_literals_read_by_the_registered_codecs(
     assert row[0] == {"n": 123456789012345678901, "s": "ø"}
     assert row[1] == {"n": 123456789012345678901, "s": "ø"}
     assert row[2] == [1, 2.5, "NaN"]
+
+
+def _probe_table(name: str) -> Table:
+    return Table(name, MetaData(), Column("id", Integer, primary_key=True), Column("doc", JSON()))
+
+
+async def test_json_text_passes_documents_through_as_stored(database_url: str) -> None:
+    table = _probe_table("json_text_probe")
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(table.create)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    insert(table), [{"id": i, "doc": doc} for i, doc in enumerate(DOCUMENTS)]
+                )
+            async with engine.connect() as conn:
+                served = (
+                    await conn.execute(select(json_text(table.c.doc)).order_by(table.c.id))
+                ).all()
+                stored = (
+                    (await conn.execute(select(cast(table.c.doc, Text())).order_by(table.c.id)))
+                    .scalars()
+                    .all()
+                )
+        finally:
+            async with engine.begin() as conn:
+                await conn.run_sync(table.drop)
+    finally:
+        await engine.dispose()
+    assert served[0]._fields == ("doc",)  # labelled with the column's own name
+    for (value,), text_as_stored, document in zip(served, stored, DOCUMENTS, strict=True):
+        body = jsonbody.dumps({"value": value})
+        assert json.loads(body) == {"value": document}
+        if database_url.startswith("postgresql"):
+            # Written into the body unparsed: the stored text, spacing and escapes alike.
+            assert isinstance(value, orjson.Fragment)
+            assert body == b'{"value":' + text_as_stored.encode() + b"}"
+        else:
+            assert value == document
+
+
+async def test_json_text_refuses_a_sqlite_column_that_holds_no_json(tmp_path: Any) -> None:
+    # SQLite keeps any text in a JSON column; a value that is not JSON must fail the
+    # read instead of going into an answer as it is.
+    table = _probe_table("json_text_broken")
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'broken.db'}")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(table.create)
+            await conn.execute(text("INSERT INTO json_text_broken (id, doc) VALUES (1, '{oops')"))
+        async with engine.connect() as conn:
+            with pytest.raises(ValueError):
+                (await conn.execute(select(json_text(table.c.doc)))).all()
+    finally:
+        await engine.dispose()

@@ -52,7 +52,7 @@ from soko.catalog.models import Category, Product, ProductStatus, Variant, Varia
 from soko.catalog.public import CATALOG_TAG, product_tag
 from soko.inventory.public import INVENTORY_TAG, availability_by_variant
 from soko.platform import jsonbody
-from soko.platform.db import UTCDateTime, sql_constant
+from soko.platform.db import UTCDateTime, json_text, sql_constant
 from soko.platform.etag import etag_for_content
 from soko.platform.pagination import (
     FieldSelection,
@@ -175,15 +175,16 @@ async def cached(
 # most) with named parameters, and only the parameters change from one request to the
 # next. The compiled form is cached by SQLAlchemy and the prepared statement by asyncpg.
 
-# _card reads these by position: keep the order in step with it.
+# _card reads these by position: keep the order in step with it. The JSON columns come as
+# their stored text, written into the answer unparsed on PostgreSQL (json_text).
 _CARD_COLUMNS = (
     Product.id,
     Product.seller_id,
     Product.title,
     Product.description,
     Product.category_id,
-    Product.attributes,
-    Product.images,
+    json_text(Product.attributes),
+    json_text(Product.images),
     Product.currency,
     Product.min_price_minor,
     Product.published_at,
@@ -193,7 +194,7 @@ _VARIANT_COLUMNS: tuple[Any, ...] = (
     Variant.id,
     Variant.product_id,
     Variant.sku,
-    Variant.options,
+    json_text(Variant.options),
     Variant.price_minor,
     Variant.currency,
     Variant.compare_at_minor,

@@ -15,7 +15,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import ColumnElement, DateTime, MetaData, String, event, exc, literal_column
+import orjson
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    MetaData,
+    String,
+    Text,
+    cast,
+    event,
+    exc,
+    literal_column,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
@@ -94,6 +105,39 @@ def sql_constant(value: str) -> ColumnElement[str]:
     database twice the CPU with its two statuses sent as parameters. Written into the
     SQL, they leave one plan to keep."""
     return literal_column("'" + value.replace("'", "''") + "'", String())
+
+
+class _JSONText(TypeDecorator[Any]):
+    """A JSON column read as its text: on PostgreSQL the text passes into the answer
+    unparsed (an ``orjson.Fragment``), elsewhere it is parsed as the column would be."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if dialect.name == "postgresql":
+            # PostgreSQL's json type accepts only valid JSON, so its text can be written
+            # into a JSON answer as it is.
+            return orjson.Fragment(value)
+        # SQLite keeps any text in the column: parse it, so that text which is not JSON
+        # fails the request instead of being sent as part of a JSON body.
+        return jsonbody.loads(value)
+
+
+def json_text(column: Any) -> ColumnElement[Any]:
+    """``column`` (a JSON column) selected for serving as it is stored.
+
+    A catalog page holds about a hundred JSON values (attributes, images, options), and
+    parsing them only to write them out again was a sixth of the CPU of rendering the
+    page. Selected through this, each value comes back as text (``CAST(... AS TEXT)``,
+    so no JSON codec runs) and :func:`soko.platform.jsonbody.dumps` copies it into the
+    body unparsed. The value written is the stored text: the same JSON, but with the
+    spacing and escapes its writer chose. On SQLite the value is parsed (see
+    ``_JSONText``). Only for values that go straight into an answer: code that reads the
+    value must select the column itself."""
+    return cast(column, _JSONText()).label(column.key)
 
 
 def dialect_insert(where: str | AsyncSession | AsyncConnection) -> Any:
