@@ -17,6 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from soko.platform import tokens as tokens_module
 from soko.platform.clock import ManualClock
 from soko.platform.tokens import (
     SIGNING_KEYS_FILE,
@@ -824,3 +825,94 @@ def test_wycheproof_ed25519_case(jwk: dict[str, Any], case: dict[str, Any]) -> N
     key = TokenKey.from_public_jwk(jwk)
     verdict = key.verify_raw(bytes.fromhex(case["msg"]), bytes.fromhex(case["sig"]))
     assert verdict is (case["result"] == "valid")
+
+
+# -- verified tokens remembered ------------------------------------------------------------
+
+
+def _decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record each full decode (signature check) PyJWT makes from now on."""
+    seen: list[str] = []
+    original = jwt.PyJWT.decode_complete
+
+    def counting(self: jwt.PyJWT, token: str, *args: Any, **kwargs: Any) -> Any:
+        seen.append(token)
+        return original(self, token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt.PyJWT, "decode_complete", counting)
+    return seen
+
+
+def test_a_token_that_verified_is_not_checked_again_but_its_times_are(
+    ring: KeyRing, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = issue(ring, clock, ttl=dt.timedelta(minutes=5))
+    decodes = _decodes(monkeypatch)
+    first = verify(ring, token, clock)
+    again = verify(ring, token, clock)
+    assert decodes == [token]
+    assert again == first and again.claims == first.claims
+    with pytest.raises(TypeError):
+        again.claims["sub"] = "someone-else"  # type: ignore[index]
+    clock.advance(dt.timedelta(minutes=5, seconds=29))
+    assert verify(ring, token, clock).subject == "buyer-1"
+    clock.advance(dt.timedelta(seconds=1))  # exp + the 30 s leeway
+    assert rejection(ring, token, clock) is TokenRejection.expired
+    assert decodes == [token]
+
+
+def test_a_remembered_token_is_judged_anew_for_other_checks_and_other_bytes(
+    ring: KeyRing, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = issue(ring, clock)
+    verify(ring, token, clock)
+    decodes = _decodes(monkeypatch)
+    assert rejection(ring, token, clock, audience="another-api") is TokenRejection.wrong_audience
+    assert rejection(ring, token, clock, issuer="https://other.example") is (
+        TokenRejection.wrong_issuer
+    )
+    assert rejection(ring, token, clock, token_type="JWT") is TokenRejection.wrong_type
+    head, body, signature = token.split(".")
+    flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
+    assert rejection(ring, f"{head}.{body}.{flipped}", clock) is TokenRejection.bad_signature
+    assert len(decodes) == 3  # the typ check refuses before any decode
+    assert verify(ring, token, clock).subject == "buyer-1"
+    assert len(decodes) == 3
+
+
+def test_a_remembered_token_follows_its_key_out_of_the_ring(
+    ring: KeyRing, clock: ManualClock
+) -> None:
+    old_token = issue(ring, clock, ttl=dt.timedelta(minutes=15))
+    verify(ring, old_token, clock)
+    new_key = ring.rotate(clock=clock, retain_for=dt.timedelta(minutes=20))
+    # Retired by the rotation, the old key still verifies until its deadline ...
+    assert verify(ring, old_token, clock).kid != new_key.kid
+    clock.advance(dt.timedelta(minutes=20))
+    # ... and not after it, remembered or not.
+    assert rejection(ring, old_token, clock) is TokenRejection.unknown_key
+
+    new_token = issue(ring, clock)
+    verify(ring, new_token, clock)
+    ring.rotate(clock=clock, retain_for=dt.timedelta(hours=1))
+    ring.remove(new_key.kid)
+    assert rejection(ring, new_token, clock) is TokenRejection.unknown_key
+
+
+def test_tokens_that_fail_are_not_remembered_and_the_memory_is_bounded(
+    ring: KeyRing, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tokens_module, "VERIFIED_TOKENS_REMEMBERED", 8)
+    stranger = KeyRing.generate()
+    for number in range(20):
+        assert rejection(ring, issue(stranger, clock, jti=f"x-{number}"), clock) is (
+            TokenRejection.unknown_key
+        )
+    tokens = [issue(ring, clock, jti=f"t-{number}") for number in range(20)]
+    for token in tokens:
+        verify(ring, token, clock)
+    remembered = {memo[0] for memo in ring._verified}
+    assert remembered == set(tokens[-8:])  # the newest, forged ones never
+    decodes = _decodes(monkeypatch)
+    verify(ring, tokens[0], clock)  # forgotten: checked in full again
+    assert decodes == [tokens[0]]
