@@ -3,17 +3,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from pathlib import Path
+
 import httpx2
+import pytest
 
 from soko.identity.login_methods import (
+    LOGIN_SETTINGS_CACHE_KEY,
+    LOGIN_SETTINGS_TAG,
     change_login_settings,
+    current_login_settings,
     login_method_enabled,
     mfa_required_roles,
 )
 from soko.identity.models import Role
+from soko.platform.cache import RedisCache
 from soko.platform.clock import ManualClock
 from soko.platform.config import Settings
 from soko.platform.runtime import Runtime
+from tests.conftest import make_settings
 from tests.identity.admin_support import LOGIN_METHODS, audit_events, problem_type
 from tests.identity.conftest import MakeUser
 
@@ -156,3 +166,47 @@ async def test_switching_passwords_off_stops_password_registration(
     )
     assert response.status_code == 403, response.text
     assert problem_type(response) == "login-method-disabled"
+
+
+@pytest.mark.redis
+async def test_a_near_copy_of_the_settings_is_dropped_when_they_change(
+    tmp_path: Path, database_url: str, redis_url: str, runtime: Runtime
+) -> None:
+    """Every sign-in reads the settings: each process keeps them near (no round trip to
+    Redis), and drops its copy as soon as another process announces a change."""
+    namespace = f"sokotest:{uuid.uuid4().hex[:12]}:cache:"
+    processes: list[Runtime] = []
+    for name in ("a", "b"):
+        settings = make_settings(
+            tmp_path / name, database_url=database_url, redis_url=redis_url, cache_backend="redis"
+        )
+        process = Runtime(settings, clock=runtime.clock)
+        process.cache = RedisCache(process.redis, namespace=namespace, retry_seconds=0.05)
+        processes.append(process)
+    first, second = processes
+    assert isinstance(second.cache, RedisCache)
+    try:
+        # The first near read starts the process listening; once it listens, copies are kept.
+        assert (await current_login_settings(second)).methods.get("sms_code", True)
+        async with asyncio.timeout(5):
+            while not second.cache.near.listening:
+                await asyncio.sleep(0.01)
+        assert (await current_login_settings(second)).methods.get("sms_code", True)
+        assert second.cache.near.get(LOGIN_SETTINGS_CACHE_KEY) is not None
+
+        heard = second.cache.near.mark
+        async with first.db.transaction() as session:
+            await change_login_settings(
+                session, methods={"sms_code": False}, now=runtime.clock.now(), changed_by=None
+            )
+        await first.cache.invalidate_tags(LOGIN_SETTINGS_TAG)
+        async with asyncio.timeout(5):
+            while second.cache.near.mark == heard:
+                await asyncio.sleep(0.001)
+        assert second.cache.near.get(LOGIN_SETTINGS_CACHE_KEY) is None
+        assert not (await current_login_settings(second)).methods["sms_code"]
+    finally:
+        async for key in first.redis.scan_iter(match=f"{namespace}*", count=500):
+            await first.redis.delete(key)
+        for process in processes:
+            await process.stop()

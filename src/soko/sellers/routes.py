@@ -159,7 +159,7 @@ async def storefront(
         ).model_dump(mode="json")
 
     data = await runtime.cache.get_or_set(
-        f"sellers:storefront:{slug}", load, STOREFRONT_TTL_SECONDS, tags=[SELLERS_TAG]
+        f"sellers:storefront:{slug}", load, STOREFRONT_TTL_SECONDS, tags=[SELLERS_TAG], near=True
     )
     if data is None:
         raise NotFound("No such store.")
