@@ -13,6 +13,7 @@ from bench import (
     notifications,
     outbox_throughput,
     payment_webhooks,
+    request_cpu,
     signin,
     webhook_delivery,
 )
@@ -26,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
     "ledger": ledger.main,
     "notifications": notifications.main,
     "webhook_delivery": webhook_delivery.main,
+    "request_cpu": request_cpu.main,
 }
 
 

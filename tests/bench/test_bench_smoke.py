@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from bench import catalog, checkout, ledger, payment_webhooks
-from tests.conftest import POSTGRES_UP, POSTGRES_URL, REQUIRE_SERVICES
+from bench import catalog, checkout, ledger, payment_webhooks, request_cpu
+from tests.conftest import POSTGRES_UP, POSTGRES_URL, REDIS_UP, REDIS_URL, REQUIRE_SERVICES
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres_only]
 
@@ -70,3 +70,21 @@ async def test_payment_webhook_benchmark_captures_each_payment_once() -> None:
         payment_webhooks.Config(payments=20, connections=4, url=_database_url("webhooks"))
     )
     assert outcome.invariants_held
+
+
+async def test_request_cpu_benchmark_answers_every_kind_of_request() -> None:
+    if not REDIS_UP:
+        if REQUIRE_SERVICES:
+            pytest.fail("Redis is not reachable and SOKO_TEST_REQUIRE_SERVICES=1")
+        pytest.skip("Redis is not reachable")
+    results = await request_cpu.run(
+        request_cpu.Config(
+            requests=8,
+            products=30,
+            url=_database_url("cpu"),
+            redis_url=f"{REDIS_URL.rpartition('/')[0]}/11",
+        )
+    )
+    assert [measured.statuses for measured in results] == [{200}] * 4
+    uncached, cached, _me, _sign_in = results
+    assert uncached.statements == 2 and cached.statements == 0

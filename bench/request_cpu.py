@@ -1,0 +1,261 @@
+"""CPU per request, one request at a time through the ASGI app in this process: what each
+answer costs the API process, the figure that decides how many answers two cores hold.
+
+Throughput on a shared virtual machine moves with its neighbours (time the hypervisor
+gives other guests, a busy host); the process CPU of one request at a time moves far
+less, so a change that saves a tenth of a millisecond shows here when the load
+benchmarks cannot tell it from noise. For each kind of request it prints the median and
+p90 of the process CPU (``time.process_time``), the SQL statements and the Redis
+commands each request sent (with the background work the requests start, which the
+in-process dispatcher runs between them: a sign-in's events, for one):
+
+- ``GET /api/v1/products?limit=20``, uncached (the runtime's cache calls through, as in
+  the catalog benchmark) and cached (a near copy);
+- ``GET /api/v1/me`` with one access token, as a client sends it all its life;
+- ``POST /api/v1/auth/login``: the API process's share only, the Argon2id verification
+  runs in a hashing worker process of its own (``SOKO_PASSWORD_HASH_POOL=process``).
+
+The app is configured as ``soko serve`` with several processes configures it: PostgreSQL
+(a database of its own, dropped and created again: ``BENCH_DATABASE_URL``, default
+``soko_bench_cpu``) and Redis for the cache, the rate limits and the change channel
+(``BENCH_REDIS_URL``, default database 11, emptied). ``BENCH_REQUESTS`` (default 1000) of
+each kind after a warm-up; ``BENCH_PRODUCTS`` (default 2000) in the catalog.
+
+    .venv/bin/python -m bench request_cpu
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen
+from bench.catalog import CallThroughCache, load_catalog
+
+DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/soko_bench_cpu"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/11"
+PASSWORD = "correct horse battery staple 42"
+USERS = 50
+USER_AGENT = b"Mozilla/5.0 (Linux; Android 13; bench) Chrome/120.0 Mobile"
+
+
+@dataclass
+class Config:
+    requests: int = 1000
+    products: int = 2000
+    url: str = DEFAULT_DATABASE_URL
+    redis_url: str = DEFAULT_REDIS_URL
+
+    @classmethod
+    def from_env(cls) -> Config:
+        env = os.environ.get
+        return cls(
+            requests=int(env("BENCH_REQUESTS", "1000")),
+            products=int(env("BENCH_PRODUCTS", "2000")),
+            url=env("BENCH_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            redis_url=env("BENCH_REDIS_URL") or DEFAULT_REDIS_URL,
+        )
+
+
+@dataclass
+class Measured:
+    name: str
+    cpu_ms: list[float]
+    statements: float
+    redis_commands: float
+    statuses: set[int]
+
+
+class _Asgi:
+    """Calls the app the way uvicorn does, without a socket."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(
+        self, method: str, path: str, *, body: bytes = b"", headers: tuple[Any, ...] = ()
+    ) -> tuple[int, bytes]:
+        sent: list[dict[str, Any]] = []
+        target, _, query = path.partition("?")
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": target,
+            "raw_path": target.encode(),
+            "query_string": query.encode(),
+            "headers": [
+                (b"host", b"127.0.0.1:8000"),
+                (b"user-agent", USER_AGENT),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 8000),
+            "root_path": "",
+            "state": {},
+        }
+        await self.app(scope, receive, send)
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        content = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return status, content
+
+
+async def _redis_commands(redis: Any) -> int:
+    stats = await redis.info("commandstats")
+    # Everything Redis ran, the commands inside scripts included; minus this INFO itself.
+    return sum(int(entry["calls"]) for entry in stats.values())
+
+
+Request = Callable[[int], Awaitable[tuple[int, bytes]]]
+
+
+async def _measure(name: str, runtime: Any, count: int, request: Request) -> Measured:
+    from sqlalchemy import event
+
+    for number in range(min(50, count)):  # warm-up: statements prepared, copies kept
+        await request(number)
+    statements = 0
+
+    def counted(*_args: Any) -> None:
+        nonlocal statements
+        statements += 1
+
+    engine = runtime.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", counted)
+    commands_before = await _redis_commands(runtime.redis)
+    cpu: list[float] = []
+    statuses: set[int] = set()
+    try:
+        for number in range(count):
+            began = time.process_time()
+            status, _ = await request(number)
+            cpu.append((time.process_time() - began) * 1000)
+            statuses.add(status)
+    finally:
+        event.remove(engine, "before_cursor_execute", counted)
+    commands = await _redis_commands(runtime.redis) - commands_before - 1
+    return Measured(name, cpu, statements / count, commands / count, statuses)
+
+
+async def _create_users(runtime: Any) -> list[str]:
+    from soko.identity.accounts import create_user
+    from soko.identity.models import Role
+    from soko.identity.passwords import password_hasher
+
+    stored = await password_hasher(runtime).hash(PASSWORD)
+    emails = [f"cpu-{index}@example.com" for index in range(USERS)]
+    async with runtime.db.transaction() as session:
+        for email in emails:
+            await create_user(
+                session,
+                runtime.data_keys,
+                now=runtime.clock.now(),
+                email=email,
+                password_hash=stored,
+                roles=(Role.customer,),
+                email_verified=True,
+            )
+    return emails
+
+
+def _login_body(email: str) -> bytes:
+    return json.dumps({"identifier": email, "password": PASSWORD}).encode()
+
+
+def _app_with_environment(env: dict[str, str]) -> Any:
+    """Soko's app with its settings read from ``env`` (the environment is put back
+    afterwards, so benchmarks run after this one do not inherit it)."""
+    from soko.app import create_app_from_env
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return create_app_from_env()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+async def main(_argv: list[str]) -> None:
+    await run(Config.from_env())
+
+
+async def run(config: Config) -> list[Measured]:
+    if not config.url.startswith("postgresql"):
+        raise SystemExit("the request CPU benchmark runs on PostgreSQL (BENCH_DATABASE_URL)")
+    workdir = Path(tempfile.mkdtemp(prefix="soko-bench-cpu-"))
+    await loadgen.recreate_database(config.url)
+    await loadgen.flush_redis(config.redis_url)
+    try:
+        await load_catalog(config.url, config.products)
+        env = loadgen.server_env(workdir, config.url, workers=2, redis_url=config.redis_url)
+        env["SOKO_LOGIN_RATE_LIMIT"] = "1000000/minute"
+        app = _app_with_environment(env)
+        call = _Asgi(app)
+        results: list[Measured] = []
+        async with app.router.lifespan_context(app):
+            runtime = app.state.runtime
+            emails = await _create_users(runtime)
+            status, body = await call("POST", "/api/v1/auth/login", body=_login_body(emails[0]))
+            if status != 200:
+                raise SystemExit(f"sign-in answered {status}: {body[:200]!r}")
+            bearer = ((b"authorization", f"Bearer {json.loads(body)['access_token']}".encode()),)
+            page = "/api/v1/products?limit=20"
+            count = config.requests
+
+            def get(path: str, headers: tuple[Any, ...] = ()) -> Request:
+                return lambda _number: call("GET", path, headers=headers)
+
+            def sign_in(number: int) -> Awaitable[tuple[int, bytes]]:
+                email = emails[number % len(emails)]
+                return call("POST", "/api/v1/auth/login", body=_login_body(email))
+
+            shared = runtime.cache
+            runtime.cache = CallThroughCache()
+            try:
+                results.append(await _measure("catalog page, uncached", runtime, count, get(page)))
+            finally:
+                runtime.cache = shared
+            results.append(await _measure("catalog page, cached", runtime, count, get(page)))
+            me = get("/api/v1/me", bearer)
+            results.append(await _measure("GET /me", runtime, count, me))
+            quarter = max(1, count // 4)
+            results.append(await _measure("sign-in (API process only)", runtime, quarter, sign_in))
+    finally:
+        await loadgen.drop_database(config.url)
+        await loadgen.flush_redis(config.redis_url)
+    report(results)
+    return results
+
+
+def report(results: list[Measured]) -> None:
+    print(f"{'request':<28} {'CPU median':>10} {'p90':>8} {'SQL':>6} {'Redis':>6}  statuses")
+    for measured in results:
+        ordered = sorted(measured.cpu_ms)
+        p90 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))]
+        print(
+            f"{measured.name:<28} {statistics.median(ordered):>7.2f} ms {p90:>5.2f} ms "
+            f"{measured.statements:>6.1f} {measured.redis_commands:>6.1f}  "
+            f"{sorted(measured.statuses)}"
+        )
+    print("(CPU of this process per request, one at a time; SQL statements and Redis commands")
+    print(" per request, with the background work the requests start and the commands inside")
+    print(" Redis scripts included)")
