@@ -42,10 +42,10 @@ from typing import Any
 
 from bench import loadgen
 from bench.catalog import CallThroughCache, load_catalog
+from bench.signin import PASSWORD, create_customers
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/soko_bench_cpu"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/11"
-PASSWORD = "correct horse battery staple 42"
 USERS = 50
 USER_AGENT = b"Mozilla/5.0 (Linux; Android 13; bench) Chrome/120.0 Mobile"
 
@@ -172,23 +172,10 @@ async def _measure(name: str, runtime: Any, count: int, request: Request) -> Mea
 
 
 async def _create_users(runtime: Any) -> list[str]:
-    from soko.identity.accounts import create_user
-    from soko.identity.models import Role
     from soko.identity.passwords import password_hasher
 
-    stored = await password_hasher(runtime).hash(PASSWORD)
     emails = [f"cpu-{index}@example.com" for index in range(USERS)]
-    async with runtime.db.transaction() as session:
-        for email in emails:
-            await create_user(
-                session,
-                runtime.data_keys,
-                now=runtime.clock.now(),
-                email=email,
-                password_hash=stored,
-                roles=(Role.customer,),
-                email_verified=True,
-            )
+    await create_customers(runtime, emails, await password_hasher(runtime).hash(PASSWORD))
     return emails
 
 

@@ -373,10 +373,27 @@ class CpuMeter:
 # -- the run ------------------------------------------------------------------------------------
 
 
-async def _prepare(settings: Any, users: int) -> tuple[list[str], list[float]]:
-    from soko.app import load_models
+async def create_customers(runtime: Any, emails: list[str], password_hash: str) -> None:
+    """Customers with these (verified) emails and one stored password hash, in one
+    transaction."""
     from soko.identity.accounts import create_user
     from soko.identity.models import Role
+
+    async with runtime.db.transaction() as session:
+        for email in emails:
+            await create_user(
+                session,
+                runtime.data_keys,
+                now=runtime.clock.now(),
+                email=email,
+                password_hash=password_hash,
+                roles=(Role.customer,),
+                email_verified=True,
+            )
+
+
+async def _prepare(settings: Any, users: int) -> tuple[list[str], list[float]]:
+    from soko.app import load_models
     from soko.identity.passwords import password_hasher
     from soko.platform.db import Base, create_engine
     from soko.platform.runtime import Runtime
@@ -395,20 +412,8 @@ async def _prepare(settings: Any, users: int) -> tuple[list[str], list[float]]:
         start = time.perf_counter()
         stored = await hasher.hash(PASSWORD)
         samples.append(time.perf_counter() - start)
-    emails = []
-    async with runtime.db.transaction() as session:
-        for index in range(users):
-            email = f"bench-{index}@example.com"
-            await create_user(
-                session,
-                runtime.data_keys,
-                now=runtime.clock.now(),
-                email=email,
-                password_hash=stored,
-                roles=(Role.customer,),
-                email_verified=True,
-            )
-            emails.append(email)
+    emails = [f"bench-{index}@example.com" for index in range(users)]
+    await create_customers(runtime, emails, stored)
     hasher.close()
     await runtime.stop()
     return emails, samples

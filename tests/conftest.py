@@ -13,7 +13,7 @@ import socket
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +24,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from soko.app import create_app, load_handlers, load_models
+from soko.platform.cache import RedisCache
 from soko.platform.clock import ManualClock
 from soko.platform.config import Settings
 from soko.platform.db import Base, create_engine
@@ -248,3 +249,33 @@ async def redis_namespace(redis_url: str) -> AsyncIterator[str]:
             await redis.delete(key)
     finally:
         await redis.aclose()
+
+
+@asynccontextmanager
+async def processes_over_one_redis(
+    tmp_path: Path, database_url: str, redis_url: str, like: Runtime, count: int = 2
+) -> AsyncIterator[list[Runtime]]:
+    """``count`` runtimes standing for API processes over one database and one Redis
+    cache namespace of their own (emptied afterwards), with ``like``'s clock and signing
+    keys."""
+    namespace = f"sokotest:{uuid.uuid4().hex[:12]}:cache:"
+    processes: list[Runtime] = []
+    try:
+        for number in range(count):
+            settings = make_settings(
+                tmp_path / f"process-{number}",
+                database_url=database_url,
+                redis_url=redis_url,
+                cache_backend="redis",
+            )
+            process = Runtime(settings, clock=like.clock)
+            process.signing_keys = like.signing_keys
+            process.cache = RedisCache(process.redis, namespace=namespace, retry_seconds=0.05)
+            processes.append(process)
+        yield processes
+    finally:
+        if processes:
+            async for key in processes[0].redis.scan_iter(match=f"{namespace}*", count=500):
+                await processes[0].redis.delete(key)
+        for process in processes:
+            await process.stop()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from pathlib import Path
 
 import httpx2
@@ -23,7 +22,7 @@ from soko.platform.cache import RedisCache
 from soko.platform.clock import ManualClock
 from soko.platform.config import Settings
 from soko.platform.runtime import Runtime
-from tests.conftest import make_settings
+from tests.conftest import processes_over_one_redis
 from tests.identity.admin_support import LOGIN_METHODS, audit_events, problem_type
 from tests.identity.conftest import MakeUser
 
@@ -174,18 +173,11 @@ async def test_a_near_copy_of_the_settings_is_dropped_when_they_change(
 ) -> None:
     """Every sign-in reads the settings: each process keeps them near (no round trip to
     Redis), and drops its copy as soon as another process announces a change."""
-    namespace = f"sokotest:{uuid.uuid4().hex[:12]}:cache:"
-    processes: list[Runtime] = []
-    for name in ("a", "b"):
-        settings = make_settings(
-            tmp_path / name, database_url=database_url, redis_url=redis_url, cache_backend="redis"
-        )
-        process = Runtime(settings, clock=runtime.clock)
-        process.cache = RedisCache(process.redis, namespace=namespace, retry_seconds=0.05)
-        processes.append(process)
-    first, second = processes
-    assert isinstance(second.cache, RedisCache)
-    try:
+    async with processes_over_one_redis(tmp_path, database_url, redis_url, runtime) as (
+        first,
+        second,
+    ):
+        assert isinstance(second.cache, RedisCache)
         # The first near read starts the process listening; once it listens, copies are kept.
         assert (await current_login_settings(second)).methods.get("sms_code", True)
         async with asyncio.timeout(5):
@@ -205,8 +197,3 @@ async def test_a_near_copy_of_the_settings_is_dropped_when_they_change(
                 await asyncio.sleep(0.001)
         assert second.cache.near.get(LOGIN_SETTINGS_CACHE_KEY) is None
         assert not (await current_login_settings(second)).methods["sms_code"]
-    finally:
-        async for key in first.redis.scan_iter(match=f"{namespace}*", count=500):
-            await first.redis.delete(key)
-        for process in processes:
-            await process.stop()

@@ -18,7 +18,7 @@ from soko.identity.passwords import password_hasher
 from soko.platform.cache import RedisCache
 from soko.platform.clock import ManualClock
 from soko.platform.runtime import Runtime
-from tests.conftest import make_settings
+from tests.conftest import make_settings, processes_over_one_redis
 from tests.identity.me_support import (
     IPHONE_SAFARI,
     PASSWORD,
@@ -215,19 +215,11 @@ async def test_a_session_revoked_in_one_process_stops_in_another(
 ) -> None:
     """Two API processes over one Redis: the one that did not revoke held the session's
     state as a near copy, and drops it as soon as the change reaches it."""
-    namespace = f"sokotest:{uuid.uuid4().hex[:12]}:cache:"
-    processes: list[Runtime] = []
-    for name in ("a", "b"):
-        settings = make_settings(
-            tmp_path / name, database_url=database_url, redis_url=redis_url, cache_backend="redis"
-        )
-        process = Runtime(settings, clock=runtime.clock)
-        process.signing_keys = runtime.signing_keys
-        process.cache = RedisCache(process.redis, namespace=namespace, retry_seconds=0.05)
-        processes.append(process)
-    first, second = processes
-    assert isinstance(second.cache, RedisCache)
-    try:
+    async with processes_over_one_redis(tmp_path, database_url, redis_url, runtime) as (
+        first,
+        second,
+    ):
+        assert isinstance(second.cache, RedisCache)
         account = await make_account(runtime)
         lost_phone = await sign_in_again(runtime, account.user_id)
         one = httpx2.AsyncClient(
@@ -255,11 +247,6 @@ async def test_a_session_revoked_in_one_process_stops_in_another(
                     await asyncio.sleep(0.001)
             assert (await other.get("/api/v1/me", headers=bearer(lost_phone))).status_code == 401
             assert (await other.get("/api/v1/me", headers=account.headers)).status_code == 200
-    finally:
-        async for key in first.redis.scan_iter(match=f"{namespace}*", count=500):
-            await first.redis.delete(key)
-        for process in processes:
-            await process.stop()
 
 
 async def test_revoking_the_current_session_signs_it_out(

@@ -5,6 +5,8 @@ JSONB codecs Soko registers itself, handing the driver's bytes to jsonbody.loads
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
@@ -26,16 +28,11 @@ DOCUMENTS: list[Any] = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["json", "jsonb"])
-async def test_documents_read_back_as_written(database_url: str, kind: str) -> None:
-    if kind == "jsonb" and not database_url.startswith("postgresql"):
-        pytest.skip("JSONB is PostgreSQL's")
-    column_type: Any = postgresql.JSONB() if kind == "jsonb" else JSON()
+@asynccontextmanager
+async def _documents(database_url: str, name: str, column_type: Any) -> AsyncIterator[Any]:
+    """A connection and a table ``name`` (``id``, ``doc``) holding DOCUMENTS, dropped after."""
     table = Table(
-        f"json_round_trip_{kind}",
-        MetaData(),
-        Column("id", Integer, primary_key=True),
-        Column("doc", column_type),
+        name, MetaData(), Column("id", Integer, primary_key=True), Column("doc", column_type)
     )
     engine = create_engine(database_url)
     try:
@@ -47,15 +44,24 @@ async def test_documents_read_back_as_written(database_url: str, kind: str) -> N
                     insert(table), [{"id": i, "doc": doc} for i, doc in enumerate(DOCUMENTS)]
                 )
             async with engine.connect() as conn:
-                rows = (await conn.execute(select(table.c.doc).order_by(table.c.id))).all()
-            assert [row[0] for row in rows] == DOCUMENTS
-            # Integers beyond 64 bits stay integers, not floats.
-            assert isinstance(rows[2][0]["big"], int)
+                yield conn, table
         finally:
             async with engine.begin() as conn:
                 await conn.run_sync(table.drop)
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["json", "jsonb"])
+async def test_documents_read_back_as_written(database_url: str, kind: str) -> None:
+    if kind == "jsonb" and not database_url.startswith("postgresql"):
+        pytest.skip("JSONB is PostgreSQL's")
+    column_type: Any = postgresql.JSONB() if kind == "jsonb" else JSON()
+    async with _documents(database_url, f"json_round_trip_{kind}", column_type) as (conn, table):
+        rows = (await conn.execute(select(table.c.doc).order_by(table.c.id))).all()
+    assert [row[0] for row in rows] == DOCUMENTS
+    # Integers beyond 64 bits stay integers, not floats.
+    assert isinstance(rows[2][0]["big"], int)
 
 
 @pytest.mark.postgresql
@@ -81,35 +87,14 @@ async def test_postgresql_json_literals_read_by_the_registered_codecs(
     assert row[2] == [1, 2.5, "NaN"]
 
 
-def _probe_table(name: str) -> Table:
-    return Table(name, MetaData(), Column("id", Integer, primary_key=True), Column("doc", JSON()))
-
-
 async def test_json_text_passes_documents_through_as_stored(database_url: str) -> None:
-    table = _probe_table("json_text_probe")
-    engine = create_engine(database_url)
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(table.create)
-        try:
-            async with engine.begin() as conn:
-                await conn.execute(
-                    insert(table), [{"id": i, "doc": doc} for i, doc in enumerate(DOCUMENTS)]
-                )
-            async with engine.connect() as conn:
-                served = (
-                    await conn.execute(select(json_text(table.c.doc)).order_by(table.c.id))
-                ).all()
-                stored = (
-                    (await conn.execute(select(cast(table.c.doc, Text())).order_by(table.c.id)))
-                    .scalars()
-                    .all()
-                )
-        finally:
-            async with engine.begin() as conn:
-                await conn.run_sync(table.drop)
-    finally:
-        await engine.dispose()
+    async with _documents(database_url, "json_text_probe", JSON()) as (conn, table):
+        served = (await conn.execute(select(json_text(table.c.doc)).order_by(table.c.id))).all()
+        stored = (
+            (await conn.execute(select(cast(table.c.doc, Text())).order_by(table.c.id)))
+            .scalars()
+            .all()
+        )
     assert served[0]._fields == ("doc",)  # labelled with the column's own name
     for (value,), text_as_stored, document in zip(served, stored, DOCUMENTS, strict=True):
         body = jsonbody.dumps({"value": value})
@@ -125,7 +110,12 @@ async def test_json_text_passes_documents_through_as_stored(database_url: str) -
 async def test_json_text_refuses_a_sqlite_column_that_holds_no_json(tmp_path: Any) -> None:
     # SQLite keeps any text in a JSON column; a value that is not JSON must fail the
     # read instead of going into an answer as it is.
-    table = _probe_table("json_text_broken")
+    table = Table(
+        "json_text_broken",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("doc", JSON()),
+    )
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'broken.db'}")
     try:
         async with engine.begin() as conn:
