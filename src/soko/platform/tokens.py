@@ -338,7 +338,8 @@ def _type_matches(declared: Any, expected: str) -> bool:
 
 class KeyRing:
     """The keys tokens are signed and verified with. Not thread-safe for mutation:
-    rotate at start-up or under the caller's lock, then share read-only."""
+    rotate at start-up or under the caller's lock, then share read-only. Verifying is
+    safe from any thread: the tokens it remembers are kept with single dict operations."""
 
     def __init__(self, keys: Iterable[TokenKey] = (), *, active_kid: str | None = None) -> None:
         self._keys: dict[str, TokenKey] = {}
