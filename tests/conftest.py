@@ -168,13 +168,15 @@ def clock() -> ManualClock:
 
 
 @contextmanager
-def sql_statements(runtime: Runtime) -> Iterator[list[str]]:
+def sql_statements(runtime: Runtime, *, leaving_out: tuple[str, ...] = ()) -> Iterator[list[str]]:
     """Every statement sent to ``runtime``'s database inside the block (BEGIN included
-    where the driver sends it as one)."""
+    where the driver sends it as one), but those starting with one of ``leaving_out``
+    (upper-case keywords, compared with the statement's own upper-cased start)."""
     sent: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        sent.append(statement)
+        if not (leaving_out and statement.lstrip().upper().startswith(leaving_out)):
+            sent.append(statement)
 
     engine = runtime.db.engine.sync_engine
     event.listen(engine, "before_cursor_execute", record)

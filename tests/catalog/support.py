@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
-from sqlalchemy import event
 
 from soko.identity.models import Role
 from soko.platform.runtime import Runtime
+from tests.conftest import sql_statements
 from tests.identity.conftest import MakeUser, SignedInUser
 
 API = "/api/v1"
@@ -226,17 +226,5 @@ _TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
 
 @contextmanager
 def count_statements(runtime: Runtime) -> Iterator[Statements]:
-    statements = Statements()
-    engine = runtime.db.engine.sync_engine
-
-    def record(
-        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
-    ) -> None:
-        if not statement.lstrip().upper().startswith(_TRANSACTION_CONTROL):
-            statements.sent.append(statement)
-
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield statements
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
+    with sql_statements(runtime, leaving_out=_TRANSACTION_CONTROL) as sent:
+        yield Statements(sent)

@@ -10,13 +10,12 @@ import asyncio
 import os
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import httpx2
 import pytest
-from sqlalchemy import event, select, text
+from sqlalchemy import select, text
 
 from soko.identity import throttle
 from soko.identity.audit import record_audit_event, verify_audit_chain
@@ -32,6 +31,7 @@ from soko.identity.models import AuditEvent, LoginThrottle
 from soko.identity.passwords import PasswordHasher, password_hasher
 from soko.platform.db import create_engine
 from soko.platform.runtime import INVALIDATE_TAGS_KEY, Runtime
+from tests.conftest import sql_statements
 from tests.identity import signin_support
 from tests.identity.conftest import MakeUser
 from tests.identity.signin_support import LAPTOP_UA, PHONE_UA, login
@@ -40,22 +40,10 @@ ACCOUNT = throttle.account_key("b" * 64)
 ADDRESS = throttle.ip_key("198.51.100.4")
 
 
-@contextmanager
-def statements(runtime: Runtime) -> Iterator[list[str]]:
+def statements(runtime: Runtime) -> AbstractContextManager[list[str]]:
     """The SQL statements ``runtime``'s engine sends meanwhile, but the transaction
     control SQLite's connections run themselves (``BEGIN IMMEDIATE``, ``PRAGMA``)."""
-    seen: list[str] = []
-
-    def note(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
-        if not statement.startswith(("BEGIN", "PRAGMA")):
-            seen.append(" ".join(statement.split()))
-
-    engine = runtime.db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", note)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", note)
+    return sql_statements(runtime, leaving_out=("BEGIN", "PRAGMA"))
 
 
 async def test_a_password_sign_in_runs_within_its_statement_budget(
