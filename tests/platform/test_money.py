@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from soko.platform.money import (
+    MAX_AMOUNT_MINOR,
     MINOR_UNITS,
     CurrencyMismatchError,
     Money,
@@ -270,6 +271,10 @@ def test_pydantic_representation() -> None:
     assert line.model_dump() == {"price": {"amount": 1250, "currency": "KES"}}
     assert Line(price=Money(5, "USD")).price == Money(5, "USD")
     assert Line.model_validate({"price": {"amount": 5, "currency": "USD"}}).price == Money(5, "USD")
+    # The largest amounts a body may carry, either way.
+    for amount in (MAX_AMOUNT_MINOR, -MAX_AMOUNT_MINOR):
+        payload = f'{{"price": {{"amount": {amount}, "currency": "KES"}}}}'
+        assert Line.model_validate_json(payload).price == Money(amount, "KES")
 
 
 @pytest.mark.parametrize(
@@ -282,6 +287,9 @@ def test_pydantic_representation() -> None:
         '{"price": {"amount": 1250}}',
         '{"price": {"amount": 1250, "currency": "KES", "extra": 1}}',
         '{"price": "12.50 KES"}',
+        '{"price": {"amount": 1000000000000001, "currency": "KES"}}',
+        '{"price": {"amount": -1000000000000001, "currency": "KES"}}',
+        '{"price": {"amount": 1180591620717411303424, "currency": "KES"}}',
     ],
 )
 def test_pydantic_refuses_bad_money(payload: str) -> None:
@@ -296,5 +304,6 @@ def test_json_schema_describes_amount_and_currency() -> None:
         money_schema = schema["$defs"][money_schema["$ref"].rsplit("/", 1)[1]]
     assert money_schema["type"] == "object"
     assert money_schema["properties"]["amount"]["type"] == "integer"
+    assert money_schema["properties"]["amount"]["maximum"] == MAX_AMOUNT_MINOR
     assert money_schema["properties"]["currency"]["type"] == "string"
     assert set(money_schema["required"]) == {"amount", "currency"}

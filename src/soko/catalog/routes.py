@@ -38,6 +38,7 @@ from soko.identity.public import CATALOG_MANAGE
 from soko.platform.auth import Principal, public, require
 from soko.platform.errors import NotFound, ValidationFailed, problem_responses
 from soko.platform.etag import REVALIDATE, etag_for_version, not_modified, tag_response
+from soko.platform.money import MAX_AMOUNT_MINOR
 from soko.platform.pagination import (
     FieldSelection,
     Keyset,
@@ -132,10 +133,12 @@ async def list_products(
         ),
     ] = None,
     min_price: Annotated[
-        int | None, Query(ge=0, description="Lowest price, in minor units (inclusive)")
+        int | None,
+        Query(ge=0, le=MAX_AMOUNT_MINOR, description="Lowest price, in minor units (inclusive)"),
     ] = None,
     max_price: Annotated[
-        int | None, Query(ge=0, description="Highest price, in minor units (inclusive)")
+        int | None,
+        Query(ge=0, le=MAX_AMOUNT_MINOR, description="Highest price, in minor units (inclusive)"),
     ] = None,
     currency: Annotated[
         str | None, Query(pattern=r"^[A-Z]{3}$", description="Only prices in this currency")

@@ -35,7 +35,7 @@ from soko.platform.auth import Principal, require
 from soko.platform.errors import NotFound, problem_responses
 from soko.platform.http import client_ip
 from soko.platform.idempotency import IdempotencyDep
-from soko.platform.money import UnknownCurrencyError, minor_units
+from soko.platform.money import MAX_AMOUNT_MINOR, UnknownCurrencyError, minor_units
 from soko.platform.pagination import Keyset, Page, PageRequest, PageRequestDep, SortKey
 from soko.platform.runtime import Runtime, RuntimeDep, SessionDep
 from soko.sellers.public import ActingSellerDep, seller_cards
@@ -45,9 +45,6 @@ router = APIRouter()
 PaymentsReader = Annotated[Principal, require(PAYMENTS_READ_ALL)]
 PaymentsManager = Annotated[Principal, require(PAYMENTS_MANAGE)]
 PayoutsManager = Annotated[Principal, require(PAYOUTS_MANAGE)]
-# Far beyond any real payout, well inside a BIGINT.
-AMOUNT_MAX = 10**15
-
 
 # -- shapes ----------------------------------------------------------------------------------
 
@@ -90,7 +87,7 @@ class PayoutIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seller_id: uuid.UUID
-    amount_minor: int = Field(gt=0, le=AMOUNT_MAX)
+    amount_minor: int = Field(gt=0, le=MAX_AMOUNT_MINOR)
     currency: str = Field(min_length=3, max_length=3)
     reference: str = Field(
         min_length=1,

@@ -108,6 +108,11 @@ class Rounding(StrEnum):
     half_up = "half_up"
 
 
+# The largest amount, in minor units, that an API body may carry: a quadrillion (ten
+# trillion in major units of a two-decimal currency), so that sums of thousands of
+# amounts still fit the 64-bit integers they are stored in.
+MAX_AMOUNT_MINOR = 10**15
+
 _DECIMAL_STRING = re.compile(r"^(-)?(\d+)(?:\.(\d+))?$")
 
 
@@ -333,7 +338,9 @@ class Money:
     ) -> core_schema.CoreSchema:
         fields = core_schema.typed_dict_schema(
             {
-                "amount": core_schema.typed_dict_field(core_schema.int_schema(strict=True)),
+                "amount": core_schema.typed_dict_field(
+                    core_schema.int_schema(strict=True, ge=-MAX_AMOUNT_MINOR, le=MAX_AMOUNT_MINOR)
+                ),
                 "currency": core_schema.typed_dict_field(
                     core_schema.str_schema(pattern=r"^[A-Z]{3}$")
                 ),
@@ -366,6 +373,8 @@ class Money:
             "properties": {
                 "amount": {
                     "type": "integer",
+                    "minimum": -MAX_AMOUNT_MINOR,
+                    "maximum": MAX_AMOUNT_MINOR,
                     "description": "Amount in the currency's minor units (cents, kobo...)",
                 },
                 "currency": {
