@@ -17,7 +17,7 @@ from soko.platform import errors, fastapi_params
 from soko.platform.config import ConfigError, Settings, ensure_secrets, load_settings
 from soko.platform.errors import NotFound, install_problem_handlers
 from soko.platform.http import (
-    BodySizeLimitMiddleware,
+    InputGuardMiddleware,
     RequestContextMiddleware,
     SecurityHeadersMiddleware,
 )
@@ -206,7 +206,7 @@ def create_app(
             trusted_proxies=settings.trusted_proxies,
         )
     app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(InputGuardMiddleware, max_bytes=settings.max_body_bytes)
     # CORS wraps the body and rate limits so a browser can read their 413 and 429.
     if settings.cors_origins:
         app.add_middleware(

@@ -9,11 +9,19 @@ from typing import Any
 import httpx2
 import pytest
 from fastapi import APIRouter, FastAPI, Request
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from soko.app import create_app
 from soko.platform.clock import ManualClock
-from soko.platform.http import client_ip, route_template
+from soko.platform.http import (
+    _FormNulScanner,
+    _JsonNulScanner,
+    client_ip,
+    register_raw_body_prefix,
+    route_template,
+)
 from soko.platform.runtime import Runtime
 from tests.conftest import make_settings
 
@@ -34,6 +42,20 @@ def test_router() -> APIRouter:
     @router.post("/test-http/raw")
     async def post_raw(request: Request) -> dict[str, int]:
         return {"length": len(await request.body())}
+
+    @router.post("/test-http/signed/{sender}")
+    async def post_signed(sender: str, request: Request) -> dict[str, int]:
+        return {"length": len(await request.body())}
+
+    @router.get("/test-http/lookup/{key}")
+    async def lookup(key: str, q: str = "") -> dict[str, str]:
+        return {"key": key, "q": q}
+
+    @router.post("/test-http/form")
+    async def post_form(request: Request) -> dict[str, str]:
+        from urllib.parse import parse_qsl
+
+        return dict(parse_qsl((await request.body()).decode()))
 
     @router.get("/test-http/catalog")
     async def catalog(count: int = 200) -> dict[str, Any]:
@@ -258,6 +280,134 @@ async def test_lying_content_length_is_still_counted(make_client: AppFactory) ->
     )
     assert status == 413
     assert json.loads(body)["type"] == "/problems/payload-too-large"
+
+
+# -- the NUL character -------------------------------------------------------------------------
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(max(cut, 0), len(data)) for cut in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+# Text built from the pieces that make the scanner's work hard: backslashes, the
+# letters of an escape, the NUL itself and its neighbours.
+_TRICKY_TEXT = st.lists(
+    st.sampled_from(["\\", "u", "0", "\x00", "\x01", "a", "é", '"', "\\u0000"]), max_size=40
+).map("".join)
+
+
+@given(
+    text=_TRICKY_TEXT,
+    ascii_only=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+)
+def test_json_scanner_finds_a_nul_exactly_when_a_string_holds_one(
+    text: str, ascii_only: bool, cuts: list[int]
+) -> None:
+    body = json.dumps({"text": text, text: 1}, ensure_ascii=ascii_only).encode()
+    scanner = _JsonNulScanner()
+    found = any(scanner.feed(chunk) for chunk in _split(body, cuts) if chunk)
+    assert found == ("\x00" in text)
+
+
+@given(
+    text=_TRICKY_TEXT,
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+)
+def test_form_scanner_finds_a_nul_exactly_when_a_field_holds_one(
+    text: str, cuts: list[int]
+) -> None:
+    from urllib.parse import urlencode
+
+    body = urlencode({"text": text}).encode()
+    scanner = _FormNulScanner()
+    found = any(scanner.feed(chunk) for chunk in _split(body, cuts) if chunk)
+    assert found == ("\x00" in text)
+
+
+def test_json_scanner_memory_stays_small_on_a_run_of_backslashes() -> None:
+    scanner = _JsonNulScanner()
+    for _ in range(100):
+        assert not scanner.feed(b"\\" * 1000)
+    assert len(scanner._carry) <= 6
+    assert scanner.feed(b"u0000") is False  # an even run: the text "u0000"
+    scanner = _JsonNulScanner()
+    scanner.feed(b"\\" * 999)
+    assert scanner.feed(b"u0000") is True  # an odd run: an escape
+
+
+def _nul_refused(response: httpx2.Response, where: str) -> None:
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == "/problems/validation-error"
+    assert problem["status"] == 422
+    assert problem["errors"][0]["in"] == where
+    assert problem["errors"][0]["code"] == "nul_character"
+
+
+async def test_a_nul_in_a_json_body_is_422(make_client: AppFactory) -> None:
+    client = await make_client()
+    response = await client.post("/test-http/notes", json={"text": "Duka\x00"})
+    _nul_refused(response, "body")
+    # In a key too, and a body with no content type is read as JSON.
+    response = await client.post("/test-http/notes", content=b'{"text": "a", "\\u0000": 1}')
+    _nul_refused(response, "body")
+
+
+async def test_an_escaped_backslash_before_u0000_is_text(make_client: AppFactory) -> None:
+    client = await make_client()
+    response = await client.post("/test-http/notes", json={"text": "C:\\u0000"})
+    assert response.status_code == 200
+    assert response.json() == {"length": len("C:\\u0000")}
+
+
+async def test_a_nul_escape_cut_between_chunks_is_422(make_client: AppFactory) -> None:
+    client = await make_client()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"text": "abc\\'
+        yield b"u00"
+        yield b'00"}'
+
+    response = await client.post(
+        "/test-http/notes", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    _nul_refused(response, "body")
+
+
+async def test_a_nul_in_the_path_or_the_query_is_422(make_client: AppFactory) -> None:
+    client = await make_client()
+    _nul_refused(await client.get("/test-http/lookup/a%00b"), "path")
+    _nul_refused(await client.get("/test-http/lookup/a", params={"q": "x\x00"}), "query")
+    # Other control characters are text like any other.
+    response = await client.get("/test-http/lookup/a%01b", params={"q": "x\x01"})
+    assert response.json() == {"key": "a\x01b", "q": "x\x01"}
+
+
+async def test_a_nul_in_a_form_is_422(make_client: AppFactory) -> None:
+    client = await make_client()
+    _nul_refused(await client.post("/test-http/form", data={"name": "a\x00b"}), "body")
+    response = await client.post("/test-http/form", data={"name": "a%00b"})  # sent as %2500
+    assert response.json() == {"name": "a%00b"}
+
+
+async def test_a_signed_raw_body_is_taken_whole(make_client: AppFactory) -> None:
+    register_raw_body_prefix("/test-http/signed/")
+    client = await make_client()
+    body = b'{"note": "\\u0000"}'
+    response = await client.post(
+        "/test-http/signed/provider", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.json() == {"length": len(body)}
+    # Elsewhere a raw route is guarded like any other.
+    response = await client.post(
+        "/test-http/raw", content=body, headers={"Content-Type": "application/json"}
+    )
+    _nul_refused(response, "body")
+    with pytest.raises(ValueError):
+        register_raw_body_prefix("/no-slash")
 
 
 # -- CORS -------------------------------------------------------------------------------------

@@ -14,11 +14,15 @@ from soko.payments.providers.base import WebhookRejectedError
 from soko.payments.schemas import WebhookReceivedOut
 from soko.platform.auth import Principal, public
 from soko.platform.errors import NotFound, PayloadTooLarge, problem_responses
+from soko.platform.http import register_raw_body_prefix
 from soko.platform.runtime import RuntimeDep, SessionDep
 
 log = structlog.get_logger("soko.payments")
 
 router = APIRouter()
+# The provider's signature covers the body as sent: it is taken whole, never refused for
+# what its strings hold before the signature is checked.
+register_raw_body_prefix("/api/v1/payments/webhooks/")
 
 
 async def read_capped(request: Request, limit: int) -> bytes:

@@ -16,7 +16,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from soko.platform.errors import PayloadTooLarge, ProblemError, problem_body
+from soko.platform.errors import PayloadTooLarge, ProblemError, ValidationFailed, problem_body
 from soko.platform.ids import uuid7
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -26,12 +26,24 @@ log = structlog.get_logger("soko.http")
 
 
 def _problem_message(
-    problem: type[ProblemError], detail: str, path: str, request_id: str, status: int | None = None
+    problem: type[ProblemError],
+    detail: str,
+    path: str,
+    request_id: str,
+    status: int | None = None,
+    extensions: dict[str, Any] | None = None,
 ) -> tuple[Message, Message]:
     import json
 
     body = json.dumps(
-        problem_body(problem, detail=detail, status=status, instance=path, request_id=request_id)
+        problem_body(
+            problem,
+            detail=detail,
+            status=status,
+            instance=path,
+            request_id=request_id,
+            extensions=extensions,
+        )
     ).encode()
     start: Message = {
         "type": "http.response.start",
@@ -130,8 +142,106 @@ class RequestContextMiddleware:
             structlog.contextvars.clear_contextvars()
 
 
-class BodySizeLimitMiddleware:
-    """Refuses request bodies over ``max_bytes`` with 413, by header or by counting."""
+# Paths whose routes read their body raw and take it whole (a payment provider's signed
+# webhook): the NUL check of InputGuardMiddleware leaves those bodies to the route.
+_RAW_BODY_PREFIXES: list[str] = []
+
+
+def register_raw_body_prefix(prefix: str) -> None:
+    """Leave the bodies of requests under ``prefix`` (which ends with "/") unscanned for
+    the NUL character: their routes verify a signature on the bytes as sent."""
+    if not prefix.endswith("/"):
+        raise ValueError("a raw body prefix ends with '/'")
+    if prefix not in _RAW_BODY_PREFIXES:
+        _RAW_BODY_PREFIXES.append(prefix)
+
+
+_JSON_NUL = b"\\u0000"
+_BACKSLASH = 0x5C
+
+
+class _JsonNulScanner:
+    """Finds the escape ``\\u0000`` in a JSON body fed in chunks of any size.
+
+    Raw control characters are not valid inside a JSON string, so an escape is the only
+    way a NUL reaches a parsed value. It is one when an odd number of backslashes runs
+    up to the ``u`` (``\\\\u0000`` is an escaped backslash, then the text ``u0000``). Between
+    chunks it keeps the last five bytes (an escape cut in two) and the parity of the
+    backslashes before them, so memory stays constant whatever the body."""
+
+    __slots__ = ("_carry",)
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def feed(self, chunk: bytes) -> bool:
+        data = self._carry + chunk if self._carry else chunk
+        at = data.find(_JSON_NUL)
+        while at != -1:
+            run = 1
+            while at - run >= 0 and data[at - run] == _BACKSLASH:
+                run += 1
+            if run % 2 == 1:
+                return True
+            at = data.find(_JSON_NUL, at + 1)
+        tail = max(0, len(data) - 5)
+        start = tail
+        while start > 0 and data[start - 1] == _BACKSLASH:
+            start -= 1
+        self._carry = b"\\" * ((tail - start) % 2) + data[tail:]
+        return False
+
+
+class _FormNulScanner:
+    """Finds ``%00`` in a form-encoded body fed in chunks of any size."""
+
+    __slots__ = ("_carry",)
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def feed(self, chunk: bytes) -> bool:
+        data = self._carry + chunk
+        self._carry = data[-2:]
+        return b"%00" in data
+
+
+def _body_scanner(scope: Scope) -> _JsonNulScanner | _FormNulScanner | None:
+    """The scanner for the body's media type: JSON (also what FastAPI assumes when no
+    type is given) or a form; other bodies are not parsed into text fields."""
+    path = scope.get("path", "")
+    if any(path.startswith(prefix) for prefix in _RAW_BODY_PREFIXES):
+        return None
+    media_type = b""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            media_type = value.split(b";", 1)[0].strip().lower()
+            break
+    if not media_type or media_type == b"application/json" or media_type.endswith(b"+json"):
+        return _JsonNulScanner()
+    if media_type == b"application/x-www-form-urlencoded":
+        return _FormNulScanner()
+    return None
+
+
+def _nul_problem(where: str) -> tuple[str, dict[str, Any]]:
+    detail = f"The request's {where} holds the NUL character (U+0000), which no field accepts."
+    error = {"in": where, "field": "", "pointer": None, "detail": detail, "code": "nul_character"}
+    return detail, {"errors": [error]}
+
+
+class InputGuardMiddleware:
+    """Checks what every route receives before any of it is parsed.
+
+    - A body over ``max_bytes`` is refused with 413, by its declared length or by
+      counting what arrives.
+    - The NUL character (U+0000) in the path, the query or a JSON or form body is refused
+      with 422 ``validation-error``. No field of Soko takes it, PostgreSQL's text cannot
+      hold it (the statement would fail, a 500 where the client erred), and SQLite would
+      store it where other tools cut the text short. The body is checked as it streams
+      in, without buffering it; routes that verify a signature on their raw body
+      (:func:`register_raw_body_prefix`) get it unchecked.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -142,6 +252,12 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = scope.get("state", {}).get("request_id", "")
+        if "\x00" in scope.get("path", ""):
+            await self._refuse_nul(scope, send, request_id, "path")
+            return
+        if b"%00" in scope.get("query_string", b""):
+            await self._refuse_nul(scope, send, request_id, "query")
+            return
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -155,28 +271,42 @@ class BodySizeLimitMiddleware:
 
         received = 0
         response_started = False
+        refusal: str | None = None  # "size" or "nul", once the body was refused
+        scanner = _body_scanner(scope) if scope.get("method") not in ("GET", "HEAD") else None
 
-        async def counting_receive() -> Message:
-            nonlocal received
+        async def guarded_receive() -> Message:
+            nonlocal received, refusal
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 if received > self.max_bytes:
+                    refusal = "size"
                     raise _BodyTooLarge(self.max_bytes)
+                if scanner is not None and chunk and scanner.feed(chunk):
+                    refusal = "nul"
+                    raise _NulInBody()
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal response_started
+            if refusal is not None and not response_started:
+                return  # whatever the route made of the refusal: the guard answers it
             if message["type"] == "http.response.start":
                 response_started = True
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
+            await self.app(scope, guarded_receive, guarded_send)
+        except (_BodyTooLarge, _NulInBody):
             if response_started:
                 raise
+        if refusal is None or response_started:
+            return
+        if refusal == "size":
             await self._refuse(scope, send, request_id)
+        else:
+            await self._refuse_nul(scope, send, request_id, "body")
 
     async def _refuse(self, scope: Scope, send: Send, request_id: str) -> None:
         start, body = _problem_message(
@@ -188,6 +318,18 @@ class BodySizeLimitMiddleware:
         await send(start)
         await send(body)
 
+    async def _refuse_nul(self, scope: Scope, send: Send, request_id: str, where: str) -> None:
+        detail, extensions = _nul_problem(where)
+        start, body = _problem_message(
+            ValidationFailed,
+            detail,
+            scope.get("path", "").replace("\x00", "%00"),
+            request_id,
+            extensions=extensions,
+        )
+        await send(start)
+        await send(body)
+
 
 class _BodyTooLarge(StarletteHTTPException):
     # An HTTPException on purpose: FastAPI turns any other exception raised while it
@@ -195,6 +337,13 @@ class _BodyTooLarge(StarletteHTTPException):
     # HTTPExceptions, which the problem handlers then answer as a 413 problem.
     def __init__(self, max_bytes: int) -> None:
         super().__init__(413, f"The request body is larger than {max_bytes} bytes.")
+
+
+class _NulInBody(StarletteHTTPException):
+    # An HTTPException for the same reason as _BodyTooLarge. The guard answers either
+    # itself, with the full problem, whatever the route made of it.
+    def __init__(self) -> None:
+        super().__init__(422, _nul_problem("body")[0])
 
 
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
