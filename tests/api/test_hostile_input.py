@@ -45,6 +45,19 @@ BUYER_PREFIXES = (f"{API}/orders", f"{API}/carts", f"{API}/checkout")
 NUL = "a\x00b"
 BIG = 2**70
 _PATH_PARAM = re.compile(r"\{(\w+)\}")
+# Headers that routes read, each with a value no route can use.
+HOSTILE_HEADERS = (
+    ("X-Seller-Id", "not-a-store"),
+    ("X-Seller-Id", "9" * 40),
+    ("If-Match", '"' + "9" * 300 + '"'),
+    ("If-Match", "W/, *, ,"),
+    ("If-None-Match", '"a", W/"b", garbage'),
+    ("Idempotency-Key", "k" * 1000),
+    ("Idempotency-Key", 'a key with "quotes" and spaces'),
+    ("X-Cart-Token", "x" * 500),
+    ("Authorization", "Bearer " + "x" * 5000),
+    ("Authorization", "Basic Og=="),
+)
 
 
 @pytest.fixture
@@ -62,6 +75,7 @@ class Case:
     content: bytes | None = None
     content_type: str | None = None
     holds_nul: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,6 +235,8 @@ def cases(
         return _PATH_PARAM.sub(fill, path)
 
     verb = method.upper()
+    for header, value in HOSTILE_HEADERS:
+        yield Case(f"header {header}", verb, url(), headers={header: value})
     for parameter in parameters:
         name, where = parameter["name"], parameter["in"]
         if where == "path":
@@ -320,7 +336,7 @@ async def test_hostile_input_never_breaks_a_route(
         if not as_buyer:
             headers["X-Seller-Id"] = str(world.seller_id)
         for case in cases(path, method, operation, document, world):
-            sent = {**headers, "Idempotency-Key": uuid.uuid4().hex}
+            sent = {**headers, "Idempotency-Key": uuid.uuid4().hex, **case.headers}
             if case.content_type is not None:
                 sent["Content-Type"] = case.content_type
             response = await client.request(
