@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
-from soko.platform.cache import Cache, MemoryCache, RedisCache
+from soko.platform.cache import Cache, MemoryCache, RedisCache, _SingleFlight
 from soko.platform.clock import ManualClock
 
 CacheFactory = Callable[[], Cache]
@@ -173,6 +173,49 @@ async def test_concurrent_get_or_set_runs_one_factory_per_key(cache: Cache) -> N
     results = await asyncio.gather(*waiters)
     assert calls == {"listing:1": 1, "listing:2": 1}
     assert results == [{"key": "listing:1"}, {"key": "listing:2"}] * 10
+
+
+async def test_a_caller_whose_lookup_missed_before_a_flight_stored_reads_its_value(
+    cache: Cache,
+) -> None:
+    # A caller's lookup misses, but its answer arrives (a slow round trip) only after
+    # another caller computed and stored the value: it must read that value rather than
+    # compute it again.
+    assert isinstance(cache, MemoryCache | RedisCache)
+    lookup = cache._lookup_or_stamp
+    first_stored = asyncio.Event()
+    lookups = 0
+
+    async def slow_first_lookup(key: str, tags: Sequence[str], ttl: float) -> Any:
+        nonlocal lookups
+        lookups += 1
+        late = lookups == 1
+        found = await lookup(key, tags, ttl)
+        if late:
+            await first_stored.wait()
+        return found
+
+    cache._lookup_or_stamp = slow_first_lookup  # type: ignore[method-assign]
+    factory = Counting({"id": 7})
+    late = asyncio.create_task(cache.get_or_set("listing:1", factory, ttl=60))
+    while lookups < 1:
+        await asyncio.sleep(0)
+    assert await cache.get_or_set("listing:1", factory, ttl=60) == {"id": 7}
+    first_stored.set()
+    assert await late == {"id": 7}
+    assert factory.calls == 1
+
+
+def test_single_flight_remembers_a_bounded_number_of_stored_keys() -> None:
+    flights = _SingleFlight()
+    mark = flights.mark()
+    for number in range(_SingleFlight.REMEMBERED + 10):
+        flights.stored(f"key:{number}")
+    assert len(flights._stored) == _SingleFlight.REMEMBERED
+    assert not flights.stored_since("key:0", mark)  # forgotten, oldest first
+    assert flights.stored_since(f"key:{_SingleFlight.REMEMBERED + 9}", mark)
+    assert not flights.stored_since("key:never", mark)
+    assert not flights.stored_since(f"key:{_SingleFlight.REMEMBERED + 9}", flights.mark())
 
 
 async def test_a_failing_factory_caches_nothing_and_the_next_caller_retries(cache: Cache) -> None:

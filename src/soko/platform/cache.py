@@ -155,10 +155,34 @@ class Cache(Protocol):
 
 
 class _SingleFlight:
-    """One lock per key while anyone waits on it, so locks do not pile up."""
+    """One lock per key while anyone waits on it, so locks do not pile up; and which keys
+    a flight stored lately, for callers whose lookup missed before that flight ended but
+    who reach the lock after it: they read what it stored instead of computing again."""
+
+    # Keys whose last stored flight is remembered: beyond that, a late caller computes
+    # the value again (correct, only wasted work).
+    REMEMBERED = 4096
 
     def __init__(self) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._sequence = 0
+        self._stored: OrderedDict[str, int] = OrderedDict()
+
+    def mark(self) -> int:
+        """A point in time to compare :meth:`stored_since` with: take it before the
+        lookup."""
+        return self._sequence
+
+    def stored(self, key: str) -> None:
+        """A flight for ``key`` has just stored its value."""
+        self._sequence += 1
+        self._stored[key] = self._sequence
+        self._stored.move_to_end(key)
+        if len(self._stored) > self.REMEMBERED:
+            self._stored.popitem(last=False)
+
+    def stored_since(self, key: str, mark: int) -> bool:
+        return self._stored.get(key, 0) > mark
 
     @asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[bool]:
@@ -250,6 +274,7 @@ class _TaggedCache:
         # Invalidations this process hears of from now on keep what it reads out of its
         # near copies: they may have been read before the invalidation took effect.
         mark = self._near_mark()
+        flight_mark = self._flights.mark()
         try:
             found = await self._lookup_or_stamp(key, tags, ttl)
         except self.unavailable_errors as exc:
@@ -263,8 +288,10 @@ class _TaggedCache:
         # from now on makes the result unstorable.
         stamp = found
         async with self._flights.hold(key) as waited:
-            if waited:
-                # Another caller computed it meanwhile, most likely: read what it stored.
+            if waited or self._flights.stored_since(key, flight_mark):
+                # Another caller computed it meanwhile (while this one waited for the lock,
+                # or between this one's lookup and the lock), most likely: read what it
+                # stored.
                 try:
                     raw = await self._lookup(key)
                 except self.unavailable_errors as exc:
@@ -283,6 +310,8 @@ class _TaggedCache:
             except self.unavailable_errors as exc:
                 self._report_unavailable(key, exc)
             else:
+                if stored:
+                    self._flights.stored(key)
                 if stored and near:
                     self._near_put(key, made, tags, ttl, mark)
             return made
