@@ -10,7 +10,9 @@ otherwise plausible request:
   of the JSON body, or a form field: refused (PostgreSQL's text cannot hold it, and no
   field of Soko needs it), never stored and never a 500;
 - integers beyond 64 bits, very long strings, values of the wrong type, a body that is
-  not JSON or JSON of the wrong shape: whatever the answer, never a 5xx;
+  not JSON, JSON of the wrong shape, nested 50,000 deep, or holding a number of 50,000
+  digits or beyond what a float holds, headers no route can use: whatever the answer,
+  never a 5xx;
 - every refusal is an RFC 9457 problem: ``application/problem+json`` with a type, a
   title and the answer's status.
 """
@@ -254,9 +256,13 @@ def cases(
     content = operation.get("requestBody", {}).get("content", {})
     if "application/json" in content:
         body = sample(content["application/json"].get("schema", {}), document, world.ids)
-        yield Case(
-            "body not JSON", verb, url(), content=b"{not json\xff", content_type="application/json"
-        )
+        for label, raw in (
+            ("not JSON", b"{not json\xff"),
+            ("nested 50,000 deep", b"[" * 50_000 + b"]" * 50_000),
+            ("a 50,000-digit number", b'{"n": ' + b"9" * 50_000 + b"}"),
+            ("a number beyond floats", b'{"n": 1e999999}'),
+        ):
+            yield Case(f"body {label}", verb, url(), content=raw, content_type="application/json")
         wrong_shapes: list[tuple[str, Any, bool]] = [
             ("a list", [], False),
             ("null", None, False),
