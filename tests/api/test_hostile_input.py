@@ -88,6 +88,8 @@ class World:
     seller_id: uuid.UUID
     buyer: SignedInUser
     ids: dict[str, str]
+    anonymous_cart_id: str
+    cart_token: str
 
 
 async def build_world(
@@ -107,6 +109,16 @@ async def build_world(
     )
     assert category.status_code == 201, category.text
     bystander = await make_user()
+    anonymous = await client.post(f"{API}/carts")
+    assert anonymous.status_code == 201, anonymous.text
+    cart_token = anonymous.json()["token"]
+    anonymous_cart_id = anonymous.json()["cart"]["id"]
+    added = await client.post(
+        f"{API}/carts/{anonymous_cart_id}/items",
+        json={"variant_id": str(listing.variant_id), "quantity": 1},
+        headers={"X-Cart-Token": cart_token},
+    )
+    assert added.status_code in (200, 201), added.text
     ids = {
         "seller_id": str(shop.seller_id),
         "product_id": str(listing.product_id),
@@ -120,7 +132,7 @@ async def build_world(
         "user_id": str(bystander.user_id),
         "provider": "sandbox",
     }
-    return World(owner, shop.seller_id, buyer.user, ids)
+    return World(owner, shop.seller_id, buyer.user, ids, anonymous_cart_id, cart_token)
 
 
 def resolve(schema: dict[str, Any], document: dict[str, Any]) -> dict[str, Any]:
@@ -221,7 +233,7 @@ def body_mutations(body: Any) -> Iterator[tuple[str, Any, bool]]:
 
 
 def cases(
-    path: str, method: str, operation: dict[str, Any], document: dict[str, Any], world: World
+    path: str, method: str, operation: dict[str, Any], document: dict[str, Any], ids: dict[str, str]
 ) -> Iterator[Case]:
     parameters = operation.get("parameters", [])
     by_name = {parameter["name"]: parameter for parameter in parameters}
@@ -232,7 +244,7 @@ def cases(
             if overrides and name in overrides:
                 return overrides[name]
             schema = resolve(by_name.get(name, {}).get("schema", {}), document)
-            return str(sample(schema, document, world.ids, name))
+            return str(sample(schema, document, ids, name))
 
         return _PATH_PARAM.sub(fill, path)
 
@@ -255,7 +267,7 @@ def cases(
                 yield Case(f"query {name} = {label}", verb, url(), {name: text})
     content = operation.get("requestBody", {}).get("content", {})
     if "application/json" in content:
-        body = sample(content["application/json"].get("schema", {}), document, world.ids)
+        body = sample(content["application/json"].get("schema", {}), document, ids)
         for label, raw in (
             ("not JSON", b"{not json\xff"),
             ("nested 50,000 deep", b"[" * 50_000 + b"]" * 50_000),
@@ -319,6 +331,24 @@ def operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]
     return sorted(found, key=lambda entry: (entry[0], entry[1]) == (f"{API}/me", "delete"))
 
 
+async def callers(
+    runtime: Runtime, world: World, path: str
+) -> list[tuple[dict[str, str], dict[str, str]]]:
+    """Who calls ``path``, as (headers, ids for its parameters): the buyer on the buyer's
+    routes, and on the cart routes an anonymous client with its cart token too; the owner
+    acting for the store everywhere else. Each with a session of its own: a sign-out, a
+    revocation or a password change by one operation leaves the next ones signed in."""
+    if not path.startswith(BUYER_PREFIXES):
+        owner = await sign_in_again(runtime, world.owner)
+        return [({**owner.headers, "X-Seller-Id": str(world.seller_id)}, world.ids)]
+    buyer = await sign_in_again(runtime, world.buyer)
+    found = [(dict(buyer.headers), world.ids)]
+    if path.startswith(f"{API}/carts"):
+        anonymous_ids = {**world.ids, "cart_id": world.anonymous_cart_id}
+        found.append(({"X-Cart-Token": world.cart_token}, anonymous_ids))
+    return found
+
+
 async def test_hostile_input_never_breaks_a_route(
     client: httpx2.AsyncClient,
     runtime: Runtime,
@@ -331,23 +361,17 @@ async def test_hostile_input_never_breaks_a_route(
     found: list[str] = []
     walked = 0
     for path, method, operation in operations(document):
-        # A session of their own for each operation: a sign-out, a revocation or a
-        # password change by one operation leaves the next ones signed in.
-        as_buyer = path.startswith(BUYER_PREFIXES)
-        caller = await sign_in_again(runtime, world.buyer if as_buyer else world.owner)
-        headers = dict(caller.headers)
-        if not as_buyer:
-            headers["X-Seller-Id"] = str(world.seller_id)
-        for case in cases(path, method, operation, document, world):
-            sent = {**headers, "Idempotency-Key": uuid.uuid4().hex, **case.headers}
-            if case.content_type is not None:
-                sent["Content-Type"] = case.content_type
-            response = await client.request(
-                case.method, case.url, params=case.query, content=case.content, headers=sent
-            )
-            walked += 1
-            wrong = judge(case, response)
-            if wrong is not None:
-                found.append(f"{case.method} {path} [{case.label}]: {wrong}")
+        for headers, ids in await callers(runtime, world, path):
+            for case in cases(path, method, operation, document, ids):
+                sent = {**headers, "Idempotency-Key": uuid.uuid4().hex, **case.headers}
+                if case.content_type is not None:
+                    sent["Content-Type"] = case.content_type
+                response = await client.request(
+                    case.method, case.url, params=case.query, content=case.content, headers=sent
+                )
+                walked += 1
+                wrong = judge(case, response)
+                if wrong is not None:
+                    found.append(f"{case.method} {path} [{case.label}]: {wrong}")
     assert walked > 1000, f"only {walked} requests: the walk lost its way"
     assert not found, f"{len(found)} of {walked} hostile requests went wrong:\n" + "\n".join(found)
