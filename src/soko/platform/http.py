@@ -206,17 +206,12 @@ class _FormNulScanner:
         return b"%00" in data
 
 
-def _body_scanner(scope: Scope) -> _JsonNulScanner | _FormNulScanner | None:
-    """The scanner for the body's media type: JSON (also what FastAPI assumes when no
-    type is given) or a form; other bodies are not parsed into text fields."""
-    path = scope.get("path", "")
+def _body_scanner(path: str, media_type: bytes) -> _JsonNulScanner | _FormNulScanner | None:
+    """The scanner for a body of ``media_type`` (its ``Content-Type`` without
+    parameters, lower-case): JSON (also what FastAPI assumes when no type is given) or a
+    form; other bodies are not parsed into text fields."""
     if any(path.startswith(prefix) for prefix in _RAW_BODY_PREFIXES):
         return None
-    media_type = b""
-    for name, value in scope.get("headers", ()):
-        if name == b"content-type":
-            media_type = value.split(b";", 1)[0].strip().lower()
-            break
     if not media_type or media_type == b"application/json" or media_type.endswith(b"+json"):
         return _JsonNulScanner()
     if media_type == b"application/x-www-form-urlencoded":
@@ -258,6 +253,7 @@ class InputGuardMiddleware:
         if b"%00" in scope.get("query_string", b""):
             await self._refuse_nul(scope, send, request_id, "query")
             return
+        media_type = b""
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -267,12 +263,17 @@ class InputGuardMiddleware:
                 if declared > self.max_bytes:
                     await self._refuse(scope, send, request_id)
                     return
-                break
+            elif name == b"content-type":
+                media_type = value.split(b";", 1)[0].strip().lower()
 
         received = 0
         response_started = False
         refusal: str | None = None  # "size" or "nul", once the body was refused
-        scanner = _body_scanner(scope) if scope.get("method") not in ("GET", "HEAD") else None
+        scanner = (
+            _body_scanner(scope.get("path", ""), media_type)
+            if scope.get("method") not in ("GET", "HEAD")
+            else None
+        )
 
         async def guarded_receive() -> Message:
             nonlocal received, refusal
