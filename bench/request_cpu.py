@@ -22,6 +22,8 @@ The app is configured as ``soko serve`` with several processes configures it: Po
 ``soko_bench_cpu``) and Redis for the cache, the rate limits and the change channel
 (``BENCH_REDIS_URL``, default database 11, emptied). ``BENCH_REQUESTS`` (default 1000) of
 each kind after a warm-up; ``BENCH_PRODUCTS`` (default 2000) in the catalog.
+``BENCH_PROFILE_DIR`` names a directory to write the counting pass of each kind to, as
+``<kind>.pstats``, ``get-me.pstats`` say (read it with ``python -m pstats``).
 
     .venv/bin/python -m bench request_cpu
 """
@@ -32,6 +34,7 @@ import cProfile
 import json
 import os
 import pstats
+import re
 import statistics
 import tempfile
 import time
@@ -168,6 +171,9 @@ async def _measure(name: str, runtime: Any, count: int, request: Request) -> Mea
     finally:
         profile.disable()
     calls = pstats.Stats(profile).total_calls / profiled  # type: ignore[attr-defined]
+    if directory := os.environ.get("BENCH_PROFILE_DIR"):
+        kind = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")  # get-me, ...
+        profile.dump_stats(Path(directory) / f"{kind}.pstats")
     return Measured(name, cpu, statements / count, commands / count, calls, statuses)
 
 
