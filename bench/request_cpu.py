@@ -15,7 +15,12 @@ done, which a busy machine does not move):
   the catalog benchmark) and cached (a near copy);
 - ``GET /api/v1/me`` with one access token, as a client sends it all its life;
 - ``POST /api/v1/auth/login``: the API process's share only, the Argon2id verification
-  runs in a hashing worker process of its own (``SOKO_PASSWORD_HASH_POOL=process``).
+  runs in a hashing worker process of its own (``SOKO_PASSWORD_HASH_POOL=process``);
+- ``POST /api/v1/checkout`` of a one-line cart, answered 201 (in a database of its own,
+  loaded as the checkout benchmark loads it, every buyer new to the process), with no job
+  run in between; then the background work one order leaves behind (its ``order.placed``
+  event and the jobs that follow), run by the outbox dispatcher after each checkout and
+  measured alone.
 
 The app is configured as ``soko serve`` with several processes configures it: PostgreSQL
 (a database of its own, dropped and created again: ``BENCH_DATABASE_URL``, default
@@ -171,9 +176,7 @@ async def _measure(name: str, runtime: Any, count: int, request: Request) -> Mea
     finally:
         profile.disable()
     calls = pstats.Stats(profile).total_calls / profiled  # type: ignore[attr-defined]
-    if directory := os.environ.get("BENCH_PROFILE_DIR"):
-        kind = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")  # get-me, ...
-        profile.dump_stats(Path(directory) / f"{kind}.pstats")
+    _keep_profile(name, profile)
     return Measured(name, cpu, statements / count, commands / count, calls, statuses)
 
 
@@ -201,6 +204,112 @@ def _app_with_environment(env: dict[str, str]) -> Any:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _keep_profile(name: str, profile: cProfile.Profile) -> None:
+    """Write ``profile`` to ``BENCH_PROFILE_DIR``, when set, as ``<kind>.pstats``."""
+    if directory := os.environ.get("BENCH_PROFILE_DIR"):
+        kind = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")  # get-me, ...
+        profile.dump_stats(Path(directory) / f"{kind}.pstats")
+
+
+async def _measure_background(name: str, runtime: Any, count: int, place: Request) -> Measured:
+    """The CPU, statements, Redis commands and Python calls of the background work one
+    request leaves: ``place`` runs unmeasured, then the outbox dispatcher runs until
+    nothing is due, measured alone."""
+    from sqlalchemy import event
+
+    dispatcher = runtime.dispatcher
+    for number in range(min(20, count)):  # warm-up
+        await place(number)
+        await dispatcher.run_until_idle()
+    statements = 0
+
+    def counted(*_args: Any) -> None:
+        nonlocal statements
+        statements += 1
+
+    engine = runtime.db.engine.sync_engine
+    cpu: list[float] = []
+    commands = 0
+    for number in range(count):
+        await place(number)
+        event.listen(engine, "before_cursor_execute", counted)
+        before = await _redis_commands(runtime.redis)
+        began = time.process_time()
+        try:
+            await dispatcher.run_until_idle()
+        finally:
+            cpu.append((time.process_time() - began) * 1000)
+            event.remove(engine, "before_cursor_execute", counted)
+        commands += await _redis_commands(runtime.redis) - before - 1
+    profiled = max(1, min(100, count))
+    profile = cProfile.Profile()
+    for number in range(profiled):
+        await place(number)
+        profile.enable()
+        try:
+            await dispatcher.run_until_idle()
+        finally:
+            profile.disable()
+    calls = pstats.Stats(profile).total_calls / profiled  # type: ignore[attr-defined]
+    _keep_profile(name, profile)
+    return Measured(name, cpu, statements / count, commands / count, calls, set())
+
+
+async def _checkouts(config: Config, workdir: Path) -> list[Measured]:
+    """A checkout answered 201, and the background work of its order, in a database of
+    their own (``<BENCH_DATABASE_URL>_checkout``, dropped afterwards)."""
+    from bench import checkout as checkout_bench
+    from soko.platform.config import Settings
+
+    url = f"{config.url}_checkout"
+    count = max(1, config.requests // 4)
+    # Buyers for the warm-ups, the measured and the profiled passes of both kinds.
+    buyers = 2 * count + min(50, count) + min(200, count) + min(20, count) + min(100, count)
+    ttl = "86400"
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=workdir, database_url=url, secret_key=loadgen.SECRET_KEY,
+        access_token_ttl_seconds=int(ttl),
+    )  # fmt: skip
+    await loadgen.recreate_database(url)
+    try:
+        store = await checkout_bench.load(url, settings, buyers=buyers, units=buyers)
+        cart_ids = await checkout_bench.reset(url, store, "hot")
+        env = loadgen.server_env(
+            workdir, url, workers=2, redis_url=config.redis_url,
+            extra={"SOKO_OUTBOX_DISPATCH": "worker", "SOKO_ACCESS_TOKEN_TTL_SECONDS": ttl},
+        )  # fmt: skip
+        app = _app_with_environment(env)
+        call = _Asgi(app)
+        unused = iter(range(buyers))
+
+        def checkout(_number: int) -> Awaitable[tuple[int, bytes]]:
+            index = next(unused)
+            headers = (
+                (b"authorization", f"Bearer {store.buyers[index].token}".encode()),
+                (b"idempotency-key", f"cpu-{index}".encode()),
+            )
+            body = json.dumps({"cart_id": cart_ids[index]}).encode()
+            return call("POST", "/api/v1/checkout", body=body, headers=headers)
+
+        async def placed(number: int) -> tuple[int, bytes]:
+            status, body = await checkout(number)
+            if status != 201:
+                raise SystemExit(f"checkout answered {status}: {body[:200]!r}")
+            return status, body
+
+        async with app.router.lifespan_context(app):
+            runtime = app.state.runtime
+            answered = await _measure("checkout (201, API)", runtime, count, checkout)
+            background = await _measure_background(
+                "an order's background work", runtime, count, placed
+            )
+        if answered.statuses != {201}:
+            raise SystemExit(f"checkouts answered {sorted(answered.statuses)}, not only 201")
+        return [answered, background]
+    finally:
+        await loadgen.drop_database(url)
 
 
 async def main(_argv: list[str]) -> None:
@@ -248,6 +357,7 @@ async def run(config: Config) -> list[Measured]:
             results.append(await _measure("GET /me", runtime, count, me))
             quarter = max(1, count // 4)
             results.append(await _measure("sign-in (API process only)", runtime, quarter, sign_in))
+        results.extend(await _checkouts(config, workdir))
     finally:
         await loadgen.drop_database(config.url)
         await loadgen.flush_redis(config.redis_url)
