@@ -389,6 +389,26 @@ def _marker_statement() -> Any:
     return insert(_PROCESSED)
 
 
+@lru_cache(maxsize=1)
+def _marker_and_complete_statement() -> Any:
+    """PostgreSQL: the handler's marker and the message's completion in one round trip
+    (``WITH marker AS (INSERT ...) UPDATE ...``): ``marker_id``, ``marker_handler``,
+    ``marker_message``, ``message_id`` and ``done_at``. PostgreSQL runs a data-modifying
+    ``WITH`` whether or not the statement reads it; SQLite has none, and runs the two
+    statements."""
+    marker = (
+        insert(_PROCESSED)
+        .values(
+            id=bindparam("marker_id", type_=_PROCESSED.c.id.type),
+            handler=bindparam("marker_handler", type_=_PROCESSED.c.handler.type),
+            message_id=bindparam("marker_message", type_=_PROCESSED.c.message_id.type),
+            processed_at=bindparam("done_at", type_=_PROCESSED.c.processed_at.type),
+        )
+        .cte("marker")
+    )
+    return _complete_statement().add_cte(marker)
+
+
 @lru_cache(maxsize=2)
 def _fan_out_statement(dialect: str) -> Any:
     """One delivery row per subscriber, each skipped if its dedupe key exists."""
@@ -670,6 +690,40 @@ class Dispatcher:
             _complete_statement(), {"message_id": message.id, "done_at": self.clock.now()}
         )
 
+    async def _mark_and_complete(
+        self,
+        session: AsyncSession,
+        message: ClaimedMessage,
+        marker_handler: str,
+        marker_message: uuid.UUID,
+    ) -> None:
+        """Record that ``marker_handler`` finished ``marker_message`` and complete the
+        message, in the handler's transaction."""
+        connection = await session.connection()
+        now = self.clock.now()
+        if connection.dialect.name == "postgresql":
+            await connection.execute(
+                _marker_and_complete_statement(),
+                {
+                    "marker_id": uuid7(),
+                    "marker_handler": marker_handler,
+                    "marker_message": marker_message,
+                    "message_id": message.id,
+                    "done_at": now,
+                },
+            )
+            return
+        await connection.execute(
+            _marker_statement(),
+            {
+                "id": uuid7(),
+                "handler": marker_handler,
+                "message_id": marker_message,
+                "processed_at": now,
+            },
+        )
+        await connection.execute(_complete_statement(), {"message_id": message.id, "done_at": now})
+
     def _target(self, message: ClaimedMessage) -> tuple[JobHandler, int | None] | None:
         if message.kind == MessageKind.job:
             job = self.registry.jobs.get(message.name)
@@ -701,19 +755,10 @@ class Dispatcher:
                         event_id=message.event_id,
                     )
                     await handler(context, message.payload)
-                    connection = await session.connection()
-                    await connection.execute(
-                        _marker_statement(),
-                        {
-                            "id": uuid7(),
-                            "handler": marker_handler,
-                            "message_id": marker_message,
-                            "processed_at": self.clock.now(),
-                        },
-                    )
+                    await self._mark_and_complete(session, message, marker_handler, marker_message)
                 else:
                     log.info("already processed; completing without running the handler")
-                await self._complete(session, message)
+                    await self._complete(session, message)
             wrote_outbox = bool(session.info.get("outbox_written"))
             # What the handler marked with runtime.invalidate_after_commit.
             tags: list[str] = session.info.pop("invalidate_tags", [])
