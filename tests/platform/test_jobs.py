@@ -463,6 +463,58 @@ async def test_an_expired_lease_lets_another_dispatcher_take_over(
     assert (await outbox.message(message_id)).status == "done"
 
 
+async def test_a_fan_out_whose_lease_was_taken_over_writes_nothing(
+    outbox: Outbox, clock: ManualClock
+) -> None:
+    @outbox.registry.on("order.paid", name="notify_buyer")
+    async def notify_buyer(ctx: JobContext, payload: dict[str, Any]) -> None:
+        return None
+
+    @outbox.registry.on("order.paid", name="award_points", max_attempts=3)
+    async def award_points(ctx: JobContext, payload: dict[str, Any]) -> None:
+        return None
+
+    event_id = await _publish(outbox, "order.paid", {"order_id": "o-9"})
+    stalled = outbox.dispatcher(worker_id="stalled-worker")
+    [claimed] = await stalled.claim(10)
+    clock.advance(dt.timedelta(seconds=outbox.settings.outbox_lease_seconds + 1))
+    rescuer = outbox.dispatcher(worker_id="rescuer")
+    [taken] = await rescuer.claim(10)
+
+    # The stalled worker's fan-out finds the event is no longer its own: no delivery is
+    # written and the event stays the rescuer's.
+    await stalled.handle(claimed)
+    [row] = await outbox.messages()
+    assert (row.id, row.status, row.locked_by, row.attempts) == (
+        event_id, "running", "rescuer", 2,
+    )  # fmt: skip
+
+    await rescuer.handle(taken)
+    rows = {row.handler: row for row in await outbox.messages()}
+    assert rows[None].status == "done"
+    assert rows[None].locked_by is None and rows[None].completed_at == clock.now()
+    deliveries = {name: rows[name] for name in ("notify_buyer", "award_points")}
+    for name, delivery in deliveries.items():
+        assert (delivery.kind, delivery.name, delivery.event_id) == (
+            "event",
+            "order.paid",
+            event_id,
+        )
+        assert (delivery.status, delivery.attempts) == ("pending", 0)
+        assert delivery.payload == {"order_id": "o-9"}
+        assert delivery.dedupe_key == f"event:{event_id}:{name}"
+        assert delivery.available_at == delivery.created_at == clock.now()
+    assert deliveries["notify_buyer"].max_attempts is None
+    assert deliveries["award_points"].max_attempts == 3
+
+    # A second fan-out of the same event (a redelivery) writes no second delivery.
+    await outbox.redeliver(event_id)
+    await rescuer.run_until_idle()
+    assert sorted(str(row.handler) for row in await outbox.messages()) == [
+        "None", "award_points", "notify_buyer",
+    ]  # fmt: skip
+
+
 async def test_stop_releases_claimed_jobs_after_the_grace(outbox: Outbox, backend: str) -> None:
     started = asyncio.Event()
     never = asyncio.Event()

@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 import structlog
 from croniter import croniter
 from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy import Integer, and_, bindparam, insert, or_, select, update
+from sqlalchemy import Integer, and_, bindparam, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.platform.clock import Clock
@@ -205,8 +205,8 @@ class JobRegistry:
         """Subscribe ``async def handler(ctx, payload)`` to ``event`` under ``name``
         (default: the function's name). Each subscriber gets its own delivery.
 
-        ``wanted(connection, event)``, when given, is asked in the transaction that fans
-        the event out; ``False`` means this subscriber gets no delivery of it (a
+        ``wanted(connection, event)``, when given, is asked on the connection that fans
+        the event out, right before it does; ``False`` means this subscriber gets no delivery of it (a
         subscriber with nothing to do for now, such as webhooks with no endpoint). It
         must be cheap, and answer ``True`` whenever the handler might have work: a
         wrong ``False`` loses the event for that subscriber. If it raises, the fan-out
@@ -414,6 +414,37 @@ def _fan_out_statement(dialect: str) -> Any:
     """One delivery row per subscriber, each skipped if its dedupe key exists."""
     insert_ = dialect_insert(dialect)
     return insert_(_OUTBOX).on_conflict_do_nothing(index_elements=["dedupe_key"])
+
+
+# PostgreSQL: an event's fan-out in one autocommitted statement. The event row is locked
+# if it is still this worker's (``ours``: nothing else happens if not), one delivery row
+# per subscriber is written with the event's name and payload copied from that row
+# (skipped where its dedupe key exists), and the event is completed. SQLite has no
+# data-modifying WITH and runs the same steps in a transaction.
+_FAN_OUT_IN_ONE = text(
+    """
+    WITH ours AS (
+        SELECT id, name, payload FROM outbox_messages
+        WHERE id = :message_id AND status = :running AND locked_by = :worker
+          AND attempts = :attempts
+        FOR UPDATE
+    ), fanned AS (
+        INSERT INTO outbox_messages (id, kind, name, handler, event_id, payload, status,
+            attempts, max_attempts, available_at, dedupe_key, created_at)
+        SELECT delivery.id, :event_kind, ours.name, delivery.handler, ours.id, ours.payload,
+            :pending, 0, delivery.max_attempts, :now, delivery.dedupe_key, :now
+        FROM ours, unnest(CAST(:ids AS uuid[]), CAST(:handlers AS varchar[]),
+            CAST(:max_attempts AS integer[]), CAST(:dedupe_keys AS varchar[]))
+            AS delivery(id, handler, max_attempts, dedupe_key)
+        ON CONFLICT (dedupe_key) DO NOTHING
+    ), completed AS (
+        UPDATE outbox_messages SET status = :done, completed_at = :now, locked_by = NULL,
+            locked_until = NULL, last_error = NULL
+        WHERE id IN (SELECT id FROM ours)
+    )
+    SELECT count(*) FROM ours
+    """
+)
 
 
 def default_worker_id() -> str:
@@ -773,6 +804,9 @@ class Dispatcher:
             self.wake()
 
     async def _fan_out(self, message: ClaimedMessage) -> None:
+        if self.db.dialect == "postgresql":
+            await self._fan_out_in_one(message)
+            return
         now = self.clock.now()
         async with self.db.transaction() as session:
             await self._hold(session, message, None)
@@ -807,6 +841,38 @@ class Dispatcher:
                 ]
                 await connection.execute(_fan_out_statement(connection.dialect.name), deliveries)
             await self._complete(session, message)
+        log.info("event fanned out", subscribers=[s.name for s in subscribers])
+        if subscribers:
+            self.wake()
+
+    async def _fan_out_in_one(self, message: ClaimedMessage) -> None:
+        """:meth:`_fan_out` on PostgreSQL: the subscribers that want the event, then one
+        statement (:data:`_FAN_OUT_IN_ONE`) instead of a transaction of five round trips."""
+        async with self.db.writing_once() as connection:
+            subscribers = [
+                subscriber
+                for subscriber in self.registry.subscribers(message.name)
+                if subscriber.wanted is None or await subscriber.wanted(connection, message.name)
+            ]
+            held = await connection.scalar(
+                _FAN_OUT_IN_ONE,
+                {
+                    **self._ours(message),
+                    "running": MessageStatus.running.value,
+                    "pending": MessageStatus.pending.value,
+                    "done": MessageStatus.done.value,
+                    "event_kind": MessageKind.event.value,
+                    "now": self.clock.now(),
+                    "ids": [uuid7() for _ in subscribers],
+                    "handlers": [subscriber.name for subscriber in subscribers],
+                    "max_attempts": [subscriber.max_attempts for subscriber in subscribers],
+                    "dedupe_keys": [
+                        f"event:{message.id}:{subscriber.name}" for subscriber in subscribers
+                    ],
+                },
+            )
+        if not held:
+            raise LeaseLostError(str(message.id))
         log.info("event fanned out", subscribers=[s.name for s in subscribers])
         if subscribers:
             self.wake()
