@@ -150,6 +150,26 @@ async def test_a_new_notification_is_pushed_on_the_users_channel(
     assert await runtime.dispatcher.run_until_idle() == 0
 
 
+async def test_the_pushed_unread_count_counts_this_transactions_notifications_too(
+    runtime: Runtime,
+    client: httpx2.AsyncClient,
+    make_user: MakeUser,  # noqa: F811
+) -> None:
+    me = await make_user()
+    await _add(runtime, me, "read already")
+    assert (await client.post(f"{ME}/read", json={}, headers=me.headers)).json() == {"marked": 1}
+    await _add(runtime, me, "still unread")
+    async with runtime.pubsub.subscribe(user_channel(me.user_id)) as messages:
+        async with transaction(runtime) as session:
+            first = await _add_in(session, runtime, me, "first of two", dedupe_key="e-2")
+            second = await _add_in(session, runtime, me, "second of two", dedupe_key="e-3")
+            assert await _add_in(session, runtime, me, "again", dedupe_key="e-3") is None
+        received = [await asyncio.wait_for(anext(aiter(messages)), timeout=5) for _ in range(2)]
+    pushed = {message.data["id"]: message.data["unread_count"] for message in received}
+    assert pushed == {str(first): 2, str(second): 3}
+    assert (await client.get(f"{ME}/unread-count", headers=me.headers)).json() == {"unread": 3}
+
+
 async def test_a_notification_rolled_back_is_never_pushed(
     runtime: Runtime,
     make_user: MakeUser,  # noqa: F811

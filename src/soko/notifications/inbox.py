@@ -61,6 +61,22 @@ def _unread_statement() -> Any:
     )
 
 
+@lru_cache(maxsize=1)
+def _insert_and_count_statement() -> Any:
+    """PostgreSQL: :func:`_insert_statement` and the user's unread count with it in one
+    round trip, ``(id, unread)`` or no row. The count reads the table as the statement
+    began, without the row it inserts (unread, so one more)."""
+    inserted = (
+        dialect_insert("postgresql")(_INBOX)
+        .values({column.name: bindparam(column.name, type_=column.type) for column in _INBOX.c})
+        .on_conflict_do_nothing(index_elements=["user_id", "dedupe_key"])
+        .returning(_INBOX.c.id)
+        .cte("inserted")
+    )
+    unread = _unread_statement().scalar_subquery() + 1
+    return select(inserted.c.id, unread.label("unread"))
+
+
 async def add_to_inbox(
     session: AsyncSession,
     *,
@@ -90,8 +106,15 @@ async def add_to_inbox(
         "created_at": now,
         "read_at": None,
     }
-    statement = _insert_statement(session.get_bind().dialect.name)
-    inserted = (await session.execute(statement, values)).scalar_one_or_none()
+    dialect = session.get_bind().dialect.name
+    if pubsub is not None and dialect == "postgresql":
+        row = (await session.execute(_insert_and_count_statement(), values)).first()
+        if row is None:
+            return None
+        inserted, unread = row
+        publish_after_commit(session, pubsub, user_channel(user_id), push_message(values, unread))
+        return uuid.UUID(str(inserted))
+    inserted = (await session.execute(_insert_statement(dialect), values)).scalar_one_or_none()
     if inserted is None:
         return None
     if pubsub is not None:
