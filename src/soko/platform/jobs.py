@@ -206,8 +206,9 @@ class JobRegistry:
         (default: the function's name). Each subscriber gets its own delivery.
 
         ``wanted(connection, event)``, when given, is asked on the connection that fans
-        the event out, right before it does; ``False`` means this subscriber gets no delivery of it (a
-        subscriber with nothing to do for now, such as webhooks with no endpoint). It
+        the event out, right before it does; ``False`` means this subscriber gets no
+        delivery of it (a subscriber with nothing to do for now, such as webhooks with no
+        endpoint). It
         must be cheap, and answer ``True`` whenever the handler might have work: a
         wrong ``False`` loses the event for that subscriber. If it raises, the fan-out
         fails and is retried like any job."""
@@ -431,15 +432,16 @@ _FAN_OUT_IN_ONE = text(
     ), fanned AS (
         INSERT INTO outbox_messages (id, kind, name, handler, event_id, payload, status,
             attempts, max_attempts, available_at, dedupe_key, created_at)
-        SELECT delivery.id, :event_kind, ours.name, delivery.handler, ours.id, ours.payload,
-            :pending, 0, delivery.max_attempts, :now, delivery.dedupe_key, :now
+        SELECT delivery.id, CAST(:event_kind AS varchar), ours.name, delivery.handler, ours.id,
+            ours.payload, CAST(:pending AS varchar), 0, delivery.max_attempts,
+            CAST(:now AS timestamptz), delivery.dedupe_key, CAST(:now AS timestamptz)
         FROM ours, unnest(CAST(:ids AS uuid[]), CAST(:handlers AS varchar[]),
             CAST(:max_attempts AS integer[]), CAST(:dedupe_keys AS varchar[]))
             AS delivery(id, handler, max_attempts, dedupe_key)
         ON CONFLICT (dedupe_key) DO NOTHING
     ), completed AS (
-        UPDATE outbox_messages SET status = :done, completed_at = :now, locked_by = NULL,
-            locked_until = NULL, last_error = NULL
+        UPDATE outbox_messages SET status = :done, completed_at = CAST(:now AS timestamptz),
+            locked_by = NULL, locked_until = NULL, last_error = NULL
         WHERE id IN (SELECT id FROM ours)
     )
     SELECT count(*) FROM ours
