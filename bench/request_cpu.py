@@ -43,7 +43,8 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,35 +140,47 @@ async def _redis_commands(redis: Any) -> int:
 
 Request = Callable[[int], Awaitable[tuple[int, bytes]]]
 
+# Passes of each measurement besides the measured one: a warm-up (statements prepared,
+# copies kept) and the pass cProfile counts calls in; for requests, then for the
+# background work they leave.
+WARM_UP, PROFILED = 50, 200
+BACKGROUND_WARM_UP, BACKGROUND_PROFILED = 20, 100
 
-async def _measure(name: str, runtime: Any, count: int, request: Request) -> Measured:
+
+@contextmanager
+def _counting_statements(runtime: Any) -> Iterator[list[int]]:
+    """``[n]``: the SQL statements the runtime's engine sends while the block runs."""
     from sqlalchemy import event
 
-    for number in range(min(50, count)):  # warm-up: statements prepared, copies kept
-        await request(number)
-    statements = 0
+    counter = [0]
 
     def counted(*_args: Any) -> None:
-        nonlocal statements
-        statements += 1
+        counter[0] += 1
 
     engine = runtime.db.engine.sync_engine
     event.listen(engine, "before_cursor_execute", counted)
+    try:
+        yield counter
+    finally:
+        event.remove(engine, "before_cursor_execute", counted)
+
+
+async def _measure(name: str, runtime: Any, count: int, request: Request) -> Measured:
+    for number in range(min(WARM_UP, count)):
+        await request(number)
     commands_before = await _redis_commands(runtime.redis)
     cpu: list[float] = []
     statuses: set[int] = set()
-    try:
+    with _counting_statements(runtime) as statements:
         for number in range(count):
             began = time.process_time()
             status, _ = await request(number)
             cpu.append((time.process_time() - began) * 1000)
             statuses.add(status)
-    finally:
-        event.remove(engine, "before_cursor_execute", counted)
     commands = await _redis_commands(runtime.redis) - commands_before - 1
     # Python function calls per request, counted by cProfile in a pass of its own (it
     # slows what it counts): a figure of the work done that a busy machine does not move.
-    profiled = max(1, min(200, count))
+    profiled = max(1, min(PROFILED, count))
     profile = cProfile.Profile()
     profile.enable()
     try:
@@ -177,7 +190,7 @@ async def _measure(name: str, runtime: Any, count: int, request: Request) -> Mea
         profile.disable()
     calls = pstats.Stats(profile).total_calls / profiled  # type: ignore[attr-defined]
     _keep_profile(name, profile)
-    return Measured(name, cpu, statements / count, commands / count, calls, statuses)
+    return Measured(name, cpu, statements[0] / count, commands / count, calls, statuses)
 
 
 async def _create_users(runtime: Any) -> list[str]:
@@ -217,33 +230,22 @@ async def _measure_background(name: str, runtime: Any, count: int, place: Reques
     """The CPU, statements, Redis commands and Python calls of the background work one
     request leaves: ``place`` runs unmeasured, then the outbox dispatcher runs until
     nothing is due, measured alone."""
-    from sqlalchemy import event
-
     dispatcher = runtime.dispatcher
-    for number in range(min(20, count)):  # warm-up
+    for number in range(min(BACKGROUND_WARM_UP, count)):
         await place(number)
         await dispatcher.run_until_idle()
-    statements = 0
-
-    def counted(*_args: Any) -> None:
-        nonlocal statements
-        statements += 1
-
-    engine = runtime.db.engine.sync_engine
     cpu: list[float] = []
-    commands = 0
+    statements = commands = 0
     for number in range(count):
         await place(number)
-        event.listen(engine, "before_cursor_execute", counted)
         before = await _redis_commands(runtime.redis)
-        began = time.process_time()
-        try:
+        with _counting_statements(runtime) as counted:
+            began = time.process_time()
             await dispatcher.run_until_idle()
-        finally:
             cpu.append((time.process_time() - began) * 1000)
-            event.remove(engine, "before_cursor_execute", counted)
+        statements += counted[0]
         commands += await _redis_commands(runtime.redis) - before - 1
-    profiled = max(1, min(100, count))
+    profiled = max(1, min(BACKGROUND_PROFILED, count))
     profile = cProfile.Profile()
     for number in range(profiled):
         await place(number)
@@ -265,8 +267,9 @@ async def _checkouts(config: Config, workdir: Path) -> list[Measured]:
 
     url = f"{config.url}_checkout"
     count = max(1, config.requests // 4)
-    # Buyers for the warm-ups, the measured and the profiled passes of both kinds.
-    buyers = 2 * count + min(50, count) + min(200, count) + min(20, count) + min(100, count)
+    # A buyer for every checkout of every pass of both kinds: each places one order.
+    passes = (WARM_UP, PROFILED, BACKGROUND_WARM_UP, BACKGROUND_PROFILED)
+    buyers = 2 * count + sum(min(extra, count) for extra in passes)
     ttl = "86400"
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None, data_dir=workdir, database_url=url, secret_key=loadgen.SECRET_KEY,

@@ -108,17 +108,17 @@ async def add_to_inbox(
     }
     dialect = session.get_bind().dialect.name
     if pubsub is not None and dialect == "postgresql":
+        # The row and the unread count to push with it, in one round trip.
         row = (await session.execute(_insert_and_count_statement(), values)).first()
         if row is None:
             return None
         inserted, unread = row
-        publish_after_commit(session, pubsub, user_channel(user_id), push_message(values, unread))
-        return uuid.UUID(str(inserted))
-    inserted = (await session.execute(_insert_statement(dialect), values)).scalar_one_or_none()
-    if inserted is None:
-        return None
+    else:
+        inserted = (await session.execute(_insert_statement(dialect), values)).scalar_one_or_none()
+        if inserted is None:
+            return None
+        unread = await unread_count(session, user_id) if pubsub is not None else 0
     if pubsub is not None:
-        unread = await unread_count(session, user_id)
         publish_after_commit(session, pubsub, user_channel(user_id), push_message(values, unread))
     return uuid.UUID(str(inserted))
 

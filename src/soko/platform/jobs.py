@@ -755,7 +755,7 @@ class Dispatcher:
                 "processed_at": now,
             },
         )
-        await connection.execute(_complete_statement(), {"message_id": message.id, "done_at": now})
+        await self._complete(session, message)
 
     def _target(self, message: ClaimedMessage) -> tuple[JobHandler, int | None] | None:
         if message.kind == MessageKind.job:
@@ -805,6 +805,16 @@ class Dispatcher:
         if wrote_outbox:
             self.wake()
 
+    async def _wanting(
+        self, connection: AsyncConnection, message: ClaimedMessage
+    ) -> list[Subscription]:
+        """The subscribers of the event ``message`` that want it (see ``wanted``)."""
+        return [
+            subscriber
+            for subscriber in self.registry.subscribers(message.name)
+            if subscriber.wanted is None or await subscriber.wanted(connection, message.name)
+        ]
+
     async def _fan_out(self, message: ClaimedMessage) -> None:
         if self.db.dialect == "postgresql":
             await self._fan_out_in_one(message)
@@ -813,11 +823,7 @@ class Dispatcher:
         async with self.db.transaction() as session:
             await self._hold(session, message, None)
             connection = await session.connection()
-            subscribers = [
-                subscriber
-                for subscriber in self.registry.subscribers(message.name)
-                if subscriber.wanted is None or await subscriber.wanted(connection, message.name)
-            ]
+            subscribers = await self._wanting(connection, message)
             if subscribers:
                 # The payload was read back from the database: JSON already.
                 deliveries = [
@@ -851,11 +857,7 @@ class Dispatcher:
         """:meth:`_fan_out` on PostgreSQL: the subscribers that want the event, then one
         statement (:data:`_FAN_OUT_IN_ONE`) instead of a transaction of five round trips."""
         async with self.db.writing_once() as connection:
-            subscribers = [
-                subscriber
-                for subscriber in self.registry.subscribers(message.name)
-                if subscriber.wanted is None or await subscriber.wanted(connection, message.name)
-            ]
+            subscribers = await self._wanting(connection, message)
             held = await connection.scalar(
                 _FAN_OUT_IN_ONE,
                 {
