@@ -220,9 +220,11 @@ def _app_with_environment(env: dict[str, str]) -> Any:
 
 
 def _keep_profile(name: str, profile: cProfile.Profile) -> None:
-    """Write ``profile`` to ``BENCH_PROFILE_DIR``, when set, as ``<kind>.pstats``."""
+    """Write ``profile`` to ``BENCH_PROFILE_DIR``, when set (created if missing), as
+    ``<kind>.pstats``."""
     if directory := os.environ.get("BENCH_PROFILE_DIR"):
         kind = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")  # get-me, ...
+        Path(directory).mkdir(parents=True, exist_ok=True)
         profile.dump_stats(Path(directory) / f"{kind}.pstats")
 
 

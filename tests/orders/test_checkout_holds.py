@@ -16,13 +16,15 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from structlog.testing import capture_logs
 
+from soko.cart.models import Cart
 from soko.inventory.models import Reservation, StockLevel
 from soko.orders import checkout
-from soko.orders.models import CheckoutGroup, Order
+from soko.orders.models import CheckoutGroup, Order, OrderLine
+from soko.platform.outbox import OutboxMessage
 from soko.platform.runtime import ROLLBACK_CALLBACKS_KEY, Runtime
 from tests.cart.catalog_support import Market
 from tests.conftest import sql_statements
-from tests.orders.conftest import MakeBuyer, available, count, ok
+from tests.orders.conftest import MakeBuyer, available, count, ok, refused
 
 postgresql_only = pytest.mark.parametrize(
     "backend", [pytest.param("postgresql", marks=pytest.mark.postgresql)]
@@ -48,15 +50,17 @@ async def reserved(runtime: Runtime, variant_id: uuid.UUID) -> int:
 
 
 def during_the_writes(monkeypatch: pytest.MonkeyPatch, step: Callable[[], Awaitable[None]]) -> None:
-    """Run ``step`` while the checkout's transaction is writing: just before its
-    ``order.placed`` events are written."""
-    publish_all = checkout.publish_all
+    """Run ``step`` while the checkout's transaction writes: on PostgreSQL just before
+    its one statement of writes, elsewhere just before its ``order.placed`` events are
+    written."""
+    for name in ("_write_in_one", "write_event_rows"):
+        write = getattr(checkout, name)
 
-    async def publish_then(*args: Any, **kwargs: Any) -> Any:
-        await step()
-        return await publish_all(*args, **kwargs)
+        async def step_then_write(*args: Any, _write: Any = write, **kwargs: Any) -> Any:
+            await step()
+            return await _write(*args, **kwargs)
 
-    monkeypatch.setattr(checkout, "publish_all", publish_then)
+        monkeypatch.setattr(checkout, name, step_then_write)
 
 
 async def post_failing(post: Awaitable[httpx2.Response]) -> int:
@@ -235,3 +239,89 @@ async def test_a_hold_refused_for_want_of_stock_has_nothing_to_give_back(
     assert not [log for log in logs if log["event"] == "checkout_hold_given_back"]
     assert await count(runtime, CheckoutGroup) == 1
     assert await holds(runtime, variant_id) == [("held", 2)]
+
+
+def before_the_writes(monkeypatch: pytest.MonkeyPatch, step: Callable[[], Awaitable[None]]) -> None:
+    """PostgreSQL: run ``step`` after the checkout's reads and its hold, just before its
+    one statement of writes."""
+    write_in_one = checkout._write_in_one
+
+    async def step_then_write(*args: Any, **kwargs: Any) -> Any:
+        await step()
+        return await write_in_one(*args, **kwargs)
+
+    monkeypatch.setattr(checkout, "_write_in_one", step_then_write)
+
+
+async def change(runtime: Runtime, statement: str, **parameters: Any) -> None:
+    """Run ``statement`` on a connection of its own, committed."""
+    async with runtime.db.engine.begin() as other:
+        await other.execute(text(statement), parameters)
+
+
+async def nothing_written(runtime: Runtime, cart_id: uuid.UUID) -> None:
+    """No group, order, line or ``order.placed``, and the cart still open."""
+    for model in (CheckoutGroup, Order, OrderLine):
+        assert await count(runtime, model) == 0
+    async with runtime.db.transaction(read_only=True) as session:
+        placed = await session.scalar(
+            select(func.count())
+            .select_from(OutboxMessage)
+            .where(OutboxMessage.name == "order.placed")
+        )
+        status = await session.scalar(select(Cart.status).where(Cart.id == cart_id))
+    assert (placed, status) == (0, "open")
+
+
+@postgresql_only
+async def test_a_store_that_stops_selling_before_the_writes_gets_no_order(
+    runtime: Runtime, market: Market, make_buyer: MakeBuyer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store was active when the checkout read the cart and suspended before it
+    wrote: the one statement writes nothing, the buyer is told which item, and the
+    stock held for it comes back."""
+    shop = await market.open_shop()
+    variant_id = (await shop.list_product(500, stock=5)).variant_id
+    buyer = await make_buyer((variant_id, 2))
+
+    async def suspend() -> None:
+        await change(
+            runtime, "UPDATE sellers SET status = 'suspended' WHERE id = :id", id=shop.seller_id
+        )
+
+    before_the_writes(monkeypatch, suspend)
+    problem = refused(await buyer.post_checkout(), 409, "checkout-items-unavailable")
+
+    assert problem["unavailable"] == [
+        {"variant_id": str(variant_id), "reason": "seller_not_selling"}
+    ]
+    await nothing_written(runtime, buyer.cart_id)
+    assert (await available(runtime, variant_id))[variant_id] == 5
+    assert await holds(runtime, variant_id) == [("released", 2)]
+
+
+@postgresql_only
+async def test_a_cart_that_moved_before_the_writes_gets_no_order(
+    runtime: Runtime, market: Market, make_buyer: MakeBuyer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cart changed after the checkout read it (another tab added a line): nothing
+    is written, the buyer is told to read the cart again, and the stock comes back; a
+    checkout of the cart as it is now goes through."""
+    variant_id = await market.variant(stock=5)
+    buyer = await make_buyer((variant_id, 2))
+
+    async def move_the_cart() -> None:
+        await change(
+            runtime, "UPDATE carts SET version = version + 1 WHERE id = :id", id=buyer.cart_id
+        )
+
+    before_the_writes(monkeypatch, move_the_cart)
+    refused(await buyer.post_checkout(), 409, "cart-changed")
+
+    await nothing_written(runtime, buyer.cart_id)
+    assert (await available(runtime, variant_id))[variant_id] == 5
+    assert await holds(runtime, variant_id) == [("released", 2)]
+
+    monkeypatch.undo()
+    ok(await buyer.post_checkout(), 201)
+    assert (await available(runtime, variant_id))[variant_id] == 3

@@ -21,6 +21,7 @@ __all__ = [
     "CartLineForCheckout",
     "CartNotFound",
     "cart_for_checkout",
+    "converting_statement",
     "mark_converted",
 ]
 
@@ -119,6 +120,14 @@ def _mark_converted_statement() -> Any:
         )
         .returning(carts.c.id)
     )
+
+
+def converting_statement() -> Any:
+    """The conditional UPDATE :func:`mark_converted` runs (``RETURNING`` the cart's id,
+    none when it moved), for a checkout that embeds it in a statement of its own
+    (``converting_statement().where(...).cte()``). Its parameters: ``cart_id``,
+    ``read_version`` and ``now``."""
+    return _mark_converted_statement()
 
 
 async def mark_converted(session: AsyncSession, *, cart_id: uuid.UUID, version: int) -> None:

@@ -22,10 +22,16 @@ from functools import lru_cache
 from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, func, insert, select
+from sqlalchemy import ARRAY, Uuid, any_, bindparam, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.cart.public import CartForCheckout, cart_for_checkout, mark_converted
+from soko.cart.public import (
+    CartChanged,
+    CartForCheckout,
+    cart_for_checkout,
+    converting_statement,
+    mark_converted,
+)
 from soko.catalog.public import VariantForSale, variants_for_sale
 from soko.inventory.public import (
     OutOfStock,
@@ -44,8 +50,15 @@ from soko.orders.errors import (
 from soko.orders.events import ORDER_PLACED, OrderPlaced
 from soko.orders.models import CheckoutGroup, GroupStatus, Order, OrderLine
 from soko.orders.states import INITIAL_STATE
+from soko.platform.db import unnest_insert, unnest_parameters
 from soko.platform.ids import uuid7
-from soko.platform.outbox import publish_all
+from soko.platform.outbox import (
+    event_rows,
+    publishing_insert,
+    publishing_parameters,
+    session_now,
+    write_event_rows,
+)
 from soko.platform.runtime import Runtime, on_rollback
 from soko.sellers.public import active_seller_ids, inactive_seller_ids
 
@@ -79,11 +92,13 @@ class PlacedCheckout:
     lines: dict[uuid.UUID, list[OrderLine]] = field(default_factory=dict)
     held: bool = False
 
+    def all_lines(self) -> list[OrderLine]:
+        return [line for order in self.orders for line in self.lines[order.id]]
+
     def reservation_lines(self) -> list[ReservationRequest]:
         return [
             ReservationRequest(variant_id=line.variant_id, quantity=line.quantity)
-            for order in self.orders
-            for line in self.lines[order.id]
+            for line in self.all_lines()
         ]
 
 
@@ -277,18 +292,8 @@ async def place_checkout(
             raise
         placed.held = True
 
-    if not await _create_group(session, group, list(orders)):
-        inactive = await inactive_seller_ids(session, orders)
-        raise _refuse_unavailable(_unavailable(cart, variants, inactive))
-    # One INSERT per table, whatever the number of orders and lines: plain Core
-    # statements built once, not the session's unit of work (which spent more CPU on
-    # its bookkeeping than the database on the rows).
-    await session.execute(_insert_statement(Order), _rows_of(Order, orders.values()))
-    await session.execute(
-        _insert_statement(OrderLine),
-        _rows_of(OrderLine, (line for order_lines in lines.values() for line in order_lines)),
-    )
-    await publish_all(
+    # One order.placed a store, written in the checkout's transaction.
+    events = event_rows(
         session,
         ORDER_PLACED,
         [
@@ -307,6 +312,22 @@ async def place_checkout(
         ],
         now=now,
     )
+    if runtime.db.dialect == "postgresql":
+        if not await _write_in_one(session, placed, cart, events):
+            inactive = await inactive_seller_ids(session, orders)
+            if inactive:
+                raise _refuse_unavailable(_unavailable(cart, variants, inactive))
+            raise CartChanged("The cart changed since it was read; read it again and retry.")
+        return placed
+    if not await _create_group(session, group, list(orders)):
+        inactive = await inactive_seller_ids(session, orders)
+        raise _refuse_unavailable(_unavailable(cart, variants, inactive))
+    # One INSERT per table, whatever the number of orders and lines: plain Core
+    # statements built once, not the session's unit of work (which spent more CPU on
+    # its bookkeeping than the database on the rows).
+    await session.execute(_insert_statement(Order), _rows_of(Order, orders.values()))
+    await session.execute(_insert_statement(OrderLine), _rows_of(OrderLine, placed.all_lines()))
+    await write_event_rows(session, events)
     await mark_converted(session, cart_id=cart.cart_id, version=cart.version)
     return placed
 
@@ -395,6 +416,75 @@ async def _create_group(
     parameters.update(sellers=list(sellers), seller_count=len(sellers))
     created = await session.execute(_create_group_statement(), parameters)
     return created.first() is not None
+
+
+# Parameter prefixes of the one-statement checkout: one per table it writes.
+_GROUP, _ORDERS, _LINES, _EVENTS = "g_", "o_", "l_", "e_"
+
+
+@lru_cache(maxsize=1)
+def _write_in_one_statement() -> Any:
+    """PostgreSQL: the checkout's writes as one statement, built once: the cart closed
+    at the version read, only if every store of the checkout may still sell, and the
+    group, its orders, their lines and the ``order.placed`` events. It answers how many
+    carts it closed: 0 when the cart moved or a store stopped selling, and then the
+    caller raises and the transaction, the rows it wrote with it, is rolled back."""
+    groups: Any = CheckoutGroup.__table__
+    active = active_seller_ids().subquery()
+    selling = (
+        select(func.count())
+        .select_from(active)
+        .where(active.c.id == any_(bindparam("sellers", type_=ARRAY(Uuid()))))
+        .scalar_subquery()
+    )
+    closed = converting_statement().where(selling == bindparam("seller_count")).cte("closed")
+    names = [column.name for column in groups.columns]
+    group_values = select(
+        *(bindparam(_GROUP + name, type_=groups.c[name].type).label(name) for name in names)
+    )
+    order_table: Any = Order.__table__
+    line_table: Any = OrderLine.__table__
+    writes = (
+        insert(groups).from_select(names, group_values).cte("group_written"),
+        unnest_insert(order_table, _ORDERS).cte("orders_written"),
+        unnest_insert(line_table, _LINES).cte("lines_written"),
+        publishing_insert(_EVENTS).cte("events_written"),
+    )
+    return select(func.count()).select_from(closed).add_cte(*writes)
+
+
+async def _write_in_one(
+    session: AsyncSession,
+    placed: PlacedCheckout,
+    cart: CartForCheckout,
+    events: list[dict[str, Any]],
+) -> bool:
+    """Write the checkout in one round trip (PostgreSQL); False when a store stopped
+    selling or the cart moved since it was read (raise: the transaction must not
+    commit). Five statements cost the API process and the database more than their
+    rows did."""
+    group = placed.group
+    sellers = [order.seller_id for order in placed.orders]
+    parameters: dict[str, Any] = {
+        _GROUP + column.name: getattr(group, column.key)
+        for column in CheckoutGroup.__table__.columns
+    }
+    parameters.update(
+        sellers=sellers,
+        seller_count=len(sellers),
+        cart_id=cart.cart_id,
+        read_version=cart.version,
+        now=session_now(session),
+    )
+    order_table: Any = Order.__table__
+    line_table: Any = OrderLine.__table__
+    parameters.update(unnest_parameters(order_table, _ORDERS, _rows_of(Order, placed.orders)))
+    parameters.update(
+        unnest_parameters(line_table, _LINES, _rows_of(OrderLine, placed.all_lines()))
+    )
+    parameters.update(publishing_parameters(_EVENTS, events))
+    written = await session.scalar(_write_in_one_statement(), parameters)
+    return bool(written == 1)
 
 
 async def hold_stock(session: AsyncSession, runtime: Runtime, placed: PlacedCheckout) -> None:

@@ -17,15 +17,21 @@ from typing import Any
 
 import orjson
 from sqlalchemy import (
+    JSON,
     ColumnElement,
     DateTime,
+    Insert,
     MetaData,
     String,
+    Table,
     Text,
     cast,
     event,
     exc,
+    func,
+    insert,
     literal_column,
+    select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
@@ -37,7 +43,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator, Uuid
+from sqlalchemy.sql.expression import bindparam
+from sqlalchemy.types import ARRAY, TypeDecorator, Uuid
 
 from soko.platform import jsonbody
 from soko.platform.ids import uuid7
@@ -160,6 +167,50 @@ def dialect_insert(where: str | AsyncSession | AsyncConnection) -> Any:
     else:
         name = where.dialect.name
     return postgresql.insert if name == "postgresql" else sqlite.insert
+
+
+def _is_json(column: Any) -> bool:
+    return isinstance(column.type, JSON)  # JSONB is one too, and so is JSON with variants
+
+
+def unnest_insert(table: Table, prefix: str) -> Insert:
+    """PostgreSQL: ``INSERT INTO <table> (<every column>) SELECT ... FROM unnest(<one
+    array parameter per column>)``: any number of rows in one statement built once,
+    which can be a CTE of a larger statement (``.cte()``). Its parameters are named
+    ``<prefix><column>``: build them with :func:`unnest_parameters`. JSON columns travel
+    as text and are cast back."""
+    columns = list(table.columns)
+    arrays = [
+        bindparam(prefix + column.name, type_=ARRAY(Text() if _is_json(column) else column.type))
+        for column in columns
+    ]
+    rows = func.unnest(*arrays).table_valued(*(c.name for c in columns)).render_derived()
+    values = select(
+        *(
+            cast(rows.c[column.name], column.type) if _is_json(column) else rows.c[column.name]
+            for column in columns
+        )
+    )
+    return insert(table).from_select([column.name for column in columns], values)
+
+
+def unnest_parameters(
+    table: Table, prefix: str, rows: list[dict[str, Any]]
+) -> dict[str, list[Any]]:
+    """The parameters of :func:`unnest_insert` for ``rows`` (every column of each, by
+    its key)."""
+    parameters: dict[str, list[Any]] = {}
+    for key, name, is_json in _unnest_columns(table):
+        values = [row[key] for row in rows]
+        if is_json:
+            values = [None if v is None else jsonbody.dumps(v).decode() for v in values]
+        parameters[prefix + name] = values
+    return parameters
+
+
+@functools.lru_cache(maxsize=32)
+def _unnest_columns(table: Table) -> tuple[tuple[str, str, bool], ...]:
+    return tuple((column.key, column.name, _is_json(column)) for column in table.columns)
 
 
 # A pooled PostgreSQL connection idle for longer than this is pinged before it is used

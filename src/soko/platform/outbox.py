@@ -30,12 +30,27 @@ from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import JSON, CheckConstraint, Index, String, Text, UniqueConstraint, insert
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    Index,
+    Insert,
+    String,
+    Text,
+    UniqueConstraint,
+    insert,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
-from soko.platform.db import Base, UUIDPrimaryKey, dialect_insert
+from soko.platform.db import (
+    Base,
+    UUIDPrimaryKey,
+    dialect_insert,
+    unnest_insert,
+    unnest_parameters,
+)
 from soko.platform.ids import uuid7
 
 NAME_MAX_LENGTH = 200
@@ -283,12 +298,32 @@ async def publish_all(
     """:func:`publish` ``event_name`` once per payload, in one statement written at once
     (not at the session's next flush): for a hot path that publishes several events of
     a kind, such as a checkout's one ``order.placed`` per order."""
+    rows = event_rows(session, event_name, payloads, now=now)
+    await write_event_rows(session, rows)
+    return [row["id"] for row in rows]
+
+
+async def write_event_rows(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+    """Write rows made by :func:`event_rows`, in one statement."""
+    if rows:
+        await session.execute(_insert_statement(), rows)
+
+
+def event_rows(
+    session: AsyncSession,
+    event_name: str,
+    payloads: Sequence[Mapping[str, Any] | BaseModel],
+    *,
+    now: dt.datetime | None = None,
+) -> list[dict[str, Any]]:
+    """The rows :func:`publish_all` writes, for a caller that writes them inside a
+    statement of its own on PostgreSQL (:func:`publishing_insert`) in ``session``'s
+    transaction; the dispatcher is woken when it commits."""
     _check_name("an event name", event_name)
     created = session_now(session, now)
-    ids = [uuid7() for _ in payloads]
     rows = [
         {
-            "id": message_id,
+            "id": uuid7(),
             "kind": MessageKind.event.value,
             "name": event_name,
             "handler": None,
@@ -305,12 +340,24 @@ async def publish_all(
             "created_at": created,
             "completed_at": None,
         }
-        for message_id, payload in zip(ids, payloads, strict=True)
+        for payload in payloads
     ]
     if rows:
         session.info["outbox_written"] = True
-        await session.execute(_insert_statement(), rows)
-    return ids
+    return rows
+
+
+def publishing_insert(prefix: str) -> Insert:
+    """PostgreSQL: an INSERT of :func:`event_rows` to embed in a larger statement (see
+    :func:`soko.platform.db.unnest_insert`; its parameters come from
+    :func:`publishing_parameters` with the same ``prefix``)."""
+    table: Any = OutboxMessage.__table__
+    return unnest_insert(table, prefix)
+
+
+def publishing_parameters(prefix: str, rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    table: Any = OutboxMessage.__table__
+    return unnest_parameters(table, prefix, rows)
 
 
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
