@@ -4,6 +4,7 @@ JSONB codecs Soko registers itself, handing the driver's bytes to jsonbody.loads
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,13 @@ from sqlalchemy import JSON, Column, Integer, MetaData, Table, Text, cast, inser
 from sqlalchemy.dialects import postgresql
 
 from soko.platform import jsonbody
-from soko.platform.db import create_engine, json_text
+from soko.platform.db import (
+    UTCDateTime,
+    create_engine,
+    json_text,
+    unnest_insert,
+    unnest_parameters,
+)
 
 DOCUMENTS: list[Any] = [
     {"size": "M", "colour": "nyekundu"},
@@ -126,3 +133,58 @@ async def test_json_text_refuses_a_sqlite_column_that_holds_no_json(tmp_path: An
                 (await conn.execute(select(json_text(table.c.doc)))).all()
     finally:
         await engine.dispose()
+
+
+async def test_unnest_insert_writes_rows_as_a_plain_insert_does(database_url: str) -> None:
+    """PostgreSQL: rows written through ``unnest_insert`` (one array a column, JSON as
+    text cast back) read back as the same rows written by a plain INSERT: JSON, JSONB
+    and SQL NULLs, aware timestamps, text, and no rows at all."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("unnest_insert is PostgreSQL's")
+    metadata = MetaData()
+
+    def table(name: str) -> Table:
+        return Table(
+            name,
+            metadata,
+            Column("id", Integer, primary_key=True),
+            Column("doc", JSON),
+            Column("docb", JSON().with_variant(postgresql.JSONB(), "postgresql")),
+            Column("at", UTCDateTime()),
+            Column("note", Text),
+        )
+
+    plain, unnested = table("unnest_plain"), table("unnest_probe")
+    at = dt.datetime(2026, 12, 6, 15, 30, 1, 250_000, tzinfo=dt.UTC)
+    rows: list[dict[str, Any]] = [
+        {"id": i, "doc": doc, "docb": doc, "at": at + dt.timedelta(days=i), "note": f"é{i}"}
+        for i, doc in enumerate(DOCUMENTS)
+    ]
+    rows.append({"id": len(rows), "doc": None, "docb": None, "at": None, "note": None})
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(insert(plain), rows)
+                statement = unnest_insert(unnested, "u_")
+                await conn.execute(statement, unnest_parameters(unnested, "u_", rows))
+                await conn.execute(statement, unnest_parameters(unnested, "u_", []))
+            async with engine.connect() as conn:
+                read = [
+                    [tuple(row) for row in await conn.execute(select(t).order_by(t.c.id))]
+                    for t in (plain, unnested)
+                ]
+                stored = [
+                    list(await conn.scalars(text(f"SELECT docb::text FROM {t.name} ORDER BY id")))
+                    for t in (plain, unnested)
+                ]
+        finally:
+            async with engine.begin() as conn:
+                await conn.run_sync(metadata.drop_all)
+    finally:
+        await engine.dispose()
+    assert len(read[1]) == len(rows)
+    assert read[1] == read[0]
+    assert stored[1] == stored[0]

@@ -198,19 +198,31 @@ def unnest_parameters(
     table: Table, prefix: str, rows: list[dict[str, Any]]
 ) -> dict[str, list[Any]]:
     """The parameters of :func:`unnest_insert` for ``rows`` (every column of each, by
-    its key)."""
+    its key). A JSON column's None is written as a plain INSERT writes it: JSON
+    ``null``, or SQL NULL where the type says ``none_as_null``."""
     parameters: dict[str, list[Any]] = {}
-    for key, name, is_json in _unnest_columns(table):
+    for key, name, json_none in _unnest_columns(table):
         values = [row[key] for row in rows]
-        if is_json:
-            values = [None if v is None else jsonbody.dumps(v).decode() for v in values]
+        if json_none is not False:
+            values = [json_none if v is None else jsonbody.dumps(v).decode() for v in values]
         parameters[prefix + name] = values
     return parameters
 
 
 @functools.lru_cache(maxsize=32)
-def _unnest_columns(table: Table) -> tuple[tuple[str, str, bool], ...]:
-    return tuple((column.key, column.name, _is_json(column)) for column in table.columns)
+def _unnest_columns(table: Table) -> tuple[tuple[str, str, str | None | bool], ...]:
+    """Each column's key, name, and for a JSON column what None is written as (else
+    False)."""
+    return tuple(
+        (
+            column.key,
+            column.name,
+            (None if getattr(column.type, "none_as_null", False) else "null")
+            if _is_json(column)
+            else False,
+        )
+        for column in table.columns
+    )
 
 
 # A pooled PostgreSQL connection idle for longer than this is pinged before it is used
