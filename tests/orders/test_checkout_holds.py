@@ -325,3 +325,31 @@ async def test_a_cart_that_moved_before_the_writes_gets_no_order(
     monkeypatch.undo()
     ok(await buyer.post_checkout(), 201)
     assert (await available(runtime, variant_id))[variant_id] == 3
+
+
+@postgresql_only
+async def test_a_claim_taken_over_before_the_writes_writes_nothing(
+    runtime: Runtime, market: Market, make_buyer: MakeBuyer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writes and the stored answer are one statement on PostgreSQL. When a retry
+    took the Idempotency-Key over first (this request's lease ran out), that statement
+    writes nothing: no order, no answer, the cart still open, the hold given back."""
+    variant_id = await market.variant(stock=5)
+    buyer = await make_buyer((variant_id, 2))
+
+    async def take_the_claim_over() -> None:
+        await change(
+            runtime, "UPDATE idempotency_keys SET claim_token = :token", token=uuid.uuid4()
+        )
+
+    before_the_writes(monkeypatch, take_the_claim_over)
+    refused(await buyer.post_checkout(key="taken-over"), 409, "idempotency-in-flight")
+
+    await nothing_written(runtime, buyer.cart_id)
+    async with runtime.db.transaction(read_only=True) as session:
+        keys = (
+            await session.execute(text("SELECT status, response_status FROM idempotency_keys"))
+        ).all()
+    assert [tuple(key) for key in keys] == [("in_flight", None)]
+    assert (await available(runtime, variant_id))[variant_id] == 5
+    assert await holds(runtime, variant_id) == [("released", 2)]

@@ -124,7 +124,8 @@ async def test_a_sold_out_checkout_opens_no_transaction(
     assert response.status_code == 409, response.text
     assert began == []
 
-    # A checkout that goes through still runs its writes in one transaction.
+    # A checkout that goes through writes in one transaction on SQLite; on PostgreSQL its
+    # writes and its stored answer are one autocommitted statement, with none at all.
     shop_two = await market.open_shop()
     plenty = (await shop_two.list_product(700, stock=5)).variant_ids[0]
     other = await make_buyer((plenty, 1))
@@ -133,4 +134,4 @@ async def test_a_sold_out_checkout_opens_no_transaction(
         assert (await other.post_checkout()).status_code == 201
     finally:
         event.remove(Session, "after_begin", record)
-    assert len(began) == 1
+    assert len(began) == (0 if runtime.db.dialect == "postgresql" else 1)

@@ -16,14 +16,15 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import structlog
-from sqlalchemy import ARRAY, Uuid, any_, bindparam, func, insert, select
+from sqlalchemy import ARRAY, Uuid, and_, any_, bindparam, exists, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.responses import JSONResponse
 
 from soko.cart.public import (
     CartChanged,
@@ -51,6 +52,11 @@ from soko.orders.events import ORDER_PLACED, OrderPlaced
 from soko.orders.models import CheckoutGroup, GroupStatus, Order, OrderLine
 from soko.orders.states import INITIAL_STATE
 from soko.platform.db import unnest_insert, unnest_parameters
+from soko.platform.idempotency import (
+    IdempotentRequest,
+    answering_statement,
+    held_claim_statement,
+)
 from soko.platform.ids import uuid7
 from soko.platform.outbox import (
     event_rows,
@@ -91,6 +97,8 @@ class PlacedCheckout:
     orders: list[Order]
     lines: dict[uuid.UUID, list[OrderLine]] = field(default_factory=dict)
     held: bool = False
+    # The response, when the checkout's writes stored it on the idempotency claim too.
+    response: JSONResponse | None = None
 
     def all_lines(self) -> list[OrderLine]:
         return [line for order in self.orders for line in self.lines[order.id]]
@@ -150,7 +158,11 @@ def _refuse_unavailable(unavailable: list[dict[str, str]]) -> CheckoutItemsUnava
 
 
 async def place_checkout(
-    session: AsyncSession, runtime: Runtime, buyer_id: uuid.UUID, request: CheckoutRequest
+    session: AsyncSession,
+    runtime: Runtime,
+    buyer_id: uuid.UUID,
+    request: CheckoutRequest,
+    answering: Answering | None = None,
 ) -> PlacedCheckout:
     """Turn ``buyer_id``'s open cart into a checkout group with one order per seller,
     publish ``order.placed`` for each and close the cart. On PostgreSQL the stock is
@@ -165,7 +177,11 @@ async def place_checkout(
     writes check what those reads decided: the cart is closed only at the version read,
     each store must still be active for the group to be created, and the hold takes
     only the stock there is. A price change or an expected total that differs is
-    refused before anything is held."""
+    refused before anything is held.
+
+    With ``answering`` on PostgreSQL, the writes and the answer stored on the request's
+    idempotency claim are one autocommitted statement, with no transaction around it
+    (``placed.response`` is then the answer to send): see :func:`_write_in_one`."""
     async with runtime.db.reading() as reader:
         cart = await cart_for_checkout(reader, cart_id=request.cart_id, user_id=buyer_id)
         if not cart.lines:
@@ -313,7 +329,7 @@ async def place_checkout(
         now=now,
     )
     if runtime.db.dialect == "postgresql":
-        if not await _write_in_one(session, placed, cart, events):
+        if not await _write_in_one(session, runtime, placed, cart, events, answering):
             inactive = await inactive_seller_ids(session, orders)
             if inactive:
                 raise _refuse_unavailable(_unavailable(cart, variants, inactive))
@@ -422,13 +438,29 @@ async def _create_group(
 _GROUP, _ORDERS, _LINES, _EVENTS = "g_", "o_", "l_", "e_"
 
 
-@lru_cache(maxsize=1)
-def _write_in_one_statement() -> Any:
+@dataclass(frozen=True, slots=True)
+class Answering:
+    """The request's idempotency claim, and how the answer is made of what was placed
+    (its body, status and headers), for a checkout that stores its answer with its
+    writes."""
+
+    claim: IdempotentRequest
+    answer: Callable[[PlacedCheckout], tuple[Any, int, dict[str, str]]]
+
+
+@lru_cache(maxsize=2)
+def _write_in_one_statement(answering: bool) -> Any:
     """PostgreSQL: the checkout's writes as one statement, built once: the cart closed
     at the version read, only if every store of the checkout may still sell, and the
     group, its orders, their lines and the ``order.placed`` events. It answers how many
     carts it closed: 0 when the cart moved or a store stopped selling, and then the
-    caller raises and the transaction, the rows it wrote with it, is rolled back."""
+    caller raises and the transaction, the rows it wrote with it, is rolled back.
+
+    ``answering``: autocommitted, with the answer stored on the idempotency claim too.
+    The claim is locked first and the cart closed only if it is still this request's;
+    every other write, the answer included, happens only if the cart was closed, so the
+    statement writes all or nothing. It answers (carts closed, answers stored, claims
+    held)."""
     groups: Any = CheckoutGroup.__table__
     active = active_seller_ids().subquery()
     selling = (
@@ -437,32 +469,56 @@ def _write_in_one_statement() -> Any:
         .where(active.c.id == any_(bindparam("sellers", type_=ARRAY(Uuid()))))
         .scalar_subquery()
     )
-    closed = converting_statement().where(selling == bindparam("seller_count")).cte("closed")
+    may_close = selling == bindparam("seller_count")
+    if answering:
+        held = held_claim_statement().cte("claim_held")
+        may_close = and_(may_close, exists(select(held.c.id)))
+    closed = converting_statement().where(may_close).cte("closed")
     names = [column.name for column in groups.columns]
     group_values = select(
         *(bindparam(_GROUP + name, type_=groups.c[name].type).label(name) for name in names)
     )
+    # Autocommitted, nothing would roll the writes back: each happens only with the cart
+    # closed. In a transaction, the caller's raising rolls them back.
+    placed = exists(select(closed.c.id)) if answering else None
     order_table: Any = Order.__table__
     line_table: Any = OrderLine.__table__
-    writes = (
-        insert(groups).from_select(names, group_values).cte("group_written"),
-        unnest_insert(order_table, _ORDERS).cte("orders_written"),
-        unnest_insert(line_table, _LINES).cte("lines_written"),
-        publishing_insert(_EVENTS).cte("events_written"),
+    writes = [
+        insert(groups)
+        .from_select(names, group_values if placed is None else group_values.where(placed))
+        .cte("group_written"),
+        unnest_insert(order_table, _ORDERS, where=placed).cte("orders_written"),
+        unnest_insert(line_table, _LINES, where=placed).cte("lines_written"),
+        publishing_insert(_EVENTS, where=placed).cte("events_written"),
+    ]
+    if placed is None:
+        return select(func.count()).select_from(closed).add_cte(*writes)
+    answered = answering_statement().where(placed).cte("answered")
+    counts = (
+        select(func.count()).select_from(table).scalar_subquery()
+        for table in (closed, answered, held)
     )
-    return select(func.count()).select_from(closed).add_cte(*writes)
+    return select(*counts).add_cte(*writes, answered)
 
 
 async def _write_in_one(
     session: AsyncSession,
+    runtime: Runtime,
     placed: PlacedCheckout,
     cart: CartForCheckout,
     events: list[dict[str, Any]],
+    answering: Answering | None,
 ) -> bool:
     """Write the checkout in one round trip (PostgreSQL); False when a store stopped
-    selling or the cart moved since it was read (raise: the transaction must not
-    commit). Five statements cost the API process and the database more than their
-    rows did."""
+    selling or the cart moved since it was read. Five statements cost the API process
+    and the database more than their rows did.
+
+    Without ``answering`` the statement runs in ``session``'s transaction: on False,
+    raise (it must not commit). With it, the statement also stores the answer on the
+    idempotency claim and runs alone, autocommitted: no BEGIN, no COMMIT and no
+    statement of its own for the answer, three round trips fewer; it writes nothing at
+    all when it answers False, and raises :meth:`IdempotentRequest.taken_over` when the
+    claim is no longer this request's."""
     group = placed.group
     sellers = [order.seller_id for order in placed.orders]
     parameters: dict[str, Any] = {
@@ -483,8 +539,26 @@ async def _write_in_one(
         unnest_parameters(line_table, _LINES, _rows_of(OrderLine, placed.all_lines()))
     )
     parameters.update(publishing_parameters(_EVENTS, events))
-    written = await session.scalar(_write_in_one_statement(), parameters)
-    return bool(written == 1)
+    if answering is None:
+        written = await session.scalar(_write_in_one_statement(False), parameters)
+        return bool(written == 1)
+    body, status_code, headers = answering.answer(placed)
+    stored, answer_parameters = answering.claim.answer_parameters(
+        body, status_code=status_code, headers=headers
+    )
+    parameters.update(answer_parameters)
+    async with runtime.db.writing_once() as connection:
+        closed, answered, held = (
+            await connection.execute(_write_in_one_statement(True), parameters)
+        ).one()
+    if not held:
+        raise answering.claim.taken_over()
+    if not closed:
+        return False
+    if not answered:  # the claim was locked and ours: cannot happen
+        raise RuntimeError("the checkout was written but its answer was not stored")
+    placed.response = answering.claim.answered_with(stored)
+    return True
 
 
 async def hold_stock(session: AsyncSession, runtime: Runtime, placed: PlacedCheckout) -> None:

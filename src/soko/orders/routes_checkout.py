@@ -7,7 +7,13 @@ import uuid
 
 from fastapi import APIRouter, Response
 
-from soko.orders.checkout import CheckoutRequest, hold_stock, place_checkout
+from soko.orders.checkout import (
+    Answering,
+    CheckoutRequest,
+    PlacedCheckout,
+    hold_stock,
+    place_checkout,
+)
 from soko.orders.schemas import CheckoutGroupOut, CheckoutIn
 from soko.orders.service import group_details
 from soko.platform.auth import SignedIn
@@ -39,6 +45,11 @@ async def checkout(
     (with ``Idempotency-Replayed: true``) instead of placing it twice."""
     if claim.replay is not None:
         return claim.replay
+
+    def answer(placed: PlacedCheckout) -> tuple[CheckoutGroupOut, int, dict[str, str]]:
+        body = CheckoutGroupOut.of(placed.group, placed.orders, placed.lines)
+        return body, 201, {"Location": f"/api/v1/checkout/{placed.group.id}"}
+
     placed = await place_checkout(
         session,
         runtime,
@@ -49,18 +60,18 @@ async def checkout(
             expected_total_minor=body.expected_total_minor,
             shipping_address=body.shipping_address,
         ),
+        # On PostgreSQL the writes and this answer are one statement, committed.
+        Answering(claim, answer),
     )
-    answer = await claim.answer(
-        session,
-        CheckoutGroupOut.of(placed.group, placed.orders, placed.lines),
-        status_code=201,
-        headers={"Location": f"/api/v1/checkout/{placed.group.id}"},
-    )
+    if placed.response is not None:
+        return placed.response
+    content, status_code, headers = answer(placed)
+    response = await claim.answer(session, content, status_code=status_code, headers=headers)
     # On SQLite, last, right before the commit (the stock rows stay locked from this
     # UPDATE until the commit); on PostgreSQL place_checkout held the stock already, in
     # a statement committed on its own (ADR 0016), and this does nothing.
     await hold_stock(session, runtime, placed)
-    return answer
+    return response
 
 
 @router.get(

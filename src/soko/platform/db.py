@@ -173,12 +173,12 @@ def _is_json(column: Any) -> bool:
     return isinstance(column.type, JSON)  # JSONB is one too, and so is JSON with variants
 
 
-def unnest_insert(table: Table, prefix: str) -> Insert:
+def unnest_insert(table: Table, prefix: str, *, where: ColumnElement[bool] | None = None) -> Insert:
     """PostgreSQL: ``INSERT INTO <table> (<every column>) SELECT ... FROM unnest(<one
-    array parameter per column>)``: any number of rows in one statement built once,
-    which can be a CTE of a larger statement (``.cte()``). Its parameters are named
-    ``<prefix><column>``: build them with :func:`unnest_parameters`. JSON columns travel
-    as text and are cast back."""
+    array parameter per column>) [WHERE <where>]``: any number of rows in one statement
+    built once, which can be a CTE of a larger statement (``.cte()``) and then write
+    only if ``where`` holds. Its parameters are named ``<prefix><column>``: build them
+    with :func:`unnest_parameters`. JSON columns travel as text and are cast back."""
     columns = list(table.columns)
     arrays = [
         bindparam(prefix + column.name, type_=ARRAY(Text() if _is_json(column) else column.type))
@@ -191,6 +191,8 @@ def unnest_insert(table: Table, prefix: str) -> Insert:
             for column in columns
         )
     )
+    if where is not None:
+        values = values.where(where)
     return insert(table).from_select([column.name for column in columns], values)
 
 
@@ -210,7 +212,7 @@ def unnest_parameters(
 
 
 @functools.lru_cache(maxsize=32)
-def _unnest_columns(table: Table) -> tuple[tuple[str, str, str | None | bool], ...]:
+def _unnest_columns(table: Table) -> tuple[tuple[str, str, str | bool | None], ...]:
     """Each column's key, name, and for a JSON column what None is written as (else
     False)."""
     return tuple(

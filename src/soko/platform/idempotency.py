@@ -263,18 +263,39 @@ class IdempotentRequest:
         response. Raises :class:`IdempotencyInFlight` when the claim is no longer this
         request's (its lease ran out and a retry took it over): the transaction must
         then roll back, since the other request does the work."""
+        stored, _ = self.answer_parameters(body, status_code=status_code, headers=headers)
+        assert self.id is not None and self.token is not None
+        if not await store_answer(session, self.id, self.token, stored):
+            raise self.taken_over()
+        return self.answered_with(stored)
+
+    def answer_parameters(
+        self, body: Any, *, status_code: int = 200, headers: Mapping[str, str] | None = None
+    ) -> tuple[StoredAnswer, dict[str, Any]]:
+        """The answer :meth:`answer` would store, and the parameters of
+        :func:`answering_statement` and :func:`held_claim_statement` for it: for a route
+        that stores its answer inside the one statement that makes its change (then
+        :meth:`answered_with`, or :meth:`taken_over` when the claim was not held)."""
         if self.replay is not None or self.id is None or self.token is None:
             raise RuntimeError("a replayed request has nothing to answer")
         if isinstance(body, BaseModel):
             body = body.model_dump(mode="json")
         stored = StoredAnswer(status_code, body, dict(headers or {}))
-        if not await store_answer(session, self.id, self.token, stored):
-            raise IdempotencyInFlight(
-                "Another request took over this Idempotency-Key; retry to get its answer.",
-                headers={"Retry-After": "1"},
-            )
+        return stored, _store_parameters(self.id, self.token, stored)
+
+    def answered_with(self, stored: StoredAnswer) -> JSONResponse:
+        """``stored`` was stored on the claim: the response to send."""
         self.answered = True
         return stored.response(replayed=False)
+
+    @staticmethod
+    def taken_over() -> IdempotencyInFlight:
+        """The claim is no longer this request's (its lease ran out and a retry took it
+        over): raise this, and make sure nothing of this request's change commits."""
+        return IdempotencyInFlight(
+            "Another request took over this Idempotency-Key; retry to get its answer.",
+            headers={"Retry-After": "1"},
+        )
 
 
 # The two statements every idempotent request runs, built once with bind parameters:
@@ -423,16 +444,43 @@ async def store_answer(
     false when the claim is no longer held with ``token``."""
     connection = await session.connection() if isinstance(session, AsyncSession) else session
     stored = await connection.execute(
-        _store_statement(),
-        {
-            "claim_id": claim_id,
-            "token": token,
-            "v_status": answer.status_code,
-            "v_body": answer.body,
-            "v_headers": dict(answer.headers),
-        },
+        _store_statement(), _store_parameters(claim_id, token, answer)
     )
     return stored.first() is not None
+
+
+def _store_parameters(
+    claim_id: uuid.UUID, token: uuid.UUID, answer: StoredAnswer
+) -> dict[str, Any]:
+    return {
+        "claim_id": claim_id,
+        "token": token,
+        "v_status": answer.status_code,
+        "v_body": answer.body,
+        "v_headers": dict(answer.headers),
+    }
+
+
+def held_claim_statement() -> Any:
+    """``SELECT`` the claim ``claim_id`` if it is still held with ``token``, ``FOR
+    UPDATE``: for a route whose change and answer are one statement (PostgreSQL), a CTE
+    whose row, locked, keeps a retry from taking the claim over until it commits. Its
+    parameters come from :meth:`IdempotentRequest.answer_parameters`."""
+    return (
+        select(_KEYS.c.id)
+        .where(
+            _KEYS.c.id == bindparam("claim_id"),
+            _KEYS.c.claim_token == bindparam("token"),
+            _KEYS.c.status == KeyStatus.in_flight.value,
+        )
+        .with_for_update()
+    )
+
+
+def answering_statement() -> Any:
+    """The ``UPDATE`` that stores an answer on the claim (``RETURNING`` its id), for the
+    same statement as :func:`held_claim_statement`."""
+    return _store_statement()
 
 
 async def release_claim(db: Database, claim_id: uuid.UUID, token: uuid.UUID) -> None:

@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from sqlalchemy import (
     JSON,
     CheckConstraint,
+    ColumnElement,
     Index,
     Insert,
     String,
@@ -347,12 +348,12 @@ def event_rows(
     return rows
 
 
-def publishing_insert(prefix: str) -> Insert:
+def publishing_insert(prefix: str, *, where: ColumnElement[bool] | None = None) -> Insert:
     """PostgreSQL: an INSERT of :func:`event_rows` to embed in a larger statement (see
     :func:`soko.platform.db.unnest_insert`; its parameters come from
     :func:`publishing_parameters` with the same ``prefix``)."""
     table: Any = OutboxMessage.__table__
-    return unnest_insert(table, prefix)
+    return unnest_insert(table, prefix, where=where)
 
 
 def publishing_parameters(prefix: str, rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
