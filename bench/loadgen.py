@@ -454,6 +454,10 @@ def _machine_cpu() -> tuple[float, float, float]:
     return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS, fields[7] / CLOCK_TICKS
 
 
+# How many of the server's processes the CPU line names apart, busiest first.
+SERVER_PROCESSES_SHOWN = 3
+
+
 @dataclass
 class CpuMeter:
     """CPU seconds used during one phase by the server, PostgreSQL (the backends of the
@@ -467,6 +471,7 @@ class CpuMeter:
     before: dict[str, dict[int, float]] = field(default_factory=dict)
     machine_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     started: float = 0.0
+    by_server_process: list[float] = field(default_factory=list)
 
     def _sample(self) -> dict[str, dict[int, float]]:
         table = _processes()
@@ -497,10 +502,21 @@ class CpuMeter:
             )
             for party, pids in after.items()
         }
+        # Each server process apart (its API processes above all): a phase whose
+        # connections landed mostly on one process shows one busy and one idle.
+        self.by_server_process = sorted(
+            (
+                max(0.0, cpu - self.before.get("server", {}).get(pid, 0.0))
+                for pid, cpu in after["server"].items()
+            ),
+            reverse=True,
+        )
         used["machine"] = busy - self.machine_before[0]
         used["machine_total"] = total - self.machine_before[1]
         used["steal"] = stolen - self.machine_before[2]
         used["wall"] = time.monotonic() - self.started
+        for rank, cpu in enumerate(self.by_server_process[:SERVER_PROCESSES_SHOWN]):
+            used[f"server_process_{rank}"] = cpu
         return used
 
 
@@ -511,11 +527,17 @@ def describe_cpu(cpu: dict[str, float], generator_cpu: float) -> str:
     host takes it from whoever wanted the CPU then."""
     wall = cpu["wall"] or 1.0
     ours = cpu["server"] + cpu["postgres"] + cpu["redis"] + generator_cpu
+    busiest = [
+        f"{cpu[name] / wall:.2f}"
+        for rank in range(SERVER_PROCESSES_SHOWN)
+        if (name := f"server_process_{rank}") in cpu
+    ]
     stolen = cpu.get("steal", 0.0)
     others = max(0.0, cpu["machine"] - ours - stolen)
     cores = cpu["machine_total"] / wall
     return (
-        f"server {cpu['server'] / wall:.2f}, postgres {cpu['postgres'] / wall:.2f}, "
+        f"server {cpu['server'] / wall:.2f} ({' + '.join(busiest)} busiest), "
+        f"postgres {cpu['postgres'] / wall:.2f}, "
         f"redis {cpu['redis'] / wall:.2f}, generator {generator_cpu / wall:.2f}; "
         f"machine {cpu['machine'] / wall:.2f} of {cores:.0f} (others {others / wall:.2f}, "
         f"stolen {stolen / wall:.2f})"
