@@ -4,11 +4,12 @@ held until the group is paid.
 Statements are counted (a checkout must stay within 15 whatever the number of lines and
 sellers, the idempotency claim included) and the stock rows of a popular item are the
 one thing many checkouts fight over. So a checkout reads each other domain once (the
-cart, its variants), checks the sellers inside the statement that creates the group,
-writes each table with one statement, and holds the stock so that its rows stay locked
-for as short a time as possible: on PostgreSQL in a statement committed on its own
-before the writes (given back if they do not commit), on SQLite last in the checkout's
-transaction (see :func:`holds_apart`).
+cart, its variants), checks the sellers inside the statement that writes, and holds the
+stock so that its rows stay locked for as short a time as possible: on PostgreSQL in a
+statement committed on its own before the writes (given back if they do not happen), on
+SQLite last in the checkout's transaction (see :func:`holds_apart`). On PostgreSQL the
+writes, the idempotency answer included, are then one autocommitted statement (ADR
+0017); on SQLite each table gets one statement in a transaction.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ async def place_checkout(
     runtime: Runtime,
     buyer_id: uuid.UUID,
     request: CheckoutRequest,
-    answering: Answering | None = None,
+    answering: Answering,
 ) -> PlacedCheckout:
     """Turn ``buyer_id``'s open cart into a checkout group with one order per seller,
     publish ``order.placed`` for each and close the cart. On PostgreSQL the stock is
@@ -179,9 +180,10 @@ async def place_checkout(
     only the stock there is. A price change or an expected total that differs is
     refused before anything is held.
 
-    With ``answering`` on PostgreSQL, the writes and the answer stored on the request's
-    idempotency claim are one autocommitted statement, with no transaction around it
-    (``placed.response`` is then the answer to send): see :func:`_write_in_one`."""
+    On PostgreSQL the writes and ``answering``'s answer, stored on the request's
+    idempotency claim, are one autocommitted statement with no transaction around it
+    (``placed.response`` is then the answer to send; see :func:`_write_in_one`). On
+    SQLite the caller stores the answer in ``session``'s transaction."""
     async with runtime.db.reading() as reader:
         cart = await cart_for_checkout(reader, cart_id=request.cart_id, user_id=buyer_id)
         if not cart.lines:
@@ -308,7 +310,7 @@ async def place_checkout(
             raise
         placed.held = True
 
-    # One order.placed a store, written in the checkout's transaction.
+    # One order.placed a store, written with the orders.
     events = event_rows(
         session,
         ORDER_PLACED,
@@ -448,19 +450,16 @@ class Answering:
     answer: Callable[[PlacedCheckout], tuple[Any, int, dict[str, str]]]
 
 
-@lru_cache(maxsize=2)
-def _write_in_one_statement(answering: bool) -> Any:
-    """PostgreSQL: the checkout's writes as one statement, built once: the cart closed
-    at the version read, only if every store of the checkout may still sell, and the
-    group, its orders, their lines and the ``order.placed`` events. It answers how many
-    carts it closed: 0 when the cart moved or a store stopped selling, and then the
-    caller raises and the transaction, the rows it wrote with it, is rolled back.
+@lru_cache(maxsize=1)
+def _write_in_one_statement() -> Any:
+    """PostgreSQL: the checkout's writes and its answer as one statement, built once.
 
-    ``answering``: autocommitted, with the answer stored on the idempotency claim too.
-    The claim is locked first and the cart closed only if it is still this request's;
-    every other write, the answer included, happens only if the cart was closed, so the
-    statement writes all or nothing. It answers (carts closed, answers stored, claims
-    held)."""
+    The idempotency claim is locked first (if it is still this request's), then the cart
+    closed at the version read, only if every store of the checkout may still sell and
+    the claim is held; the group, its orders, their lines, the ``order.placed`` events
+    and the answer on the claim are written only if the cart was closed. So the
+    statement, autocommitted, writes all or nothing. It answers how many carts it
+    closed, answers it stored and claims it held."""
     groups: Any = CheckoutGroup.__table__
     active = active_seller_ids().subquery()
     selling = (
@@ -469,36 +468,29 @@ def _write_in_one_statement(answering: bool) -> Any:
         .where(active.c.id == any_(bindparam("sellers", type_=ARRAY(Uuid()))))
         .scalar_subquery()
     )
-    may_close = selling == bindparam("seller_count")
-    if answering:
-        held = held_claim_statement().cte("claim_held")
-        may_close = and_(may_close, exists(select(held.c.id)))
+    held = held_claim_statement().cte("claim_held")
+    may_close = and_(selling == bindparam("seller_count"), exists(select(held.c.id)))
     closed = converting_statement().where(may_close).cte("closed")
+    placed = exists(select(closed.c.id))
     names = [column.name for column in groups.columns]
     group_values = select(
         *(bindparam(_GROUP + name, type_=groups.c[name].type).label(name) for name in names)
-    )
-    # Autocommitted, nothing would roll the writes back: each happens only with the cart
-    # closed. In a transaction, the caller's raising rolls them back.
-    placed = exists(select(closed.c.id)) if answering else None
+    ).where(placed)
     order_table: Any = Order.__table__
     line_table: Any = OrderLine.__table__
-    writes = [
-        insert(groups)
-        .from_select(names, group_values if placed is None else group_values.where(placed))
-        .cte("group_written"),
+    answered = answering_statement().where(placed).cte("answered")
+    writes = (
+        insert(groups).from_select(names, group_values).cte("group_written"),
         unnest_insert(order_table, _ORDERS, where=placed).cte("orders_written"),
         unnest_insert(line_table, _LINES, where=placed).cte("lines_written"),
         publishing_insert(_EVENTS, where=placed).cte("events_written"),
-    ]
-    if placed is None:
-        return select(func.count()).select_from(closed).add_cte(*writes)
-    answered = answering_statement().where(placed).cte("answered")
+        answered,
+    )
     counts = (
         select(func.count()).select_from(table).scalar_subquery()
         for table in (closed, answered, held)
     )
-    return select(*counts).add_cte(*writes, answered)
+    return select(*counts).add_cte(*writes)
 
 
 async def _write_in_one(
@@ -507,18 +499,14 @@ async def _write_in_one(
     placed: PlacedCheckout,
     cart: CartForCheckout,
     events: list[dict[str, Any]],
-    answering: Answering | None,
+    answering: Answering,
 ) -> bool:
-    """Write the checkout in one round trip (PostgreSQL); False when a store stopped
-    selling or the cart moved since it was read. Five statements cost the API process
-    and the database more than their rows did.
-
-    Without ``answering`` the statement runs in ``session``'s transaction: on False,
-    raise (it must not commit). With it, the statement also stores the answer on the
-    idempotency claim and runs alone, autocommitted: no BEGIN, no COMMIT and no
-    statement of its own for the answer, three round trips fewer; it writes nothing at
-    all when it answers False, and raises :meth:`IdempotentRequest.taken_over` when the
-    claim is no longer this request's."""
+    """Write the checkout and store its answer in one round trip, autocommitted
+    (PostgreSQL): no BEGIN, no COMMIT and no UPDATE of its own for the answer, where a
+    transaction took eight round trips. False, with nothing written, when a store stopped
+    selling or the cart moved since it was read; raises
+    :meth:`IdempotentRequest.taken_over`, with nothing written, when the claim is no
+    longer this request's."""
     group = placed.group
     sellers = [order.seller_id for order in placed.orders]
     parameters: dict[str, Any] = {
@@ -539,9 +527,6 @@ async def _write_in_one(
         unnest_parameters(line_table, _LINES, _rows_of(OrderLine, placed.all_lines()))
     )
     parameters.update(publishing_parameters(_EVENTS, events))
-    if answering is None:
-        written = await session.scalar(_write_in_one_statement(False), parameters)
-        return bool(written == 1)
     body, status_code, headers = answering.answer(placed)
     stored, answer_parameters = answering.claim.answer_parameters(
         body, status_code=status_code, headers=headers
@@ -549,7 +534,7 @@ async def _write_in_one(
     parameters.update(answer_parameters)
     async with runtime.db.writing_once() as connection:
         closed, answered, held = (
-            await connection.execute(_write_in_one_statement(True), parameters)
+            await connection.execute(_write_in_one_statement(), parameters)
         ).one()
     if not held:
         raise answering.claim.taken_over()

@@ -40,6 +40,14 @@ A route::
 Declare :data:`IdempotencyDep` before any dependency that queries through the request's
 session: on SQLite the claim's own transaction needs the write lock, which the request's
 transaction would otherwise already hold.
+
+A route whose change is one statement on PostgreSQL can store its answer in that
+statement instead, with no transaction at all: :meth:`IdempotentRequest.answer_parameters`
+gives the answer and its parameters, :func:`held_claim_statement` locks the claim (a CTE
+the change's writes depend on) and :func:`answering_statement` stores the answer; then
+:meth:`IdempotentRequest.answered_with` the stored answer, or raise
+:meth:`IdempotentRequest.taken_over` when the claim was not held (the checkout does so,
+ADR 0017).
 """
 
 from __future__ import annotations
