@@ -454,8 +454,10 @@ def _machine_cpu() -> tuple[float, float, float]:
     return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS, fields[7] / CLOCK_TICKS
 
 
-# How many of the server's processes the CPU line names apart, busiest first.
+# How many of the server's processes the CPU line names apart, busiest first, and how
+# much busier than the next the busiest may be before the line calls the phase uneven.
 SERVER_PROCESSES_SHOWN = 3
+UNEVEN_RATIO = 1.6
 
 
 @dataclass
@@ -527,11 +529,20 @@ def describe_cpu(cpu: dict[str, float], generator_cpu: float) -> str:
     host takes it from whoever wanted the CPU then."""
     wall = cpu["wall"] or 1.0
     ours = cpu["server"] + cpu["postgres"] + cpu["redis"] + generator_cpu
-    busiest = [
-        f"{cpu[name] / wall:.2f}"
+    shown = [
+        cpu[name] / wall
         for rank in range(SERVER_PROCESSES_SHOWN)
         if (name := f"server_process_{rank}") in cpu
     ]
+    busiest = [f"{cores:.2f}" for cores in shown]
+    # Connections are spread over the API processes by the kernel (SO_REUSEPORT hashes
+    # each one): a few dozen can land mostly on one, which then caps the phase.
+    uneven = (
+        "; UNEVEN: one server process did most of the work (the kernel spread the "
+        "connections unevenly): rerun for a comparable figure"
+        if len(shown) >= 2 and shown[0] > UNEVEN_RATIO * shown[1] and shown[0] > 0.2
+        else ""
+    )
     stolen = cpu.get("steal", 0.0)
     others = max(0.0, cpu["machine"] - ours - stolen)
     cores = cpu["machine_total"] / wall
@@ -540,7 +551,7 @@ def describe_cpu(cpu: dict[str, float], generator_cpu: float) -> str:
         f"postgres {cpu['postgres'] / wall:.2f}, "
         f"redis {cpu['redis'] / wall:.2f}, generator {generator_cpu / wall:.2f}; "
         f"machine {cpu['machine'] / wall:.2f} of {cores:.0f} (others {others / wall:.2f}, "
-        f"stolen {stolen / wall:.2f})"
+        f"stolen {stolen / wall:.2f}){uneven}"
     )
 
 
