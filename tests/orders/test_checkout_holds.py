@@ -241,18 +241,6 @@ async def test_a_hold_refused_for_want_of_stock_has_nothing_to_give_back(
     assert await holds(runtime, variant_id) == [("held", 2)]
 
 
-def before_the_writes(monkeypatch: pytest.MonkeyPatch, step: Callable[[], Awaitable[None]]) -> None:
-    """PostgreSQL: run ``step`` after the checkout's reads and its hold, just before its
-    one statement of writes."""
-    write_in_one = checkout._write_in_one
-
-    async def step_then_write(*args: Any, **kwargs: Any) -> Any:
-        await step()
-        return await write_in_one(*args, **kwargs)
-
-    monkeypatch.setattr(checkout, "_write_in_one", step_then_write)
-
-
 async def change(runtime: Runtime, statement: str, **parameters: Any) -> None:
     """Run ``statement`` on a connection of its own, committed."""
     async with runtime.db.engine.begin() as other:
@@ -289,7 +277,7 @@ async def test_a_store_that_stops_selling_before_the_writes_gets_no_order(
             runtime, "UPDATE sellers SET status = 'suspended' WHERE id = :id", id=shop.seller_id
         )
 
-    before_the_writes(monkeypatch, suspend)
+    during_the_writes(monkeypatch, suspend)
     problem = refused(await buyer.post_checkout(), 409, "checkout-items-unavailable")
 
     assert problem["unavailable"] == [
@@ -315,7 +303,7 @@ async def test_a_cart_that_moved_before_the_writes_gets_no_order(
             runtime, "UPDATE carts SET version = version + 1 WHERE id = :id", id=buyer.cart_id
         )
 
-    before_the_writes(monkeypatch, move_the_cart)
+    during_the_writes(monkeypatch, move_the_cart)
     refused(await buyer.post_checkout(), 409, "cart-changed")
 
     await nothing_written(runtime, buyer.cart_id)
@@ -342,7 +330,7 @@ async def test_a_claim_taken_over_before_the_writes_writes_nothing(
             runtime, "UPDATE idempotency_keys SET claim_token = :token", token=uuid.uuid4()
         )
 
-    before_the_writes(monkeypatch, take_the_claim_over)
+    during_the_writes(monkeypatch, take_the_claim_over)
     refused(await buyer.post_checkout(key="taken-over"), 409, "idempotency-in-flight")
 
     await nothing_written(runtime, buyer.cart_id)
