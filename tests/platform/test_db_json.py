@@ -36,27 +36,35 @@ DOCUMENTS: list[Any] = [
 
 
 @asynccontextmanager
-async def _documents(database_url: str, name: str, column_type: Any) -> AsyncIterator[Any]:
-    """A connection and a table ``name`` (``id``, ``doc``) holding DOCUMENTS, dropped after."""
-    table = Table(
-        name, MetaData(), Column("id", Integer, primary_key=True), Column("doc", column_type)
-    )
+async def _tables(database_url: str, metadata: MetaData) -> AsyncIterator[Any]:
+    """An engine on ``database_url`` with ``metadata``'s tables, dropped after."""
     engine = create_engine(database_url)
     try:
         async with engine.begin() as conn:
-            await conn.run_sync(table.create)
+            await conn.run_sync(metadata.create_all)
         try:
-            async with engine.begin() as conn:
-                await conn.execute(
-                    insert(table), [{"id": i, "doc": doc} for i, doc in enumerate(DOCUMENTS)]
-                )
-            async with engine.connect() as conn:
-                yield conn, table
+            yield engine
         finally:
             async with engine.begin() as conn:
-                await conn.run_sync(table.drop)
+                await conn.run_sync(metadata.drop_all)
     finally:
         await engine.dispose()
+
+
+@asynccontextmanager
+async def _documents(database_url: str, name: str, column_type: Any) -> AsyncIterator[Any]:
+    """A connection and a table ``name`` (``id``, ``doc``) holding DOCUMENTS, dropped after."""
+    metadata = MetaData()
+    table = Table(
+        name, metadata, Column("id", Integer, primary_key=True), Column("doc", column_type)
+    )
+    async with _tables(database_url, metadata) as engine:
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(table), [{"id": i, "doc": doc} for i, doc in enumerate(DOCUMENTS)]
+            )
+        async with engine.connect() as conn:
+            yield conn, table
 
 
 @pytest.mark.parametrize("kind", ["json", "jsonb"])
@@ -161,30 +169,21 @@ async def test_unnest_insert_writes_rows_as_a_plain_insert_does(database_url: st
         for i, doc in enumerate(DOCUMENTS)
     ]
     rows.append({"id": len(rows), "doc": None, "docb": None, "at": None, "note": None})
-    engine = create_engine(database_url)
-    try:
+    async with _tables(database_url, metadata) as engine:
         async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-        try:
-            async with engine.begin() as conn:
-                await conn.execute(insert(plain), rows)
-                statement = unnest_insert(unnested, "u_")
-                await conn.execute(statement, unnest_parameters(unnested, "u_", rows))
-                await conn.execute(statement, unnest_parameters(unnested, "u_", []))
-            async with engine.connect() as conn:
-                read = [
-                    [tuple(row) for row in await conn.execute(select(t).order_by(t.c.id))]
-                    for t in (plain, unnested)
-                ]
-                stored = [
-                    list(await conn.scalars(text(f"SELECT docb::text FROM {t.name} ORDER BY id")))
-                    for t in (plain, unnested)
-                ]
-        finally:
-            async with engine.begin() as conn:
-                await conn.run_sync(metadata.drop_all)
-    finally:
-        await engine.dispose()
+            await conn.execute(insert(plain), rows)
+            statement = unnest_insert(unnested, "u_")
+            await conn.execute(statement, unnest_parameters(unnested, "u_", rows))
+            await conn.execute(statement, unnest_parameters(unnested, "u_", []))
+        async with engine.connect() as conn:
+            read = [
+                [tuple(row) for row in await conn.execute(select(t).order_by(t.c.id))]
+                for t in (plain, unnested)
+            ]
+            stored = [
+                list(await conn.scalars(text(f"SELECT docb::text FROM {t.name} ORDER BY id")))
+                for t in (plain, unnested)
+            ]
     assert len(read[1]) == len(rows)
     assert read[1] == read[0]
     assert stored[1] == stored[0]

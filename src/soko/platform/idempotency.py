@@ -271,9 +271,8 @@ class IdempotentRequest:
         response. Raises :class:`IdempotencyInFlight` when the claim is no longer this
         request's (its lease ran out and a retry took it over): the transaction must
         then roll back, since the other request does the work."""
-        stored, _ = self.answer_parameters(body, status_code=status_code, headers=headers)
-        assert self.id is not None and self.token is not None
-        if not await store_answer(session, self.id, self.token, stored):
+        stored, parameters = self.answer_parameters(body, status_code=status_code, headers=headers)
+        if not await _store(session, parameters):
             raise self.taken_over()
         return self.answered_with(stored)
 
@@ -450,10 +449,12 @@ async def store_answer(
 ) -> bool:
     """Store ``answer`` on the claim in ``session``'s transaction (or on a connection);
     false when the claim is no longer held with ``token``."""
+    return await _store(session, _store_parameters(claim_id, token, answer))
+
+
+async def _store(session: AsyncSession | AsyncConnection, parameters: dict[str, Any]) -> bool:
     connection = await session.connection() if isinstance(session, AsyncSession) else session
-    stored = await connection.execute(
-        _store_statement(), _store_parameters(claim_id, token, answer)
-    )
+    stored = await connection.execute(_store_statement(), parameters)
     return stored.first() is not None
 
 

@@ -449,6 +449,12 @@ _FAN_OUT_IN_ONE = text(
 )
 
 
+def _delivery_key(event: ClaimedMessage, subscriber: Subscription) -> str:
+    """The dedupe key of ``subscriber``'s delivery of ``event``: one delivery each,
+    however often the event is fanned out."""
+    return f"event:{event.id}:{subscriber.name}"
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid7().hex[-8:]}"[-NAME_MAX_LENGTH:]
 
@@ -841,7 +847,7 @@ class Dispatcher:
                         "locked_by": None,
                         "locked_until": None,
                         "last_error": None,
-                        "dedupe_key": f"event:{message.id}:{subscriber.name}",
+                        "dedupe_key": _delivery_key(message, subscriber),
                         "created_at": now,
                         "completed_at": None,
                     }
@@ -870,9 +876,7 @@ class Dispatcher:
                     "ids": [uuid7() for _ in subscribers],
                     "handlers": [subscriber.name for subscriber in subscribers],
                     "max_attempts": [subscriber.max_attempts for subscriber in subscribers],
-                    "dedupe_keys": [
-                        f"event:{message.id}:{subscriber.name}" for subscriber in subscribers
-                    ],
+                    "dedupe_keys": [_delivery_key(message, s) for s in subscribers],
                 },
             )
         if not held:
