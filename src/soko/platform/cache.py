@@ -598,6 +598,61 @@ def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
+class _Coalesced:
+    """Tag invalidations that overlap in time, sent together (a group commit).
+
+    :meth:`send` returns once its tags have gone out in a send that began after the
+    call, so after whatever the caller committed before calling. While one send is
+    under way, the tags of every call made meanwhile gather into the next, one round
+    trip and one message on the channel for all of them: under load a process sends
+    far fewer, and every other process hears far fewer (each message costs each
+    listener its parsing). A lone call is sent at once, as before. A failed send fails
+    every call it carried; a caller that goes away (cancelled) does not stop its
+    invalidation, which is sent all the same."""
+
+    def __init__(self, send: Callable[[list[str]], Awaitable[None]]) -> None:
+        self._send = send
+        self._pending: dict[str, None] = {}
+        self._next: asyncio.Future[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+
+    async def send(self, tags: Sequence[str]) -> None:
+        loop = asyncio.get_running_loop()
+        if self._sender is not None and self._sender.get_loop() is not loop:
+            # Left over by an event loop that is gone (a test's): nothing to finish here.
+            self._pending, self._next, self._sender = {}, None, None
+        self._pending.update(dict.fromkeys(tags))
+        if self._next is None:
+            self._next = loop.create_future()
+        sent = self._next
+        if self._sender is None or self._sender.done():
+            self._sender = loop.create_task(self._run(), name="cache-invalidations")
+        await asyncio.shield(sent)
+
+    async def _run(self) -> None:
+        while self._pending:
+            tags, self._pending = list(self._pending), {}
+            sent, self._next = self._next, None
+            assert sent is not None
+            try:
+                await self._send(tags)
+            except Exception as exc:
+                sent.set_exception(exc)
+                sent.exception()  # retrieved: callers that went away leave no warning
+            except BaseException:
+                sent.cancel()
+                raise
+            else:
+                sent.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait for what is being sent, or waits to be, to go out."""
+        sender = self._sender
+        if sender is None or sender.done() or sender.get_loop() is not asyncio.get_running_loop():
+            return
+        await asyncio.shield(sender)
+
+
 class RedisCache(_TaggedCache):
     """The cache shared by every process using one Redis, under ``namespace``.
 
@@ -613,8 +668,10 @@ class RedisCache(_TaggedCache):
     same round trip as the change and after it; each process listens there and drops
     its copies (:class:`NearCopies`). So a change is seen by the other processes as soon
     as Redis has delivered the message, typically well under a millisecond; the process
-    that made it sees it at once. While the channel is not listened to (not yet
-    subscribed, or the connection broke and is being restored) no copy is served.
+    that made it sees it at once. Tag invalidations made while one is being sent go out
+    together in the next round trip and message (:class:`_Coalesced`). While the channel
+    is not listened to (not yet subscribed, or the connection broke and is being
+    restored) no copy is served.
     """
 
     def __init__(
@@ -640,6 +697,7 @@ class RedisCache(_TaggedCache):
         self._stamp_script = redis.register_script(_STAMP_SCRIPT)
         self._lookup_or_stamp_script = redis.register_script(_LOOKUP_OR_STAMP_SCRIPT)
         self._store_script = redis.register_script(_STORE_SCRIPT)
+        self._invalidations = _Coalesced(self._send_invalidation)
 
     @property
     def channel(self) -> str:
@@ -780,18 +838,23 @@ class RedisCache(_TaggedCache):
         if not tags:
             return
         self.near.invalidate(tags=tags)
+        await self._invalidations.send(tags)
+        self.near.invalidate(tags=tags)
+
+    async def _send_invalidation(self, tags: list[str]) -> None:
         # One round trip, in order: the tokens are gone before anyone hears of it.
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(*(self.tag_key(tag) for tag in tags))
-            pipe.publish(self.channel, json.dumps({"tags": list(tags)}))
+            pipe.publish(self.channel, json.dumps({"tags": tags}))
             await pipe.execute()
-        self.near.invalidate(tags=tags)
 
     async def ping(self) -> None:
         await self.redis.ping()
 
     async def close(self) -> None:
-        """Stop listening for changes; the client belongs to the runtime, which closes it."""
+        """Send the invalidations still on their way and stop listening for changes; the
+        client belongs to the runtime, which closes it."""
+        await self._invalidations.drain()
         listener, self._listener = self._listener, None
         if listener is not None and not listener.done():
             listener.cancel()
