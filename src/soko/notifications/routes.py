@@ -48,6 +48,7 @@ from soko.notifications.templates import (
     bundled_source,
     effective_source,
     override_key,
+    overrides_changed,
     render_source,
     sms_segments,
     store_override,
@@ -475,6 +476,7 @@ async def put_template(
     await store_override(
         session, override_key(name, locale), body.source, admin.user_id, runtime.clock.now()
     )
+    overrides_changed(session)
     return await _template_out(session, name, locale)
 
 
@@ -493,6 +495,7 @@ async def reset_template(
     if row is not None:
         await session.delete(row)
         await session.flush()
+        overrides_changed(session)
     return await _template_out(session, name, locale)
 
 

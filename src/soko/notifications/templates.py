@@ -11,9 +11,12 @@ A template is one Jinja source with named blocks, one per part:
 
 Bundled defaults live in ``soko/notifications/templates/<locale>/<name>.jinja``; an
 administrator's override of one (name, locale) is stored in ``notifications_templates``
-and used instead. Sources are compiled in a :class:`SandboxedEnvironment` (no attribute
-access to Python internals, no imports), twice: with autoescape for the ``html`` block
-and without for the other parts, which are not HTML.
+and used instead. Sending reads the overrides through the cache (:func:`render`, every
+override in one entry, dropped whenever one changes: :data:`TEMPLATES_TAG`), since
+every message would otherwise ask the database whether its template was overridden.
+Sources are compiled in a :class:`SandboxedEnvironment` (no attribute access to Python
+internals, no imports), twice: with autoescape for the ``html`` block and without for
+the other parts, which are not HTML.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from soko.notifications.models import TemplateOverride
 from soko.platform.db import dialect_insert
 from soko.platform.money import minor_units
+from soko.platform.runtime import Runtime, invalidate_after_commit
 
 LOCALES = ("en", "sw")
 PARTS = ("subject", "text", "html", "sms", "title")
@@ -229,10 +233,46 @@ async def effective_source(session: AsyncSession, name: str, locale: str) -> str
     return source
 
 
-async def render(
-    session: AsyncSession, name: str, locale: str, context: dict[str, Any]
-) -> Rendered:
-    source = await effective_source(session, name, locale)
+# The cache tag of the overrides; every change to one invalidates it.
+TEMPLATES_TAG = "notifications:templates"
+_OVERRIDES_CACHE_KEY = "notifications:template-overrides:v1"
+# A safety net: every change invalidates the entry.
+_OVERRIDES_TTL_SECONDS = 300.0
+
+
+@functools.lru_cache(maxsize=1)
+def _all_overrides_statement() -> Any:
+    overrides: Any = TemplateOverride.__table__
+    return select(overrides.c.key, overrides.c.source)
+
+
+async def _overrides(runtime: Runtime) -> dict[str, str]:
+    """Every override's source by key, from the cache. Read on a connection of its own,
+    never a caller's transaction, whose uncommitted writes must not reach the cache."""
+
+    async def load() -> dict[str, str]:
+        async with runtime.db.reading() as connection:
+            rows = await connection.execute(_all_overrides_statement())
+            return {key: source for key, source in rows}
+
+    found: dict[str, str] = await runtime.cache.get_or_set(
+        _OVERRIDES_CACHE_KEY, load, ttl=_OVERRIDES_TTL_SECONDS, tags=(TEMPLATES_TAG,), near=True
+    )
+    return found
+
+
+def overrides_changed(session: AsyncSession) -> None:
+    """Call after changing an override in ``session``: sending sees it once it commits."""
+    invalidate_after_commit(session, TEMPLATES_TAG)
+
+
+async def render(runtime: Runtime, name: str, locale: str, context: dict[str, Any]) -> Rendered:
+    """Render the template (name, locale) a message is sent with: the override if any,
+    else the bundled one; a locale without the template falls back to English."""
+    overrides = await _overrides(runtime)
+    source = overrides.get(override_key(name, locale)) or bundled_source(name, locale)
+    if source is None and locale != "en":
+        source = overrides.get(override_key(name, "en")) or bundled_source(name, "en")
     if source is None:
         raise LookupError(f"no template named {name!r}")
     return render_source(source, context)

@@ -206,10 +206,10 @@ async def locale_of(session: AsyncSession, user_id: uuid.UUID, default: str) -> 
 
 
 async def _rendered(
-    session: AsyncSession, trigger: Trigger, locale: str, context: dict[str, Any]
+    runtime: Runtime, trigger: Trigger, locale: str, context: dict[str, Any]
 ) -> Rendered | None:
     try:
-        return await render(session, trigger.template, locale, context)
+        return await render(runtime, trigger.template, locale, context)
     except TemplateProblem as exc:
         # An override that no longer renders with real data: the bundled one still does.
         log.error("template failed to render", template=trigger.template, errors=exc.errors)
@@ -251,7 +251,7 @@ async def _notify_operations_mailbox(
         return 0
     context = {**base, "recipient": {"name": "Soko team"}}
     rendered = await _rendered(
-        session, trigger, runtime.settings.notifications_default_locale, context
+        runtime, trigger, runtime.settings.notifications_default_locale, context
     )
     if rendered is not None and await send_email(
         session,
@@ -284,7 +284,7 @@ async def _notify_user(
         return 0
     locale = await locale_of(session, user_id, runtime.settings.notifications_default_locale)
     context = {**base, "recipient": {"name": contact.display_name or ""}}
-    rendered = await _rendered(session, trigger, locale, context)
+    rendered = await _rendered(runtime, trigger, locale, context)
     if rendered is None:
         return 0
     key = f"{event_id}:{trigger.template}:{user_id}"
