@@ -270,9 +270,14 @@ async def render(runtime: Runtime, name: str, locale: str, context: dict[str, An
     """Render the template (name, locale) a message is sent with: the override if any,
     else the bundled one; a locale without the template falls back to English."""
     overrides = await _overrides(runtime)
-    source = overrides.get(override_key(name, locale)) or bundled_source(name, locale)
+
+    def source_in(chosen: str) -> str | None:
+        override = overrides.get(override_key(name, chosen))
+        return override if override is not None else bundled_source(name, chosen)
+
+    source = source_in(locale)
     if source is None and locale != "en":
-        source = overrides.get(override_key(name, "en")) or bundled_source(name, "en")
+        source = source_in("en")
     if source is None:
         raise LookupError(f"no template named {name!r}")
     return render_source(source, context)
