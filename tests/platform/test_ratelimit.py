@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,40 @@ async def test_redis_counts_live_under_the_namespace(redis_url: str, redis_names
         assert all(b"login" in key for key in keys)
     finally:
         await client.aclose()
+        await limiter.close()
+
+
+@pytest.mark.redis
+async def test_on_redis_a_hit_reads_its_window_in_the_same_round_trip(
+    redis_url: str, redis_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One script takes the hit and reads the window (no second call to the storage), and
+    what it reports is what ``limits``' own read of the window says right after."""
+    limiter = create_redis_rate_limiter(
+        redis_url, namespace=redis_namespace, timeout_seconds=ROOMY_TIMEOUT
+    )
+    strategy = limiter.strategy
+    library_read = strategy.get_window_stats
+
+    async def refused(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("a second round trip")
+
+    monkeypatch.setattr(strategy, "hit", refused)
+    monkeypatch.setattr(strategy, "get_window_stats", refused)
+    item = parse("3/2 seconds")
+    try:
+        seen = []
+        for pause in (0, 0, 0, 0, 2.2, 0):  # the last two after the window moved on
+            await asyncio.sleep(pause)
+            result = await limiter.hit(item, "login", "10.0.0.9")
+            stats = await library_read(item, "login", "10.0.0.9")
+            assert result.remaining == stats.remaining
+            assert abs(result.reset_after - max(0, math.ceil(stats.reset_time - time.time()))) <= 1
+            seen.append((result.allowed, result.remaining))
+        # The weighted count of the window before decides after it moved on.
+        assert seen[:4] == [(True, 2), (True, 1), (True, 0), (False, 0)]
+        assert seen[4][0] is True
+    finally:
         await limiter.close()
 
 
@@ -410,12 +446,17 @@ class CountingStrategy:
 
     def __init__(self, limiter: RateLimiter) -> None:
         self.inner = limiter.strategy
+        self.reads_with_hit = self.inner.reads_with_hit
         self.costs: list[int] = []
         limiter.strategy = self  # type: ignore[assignment]
 
     async def hit(self, item: Any, *identifiers: str, cost: int = 1) -> bool:
         self.costs.append(cost)
         return bool(await self.inner.hit(item, *identifiers, cost=cost))
+
+    async def hit_and_read(self, item: Any, *identifiers: str, cost: int = 1) -> Any:
+        self.costs.append(cost)
+        return await self.inner.hit_and_read(item, *identifiers, cost=cost)
 
     async def get_window_stats(self, item: Any, *identifiers: str) -> Any:
         return await self.inner.get_window_stats(item, *identifiers)

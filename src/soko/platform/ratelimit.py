@@ -16,7 +16,9 @@ the quota (at most 64): a caller sending slowly is counted hit by hit, exactly a
 and one sending fast costs the storage a round trip every few dozen requests instead of
 on each. Hits leased but not used before the lease expires still count, so a process may
 refuse a busy caller up to 1% of the quota early; it never lets one through beyond the
-quota. The per-route limits (sign-in, one-time codes) are counted exactly, hit by hit.
+quota. The per-route limits (sign-in, one-time codes) are counted exactly, hit by hit;
+on Redis each hit reads the window it leaves (for the RateLimit fields or a refusal's
+``Retry-After``) in the same script, one round trip where ``limits`` itself takes two.
 
 When the storage is unreachable the limiter fails open: the request goes through
 uncounted, a warning is logged and ``soko_ratelimit_unavailable_total`` is counted, so a
@@ -40,8 +42,8 @@ from typing import Any
 
 import structlog
 from fastapi import Request, Response
-from limits import RateLimitItem, parse, parse_many
-from limits.aio.storage import MemoryStorage, Storage
+from limits import RateLimitItem, WindowStats, parse, parse_many
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from prometheus_client import Counter
@@ -145,6 +147,103 @@ class _Lease:
     taking: bool = False  # a lease is being taken from the storage
 
 
+# KEYS[1]: the previous window's key, KEYS[2]: the current one's, as ``limits`` names them
+# for its sliding window counter. ARGV: the limit, the window in seconds, the cost. Takes
+# the hit exactly as ``limits``' acquire_sliding_window.lua does and answers what its
+# sliding_window.lua would read right after: {taken (1 or 0), previous count, previous
+# TTL in ms, current count, current TTL in ms}. One round trip where the library needs
+# two to report the window (a route's RateLimit fields, a refusal's Retry-After).
+_HIT_AND_READ_SCRIPT = """
+local limit = tonumber(ARGV[1])
+local expiry = tonumber(ARGV[2]) * 1000
+local amount = tonumber(ARGV[3])
+
+local current_ttl = tonumber(redis.call('pttl', KEYS[2]))
+if current_ttl > 0 and current_ttl < expiry then
+  -- The current window is over: it becomes the previous one.
+  redis.call('rename', KEYS[2], KEYS[1])
+  redis.call('set', KEYS[2], 0, 'PX', current_ttl + expiry)
+end
+local previous_count = tonumber(redis.call('get', KEYS[1])) or 0
+local previous_ttl = tonumber(redis.call('pttl', KEYS[1])) or 0
+local current_count = tonumber(redis.call('get', KEYS[2])) or 0
+current_ttl = tonumber(redis.call('pttl', KEYS[2])) or 0
+if previous_ttl <= 0 then previous_ttl = 0 end
+if current_ttl <= 0 then current_ttl = 0 end
+local weighted_count = math.floor(previous_count * previous_ttl / expiry) + current_count
+
+local taken = 0
+if amount <= limit and weighted_count + amount <= limit then
+  if redis.call('exists', KEYS[2]) == 1 then
+    current_count = redis.call('incrby', KEYS[2], amount)
+  else
+    redis.call('set', KEYS[2], amount, 'PX', expiry * 2)
+    current_count = amount
+  end
+  current_ttl = tonumber(redis.call('pttl', KEYS[2]))
+  taken = 1
+end
+return {taken, previous_count, previous_ttl, current_count, current_ttl}
+"""
+
+
+def _window_stats(
+    item: RateLimitItem,
+    previous_count: int,
+    previous_expires_in: float,
+    current_count: int,
+    current_expires_in: float,
+) -> WindowStats:
+    """What ``limits``' ``get_window_stats`` reports for a sliding window counter read as
+    (previous count, seconds it lives on, current count, seconds it lives on)."""
+    expiry = item.get_expiry()
+    weighted = previous_count * previous_expires_in / expiry + current_count
+    remaining = max(0, item.amount - math.floor(weighted))
+    now = time.time()
+    if not (previous_count or current_count):
+        return WindowStats(now, remaining)
+    previous_reset_in = (
+        previous_expires_in % (expiry / previous_count) if previous_count else math.inf
+    )
+    current_reset_in = current_expires_in % expiry if current_count else math.inf
+    return WindowStats(now + min(previous_reset_in, current_reset_in), remaining)
+
+
+class _SlidingWindowCounter(SlidingWindowCounterRateLimiter):
+    """``limits``' sliding window counter, whose hit can also read the window it leaves:
+    on Redis in the same round trip (:data:`_HIT_AND_READ_SCRIPT`, over the storage's own
+    keys and connections); elsewhere, where a read costs no round trip, with the
+    library's two calls."""
+
+    def __init__(self, storage: Storage) -> None:
+        super().__init__(storage)
+        self.reads_with_hit = isinstance(storage, RedisStorage)
+        self._script: Any = None
+        if isinstance(storage, RedisStorage):
+            bridge: Any = storage.bridge  # redis-py's (create_redis_rate_limiter)
+            self._script = bridge.get_connection().register_script(_HIT_AND_READ_SCRIPT)
+
+    async def hit_and_read(
+        self, item: RateLimitItem, *identifiers: str, cost: int = 1
+    ) -> tuple[bool, WindowStats]:
+        if self._script is None:
+            taken = await self.hit(item, *identifiers, cost=cost)
+            return taken, await self.get_window_stats(item, *identifiers)
+        storage: Any = self.storage
+        counted = item.key_for(*identifiers)
+        keys = [
+            storage.bridge.prefixed_key(storage._previous_window_key(counted)),
+            storage.bridge.prefixed_key(storage._current_window_key(counted)),
+        ]
+        taken, previous, previous_ttl, current, current_ttl = await self._script(
+            keys, [item.amount, item.get_expiry(), cost]
+        )
+        stats = _window_stats(
+            item, int(previous), int(previous_ttl) / 1000, int(current), int(current_ttl) / 1000
+        )
+        return bool(taken), stats
+
+
 class RateLimiter:
     """Counts hits per (policy, scope, caller) in a ``limits`` storage, failing open."""
 
@@ -157,7 +256,7 @@ class RateLimiter:
         on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.storage = storage
-        self.strategy = SlidingWindowCounterRateLimiter(storage)
+        self.strategy = _SlidingWindowCounter(storage)
         self.clock: Clock = clock or SystemClock()
         self.cooldown = dt.timedelta(seconds=cooldown_seconds)
         self.unavailable_until: dt.datetime | None = None
@@ -246,11 +345,17 @@ class RateLimiter:
         if not self.available:
             return self._degraded(policy, scope)
         try:
-            allowed = await self.strategy.hit(item, scope, key, cost=cost)
+            if self.strategy.reads_with_hit:  # one round trip whatever the answer
+                allowed, stats = await self.strategy.hit_and_read(item, scope, key, cost=cost)
+            else:
+                allowed = await self.strategy.hit(item, scope, key, cost=cost)
+                if allowed and not report_allowed:
+                    self.unavailable_until = None
+                    return None
+                stats = await self.strategy.get_window_stats(item, scope, key)
             if allowed and not report_allowed:
                 self.unavailable_until = None
                 return None
-            stats = await self.strategy.get_window_stats(item, scope, key)
         except self._unavailable_errors as exc:
             RATELIMIT_STORAGE_ERRORS.inc()
             self.unavailable_until = self.clock.now() + self.cooldown
@@ -327,7 +432,6 @@ def create_redis_rate_limiter(
     for a connection to come back rather than failing at once: a burst of requests is
     checked, not let through as if Redis were down.
     """
-    from limits.aio.storage import RedisStorage
     from redis.asyncio import BlockingConnectionPool
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
