@@ -40,14 +40,20 @@ async def test_calls_made_together_are_sent_together() -> None:
     assert sends.batches == [["t0", "shared", *(f"t{i}" for i in range(1, 10))]]
 
 
-async def test_a_call_made_during_a_send_waits_for_a_send_of_its_own() -> None:
-    """The send under way may have begun before the caller's change was committed, so it
-    cannot stand for that caller: its tags go in the next one, and it waits for it."""
+async def sending_a() -> tuple[Sends, _Coalesced, asyncio.Task[None]]:
+    """A send of tag "a" under way, held open until ``sends.release`` is set."""
     sends = Sends()
     sends.release.clear()
     coalesced = _Coalesced(sends)
     first = asyncio.create_task(coalesced.send(["a"]))
     await sends.started.wait()
+    return sends, coalesced, first
+
+
+async def test_a_call_made_during_a_send_waits_for_a_send_of_its_own() -> None:
+    """The send under way may have begun before the caller's change was committed, so it
+    cannot stand for that caller: its tags go in the next one, and it waits for it."""
+    sends, coalesced, first = await sending_a()
     second = asyncio.create_task(coalesced.send(["b"]))
     third = asyncio.create_task(coalesced.send(["c", "b"]))
     await asyncio.sleep(0.01)
@@ -62,11 +68,7 @@ async def test_a_call_made_during_a_send_waits_for_a_send_of_its_own() -> None:
 
 
 async def test_a_caller_that_goes_away_is_invalidated_all_the_same() -> None:
-    sends = Sends()
-    sends.release.clear()
-    coalesced = _Coalesced(sends)
-    sending = asyncio.create_task(coalesced.send(["a"]))
-    await sends.started.wait()
+    sends, coalesced, sending = await sending_a()
     waiting = asyncio.create_task(coalesced.send(["b"]))
     await asyncio.sleep(0)
     sending.cancel()
