@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import math
 import re
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -157,16 +155,28 @@ async def test_on_redis_a_hit_reads_its_window_in_the_same_round_trip(
     item = parse("3/2 seconds")
     try:
         seen = []
-        for pause in (0, 0, 0, 0, 2.2, 0):  # the last two after the window moved on
-            await asyncio.sleep(pause)
+        for _ in range(4):
             result = await limiter.hit(item, "login", "10.0.0.9")
             stats = await library_read(item, "login", "10.0.0.9")
             assert result.remaining == stats.remaining
-            assert abs(result.reset_after - max(0, math.ceil(stats.reset_time - time.time()))) <= 1
+            # limits' own modulo says 0 s when it reads at the very start of a window;
+            # a hit's window frees up within its length, never at once.
+            assert 1 <= result.reset_after <= 2
             seen.append((result.allowed, result.remaining))
-        # The weighted count of the window before decides after it moved on.
-        assert seen[:4] == [(True, 2), (True, 1), (True, 0), (False, 0)]
-        assert seen[4][0] is True
+        assert seen == [(True, 2), (True, 1), (True, 0), (False, 0)]
+        # Once the window moved on, the weighted count of the one before decides; the
+        # library's read a moment later may weigh it a little less, never more.
+        await asyncio.sleep(2.2)
+        after = []
+        for _ in range(2):
+            result = await limiter.hit(item, "login", "10.0.0.9")
+            stats = await library_read(item, "login", "10.0.0.9")
+            assert 0 <= stats.remaining - result.remaining <= 1
+            assert 0 <= result.reset_after <= 2
+            after.append(result.allowed)
+        # 3 hits weighted by the 1.8 s or less the window before has left: 2 at most, so
+        # one more fits.
+        assert after[0] is True
     finally:
         await limiter.close()
 

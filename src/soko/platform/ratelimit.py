@@ -195,17 +195,22 @@ def _window_stats(
     current_expires_in: float,
 ) -> WindowStats:
     """What ``limits``' ``get_window_stats`` reports for a sliding window counter read as
-    (previous count, seconds it lives on, current count, seconds it lives on)."""
+    (previous count, seconds it lives on, current count, seconds it lives on), except at
+    the exact end of a step, where its modulo says 0 s: read in the same script as the
+    hit, a window just opened lives exactly twice its length, and frees up in one length,
+    not now."""
     expiry = item.get_expiry()
     weighted = previous_count * previous_expires_in / expiry + current_count
     remaining = max(0, item.amount - math.floor(weighted))
     now = time.time()
     if not (previous_count or current_count):
         return WindowStats(now, remaining)
-    previous_reset_in = (
-        previous_expires_in % (expiry / previous_count) if previous_count else math.inf
-    )
-    current_reset_in = current_expires_in % expiry if current_count else math.inf
+    previous_reset_in = current_reset_in = math.inf
+    if previous_count:
+        step = expiry / previous_count
+        previous_reset_in = previous_expires_in % step or step
+    if current_count:
+        current_reset_in = current_expires_in % expiry or expiry
     return WindowStats(now + min(previous_reset_in, current_reset_in), remaining)
 
 
