@@ -317,9 +317,11 @@ def event_rows(
     *,
     now: dt.datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """The rows :func:`publish_all` writes, for a caller that writes them inside a
-    statement of its own on PostgreSQL (:func:`publishing_insert`) in ``session``'s
-    transaction; the dispatcher is woken when it commits."""
+    """The rows :func:`publish_all` writes, for a caller that writes them itself: with
+    :func:`write_event_rows`, or inside a statement of its own on PostgreSQL
+    (:func:`publishing_insert`), which may run on another connection. The dispatcher is
+    woken when ``session`` commits (a request's session does once the request succeeds,
+    with or without changes of its own), else at its next poll."""
     _check_name("an event name", event_name)
     created = session_now(session, now)
     rows = [
