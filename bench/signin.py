@@ -23,7 +23,8 @@ all share the same two cores, and the figures say which one ran out.
 
     python -m bench signin                      # SQLite in a temporary directory
     BENCH_DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/soko_bench \\
-        python -m bench signin                  # an existing PostgreSQL database (emptied)
+        python -m bench signin                  # a PostgreSQL database: a soko_bench* one is
+                                                # dropped and created, any other emptied
     BENCH_WORKERS=2 python -m bench signin      # two server processes (Redis backends)
 
 Settings: ``BENCH_SECONDS`` (10), ``BENCH_ME_RATE`` (100 requests/s),
@@ -51,6 +52,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.loadgen import database_name, recreate_database
 
 PASSWORD = "correct horse battery staple 42"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -618,6 +621,9 @@ async def main(_argv: list[str]) -> None:
         secret_key=env["SOKO_SECRET_KEY"],
         log_level="WARNING",
     )
+    name = database_name(url)
+    if name is not None and name.startswith("soko_bench"):
+        await recreate_database(url)
     emails, hash_samples = await _prepare(settings, users=max(50, clients * 4))
     print(
         f"argon2id           m={settings.password_hash_memory_kib} KiB "
