@@ -20,14 +20,16 @@ from sqlalchemy import delete, select, text, update
 from typer.testing import CliRunner
 
 from soko.identity.audit import (
+    AUDIT_LOCK_KEY,
     GENESIS_HASH,
     ChainBreak,
+    canonical_parts,
     event_hash,
     record_audit_event,
     verify_audit_chain,
 )
 from soko.identity.cli import audit_app
-from soko.identity.models import AuditEvent, Role
+from soko.identity.models import AuditChainHead, AuditEvent, Role
 from soko.identity.permissions import permissions_for
 from soko.platform.auth import Principal
 from soko.platform.clock import ManualClock
@@ -270,6 +272,146 @@ async def test_concurrent_appends_make_one_gap_free_chain(runtime: Runtime, back
     assert {target for _, target in rows} == {
         f"task-{i}-{step}" for i in range(tasks) for step in range(2)
     }
+
+
+@pytest.mark.parametrize(
+    ("actor", "target", "ip", "request_id", "data"),
+    [
+        (None, None, None, None, {}),
+        (ADMIN_ID, "user-1", "203.0.113.7", "req-1", {"n": 1, "nested": {"list": [1, 2.5]}}),
+        (ADMIN_ID, 'quote " and \\ back', "2001:db8::1", "r", {"z": "Ωmega ☕", "a": None}),
+        (None, "x", None, "req", {"prev_hash": "not the chain's", "seq": 99, "b": [{}, []]}),
+    ],
+)
+def test_the_canonical_form_cut_around_the_chain_fields_is_the_whole(
+    actor: uuid.UUID | None, target: str | None, ip: str | None, request_id: str | None, data: Any
+) -> None:
+    """PostgreSQL hashes ``prefix + prev_hash + middle + seq + suffix``: it must be the
+    very form :func:`event_hash` hashes, whatever the values hold."""
+    fields: dict[str, Any] = {
+        "id": uuid.UUID("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"),
+        "occurred_at": dt.datetime(2026, 12, 6, 21, 0, 0, 12, tzinfo=dt.UTC),
+        "action": "auth.login",
+        "actor_id": actor,
+        "target_type": "user" if target else None,
+        "target_id": target,
+        "ip": ip,
+        "request_id": request_id,
+        "data": data,
+    }
+    prefix, middle, suffix = canonical_parts(**fields)
+    for seq, prev_hash in ((1, GENESIS_HASH), (123456, hashlib.sha256(b"x").hexdigest())):
+        whole = prefix + prev_hash.encode() + middle + str(seq).encode() + suffix
+        assert hashlib.sha256(whole).hexdigest() == event_hash(
+            seq=seq, prev_hash=prev_hash, **fields
+        )
+
+
+async def _head_row(runtime: Runtime) -> tuple[int, str, str] | None:
+    async with runtime.db.transaction(read_only=True) as session:
+        row = (
+            await session.execute(
+                select(AuditChainHead.seq, AuditChainHead.prev_hash, AuditChainHead.hash)
+            )
+        ).first()
+    return None if row is None else (row.seq, row.prev_hash, row.hash)
+
+
+async def _newest(runtime: Runtime) -> tuple[int, str, str]:
+    async with runtime.db.transaction(read_only=True) as session:
+        row = (
+            await session.execute(
+                select(AuditEvent.seq, AuditEvent.prev_hash, AuditEvent.hash)
+                .order_by(AuditEvent.seq.desc())
+                .limit(1)
+            )
+        ).one()
+    return (row.seq, row.prev_hash, row.hash)
+
+
+async def _append_without_the_head_row(
+    runtime: Runtime, action: str, *, pause: float = 0.0
+) -> None:
+    """An append as Soko made them before the head row existed: the advisory lock, the
+    newest event read, the next inserted (``pause`` seconds after the read)."""
+    async with runtime.db.transaction() as session:
+        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_LOCK_KEY})
+        newest = (
+            await session.execute(
+                select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+            )
+        ).first()
+        seq, prev_hash = (newest.seq + 1, newest.hash) if newest else (1, GENESIS_HASH)
+        await asyncio.sleep(pause)
+        fields: dict[str, Any] = {
+            "seq": seq,
+            "id": uuid.uuid4(),
+            "occurred_at": runtime.clock.now(),
+            "action": action,
+            "actor_id": None,
+            "target_type": None,
+            "target_id": None,
+            "ip": None,
+            "request_id": None,
+            "data": {},
+            "prev_hash": prev_hash,
+        }
+        session.add(AuditEvent(**fields, hash=event_hash(**fields)))
+
+
+async def test_on_postgresql_the_head_row_follows_every_append(
+    runtime: Runtime, backend: str
+) -> None:
+    if backend != "postgresql":
+        pytest.skip("SQLite appends read the newest event; the head row is PostgreSQL's")
+    assert await _head_row(runtime) is None
+    await _append(runtime, 3, per_transaction=2)
+    assert await _head_row(runtime) == await _newest(runtime)
+    assert (await _newest(runtime))[0] == 3
+
+
+async def test_on_postgresql_a_missing_or_stale_head_row_is_set_from_the_newest_event(
+    runtime: Runtime, backend: str
+) -> None:
+    """Events appended without the head row (before it existed, or by a process of the
+    release before it during a rolling deploy), or a head row deleted: the next append
+    sets the head from the newest event and chains on it."""
+    if backend != "postgresql":
+        pytest.skip("SQLite appends read the newest event; the head row is PostgreSQL's")
+    await _append_without_the_head_row(runtime, "test.before")
+    await _append(runtime, 1)  # no head row yet: set from the event above
+    assert await _head_row(runtime) == await _newest(runtime) and (await _newest(runtime))[0] == 2
+    await _append_without_the_head_row(runtime, "test.beside")  # the head row is now behind
+    await _append(runtime, 2, per_transaction=2)
+    assert (await _newest(runtime))[0] == 5
+    async with runtime.db.transaction() as session:
+        await session.execute(delete(AuditChainHead))
+    await _append(runtime, 1)
+    assert await _head_row(runtime) == await _newest(runtime) and (await _newest(runtime))[0] == 6
+    report = await _verify(runtime)
+    assert report.ok and report.checked == 6, report
+
+
+async def test_on_postgresql_an_append_waits_for_one_made_without_the_head_row(
+    runtime: Runtime, backend: str
+) -> None:
+    """During a rolling deploy a process of the release before the head row appends
+    beside those of this one. It holds the advisory lock from its read of the newest
+    event to its commit; an append of this release started meanwhile takes that lock
+    too, so it waits, then finds its seq taken and chains after the other's event
+    (without the lock it would take the seq first, and the other's insert would fail)."""
+    if backend != "postgresql":
+        pytest.skip("SQLite admits one writer at a time")
+    await _append(runtime, 1)  # the head row is current: the next seq is 2
+    older = asyncio.create_task(_append_without_the_head_row(runtime, "test.older", pause=0.3))
+    await asyncio.sleep(0.1)  # the older append has read seq 1 and holds the lock
+    async with runtime.db.transaction() as session:
+        newer = await record_audit_event(session, action="test.newer", clock=runtime.clock)
+    await older
+    assert newer.seq == 3
+    report = await _verify(runtime)
+    assert report.ok and report.checked == 3, report
+    assert await _head_row(runtime) == await _newest(runtime)
 
 
 # -- masking ------------------------------------------------------------------------------

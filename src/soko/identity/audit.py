@@ -7,12 +7,25 @@ reports. Deleting the newest events (truncating the tail) leaves a valid shorter
 the report names the head (last seq and hash) so an operator can compare it with one
 recorded elsewhere earlier.
 
-Appends are serialized so the chain never forks: on PostgreSQL a transaction-scoped
-advisory lock is taken before the last event is read; on SQLite every writing
-transaction starts with ``BEGIN IMMEDIATE``, which already admits one writer at a time.
-Either way the lock is held until the caller's transaction ends, so record events late
-in a transaction, after the slow work. The primary key on ``seq`` refuses a duplicate
-should anything slip through.
+Appends are serialized so the chain never forks, and the lock is held until the caller's
+transaction ends, so record events late in a transaction, after the slow work:
+
+- On PostgreSQL an append is one statement: it updates the chain's head row
+  (``audit_chain_head``: the last seq, prev_hash and hash, the new hash computed by
+  PostgreSQL's ``sha256`` over the event's canonical form, which Python cuts around the
+  two fields only the head knows) and inserts the event from what the update returns.
+  The update locks the row until commit; a second append waiting on it is re-run by
+  PostgreSQL on the row as that commit left it (READ COMMITTED re-checks an updated
+  row), so it chains on the newest event without a read of its own. The statement also
+  takes a transaction-scoped advisory lock first, the lock appends took before the head
+  row existed. Should the head row be missing (the first append) or behind the events
+  (rows appended without it), the insert finds its seq taken, does nothing, and the
+  append sets the head from the newest event, holding both locks, then appends again.
+- On SQLite every writing transaction starts with ``BEGIN IMMEDIATE``, which already
+  admits one writer at a time: an append reads the newest event and inserts after it.
+  The head row is not used there.
+
+The primary key on ``seq`` refuses a duplicate should anything slip through.
 """
 
 from __future__ import annotations
@@ -156,7 +169,7 @@ def event_hash(
         "id": str(id),
         "occurred_at": _iso(occurred_at),
         "action": action,
-        "actor_id": str(actor_id) if actor_id is not None else None,
+        "actor_id": _id_text(actor_id),
         "target_type": target_type,
         "target_id": target_id,
         "ip": ip,
@@ -164,26 +177,104 @@ def event_hash(
         "data": data,
         "prev_hash": prev_hash,
     }
-    encoded = json.dumps(
-        canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
-    return hashlib.sha256(encoded).hexdigest()
+    return hashlib.sha256(_canonical_json(canonical).encode("utf-8")).hexdigest()
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def canonical_parts(
+    *,
+    id: uuid.UUID,
+    occurred_at: dt.datetime,
+    action: str,
+    actor_id: uuid.UUID | None,
+    target_type: str | None,
+    target_id: str | None,
+    ip: str | None,
+    request_id: str | None,
+    data: Any,
+) -> tuple[bytes, bytes, bytes]:
+    """An event's canonical form (what :func:`event_hash` hashes, UTF-8) cut around the
+    two fields only the chain's head knows: ``prefix + prev_hash + middle + seq +
+    suffix``, with ``prev_hash`` in hex and ``seq`` in decimal, is the whole.
+
+    The canonical form is a JSON object with sorted keys, so the cuts fall where
+    ``prev_hash`` and ``seq`` sit in that order; each other value is written as the
+    whole object's encoding writes it (the same function, the same options)."""
+    write = _canonical_json
+    prefix = (
+        f'{{"action":{write(action)},"actor_id":{write(_id_text(actor_id))},'
+        f'"data":{write(data)},"id":{write(str(id))},"ip":{write(ip)},'
+        f'"occurred_at":{write(_iso(occurred_at))},"prev_hash":"'
+    )
+    middle = f'","request_id":{write(request_id)},"seq":'
+    suffix = f',"target_id":{write(target_id)},"target_type":{write(target_type)}}}'
+    return prefix.encode("utf-8"), middle.encode("utf-8"), suffix.encode("utf-8")
+
+
+def _id_text(value: uuid.UUID | None) -> str | None:
+    return str(value) if value is not None else None
 
 
 # -- appending -------------------------------------------------------------------------
 
 
 # The statements of an append, built once: every sign-in runs them.
-_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 _HEAD = select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
 _APPEND = insert(_AUDIT_EVENTS)
 
-
-async def _lock_chain(session: AsyncSession) -> None:
-    bind = session.get_bind()
-    if bind.dialect.name == "postgresql":
-        await session.execute(_LOCK, {"key": AUDIT_LOCK_KEY})
-    # SQLite: the session's BEGIN IMMEDIATE holds the database's single write lock.
+# PostgreSQL: the whole append in one statement (see the module's docstring). In an
+# UPDATE's SET every column names the row as it was, so the new hash chains on the old.
+# A parameter is cast where it is used, so PostgreSQL knows its type.
+_PG_APPEND = text(
+    """WITH head AS (
+    UPDATE audit_chain_head AS h
+    SET seq = h.seq + 1,
+        prev_hash = h.hash,
+        hash = encode(
+            sha256(
+                CAST(:prefix AS BYTEA) || convert_to(h.hash, 'UTF8')
+                || CAST(:middle AS BYTEA) || convert_to(CAST(h.seq + 1 AS TEXT), 'UTF8')
+                || CAST(:suffix AS BYTEA)
+            ),
+            'hex'
+        )
+    FROM (SELECT pg_advisory_xact_lock(:lock_key)) AS appending
+    WHERE h.id = 1
+    RETURNING h.seq, h.prev_hash, h.hash
+)
+INSERT INTO audit_events
+    (seq, id, occurred_at, action, actor_id, target_type, target_id, ip, request_id, data,
+     prev_hash, hash)
+SELECT head.seq, CAST(:id AS UUID), CAST(:occurred_at AS TIMESTAMP WITH TIME ZONE),
+       CAST(:action AS VARCHAR), CAST(:actor_id AS UUID), CAST(:target_type AS VARCHAR),
+       CAST(:target_id AS VARCHAR), CAST(:ip AS VARCHAR), CAST(:request_id AS VARCHAR),
+       CAST(:data AS JSON), head.prev_hash, head.hash
+FROM head
+ON CONFLICT (seq) DO NOTHING
+RETURNING seq, prev_hash, hash
+"""
+)
+# The head row set from the newest event (or the chain's start), once an append found it
+# missing or behind. Run holding the advisory lock and, when the row exists, its lock:
+# no append can be under way, so this statement's snapshot holds every event.
+_PG_RESET_HEAD = text(
+    """INSERT INTO audit_chain_head (id, seq, prev_hash, hash)
+SELECT 1, COALESCE(newest.seq, 0), COALESCE(newest.prev_hash, :genesis),
+       COALESCE(newest.hash, :genesis)
+FROM (SELECT 1) AS one
+LEFT JOIN (
+    SELECT seq, prev_hash, hash FROM audit_events ORDER BY seq DESC LIMIT 1
+) AS newest ON true
+ON CONFLICT (id) DO UPDATE
+SET seq = excluded.seq, prev_hash = excluded.prev_hash, hash = excluded.hash
+"""
+)
+_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 
 
 # session.info key: the chain head this session's current transaction appended, as
@@ -201,14 +292,13 @@ def _current_transaction(session: AsyncSession) -> object | None:
 
 
 async def _chain_head(session: AsyncSession) -> tuple[int, str]:
-    """The last (seq, hash) of the chain, with the append lock held by the caller's
-    transaction from now until it ends."""
+    """SQLite: the last (seq, hash) of the chain. The session's BEGIN IMMEDIATE holds
+    the database's one write lock until its transaction ends."""
     remembered = session.info.get(_HEAD_KEY)
     if remembered is not None:
         transaction, seq, head_hash = remembered
         if transaction() is not None and transaction() is _current_transaction(session):
             return seq, head_hash
-    await _lock_chain(session)
     last = (await session.execute(_HEAD)).first()
     return (last.seq, last.hash) if last is not None else (0, GENESIS_HASH)
 
@@ -238,10 +328,7 @@ async def record_audit_event(
     ``target_id`` what it was done to. ``data`` is masked before it is stored: never
     rely on it to keep a secret, and never put one in. The event commits or rolls back
     with the caller's transaction; until then it holds the audit log's append lock."""
-    head_seq, prev_hash = await _chain_head(session)
-    seq = head_seq + 1
     event = AuditEvent(
-        seq=seq,
         id=uuid7(),
         occurred_at=ensure_utc(clock.now()),
         action=action,
@@ -251,8 +338,17 @@ async def record_audit_event(
         ip=ip,
         request_id=request_id,
         data=mask_audit_data(data),
-        prev_hash=prev_hash,
     )
+    # Written now (the event is never changed afterwards, so the unit of work has
+    # nothing to track): the primary key on seq refuses a duplicate here, at the
+    # append, and code reading the log later in the transaction finds the event. The
+    # caller's pending changes are flushed first, as an ORM add would have.
+    await session.flush()
+    if session.get_bind().dialect.name == "postgresql":
+        await _append_on_postgresql(session, event)
+        return event
+    event.seq, event.prev_hash = await _chain_head(session)
+    event.seq += 1
     event.hash = event_hash(
         seq=event.seq,
         id=event.id,
@@ -266,16 +362,54 @@ async def record_audit_event(
         data=event.data,
         prev_hash=event.prev_hash,
     )
-    # Written now, as one plain INSERT (the event is never changed afterwards, so the
-    # unit of work has nothing to track): the primary key on seq refuses a duplicate
-    # here, at the append, and code reading the log later in the transaction finds the
-    # event. The caller's pending changes are flushed first, as an ORM add would have.
-    await session.flush()
     await session.execute(
         _APPEND, {column.key: getattr(event, column.key) for column in _CHAIN_COLUMNS}
     )
     _remember_head(session, event.seq, event.hash)
     return event
+
+
+async def _append_on_postgresql(session: AsyncSession, event: AuditEvent) -> None:
+    """Append ``event`` in one statement, filling in its seq, prev_hash and hash; set
+    the head row from the newest event first when the append finds it missing or
+    behind (then the append runs again, once)."""
+    prefix, middle, suffix = canonical_parts(
+        id=event.id,
+        occurred_at=event.occurred_at,
+        action=event.action,
+        actor_id=event.actor_id,
+        target_type=event.target_type,
+        target_id=event.target_id,
+        ip=event.ip,
+        request_id=event.request_id,
+        data=event.data,
+    )
+    parameters = {
+        "prefix": prefix,
+        "middle": middle,
+        "suffix": suffix,
+        "lock_key": AUDIT_LOCK_KEY,
+        "id": event.id,
+        "occurred_at": event.occurred_at,
+        "action": event.action,
+        "actor_id": event.actor_id,
+        "target_type": event.target_type,
+        "target_id": event.target_id,
+        "ip": event.ip,
+        "request_id": event.request_id,
+        "data": json.dumps(event.data),
+    }
+    for attempt in range(2):
+        appended = (await session.execute(_PG_APPEND, parameters)).first()
+        if appended is not None:
+            event.seq, event.prev_hash, event.hash = appended
+            return
+        if attempt == 0:
+            # Missing or behind: the update (if any) holds the row, the statement took
+            # the advisory lock, so no other append can move the chain meanwhile.
+            await session.execute(_LOCK, {"key": AUDIT_LOCK_KEY})
+            await session.execute(_PG_RESET_HEAD, {"genesis": GENESIS_HASH})
+    raise RuntimeError("the audit chain's head could not be set from its newest event")
 
 
 # -- verifying -------------------------------------------------------------------------
