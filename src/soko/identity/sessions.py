@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Insert, Table, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.accounts import principal_tag, user_roles
@@ -39,8 +39,31 @@ SESSION_TAG_PREFIX = "identity:session:"
 
 # Plain Core INSERTs into the tables under the models, built once (every sign-in runs
 # them; building a statement costs more CPU than sending it).
-_INSERT_SESSION = insert(cast(Table, AuthSession.__table__))
-_INSERT_REFRESH_TOKEN = insert(cast(Table, RefreshToken.__table__))
+_SESSIONS = cast(Table, AuthSession.__table__)
+_REFRESH_TOKENS = cast(Table, RefreshToken.__table__)
+_INSERT_SESSION = insert(_SESSIONS)
+_INSERT_REFRESH_TOKEN = insert(_REFRESH_TOKENS)
+
+
+def _session_with_token() -> Insert:
+    """PostgreSQL: the session and its first refresh token in one statement, the token
+    inserted from the session's row (a data-modifying CTE). Parameters are the columns'
+    names, prefixed ``session_`` and ``token_``."""
+    opened = (
+        insert(_SESSIONS)
+        .values({column.key: bindparam(f"session_{column.key}") for column in _SESSIONS.columns})
+        .returning(_SESSIONS.c.id)
+        .cte("opened")
+    )
+    columns = [column.key for column in _REFRESH_TOKENS.columns]
+    values = [
+        opened.c.id if key == "session_id" else bindparam(f"token_{key}", type_=column.type)
+        for key, column in zip(columns, _REFRESH_TOKENS.columns, strict=True)
+    ]
+    return insert(_REFRESH_TOKENS).from_select(columns, select(*values))
+
+
+_INSERT_SESSION_WITH_TOKEN = _session_with_token()
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,36 +191,38 @@ async def start_session(
     # the unit of work would only add bookkeeping. The caller's pending changes (a user
     # created a moment ago) are flushed first, as an ORM add would have done.
     await session.flush()
-    await session.execute(
-        _INSERT_SESSION,
-        {
-            "id": session_id,
-            "user_id": user.id,
-            "device_name": device.device_name,
-            "user_agent": device.user_agent[:500],
-            "ip": device.ip[:64],
-            "method": method,
-            "mfa_verified": mfa_verified,
-            "created_at": now,
-            "last_seen_at": now,
-            "expires_at": now + refresh_life,
-            "revoked_at": None,
-            "revoked_reason": None,
-        },
-    )
-    await session.execute(
-        _INSERT_REFRESH_TOKEN,
-        {
-            "id": uuid7(),
-            "session_id": session_id,
-            "token_hash": hash_secret(token),
-            "parent_id": None,
-            "state": RefreshTokenState.active.value,
-            "created_at": now,
-            "expires_at": now + refresh_life,
-            "rotated_at": None,
-        },
-    )
+    opened = {
+        "id": session_id,
+        "user_id": user.id,
+        "device_name": device.device_name,
+        "user_agent": device.user_agent[:500],
+        "ip": device.ip[:64],
+        "method": method,
+        "mfa_verified": mfa_verified,
+        "created_at": now,
+        "last_seen_at": now,
+        "expires_at": now + refresh_life,
+        "revoked_at": None,
+        "revoked_reason": None,
+    }
+    first_token = {
+        "id": uuid7(),
+        "session_id": session_id,
+        "token_hash": hash_secret(token),
+        "parent_id": None,
+        "state": RefreshTokenState.active.value,
+        "created_at": now,
+        "expires_at": now + refresh_life,
+        "rotated_at": None,
+    }
+    if session.get_bind().dialect.name == "postgresql":
+        parameters = {f"session_{key}": value for key, value in opened.items()}
+        parameters.update({f"token_{key}": value for key, value in first_token.items()})
+        del parameters["token_session_id"]  # the session's row gives it
+        await session.execute(_INSERT_SESSION_WITH_TOKEN, parameters)
+    else:
+        await session.execute(_INSERT_SESSION, opened)
+        await session.execute(_INSERT_REFRESH_TOKEN, first_token)
     if roles is None:
         roles = await user_roles(session, user.id)
     return TokenPair(
