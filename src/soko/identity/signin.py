@@ -25,8 +25,18 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Request
 from limits import parse
-from sqlalchemy import bindparam, delete, exists, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy import (
+    CompoundSelect,
+    bindparam,
+    cast,
+    delete,
+    exists,
+    null,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity import mfa, throttle
 from soko.identity.accounts import (
@@ -230,9 +240,23 @@ _ACCOUNT_FACTS = (
 )
 _USER_WITH_FACTS = _ACCOUNT_FACTS.add_columns(User).execution_options(populate_existing=True)
 _CANDIDATE_COLUMNS = (User.id, User.password_hash, User.status)
-_CANDIDATE_BY = {
-    "email": select(*_CANDIDATE_COLUMNS).where(User.email_index == bindparam("index")),
-    "phone": select(*_CANDIDATE_COLUMNS).where(User.phone_index == bindparam("index")),
+
+
+def _throttle_and_candidate(index: Any) -> CompoundSelect[Any]:
+    """What a password sign-in reads before the password is checked, in one statement:
+    the throttle's rows of the keys bound as ``keys`` (each with no account), then the
+    account whose blind index is bound as ``index`` (with no throttle key)."""
+    throttled = throttle.state_of_keys(
+        *(cast(null(), column.type).label(column.key) for column in _CANDIDATE_COLUMNS)
+    )
+    nothing_throttled = (cast(null(), column.type) for column in throttled.selected_columns[:2])
+    account = select(*nothing_throttled, *_CANDIDATE_COLUMNS).where(index == bindparam("index"))
+    return union_all(throttled, account)
+
+
+_THROTTLE_AND_CANDIDATE_BY = {
+    "email": _throttle_and_candidate(User.email_index),
+    "phone": _throttle_and_candidate(User.phone_index),
 }
 
 
@@ -503,9 +527,7 @@ async def sign_in_with_password(
     named = parse_identifier(identifier)
     keys = [throttle.account_key(named.index(runtime)), throttle.ip_key(facts.ip)]
     settings = await _require_password_method(runtime)
-    async with runtime.db.reading() as reader:
-        checked = await throttle.check(reader, keys, runtime.clock)
-        candidate = await _find_candidate(reader, runtime, named)
+    checked, candidate = await _read_before_checking(runtime, keys, named)
     usable = candidate is not None and candidate.status != UserStatus.deleted.value
     ok, new_hash = await password_hasher(runtime).verify(
         password, candidate.password_hash if candidate is not None and usable else None
@@ -538,12 +560,19 @@ async def sign_in_with_password(
     )
 
 
-async def _find_candidate(
-    reader: AsyncConnection, runtime: Runtime, named: Identifier
-) -> _Candidate | None:
-    query = _CANDIDATE_BY[named.kind]
-    row = (await reader.execute(query, {"index": named.index(runtime)})).first()
-    return _Candidate(row.id, row.password_hash, row.status) if row is not None else None
+async def _read_before_checking(
+    runtime: Runtime, keys: list[throttle.ThrottleKey], named: Identifier
+) -> tuple[throttle.ThrottleCheck, _Candidate | None]:
+    """The throttle's verdict (raising while a key must wait) and the account
+    ``named`` names, read in one statement on a reading connection."""
+    parameters = {"keys": [key.key for key in keys], "index": named.index(runtime)}
+    async with runtime.db.reading() as reader:
+        rows = (await reader.execute(_THROTTLE_AND_CANDIDATE_BY[named.kind], parameters)).all()
+    states = [(row.key, row.blocked_until) for row in rows if row.key is not None]
+    checked = throttle.judge(states, runtime.clock)
+    found = [row for row in rows if row.id is not None]
+    candidate = _Candidate(found[0].id, found[0].password_hash, found[0].status) if found else None
+    return checked, candidate
 
 
 async def refuse_unless_active(

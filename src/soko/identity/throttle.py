@@ -28,8 +28,9 @@ import ipaddress
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import bindparam, case, delete, select, update
+from sqlalchemy import ColumnElement, Select, bindparam, case, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.identity.models import LoginThrottle
@@ -122,6 +123,14 @@ _STATE_OF_KEYS = select(LoginThrottle.key, LoginThrottle.blocked_until).where(
 )
 
 
+def state_of_keys(*more_columns: ColumnElement[Any]) -> Select[Any]:
+    """What :func:`check` reads, for a caller that reads it in one statement with
+    something else (a UNION with its own lookup): rows of ``key`` and
+    ``blocked_until``, then ``more_columns``, for the keys bound as ``keys`` (a list of
+    :attr:`ThrottleKey.key`). Hand the rows to :func:`judge`."""
+    return _STATE_OF_KEYS.add_columns(*more_columns)
+
+
 @dataclass(frozen=True, slots=True)
 class ThrottleCheck:
     """What :func:`check` saw: the keys that had failures counted when it ran."""
@@ -142,12 +151,18 @@ async def check(
     anything to forget."""
     if not keys:
         return ThrottleCheck(frozenset())
-    now = clock.now()
     result = await session.execute(_STATE_OF_KEYS, {"keys": [key.key for key in keys]})
-    rows = result.all()
-    waits = [row.blocked_until for row in rows if row.blocked_until and row.blocked_until > now]
+    return judge([(row.key, row.blocked_until) for row in result], clock)
+
+
+def judge(states: Sequence[tuple[str, dt.datetime | None]], clock: Clock) -> ThrottleCheck:
+    """:func:`check`'s verdict on the ``(key, blocked_until)`` rows it reads: raise
+    :class:`RateLimited` while any key must wait, else what :func:`record_success`
+    needs to know."""
+    now = clock.now()
+    waits = [until for _, until in states if until is not None and until > now]
     if not waits:
-        return ThrottleCheck(frozenset(row.key for row in rows))
+        return ThrottleCheck(frozenset(key for key, _ in states))
     seconds = max(1, math.ceil((max(waits) - now).total_seconds()))
     raise RateLimited(
         f"Too many failed sign-in attempts; try again in {seconds} seconds.",
