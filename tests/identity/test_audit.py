@@ -414,6 +414,67 @@ async def test_on_postgresql_an_append_waits_for_one_made_without_the_head_row(
     assert await _head_row(runtime) == await _newest(runtime)
 
 
+async def test_on_postgresql_verify_finds_the_newest_events_cut_off_or_replaced(
+    runtime: Runtime, backend: str
+) -> None:
+    """The chain alone cannot tell its newest events were deleted, or the newest one
+    rewritten with a hash recomputed to match; the head row can, unless it was edited
+    too."""
+    if backend != "postgresql":
+        pytest.skip("SQLite appends read the newest event; the head row is PostgreSQL's")
+    await _append(runtime, 5)
+    async with runtime.db.transaction() as session:
+        await session.execute(delete(AuditEvent).where(AuditEvent.seq >= 4))
+    report = await _verify(runtime)
+    assert not report.ok and report.reason is ChainBreak.gap
+    assert (report.broken_seq, report.checked, report.last_seq) == (4, 3, 3)
+    assert "seq 5" in report.detail
+
+    async with runtime.db.transaction() as session:  # the head moved back as well
+        await session.execute(
+            update(AuditChainHead).values(seq=3, hash=(await _newest(runtime))[2])
+        )
+    assert (await _verify(runtime)).ok
+
+    async with runtime.db.transaction(read_only=True) as session:
+        third = (await session.execute(select(AuditEvent).where(AuditEvent.seq == 3))).scalar_one()
+    forged = {
+        "seq": 3,
+        "id": third.id,
+        "occurred_at": third.occurred_at,
+        "action": "auth.login",  # was user.blocked
+        "actor_id": third.actor_id,
+        "target_type": third.target_type,
+        "target_id": third.target_id,
+        "ip": third.ip,
+        "request_id": third.request_id,
+        "data": third.data,
+        "prev_hash": third.prev_hash,
+    }
+    async with runtime.db.transaction() as session:
+        await session.execute(
+            update(AuditEvent)
+            .where(AuditEvent.seq == 3)
+            .values(action="auth.login", hash=event_hash(**forged))
+        )
+    report = await _verify(runtime)
+    assert not report.ok and report.reason is ChainBreak.head_mismatch and report.broken_seq == 3
+
+
+async def test_verify_says_nothing_of_a_head_row_behind_the_chain(
+    runtime: Runtime, backend: str
+) -> None:
+    """Events appended without the head row (SQLite never writes it; a process of the
+    release before it during a rolling deploy) leave it behind: no break."""
+    await _append(runtime, 2)
+    if backend == "postgresql":
+        await _append_without_the_head_row(runtime, "test.later")
+    else:
+        await _append(runtime, 1)
+    report = await _verify(runtime)
+    assert report.ok and report.checked == 3, report
+
+
 # -- masking ------------------------------------------------------------------------------
 
 

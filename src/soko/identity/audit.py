@@ -3,9 +3,11 @@
 Each event carries a ``seq`` (1, 2, 3...) and a SHA-256 ``hash`` over its canonical form
 and the previous event's hash (64 zeros before the first). Editing any field, deleting
 or reordering an event breaks the chain at that event, which :func:`verify_audit_chain`
-reports. Deleting the newest events (truncating the tail) leaves a valid shorter chain;
-the report names the head (last seq and hash) so an operator can compare it with one
-recorded elsewhere earlier.
+reports. Deleting the newest events (truncating the tail) leaves a valid shorter chain:
+on PostgreSQL the head row (below) still names the newest event, and verification
+reports a chain that ends before it, or whose event at its seq has another hash, unless
+the head row was edited too. The report names the head (last seq and hash) so an
+operator can also compare it with one recorded elsewhere earlier.
 
 Appends are serialized so the chain never forks, and the lock is held until the caller's
 transaction ends, so record events late in a transaction, after the slow work:
@@ -44,7 +46,7 @@ from typing import Any, cast
 from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.identity.models import AuditEvent
+from soko.identity.models import AuditChainHead, AuditEvent
 from soko.platform.clock import Clock, ensure_utc
 from soko.platform.ids import uuid7
 from soko.platform.logging import REDACTED, mask_field
@@ -416,9 +418,10 @@ async def _append_on_postgresql(session: AsyncSession, event: AuditEvent) -> Non
 
 
 class ChainBreak(StrEnum):
-    gap = "gap"  # an event is missing (deleted) or out of place
+    gap = "gap"  # an event is missing (deleted) or out of place, or the newest cut off
     prev_hash_mismatch = "prev_hash_mismatch"  # linked to something other than its predecessor
     hash_mismatch = "hash_mismatch"  # its content no longer matches its hash
+    head_mismatch = "head_mismatch"  # not the event the head row recorded at its seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,7 +455,14 @@ async def verify_audit_chain(
 ) -> ChainReport:
     """Walk the whole chain in ``seq`` order, ``batch_size`` events at a time, and report
     the first break. Plain rows, not ORM objects: a million events never sit in memory
-    together. ``on_progress`` is called with the count checked after each batch."""
+    together. ``on_progress`` is called with the count checked after each batch.
+
+    On PostgreSQL the head row (read first, so appends made during the walk only add
+    events after it) also names the newest event the chain had: a chain that ends
+    before it lost its newest events, and an event at its seq with another hash was
+    replaced. A head row behind the chain says nothing (events appended without it)."""
+    head = (await session.execute(select(AuditChainHead.seq, AuditChainHead.hash))).first()
+    head_hash_seen: str | None = None
     expected_seq = 1
     prev_hash = GENESIS_HASH
     checked = 0
@@ -481,16 +491,46 @@ async def verify_audit_chain(
             last_seq = row.seq
             prev_hash = row.hash
             expected_seq = row.seq + 1
+            if head is not None and row.seq == head.seq:
+                head_hash_seen = row.hash
         if on_progress is not None:
             on_progress(checked)
         if len(rows) < batch_size:
             break
+    if head is not None and head.seq > 0:
+        broken = _against_head(head.seq, head.hash, head_hash_seen, last_seq)
+        if broken is not None:
+            reason, detail = broken
+            return ChainReport(
+                ok=False,
+                checked=checked,
+                broken_seq=(last_seq or 0) + 1 if reason is ChainBreak.gap else head.seq,
+                reason=reason,
+                detail=detail,
+                last_seq=last_seq,
+                last_hash=prev_hash if last_seq is not None else None,
+            )
     return ChainReport(
         ok=True,
         checked=checked,
         last_seq=last_seq,
         last_hash=prev_hash if last_seq is not None else None,
     )
+
+
+def _against_head(
+    head_seq: int, head_hash: str, seen_hash: str | None, last_seq: int | None
+) -> tuple[ChainBreak, str] | None:
+    if last_seq is None or last_seq < head_seq:
+        return ChainBreak.gap, (
+            f"the chain ends at seq {last_seq or 0}, but its head row records seq {head_seq}: "
+            "the newest events were removed"
+        )
+    if seen_hash != head_hash:
+        return ChainBreak.head_mismatch, (
+            f"the event at seq {head_seq} is not the one the head row recorded"
+        )
+    return None
 
 
 def _check(row: Any, expected_seq: int, prev_hash: str) -> tuple[ChainBreak, str] | None:
