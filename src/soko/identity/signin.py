@@ -3,11 +3,11 @@ reset and change.
 
 Hashing is slow on purpose (Argon2id, tens of milliseconds), so these flows hash and
 verify while holding no database lock: what they must read first (the user, the
-throttle state, the link token) is read in a short read-only transaction (a sign-in's
-two lookups on a reading connection, see ``Database.reading``), and the request's own
-transaction starts only once the slow part is done. On SQLite, where every writing
-transaction holds the one write lock, that keeps sign-ins from queueing behind each
-other's hashing.
+throttle state, the link token) is read in a short read-only transaction (a sign-in
+reads the throttle and the account in one statement on a reading connection, see
+``Database.reading``), and the request's own transaction starts only once the slow part
+is done. On SQLite, where every writing transaction holds the one write lock, that keeps
+sign-ins from queueing behind each other's hashing.
 
 Link tokens (email verification, password reset) are ``ev_``/``pr_`` plus 256 random
 bits, mailed once and stored only as their SHA-256; each is single use, spent by a
