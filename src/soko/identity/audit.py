@@ -222,6 +222,25 @@ def _id_text(value: uuid.UUID | None) -> str | None:
     return str(value) if value is not None else None
 
 
+_CONTENT_FIELDS = (
+    "id",
+    "occurred_at",
+    "action",
+    "actor_id",
+    "target_type",
+    "target_id",
+    "ip",
+    "request_id",
+    "data",
+)
+
+
+def _content(event: Any) -> dict[str, Any]:
+    """An event's fields but the two the chain gives it (``seq``, ``prev_hash``), from an
+    :class:`AuditEvent` or a row of its columns: what :func:`canonical_parts` takes."""
+    return {name: getattr(event, name) for name in _CONTENT_FIELDS}
+
+
 # -- appending -------------------------------------------------------------------------
 
 
@@ -351,19 +370,7 @@ async def record_audit_event(
         return event
     event.seq, event.prev_hash = await _chain_head(session)
     event.seq += 1
-    event.hash = event_hash(
-        seq=event.seq,
-        id=event.id,
-        occurred_at=event.occurred_at,
-        action=event.action,
-        actor_id=event.actor_id,
-        target_type=event.target_type,
-        target_id=event.target_id,
-        ip=event.ip,
-        request_id=event.request_id,
-        data=event.data,
-        prev_hash=event.prev_hash,
-    )
+    event.hash = event_hash(seq=event.seq, prev_hash=event.prev_hash, **_content(event))
     await session.execute(
         _APPEND, {column.key: getattr(event, column.key) for column in _CHAIN_COLUMNS}
     )
@@ -375,17 +382,7 @@ async def _append_on_postgresql(session: AsyncSession, event: AuditEvent) -> Non
     """Append ``event`` in one statement, filling in its seq, prev_hash and hash; set
     the head row from the newest event first when the append finds it missing or
     behind (then the append runs again, once)."""
-    prefix, middle, suffix = canonical_parts(
-        id=event.id,
-        occurred_at=event.occurred_at,
-        action=event.action,
-        actor_id=event.actor_id,
-        target_type=event.target_type,
-        target_id=event.target_id,
-        ip=event.ip,
-        request_id=event.request_id,
-        data=event.data,
-    )
+    prefix, middle, suffix = canonical_parts(**_content(event))
     parameters = {
         "prefix": prefix,
         "middle": middle,
@@ -540,19 +537,7 @@ def _check(row: Any, expected_seq: int, prev_hash: str) -> tuple[ChainBreak, str
         return ChainBreak.prev_hash_mismatch, (
             "its prev_hash is not the hash of the event before it"
         )
-    computed = event_hash(
-        seq=row.seq,
-        id=row.id,
-        occurred_at=row.occurred_at,
-        action=row.action,
-        actor_id=row.actor_id,
-        target_type=row.target_type,
-        target_id=row.target_id,
-        ip=row.ip,
-        request_id=row.request_id,
-        data=row.data,
-        prev_hash=row.prev_hash,
-    )
+    computed = event_hash(seq=row.seq, prev_hash=row.prev_hash, **_content(row))
     if computed != row.hash:
         return ChainBreak.hash_mismatch, "its content does not match its hash"
     return None
