@@ -30,6 +30,7 @@ from soko.identity.login_methods import (
 )
 from soko.identity.models import AuditEvent, LoginThrottle
 from soko.identity.passwords import PasswordHasher, password_hasher
+from soko.platform.clock import ManualClock
 from soko.platform.db import create_engine
 from soko.platform.runtime import INVALIDATE_TAGS_KEY, Runtime
 from tests.conftest import sql_statements
@@ -74,6 +75,25 @@ async def test_a_password_sign_in_runs_within_its_statement_budget(
     writes = [s for s in known_device if s.startswith(("INSERT", "UPDATE", "DELETE", "WITH"))]
     inserted = [table for s in writes for table in re.findall(r"INSERT INTO (\w+)", s)]
     assert inserted == ["auth_sessions", "refresh_tokens", "audit_events"]
+
+
+async def test_a_refresh_runs_within_its_statement_budget(
+    client: httpx2.AsyncClient, runtime: Runtime, make_user: MakeUser, clock: ManualClock
+) -> None:
+    """The token with its session and user (1), the token rotated by compare-and-set
+    (1), its successor inserted and the session's last-seen time written (2), and the
+    roles for the new access token (1)."""
+    stored = await password_hasher(runtime).hash(signin_support.PASSWORD)
+    user = await make_user(password_hash=stored)
+    signed_in = await login(client, user.email, user_agent=LAPTOP_UA)
+    clock.advance(60)  # so the session's last-seen time changes
+    with statements(runtime) as seen:
+        response = await client.post(
+            "/api/v1/auth/refresh", json={"refresh_token": signed_in.json()["refresh_token"]}
+        )
+    assert response.status_code == 200, response.text
+    assert len(seen) == 5, seen
+    assert "JOIN auth_sessions" in seen[0] and "JOIN users" in seen[0]
 
 
 async def test_reading_ones_own_account_is_one_statement(

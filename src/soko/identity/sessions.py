@@ -65,6 +65,14 @@ def _session_with_token() -> Insert:
 
 _INSERT_SESSION_WITH_TOKEN = _session_with_token()
 
+# A presented refresh token with its session and user, for the rotation.
+_TOKEN_WITH_OWNERS = (
+    select(RefreshToken, AuthSession, User)
+    .join(AuthSession, AuthSession.id == RefreshToken.session_id)
+    .join(User, User.id == AuthSession.user_id)
+    .where(RefreshToken.token_hash == bindparam("token_hash"))
+)
+
 
 @dataclass(frozen=True, slots=True)
 class TokenPair:
@@ -247,18 +255,17 @@ async def refresh_session(
     now = runtime.clock.now()
     if not presented.startswith(REFRESH_PREFIX) or len(presented) > 128:
         raise InvalidRefreshToken()
-    row = (
-        await session.scalars(
-            select(RefreshToken).where(RefreshToken.token_hash == hash_secret(presented))
-        )
+    # The token, its session and its user in one statement (a token without either
+    # is refused the same way).
+    found = (
+        await session.execute(_TOKEN_WITH_OWNERS, {"token_hash": hash_secret(presented)})
     ).first()
-    if row is None:
+    if found is None:
         raise InvalidRefreshToken()
-    auth_session = await session.get(AuthSession, row.session_id)
-    if auth_session is None or auth_session.revoked_at is not None or row.expires_at <= now:
+    row, auth_session, user = found
+    if auth_session.revoked_at is not None or row.expires_at <= now:
         raise InvalidRefreshToken()
-    user = await session.get(User, auth_session.user_id)
-    if user is None or user.status != UserStatus.active.value:
+    if user.status != UserStatus.active.value:
         raise InvalidRefreshToken()
 
     successor = _successor_of(runtime, presented)
