@@ -456,17 +456,16 @@ class CountingStrategy:
 
     def __init__(self, limiter: RateLimiter) -> None:
         self.inner = limiter.strategy
-        self.reads_with_hit = self.inner.reads_with_hit
         self.costs: list[int] = []
         limiter.strategy = self  # type: ignore[assignment]
 
-    async def hit(self, item: Any, *identifiers: str, cost: int = 1) -> bool:
+    async def hit_and_read(
+        self, item: Any, *identifiers: str, cost: int = 1, read_if_taken: bool = True
+    ) -> Any:
         self.costs.append(cost)
-        return bool(await self.inner.hit(item, *identifiers, cost=cost))
-
-    async def hit_and_read(self, item: Any, *identifiers: str, cost: int = 1) -> Any:
-        self.costs.append(cost)
-        return await self.inner.hit_and_read(item, *identifiers, cost=cost)
+        return await self.inner.hit_and_read(
+            item, *identifiers, cost=cost, read_if_taken=read_if_taken
+        )
 
     async def get_window_stats(self, item: Any, *identifiers: str) -> Any:
         return await self.inner.get_window_stats(item, *identifiers)

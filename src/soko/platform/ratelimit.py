@@ -218,21 +218,22 @@ class _SlidingWindowCounter(SlidingWindowCounterRateLimiter):
     """``limits``' sliding window counter, whose hit can also read the window it leaves:
     on Redis in the same round trip (:data:`_HIT_AND_READ_SCRIPT`, over the storage's own
     keys and connections); elsewhere, where a read costs no round trip, with the
-    library's two calls."""
+    library's two calls, the read skipped for a hit taken unless ``read_if_taken``."""
 
     def __init__(self, storage: Storage) -> None:
         super().__init__(storage)
-        self.reads_with_hit = isinstance(storage, RedisStorage)
         self._script: Any = None
         if isinstance(storage, RedisStorage):
             bridge: Any = storage.bridge  # redis-py's (create_redis_rate_limiter)
             self._script = bridge.get_connection().register_script(_HIT_AND_READ_SCRIPT)
 
     async def hit_and_read(
-        self, item: RateLimitItem, *identifiers: str, cost: int = 1
-    ) -> tuple[bool, WindowStats]:
+        self, item: RateLimitItem, *identifiers: str, cost: int = 1, read_if_taken: bool = True
+    ) -> tuple[bool, WindowStats | None]:
         if self._script is None:
             taken = await self.hit(item, *identifiers, cost=cost)
+            if taken and not read_if_taken:
+                return taken, None
             return taken, await self.get_window_stats(item, *identifiers)
         storage: Any = self.storage
         counted = item.key_for(*identifiers)
@@ -350,17 +351,9 @@ class RateLimiter:
         if not self.available:
             return self._degraded(policy, scope)
         try:
-            if self.strategy.reads_with_hit:  # one round trip whatever the answer
-                allowed, stats = await self.strategy.hit_and_read(item, scope, key, cost=cost)
-            else:
-                allowed = await self.strategy.hit(item, scope, key, cost=cost)
-                if allowed and not report_allowed:
-                    self.unavailable_until = None
-                    return None
-                stats = await self.strategy.get_window_stats(item, scope, key)
-            if allowed and not report_allowed:
-                self.unavailable_until = None
-                return None
+            allowed, stats = await self.strategy.hit_and_read(
+                item, scope, key, cost=cost, read_if_taken=report_allowed
+            )
         except self._unavailable_errors as exc:
             RATELIMIT_STORAGE_ERRORS.inc()
             self.unavailable_until = self.clock.now() + self.cooldown
@@ -372,6 +365,8 @@ class RateLimiter:
             )
             return self._degraded(policy, scope)
         self.unavailable_until = None
+        if stats is None:  # taken, and not to be reported
+            return None
         # ``limits`` reports the reset as a wall-clock timestamp of its own.
         reset_after = max(0, math.ceil(stats.reset_time - time.time()))
         if not allowed and cost == 1:  # a refused lease is tried again as one hit
