@@ -365,7 +365,7 @@ class RateLimiter:
             )
             return self._degraded(policy, scope)
         self.unavailable_until = None
-        if stats is None:  # taken, and not to be reported
+        if (allowed and not report_allowed) or stats is None:  # taken, not to be reported
             return None
         # ``limits`` reports the reset as a wall-clock timestamp of its own.
         reset_after = max(0, math.ceil(stats.reset_time - time.time()))
