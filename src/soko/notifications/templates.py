@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -213,24 +214,35 @@ def override_key(name: str, locale: str) -> str:
     return f"{name}:{locale}"
 
 
+def _locales_tried(locale: str) -> tuple[str, ...]:
+    return (locale,) if locale == "en" else (locale, "en")
+
+
+def _chosen_source(name: str, locale: str, overrides: Mapping[str, str]) -> str | None:
+    """The source used for (name, locale) given the ``overrides`` by key: the override
+    if any, else the bundled one; a locale without the template falls back to English."""
+    for tried in _locales_tried(locale):
+        override = overrides.get(override_key(name, tried))
+        source = override if override is not None else bundled_source(name, tried)
+        if source is not None:
+            return source
+    return None
+
+
 @functools.lru_cache(maxsize=1)
-def _override_statement() -> Any:
+def _overrides_of_keys_statement() -> Any:
     overrides: Any = TemplateOverride.__table__
-    return select(overrides.c.source).where(overrides.c.key == bindparam("key"))
+    return select(overrides.c.key, overrides.c.source).where(
+        overrides.c.key.in_(bindparam("keys", expanding=True))
+    )
 
 
 async def effective_source(session: AsyncSession, name: str, locale: str) -> str | None:
-    """The source used for (name, locale): the override if any, else the bundled one;
-    a locale without the template falls back to English."""
-    override: str | None = await session.scalar(
-        _override_statement(), {"key": override_key(name, locale)}
-    )
-    if override is not None:
-        return override
-    source = bundled_source(name, locale)
-    if source is None and locale != "en":
-        return await effective_source(session, name, "en")
-    return source
+    """The source used for (name, locale), read in ``session``: the override if any,
+    else the bundled one; a locale without the template falls back to English."""
+    keys = [override_key(name, tried) for tried in _locales_tried(locale)]
+    rows = await session.execute(_overrides_of_keys_statement(), {"keys": keys})
+    return _chosen_source(name, locale, {key: source for key, source in rows})
 
 
 # The cache tag of the overrides; every change to one invalidates it.
@@ -269,15 +281,7 @@ def overrides_changed(session: AsyncSession) -> None:
 async def render(runtime: Runtime, name: str, locale: str, context: dict[str, Any]) -> Rendered:
     """Render the template (name, locale) a message is sent with: the override if any,
     else the bundled one; a locale without the template falls back to English."""
-    overrides = await _overrides(runtime)
-
-    def source_in(chosen: str) -> str | None:
-        override = overrides.get(override_key(name, chosen))
-        return override if override is not None else bundled_source(name, chosen)
-
-    source = source_in(locale)
-    if source is None and locale != "en":
-        source = source_in("en")
+    source = _chosen_source(name, locale, await _overrides(runtime))
     if source is None:
         raise LookupError(f"no template named {name!r}")
     return render_source(source, context)
