@@ -319,25 +319,35 @@ class Run:
         return len(self.records) / max(1e-9, span)
 
 
-async def _warm_sessions(port: int, store: Store, connections: int, workdir: Path) -> None:
+async def _unmeasured(
+    port: int, raws: list[bytes], workdir: Path, name: str, connections: int
+) -> dict[int, int]:
+    """``raws`` sent back to back by a generator of their own, outside any measured
+    phase; how many answers had each status."""
     spec = LoadSpec(
         port=port,
         mode="closed",
-        requests=[
-            loadgen.get_request("/api/v1/me", {"Authorization": f"Bearer {b.token}"}).decode(
-                "latin-1"
-            )
-            for b in store.buyers
-        ],
+        requests=[raw.decode("latin-1") for raw in raws],
         start=time.time() + 0.5,
-        count=len(store.buyers),
+        count=len(raws),
         connections=connections,
     )
-    process = loadgen.spawn(spec, workdir, "warm")
+    process = loadgen.spawn(spec, workdir, name)
     result = await asyncio.to_thread(loadgen.collect, process)
-    bad = [r for r in result["records"] if r[1] != 200]
-    if bad:
-        raise SystemExit(f"warming the sessions: {len(bad)} answers not 200, e.g. {bad[0]}")
+    statuses: dict[int, int] = {}
+    for record in result["records"]:
+        statuses[record[1]] = statuses.get(record[1], 0) + 1
+    return statuses
+
+
+async def _warm_sessions(port: int, store: Store, connections: int, workdir: Path) -> None:
+    raws = [
+        loadgen.get_request("/api/v1/me", {"Authorization": f"Bearer {b.token}"})
+        for b in store.buyers
+    ]
+    statuses = await _unmeasured(port, raws, workdir, "warm", connections)
+    if set(statuses) - {200}:
+        raise SystemExit(f"warming the sessions: answers {statuses}, not only 200")
 
 
 async def warm_up(
@@ -353,19 +363,7 @@ async def warm_up(
     began = time.perf_counter()
     cart_ids = await reset(url, store, "spread")
     raws = checkout_requests(store, cart_ids, "warm-up")[:WARM_UP_CHECKOUTS]
-    spec = LoadSpec(
-        port=port,
-        mode="closed",
-        requests=[raw.decode("latin-1") for raw in raws],
-        start=time.time() + 0.5,
-        count=len(raws),
-        connections=connections,
-    )
-    process = loadgen.spawn(spec, workdir, "warm-up")
-    result = await asyncio.to_thread(loadgen.collect, process)
-    statuses: dict[int, int] = {}
-    for record in result["records"]:
-        statuses[record[1]] = statuses.get(record[1], 0) + 1
+    statuses = await _unmeasured(port, raws, workdir, "warm-up", connections)
     if set(statuses) - {201, 409}:
         raise SystemExit(f"the warm-up's checkouts answered {statuses}")
     label, drained, _ = await _outbox_drained(url)
