@@ -286,8 +286,9 @@ async def test_concurrent_appends_make_one_gap_free_chain(runtime: Runtime, back
 def test_the_canonical_form_cut_around_the_chain_fields_is_the_whole(
     actor: uuid.UUID | None, target: str | None, ip: str | None, request_id: str | None, data: Any
 ) -> None:
-    """PostgreSQL hashes ``prefix + prev_hash + middle + seq + suffix``: it must be the
-    very form :func:`event_hash` hashes, whatever the values hold."""
+    """``prefix + prev_hash + middle + seq + suffix`` (what PostgreSQL and
+    :func:`event_hash` hash) is the documented canonical JSON, whatever the values
+    hold."""
     fields: dict[str, Any] = {
         "id": uuid.UUID("0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"),
         "occurred_at": dt.datetime(2026, 12, 6, 21, 0, 0, 12, tzinfo=dt.UTC),
@@ -302,6 +303,16 @@ def test_the_canonical_form_cut_around_the_chain_fields_is_the_whole(
     prefix, middle, suffix = canonical_parts(**fields)
     for seq, prev_hash in ((1, GENESIS_HASH), (123456, hashlib.sha256(b"x").hexdigest())):
         whole = prefix + prev_hash.encode() + middle + str(seq).encode() + suffix
+        documented = {
+            **fields,
+            "id": str(fields["id"]),
+            "occurred_at": "2026-12-06T21:00:00.000012+00:00",
+            "actor_id": str(actor) if actor is not None else None,
+            "seq": seq,
+            "prev_hash": prev_hash,
+        }
+        body = json.dumps(documented, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert whole == body.encode("utf-8")
         assert hashlib.sha256(whole).hexdigest() == event_hash(
             seq=seq, prev_hash=prev_hash, **fields
         )

@@ -165,21 +165,22 @@ def event_hash(
     data: Any,
     prev_hash: str,
 ) -> str:
-    """The SHA-256 (hex) of one event's canonical JSON, chained to ``prev_hash``."""
-    canonical = {
-        "seq": seq,
-        "id": str(id),
-        "occurred_at": _iso(occurred_at),
-        "action": action,
-        "actor_id": _id_text(actor_id),
-        "target_type": target_type,
-        "target_id": target_id,
-        "ip": ip,
-        "request_id": request_id,
-        "data": data,
-        "prev_hash": prev_hash,
-    }
-    return hashlib.sha256(_canonical_json(canonical).encode("utf-8")).hexdigest()
+    """The SHA-256 (hex) of one event's canonical JSON, chained to ``prev_hash``: the JSON
+    object of every field above, keys sorted, no spaces, UTF-8, UUIDs and times as text
+    (:func:`canonical_parts` writes it)."""
+    prefix, middle, suffix = canonical_parts(
+        id=id,
+        occurred_at=occurred_at,
+        action=action,
+        actor_id=actor_id,
+        target_type=target_type,
+        target_id=target_id,
+        ip=ip,
+        request_id=request_id,
+        data=data,
+    )
+    whole = prefix + prev_hash.encode("utf-8") + middle + str(seq).encode("utf-8") + suffix
+    return hashlib.sha256(whole).hexdigest()
 
 
 def _canonical_json(value: Any) -> str:
@@ -204,9 +205,10 @@ def canonical_parts(
     two fields only the chain's head knows: ``prefix + prev_hash + middle + seq +
     suffix``, with ``prev_hash`` in hex and ``seq`` in decimal, is the whole.
 
-    The canonical form is a JSON object with sorted keys, so the cuts fall where
-    ``prev_hash`` and ``seq`` sit in that order; each other value is written as the
-    whole object's encoding writes it (the same function, the same options)."""
+    Python hashes the pieces so joined (:func:`event_hash`); PostgreSQL's appends join
+    and hash the same pieces. The canonical form is a JSON object with sorted keys, so
+    the cuts fall where ``prev_hash`` and ``seq`` sit in that order; each other value is
+    written as ``json.dumps`` of the whole object would write it (the same options)."""
     write = _canonical_json
     prefix = (
         f'{{"action":{write(action)},"actor_id":{write(_id_text(actor_id))},'
