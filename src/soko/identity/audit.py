@@ -183,10 +183,11 @@ def event_hash(
     return hashlib.sha256(whole).hexdigest()
 
 
-def _canonical_json(value: Any) -> str:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+# json.dumps with these options, built once (json.dumps builds an encoder per call).
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+_canonical_json = _CANONICAL.encode
 
 
 def canonical_parts(
