@@ -18,12 +18,13 @@ run on each new server (500 spread checkouts: see ``warm_up``):
   just measured when that is lower (``BENCH_CHECKOUT_RATE`` fixes it): p50/p99 of the
   201s and of the "sold out" answers (409 ``out-of-stock``).
 
-Every ``POST /api/v1/checkout`` carries an ``Idempotency-Key``. The buyers' sessions are
-cold at the start of every run (each checkout also loads its session's state, which Soko
-then caches for 30 s; with more than one server process the cached states are dropped
-before each run, with one they stay cached for a run started within 30 s of the one
-before); ``BENCH_WARM_SESSIONS=1`` warms them first with one ``GET /api/v1/me`` each, as
-for a buyer who just looked at their cart. After each run it checks, in
+Every ``POST /api/v1/checkout`` carries an ``Idempotency-Key`` and an access token. The
+tokens are issued after each new server's warm-up, once its processes have heard every
+change for longer than the leeway (``TRUST_AFTER``), as a buyer's token issued at sign-in
+or refresh is: the server trusts their claims as issued, with no read of the session's
+state (ADR 0019). ``BENCH_TOKENS=changed`` instead announces a change of every buyer's
+authorization before each run (as blocking or a role change does), so every checkout
+reads its session's state, cached nowhere yet. After each run it checks, in
 the database: exactly 1,000 answers 201 and every other one is 409 ``out-of-stock``; the
 reserved units of the run's variants sum to exactly 1,000, with on_hand - reserved -
 allocated >= 0 on every stock row; 1,000 held reservations of 1,000 units; 1,000
@@ -34,6 +35,7 @@ answers the stored answer (``Idempotency-Replayed: true``) without reserving mor
 
 Settings: ``BENCH_WORKERS`` (2), ``BENCH_BUYERS`` (2000), ``BENCH_UNITS`` (1000),
 ``BENCH_CHECKOUT_CONNECTIONS`` (32), ``BENCH_CHECKOUT_RATE`` (0: see above),
+``BENCH_TOKENS`` (``fresh`` or ``changed``: see above),
 ``BENCH_STRATEGIES`` (``optimistic,pessimistic``), ``BENCH_SHAPES`` (``hot,spread``),
 ``BENCH_DATABASE_URL`` (default
 ``postgresql+asyncpg://postgres@127.0.0.1:5432/soko_bench_checkout``, dropped and created
@@ -62,6 +64,10 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
 CHECKOUT_PATH = "/api/v1/checkout"
 # Checkouts of the unmeasured run each new server serves first (see warm_up).
 WARM_UP_CHECKOUTS = 500
+# Seconds after a server's first request from which the tokens it is sent were issued:
+# the default leeway (30 s, the skew allowed between clocks) and a margin for the
+# listener's start. Tokens issued later are trusted as issued (ADR 0019).
+TRUST_AFTER = 32.0
 PRICE_MINOR = 150_000
 GOALS = {"rate": 250.0, "spread_ratio": 0.8, "sold_out_ms": 50.0}
 SOLD_OUT = "out-of-stock"
@@ -75,6 +81,7 @@ KEPT_PREFIXES = ("sellers", "seller_", "catalog_")
 @dataclass
 class Buyer:
     user_id: uuid.UUID
+    session_id: uuid.UUID
     token: str
 
 
@@ -95,11 +102,9 @@ async def load(url: str, settings: Any, *, buyers: int, units: int) -> Store:
     from soko.app import load_models
     from soko.catalog.models import Product, Variant
     from soko.identity.models import AuthSession, User, UserRole
-    from soko.identity.sessions import issue_access_token
     from soko.inventory.models import InventoryItem, Location, StockLevel
     from soko.platform.db import Base, create_engine
     from soko.platform.ids import uuid7
-    from soko.platform.runtime import Runtime
     from soko.sellers.models import Seller, SellerMember
 
     load_models()
@@ -142,8 +147,7 @@ async def load(url: str, settings: Any, *, buyers: int, units: int) -> Store:
         if index % 4 == 0:
             spread_product = product(f"Spread item {index // 4}")
         spread.append(variant(spread_product, f"SPREAD-{index}", index % 4))
-    runtime = Runtime(settings)
-    users, roles, sessions, tokens = [], [], [], []
+    users, roles, sessions, accounts = [], [], [], []
     for index in range(buyers):
         user_id, session_id = uuid7(), uuid7()
         users.append(
@@ -155,11 +159,8 @@ async def load(url: str, settings: Any, *, buyers: int, units: int) -> Store:
             {"id": session_id, "user_id": user_id, "device_name": "bench", "method": "password",
              "created_at": now, "last_seen_at": now, "expires_at": now + dt.timedelta(days=1)}
         )  # fmt: skip
-        token = issue_access_token(
-            runtime, user_id=user_id, session_id=session_id, roles=frozenset({"customer"})
-        )
-        tokens.append(Buyer(user_id, token))
-    await runtime.stop()
+        accounts.append(Buyer(user_id, session_id, ""))
+    await mint_tokens(settings, accounts)
     async with engine.begin() as conn:
         await conn.execute(
             insert(Seller),
@@ -198,7 +199,26 @@ async def load(url: str, settings: Any, *, buyers: int, units: int) -> Store:
                 await conn.execute(insert(table), rows[start : start + 2000])
         await conn.exec_driver_sql("ANALYZE")
     await engine.dispose()
-    return Store(seller_id, location_id, hot, spread, tokens, units)
+    return Store(seller_id, location_id, hot, spread, accounts, units)
+
+
+async def mint_tokens(settings: Any, buyers: list[Buyer]) -> None:
+    """A new access token for each buyer's session, as a sign-in or a refresh issues one
+    (a customer, no second factor). A server trusts a token's claims as issued once it
+    has heard every change since (ADR 0019): tokens minted more than the leeway after its
+    processes began listening."""
+    from soko.identity.sessions import issue_access_token
+    from soko.platform.runtime import Runtime
+
+    runtime = Runtime(settings)
+    try:
+        for buyer in buyers:
+            buyer.token = issue_access_token(
+                runtime, user_id=buyer.user_id, session_id=buyer.session_id,
+                roles=frozenset({"customer"}), mfa_verified=False,
+            )  # fmt: skip
+    finally:
+        await runtime.stop()
 
 
 async def reset(url: str, store: Store, shape: str) -> list[str]:
@@ -340,16 +360,6 @@ async def _unmeasured(
     return statuses
 
 
-async def _warm_sessions(port: int, store: Store, connections: int, workdir: Path) -> None:
-    raws = [
-        loadgen.get_request("/api/v1/me", {"Authorization": f"Bearer {b.token}"})
-        for b in store.buyers
-    ]
-    statuses = await _unmeasured(port, raws, workdir, "warm", connections)
-    if set(statuses) - {200}:
-        raise SystemExit(f"warming the sessions: answers {statuses}, not only 200")
-
-
 async def warm_up(
     *, url: str, port: int, store: Store, workdir: Path, connections: int
 ) -> str:  # fmt: skip
@@ -375,11 +385,10 @@ async def warm_up(
     )
 
 
-async def cool_sessions(redis_url: str, store: Store) -> None:
-    """Forget every buyer's cached session state, in Redis and (through the cache's
-    channel) in each server process's near copies: each run then starts as its
-    documentation says, with every checkout loading its session's state. Without this a
-    run within 30 s of the one before found the sessions that run had cached."""
+async def change_sessions(redis_url: str, store: Store) -> None:
+    """Announce a change of every buyer's authorization, as blocking or a role change
+    does: each server process then reads the session state behind every token instead of
+    trusting its claims, and finds none cached (in Redis, or as near copies)."""
     from redis.asyncio import Redis
 
     from soko.identity.public import principal_tag
@@ -394,15 +403,13 @@ async def cool_sessions(redis_url: str, store: Store) -> None:
 
 async def one_run(
     *, url: str, port: int, meter: loadgen.CpuMeter, store: Store, strategy: str, shape: str,
-    kind: str, workdir: Path, connections: int, rate: float, warm: bool, redis_url: str | None,
+    kind: str, workdir: Path, connections: int, rate: float, changed: bool, redis_url: str,
 ) -> Run:  # fmt: skip
     name = f"{strategy}-{shape}-{kind.replace(' ', '-')}"
     cart_ids = await reset(url, store, shape)
     raws = checkout_requests(store, cart_ids, name)
-    if warm:
-        await _warm_sessions(port, store, 16, workdir)
-    elif redis_url is not None:
-        await cool_sessions(redis_url, store)
+    if changed:
+        await change_sessions(redis_url, store)
     spec = LoadSpec(
         port=port,
         mode="closed" if kind == "capacity" else "open",
@@ -653,7 +660,8 @@ class Config:
     strategies: tuple[str, ...] = ("optimistic", "pessimistic")
     shapes: tuple[str, ...] = ("hot", "spread")
     kinds: tuple[str, ...] = ("capacity", "at rate")
-    warm: bool = False
+    tokens: str = "fresh"
+    trust_after: float = TRUST_AFTER
     url: str = DEFAULT_DATABASE_URL
     redis_url: str = DEFAULT_REDIS_URL
     keep: bool = False
@@ -670,7 +678,7 @@ class Config:
             strategies=tuple(env("BENCH_STRATEGIES", "optimistic,pessimistic").split(",")),
             shapes=tuple(env("BENCH_SHAPES", "hot,spread").split(",")),
             kinds=tuple(env("BENCH_KINDS", "capacity,at rate").split(",")),
-            warm=env("BENCH_WARM_SESSIONS", "0") == "1",
+            tokens=env("BENCH_TOKENS", "fresh"),
             url=env("BENCH_DATABASE_URL") or DEFAULT_DATABASE_URL,
             redis_url=env("BENCH_REDIS_URL") or DEFAULT_REDIS_URL,
             keep=env("BENCH_KEEP_DATABASE") == "1",
@@ -692,8 +700,12 @@ async def run(config: Config) -> Outcome:
     from soko.platform.config import Settings
 
     workers, buyers, units = config.workers, config.buyers, config.units
-    connections, rate, warm = config.connections, config.rate, config.warm
+    connections, rate, changed = config.connections, config.rate, config.tokens == "changed"
     url, redis_url = config.url, config.redis_url
+    if config.tokens not in ("fresh", "changed"):
+        raise SystemExit("BENCH_TOKENS is fresh or changed")
+    if changed and workers < 2:
+        raise SystemExit("BENCH_TOKENS=changed announces changes through Redis: BENCH_WORKERS > 1")
     if not url.startswith("postgresql"):
         raise SystemExit("the checkout benchmark runs on PostgreSQL (BENCH_DATABASE_URL)")
     if buyers <= units:
@@ -730,10 +742,14 @@ async def run(config: Config) -> Outcome:
             meter = loadgen.CpuMeter(server.pid, database)
             try:
                 await loadgen.wait_ready(port, server)
+                # Its processes listen for changes from their first request on.
+                listening = time.time()
                 done = await warm_up(
                     url=url, port=port, store=store, workdir=workdir, connections=connections
                 )
                 print(f"-- {strategy}: warm-up, {done}")
+                await asyncio.sleep(max(0.0, listening + config.trust_after - time.time()))
+                await mint_tokens(settings, store.buyers)
                 for shape in config.shapes:
                     capacity = 0.0
                     for kind in config.kinds:
@@ -747,8 +763,7 @@ async def run(config: Config) -> Outcome:
                         run = await one_run(
                             url=url, port=port, meter=meter, store=store, strategy=strategy,
                             shape=shape, kind=kind, workdir=workdir, connections=connections,
-                            rate=offered, warm=warm,
-                            redis_url=redis_url if workers > 1 else None,
+                            rate=offered, changed=changed, redis_url=redis_url,
                         )  # fmt: skip
                         if kind == "capacity":
                             capacity = run.sustained_rate

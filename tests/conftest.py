@@ -272,7 +272,9 @@ async def processes_over_one_redis(
             )
             process = Runtime(settings, clock=like.clock)
             process.signing_keys = like.signing_keys
-            process.cache = RedisCache(process.redis, namespace=namespace, retry_seconds=0.05)
+            process.cache = RedisCache(
+                process.redis, namespace=namespace, retry_seconds=0.05, clock=process.clock
+            )
             processes.append(process)
         yield processes
     finally:

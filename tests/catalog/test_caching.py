@@ -51,7 +51,7 @@ async def cached_runtime(
         ratelimit_enabled=False,
     )
     shared = Runtime(settings, clock=runtime.clock)
-    shared.cache = RedisCache(shared.redis, namespace=namespace)
+    shared.cache = RedisCache(shared.redis, namespace=namespace, clock=shared.clock)
     try:
         yield shared
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -77,3 +78,19 @@ async def create_key(
     assert response.status_code == 201, response.text
     body: dict[str, Any] = response.json()
     return body
+
+
+async def answered_soon(
+    process: httpx2.AsyncClient, path: str, headers: dict[str, str], expected: int
+) -> int:
+    """The status ``process`` answers ``path`` with, asked again until it is
+    ``expected`` or a second has passed. Another process hears an invalidation when
+    Redis delivers it on the cache's channel and its listener reads it (ADR 0013):
+    within milliseconds, but not before its event loop next looks at that socket, which
+    in a test sharing one loop with both processes can come after the next request."""
+    deadline = asyncio.get_running_loop().time() + 1.0
+    while True:
+        status = (await process.get(path, headers=headers)).status_code
+        if status == expected or asyncio.get_running_loop().time() > deadline:
+            return status
+        await asyncio.sleep(0.005)

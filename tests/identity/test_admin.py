@@ -28,6 +28,7 @@ from tests.identity.admin_support import (
     ADMIN,
     API_KEYS,
     add_user,
+    answered_soon,
     audit_events,
     create_key,
     problem_type,
@@ -367,8 +368,8 @@ async def second_process(
 
     other = Runtime(settings, clock=clock)
     first_redis, second_redis = Redis.from_url(redis_url), Redis.from_url(redis_url)
-    runtime.cache = RedisCache(first_redis, namespace=redis_namespace)
-    other.cache = RedisCache(second_redis, namespace=redis_namespace)
+    runtime.cache = RedisCache(first_redis, namespace=redis_namespace, clock=clock)
+    other.cache = RedisCache(second_redis, namespace=redis_namespace, clock=clock)
     transport = httpx2.ASGITransport(app=create_app(runtime=other))
     try:
         async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as c:
@@ -376,22 +377,6 @@ async def second_process(
     finally:
         await other.stop()
         await first_redis.aclose()
-
-
-async def _answered_soon(
-    process: httpx2.AsyncClient, path: str, headers: dict[str, str], expected: int
-) -> int:
-    """The status ``process`` answers ``path`` with, asked again until it is
-    ``expected`` or a second has passed. Another process hears an invalidation when
-    Redis delivers it on the cache's channel and its listener reads it (ADR 0013):
-    within milliseconds, but not before its event loop next looks at that socket, which
-    in a test sharing one loop with both processes can come after the next request."""
-    deadline = asyncio.get_running_loop().time() + 1.0
-    while True:
-        status = (await process.get(path, headers=headers)).status_code
-        if status == expected or asyncio.get_running_loop().time() > deadline:
-            return status
-        await asyncio.sleep(0.005)
 
 
 async def test_a_role_change_and_a_block_reach_every_process(
@@ -405,10 +390,10 @@ async def test_a_role_change_and_a_block_reach_every_process(
     await client.put(
         f"{USERS}/{target.user_id}/roles", headers=admin.headers, json={"roles": ["customer"]}
     )
-    assert await _answered_soon(second_process, USERS, target.headers, 403) == 403
+    assert await answered_soon(second_process, USERS, target.headers, 403) == 403
     # ...and so does a block.
     await client.post(f"{USERS}/{target.user_id}/block", headers=admin.headers)
-    assert await _answered_soon(second_process, API_KEYS, target.headers, 401) == 401
+    assert await answered_soon(second_process, API_KEYS, target.headers, 401) == 401
 
 
 # -- `soko admin create` ----------------------------------------------------------------------

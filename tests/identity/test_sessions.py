@@ -48,7 +48,7 @@ async def cached_runtime(
         tmp_path, database_url=database_url, redis_url=redis_url, cache_backend="redis"
     )
     shared = Runtime(settings, clock=ManualClock())
-    shared.cache = RedisCache(shared.redis, namespace=namespace)
+    shared.cache = RedisCache(shared.redis, namespace=namespace, clock=shared.clock)
     try:
         yield shared
     finally:

@@ -2,9 +2,17 @@
 
 Credentials are ``Authorization: Bearer <access token>`` or ``Authorization: Bearer
 <API key>`` (API keys start with ``soko_``). An access token is checked against the
-signing keys, and then against the database state behind it (the user is active, the
-session is not revoked), so blocking a user or revoking a session takes effect at once.
-That state is cached briefly and its cache entry is invalidated when it changes.
+signing keys, and then against the state behind it (the user is active, the session is
+not revoked, the user's roles), so blocking a user, changing their roles or revoking a
+session takes effect at once.
+
+That state is what the token's claims say when nothing about the user or the session
+changed since the token was issued, which the process knows when it has heard every
+invalidation since then (:meth:`~soko.platform.cache.Cache.unchanged_since`): a token
+issued at sign-in or refresh is then taken as it stands, with no read (ADR 0019).
+Otherwise (a change since, or a process that cannot know: just started, or its cache's
+channel lost) the state is read from the database, cached briefly, and its cache entry
+is invalidated when it changes.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Any
 
 import structlog
 from fastapi import Request
+from prometheus_client import Counter
 from sqlalchemy import bindparam, select
 
 from soko.identity.accounts import principal_tag
@@ -26,11 +35,17 @@ from soko.identity.sessions import hash_secret, session_tag
 from soko.platform.auth import Principal
 from soko.platform.logging import bind_request_context
 from soko.platform.runtime import Runtime
-from soko.platform.tokens import InvalidToken, TokenRejection
+from soko.platform.tokens import InvalidToken, TokenRejection, VerifiedToken
 
 API_KEY_PREFIX = "soko_"
 PRINCIPAL_CACHE_SECONDS = 30
 log = structlog.get_logger("soko.identity")
+ACCESS_TOKEN_STATES = Counter(
+    "soko_access_token_states_total",
+    "Where an access token's session state came from: its claims, trusted as issued "
+    "(token), or a read (read)",
+    ["source"],
+)
 
 
 def _bearer(request: Request) -> str | None:
@@ -74,13 +89,19 @@ async def _from_access_token(runtime: Runtime, token: str) -> Principal:
         session_id = uuid.UUID(str(verified.claims.get("sid")))
     except ValueError:
         raise InvalidToken(TokenRejection.malformed, "subject or session is not an id") from None
-    state = await runtime.cache.get_or_set(
-        f"identity:principal:{session_id}",
-        lambda: _session_state(runtime, user_id, session_id),
-        ttl=PRINCIPAL_CACHE_SECONDS,
-        tags=(principal_tag(user_id), session_tag(session_id)),
-        near=True,
-    )
+    tags = (principal_tag(user_id), session_tag(session_id))
+    state = _state_as_issued(runtime, verified, tags)
+    if state is None:
+        ACCESS_TOKEN_STATES.labels("read").inc()
+        state = await runtime.cache.get_or_set(
+            f"identity:principal:{session_id}",
+            lambda: _session_state(runtime, user_id, session_id),
+            ttl=PRINCIPAL_CACHE_SECONDS,
+            tags=tags,
+            near=True,
+        )
+    else:
+        ACCESS_TOKEN_STATES.labels("token").inc()
     if not state or not state.get("active"):
         raise InvalidToken(TokenRejection.bad_signature, "session revoked or user not active")
     roles = frozenset(state["roles"])
@@ -91,6 +112,29 @@ async def _from_access_token(runtime: Runtime, token: str) -> Principal:
         session_id=session_id,
         extra={"mfa_verified": bool(state.get("mfa_verified"))},
     )
+
+
+def _state_as_issued(
+    runtime: Runtime, verified: VerifiedToken, tags: tuple[str, str]
+) -> dict[str, Any] | None:
+    """The session state the token was issued with, if it still holds; else ``None``.
+
+    A token is issued only to an active user's live session, with the roles and second
+    factor read in the same transaction (:func:`~soko.identity.sessions.issue_access_token`).
+    That state still holds if neither the user's nor the session's tag was invalidated
+    since it was read, which happened at most the leeway before the token's ``iat``:
+    the leeway bounds both the issuer's delay and the clock skew between the issuing
+    and this process. A token without both claims (from an earlier release) is read."""
+    claims = verified.claims
+    roles, mfa = claims.get("roles"), claims.get("mfa")
+    if not isinstance(mfa, bool) or not isinstance(roles, list):
+        return None
+    if not all(isinstance(role, str) for role in roles):
+        return None
+    read_by = verified.issued_at.timestamp() - runtime.settings.token_leeway_seconds
+    if not runtime.cache.unchanged_since(tags, read_by):
+        return None
+    return {"active": True, "roles": roles, "mfa_verified": mfa}
 
 
 @lru_cache(maxsize=1)

@@ -163,11 +163,21 @@ def _successor_of(runtime: Runtime, token: str) -> str:
 
 
 def issue_access_token(
-    runtime: Runtime, *, user_id: uuid.UUID, session_id: uuid.UUID, roles: frozenset[str]
+    runtime: Runtime,
+    *,
+    user_id: uuid.UUID,
+    session_id: uuid.UUID,
+    roles: frozenset[str],
+    mfa_verified: bool,
 ) -> str:
+    """An access token for an active user's live session, carrying what authorizes its
+    requests as it stands now: the user's ``roles`` and whether the session passed a
+    second factor (``mfa``). Requests trust these claims for as long as nothing about
+    the user or the session changes (:mod:`soko.identity.principals`, ADR 0019), so
+    the caller has just read them, in the transaction that checked the user active."""
     settings = runtime.settings
     return runtime.signing_keys.issue(
-        {"sid": str(session_id), "roles": sorted(roles)},
+        {"sid": str(session_id), "roles": sorted(roles), "mfa": mfa_verified},
         ttl=dt.timedelta(seconds=settings.access_token_ttl_seconds),
         clock=runtime.clock,
         issuer=settings.effective_token_issuer,
@@ -189,7 +199,10 @@ async def start_session(
 ) -> TokenPair:
     """Open a session for ``user`` and issue its first token pair. ``roles`` are the
     user's roles when the caller has just read them in this transaction (they go into
-    the access token); otherwise they are read here."""
+    the access token); otherwise they are read here. Only an active user gets one."""
+    if user.status != UserStatus.active.value:
+        # Every sign-in refuses such a user first; an access token is trusted as issued.
+        raise ValueError(f"a session is opened only for an active account, not {user.status}")
     now = runtime.clock.now()
     settings = runtime.settings
     refresh_life = dt.timedelta(seconds=settings.refresh_token_ttl_seconds)
@@ -235,7 +248,11 @@ async def start_session(
         roles = await user_roles(session, user.id)
     return TokenPair(
         access_token=issue_access_token(
-            runtime, user_id=user.id, session_id=session_id, roles=roles
+            runtime,
+            user_id=user.id,
+            session_id=session_id,
+            roles=roles,
+            mfa_verified=mfa_verified,
         ),
         refresh_token=token,
         expires_in=settings.access_token_ttl_seconds,
@@ -316,7 +333,11 @@ async def refresh_session(
     roles = await user_roles(session, user.id)
     return TokenPair(
         access_token=issue_access_token(
-            runtime, user_id=user.id, session_id=auth_session.id, roles=roles
+            runtime,
+            user_id=user.id,
+            session_id=auth_session.id,
+            roles=roles,
+            mfa_verified=auth_session.mfa_verified,
         ),
         refresh_token=successor,
         expires_in=runtime.settings.access_token_ttl_seconds,

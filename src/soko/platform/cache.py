@@ -149,9 +149,77 @@ class Cache(Protocol):
         this process (see :class:`RedisCache`) for a value read far more than written."""
         ...
 
+    def unchanged_since(self, tags: Sequence[str], since: float) -> bool:
+        """Whether this process knows that no process invalidated any of ``tags`` at or
+        after ``since`` (a POSIX time). False whenever it cannot know: it was not hearing
+        every invalidation then (see :class:`ChangeJournal`)."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class ChangeJournal:
+    """When this process last heard of each tag's invalidation, and since when it has
+    heard of every invalidation by any process (:attr:`known_since`, a POSIX time;
+    ``None`` while it hears nothing).
+
+    It answers whether a value handed over with a time can be trusted as it stands: a
+    value read from the source at ``since`` is still what the source holds if none of
+    its tags was invalidated since then (:meth:`unchanged_since`). The answer is "no"
+    whenever it cannot be "yes" for sure: before :meth:`start`, after :meth:`stop`, for
+    a ``since`` before :attr:`known_since`. What it remembers is bounded, by number and
+    by age; forgetting a change moves :attr:`known_since` past it, so forgetting only
+    turns answers into "no" (ADR 0019)."""
+
+    def __init__(self, *, max_entries: int = 100_000, max_seconds: float = 3_600.0) -> None:
+        self.max_entries = max_entries
+        self.max_seconds = max_seconds
+        self.known_since: float | None = None
+        self._heard: OrderedDict[str, float] = OrderedDict()  # oldest first
+        self._latest = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._heard)
+
+    def start(self, now: float) -> None:
+        """Every invalidation is heard from ``now`` on (a subscription just confirmed);
+        whatever came before is unknown."""
+        self._heard.clear()
+        self._latest = now
+        self.known_since = now
+
+    def stop(self) -> None:
+        """Invalidations are no longer heard (the subscription was lost)."""
+        self._heard.clear()
+        self.known_since = None
+
+    def record(self, tags: Sequence[str], now: float) -> None:
+        """``tags`` were invalidated, heard of at ``now``. Times never go back here (a
+        clock stepped back is read as the latest time seen), so the order of the entries
+        is the order of their times."""
+        if self.known_since is None:
+            return
+        now = self._latest = max(now, self._latest)
+        for tag in tags:
+            self._heard.pop(tag, None)
+            self._heard[tag] = now
+        horizon = now - self.max_seconds
+        while self._heard:
+            tag, heard = next(iter(self._heard.items()))
+            if len(self._heard) <= self.max_entries and heard >= horizon:
+                break
+            del self._heard[tag]
+            # What is forgotten is no longer known: a later `since` only.
+            self.known_since = max(self.known_since, math.nextafter(heard, math.inf))
+
+    def unchanged_since(self, tags: Sequence[str], since: float) -> bool:
+        known = self.known_since
+        if known is None or since < known:
+            return False
+        heard = self._heard
+        return all(heard.get(tag, -math.inf) < since for tag in tags)
 
 
 class _SingleFlight:
@@ -386,6 +454,9 @@ class MemoryCache(_TaggedCache):
         self._clock: Clock = clock or SystemClock()
         self._entries: OrderedDict[str, _MemoryEntry] = OrderedDict()
         self._tags: dict[str, str] = {}
+        # One process holds every change: it hears each one as it is made.
+        self.journal = ChangeJournal()
+        self.journal.start(self._now())
 
     def _now(self) -> float:
         return self._clock.now().timestamp()
@@ -438,6 +509,10 @@ class MemoryCache(_TaggedCache):
     async def invalidate_tags(self, *tags: str) -> None:
         for tag in tags:
             self._tags.pop(tag, None)
+        self.journal.record(tags, self._now())
+
+    def unchanged_since(self, tags: Sequence[str], since: float) -> bool:
+        return self.journal.unchanged_since(tags, since)
 
     async def ping(self) -> None:
         return None
@@ -445,6 +520,7 @@ class MemoryCache(_TaggedCache):
     async def close(self) -> None:
         self._entries.clear()
         self._tags.clear()
+        self.journal.stop()
 
 
 @dataclass(slots=True)
@@ -695,6 +771,7 @@ class RedisCache(_TaggedCache):
         near_entries: int = 1_000,
         near_seconds: float = 5.0,
         retry_seconds: float = 1.0,
+        clock: Clock | None = None,
     ) -> None:
         super().__init__()
         from redis.exceptions import RedisError
@@ -703,6 +780,10 @@ class RedisCache(_TaggedCache):
         self.redis = redis
         self.namespace = namespace
         self.near = NearCopies(max_entries=near_entries, max_seconds=near_seconds)
+        # Started when the channel is confirmed and stopped when it is lost, with the
+        # near copies: what every process changed while this one listened.
+        self.journal = ChangeJournal()
+        self._clock: Clock = clock or SystemClock()
         self.retry_seconds = retry_seconds
         self._listener: asyncio.Task[None] | None = None
         self._subscription: Any = None  # the listener's, while it runs
@@ -718,6 +799,9 @@ class RedisCache(_TaggedCache):
         return f"{self.namespace}changes"
 
     # -- near copies ---------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return self._clock.now().timestamp()
 
     def _near_get(self, key: str) -> bytes | None:
         self._ensure_listening()
@@ -736,6 +820,7 @@ class RedisCache(_TaggedCache):
             return
         self.near.listening = False
         self.near.clear()
+        self.journal.stop()
         self._listener = loop.create_task(self._listen(), name="cache-near-copies")
 
     async def _listen(self) -> None:
@@ -752,6 +837,7 @@ class RedisCache(_TaggedCache):
                         break
                 self.near.clear()
                 self.near.listening = True
+                self.journal.start(self._now())
                 silent = 0
                 while True:
                     message = await pubsub.get_message(
@@ -775,6 +861,7 @@ class RedisCache(_TaggedCache):
             finally:
                 self.near.listening = False
                 self.near.clear()
+                self.journal.stop()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(self.retry_seconds)
@@ -784,9 +871,13 @@ class RedisCache(_TaggedCache):
             change = json.loads(data)
             tags, keys = change.get("tags", []), change.get("keys", [])
         except (TypeError, ValueError, AttributeError):
-            self.near.clear()  # a message we cannot read: drop everything to be safe
+            # A message we cannot read: drop everything, and know nothing before now.
+            self.near.clear()
+            self.journal.start(self._now())
             return
-        self.near.invalidate(tags=[str(tag) for tag in tags], keys=[str(key) for key in keys])
+        tags = [str(tag) for tag in tags]
+        self.near.invalidate(tags=tags, keys=[str(key) for key in keys])
+        self.journal.record(tags, self._now())
 
     def entry_key(self, key: str) -> str:
         return f"{self.namespace}entry:{key}"
@@ -851,8 +942,14 @@ class RedisCache(_TaggedCache):
         if not tags:
             return
         self.near.invalidate(tags=tags)
+        self.journal.record(tags, self._now())
         await self._invalidations.send(tags)
         self.near.invalidate(tags=tags)
+        self.journal.record(tags, self._now())
+
+    def unchanged_since(self, tags: Sequence[str], since: float) -> bool:
+        self._ensure_listening()
+        return self.journal.unchanged_since(tags, since)
 
     async def _send_invalidation(self, tags: list[str]) -> None:
         # One round trip, in order: the tokens are gone before anyone hears of it.

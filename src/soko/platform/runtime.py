@@ -91,7 +91,7 @@ class Runtime:
         if self.settings.cache_backend is Backend.redis:
             from soko.platform.cache import RedisCache
 
-            cache: Cache = RedisCache(self.redis)
+            cache: Cache = RedisCache(self.redis, clock=self.clock)
             return cache
         return MemoryCache(clock=self.clock)
 
