@@ -188,3 +188,7 @@ async def test_a_message_it_cannot_read_forgets_everything_before_it(
     await eventually(lambda: cache.journal.known_since == since + 10)
     assert not cache.unchanged_since(["user:1"], since + 5)
     assert cache.unchanged_since(["user:1"], since + 10)
+    # JSON of another shape: tags that are not a list name no tag it could trust.
+    clock.advance(10)
+    await cache.redis.publish(cache.channel, b'{"tags": "user:1"}')
+    await eventually(lambda: cache.journal.known_since == since + 20)

@@ -870,6 +870,8 @@ class RedisCache(_TaggedCache):
         try:
             change = json.loads(data)
             tags, keys = change.get("tags", []), change.get("keys", [])
+            if not isinstance(tags, list) or not isinstance(keys, list):
+                raise TypeError("tags and keys are lists")
         except (TypeError, ValueError, AttributeError):
             # A message we cannot read: drop everything, and know nothing before now.
             self.near.clear()
