@@ -64,9 +64,9 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
 CHECKOUT_PATH = "/api/v1/checkout"
 # Checkouts of the unmeasured run each new server serves first (see warm_up).
 WARM_UP_CHECKOUTS = 500
-# Seconds after a server's first request from which the tokens it is sent were issued:
-# the default leeway (30 s, the skew allowed between clocks) and a margin for the
-# listener's start. Tokens issued later are trusted as issued (ADR 0019).
+# Seconds after a server is ready from which the tokens it is sent were issued: the
+# default leeway (30 s, the skew allowed between clocks) and a margin for the listener's
+# confirmation. Tokens issued later are trusted as issued (ADR 0019).
 TRUST_AFTER = 32.0
 PRICE_MINOR = 150_000
 GOALS = {"rate": 250.0, "spread_ratio": 0.8, "sold_out_ms": 50.0}
@@ -742,7 +742,7 @@ async def run(config: Config) -> Outcome:
             meter = loadgen.CpuMeter(server.pid, database)
             try:
                 await loadgen.wait_ready(port, server)
-                # Its processes listen for changes from their first request on.
+                # Its processes listen for changes from their start on.
                 listening = time.time()
                 done = await warm_up(
                     url=url, port=port, store=store, workdir=workdir, connections=connections

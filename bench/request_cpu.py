@@ -241,7 +241,7 @@ async def _trusted_from(runtime: Any, at: float) -> None:
     """Wait until ``at``, the process listening for changes meanwhile: a token issued
     from then on, more than the leeway after the listening began, is taken as issued
     (ADR 0019), as a client's token is in a process that has run for a while."""
-    runtime.cache.unchanged_since((), 0.0)  # starts the listener if nothing did yet
+    runtime.cache.listen()  # the app's start did; a cache swapped in since may not have
     await asyncio.sleep(max(0.0, at - time.time()))
 
 

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
 from soko.platform.cache import ChangeJournal, MemoryCache, RedisCache
 from soko.platform.clock import ManualClock
+from soko.platform.runtime import Runtime
+from tests.conftest import make_settings
 from tests.platform.test_cache_near import eventually
 
 # -- the journal -------------------------------------------------------------------------------
@@ -192,3 +195,22 @@ async def test_a_message_it_cannot_read_forgets_everything_before_it(
     clock.advance(10)
     await cache.redis.publish(cache.channel, b'{"tags": "user:1"}')
     await eventually(lambda: cache.journal.known_since == since + 20)
+
+
+@redis_only
+async def test_a_started_runtime_listens_before_its_first_request(
+    tmp_path: Path, database_url: str, redis_url: str
+) -> None:
+    """A server's processes hear changes from their start, so the tokens issued after it
+    (less the leeway) are taken as issued in every process, whichever got requests."""
+    settings = make_settings(
+        tmp_path, database_url=database_url, redis_url=redis_url, cache_backend="redis"
+    )
+    runtime = Runtime(settings, clock=ManualClock())
+    try:
+        assert isinstance(runtime.cache, RedisCache)
+        await runtime.start(run_dispatcher=False)
+        cache = runtime.cache
+        await eventually(lambda: cache.journal.known_since is not None)
+    finally:
+        await runtime.stop()

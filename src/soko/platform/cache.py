@@ -155,6 +155,11 @@ class Cache(Protocol):
         every invalidation then (see :class:`ChangeJournal`)."""
         ...
 
+    def listen(self) -> None:
+        """Begin hearing other processes' changes now rather than at the first near read
+        or :meth:`unchanged_since` (a server calls it as it starts)."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -513,6 +518,9 @@ class MemoryCache(_TaggedCache):
 
     def unchanged_since(self, tags: Sequence[str], since: float) -> bool:
         return self.journal.unchanged_since(tags, since)
+
+    def listen(self) -> None:
+        return None  # it hears its own changes, the only ones there are
 
     async def ping(self) -> None:
         return None
@@ -952,6 +960,9 @@ class RedisCache(_TaggedCache):
     def unchanged_since(self, tags: Sequence[str], since: float) -> bool:
         self._ensure_listening()
         return self.journal.unchanged_since(tags, since)
+
+    def listen(self) -> None:
+        self._ensure_listening()
 
     async def _send_invalidation(self, tags: list[str]) -> None:
         # One round trip, in order: the tokens are gone before anyone hears of it.

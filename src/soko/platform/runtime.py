@@ -116,6 +116,9 @@ class Runtime:
         return MemoryPubSub()
 
     async def start(self, *, run_dispatcher: bool | None = None) -> None:
+        # Changes heard from the start: near copies, and access tokens taken as issued
+        # (ADR 0019), from the process's first request on.
+        self.cache.listen()
         if run_dispatcher is None:
             run_dispatcher = self.settings.outbox_dispatch is OutboxDispatch.inprocess
         if run_dispatcher:
