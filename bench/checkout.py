@@ -29,7 +29,10 @@ the database: exactly 1,000 answers 201 and every other one is 409 ``out-of-stoc
 reserved units of the run's variants sum to exactly 1,000, with on_hand - reserved -
 allocated >= 0 on every stock row; 1,000 held reservations of 1,000 units; 1,000
 checkout groups and carts converted; and that replaying some requests with their keys
-answers the stored answer (``Idempotency-Replayed: true``) without reserving more.
+answers the stored answer (``Idempotency-Replayed: true``) without reserving more; and,
+by the servers' ``soko_access_token_states_total`` (summed over their processes through
+``PROMETHEUS_MULTIPROC_DIR``), that every checkout's session state came from where the
+run meant it to: its token, or a read.
 
     .venv/bin/python -m bench checkout
 
@@ -202,6 +205,12 @@ async def load(url: str, settings: Any, *, buyers: int, units: int) -> Store:
     return Store(seller_id, location_id, hot, spread, accounts, units)
 
 
+def settings_leeway() -> float:
+    from soko.platform.config import Settings
+
+    return float(Settings.model_fields["token_leeway_seconds"].default)
+
+
 async def mint_tokens(settings: Any, buyers: list[Buyer]) -> None:
     """A new access token for each buyer's session, as a sign-in or a refresh issues one
     (a customer, no second factor). A server trusts a token's claims as issued once it
@@ -299,6 +308,9 @@ class Run:
     # How long after the last answer the run's background work (its order.placed events
     # and their subscribers' jobs) was done, by the outbox's completion times.
     background_after: float = 0.0
+    # Where the run's access tokens' session states came from, by the servers' count:
+    # "token" (taken as issued) or "read".
+    tokens: dict[str, int] = field(default_factory=dict)
 
     def by_outcome(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -404,7 +416,9 @@ async def change_sessions(redis_url: str, store: Store) -> None:
 async def one_run(
     *, url: str, port: int, meter: loadgen.CpuMeter, store: Store, strategy: str, shape: str,
     kind: str, workdir: Path, connections: int, rate: float, changed: bool, redis_url: str,
+    trusted: bool,
 ) -> Run:  # fmt: skip
+    """One run; ``trusted``: whether the server should take every token as issued."""
     name = f"{strategy}-{shape}-{kind.replace(' ', '-')}"
     cart_ids = await reset(url, store, shape)
     raws = checkout_requests(store, cart_ids, name)
@@ -420,15 +434,48 @@ async def one_run(
         connections=connections if kind == "capacity" else 512,
         keep_bodies=[201, 409],
     )
+    states_before = await token_states(port)
     (result,), cpu = await loadgen.run_phase([spec], meter, workdir, name)
     ended = time.time()  # within milliseconds of the last answer
+    states_after = await token_states(port)
     run = Run(
         strategy, shape, kind, rate, result["records"], result["wall"], cpu, result["cpu"],
         loadgen.load_average(), result["late_p99"],
     )  # fmt: skip
+    run.tokens = {
+        source: round(states_after.get(source, 0) - states_before.get(source, 0))
+        for source in ("token", "read")
+    }
     run.checks = await check_run(url, port, store, shape, run, raws, result["bodies"])
+    expected, other = ("token", "read") if trusted else ("read", "token")
+    run.checks.append(
+        (
+            f"every checkout's session state {'taken from its token' if trusted else 'read'} "
+            f"({run.tokens[expected]} of {len(raws)}; {run.tokens[other]} {other})",
+            run.tokens[expected] == len(raws) and run.tokens[other] == 0,
+            False,
+        )
+    )
     run.background_after = await _background_done_after(url, ended)
     return run
+
+
+async def token_states(port: int) -> dict[str, float]:
+    """The servers' ``soko_access_token_states_total`` by source, summed over their
+    processes (``PROMETHEUS_MULTIPROC_DIR``)."""
+    import urllib.request
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            return str(answer.read().decode())
+
+    states: dict[str, float] = {}
+    for line in (await asyncio.to_thread(scrape)).splitlines():
+        if line.startswith("soko_access_token_states_total{"):
+            labels, _, value = line.rpartition(" ")
+            source = labels.partition('source="')[2].partition('"')[0]
+            states[source] = states.get(source, 0.0) + float(value)
+    return states
 
 
 async def check_run(
@@ -625,6 +672,11 @@ def print_run(run: Run) -> None:
         f"   checkouts {run.checkout_rate:7.1f}/s   answers {run.answer_rate:7.1f}/s   "
         f"outcomes {json.dumps(run.by_outcome())}; {run.load}"
     )
+    if run.tokens:
+        print(
+            f"   tokens      {run.tokens['token']} taken as issued, {run.tokens['read']} "
+            "with their session's state read"
+        )
     print(
         f"   201 latency ({shape}) p50/p99/max {percentile(created, 50) * 1000:.1f} / "
         f"{percentile(created, 99) * 1000:.1f} / {max(created, default=0) * 1000:.1f} ms"
@@ -704,6 +756,8 @@ async def run(config: Config) -> Outcome:
     url, redis_url = config.url, config.redis_url
     if config.tokens not in ("fresh", "changed"):
         raise SystemExit("BENCH_TOKENS is fresh or changed")
+    # Tokens issued more than the leeway after the server was ready are taken as issued.
+    trusted = not changed and config.trust_after > settings_leeway() + 1
     if changed and workers < 2:
         raise SystemExit("BENCH_TOKENS=changed announces changes through Redis: BENCH_WORKERS > 1")
     if not url.startswith("postgresql"):
@@ -732,10 +786,14 @@ async def run(config: Config) -> Outcome:
         for strategy in config.strategies:
             if workers > 1:
                 await loadgen.flush_redis(redis_url)
+            # Each server's counters, summed over its processes: a directory of its own.
+            metrics = workdir / f"metrics-{strategy}"
+            metrics.mkdir()
             env = loadgen.server_env(
                 workdir, url, workers=workers, redis_url=redis_url,
                 extra={"SOKO_RESERVATION_STRATEGY": strategy,
-                       "SOKO_ACCESS_TOKEN_TTL_SECONDS": ttl},
+                       "SOKO_ACCESS_TOKEN_TTL_SECONDS": ttl,
+                       "PROMETHEUS_MULTIPROC_DIR": str(metrics)},
             )  # fmt: skip
             port = loadgen.free_port()
             server = loadgen.start_soko(env, port, workers, log=workdir / "server.log")
@@ -764,6 +822,7 @@ async def run(config: Config) -> Outcome:
                             url=url, port=port, meter=meter, store=store, strategy=strategy,
                             shape=shape, kind=kind, workdir=workdir, connections=connections,
                             rate=offered, changed=changed, redis_url=redis_url,
+                            trusted=trusted,
                         )  # fmt: skip
                         if kind == "capacity":
                             capacity = run.sustained_rate
