@@ -24,7 +24,7 @@ from soko.platform.config import Settings
 from soko.platform.runtime import Runtime
 from tests.conftest import sql_statements
 from tests.identity.admin_support import answered_soon
-from tests.identity.conftest import TEST_DEVICE, MakeUser
+from tests.identity.conftest import TEST_DEVICE, MakeUser, SignedInUser
 from tests.platform.test_cache_near import eventually
 
 ADMIN_USERS = "/api/v1/admin/users"
@@ -46,6 +46,15 @@ class Sources:
 
     def __call__(self) -> dict[str, float]:
         return {source: _states(source) - start for source, start in self.start.items()}
+
+
+async def _set_roles(
+    client: httpx2.AsyncClient, admin: SignedInUser, user: SignedInUser, *roles: str
+) -> None:
+    changed = await client.put(
+        f"{ADMIN_USERS}/{user.user_id}/roles", headers=admin.headers, json={"roles": roles}
+    )
+    assert changed.status_code == 200, changed.text
 
 
 def _past_the_leeway(runtime: Runtime, clock: ManualClock) -> None:
@@ -85,12 +94,7 @@ async def test_a_block_a_role_change_and_a_revoked_session_take_effect_at_once(
     for user in (demoted, blocked, signed_out):
         assert (await client.get(ADMIN_USERS, headers=user.headers)).status_code == 200
 
-    changed = await client.put(
-        f"{ADMIN_USERS}/{demoted.user_id}/roles",
-        headers=admin.headers,
-        json={"roles": ["customer"]},
-    )
-    assert changed.status_code == 200, changed.text
+    await _set_roles(client, admin, demoted, "customer")
     assert (await client.get(ADMIN_USERS, headers=demoted.headers)).status_code == 403
 
     assert (
@@ -115,10 +119,7 @@ async def test_a_token_issued_within_the_leeway_after_a_change_is_read(
     _past_the_leeway(runtime, clock)
     admin = await make_user(Role.admin)
     user = await make_user(Role.customer)
-    granted = await client.put(
-        f"{ADMIN_USERS}/{user.user_id}/roles", headers=admin.headers, json={"roles": ["operator"]}
-    )
-    assert granted.status_code == 200
+    await _set_roles(client, admin, user, "operator")
     # A token whose roles were read just before the change, issued just after it (a
     # refresh racing the change): its claims are stale, and they are not taken.
     stale = issue_access_token(
@@ -228,11 +229,7 @@ async def test_a_change_made_in_one_process_stops_the_token_in_another(
         assert (await second.get(ADMIN_USERS, headers=user.headers)).status_code == 200
     assert sources() == {"token": 2, "read": 0}
 
-    await first.put(
-        f"{ADMIN_USERS}/{demoted.user_id}/roles",
-        headers=admin.headers,
-        json={"roles": ["customer"]},
-    )
+    await _set_roles(first, admin, demoted, "customer")
     await first.post(f"{ADMIN_USERS}/{blocked.user_id}/block", headers=admin.headers)
 
     # Heard once the second process's listener reads the channel (ADR 0013): within

@@ -6,11 +6,10 @@ have been missed; a "no" only costs a read."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis
 
 from soko.platform.cache import ChangeJournal, MemoryCache, RedisCache
 from soko.platform.clock import ManualClock
@@ -98,27 +97,6 @@ async def test_the_memory_cache_hears_its_own_invalidations_from_its_start() -> 
 redis_only = pytest.mark.redis
 
 
-@pytest.fixture
-async def processes(
-    redis_url: str, redis_namespace: str
-) -> AsyncIterator[Callable[..., RedisCache]]:
-    """Redis caches over one namespace, each with a client of its own, as processes."""
-    made: list[tuple[RedisCache, Redis]] = []
-
-    def make(clock: ManualClock, retry_seconds: float = 0.05) -> RedisCache:
-        client = Redis.from_url(redis_url, decode_responses=False)
-        cache = RedisCache(
-            client, namespace=redis_namespace, retry_seconds=retry_seconds, clock=clock
-        )
-        made.append((cache, client))
-        return cache
-
-    yield make
-    for cache, client in made:
-        await cache.close()
-        await client.aclose()
-
-
 async def _listening_since(cache: RedisCache) -> float:
     """Start ``cache``'s listener (asking starts it) and wait until it hears everything."""
     cache.unchanged_since(["warm"], 0.0)
@@ -130,10 +108,10 @@ async def _listening_since(cache: RedisCache) -> float:
 
 @redis_only
 async def test_a_process_vouches_only_from_when_its_channel_was_confirmed(
-    processes: Callable[..., RedisCache],
+    redis_caches: Callable[..., RedisCache],
 ) -> None:
     clock = ManualClock()
-    cache = processes(clock)
+    cache = redis_caches(clock)
     asked_at = clock.now().timestamp()
     # Not listening yet: asking starts the listener, and says no meanwhile.
     assert not cache.unchanged_since(["user:1"], asked_at)
@@ -145,10 +123,10 @@ async def test_a_process_vouches_only_from_when_its_channel_was_confirmed(
 
 @redis_only
 async def test_a_change_made_by_another_process_is_heard(
-    processes: Callable[..., RedisCache],
+    redis_caches: Callable[..., RedisCache],
 ) -> None:
     clock = ManualClock()
-    ours, theirs = processes(clock), processes(clock)
+    ours, theirs = redis_caches(clock), redis_caches(clock)
     since = await _listening_since(ours)
     clock.advance(dt.timedelta(seconds=5))
     await theirs.invalidate_tags("user:1")
@@ -162,10 +140,10 @@ async def test_a_change_made_by_another_process_is_heard(
 
 @redis_only
 async def test_a_lost_channel_forgets_everything_before_it_is_back(
-    processes: Callable[..., RedisCache],
+    redis_caches: Callable[..., RedisCache],
 ) -> None:
     clock = ManualClock()
-    cache = processes(clock, retry_seconds=0.5)  # half a second before it listens again
+    cache = redis_caches(clock, retry_seconds=0.5)  # half a second before it listens again
     since = await _listening_since(cache)
     clock.advance(60)
     host, port = cache._subscription.connection._writer.get_extra_info("sockname")[:2]
@@ -181,10 +159,10 @@ async def test_a_lost_channel_forgets_everything_before_it_is_back(
 
 @redis_only
 async def test_a_message_it_cannot_read_forgets_everything_before_it(
-    processes: Callable[..., RedisCache],
+    redis_caches: Callable[..., RedisCache],
 ) -> None:
     clock = ManualClock()
-    cache = processes(clock)
+    cache = redis_caches(clock)
     since = await _listening_since(cache)
     clock.advance(10)
     await cache.redis.publish(cache.channel, b"\xff not json")

@@ -4,10 +4,9 @@ process on every change, never kept across a change that raced with their read."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
-from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from soko.platform.cache import NearCopies, RedisCache
@@ -33,23 +32,6 @@ async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
             await asyncio.sleep(0.005)
 
 
-@pytest.fixture
-async def caches(redis_url: str, redis_namespace: str) -> AsyncIterator[Callable[[], RedisCache]]:
-    """Caches over one Redis, each with its own client, as processes would have."""
-    made: list[tuple[RedisCache, Redis]] = []
-
-    def make() -> RedisCache:
-        client = Redis.from_url(redis_url, decode_responses=False)
-        cache = RedisCache(client, namespace=redis_namespace, retry_seconds=0.05)
-        made.append((cache, client))
-        return cache
-
-    yield make
-    for cache, client in made:
-        await cache.close()
-        await client.aclose()
-
-
 async def listening(cache: RedisCache, key: str = "warm", tags: tuple[str, ...] = ()) -> None:
     """Start the cache's listener (a near lookup does) and wait until it hears changes."""
     await cache.get_or_set_raw(key, Render(b"warm"), ttl=60, tags=tags, near=True)
@@ -61,9 +43,9 @@ def read(cache: RedisCache, render: Render) -> Awaitable[bytes]:
 
 
 async def test_a_near_copy_is_served_without_asking_redis(
-    caches: Callable[[], RedisCache],
+    redis_caches: Callable[..., RedisCache],
 ) -> None:
-    cache = caches()
+    cache = redis_caches()
     await listening(cache)
     render = Render(b"page one")
     assert await read(cache, render) == b"page one"
@@ -76,9 +58,9 @@ async def test_a_near_copy_is_served_without_asking_redis(
 
 
 async def test_a_change_in_another_process_drops_the_copy(
-    caches: Callable[[], RedisCache],
+    redis_caches: Callable[..., RedisCache],
 ) -> None:
-    reader, writer = caches(), caches()
+    reader, writer = redis_caches(), redis_caches()
     await listening(reader)
     assert await read(reader, Render(b"old")) == b"old"
     heard = reader.near.mark
@@ -90,9 +72,9 @@ async def test_a_change_in_another_process_drops_the_copy(
 
 @pytest.mark.parametrize("change", ["delete", "set"])
 async def test_deleting_or_setting_a_key_elsewhere_drops_the_copy(
-    caches: Callable[[], RedisCache], change: str
+    redis_caches: Callable[..., RedisCache], change: str
 ) -> None:
-    reader, writer = caches(), caches()
+    reader, writer = redis_caches(), redis_caches()
     await listening(reader)
     assert await read(reader, Render(b"old")) == b"old"
     heard = reader.near.mark
@@ -105,9 +87,9 @@ async def test_deleting_or_setting_a_key_elsewhere_drops_the_copy(
 
 
 async def test_the_process_that_changes_sees_it_at_once(
-    caches: Callable[[], RedisCache],
+    redis_caches: Callable[..., RedisCache],
 ) -> None:
-    cache = caches()
+    cache = redis_caches()
     await listening(cache)
     assert await read(cache, Render(b"old")) == b"old"
     await cache.invalidate_tags("catalog")
@@ -151,9 +133,9 @@ async def test_copies_expire_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -
 
 
 async def test_a_lost_channel_drops_every_copy_until_it_is_back(
-    caches: Callable[[], RedisCache],
+    redis_caches: Callable[..., RedisCache],
 ) -> None:
-    cache = caches()
+    cache = redis_caches()
     await listening(cache)
     assert await read(cache, Render(b"page")) == b"page"
     # The listener's connection dies (Redis restarted, a network cut).
@@ -170,8 +152,8 @@ async def test_a_lost_channel_drops_every_copy_until_it_is_back(
     assert cache.near.get("page:1") == b"page"
 
 
-async def test_closing_stops_the_listener(caches: Callable[[], RedisCache]) -> None:
-    cache = caches()
+async def test_closing_stops_the_listener(redis_caches: Callable[..., RedisCache]) -> None:
+    cache = redis_caches()
     await listening(cache)
     listener = cache._listener
     await cache.close()
