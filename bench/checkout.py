@@ -205,10 +205,19 @@ async def load(url: str, settings: Any, *, buyers: int, units: int) -> Store:
     return Store(seller_id, location_id, hot, spread, accounts, units)
 
 
-def settings_leeway() -> float:
+def _expected_source(changed: bool, minted: float, starting: float, ready: float) -> str | None:
+    """Where the server should find the state of tokens ``minted`` then, its processes
+    listening from between ``starting`` and ``ready``: ``"token"`` when they were
+    issued more than the (default) leeway after it was ready, ``"read"`` when announced
+    changed or issued less than the leeway after it started, ``None`` in between."""
     from soko.platform.config import Settings
 
-    return float(Settings.model_fields["token_leeway_seconds"].default)
+    leeway = float(Settings.model_fields["token_leeway_seconds"].default)
+    if changed or minted - starting < leeway - 1:
+        return "read"
+    if minted - ready > leeway + 1:
+        return "token"
+    return None
 
 
 async def mint_tokens(settings: Any, buyers: list[Buyer]) -> None:
@@ -416,9 +425,10 @@ async def change_sessions(redis_url: str, store: Store) -> None:
 async def one_run(
     *, url: str, port: int, meter: loadgen.CpuMeter, store: Store, strategy: str, shape: str,
     kind: str, workdir: Path, connections: int, rate: float, changed: bool, redis_url: str,
-    trusted: bool,
+    expect: str | None,
 ) -> Run:  # fmt: skip
-    """One run; ``trusted``: whether the server should take every token as issued."""
+    """One run; ``expect``: where every checkout's session state should come from,
+    ``"token"`` or ``"read"`` (``None``: it cannot be told, not checked)."""
     name = f"{strategy}-{shape}-{kind.replace(' ', '-')}"
     cart_ids = await reset(url, store, shape)
     raws = checkout_requests(store, cart_ids, name)
@@ -447,15 +457,17 @@ async def one_run(
         for source in ("token", "read")
     }
     run.checks = await check_run(url, port, store, shape, run, raws, result["bodies"])
-    expected, other = ("token", "read") if trusted else ("read", "token")
-    run.checks.append(
-        (
-            f"every checkout's session state {'taken from its token' if trusted else 'read'} "
-            f"({run.tokens[expected]} of {len(raws)}; {run.tokens[other]} {other})",
-            run.tokens[expected] == len(raws) and run.tokens[other] == 0,
-            False,
+    if expect is not None:
+        other = "read" if expect == "token" else "token"
+        run.checks.append(
+            (
+                f"every checkout's session state "
+                f"{'taken from its token' if expect == 'token' else 'read'} "
+                f"({run.tokens[expect]} of {len(raws)}; {run.tokens[other]} {other})",
+                run.tokens[expect] == len(raws) and run.tokens[other] == 0,
+                False,
+            )
         )
-    )
     run.background_after = await _background_done_after(url, ended)
     return run
 
@@ -756,8 +768,6 @@ async def run(config: Config) -> Outcome:
     url, redis_url = config.url, config.redis_url
     if config.tokens not in ("fresh", "changed"):
         raise SystemExit("BENCH_TOKENS is fresh or changed")
-    # Tokens issued more than the leeway after the server was ready are taken as issued.
-    trusted = not changed and config.trust_after > settings_leeway() + 1
     if changed and workers < 2:
         raise SystemExit("BENCH_TOKENS=changed announces changes through Redis: BENCH_WORKERS > 1")
     if not url.startswith("postgresql"):
@@ -796,6 +806,7 @@ async def run(config: Config) -> Outcome:
                        "PROMETHEUS_MULTIPROC_DIR": str(metrics)},
             )  # fmt: skip
             port = loadgen.free_port()
+            starting = time.time()
             server = loadgen.start_soko(env, port, workers, log=workdir / "server.log")
             meter = loadgen.CpuMeter(server.pid, database)
             try:
@@ -808,6 +819,7 @@ async def run(config: Config) -> Outcome:
                 print(f"-- {strategy}: warm-up, {done}")
                 await asyncio.sleep(max(0.0, listening + config.trust_after - time.time()))
                 await mint_tokens(settings, store.buyers)
+                expect = _expected_source(changed, time.time(), starting, listening)
                 for shape in config.shapes:
                     capacity = 0.0
                     for kind in config.kinds:
@@ -822,7 +834,7 @@ async def run(config: Config) -> Outcome:
                             url=url, port=port, meter=meter, store=store, strategy=strategy,
                             shape=shape, kind=kind, workdir=workdir, connections=connections,
                             rate=offered, changed=changed, redis_url=redis_url,
-                            trusted=trusted,
+                            expect=expect,
                         )  # fmt: skip
                         if kind == "capacity":
                             capacity = run.sustained_rate
