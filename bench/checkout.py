@@ -68,9 +68,10 @@ CHECKOUT_PATH = "/api/v1/checkout"
 # Checkouts of the unmeasured run each new server serves first (see warm_up).
 WARM_UP_CHECKOUTS = 500
 # Seconds after a server is ready from which the tokens it is sent were issued: the
-# default leeway (30 s, the skew allowed between clocks) and a margin for the listener's
-# confirmation. Tokens issued later are trusted as issued (ADR 0019).
-TRUST_AFTER = 32.0
+# default leeway (30 s, the skew allowed between clocks), the issuer's delay (2 s) and a
+# margin for the listener's confirmation. Tokens issued later are trusted as issued
+# (ADR 0019).
+TRUST_AFTER = 34.0
 PRICE_MINOR = 150_000
 GOALS = {"rate": 250.0, "spread_ratio": 0.8, "sold_out_ms": 50.0}
 SOLD_OUT = "out-of-stock"
@@ -210,12 +211,13 @@ def _expected_source(changed: bool, minted: float, starting: float, ready: float
     listening from between ``starting`` and ``ready``: ``"token"`` when they were
     issued more than the (default) leeway after it was ready, ``"read"`` when announced
     changed or issued less than the leeway after it started, ``None`` in between."""
+    from soko.identity.principals import ISSUE_DELAY_SECONDS
     from soko.platform.config import Settings
 
-    leeway = float(Settings.model_fields["token_leeway_seconds"].default)
-    if changed or minted - starting < leeway - 1:
+    margin = float(Settings.model_fields["token_leeway_seconds"].default) + ISSUE_DELAY_SECONDS
+    if changed or minted - starting < margin - 1:
         return "read"
-    if minted - ready > leeway + 1:
+    if minted - ready > margin + 1:
         return "token"
     return None
 

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from soko.app import create_app
 from soko.identity.models import Role, User, UserStatus
-from soko.identity.principals import ACCESS_TOKEN_STATES
+from soko.identity.principals import ACCESS_TOKEN_STATES, ISSUE_DELAY_SECONDS
 from soko.identity.sessions import issue_access_token, start_session
 from soko.platform.cache import RedisCache
 from soko.platform.clock import ManualClock
@@ -59,8 +59,10 @@ async def _set_roles(
 
 def _past_the_leeway(runtime: Runtime, clock: ManualClock) -> None:
     """Move on until tokens issued from now on are issued after this process began
-    hearing every change, by more than the leeway."""
-    clock.advance(dt.timedelta(seconds=runtime.settings.token_leeway_seconds + 1))
+    hearing every change, by more than the leeway and the issuer's delay."""
+    clock.advance(
+        dt.timedelta(seconds=runtime.settings.token_leeway_seconds + ISSUE_DELAY_SECONDS + 1)
+    )
 
 
 async def test_a_token_issued_after_the_leeway_is_taken_as_issued(
@@ -133,7 +135,7 @@ async def test_a_token_issued_within_the_leeway_after_a_change_is_read(
     answered = await client.get(ADMIN_USERS, headers={"Authorization": f"Bearer {stale}"})
     assert answered.status_code == 200  # the roles read: operator
     assert sources() == {"token": 0, "read": 1}
-    clock.advance(dt.timedelta(seconds=runtime.settings.token_leeway_seconds + 1))
+    _past_the_leeway(runtime, clock)
     fresh = issue_access_token(
         runtime,
         user_id=user.user_id,
@@ -236,3 +238,28 @@ async def test_a_change_made_in_one_process_stops_the_token_in_another(
     # milliseconds, but in a test sharing one event loop, maybe after the next request.
     assert await answered_soon(second, ADMIN_USERS, demoted.headers, 403) == 403
     assert await answered_soon(second, ADMIN_USERS, blocked.headers, 401) == 401
+
+
+async def test_with_no_leeway_the_issuers_delay_still_counts(
+    client: httpx2.AsyncClient, runtime: Runtime, clock: ManualClock, make_user: MakeUser
+) -> None:
+    """A leeway of 0 (clocks in step) still leaves the issuer's own delay between
+    reading a token's state and signing it: a change heard a second before ``iat`` may
+    have come after that read."""
+    runtime.settings = runtime.settings.model_copy(update={"token_leeway_seconds": 0})
+    _past_the_leeway(runtime, clock)
+    admin = await make_user(Role.admin)
+    user = await make_user(Role.customer)
+    await _set_roles(client, admin, user, "operator")
+    clock.advance(dt.timedelta(seconds=1))
+    stale = issue_access_token(
+        runtime,
+        user_id=user.user_id,
+        session_id=user.tokens.session_id,
+        roles=frozenset({"customer"}),
+        mfa_verified=False,
+    )
+    sources = Sources()
+    answered = await client.get(ADMIN_USERS, headers={"Authorization": f"Bearer {stale}"})
+    assert answered.status_code == 200  # operator, as read
+    assert sources() == {"token": 0, "read": 1}

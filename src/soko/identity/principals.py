@@ -39,6 +39,9 @@ from soko.platform.tokens import InvalidToken, TokenRejection, VerifiedToken
 
 API_KEY_PREFIX = "soko_"
 PRINCIPAL_CACHE_SECONDS = 30
+# What separates the read of a token's state from its `iat`, besides clock skew (the
+# leeway): the issuer's delay between reading and signing, and `iat` being whole seconds.
+ISSUE_DELAY_SECONDS = 2.0
 log = structlog.get_logger("soko.identity")
 ACCESS_TOKEN_STATES = Counter(
     "soko_access_token_states_total",
@@ -122,16 +125,18 @@ def _state_as_issued(
     A token is issued only to an active user's live session, with the roles and second
     factor read in the same transaction (:func:`~soko.identity.sessions.issue_access_token`).
     That state still holds if neither the user's nor the session's tag was invalidated
-    since it was read, which happened at most the leeway before the token's ``iat``:
-    the leeway bounds both the issuer's delay and the clock skew between the issuing
-    and this process. A token without both claims (from an earlier release) is read."""
+    since it was read, which happened at most ``ISSUE_DELAY_SECONDS`` and the leeway
+    (the clock skew allowed between the issuing and this process) before the token's
+    ``iat``. A token without both claims (from an earlier release) is read."""
     claims = verified.claims
     roles, mfa = claims.get("roles"), claims.get("mfa")
     if not isinstance(mfa, bool) or not isinstance(roles, list):
         return None
     if not all(isinstance(role, str) for role in roles):
         return None
-    read_by = verified.issued_at.timestamp() - runtime.settings.token_leeway_seconds
+    read_by = (
+        verified.issued_at.timestamp() - runtime.settings.token_leeway_seconds - ISSUE_DELAY_SECONDS
+    )
     if not runtime.cache.unchanged_since(tags, read_by):
         return None
     return {"active": True, "roles": roles, "mfa_verified": mfa}
