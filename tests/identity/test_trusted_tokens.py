@@ -199,7 +199,7 @@ async def two_processes(
     runtime.cache = RedisCache(clients[0], namespace=redis_namespace, clock=clock)
     other.cache = RedisCache(clients[1], namespace=redis_namespace, clock=clock)
     for cache in (runtime.cache, other.cache):
-        cache.unchanged_since(["start"], 0.0)  # starts its listener
+        cache.listen()
         await eventually(lambda cache=cache: cache.journal.known_since is not None)
     _past_the_leeway(runtime, clock)
     try:
@@ -216,7 +216,9 @@ async def two_processes(
             yield first, second
     finally:
         await other.stop()
-        await clients[0].aclose()
+        await runtime.cache.close()
+        for client in clients:
+            await client.aclose()
 
 
 @pytest.mark.redis
