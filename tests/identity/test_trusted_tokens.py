@@ -57,6 +57,18 @@ async def _set_roles(
     assert changed.status_code == 200, changed.text
 
 
+def _bearer(runtime: Runtime, user: SignedInUser, *roles: str) -> dict[str, str]:
+    """The headers of a new access token for ``user``'s session, with ``roles``."""
+    token = issue_access_token(
+        runtime,
+        user_id=user.user_id,
+        session_id=user.tokens.session_id,
+        roles=frozenset(roles),
+        mfa_verified=False,
+    )
+    return {"Authorization": f"Bearer {token}"}
+
+
 def _past_the_leeway(runtime: Runtime, clock: ManualClock) -> None:
     """Move on until tokens issued from now on are issued after this process began
     hearing every change, by more than the leeway and the issuer's delay."""
@@ -124,28 +136,14 @@ async def test_a_token_issued_within_the_leeway_after_a_change_is_read(
     await _set_roles(client, admin, user, "operator")
     # A token whose roles were read just before the change, issued just after it (a
     # refresh racing the change): its claims are stale, and they are not taken.
-    stale = issue_access_token(
-        runtime,
-        user_id=user.user_id,
-        session_id=user.tokens.session_id,
-        roles=frozenset({"customer"}),
-        mfa_verified=False,
-    )
+    stale = _bearer(runtime, user, "customer")
     sources = Sources()
-    answered = await client.get(ADMIN_USERS, headers={"Authorization": f"Bearer {stale}"})
+    answered = await client.get(ADMIN_USERS, headers=stale)
     assert answered.status_code == 200  # the roles read: operator
     assert sources() == {"token": 0, "read": 1}
     _past_the_leeway(runtime, clock)
-    fresh = issue_access_token(
-        runtime,
-        user_id=user.user_id,
-        session_id=user.tokens.session_id,
-        roles=frozenset({"operator"}),
-        mfa_verified=False,
-    )
-    assert (
-        await client.get(ADMIN_USERS, headers={"Authorization": f"Bearer {fresh}"})
-    ).status_code == 200
+    fresh = _bearer(runtime, user, "operator")
+    assert (await client.get(ADMIN_USERS, headers=fresh)).status_code == 200
     assert sources() == {"token": 1, "read": 1}
 
 
@@ -254,14 +252,8 @@ async def test_with_no_leeway_the_issuers_delay_still_counts(
     user = await make_user(Role.customer)
     await _set_roles(client, admin, user, "operator")
     clock.advance(dt.timedelta(seconds=1))
-    stale = issue_access_token(
-        runtime,
-        user_id=user.user_id,
-        session_id=user.tokens.session_id,
-        roles=frozenset({"customer"}),
-        mfa_verified=False,
-    )
+    stale = _bearer(runtime, user, "customer")
     sources = Sources()
-    answered = await client.get(ADMIN_USERS, headers={"Authorization": f"Bearer {stale}"})
+    answered = await client.get(ADMIN_USERS, headers=stale)
     assert answered.status_code == 200  # operator, as read
     assert sources() == {"token": 0, "read": 1}
