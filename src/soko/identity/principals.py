@@ -49,6 +49,9 @@ ACCESS_TOKEN_STATES = Counter(
     "(token), or a read (read)",
     ["source"],
 )
+# Bound once: a request only counts.
+_FROM_TOKEN = ACCESS_TOKEN_STATES.labels("token")
+_READ = ACCESS_TOKEN_STATES.labels("read")
 
 
 def _bearer(request: Request) -> str | None:
@@ -95,7 +98,7 @@ async def _from_access_token(runtime: Runtime, token: str) -> Principal:
     tags = (principal_tag(user_id), session_tag(session_id))
     state = _state_as_issued(runtime, verified, tags)
     if state is None:
-        ACCESS_TOKEN_STATES.labels("read").inc()
+        _READ.inc()
         state = await runtime.cache.get_or_set(
             f"identity:principal:{session_id}",
             lambda: _session_state(runtime, user_id, session_id),
@@ -104,7 +107,7 @@ async def _from_access_token(runtime: Runtime, token: str) -> Principal:
             near=True,
         )
     else:
-        ACCESS_TOKEN_STATES.labels("token").inc()
+        _FROM_TOKEN.inc()
     if not state or not state.get("active"):
         raise InvalidToken(TokenRejection.bad_signature, "session revoked or user not active")
     roles = frozenset(state["roles"])

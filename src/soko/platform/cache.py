@@ -826,10 +826,22 @@ class RedisCache(_TaggedCache):
         listener = self._listener
         if listener is not None and not listener.done() and listener.get_loop() is loop:
             return
+        self._deaf()
+        self._listener = loop.create_task(self._listen(), name="cache-near-copies")
+
+    def _deaf(self) -> None:
+        """The channel is not (or no longer) listened to: no near copy is kept or
+        served, and no change is vouched for."""
         self.near.listening = False
         self.near.clear()
         self.journal.stop()
-        self._listener = loop.create_task(self._listen(), name="cache-near-copies")
+
+    def _hearing_from_now(self) -> None:
+        """Every change is heard from now on, and nothing from before is known: the
+        near copies are dropped and the journal starts afresh."""
+        self.near.clear()
+        self.near.listening = True
+        self.journal.start(self._now())
 
     async def _listen(self) -> None:
         """Hear every process's changes until cancelled, reconnecting after a failure."""
@@ -843,9 +855,7 @@ class RedisCache(_TaggedCache):
                         raise TimeoutError("the cache channel was not confirmed")
                     if reply.get("type") == "subscribe":
                         break
-                self.near.clear()
-                self.near.listening = True
-                self.journal.start(self._now())
+                self._hearing_from_now()
                 silent = 0
                 while True:
                     message = await pubsub.get_message(
@@ -867,9 +877,7 @@ class RedisCache(_TaggedCache):
             except Exception as exc:  # any failure: forget every copy, then listen again
                 log.warning("cache_channel_lost", error=type(exc).__name__)
             finally:
-                self.near.listening = False
-                self.near.clear()
-                self.journal.stop()
+                self._deaf()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(self.retry_seconds)
@@ -882,8 +890,7 @@ class RedisCache(_TaggedCache):
                 raise TypeError("tags and keys are lists")
         except (TypeError, ValueError, AttributeError):
             # A message we cannot read: drop everything, and know nothing before now.
-            self.near.clear()
-            self.journal.start(self._now())
+            self._hearing_from_now()
             return
         tags = [str(tag) for tag in tags]
         self.near.invalidate(tags=tags, keys=[str(key) for key in keys])
@@ -952,10 +959,10 @@ class RedisCache(_TaggedCache):
         if not tags:
             return
         self.near.invalidate(tags=tags)
+        # Known here at once; the listener hears the message too, later.
         self.journal.record(tags, self._now())
         await self._invalidations.send(tags)
         self.near.invalidate(tags=tags)
-        self.journal.record(tags, self._now())
 
     def unchanged_since(self, tags: Sequence[str], since: float) -> bool:
         self._ensure_listening()
@@ -984,5 +991,4 @@ class RedisCache(_TaggedCache):
             if listener.get_loop() is asyncio.get_running_loop():
                 with contextlib.suppress(asyncio.CancelledError):
                     await listener
-        self.near.listening = False
-        self.near.clear()
+        self._deaf()
