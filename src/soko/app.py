@@ -24,7 +24,7 @@ from soko.platform.http import (
 from soko.platform.logging import configure_logging
 from soko.platform.metrics import forget_this_process
 from soko.platform.ratelimit import GlobalRateLimitMiddleware
-from soko.platform.routing import guard_included_routers
+from soko.platform.routing import build_route_handling, guard_included_routers
 from soko.platform.runtime import Runtime
 from soko.platform.tracing import Tracing, configure_tracing, fastapi_telemetry
 
@@ -146,6 +146,9 @@ def create_app(
             await active.start()
             # Hashing workers start with the server: the first sign-ins wait for none.
             await start_password_hashing(active)
+            # Each domain's request handling is built now, not at its first request,
+            # and frozen with the rest of the startup heap.
+            build_route_handling(app)
             _freeze_startup_heap()
         try:
             yield

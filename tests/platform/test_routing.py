@@ -12,7 +12,12 @@ from fastapi import APIRouter, FastAPI
 from starlette.routing import Match
 
 from soko.app import create_app
-from soko.platform.routing import branch_prefixes, guard_included_routers, static_prefix
+from soko.platform.routing import (
+    branch_prefixes,
+    build_route_handling,
+    guard_included_routers,
+    static_prefix,
+)
 from tests.conftest import make_settings
 
 _PARAMETER = re.compile(r"\{[^}]*\}")
@@ -84,6 +89,41 @@ def test_every_domain_branch_of_the_app_is_guarded(soko_app: FastAPI) -> None:
     assert len(guarded) == len(_branches(soko_app)) >= 10
     # Guarding twice changes nothing.
     assert guard_included_routers(soko_app) == 0
+
+
+def test_the_prefixes_are_those_of_the_routes_fastapi_builds(soko_app: FastAPI) -> None:
+    """The guard reads paths without building the routes; FastAPI's built routes give the
+    same prefixes, branch by branch."""
+    for branch in _branches(soko_app):
+        assert branch._soko_prefixes == branch_prefixes(branch.effective_route_contexts())
+
+
+def test_building_an_app_builds_no_route_until_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app built for a test pays for the routes its requests reach, not for all of
+    them; a server builds them all as it starts."""
+    import fastapi.routing
+
+    built: list[Any] = []
+    original = fastapi.routing._EffectiveRouteContext.from_api_route
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        built.append(kwargs.get("original_route"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing._EffectiveRouteContext, "from_api_route", counted)
+    app = create_app(make_settings(tmp_path))
+    # FastAPI itself builds the few routes of a router that includes another one.
+    assert len(built) <= 10
+    assert len(_branches(app)) >= 10
+    assert all(getattr(branch, "_soko_prefixes", None) for branch in _branches(app))
+    routes = build_route_handling(app)
+    assert routes > 120
+    assert len(built) >= routes - 10  # a few plain Starlette routes are not API routes
+    built.clear()
+    assert build_route_handling(app) == routes
+    assert built == []  # built once
 
 
 @pytest.mark.parametrize("root_path", ["", "/market"])
