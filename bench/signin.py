@@ -14,6 +14,12 @@ creates users, then runs four phases of ``BENCH_SECONDS`` each:
    sign in back to back (closed loop): the most sign-ins the machine holds beside it;
 4. ``sign-ins alone``: the sign-in clients without the ``/me`` load.
 
+The ``/me`` client's access token is issued ``BENCH_TRUST_AFTER`` seconds (34) after the
+server is ready, as a client's token is in a server that has run a while: past the
+leeway and the issuer's delay, the server takes its claims as issued, with no read of
+the session's state (ADR 0019). The servers' counters of where each token's state came
+from are printed at the end (``PROMETHEUS_MULTIPROC_DIR`` is set for them).
+
 The load comes from two processes of their own (one for ``/me``, one for the sign-ins)
 speaking raw HTTP/1.1 over keep-alive connections, so the generator costs little CPU and
 never shares an event loop with the other half of the load. Every phase also prints the
@@ -33,7 +39,8 @@ Settings: ``BENCH_SECONDS`` (10), ``BENCH_ME_RATE`` (100 requests/s),
 ``BENCH_REDIS_URL``, default ``redis://127.0.0.1:6379/14``; its keys are left to expire),
 ``BENCH_HASH_THREADS`` (the server's ``SOKO_PASSWORD_HASH_THREADS``; default the setting's),
 ``BENCH_HASH_POOL`` (the server's ``SOKO_PASSWORD_HASH_POOL``, ``process`` or ``thread``;
-default the setting's).
+default the setting's), ``BENCH_TRUST_AFTER`` (34 seconds; 0 issues the token at once,
+so each ``/me`` reads its session's state).
 """
 
 from __future__ import annotations
@@ -592,6 +599,9 @@ async def main(_argv: list[str]) -> None:
     clients = int(os.environ.get("BENCH_SIGNIN_CLIENTS", "8"))
     signin_rate = float(os.environ.get("BENCH_SIGNIN_RATE", "60"))
     workers = int(os.environ.get("BENCH_WORKERS", "1"))
+    from bench.checkout import TRUST_AFTER, token_states
+
+    trust_after = float(os.environ.get("BENCH_TRUST_AFTER", str(TRUST_AFTER)))
     workdir = Path(tempfile.mkdtemp(prefix="soko-bench-signin-"))
     url = os.environ.get("BENCH_DATABASE_URL") or f"sqlite+aiosqlite:///{workdir / 'bench.db'}"
     env = {
@@ -610,6 +620,9 @@ async def main(_argv: list[str]) -> None:
         env["SOKO_PASSWORD_HASH_THREADS"] = os.environ["BENCH_HASH_THREADS"]
     if os.environ.get("BENCH_HASH_POOL"):
         env["SOKO_PASSWORD_HASH_POOL"] = os.environ["BENCH_HASH_POOL"]
+    metrics = workdir / "metrics"
+    metrics.mkdir()
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
     if workers > 1:
         env["SOKO_REDIS_URL"] = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
         for backend in ("CACHE", "RATELIMIT", "PUBSUB"):
@@ -648,6 +661,7 @@ async def main(_argv: list[str]) -> None:
     meter = CpuMeter(server.pid, database)
     try:
         await _wait_ready(port, server)
+        await asyncio.sleep(trust_after)
         token = await _token(port, emails[0])
         await _phase("warm-up", meter, port=port, seconds=2, me_rate=rate, token=token,
                      clients=2, emails=emails)  # fmt: skip
@@ -661,12 +675,18 @@ async def main(_argv: list[str]) -> None:
                              clients=clients, emails=emails)  # fmt: skip
         only = await _phase("sign-ins alone, back to back", meter, port=port,
                             seconds=seconds, clients=clients, emails=emails)  # fmt: skip
+        states = await token_states(port)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+    print(
+        f"/me token         issued {trust_after:.0f} s after the server was ready; its state "
+        f"taken from the token {states.get('token', 0):.0f} times, read "
+        f"{states.get('read', 0):.0f} times"
+    )
     reference = _report(alone, reference_p99=None)
     during = _report(burst, reference_p99=reference)
     _report(flood, reference_p99=reference)
