@@ -143,9 +143,9 @@ async def _empty_all(engine: AsyncEngine) -> None:
     tables = Base.metadata.sorted_tables
     try:
         async with engine.begin() as conn:
-            filled = [tables[index] for index in (await conn.scalars(text(_FILLED))).all()]
-            for table in sorted(filled, key=tables.index, reverse=True):
-                await conn.execute(text(f'DELETE FROM "{table.name}"'))
+            filled = (await conn.scalars(text(_FILLED))).all()
+            for index in sorted(filled, reverse=True):  # children before parents
+                await conn.execute(text(f'DELETE FROM "{tables[index].name}"'))
     except DBAPIError:
         names = ", ".join(f'"{table.name}"' for table in tables)
         async with engine.begin() as conn:

@@ -28,7 +28,6 @@ frozen.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
@@ -45,31 +44,41 @@ def static_prefix(path_format: str) -> str:
     return path_format.partition("{")[0]
 
 
+def _path_prefix(path: Any) -> str | None:
+    """The static prefix of a route path, or ``None`` when it is not a path."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        return None
+    return static_prefix(path)
+
+
 def _context_prefix(context: Any) -> str | None:
     original = getattr(context, "original_route", None)
     if isinstance(original, APIRoute):
         path_format = getattr(context, "path_format", "")
     else:
         path_format = getattr(getattr(context, "starlette_route", None), "path_format", "")
-    if not isinstance(path_format, str) or not path_format.startswith("/"):
-        return None
-    return static_prefix(path_format)
+    return _path_prefix(path_format)
 
 
-def branch_prefixes(contexts: Iterable[Any]) -> tuple[str, ...] | None:
-    """The shortest set of prefixes covering every route of a branch, or ``None`` when
-    one route's prefix is unknown (the branch must then be matched in full)."""
-    prefixes: set[str] = set()
-    for context in contexts:
-        prefix = _context_prefix(context)
+def _covering(prefixes: Iterable[str | None]) -> tuple[str, ...] | None:
+    """The shortest set of ``prefixes`` covering them all, or ``None`` when one is
+    unknown (the branch must then be matched in full)."""
+    found: set[str] = set()
+    for prefix in prefixes:
         if prefix is None:
             return None
-        prefixes.add(prefix)
+        found.add(prefix)
     kept: list[str] = []
-    for prefix in sorted(prefixes, key=len):
+    for prefix in sorted(found, key=len):
         if not any(prefix.startswith(shorter) for shorter in kept):
             kept.append(prefix)
     return tuple(kept)
+
+
+def branch_prefixes(contexts: Iterable[Any]) -> tuple[str, ...] | None:
+    """The shortest set of prefixes covering every route of a branch, as FastAPI built
+    them, or ``None`` when one route's prefix is unknown."""
+    return _covering(_context_prefix(context) for context in contexts)
 
 
 def _guarded(matches: _Matcher, prefixes: tuple[str, ...]) -> _Matcher:
@@ -81,50 +90,34 @@ def _guarded(matches: _Matcher, prefixes: tuple[str, ...]) -> _Matcher:
     return guarded_matches
 
 
-@dataclass(frozen=True, slots=True)
-class _Path:
-    """A route known only by its path (the shape :func:`branch_prefixes` reads)."""
-
-    path_format: str
-    original_route: None = None
-
-    @property
-    def starlette_route(self) -> _Path:
-        return self
-
-
-class _Unknown:
-    """A route whose path is not known: its branch is matched in full."""
-
-    original_route = None
-    starlette_route = None
-
-
 _ROUTES_WITH_A_PATH = (APIRoute, APIWebSocketRoute, Route, WebSocketRoute)
 
 
-def _routes_of(router: Any, include_context: Any) -> Iterator[Any]:
-    """Every route of ``router`` included with ``include_context``, by its path as
-    FastAPI joins it, its included routers walked as FastAPI walks them."""
+def _route_paths(router: Any, include_context: Any) -> Iterator[str | None]:
+    """The path of every route of ``router`` included with ``include_context``, as
+    FastAPI joins it, its included routers walked as FastAPI walks them; ``None`` for a
+    route whose path is not known."""
     if getattr(router, "_low_priority_routes", None):
-        yield _Unknown()  # fallbacks matched after every other route: leave the branch be
+        yield None  # fallbacks matched after every other route: leave the branch be
         return
     for route in getattr(router, "routes", ()):
         child = getattr(route, "include_context", None)
         if child is not None and hasattr(route, "effective_route_contexts"):
-            yield from _routes_of(route.original_router, include_context.combine(child))
+            yield from _route_paths(route.original_router, include_context.combine(child))
         elif isinstance(route, _ROUTES_WITH_A_PATH):
-            yield _Path(include_context.path_for(route))
+            yield include_context.path_for(route)
         else:
-            yield _Unknown()
+            yield None
 
 
-def _branch_routes(branch: Any) -> Iterable[Any]:
+def _unbuilt_prefixes(branch: Any) -> tuple[str, ...] | None:
+    """:func:`branch_prefixes` of an included router, read from its routes' paths
+    without building them."""
     include_context = getattr(branch, "include_context", None)
     router = getattr(branch, "original_router", None)
     if include_context is None or router is None:
-        return [_Unknown()]
-    return _routes_of(router, include_context)
+        return None
+    return _covering(_path_prefix(path) for path in _route_paths(router, include_context))
 
 
 def _branches(app: FastAPI) -> list[Any]:
@@ -138,7 +131,7 @@ def guard_included_routers(app: FastAPI) -> int:
     for route in _branches(app):
         if getattr(route, "_soko_prefixes", None) is not None:
             continue
-        prefixes = branch_prefixes(_branch_routes(route))
+        prefixes = _unbuilt_prefixes(route)
         if not prefixes:
             continue
         # An instance attribute shadows the class's method for this branch only.
