@@ -253,13 +253,19 @@ async def test_a_pooled_connection_is_checked_out_without_a_ping_unless_it_idled
         first = await backend_pid(engine)
         assert await backend_pid(engine) == first
         assert pings == []
-        async with admin.connect() as connection:
+        async with admin.connect() as opened:
+            # Autocommit: inside one transaction PostgreSQL answers pg_stat_activity from
+            # the snapshot its first read took, and a backend seen ending would be seen
+            # there for ever.
+            connection = await opened.execution_options(isolation_level="AUTOCOMMIT")
             await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+            deadline = asyncio.get_running_loop().time() + 10
             while (
                 await connection.execute(
                     text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": first}
                 )
             ).scalar_one():
+                assert asyncio.get_running_loop().time() < deadline, "the backend never ended"
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)  # the server's goodbye reaches the pooled connection
         replacement = await backend_pid(engine)  # no error: replaced on checkout
