@@ -34,7 +34,7 @@ async def test_catalog_benchmark_runs_and_its_invariants_hold() -> None:
         )
     )
     assert outcome.invariants_held
-    assert set(outcome.results) == {"uncached", "uncached70", "cached", "cached70", "raw"}
+    assert set(outcome.results) == {"uncached", "uncached70", "cached", "cached70", "raw", "raw70"}
     assert all(measured.ok > 0 for measured in outcome.results.values())
 
 
