@@ -135,6 +135,9 @@ def _filled_tables_query() -> str:
     )
 
 
+_FILLED = _filled_tables_query()
+
+
 async def _empty_all(engine: AsyncEngine) -> None:
     """Delete every row of every table. A test fills a few tables of the fifty-odd, and
     emptying only those, children before parents, takes a millisecond or two where a
@@ -150,9 +153,6 @@ async def _empty_all(engine: AsyncEngine) -> None:
         names = ", ".join(f'"{table.name}"' for table in tables)
         async with engine.begin() as conn:
             await conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-
-
-_FILLED = _filled_tables_query()
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from soko.platform.routing import (
     branch_prefixes,
     build_route_handling,
     guard_included_routers,
+    included_branches,
     static_prefix,
 )
 from tests.conftest import make_settings
@@ -24,15 +25,11 @@ _PARAMETER = re.compile(r"\{[^}]*\}")
 _SAMPLE_ID = "01a247c5-b780-72d9-8689-0123456789ab"
 
 
-def _branches(app: FastAPI) -> list[Any]:
-    return [route for route in app.router.routes if hasattr(route, "effective_route_contexts")]
-
-
 def _sample_paths(app: FastAPI) -> list[str]:
     """A concrete path for every route of the app, each with and without a trailing
     slash, and paths near them that no route has."""
     paths: set[str] = {"/", "", "/api", "/api/v1", "/api/v1/", "/no/such/place", "/api/v2/products"}
-    for branch in _branches(app):
+    for branch in included_branches(app):
         for context in branch.effective_route_contexts():
             path_format = getattr(context, "path_format", "") or ""
             if not path_format:
@@ -85,8 +82,10 @@ def test_branch_prefixes_keep_only_the_shortest_covering_ones() -> None:
 
 
 def test_every_domain_branch_of_the_app_is_guarded(soko_app: FastAPI) -> None:
-    guarded = [branch for branch in _branches(soko_app) if getattr(branch, "_soko_prefixes", None)]
-    assert len(guarded) == len(_branches(soko_app)) >= 10
+    guarded = [
+        branch for branch in included_branches(soko_app) if getattr(branch, "_soko_prefixes", None)
+    ]
+    assert len(guarded) == len(included_branches(soko_app)) >= 10
     # Guarding twice changes nothing.
     assert guard_included_routers(soko_app) == 0
 
@@ -94,7 +93,7 @@ def test_every_domain_branch_of_the_app_is_guarded(soko_app: FastAPI) -> None:
 def test_the_prefixes_are_those_of_the_routes_fastapi_builds(soko_app: FastAPI) -> None:
     """The guard reads paths without building the routes; FastAPI's built routes give the
     same prefixes, branch by branch."""
-    for branch in _branches(soko_app):
+    for branch in included_branches(soko_app):
         assert branch._soko_prefixes == branch_prefixes(branch.effective_route_contexts())
 
 
@@ -116,8 +115,8 @@ def test_building_an_app_builds_no_route_until_asked(
     app = create_app(make_settings(tmp_path))
     # FastAPI itself builds the few routes of a router that includes another one.
     assert len(built) <= 10
-    assert len(_branches(app)) >= 10
-    assert all(getattr(branch, "_soko_prefixes", None) for branch in _branches(app))
+    assert len(included_branches(app)) >= 10
+    assert all(getattr(branch, "_soko_prefixes", None) for branch in included_branches(app))
     routes = build_route_handling(app)
     assert routes > 120
     assert len(built) >= routes - 10  # a few plain Starlette routes are not API routes
@@ -133,7 +132,7 @@ def test_the_guard_answers_as_the_branch_itself_for_every_path(
     paths = _sample_paths(soko_app)
     assert len(paths) > 300
     checked = 0
-    for branch in _branches(soko_app):
+    for branch in included_branches(soko_app):
         unguarded = type(branch).matches
         for path in paths:
             for method in ("GET", "POST", "DELETE"):
@@ -150,7 +149,7 @@ def test_a_path_outside_a_branch_is_refused_without_trying_its_routes(
 ) -> None:
     identity = next(
         branch
-        for branch in _branches(soko_app)
+        for branch in included_branches(soko_app)
         if "/api/v1/me" in getattr(branch, "_soko_prefixes", ())
     )
 

@@ -120,7 +120,7 @@ def _unbuilt_prefixes(branch: Any) -> tuple[str, ...] | None:
     return _covering(_path_prefix(path) for path in _route_paths(router, include_context))
 
 
-def _branches(app: FastAPI) -> list[Any]:
+def included_branches(app: FastAPI) -> list[Any]:
     """The top-level included routers of ``app``."""
     return [route for route in app.router.routes if hasattr(route, "effective_route_contexts")]
 
@@ -128,7 +128,7 @@ def _branches(app: FastAPI) -> list[Any]:
 def guard_included_routers(app: FastAPI) -> int:
     """Guard every top-level included router of ``app``; the number guarded."""
     guarded = 0
-    for route in _branches(app):
+    for route in included_branches(app):
         if getattr(route, "_soko_prefixes", None) is not None:
             continue
         prefixes = _unbuilt_prefixes(route)
@@ -144,4 +144,4 @@ def guard_included_routers(app: FastAPI) -> int:
 def build_route_handling(app: FastAPI) -> int:
     """Have FastAPI build the request handling of every route of ``app`` now (it builds
     a branch's at the branch's first request otherwise); the number of routes."""
-    return sum(1 for branch in _branches(app) for _ in branch.effective_route_contexts())
+    return sum(1 for branch in included_branches(app) for _ in branch.effective_route_contexts())
