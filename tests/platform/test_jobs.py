@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -673,6 +674,81 @@ async def test_postgres_claims_skip_rows_locked_by_another_worker(
                 assert [message.id for message in claimed] == [second]
         finally:
             await engine.dispose()
+    finally:
+        async with outbox.transaction() as session:
+            await session.execute(text("DELETE FROM outbox_messages"))
+        await outbox.close()
+
+
+async def test_a_claim_takes_expired_leases_first_then_the_oldest_due_up_to_its_limit(
+    outbox: Outbox, clock: ManualClock
+) -> None:
+    start = clock.now()
+    due = [
+        await _enqueue(outbox, "count", {"n": str(n)}, available_at=start - dt.timedelta(minutes=n))
+        for n in (1, 5, 3, 4, 2)
+    ]  # oldest first: due[1], due[3], due[2], due[4], due[0]
+    later = await _enqueue(outbox, "count", {"n": "later"}, delay=3600)
+    first = await outbox.dispatcher().claim(2)
+    assert sorted(message.id for message in first) == sorted([due[1], due[3]])
+
+    # The first worker died: its lease runs out while the rest waits.
+    clock.advance(dt.timedelta(seconds=outbox.settings.outbox_lease_seconds + 1))
+    rescuer = outbox.dispatcher()
+    second = {message.id: message.attempts for message in await rescuer.claim(3)}
+    assert second == {due[1]: 2, due[3]: 2, due[2]: 1}
+    third = await rescuer.claim(10)
+    assert sorted(message.id for message in third) == sorted([due[4], due[0]])  # not `later`
+    assert await rescuer.claim(10) == []
+    assert (await outbox.message(later)).status == "pending"
+
+
+def _largest_row_count(plan: dict[str, Any]) -> int:
+    """The most rows any node of an ``EXPLAIN (ANALYZE, FORMAT JSON)`` plan produced."""
+    rows = int(plan["Actual Rows"] * plan["Actual Loops"])
+    return max([rows, *(_largest_row_count(child) for child in plan.get("Plans", []))])
+
+
+@pytest.mark.postgresql
+async def test_postgres_claims_read_no_more_of_a_backlog_than_they_take(
+    postgres_test_url: str, tmp_path: Path, clock: ManualClock
+) -> None:
+    """A claim's cost must not grow with the backlog it drains: it reads the due messages
+    in index order and stops at its limit, rather than reading every due message and
+    sorting them (draining a backlog of n messages then read about n * n / (2 * limit) rows)."""
+    from soko.platform.jobs import _claim_statement
+
+    settings = make_settings(tmp_path, database_url=postgres_test_url)
+    outbox = Outbox(postgres_test_url, settings, clock)
+    now = clock.now()
+    try:
+        async with outbox.transaction() as session:
+            await session.execute(
+                text(
+                    "INSERT INTO outbox_messages (id, kind, name, payload, status, attempts,"
+                    " available_at, created_at) SELECT gen_random_uuid(), 'job', 'count',"
+                    " '{}', 'pending', 0, CAST(:now AS timestamptz) - make_interval(secs => n),"
+                    " :now FROM generate_series(1, 5000) AS n"
+                ),
+                {"now": now},
+            )
+            await session.execute(text("ANALYZE outbox_messages"))
+        async with outbox.db.engine.connect() as connection:
+            compiled = _claim_statement().compile(dialect=connection.dialect)
+            lease_until = now + dt.timedelta(minutes=1)
+            parameters = compiled.construct_params(
+                {"now": now, "limit": 5, "worker": "w", "lease_until": lease_until}
+            )
+            assert compiled.positiontup is not None
+            explained = await connection.exec_driver_sql(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + compiled.string,
+                tuple(parameters[name] for name in compiled.positiontup),
+            )
+            [[document]] = explained.all()
+            await connection.rollback()  # EXPLAIN ANALYZE ran the claim: take it back
+        plan = (document if isinstance(document, list) else json.loads(document))[0]["Plan"]
+        assert plan["Actual Rows"] == 5
+        assert _largest_row_count(plan) <= 10, plan
     finally:
         async with outbox.transaction() as session:
             await session.execute(text("DELETE FROM outbox_messages"))
