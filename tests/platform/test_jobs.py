@@ -198,12 +198,101 @@ async def test_a_subscriber_that_does_not_want_the_event_gets_no_delivery(
         "order.delivered:audit_trail": 1,
     }
     deliveries = {(row.event_id, row.handler) for row in await outbox.messages() if row.handler}
-    assert deliveries == {
-        (shipped, "mirror"),
-        (shipped, "audit_trail"),
-        (delivered, "audit_trail"),
-    }
+    # order.delivered had one subscriber left: it ran in the event's own message.
+    assert deliveries == {(shipped, "mirror"), (shipped, "audit_trail")}
+    assert (delivered, "audit_trail") not in deliveries
+    assert ("audit_trail", delivered) in await outbox.markers()
     assert {row.status for row in await outbox.messages()} == {"done"}
+
+
+async def test_an_event_only_one_subscriber_wants_runs_in_its_own_message(
+    outbox: Outbox,
+) -> None:
+    seen: list[JobContext] = []
+
+    async def never(connection: AsyncConnection, event: str) -> bool:
+        return False
+
+    @outbox.registry.on("order.paid", name="notify_buyer")
+    async def notify_buyer(ctx: JobContext, payload: dict[str, Any]) -> None:
+        assert payload == {"order_id": "o-9"}
+        seen.append(ctx)
+
+    @outbox.registry.on("order.paid", name="mirror", wanted=never)
+    async def mirror(ctx: JobContext, payload: dict[str, Any]) -> None:
+        raise AssertionError("not wanted")
+
+    done_before = _metric("soko_jobs_total", name="order.paid:notify_buyer", outcome="done")
+    event_id = await _publish(outbox, "order.paid", {"order_id": "o-9"})
+    assert await outbox.dispatcher().run_until_idle() == 1  # one message claimed, no more
+
+    [ctx] = seen
+    assert (ctx.message_id, ctx.event_id, ctx.name, ctx.attempt) == (
+        event_id,
+        event_id,
+        "order.paid:notify_buyer",
+        1,
+    )
+    [row] = await outbox.messages()
+    assert (row.id, row.handler, row.status, row.attempts) == (event_id, None, "done", 1)
+    # The marker a delivery would have left: a delivery of this event to this subscriber,
+    # should one ever be written, would complete without a second run.
+    assert await outbox.markers() == [("notify_buyer", event_id)]
+    after = _metric("soko_jobs_total", name="order.paid:notify_buyer", outcome="done")
+    assert after == done_before + 1
+
+
+async def test_a_subscriber_run_in_place_fails_under_its_own_limit_and_is_asked_again(
+    outbox: Outbox, clock: ManualClock
+) -> None:
+    event = _unique("stock.counted")
+    calls: Counter[str] = Counter()
+    mirror_wanted, failing = False, True
+
+    async def wanted(connection: AsyncConnection, name: str) -> bool:
+        return mirror_wanted
+
+    @outbox.registry.on(event, name="recount", max_attempts=2)
+    async def recount(ctx: JobContext, payload: dict[str, Any]) -> None:
+        calls["recount"] += 1
+        if failing:
+            raise ConnectionError("scale offline")
+
+    @outbox.registry.on(event, name="mirror", wanted=wanted)
+    async def mirror(ctx: JobContext, payload: dict[str, Any]) -> None:
+        calls["mirror"] += 1
+
+    first = await _publish(outbox, event, {"sku": "s-1"})
+    dispatcher = outbox.dispatcher()
+    await dispatcher.run_until_idle()
+    row = await outbox.message(first)
+    assert (row.status, row.attempts, row.last_error) == (
+        "pending",
+        1,
+        "ConnectionError: scale offline",
+    )
+    clock.advance(dt.timedelta(seconds=settings_backoff_ceiling(outbox.settings, 1)))
+    await dispatcher.run_until_idle()
+    # The subscriber's limit (2), not the outbox's default, decides when to give up.
+    row = await outbox.message(first)
+    assert (row.status, row.attempts) == ("dead", 2)
+    assert _metric("soko_jobs_total", name=f"{event}:recount", outcome="dead") == 1
+    assert calls == {"recount": 2}
+
+    # A retry asks again who wants the event: now two do, and each gets a delivery.
+    second = await _publish(outbox, event, {"sku": "s-2"})
+    await dispatcher.run_until_idle()
+    assert (await outbox.message(second)).attempts == 1  # failed in place once
+    mirror_wanted, failing = True, False
+    clock.advance(dt.timedelta(seconds=settings_backoff_ceiling(outbox.settings, 1)))
+    await dispatcher.run_until_idle()
+    assert calls == {"recount": 4, "mirror": 1}
+    rows = [row for row in await outbox.messages() if row.event_id == second]
+    assert sorted((row.handler, row.status) for row in rows) == [
+        ("mirror", "done"),
+        ("recount", "done"),
+    ]
+    assert (await outbox.message(second)).status == "done"
 
 
 async def test_a_failing_wanted_check_retries_the_fan_out(outbox: Outbox) -> None:
@@ -346,22 +435,32 @@ async def test_the_processed_marker_prevents_a_second_effect(outbox: Outbox) -> 
     async def release_escrow(ctx: JobContext, payload: dict[str, Any]) -> None:
         effects["escrow"] += 1
 
+    @outbox.registry.on("booking.completed", name="thank_guest")
+    async def thank_guest(ctx: JobContext, payload: dict[str, Any]) -> None:
+        effects["thanks"] += 1
+
+    @outbox.registry.on("booking.cancelled", name="refund_guest")
+    async def refund_guest(ctx: JobContext, payload: dict[str, Any]) -> None:
+        effects["refund"] += 1
+
     job_id = await _enqueue(outbox, "release_payout", {"payout_id": "po-1"})
     await _publish(outbox, "booking.completed", {"booking_id": "b-1"})
+    # One subscriber: its run is the event's own message (no delivery is written).
+    cancelled = await _publish(outbox, "booking.cancelled", {"booking_id": "b-2"})
     dispatcher = outbox.dispatcher()
     await dispatcher.run_until_idle()
-    assert effects == {"payout": 1, "escrow": 1}
+    assert effects == {"payout": 1, "escrow": 1, "thanks": 1, "refund": 1}
 
     # The same messages delivered again: the markers stop a second effect.
     delivery = next(row for row in await outbox.messages() if row.handler == "release_escrow")
-    await outbox.redeliver(job_id)
-    await outbox.redeliver(delivery.id)
-    assert await dispatcher.run_until_idle() == 2
-    assert effects == {"payout": 1, "escrow": 1}
-    for message_id in (job_id, delivery.id):
+    for message_id in (job_id, delivery.id, cancelled):
+        await outbox.redeliver(message_id)
+    assert await dispatcher.run_until_idle() == 3
+    assert effects == {"payout": 1, "escrow": 1, "thanks": 1, "refund": 1}
+    for message_id in (job_id, delivery.id, cancelled):
         row = await outbox.message(message_id)
         assert (row.status, row.attempts) == ("done", 2)
-    assert len(await outbox.markers()) == 2
+    assert len(await outbox.markers()) == 4
 
 
 async def test_a_schedule_fires_once_per_due_time_across_dispatchers(
