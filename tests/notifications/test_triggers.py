@@ -29,6 +29,7 @@ from soko.platform.runtime import Runtime
 from soko.sellers import events as seller_events
 from soko.sellers.public import seller_cards
 from tests.cart.catalog_support import Market, market  # noqa: F401
+from tests.conftest import sql_statements
 from tests.identity.conftest import TEST_DEVICE, MakeUser, SignedInUser, make_user  # noqa: F401
 from tests.notifications.support import no_scheduled_jobs  # noqa: F401
 from tests.orders.conftest import API, Buyer, ok, pay
@@ -312,3 +313,53 @@ async def test_a_deleted_account_is_forgotten(runtime: Runtime, client: httpx2.A
         )
         assert kept == 0
         assert await session.scalar(select(func.count()).select_from(Delivery)) >= 2
+
+
+async def test_a_stores_whole_staff_hears_of_an_order_with_one_read_of_their_contacts(
+    runtime: Runtime,
+    client: httpx2.AsyncClient,
+    market: Market,  # noqa: F811
+) -> None:
+    owner = await _user(runtime, name="Owner")
+    shop = await market.open_shop(owner)
+    acting = {**owner.headers, "X-Seller-Id": str(shop.seller_id)}
+    staff = [await _user(runtime, name=f"Staff {n}") for n in range(3)]
+    for member in staff:
+        ok(
+            await client.post(
+                f"{API}/seller/members",
+                json={"identifier": member.email, "role": "staff"},
+                headers=acting,
+            ),
+            200,
+            201,
+        )
+    ok(
+        await client.put(
+            f"{API}/me/notification-preferences", json={"locale": "sw"}, headers=staff[0].headers
+        )
+    )
+    variant_id = (await shop.list_product(1500, stock=10)).variant_id
+    buyer_user = await _user(runtime, name="Wanjiku")
+    cart = ok(await client.post(f"{API}/carts", headers=buyer_user.headers), 200, 201)
+    buyer = Buyer(client, buyer_user, uuid.UUID(cart["cart"]["id"]))
+    await buyer.add(variant_id, 1)
+    await runtime.dispatcher.run_until_idle()  # the store's and the cart's own events
+
+    await buyer.checkout()
+    with sql_statements(runtime) as sent:
+        await runtime.dispatcher.run_until_idle()
+
+    placed = _by_category(
+        read_sink(runtime.settings.data_dir, "email"), "transactional.order.placed.seller"
+    )
+    assert sorted(email["to"] for email in placed) == sorted(
+        [owner.email, *(member.email for member in staff)]
+    )
+    [in_swahili] = [email for email in placed if email["to"] == staff[0].email]
+    assert in_swahili["text"].startswith("Habari")
+    # Five recipients (the buyer and four members): one read of their contacts and one
+    # of their locales, not one of each per recipient.
+    contacts = [s for s in sent if "email_ciphertext" in s and "FROM users" in s]
+    locales = [s for s in sent if "FROM notifications_locales" in s]
+    assert (len(contacts), len(locales)) == (1, 1), sent

@@ -3,9 +3,10 @@
 Each :class:`Trigger` names an event, an audience (the order's buyer, the members of
 the seller's store, the marketplace's admins), the template rendered for them, the
 preference category and the channels it uses. :func:`notify` runs in the event
-handler's transaction: for each recipient it reads their contact (through
-``soko.identity.public.contact_of``), their locale and preferences, renders the
-template, and queues email, SMS and in-app notifications in that same transaction.
+handler's transaction: it reads every recipient's contact (through
+``soko.identity.public.contacts_of``) and locale, one query each however many there
+are; then for each recipient it reads their preferences, renders the template, and
+queues email, SMS and in-app notifications in that same transaction.
 Each is keyed by the event's id, the template and the recipient, so a second delivery
 of an event sends nothing twice.
 
@@ -29,7 +30,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.events import NEW_DEVICE_SIGN_IN
-from soko.identity.public import contact_of, user_ids_with_role
+from soko.identity.public import Contact, contacts_of, user_ids_with_role
 from soko.notifications.inbox import add_to_inbox
 from soko.notifications.models import RecipientLocale
 from soko.notifications.preferences import Category, ChannelName, allowed_channels
@@ -195,14 +196,23 @@ async def audience_user_ids(
 
 
 @lru_cache(maxsize=1)
-def _locale_statement() -> Any:
+def _locales_statement() -> Any:
     locales: Any = RecipientLocale.__table__
-    return select(locales.c.locale).where(locales.c.user_id == bindparam("user_id"))
+    return select(locales.c.user_id, locales.c.locale).where(
+        locales.c.user_id.in_(bindparam("user_ids", expanding=True))
+    )
 
 
-async def locale_of(session: AsyncSession, user_id: uuid.UUID, default: str) -> str:
-    chosen = await session.scalar(_locale_statement(), {"user_id": user_id})
-    return chosen if chosen in LOCALES else default
+async def locales_of(
+    session: AsyncSession, user_ids: list[uuid.UUID], default: str
+) -> dict[uuid.UUID, str]:
+    """Each user's chosen locale, or ``default`` (none chosen, or one no longer offered),
+    in one query."""
+    chosen: dict[uuid.UUID, str] = {}
+    if user_ids:
+        rows = await session.execute(_locales_statement(), {"user_ids": user_ids})
+        chosen = {row.user_id: row.locale for row in rows if row.locale in LOCALES}
+    return {user_id: chosen.get(user_id, default) for user_id in user_ids}
 
 
 async def _rendered(
@@ -225,15 +235,30 @@ async def notify(ctx: JobContext, event: str, payload: dict[str, Any]) -> int:
     session = ctx.session
     event_id = ctx.event_id or ctx.message_id
     base = await event_context(session, runtime, event, payload)
+    audiences = [
+        (trigger, await audience_user_ids(session, trigger.audience, payload))
+        for trigger in triggers_for(event)
+    ]
+    # Every recipient's contact and locale in one query each, not two per recipient: a
+    # store's staff all hear of its orders.
+    contacts = await contacts_of(session, runtime, (u for _, users in audiences for u in users))
+    locales = await locales_of(
+        session, list(contacts), runtime.settings.notifications_default_locale
+    )
     queued = 0
-    for trigger in triggers_for(event):
+    for trigger, user_ids in audiences:
         category = f"{trigger.category.value}.{trigger.template}"[:64]
         if trigger.audience is Audience.admins:
             queued += await _notify_operations_mailbox(
                 session, runtime, trigger, base, category, event_id
             )
-        for user_id in await audience_user_ids(session, trigger.audience, payload):
-            queued += await _notify_user(ctx, trigger, user_id, base, category, event_id)
+        for user_id in user_ids:
+            contact = contacts.get(user_id)
+            if contact is None:
+                continue  # deleted or blocked: no messages
+            queued += await _notify_user(
+                ctx, trigger, contact, locales[user_id], base, category, event_id
+            )
     return queued
 
 
@@ -269,20 +294,18 @@ async def _notify_operations_mailbox(
 async def _notify_user(
     ctx: JobContext,
     trigger: Trigger,
-    user_id: uuid.UUID,
+    contact: Contact,
+    locale: str,
     base: dict[str, Any],
     category: str,
     event_id: uuid.UUID,
 ) -> int:
     runtime: Runtime = ctx.services
     session = ctx.session
-    contact = await contact_of(session, runtime, user_id)
-    if contact is None:
-        return 0  # deleted or blocked: no messages
+    user_id = contact.user_id
     allowed = trigger.channels & await allowed_channels(session, user_id, trigger.category)
     if not allowed:
         return 0
-    locale = await locale_of(session, user_id, runtime.settings.notifications_default_locale)
     context = {**base, "recipient": {"name": contact.display_name or ""}}
     rendered = await _rendered(runtime, trigger, locale, context)
     if rendered is None:
