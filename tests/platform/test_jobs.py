@@ -200,7 +200,6 @@ async def test_a_subscriber_that_does_not_want_the_event_gets_no_delivery(
     deliveries = {(row.event_id, row.handler) for row in await outbox.messages() if row.handler}
     # order.delivered had one subscriber left: it ran in the event's own message.
     assert deliveries == {(shipped, "mirror"), (shipped, "audit_trail")}
-    assert (delivered, "audit_trail") not in deliveries
     assert ("audit_trail", delivered) in await outbox.markers()
     assert {row.status for row in await outbox.messages()} == {"done"}
 
