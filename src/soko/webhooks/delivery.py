@@ -37,7 +37,7 @@ import structlog
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.identity.public import contact_of, user_ids_with_role
+from soko.identity.public import contacts_of, user_ids_with_role
 from soko.notifications.public import send_email
 from soko.platform.ids import uuid7
 from soko.platform.jobs import JobContext
@@ -377,8 +377,10 @@ async def _disable(
         seller_id=str(endpoint.seller_id) if endpoint.seller_id else None,
         given_up=given_up,
     )
-    for user_id in await people_to_tell(session, endpoint):
-        contact = await contact_of(session, runtime, user_id)
+    people = await people_to_tell(session, endpoint)
+    contacts = await contacts_of(session, runtime, people)
+    for user_id in people:
+        contact = contacts.get(user_id)
         if contact is None or not contact.email:
             continue
         await send_email(
