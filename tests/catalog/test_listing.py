@@ -147,6 +147,27 @@ async def test_seller_price_currency_and_text_filters(
         assert (await client.get(PRODUCTS, params=params)).status_code == 422, params
 
 
+async def test_every_wrong_parameter_of_a_listing_is_named_in_one_answer(
+    client: httpx2.AsyncClient,
+) -> None:
+    wrong = await client.get(
+        PRODUCTS, params={"limit": 0, "min_price": -1, "sort": "best", "in_stock": "maybe"}
+    )
+    assert (wrong.status_code, problem_type(wrong)) == (422, "validation-error")
+    assert [(error["in"], error["field"]) for error in wrong.json()["errors"]] == [
+        ("query", "min_price"),
+        ("query", "in_stock"),
+        ("query", "sort"),
+        ("query", "limit"),
+    ]
+    document = (await client.get("/api/v1/openapi.json")).json()
+    operation = document["paths"][PRODUCTS]["get"]
+    assert [parameter["name"] for parameter in operation["parameters"]] == [
+        "category", "seller", "min_price", "max_price", "currency", "in_stock", "q", "sort",
+        "limit", "cursor", "fields",
+    ]  # fmt: skip
+
+
 async def test_the_in_stock_filter_and_availability(
     client: httpx2.AsyncClient, catalog: Catalog
 ) -> None:

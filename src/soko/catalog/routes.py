@@ -8,6 +8,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import Field
 
 from soko.catalog import service
 from soko.catalog.categories import create_category, delete_category, update_category
@@ -40,21 +41,30 @@ from soko.platform.errors import NotFound, ValidationFailed, problem_responses
 from soko.platform.etag import REVALIDATE, etag_for_version, not_modified, tag_response
 from soko.platform.money import MAX_AMOUNT_MINOR
 from soko.platform.pagination import (
+    CURSOR_DESCRIPTION,
+    CURSOR_MAX_LENGTH,
+    DEFAULT_LIMIT,
+    FIELDS_MAX_LENGTH,
+    LIMIT_DESCRIPTION,
+    MAX_LIMIT,
     FieldSelection,
     Keyset,
     Page,
     PageRequestDep,
     SortKey,
     field_selection,
+    fields_description,
+    fields_reader,
+    page_of,
     page_response,
 )
+from soko.platform.query import QueryModel, query_parameters, query_reader
 from soko.platform.runtime import RuntimeDep, SessionDep
 from soko.sellers.public import ActingSellerDep, seller_slug
 
 router = APIRouter()
 
 CatalogManager = Annotated[Principal, require(CATALOG_MANAGE)]
-ProductCardFields = field_selection(ProductCardOut)
 SellerProductFields = field_selection(SellerProductOut)
 
 
@@ -109,66 +119,77 @@ def _seller_filter(raw: str | None) -> tuple[uuid.UUID | None, str | None]:
     return None, slug
 
 
+class ProductListQuery(QueryModel):
+    """The public listing's query parameters, read in one validation (ADR 0021)."""
+
+    category: str | None = Field(
+        None, max_length=80, description="A category slug or id; its subcategories count too"
+    )
+    seller: str | None = Field(
+        None,
+        max_length=SELLER_FILTER_MAX_LENGTH,
+        description="A store's id, or its slug (the address of its storefront)",
+    )
+    min_price: int | None = Field(
+        None, ge=0, le=MAX_AMOUNT_MINOR, description="Lowest price, in minor units (inclusive)"
+    )
+    max_price: int | None = Field(
+        None, ge=0, le=MAX_AMOUNT_MINOR, description="Highest price, in minor units (inclusive)"
+    )
+    currency: str | None = Field(
+        None, pattern=r"^[A-Z]{3}$", description="Only prices in this currency"
+    )
+    in_stock: bool = Field(False, description="Only products that can be bought now")
+    q: str | None = Field(
+        None, max_length=100, description="Words the title or description contains"
+    )
+    sort: ProductSort = Field(
+        ProductSort.newest, description="newest, price (lowest first), -price or title"
+    )
+    limit: int = Field(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description=LIMIT_DESCRIPTION)
+    cursor: str | None = Field(None, max_length=CURSOR_MAX_LENGTH, description=CURSOR_DESCRIPTION)
+    fields: str | None = Field(
+        None, max_length=FIELDS_MAX_LENGTH, description=fields_description(ProductCardOut)
+    )
+
+
+read_product_card_fields = fields_reader(ProductCardOut)
+
+
 @router.get(
     "/products",
     response_model=Page[ProductCardOut],
     summary="Browse the catalog",
     dependencies=[public()],
     responses=problem_responses(400, 422),
+    openapi_extra=query_parameters(ProductListQuery),
 )
 async def list_products(
     request: Request,
     runtime: RuntimeDep,
-    page: PageRequestDep,
-    fields: Annotated[FieldSelection, Depends(ProductCardFields)],
-    category: Annotated[
-        str | None,
-        Query(max_length=80, description="A category slug or id; its subcategories count too"),
-    ] = None,
-    seller: Annotated[
-        str | None,
-        Query(
-            max_length=SELLER_FILTER_MAX_LENGTH,
-            description="A store's id, or its slug (the address of its storefront)",
-        ),
-    ] = None,
-    min_price: Annotated[
-        int | None,
-        Query(ge=0, le=MAX_AMOUNT_MINOR, description="Lowest price, in minor units (inclusive)"),
-    ] = None,
-    max_price: Annotated[
-        int | None,
-        Query(ge=0, le=MAX_AMOUNT_MINOR, description="Highest price, in minor units (inclusive)"),
-    ] = None,
-    currency: Annotated[
-        str | None, Query(pattern=r"^[A-Z]{3}$", description="Only prices in this currency")
-    ] = None,
-    in_stock: Annotated[bool, Query(description="Only products that can be bought now")] = False,
-    q: Annotated[
-        str | None,
-        Query(max_length=100, description="Words the title or description contains"),
-    ] = None,
-    sort: Annotated[
-        ProductSort, Query(description="newest, price (lowest first), -price or title")
-    ] = ProductSort.newest,
+    query: Annotated[ProductListQuery, Depends(query_reader(ProductListQuery))],
 ) -> Response:
     """Published products of active stores, each with its variants and what can be bought
     now. Prices filter and sort on a product's lowest variant price. Pages are keyset
     pages: products added while you page never make you skip or repeat one."""
+    min_price, max_price = query.min_price, query.max_price
     if min_price is not None and max_price is not None and max_price < min_price:
         raise ValidationFailed.of_field("max_price", "is below min_price", location="query")
-    seller_id, store_slug = _seller_filter(seller)
+    seller_id, store_slug = _seller_filter(query.seller)
+    fields = read_product_card_fields(query.fields)
+    page = page_of(request, query.limit, query.cursor)
+    category, q = query.category, query.q
     filters = ProductFilters(
         category=category.strip() or None if category is not None else None,
         seller=seller_id,
         seller_slug=store_slug,
         min_price=min_price,
         max_price=max_price,
-        currency=currency,
-        in_stock=in_stock,
+        currency=query.currency,
+        in_stock=query.in_stock,
         q=q.strip() or None if q is not None else None,
     )
-    return _answer(request, await render_listing(runtime, filters, sort, page, fields))
+    return _answer(request, await render_listing(runtime, filters, query.sort, page, fields))
 
 
 @router.get(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
@@ -70,9 +71,11 @@ class Page(BaseModel, Generic[T]):
 # -- cursors ---------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
 def cursor_key(secret_key: str) -> bytes:
     """The cursor signing key, derived from the application secret so a cursor MAC can
-    never be confused with any other signature made with that secret."""
+    never be confused with any other signature made with that secret (derived once per
+    secret: every list request needs it)."""
     return hmac.new(secret_key.encode(), _KEY_CONTEXT, hashlib.sha256).digest()
 
 
@@ -172,22 +175,28 @@ class PageRequest:
     signing_key: bytes = field(default=b"", repr=False)
 
 
+LIMIT_DESCRIPTION = f"Page size, 1 to {MAX_LIMIT}."
+CURSOR_DESCRIPTION = "The `next_cursor` of the previous page; omit for the first page."
+
+
+def page_of(request: Request, limit: int, cursor: str | None) -> PageRequest:
+    """The page a request asks for, its ``limit`` and ``cursor`` already validated."""
+    secret = get_runtime(request).settings.secret_key.get_secret_value()
+    return PageRequest(limit=limit, cursor=cursor or None, signing_key=cursor_key(secret))
+
+
 async def page_request(
     request: Request,
     limit: Annotated[
         int,
-        Query(ge=1, le=MAX_LIMIT, description=f"Page size, 1 to {MAX_LIMIT}."),
+        Query(ge=1, le=MAX_LIMIT, description=LIMIT_DESCRIPTION),
     ] = DEFAULT_LIMIT,
     cursor: Annotated[
         str | None,
-        Query(
-            max_length=CURSOR_MAX_LENGTH,
-            description="The `next_cursor` of the previous page; omit for the first page.",
-        ),
+        Query(max_length=CURSOR_MAX_LENGTH, description=CURSOR_DESCRIPTION),
     ] = None,
 ) -> PageRequest:
-    secret = get_runtime(request).settings.secret_key.get_secret_value()
-    return PageRequest(limit=limit, cursor=cursor or None, signing_key=cursor_key(secret))
+    return page_of(request, limit, cursor)
 
 
 PageRequestDep = Annotated[PageRequest, Depends(page_request)]
@@ -323,17 +332,26 @@ def _public_names(model: type[BaseModel]) -> list[str]:
     ]
 
 
-def field_selection(
+FIELDS_MAX_LENGTH = 1000
+
+
+def fields_description(model: type[BaseModel]) -> str:
+    """What ``?fields=`` says of itself for items shaped like ``model``."""
+    return (
+        f"Comma-separated fields to return for each item, from: {', '.join(_public_names(model))}."
+    )
+
+
+def fields_reader(
     model: type[BaseModel], *, always: Iterable[str] = ("id",)
-) -> Callable[..., Awaitable[FieldSelection]]:
-    """A dependency reading ``?fields=a,b`` for items shaped like ``model``; unknown
-    names answer the ``unknown-field`` problem. ``always`` (the id) is always kept."""
+) -> Callable[[str | None], FieldSelection]:
+    """A function reading a ``?fields=a,b`` value for items shaped like ``model``; unknown
+    names raise the ``unknown-field`` problem. ``always`` (the id) is always kept."""
     known = _public_names(model)
     known_set = frozenset(known)
     kept = frozenset(name for name in always if name in known_set)
 
-    # async: a plain function dependency would be sent to a worker thread per request.
-    async def dependency(fields: str | None = None) -> FieldSelection:
+    def read(fields: str | None) -> FieldSelection:
         if fields is None or not fields.strip():
             return FieldSelection(None)
         asked = [name.strip() for name in fields.split(",") if name.strip()]
@@ -346,15 +364,25 @@ def field_selection(
             )
         return FieldSelection(frozenset(asked) | kept)
 
+    return read
+
+
+def field_selection(
+    model: type[BaseModel], *, always: Iterable[str] = ("id",)
+) -> Callable[..., Awaitable[FieldSelection]]:
+    """A dependency reading ``?fields=a,b`` for items shaped like ``model`` (see
+    :func:`fields_reader`)."""
+    read = fields_reader(model, always=always)
+
+    # async: a plain function dependency would be sent to a worker thread per request.
+    async def dependency(fields: str | None = None) -> FieldSelection:
+        return read(fields)
+
     # Set after definition: with postponed annotations FastAPI would evaluate a string
     # annotation in module globals, where this model's field names are not.
     dependency.__annotations__["fields"] = Annotated[
         str | None,
-        Query(
-            max_length=1000,
-            description="Comma-separated fields to return for each item, from: "
-            f"{', '.join(known)}.",
-        ),
+        Query(max_length=FIELDS_MAX_LENGTH, description=fields_description(model)),
     ]
     return dependency
 
