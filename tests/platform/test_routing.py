@@ -17,6 +17,7 @@ from soko.platform.routing import (
     build_route_handling,
     guard_included_routers,
     included_branches,
+    nested_branches,
     static_prefix,
 )
 from tests.conftest import make_settings
@@ -52,6 +53,17 @@ def _scope(path: str, method: str, *, root_path: str = "") -> dict[str, Any]:
     }
 
 
+def _every_branch(app: FastAPI) -> list[Any]:
+    """The app's included routers and those nested in them, outermost first."""
+    found: list[Any] = []
+    waiting = list(included_branches(app))
+    while waiting:
+        branch = waiting.pop(0)
+        found.append(branch)
+        waiting.extend(nested_branches(branch))
+    return found
+
+
 @pytest.fixture(scope="module")
 def soko_app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     return create_app(make_settings(tmp_path_factory.mktemp("routing")))
@@ -82,10 +94,12 @@ def test_branch_prefixes_keep_only_the_shortest_covering_ones() -> None:
 
 
 def test_every_domain_branch_of_the_app_is_guarded(soko_app: FastAPI) -> None:
-    guarded = [
-        branch for branch in included_branches(soko_app) if getattr(branch, "_soko_prefixes", None)
-    ]
-    assert len(guarded) == len(included_branches(soko_app)) >= 10
+    branches = _every_branch(soko_app)
+    guarded = [branch for branch in branches if getattr(branch, "_soko_prefixes", None)]
+    assert len(guarded) == len(branches)
+    assert len(included_branches(soko_app)) >= 10
+    nested = len(branches) - len(included_branches(soko_app))
+    assert nested >= 15  # identity's, orders' and payments' parts
     # Guarding twice changes nothing.
     assert guard_included_routers(soko_app) == 0
 
@@ -93,7 +107,7 @@ def test_every_domain_branch_of_the_app_is_guarded(soko_app: FastAPI) -> None:
 def test_the_prefixes_are_those_of_the_routes_fastapi_builds(soko_app: FastAPI) -> None:
     """The guard reads paths without building the routes; FastAPI's built routes give the
     same prefixes, branch by branch."""
-    for branch in included_branches(soko_app):
+    for branch in _every_branch(soko_app):
         assert branch._soko_prefixes == branch_prefixes(branch.effective_route_contexts())
 
 
@@ -132,7 +146,7 @@ def test_the_guard_answers_as_the_branch_itself_for_every_path(
     paths = _sample_paths(soko_app)
     assert len(paths) > 300
     checked = 0
-    for branch in included_branches(soko_app):
+    for branch in _every_branch(soko_app):
         unguarded = type(branch).matches
         for path in paths:
             for method in ("GET", "POST", "DELETE"):
@@ -141,7 +155,7 @@ def test_the_guard_answers_as_the_branch_itself_for_every_path(
                 actual, _ = branch.matches(dict(scope))
                 assert actual == expected, (path, method, branch._soko_prefixes)
                 checked += expected != Match.NONE
-    assert checked > 150  # the paths did reach routes, not only 404s
+    assert checked > 300  # the paths did reach routes, not only 404s
 
 
 def test_a_path_outside_a_branch_is_refused_without_trying_its_routes(
@@ -160,6 +174,27 @@ def test_a_path_outside_a_branch_is_refused_without_trying_its_routes(
     assert identity.matches(_scope("/api/v1/products", "GET"))[0] == Match.NONE
     with pytest.raises(AssertionError, match="were tried"):
         identity.matches(_scope("/api/v1/me", "GET"))
+
+
+def test_a_request_for_an_account_does_not_try_the_sign_in_routes(
+    soko_app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    identity = next(
+        branch
+        for branch in included_branches(soko_app)
+        if "/api/v1/me" in getattr(branch, "_soko_prefixes", ())
+    )
+    parts = {part._soko_prefixes[0]: part for part in nested_branches(identity)}
+    sign_in = parts["/api/v1/auth/login"]
+
+    def tried(_scope: Any) -> Any:
+        raise AssertionError("the sign-in routes were tried")
+
+    monkeypatch.setattr(sign_in.original_router, "matches", tried)
+    matched, _ = identity.matches(_scope("/api/v1/me", "GET"))
+    assert matched == Match.FULL
+    with pytest.raises(AssertionError, match="were tried"):
+        identity.matches(_scope("/api/v1/auth/login", "POST"))
 
 
 async def test_requests_reach_the_same_routes_through_a_guarded_app(tmp_path: Path) -> None:

@@ -23,6 +23,10 @@ the whole app that costs a tenth of a second or more, which an app built for a t
 would pay on every test. A server builds every branch as it starts
 (:func:`build_route_handling`), before its first request and before its startup heap is
 frozen.
+
+A domain made of parts (identity's ``/auth``, ``/me``, ``/admin`` routers) is a branch of
+branches, asked in order too: a request for ``/api/v1/me`` tried every sign-in route
+first. The branches nested in such a branch are guarded the same way.
 """
 
 from __future__ import annotations
@@ -125,20 +129,37 @@ def included_branches(app: FastAPI) -> list[Any]:
     return [route for route in app.router.routes if hasattr(route, "effective_route_contexts")]
 
 
-def guard_included_routers(app: FastAPI) -> int:
-    """Guard every top-level included router of ``app``; the number guarded."""
+def nested_branches(branch: Any) -> list[Any]:
+    """The included routers directly inside ``branch``, as FastAPI matches them, when
+    every route of ``branch`` is one (listing them then builds no route); else none."""
+    routes = getattr(getattr(branch, "original_router", None), "routes", None)
+    if not routes or not all(hasattr(route, "effective_route_contexts") for route in routes):
+        return []
+    return [
+        candidate
+        for candidate in branch.effective_candidates()
+        if hasattr(candidate, "effective_route_contexts")
+    ]
+
+
+def _guard(branch: Any) -> int:
+    """Guard ``branch`` and the included routers nested in it; the number guarded."""
     guarded = 0
-    for route in included_branches(app):
-        if getattr(route, "_soko_prefixes", None) is not None:
-            continue
-        prefixes = _unbuilt_prefixes(route)
-        if not prefixes:
-            continue
-        # An instance attribute shadows the class's method for this branch only.
-        route.matches = _guarded(route.matches, prefixes)
-        route._soko_prefixes = prefixes
-        guarded += 1
-    return guarded
+    if getattr(branch, "_soko_prefixes", None) is None:
+        prefixes = _unbuilt_prefixes(branch)
+        if prefixes:
+            # An instance attribute shadows the class's method for this branch only.
+            branch.matches = _guarded(branch.matches, prefixes)
+            branch._soko_prefixes = prefixes
+            guarded += 1
+    return guarded + sum(_guard(child) for child in nested_branches(branch))
+
+
+def guard_included_routers(app: FastAPI) -> int:
+    """Guard every included router of ``app``, top-level ones and those nested in a
+    router of included routers (a domain's ``/auth``, ``/me`` and ``/admin`` parts); the
+    number guarded."""
+    return sum(_guard(branch) for branch in included_branches(app))
 
 
 def build_route_handling(app: FastAPI) -> int:
