@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import structlog
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +19,7 @@ from soko.platform.errors import PayloadTooLarge, ProblemError, ValidationFailed
 from soko.platform.ids import uuid7
 
 REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_NAME = REQUEST_ID_HEADER.encode()
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 log = structlog.get_logger("soko.http")
@@ -51,7 +51,7 @@ def _problem_message(
         "headers": [
             (b"content-type", b"application/problem+json"),
             (b"content-length", str(len(body)).encode()),
-            (REQUEST_ID_HEADER.encode(), request_id.encode()),
+            (_REQUEST_ID_NAME, request_id.encode()),
             # The 500 is sent from outside SecurityHeadersMiddleware, so it brings its own.
             (b"x-content-type-options", b"nosniff"),
             (b"cache-control", b"no-store"),
@@ -111,14 +111,21 @@ class RequestContextMiddleware:
             path=loggable_path(scope.get("path", "")),
         )
         started = False
-        encoded_id = request_id.encode()
+        id_header = (_REQUEST_ID_NAME, request_id.encode("latin-1"))
 
         async def send_with_id(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                headers = MutableHeaders(scope=message)
-                headers[REQUEST_ID_HEADER] = encoded_id.decode()
+                # The id replaces any the app set; one pass over the raw headers.
+                message["headers"] = [
+                    *(
+                        pair
+                        for pair in message.get("headers", ())
+                        if pair[0].lower() != _REQUEST_ID_NAME
+                    ),
+                    id_header,
+                ]
             await send(message)
 
         began = time.perf_counter()
@@ -355,6 +362,10 @@ DOCS_CSP = (
 )
 
 
+def _encoded(headers: Iterable[tuple[str, str]]) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in headers)
+
+
 class SecurityHeadersMiddleware:
     """Sets conservative security headers on every response that does not set its own."""
 
@@ -371,24 +382,28 @@ class SecurityHeadersMiddleware:
         ]
         if hsts:
             self.base.append(("strict-transport-security", "max-age=63072000; includeSubDomains"))
+        self.api_defaults = _encoded([*self.base, *self._per_response(API_CSP)])
+        self.html_defaults = _encoded([*self.base, *self._per_response(DOCS_CSP)])
+
+    @staticmethod
+    def _per_response(csp: str) -> list[tuple[str, str]]:
+        return [("content-security-policy", csp), ("cache-control", "no-store")]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        csp = DOCS_CSP if path.startswith(self.html_paths) else API_CSP
+        defaults = self.html_defaults if path.startswith(self.html_paths) else self.api_defaults
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in self.base:
-                    if name not in headers:
-                        headers[name] = value
-                if "content-security-policy" not in headers:
-                    headers["content-security-policy"] = csp
-                if "cache-control" not in headers:
-                    headers["cache-control"] = "no-store"
+                # One pass over the raw headers: each default the app did not set is
+                # added, as encoded bytes.
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers += [pair for pair in defaults if pair[0] not in present]
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -91,6 +91,28 @@ _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OP
 
 router = APIRouter(include_in_schema=False)
 
+# The series of each label set, looked up once: ``labels()`` converts and checks its
+# values and takes a lock every time. Bounded as the series are (route templates, known
+# methods, statuses).
+_ANSWERED: dict[tuple[str, str, int], Counter] = {}
+_TIMED: dict[tuple[str, str], Histogram] = {}
+
+
+def _answered(method: str, route: str, status: int) -> Counter:
+    series = _ANSWERED.get((method, route, status))
+    if series is None:
+        series = _ANSWERED[(method, route, status)] = HTTP_REQUESTS.labels(
+            method, route, str(status)
+        )
+    return series
+
+
+def _timed(method: str, route: str) -> Histogram:
+    series = _TIMED.get((method, route))
+    if series is None:
+        series = _TIMED[(method, route)] = HTTP_LATENCY.labels(method, route)
+    return series
+
 
 def multiprocess_directory() -> str | None:
     return os.environ.get(MULTIPROCESS_ENV) or None
@@ -173,5 +195,5 @@ class PrometheusMiddleware:
             method = scope.get("method", "GET")
             if method not in _KNOWN_METHODS:
                 method = "OTHER"
-            HTTP_REQUESTS.labels(method, route, str(status)).inc()
-            HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - began)
+            _answered(method, route, status).inc()
+            _timed(method, route).observe(time.perf_counter() - began)
