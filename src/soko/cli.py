@@ -147,6 +147,8 @@ def serve(
         "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_seconds),
         "log_config": None,
         "server_header": False,
+        # httptools (uvicorn's default where it is installed), each response in one write.
+        "http": serving.CoalescingHttpToolsProtocol,
     }
     previous = signal.signal(signal.SIGTERM, _stopped_by_sigterm)
     try:

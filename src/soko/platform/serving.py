@@ -13,15 +13,22 @@ The supervisor still binds its socket first (so a port in use stops the start, a
 sockets take part in the kernel's choice. Each worker binds its twin and closes its copy
 of the supervisor's. Everything else is uvicorn's ``Multiprocess``: health checks,
 replacing a dead worker, draining on SIGTERM.
+
+Each process also sends every response with one write (:class:`CoalescingTransport`):
+uvicorn writes a response's head and body apart, two system calls and two packets.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import sys
+from collections.abc import Iterable
+from typing import Any
 
 from uvicorn import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import multiprocess
 
 logger = logging.getLogger("uvicorn.error")
@@ -91,3 +98,72 @@ def run_workers(config: ReusePortConfig) -> None:
         multiprocess.Multiprocess(config, sockets=[sock]).run()
     finally:
         sock.close()
+
+
+# -- one write a response ---------------------------------------------------------------------
+
+# Writes up to this size wait for the end of the loop's turn; a larger one (a big body,
+# a stream) goes out at once, behind what waited, so the transport's own buffer and flow
+# control see it as before and no connection holds more than this in the wrapper.
+COALESCE_MAX_BYTES = 64 * 1024
+
+
+class CoalescingTransport:
+    """A transport whose small writes within one turn of the event loop leave as one.
+
+    uvicorn writes a response's head and its body with a write each, and uvloop sends
+    each at once: two system calls, and two packets the client wakes up for, though the
+    body follows the head in the same turn of the loop. This wrapper keeps the writes of
+    a turn and sends them together at its end (``loop.call_soon``), before a write of
+    more than :data:`COALESCE_MAX_BYTES`, and before the transport closes or ends its
+    side. Everything else is the wrapped transport's."""
+
+    __slots__ = ("_loop", "_pending", "_pending_bytes", "_transport")
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+        self._pending_bytes = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        size = len(data)
+        if self._pending_bytes + size > COALESCE_MAX_BYTES:
+            self.flush()
+            self._transport.write(data)
+            return
+        if self._pending is None:
+            self._pending = [bytes(data)]
+            self._loop.call_soon(self.flush)
+        else:
+            self._pending.append(bytes(data))
+        self._pending_bytes += size
+
+    def writelines(self, lines: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in lines:
+            self.write(data)
+
+    def flush(self) -> None:
+        """Send what waits now (nothing once the transport is closing)."""
+        pending, self._pending, self._pending_bytes = self._pending, None, 0
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, sending each response in one system call (its head
+    and a body of up to :data:`COALESCE_MAX_BYTES` together)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
