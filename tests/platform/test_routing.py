@@ -158,14 +158,18 @@ def test_the_guard_answers_as_the_branch_itself_for_every_path(
     assert checked > 300  # the paths did reach routes, not only 404s
 
 
+def _identity_branch(app: FastAPI) -> Any:
+    return next(
+        branch
+        for branch in included_branches(app)
+        if "/api/v1/me" in getattr(branch, "_soko_prefixes", ())
+    )
+
+
 def test_a_path_outside_a_branch_is_refused_without_trying_its_routes(
     soko_app: FastAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    identity = next(
-        branch
-        for branch in included_branches(soko_app)
-        if "/api/v1/me" in getattr(branch, "_soko_prefixes", ())
-    )
+    identity = _identity_branch(soko_app)
 
     def tried(_scope: Any) -> Any:
         raise AssertionError("the branch's routes were tried")
@@ -179,11 +183,7 @@ def test_a_path_outside_a_branch_is_refused_without_trying_its_routes(
 def test_a_request_for_an_account_does_not_try_the_sign_in_routes(
     soko_app: FastAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    identity = next(
-        branch
-        for branch in included_branches(soko_app)
-        if "/api/v1/me" in getattr(branch, "_soko_prefixes", ())
-    )
+    identity = _identity_branch(soko_app)
     parts = {part._soko_prefixes[0]: part for part in nested_branches(identity)}
     sign_in = parts["/api/v1/auth/login"]
 
