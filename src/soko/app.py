@@ -208,7 +208,9 @@ def create_app(
             rate=settings.ratelimit_default,
             trusted_proxies=settings.trusted_proxies,
         )
-    app.add_middleware(GZipMiddleware, minimum_size=settings.gzip_min_bytes)
+    app.add_middleware(
+        GZipMiddleware, minimum_size=settings.gzip_min_bytes, compresslevel=settings.gzip_level
+    )
     app.add_middleware(InputGuardMiddleware, max_bytes=settings.max_body_bytes)
     # CORS wraps the body and rate limits so a browser can read their 413 and 429.
     if settings.cors_origins:

@@ -11,7 +11,7 @@ import pytest
 from fastapi import APIRouter, FastAPI, Request
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from soko.app import create_app
 from soko.platform.clock import ManualClock
@@ -483,6 +483,26 @@ async def test_gzip_body_is_valid_gzip(make_client: AppFactory) -> None:
     assert headers["content-encoding"] == "gzip"
     assert len(json.loads(gzip.decompress(body))["items"]) == 200
     assert len(body) < len(gzip.decompress(body))
+
+
+async def test_the_gzip_level_is_the_configured_one(make_client: AppFactory) -> None:
+    bodies = {}
+    for level in (1, 9):
+        client = await make_client(gzip_level=level)
+        app = client._transport.app  # type: ignore[attr-defined]
+        status, headers, body = await raw_request(
+            app, "/test-http/catalog", [(b"accept-encoding", b"gzip")]
+        )
+        assert (status, headers["content-encoding"]) == (200, "gzip")
+        bodies[level] = body
+    assert gzip.decompress(bodies[1]) == gzip.decompress(bodies[9])
+    assert len(bodies[9]) < len(bodies[1])
+
+
+def test_the_gzip_level_must_be_one_of_zlibs(tmp_path: Path) -> None:
+    for level in (0, 10):
+        with pytest.raises(ValidationError, match="gzip_level"):
+            make_settings(tmp_path, gzip_level=level)
 
 
 # -- helpers used by other middleware ----------------------------------------------------------

@@ -105,6 +105,7 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(1_048_576, ge=1024)
     gzip_min_bytes: int = Field(1024, ge=0)
+    gzip_level: int = Field(6, ge=1, le=9)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     ratelimit_default: str = "600/minute"
     ratelimit_enabled: bool = True
