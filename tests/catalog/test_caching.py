@@ -14,6 +14,7 @@ from sqlalchemy import update
 
 from soko.app import create_app
 from soko.catalog.models import Product
+from soko.platform import compression
 from soko.platform.cache import RedisCache
 from soko.platform.clock import ManualClock
 from soko.platform.runtime import Runtime
@@ -93,6 +94,41 @@ async def test_a_cached_read_costs_no_sql(
     for url in (PRODUCTS, f"{PRODUCTS}?sort=price&in_stock=true", f"{PRODUCTS}/{product['id']}"):
         await _cached(cached_runtime, cached_client, url)
     await _cached(cached_runtime, cached_client, "/api/v1/categories")
+
+
+async def test_a_cached_read_is_compressed_once_for_every_client_that_takes_gzip(
+    cached_runtime: Runtime,
+    cached_client: httpx2.AsyncClient,
+    shop: Catalog,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = await shop.store()
+    for number in range(3):
+        await store.product(1000 + number, title=f"Kikapu {number}")
+    compressed: list[int] = []
+    original = compression._compress
+
+    def counted(body: bytes, level: int) -> bytes:
+        compressed.append(level)
+        return original(body, level)
+
+    monkeypatch.setattr(compression, "_compress", counted)
+    plain = await cached_client.get(PRODUCTS, headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers
+    assert len(plain.content) >= cached_runtime.settings.gzip_min_bytes
+    for _ in range(3):
+        with count_statements(cached_runtime) as statements:
+            zipped = await cached_client.get(PRODUCTS, headers={"Accept-Encoding": "gzip"})
+        assert statements.sent == []
+        assert zipped.headers["content-encoding"] == "gzip"
+        assert "accept-encoding" in zipped.headers["vary"].lower()
+        assert zipped.headers["etag"] == plain.headers["etag"]
+        assert zipped.content == plain.content  # decoded by the client
+    assert compressed == [cached_runtime.settings.gzip_level]
+    unchanged = await cached_client.get(
+        PRODUCTS, headers={"Accept-Encoding": "gzip", "If-None-Match": plain.headers["etag"]}
+    )
+    assert unchanged.status_code == 304
 
 
 async def test_product_and_variant_changes_are_seen_at_once(

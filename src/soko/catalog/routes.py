@@ -37,6 +37,7 @@ from soko.catalog.storefront import (
 )
 from soko.identity.public import CATALOG_MANAGE
 from soko.platform.auth import Principal, public, require
+from soko.platform.compression import accepts_gzip, gzipped
 from soko.platform.errors import NotFound, ValidationFailed, problem_responses
 from soko.platform.etag import REVALIDATE, etag_for_version, not_modified, tag_response
 from soko.platform.money import MAX_AMOUNT_MINOR
@@ -59,7 +60,7 @@ from soko.platform.pagination import (
     page_response,
 )
 from soko.platform.query import QueryModel, query_parameters, query_reader
-from soko.platform.runtime import RuntimeDep, SessionDep
+from soko.platform.runtime import Runtime, RuntimeDep, SessionDep
 from soko.sellers.public import ActingSellerDep, seller_slug
 
 router = APIRouter()
@@ -68,16 +69,19 @@ CatalogManager = Annotated[Principal, require(CATALOG_MANAGE)]
 SellerProductFields = field_selection(SellerProductOut)
 
 
-def _answer(request: Request, rendered: Rendered) -> Response:
+async def _answer(request: Request, runtime: Runtime, rendered: Rendered) -> Response:
     if rendered.body is None or rendered.etag is None:
         raise NotFound("No such product.")
     if (unchanged := not_modified(request, rendered.etag)) is not None:
         return unchanged
-    return Response(
-        rendered.body,
-        media_type="application/json",
-        headers={"ETag": rendered.etag, "Cache-Control": REVALIDATE},
-    )
+    body = rendered.body
+    headers = {"ETag": rendered.etag, "Cache-Control": REVALIDATE}
+    settings = runtime.settings
+    if len(body) >= settings.gzip_min_bytes and accepts_gzip(request):
+        # Compressed once per content and process, not once per client.
+        body = await gzipped(rendered.etag, body, settings.gzip_level)
+        headers.update({"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+    return Response(body, media_type="application/json", headers=headers)
 
 
 # -- what everyone sees --------------------------------------------------------------------------
@@ -92,7 +96,7 @@ def _answer(request: Request, rendered: Rendered) -> Response:
 async def categories(request: Request, runtime: RuntimeDep) -> Response:
     """Every category, roots first, each with its subcategories (siblings by position,
     then name)."""
-    return _answer(request, await render_categories(runtime))
+    return await _answer(request, runtime, await render_categories(runtime))
 
 
 # Room for a store id in any form uuid.UUID reads, and for the longest slug.
@@ -189,7 +193,8 @@ async def list_products(
         in_stock=query.in_stock,
         q=q.strip() or None if q is not None else None,
     )
-    return _answer(request, await render_listing(runtime, filters, query.sort, page, fields))
+    listing = await render_listing(runtime, filters, query.sort, page, fields)
+    return await _answer(request, runtime, listing)
 
 
 @router.get(
@@ -202,7 +207,7 @@ async def list_products(
 async def product_page(product_id: uuid.UUID, request: Request, runtime: RuntimeDep) -> Response:
     """A published product of an active store, with its variants, how many of each can
     be bought now, its store and its category."""
-    return _answer(request, await render_product(runtime, product_id))
+    return await _answer(request, runtime, await render_product(runtime, product_id))
 
 
 # -- a store's own products ------------------------------------------------------------------------
