@@ -87,8 +87,8 @@ async def test_request_cpu_benchmark_answers_every_kind_of_request() -> None:
             trust_after=0.0,  # no wait: tokens issued at once, their state read
         )
     )
-    assert [measured.statuses for measured in results] == [{200}] * 4 + [{201}, set()]
-    uncached, cached, _me, _sign_in, checkout, background = results
+    assert [measured.statuses for measured in results] == [{200}] * 5 + [{201}, set()]
+    uncached, cached, cached_gzip, _me, _sign_in, checkout, background = results
     # A checkout reads and writes; the order it placed left an event and its jobs.
     assert checkout.statements > 5 and background.statements > 3
-    assert uncached.statements == 2 and cached.statements == 0
+    assert uncached.statements == 2 and cached.statements == cached_gzip.statements == 0
