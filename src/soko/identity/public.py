@@ -204,28 +204,16 @@ class Contact:
     display_name: str
 
 
-@lru_cache(maxsize=1)
-def _contact_statement() -> Any:
-    """The read behind :func:`contact_of` (``user_id``), built once: every notification
-    a handler sends runs it."""
-    users: Any = User.__table__
-    return select(users.c.email_ciphertext, users.c.phone_ciphertext, users.c.display_name).where(
-        users.c.id == bindparam("user_id"), users.c.status == UserStatus.active.value
-    )
-
-
 async def contact_of(session: AsyncSession, runtime: Runtime, user_id: uuid.UUID) -> Contact | None:
     """The active user's email and phone in clear (one query); ``None`` for a user who
     does not exist, was deleted or is blocked."""
-    row = (await session.execute(_contact_statement(), {"user_id": user_id})).first()
-    if row is None:
-        return None
-    return _contact(runtime, user_id, row)
+    return (await contacts_of(session, runtime, [user_id])).get(user_id)
 
 
 @lru_cache(maxsize=1)
 def _contacts_statement() -> Any:
-    """The read behind :func:`contacts_of` (``user_ids``), built once."""
+    """The read behind :func:`contacts_of` (``user_ids``), built once: every
+    notification a handler sends runs it."""
     users: Any = User.__table__
     return select(
         users.c.id, users.c.email_ciphertext, users.c.phone_ciphertext, users.c.display_name
@@ -244,16 +232,15 @@ async def contacts_of(
     if not wanted:
         return {}
     rows = await session.execute(_contacts_statement(), {"user_ids": wanted})
-    return {row.id: _contact(runtime, row.id, row) for row in rows}
-
-
-def _contact(runtime: Runtime, user_id: uuid.UUID, row: Any) -> Contact:
-    return Contact(
-        user_id=user_id,
-        email=email_of(runtime.data_keys, user_id, row.email_ciphertext),
-        phone=phone_of(runtime.data_keys, user_id, row.phone_ciphertext),
-        display_name=row.display_name,
-    )
+    return {
+        row.id: Contact(
+            user_id=row.id,
+            email=email_of(runtime.data_keys, row.id, row.email_ciphertext),
+            phone=phone_of(runtime.data_keys, row.id, row.phone_ciphertext),
+            display_name=row.display_name,
+        )
+        for row in rows
+    }
 
 
 async def user_ids_with_role(session: AsyncSession, role: str) -> list[uuid.UUID]:
