@@ -372,22 +372,20 @@ class SecurityHeadersMiddleware:
     def __init__(self, app: ASGIApp, *, hsts: bool, html_paths: Iterable[str] = ()) -> None:
         self.app = app
         self.html_paths = tuple(html_paths)
-        self.base: list[tuple[str, str]] = [
+        base: list[tuple[str, str]] = [
             ("x-content-type-options", "nosniff"),
             ("x-frame-options", "DENY"),
             ("referrer-policy", "no-referrer"),
             ("cross-origin-opener-policy", "same-origin"),
             ("cross-origin-resource-policy", "same-origin"),
             ("permissions-policy", "camera=(), microphone=(), geolocation=(), payment=()"),
+            ("cache-control", "no-store"),
         ]
         if hsts:
-            self.base.append(("strict-transport-security", "max-age=63072000; includeSubDomains"))
-        self.api_defaults = _encoded([*self.base, *self._per_response(API_CSP)])
-        self.html_defaults = _encoded([*self.base, *self._per_response(DOCS_CSP)])
-
-    @staticmethod
-    def _per_response(csp: str) -> list[tuple[str, str]]:
-        return [("content-security-policy", csp), ("cache-control", "no-store")]
+            base.append(("strict-transport-security", "max-age=63072000; includeSubDomains"))
+        # Encoded once, as the raw headers carry them; the API's and the pages' CSP apart.
+        self.api_defaults = _encoded([*base, ("content-security-policy", API_CSP)])
+        self.html_defaults = _encoded([*base, ("content-security-policy", DOCS_CSP)])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
