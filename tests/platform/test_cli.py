@@ -7,14 +7,17 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvicorn
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from typer.testing import CliRunner
 
 import soko
 from soko.cli import _alembic_config, app
+from soko.platform import serving
 from tests.conftest import make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,6 +161,22 @@ def test_serve_refuses_a_bad_configuration(workdir: Path) -> None:
     result = CliRunner().invoke(app, ["serve"], env={"SOKO_PORT": "0"})
     assert result.exit_code == 2
     assert "SOKO_PORT" in result.stderr
+
+
+def test_serve_runs_uvicorn_with_one_write_a_response(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def run(target: str, **options: Any) -> None:
+        seen.update(options, target=target)
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(serving, "socket_per_worker_supported", lambda: False)
+    result = CliRunner().invoke(app, ["serve", "--port", "8123"])
+    assert result.exit_code == 0, result.output
+    assert seen["http"] is serving.CoalescingHttpToolsProtocol
+    assert seen["port"] == 8123
 
 
 def test_serve_rejects_a_port_out_of_range(workdir: Path) -> None:

@@ -6,15 +6,10 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import uvicorn
-from typer.testing import CliRunner
 
-from soko.cli import app as cli
-from soko.platform import serving
 from soko.platform.serving import (
     COALESCE_MAX_BYTES,
     CoalescingHttpToolsProtocol,
@@ -188,31 +183,3 @@ async def test_a_served_response_is_one_write_and_a_stream_arrives_whole() -> No
         finally:
             writer.close()
             await writer.wait_closed()
-
-
-def test_soko_serve_runs_uvicorn_with_the_coalescing_protocol(
-    workdir_without_settings: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen: dict[str, Any] = {}
-
-    def run(app: str, **options: Any) -> None:
-        seen.update(options, app=app)
-
-    monkeypatch.setattr(uvicorn, "run", run)
-    monkeypatch.setattr(serving, "socket_per_worker_supported", lambda: False)
-    result = CliRunner().invoke(cli, ["serve", "--port", "8123"])
-    assert result.exit_code == 0, result.output
-    assert seen["http"] is CoalescingHttpToolsProtocol
-    assert seen["port"] == 8123
-
-
-@pytest.fixture
-def workdir_without_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("SOKO_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SOKO_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path
