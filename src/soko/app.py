@@ -14,6 +14,7 @@ from starlette.middleware.gzip import GZipMiddleware
 
 import soko
 from soko.platform import errors, fastapi_params
+from soko.platform.admission import AdmissionMiddleware
 from soko.platform.config import ConfigError, Settings, ensure_secrets, load_settings
 from soko.platform.errors import NotFound, install_problem_handlers
 from soko.platform.http import (
@@ -240,6 +241,13 @@ def create_app(
             allow_credentials=False,
             max_age=600,
         )
+    # Inside the headers and the metrics, so a request that waited its turn is timed
+    # whole and a 503 for one that waited too long carries the usual headers.
+    app.add_middleware(
+        AdmissionMiddleware,
+        limit=settings.request_concurrency,
+        queue_seconds=settings.request_queue_seconds,
+    )
     app.add_middleware(
         SecurityHeadersMiddleware, hsts=settings.is_production, html_paths=("/docs", "/problems")
     )

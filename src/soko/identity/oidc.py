@@ -64,6 +64,7 @@ from pydantic import (
     model_validator,
 )
 
+from soko.platform.admission import working_elsewhere
 from soko.platform.cache import Cache
 from soko.platform.clock import Clock
 
@@ -610,7 +611,7 @@ class OidcProvider:
     async def _request(self, method: str, url: str, **kwargs: Any) -> tuple[int, Any]:
         """Send a request and read a bounded JSON answer: ``(status, body or None)``."""
         try:
-            async with self._http.stream(method, url, **kwargs) as response:
+            async with working_elsewhere(), self._http.stream(method, url, **kwargs) as response:
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body += chunk

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, ge=1024)
     gzip_min_bytes: int = Field(1024, ge=0)
     gzip_level: int = Field(6, ge=1, le=9)
+    # Requests one API process works on at once (0: no limit); the next wait their turn,
+    # and are answered 503 after request_queue_seconds (soko.platform.admission).
+    request_concurrency: int = Field(8, ge=0, le=10_000)
+    request_queue_seconds: float = Field(10.0, gt=0, le=300)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     ratelimit_default: str = "600/minute"
     ratelimit_enabled: bool = True

@@ -25,7 +25,7 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 log = structlog.get_logger("soko.http")
 
 
-def _problem_message(
+def problem_message(
     problem: type[ProblemError],
     detail: str,
     path: str,
@@ -33,6 +33,8 @@ def _problem_message(
     status: int | None = None,
     extensions: dict[str, Any] | None = None,
 ) -> tuple[Message, Message]:
+    """The start and body messages of a problem answered from a middleware, outside
+    the routes' exception handlers."""
     import json
 
     body = json.dumps(
@@ -137,7 +139,7 @@ class RequestContextMiddleware:
             )
             if scope["type"] != "http" or started:
                 raise
-            start, body = _problem_message(
+            start, body = problem_message(
                 ProblemError,
                 "An unexpected error occurred; quote the request id when reporting it.",
                 scope.get("path", ""),
@@ -317,7 +319,7 @@ class InputGuardMiddleware:
             await self._refuse_nul(scope, send, request_id, "body")
 
     async def _refuse(self, scope: Scope, send: Send, request_id: str) -> None:
-        start, body = _problem_message(
+        start, body = problem_message(
             PayloadTooLarge,
             f"The request body is larger than {self.max_bytes} bytes.",
             scope.get("path", ""),
@@ -328,7 +330,7 @@ class InputGuardMiddleware:
 
     async def _refuse_nul(self, scope: Scope, send: Send, request_id: str, where: str) -> None:
         detail, extensions = _nul_problem(where)
-        start, body = _problem_message(
+        start, body = problem_message(
             ValidationFailed,
             detail,
             scope.get("path", "").replace("\x00", "%00"),

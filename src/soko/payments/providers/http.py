@@ -44,6 +44,7 @@ import structlog
 from prometheus_client import Counter, Histogram
 
 from soko.payments.providers.base import ProviderError, ProviderUnavailableError
+from soko.platform.admission import working_elsewhere
 from soko.platform.breaker import CircuitBreaker, CircuitOpenError
 from soko.platform.clock import Clock
 from soko.platform.config import Settings
@@ -252,7 +253,9 @@ class ProviderHttp:
         outcome = CANCELLED
         try:
             try:
-                async with asyncio.timeout(self.policy.timeout_seconds):
+                # The request's place among those its process works on goes to
+                # another while the provider answers.
+                async with working_elsewhere(), asyncio.timeout(self.policy.timeout_seconds):
                     response = await self.client.request(
                         exchange.method,
                         exchange.path,
