@@ -3,12 +3,12 @@
 An event loop does one thing at a time. Past the few requests it takes to keep it busy
 while others wait on the database, a request more in progress adds no throughput, only
 cost: every request in progress keeps its objects alive (the garbage collector walks
-them, the CPU caches miss them), waits in the database pool's queue, and holds a
-database connection and a PostgreSQL backend competing for the same cores. Measured on
+them, the CPU caches miss them), queues for a pooled database connection, and keeps a
+PostgreSQL backend at work, competing with the process for the same cores. Measured on
 the catalog page (2 cores, 2 processes, ADR 0022), a process with a backlog spent 2.3
-to 2.5 ms of CPU an answer instead of 1.6 to 1.7: a short stall (a scheduled job, a
-burst) turned into a backlog the process could no longer work off at the same arrival
-rate, and latency climbed to seconds.
+to 2.5 ms of CPU an answer instead of 1.6 to 1.7: a burst or a short pause turned into
+a backlog the process could no longer work off at the same arrival rate, and latency
+climbed to seconds.
 
 So each process admits at most ``request_concurrency`` requests to work at once
 (:class:`RequestGate`); the next ones wait, in arrival order, before any of their work
