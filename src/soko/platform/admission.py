@@ -38,7 +38,7 @@ from prometheus_client import Counter, Gauge
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from soko.platform.errors import ServiceUnavailable
-from soko.platform.http import problem_message
+from soko.platform.http import OPERATIONAL_PATHS, problem_message
 
 REQUESTS_WAITING = Gauge(
     "soko_http_requests_waiting",
@@ -50,7 +50,6 @@ REQUESTS_SHED = Counter(
     "HTTP requests answered 503 after waiting request_queue_seconds for their turn",
 )
 
-OPERATIONAL_PATHS = frozenset({"/health", "/ready", "/metrics"})
 SHED_RETRY_AFTER_SECONDS = 1
 
 
@@ -140,6 +139,8 @@ class _Place:
             self.held = True
 
     def ended(self) -> bool:
+        """Whether the request has finished, read anew after an await (a checker of
+        types would keep what ``finished`` was before it)."""
         return self.finished
 
     def finish(self) -> None:

@@ -22,6 +22,9 @@ REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_NAME = REQUEST_ID_HEADER.encode()
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
+# The operational endpoints: never rate limited, traced or kept waiting for a turn.
+OPERATIONAL_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
 log = structlog.get_logger("soko.http")
 
 

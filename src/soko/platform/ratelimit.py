@@ -51,7 +51,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from soko.platform.clock import Clock, SystemClock
 from soko.platform.errors import RateLimited, ServiceUnavailable, problem_body
-from soko.platform.http import client_ip
+from soko.platform.http import OPERATIONAL_PATHS, client_ip
 
 log = structlog.get_logger("soko.ratelimit")
 
@@ -517,7 +517,7 @@ class GlobalRateLimitMiddleware:
     client can act on) owns them.
     """
 
-    exempt = frozenset({"/health", "/ready", "/metrics"})
+    exempt = OPERATIONAL_PATHS
     scope_name = "global"
 
     def __init__(

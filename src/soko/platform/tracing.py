@@ -39,13 +39,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from soko.platform.config import ConfigError, Settings
+from soko.platform.http import OPERATIONAL_PATHS
 from soko.platform.logging import mask_field, mask_text
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import Span, SpanProcessor, TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
-UNTRACED_PATHS = frozenset({"/health", "/ready", "/metrics"})
 _STATEMENT_LIMIT = 4096
 _FIRST_WORD = re.compile(r"\s*([A-Za-z]+)")
 _SPAN_KEY = "_soko_span"
@@ -60,7 +60,7 @@ def traces_endpoint(endpoint: str) -> str:
 
 
 def _is_probe(scope: MutableMapping[str, Any]) -> bool:
-    return scope.get("path") in UNTRACED_PATHS
+    return scope.get("path") in OPERATIONAL_PATHS
 
 
 class Tracing:
