@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from bench import (
     catalog,
     checkout,
+    hostspeed,
     ledger,
     notifications,
     outbox_throughput,
@@ -28,6 +29,7 @@ BENCHMARKS: dict[str, Callable[[list[str]], Awaitable[None]]] = {
     "notifications": notifications.main,
     "webhook_delivery": webhook_delivery.main,
     "request_cpu": request_cpu.main,
+    "hostspeed": hostspeed.main,
 }
 
 
@@ -39,7 +41,13 @@ def main() -> None:
         raise SystemExit(f"unknown benchmark(s): {', '.join(unknown)}; known: {known}")
     for name in names:
         print(f"== {name}")
+        if name == "hostspeed":
+            asyncio.run(BENCHMARKS[name]([]))
+            continue
+        # The host's speed around each benchmark: a shared machine's moves between runs.
+        print(hostspeed.describe("before"))
         asyncio.run(BENCHMARKS[name]([]))
+        print(hostspeed.describe("after"))
 
 
 if __name__ == "__main__":
