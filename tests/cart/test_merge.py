@@ -8,7 +8,9 @@ import uuid
 
 import httpx2
 
+from soko.identity.models import Role
 from soko.identity.passwords import password_hasher
+from soko.platform.otp import decode_secret, totp
 from soko.platform.runtime import Runtime
 from tests.cart.catalog_support import Market
 from tests.cart.conftest import (
@@ -21,7 +23,9 @@ from tests.cart.conftest import (
     user_cart,
     view,
 )
+from tests.identity import mfa_support
 from tests.identity.conftest import MakeUser, SignedInUser
+from tests.identity.mfa_support import code_now, enable_mfa, make_holder, require_mfa_for
 
 PASSWORD = "marula-trees-at-dusk-17"
 AUTH = "/api/v1/auth"
@@ -226,3 +230,75 @@ async def test_concurrent_merges_count_the_anonymous_cart_once(
     )
     assert [answer.status_code for answer in answers] == [200] * 4
     assert quantities(await view(client, own)) == {str(variant): 11}
+
+
+async def test_a_two_factor_sign_in_merges_on_the_request_that_answers_the_challenge(
+    client: httpx2.AsyncClient, market: Market, runtime: Runtime
+) -> None:
+    variant = await market.variant(stock=5)
+    holder = await enable_mfa(
+        client, runtime, await make_holder(runtime, password=mfa_support.PASSWORD)
+    )
+    assert holder.email is not None
+    anonymous = await anonymous_cart(client)
+    await add(client, anonymous, variant, 2)
+
+    challenge = await client.post(
+        f"{AUTH}/login",
+        json={"identifier": holder.email, "password": mfa_support.PASSWORD},
+        headers=anonymous.headers,
+    )
+    assert challenge.status_code == 200 and challenge.json()["mfa_required"] is True
+    # No session yet, so nothing merged: the cart still answers to its token.
+    assert (await view(client, anonymous))["status"] == "open"
+
+    answer = await client.post(
+        mfa_support.VERIFY,
+        json={
+            "challenge_token": challenge.json()["challenge_token"],
+            "code": code_now(runtime, holder),
+        },
+        headers=anonymous.headers,
+    )
+    assert answer.status_code == 200, answer.text
+    mine = await client.post(
+        CARTS, headers={"Authorization": f"Bearer {answer.json()['access_token']}"}
+    )
+    assert mine.json()["cart"]["id"] == str(anonymous.id)  # adopted: the account had none
+    assert mine.json()["cart"]["signed_in"] is True
+    assert quantities(mine.json()["cart"]) == {str(variant): 2}
+
+
+async def test_enrolling_an_authenticator_at_sign_in_merges_the_anonymous_cart(
+    client: httpx2.AsyncClient, market: Market, make_user: MakeUser, runtime: Runtime
+) -> None:
+    variant = await market.variant(stock=5)
+    user = await _shopper(make_user, runtime)
+    own = await user_cart(client, user)
+    await add(client, own, variant, 1)
+    await require_mfa_for(runtime, Role.customer)
+    anonymous = await anonymous_cart(client)
+    await add(client, anonymous, variant, 3)
+
+    challenge = await client.post(
+        f"{AUTH}/login", json={"identifier": user.email, "password": PASSWORD}
+    )
+    assert challenge.status_code == 200 and challenge.json()["methods"] == ["enroll"]
+    token = challenge.json()["challenge_token"]
+    secret = await client.post(mfa_support.ENROLL, json={"challenge_token": token})
+    assert secret.status_code == 201, secret.text
+    answer = await client.post(
+        mfa_support.ENROLL_CONFIRM,
+        json={
+            "challenge_token": token,
+            "code": totp(decode_secret(secret.json()["secret"]), runtime.clock.now()),
+        },
+        headers=anonymous.headers,
+    )
+    assert answer.status_code == 200, answer.text
+    mine = await client.post(
+        CARTS, headers={"Authorization": f"Bearer {answer.json()['access_token']}"}
+    )
+    assert mine.json()["cart"]["id"] == str(own.id)
+    assert quantities(mine.json()["cart"]) == {str(variant): 4}
+    assert (await view(client, anonymous))["status"] == "merged"

@@ -41,6 +41,7 @@ import datetime as dt
 import math
 import secrets
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -674,6 +675,7 @@ async def _finish_sign_in(
     device: DeviceFacts,
     request_id: str | None,
     details: dict[str, object],
+    headers: Mapping[str, str],
 ) -> TokenPair:
     # signin imports this module for its flows' second step; importing it back here,
     # when a challenge completes, keeps one place where every sign-in ends.
@@ -684,7 +686,9 @@ async def _finish_sign_in(
         runtime,
         user,
         method=challenge.method,
-        facts=RequestFacts(device=device, request_id=request_id or None),
+        # The headers reach the other domains' sign-in hooks: the session opens here,
+        # so an anonymous cart's token sent with this request follows the buyer.
+        facts=RequestFacts(device=device, request_id=request_id or None, headers=headers),
         mfa_verified=True,
         details=details,
     )
@@ -699,6 +703,7 @@ async def complete_challenge(
     recovery_code: str | None,
     device: DeviceFacts,
     request_id: str,
+    headers: Mapping[str, str] | None = None,
 ) -> CompletedSignIn:
     """Check a challenge's second factor and, if it holds, open the session.
 
@@ -733,7 +738,14 @@ async def complete_challenge(
     if factor_used == METHOD_RECOVERY_CODE:
         details["recovery_left"] = (await mfa_status(session, user.id)).recovery_codes_left
     pair = await _finish_sign_in(
-        session, runtime, user, challenge, device=device, request_id=request_id, details=details
+        session,
+        runtime,
+        user,
+        challenge,
+        device=device,
+        request_id=request_id,
+        details=details,
+        headers=headers or {},
     )
     return CompletedSignIn(tokens=pair, factor=factor_used)
 
@@ -758,6 +770,7 @@ async def complete_challenge_enrollment(
     *,
     device: DeviceFacts,
     request_id: str,
+    headers: Mapping[str, str] | None = None,
 ) -> EnrolledSignIn:
     """Confirm the authenticator enrolled with an enrollment challenge by its first
     code, and open the session (MFA verified: the code just proved the factor).
@@ -798,5 +811,6 @@ async def complete_challenge_enrollment(
         device=device,
         request_id=request_id,
         details={"factor": METHOD_TOTP, "enrolled": True},
+        headers=headers or {},
     )
     return EnrolledSignIn(tokens=pair, recovery_codes=codes)

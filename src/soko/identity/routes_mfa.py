@@ -244,14 +244,16 @@ async def verify_challenge(
     Each challenge takes five tries and lives five minutes; a wrong code answers 400
     ``invalid-code``, a spent or expired challenge 401 ``invalid-mfa-challenge`` (sign
     in again)."""
+    facts = RequestFacts.of(request, runtime)
     completed = await mfa.complete_challenge(
         session,
         runtime,
         body.challenge_token,
         code=body.code,
         recovery_code=body.recovery_code,
-        device=_device(request, runtime),
+        device=facts.device,
         request_id=_request_id(request),
+        headers=facts.headers,
     )
     response.headers["Cache-Control"] = "no-store"
     return TokenPairOut.of(completed.tokens)
@@ -295,13 +297,15 @@ async def confirm_enrollment_with_challenge(
     answers the session's tokens and the ten recovery codes, once. The challenge takes
     five codes and lives five minutes; a wrong code answers 400 ``invalid-code``, a
     spent or expired challenge 401 ``invalid-mfa-challenge`` (sign in again)."""
+    facts = RequestFacts.of(request, runtime)
     enrolled = await mfa.complete_challenge_enrollment(
         session,
         runtime,
         body.challenge_token,
         body.code,
-        device=_device(request, runtime),
+        device=facts.device,
         request_id=_request_id(request),
+        headers=facts.headers,
     )
     response.headers["Cache-Control"] = "no-store"
     return EnrolledSignInOut(
