@@ -11,8 +11,9 @@ the connection's addresses.
 The supervisor still binds its socket first (so a port in use stops the start, and port
 0 picks the port every worker then binds), but never listens on it: only listening
 sockets take part in the kernel's choice. Each worker binds its twin and closes its copy
-of the supervisor's. Everything else is uvicorn's ``Multiprocess``: health checks,
-replacing a dead worker, draining on SIGTERM.
+of the supervisor's. Everything else is uvicorn's ``Multiprocess``: health checks (with
+a longer grace for a worker's first answer), replacing a dead worker, draining on
+SIGTERM.
 
 Each process also sends every response with one write (:class:`CoalescingTransport`):
 uvicorn writes a response's head and body apart, two system calls and two packets.
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import socket
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -74,8 +77,44 @@ class ReusePortConfig(Config):
         return sock
 
 
+# How long a new worker may take to answer its first health check. It imports Soko before
+# it can answer (1.5 s on an idle 2-core VM, over 4 s on a busy one), and uvicorn's check,
+# meant for a worker that hangs while serving, gives every answer 5 s: on a busy machine it
+# killed workers as they started, and their replacements the same way.
+STARTUP_GRACE_SECONDS = 60.0
+
+
 class ReusePortProcess(multiprocess.Process):
-    """A uvicorn worker that serves on a twin of the supervisor's socket."""
+    """A uvicorn worker that serves on a twin of the supervisor's socket, and is given
+    :data:`STARTUP_GRACE_SECONDS` to answer its first health check."""
+
+    _started_at = 0.0
+    _asked = False
+    _answered = False
+
+    def start(self) -> None:
+        self._started_at = time.monotonic()
+        super().start()
+
+    def is_alive(self, timeout: float = 5) -> bool:
+        if self._answered:
+            return super().is_alive(timeout)
+        # Until its first answer the worker is alive while its process runs and the grace
+        # lasts. Its answer is looked for without waiting: the supervisor checks every
+        # worker in turn, and handles signals, between these calls.
+        if not self.process.is_alive():
+            return False
+        try:
+            if not self._asked:
+                self.parent_conn.send(b"ping")
+                self._asked = True
+            if self.parent_conn.poll(0):
+                self.parent_conn.recv()
+                self._answered = True
+                return True
+        except (OSError, EOFError, pickle.UnpicklingError):
+            return False
+        return time.monotonic() - self._started_at < STARTUP_GRACE_SECONDS
 
     def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover
         # Runs in the worker process (covered by the serve tests, through a subprocess).
