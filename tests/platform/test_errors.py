@@ -172,7 +172,53 @@ async def test_validation_errors_for_path_and_malformed_json(
         headers={"Content-Type": "application/json"},
     )
     body = assert_problem(broken, 422, "validation-error")
-    assert body["errors"][0]["code"] == "json_invalid"
+    assert body["detail"] == "The body is not valid JSON"
+    # The whole document failed, not a member: the empty pointer, no field name (the
+    # parser's location is a character offset, named in the detail).
+    assert body["errors"] == [
+        {
+            "in": "body",
+            "field": "",
+            "pointer": "#",
+            "detail": body["errors"][0]["detail"],
+            "code": "json_invalid",
+        }
+    ]
+    assert body["errors"][0]["detail"].startswith("The body is not valid JSON: ")
+    assert "(at character 15)" in body["errors"][0]["detail"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"],
+)
+async def test_a_body_sent_as_another_media_type_is_415(
+    errors_client: httpx2.AsyncClient, content_type: str | None
+) -> None:
+    response = await errors_client.post(
+        "/test-errors/orders",
+        content=b'{"quantity": 1, "sku": "A"}',
+        headers={"Content-Type": content_type} if content_type else {},
+    )
+    body = assert_problem(response, 415, "unsupported-media-type")
+    assert "application/json" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json", "application/json; charset=utf-8", "application/merge-patch+json"],
+)
+async def test_json_media_types_are_read_as_json(
+    errors_client: httpx2.AsyncClient, content_type: str
+) -> None:
+    response = await errors_client.post(
+        "/test-errors/orders",
+        content=b'{"quantity": 1, "sku": "A", "deliver_to": {"city": "Nairobi"}}',
+        headers={"Content-Type": content_type},
+    )
+    # Read: the one error is the missing postcode's, a field of the parsed body.
+    body = assert_problem(response, 422, "validation-error")
+    assert [error["field"] for error in body["errors"]] == ["deliver_to.postcode"]
 
 
 async def test_validation_errors_never_echo_the_input(errors_client: httpx2.AsyncClient) -> None:

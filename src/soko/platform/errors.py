@@ -285,6 +285,11 @@ def field_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     """Pydantic/FastAPI validation errors as ``{"in", "field", "pointer", "detail"}``."""
     shaped = []
     for error in errors:
+        if error.get("type") == "json_invalid":
+            # Its location is the character where parsing stopped, not a field: the
+            # whole document is what failed (the empty JSON pointer).
+            shaped.append(_json_invalid(error))
+            continue
         loc = [str(part) for part in error.get("loc", ())]
         where = (
             loc[0] if loc and loc[0] in {"body", "query", "path", "header", "cookie"} else "body"
@@ -302,6 +307,31 @@ def field_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     return shaped
 
 
+def _json_invalid(error: Mapping[str, Any]) -> dict[str, Any]:
+    loc = error.get("loc", ())
+    reason = str((error.get("ctx") or {}).get("error") or "not valid JSON")
+    at = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    return {
+        "in": "body",
+        "field": "",
+        "pointer": "#",
+        "detail": f"The body is not valid JSON: {reason}"
+        + (f" (at character {at})" if at is not None else ""),
+        "code": "json_invalid",
+    }
+
+
+def _reads_as_json(content_type: str | None) -> bool:
+    """Whether FastAPI parses a body of this media type as JSON: ``application/json`` or
+    ``application/*+json``. A body without ``Content-Type`` is not parsed (FastAPI's
+    strict content type, which keeps a cross-site form from posting JSON)."""
+    if not content_type:
+        return False
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    main, _, sub = media_type.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
 async def _handle_problem(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProblemError)
     return problem_response(
@@ -316,11 +346,28 @@ async def _handle_problem(request: Request, exc: Exception) -> Response:
 
 async def _handle_validation(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    errors = field_errors(exc.errors())
+    raw = exc.errors()
+    content_type = request.headers.get("content-type")
+    if not _reads_as_json(content_type) and any(
+        tuple(error.get("loc", ())) == ("body",) for error in raw
+    ):
+        # The route reads a JSON body and this one was sent as something else (a form, plain
+        # text): it was never parsed, so no field of it can be named.
+        return problem_response(
+            UnsupportedMediaType,
+            detail="This endpoint reads a JSON body: send it with Content-Type: application/json.",
+            instance=request.url.path,
+            request_id=_request_id(request),
+        )
+    errors = field_errors(raw)
     count = len(errors)
+    if any(error["code"] == "json_invalid" for error in errors):
+        detail = "The body is not valid JSON"
+    else:
+        detail = f"{count} field{'s' if count != 1 else ''} failed validation"
     return problem_response(
         ValidationFailed,
-        detail=f"{count} field{'s' if count != 1 else ''} failed validation",
+        detail=detail,
         instance=request.url.path,
         request_id=_request_id(request),
         extensions={"errors": errors},
