@@ -204,6 +204,13 @@ async def test_a_body_sent_as_another_media_type_is_415(
     assert "application/json" in body["detail"]
 
 
+async def test_a_missing_body_is_a_missing_field_whatever_its_media_type(
+    errors_client: httpx2.AsyncClient,
+) -> None:
+    body = assert_problem(await errors_client.post("/test-errors/orders"), 422, "validation-error")
+    assert [error["code"] for error in body["errors"]] == ["missing"]
+
+
 @pytest.mark.parametrize(
     "content_type",
     ["application/json", "application/json; charset=utf-8", "application/merge-patch+json"],

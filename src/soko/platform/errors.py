@@ -349,7 +349,7 @@ async def _handle_validation(request: Request, exc: Exception) -> Response:
     raw = exc.errors()
     content_type = request.headers.get("content-type")
     if not _reads_as_json(content_type) and any(
-        tuple(error.get("loc", ())) == ("body",) for error in raw
+        tuple(error.get("loc", ())) == ("body",) and error.get("type") != "missing" for error in raw
     ):
         # The route reads a JSON body and this one was sent as something else (a form, plain
         # text): it was never parsed, so no field of it can be named.
