@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx2
 import pytest
 from fastapi import APIRouter, FastAPI, Response
+from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
 from sqlalchemy import event, func, select
 from starlette.responses import JSONResponse
@@ -30,6 +32,7 @@ from soko.platform.idempotency import (
     IdempotentRequest,
     KeyStatus,
     StoredAnswer,
+    _idempotent_request,
     check_key,
     claim_key,
     purge_expired,
@@ -460,3 +463,22 @@ async def test_a_request_still_in_flight_is_not_run_twice(
     third = await post(client, probe, user, "key-5", "slow")
     assert (third.status_code, third.headers[REPLAYED_HEADER]) == (201, "true")
     assert await made(runtime) == 1
+
+
+def _needs_a_key(dependant: Any) -> bool:
+    return any(
+        sub.call is _idempotent_request or _needs_a_key(sub) for sub in dependant.dependencies
+    )
+
+
+def test_docs_name_every_route_that_takes_an_idempotency_key(app: FastAPI) -> None:
+    keyed = {
+        f"{method} {context.path}"
+        for context in iter_route_contexts(app.routes)
+        if getattr(context, "dependant", None) is not None and _needs_a_key(context.dependant)
+        for method in context.methods or ()
+    }
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    section = docs.split("## Idempotency keys", 1)[1].split("\n- ", 1)[0]
+    assert keyed, "no route takes an Idempotency-Key"
+    assert {name for name in keyed if f"`{name}`" not in section} == set()
