@@ -325,3 +325,17 @@ async def test_a_malformed_body_is_a_validation_error_and_frees_the_key(
     refused(response, 422, "validation-error")
     async with runtime.db.transaction(read_only=True) as session:
         assert (await session.scalars(select(IdempotencyKey))).all() == []
+
+
+async def test_an_expected_total_beyond_any_amount_is_a_field_error(
+    client: httpx2.AsyncClient, make_buyer: MakeBuyer
+) -> None:
+    buyer = await make_buyer()
+    answer = await client.post(
+        "/api/v1/checkout",
+        json={"cart_id": str(buyer.cart_id), "expected_total_minor": 10**40},
+        headers={**buyer.headers, "Idempotency-Key": "total-beyond-any-amount"},
+    )
+    assert answer.status_code == 422, answer.text
+    assert [error["field"] for error in answer.json()["errors"]] == ["expected_total_minor"]
+    assert "0" * 40 not in answer.text  # the value is not echoed

@@ -27,6 +27,7 @@ class LineAdd(BaseModel):
     variant_id: uuid.UUID
     quantity: int = Field(
         default=1,
+        strict=True,
         ge=1,
         le=MAX_LINE_QUANTITY,
         description="Added to the line's quantity when the variant is already in the cart",
@@ -36,7 +37,9 @@ class LineAdd(BaseModel):
 class LineChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    quantity: int = Field(ge=0, le=MAX_LINE_QUANTITY, description="The new quantity; 0 removes")
+    quantity: int = Field(
+        strict=True, ge=0, le=MAX_LINE_QUANTITY, description="The new quantity; 0 removes"
+    )
 
 
 class CartLineOut(BaseModel):

@@ -48,7 +48,7 @@ AttributeKey = Annotated[
 ]
 # http is refused in production by the service (it needs the settings to know).
 ImageUrl = Annotated[AnyUrl, UrlConstraints(max_length=2000, allowed_schemes=["https", "http"])]
-Position = Annotated[int, Field(ge=0, le=100_000)]
+Position = Annotated[int, Field(strict=True, ge=0, le=100_000)]
 Weight = Annotated[int, Field(ge=0, le=10_000_000, description="Weight in grams")]
 
 

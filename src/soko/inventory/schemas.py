@@ -82,7 +82,7 @@ class StockOut(BaseModel):
 class StockSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    on_hand: int = Field(ge=0, le=MAX_UNITS)
+    on_hand: int = Field(strict=True, ge=0, le=MAX_UNITS)
     reason: Reason = "count"
 
 
@@ -97,7 +97,7 @@ class AdjustmentKindIn(StrEnum):
 class StockAdjust(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    delta: int = Field(ge=-MAX_UNITS, le=MAX_UNITS)
+    delta: int = Field(strict=True, ge=-MAX_UNITS, le=MAX_UNITS)
     reason: Reason
     kind: AdjustmentKindIn = AdjustmentKindIn.adjust
 

@@ -22,7 +22,7 @@ from soko.orders.models import (
     OrderTransition,
 )
 from soko.orders.states import OrderStatus
-from soko.platform.money import Money
+from soko.platform.money import MAX_AMOUNT_MINOR, Money
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True)]
 
@@ -40,7 +40,9 @@ class CheckoutIn(BaseModel):
     )
     expected_total_minor: int | None = Field(
         default=None,
+        strict=True,
         ge=0,
+        le=MAX_AMOUNT_MINOR,
         description="The total the buyer was shown, in the cart's currency's minor units; "
         "a checkout that would cost anything else answers 409 checkout-total-changed",
     )
@@ -86,7 +88,9 @@ class ResolveIn(BaseModel):
     outcome: Literal["refund", "reject"]
     refund_minor: int | None = Field(
         default=None,
+        strict=True,
         ge=1,
+        le=MAX_AMOUNT_MINOR,
         description="For a refund: how much, in the order's minor units (default: all of it)",
     )
     note: Annotated[Text, StringConstraints(max_length=DETAILS_MAX_LENGTH)] = ""

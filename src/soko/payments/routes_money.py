@@ -87,7 +87,7 @@ class PayoutIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seller_id: uuid.UUID
-    amount_minor: int = Field(gt=0, le=MAX_AMOUNT_MINOR)
+    amount_minor: int = Field(strict=True, gt=0, le=MAX_AMOUNT_MINOR)
     currency: str = Field(min_length=3, max_length=3)
     reference: str = Field(
         min_length=1,
@@ -135,6 +135,7 @@ class CommissionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rate_bps: int | None = Field(
+        strict=True,
         ge=0,
         le=ledger.BASIS_POINTS,
         description="Basis points (1000 = 10 %); null returns the store to the default rate.",

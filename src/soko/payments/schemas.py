@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from soko.payments.payment_models import Payment, Refund, WebhookEvent
+from soko.platform.money import MAX_AMOUNT_MINOR
 
 PROVIDER_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
 
@@ -213,7 +214,7 @@ class AdminPaymentDetailOut(AdminPaymentOut):
 class RefundIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    amount_minor: int = Field(gt=0, le=10**15)
+    amount_minor: int = Field(strict=True, gt=0, le=MAX_AMOUNT_MINOR)
     order_id: uuid.UUID | None = Field(
         None,
         description="The order whose share is refunded (required if it paid several)",
