@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from html import escape
 from importlib import import_module
 
 from fastapi import APIRouter, FastAPI
@@ -79,6 +80,17 @@ def check_domain_settings(settings: Settings) -> None:
         raise ConfigError(problems)
 
 
+def _inline_code(text: str) -> str:
+    """``text`` escaped for HTML, its `backquoted` spans (header names, settings, codes,
+    as the descriptions write them) as ``<code>``."""
+    parts = escape(text).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backquote: shown as it is
+        return escape(text)
+    return "".join(
+        f"<code>{part}</code>" if index % 2 else part for index, part in enumerate(parts)
+    )
+
+
 def _problems_router() -> APIRouter:
     router = APIRouter(include_in_schema=False)
 
@@ -87,12 +99,10 @@ def _problems_router() -> APIRouter:
         problem = errors.REGISTRY.get(slug)
         if problem is None:
             raise NotFound(f"No problem type named {slug!r}")
-        from html import escape
-
         return HTMLResponse(
             f"<!doctype html><title>{escape(problem.title)}</title>"
             f"<h1>{escape(problem.title)}</h1><p>HTTP {problem.status}</p>"
-            f"<p>{escape(problem.description)}</p>"
+            f"<p>{_inline_code(problem.description)}</p>"
         )
 
     return router

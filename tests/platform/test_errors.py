@@ -319,5 +319,17 @@ async def test_problem_pages_describe_each_type(errors_client: httpx2.AsyncClien
         assert response.status_code == 200, slug
         assert response.headers["content-type"].startswith("text/html")
         assert str(problem.status) in response.text
+        assert "`" not in response.text, slug  # inline code is <code>, not backquotes
+    allowed = (await errors_client.get("/problems/method-not-allowed")).text
+    assert "see <code>Allow</code>." in allowed
     missing = await errors_client.get("/problems/no-such-problem")
     assert_problem(missing, 404, "not-found")
+
+
+def test_inline_code_is_escaped_and_unpaired_backquotes_are_left() -> None:
+    from soko.app import _inline_code
+
+    assert _inline_code("send `<If-Match>` & retry") == (
+        "send <code>&lt;If-Match&gt;</code> &amp; retry"
+    )
+    assert _inline_code("a lone ` stays") == "a lone ` stays"
