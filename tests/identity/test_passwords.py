@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import unicodedata
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import argon2
 import pytest
+from starlette.types import Message, Receive, Scope, Send
 
 from soko.identity.errors import WeakPassword
 from soko.identity.hashing import HASH_NICENESS, SodiumArgon2Hasher, password_hash, perform
@@ -27,6 +29,7 @@ from soko.identity.passwords import (
     normalize_password,
     password_hasher,
 )
+from soko.platform.admission import AdmissionMiddleware
 from soko.platform.runtime import Runtime
 from tests.conftest import make_settings
 
@@ -480,3 +483,60 @@ def test_hashes_libsodium_cannot_compute_go_to_argon2_cffi() -> None:
 def test_a_damaged_hash_is_a_wrong_password(stored: str) -> None:
     sodium = SodiumArgon2Hasher(time_cost=2, memory_cost=19_456, parallelism=1)
     assert sodium.verify(PASSPHRASE, stored) is False
+
+
+async def test_a_request_waiting_for_its_hash_gives_its_place_to_another(
+    hasher: PasswordHasher,
+) -> None:
+    """A sign-in's hash is computed off the event loop (a worker process, or a thread):
+    while the request waits for it, its place in the process's admission goes to another
+    request, so a burst of sign-ins queued on the hashing never holds back a GET /me."""
+    stored = await hasher.hash(PASSPHRASE)
+    backend: Any = hasher._backend
+    unblock = threading.Event()
+    if hasher.pool == "thread":  # both threads busy
+        busy = [backend._executor.submit(unblock.wait) for _ in range(2)]
+    else:  # both workers' slots taken
+        slots = backend._bound_slots()
+        for _ in range(2):
+            await slots.acquire()
+    reached: dict[str, asyncio.Event] = {"/sign-in": asyncio.Event(), "/me": asyncio.Event()}
+    verified: list[bool] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        reached[scope["path"]].set()
+        if scope["path"] == "/sign-in":
+            verified.append((await hasher.verify(PASSPHRASE, stored))[0])
+
+    middleware = AdmissionMiddleware(app, limit=1, queue_seconds=10)
+    gate = middleware.gate
+    assert gate is not None
+
+    def call(path: str) -> asyncio.Task[None]:
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [], "state": {}}
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            pass
+
+        return asyncio.create_task(middleware(scope, receive, send))
+
+    async with asyncio.timeout(10):
+        sign_in = call("/sign-in")
+        await reached["/sign-in"].wait()
+        me = call("/me")
+        await reached["/me"].wait()  # in while the sign-in waits for its hash
+        await me
+        assert not sign_in.done()
+        if hasher.pool == "thread":
+            unblock.set()
+            for job in busy:
+                job.result()
+        else:
+            slots.release()
+            slots.release()
+        await sign_in
+    assert verified == [True]
+    assert (gate.free, gate.waiting) == (1, 0)

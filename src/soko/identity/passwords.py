@@ -49,6 +49,7 @@ from pwdlib.exceptions import UnknownHashError
 
 from soko.identity.errors import WeakPassword
 from soko.identity.hashing import HASH_NICENESS, lower_priority, password_hash
+from soko.platform.admission import working_elsewhere
 from soko.platform.config import Settings
 
 if TYPE_CHECKING:
@@ -91,7 +92,10 @@ class _ThreadHashing:
 
     async def _run(self, work: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, work)
+        # The hash is computed off the event loop: the request's place goes to another
+        # request meanwhile (see _ProcessHashing._request).
+        async with working_elsewhere():
+            return await loop.run_in_executor(self._executor, work)
 
     async def hash(self, password: str) -> str:
         return await self._run(lambda: self._hash.hash(password))
@@ -235,16 +239,21 @@ class _ProcessHashing:
             raise HashWorkerFailed("the password hasher is closed")
         slots = self._bound_slots()
         payload = json.dumps(request).encode("ascii") + b"\n"
-        await slots.acquire()
-        exchange = asyncio.ensure_future(self._exchange(payload))
+        # Waiting for a worker and its hash is work done elsewhere: the request gives its
+        # place to another meanwhile (soko.platform.admission). Holding it, a burst of
+        # sign-ins queued on the workers filled every place, and a GET /me waited behind
+        # them for the hashes of the whole burst.
+        async with working_elsewhere():
+            await slots.acquire()
+            exchange = asyncio.ensure_future(self._exchange(payload))
 
-        def done(task: asyncio.Future[dict[str, Any]]) -> None:
-            slots.release()
-            if not task.cancelled():
-                task.exception()  # retrieved: a caller gone away is not an unhandled error
+            def done(task: asyncio.Future[dict[str, Any]]) -> None:
+                slots.release()
+                if not task.cancelled():
+                    task.exception()  # retrieved: a caller gone away is not an unhandled error
 
-        exchange.add_done_callback(done)
-        answer = await asyncio.shield(exchange)
+            exchange.add_done_callback(done)
+            answer = await asyncio.shield(exchange)
         error = answer.get("error")
         if error == "unknown_hash":
             raise UnknownHashError("no hasher reads this hash")
