@@ -18,7 +18,8 @@ is done, which costs next to nothing. A request holds its place only while it wo
   sent without one);
 * it gives its place up while it waits on its client's body or on another service
   (:func:`working_elsewhere`, used by the payment providers' and the sign-in providers'
-  HTTP clients and by password hashing), and takes it back ahead of the requests that have not started yet.
+  HTTP clients and by password hashing), and takes it back ahead of the requests that
+  have not started yet.
 
 A request that waited ``request_queue_seconds`` without a place is answered 503 with
 ``Retry-After``: its client has most likely given up, and the work would be wasted.
