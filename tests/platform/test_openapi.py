@@ -103,6 +103,11 @@ async def test_validation_errors_are_documented_as_problems(document: dict[str, 
     assert create["responses"]["409"]["content"][PROBLEM]
     show = document["paths"]["/test-openapi/offers/{offer_id}"]["get"]
     assert show["responses"]["404"]["description"] == "Not found"
+    # A JSON body read as anything else is 415: documented where a body is read only.
+    assert create["responses"]["415"]["content"][PROBLEM]["schema"]["$ref"] == (
+        "#/components/schemas/Problem"
+    )
+    assert "415" not in show["responses"]
 
 
 async def test_money_and_pages_have_schemas(document: dict[str, Any]) -> None:

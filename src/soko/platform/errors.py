@@ -461,8 +461,9 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def _document_problems(app: FastAPI) -> None:
     """Make the OpenAPI document tell the truth about errors: FastAPI documents 422 as
-    its own ``HTTPValidationError`` JSON, but Soko answers problem+json; and every
-    operation can answer some problem, so each gets a problem+json ``default``."""
+    its own ``HTTPValidationError`` JSON, but Soko answers problem+json; an operation
+    that reads a JSON body answers 415 to another media type; and every operation can
+    answer some problem, so each gets a problem+json ``default``."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -483,6 +484,15 @@ def _document_problems(app: FastAPI) -> None:
                         "description": ValidationFailed.title,
                         "content": _problem_content("ValidationProblem"),
                     }
+                if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                    # A JSON body sent as another media type, or with none, is not read.
+                    responses.setdefault(
+                        "415",
+                        {
+                            "description": UnsupportedMediaType.title,
+                            "content": _problem_content(),
+                        },
+                    )
                 responses.setdefault(
                     "default",
                     {"description": "An error, as a problem", "content": _problem_content()},
