@@ -81,6 +81,21 @@ def test_after_its_first_answer_uvicorns_check_applies() -> None:
     assert not worker.is_alive(timeout=0.01)  # no answer now: hung
 
 
+def test_a_replacement_started_by_a_reload_gets_the_grace_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[float] = []
+
+    def wait_until_ready(self: object, timeout: float, should_exit: object = None) -> bool:
+        asked.append(timeout)
+        return True
+
+    monkeypatch.setattr(serving.multiprocess.Process, "wait_until_ready", wait_until_ready)
+    worker, _ = _worker()
+    assert worker.wait_until_ready(5)
+    assert asked == [STARTUP_GRACE_SECONDS]
+
+
 def test_serve_runs_workers_as_reuse_port_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[type] = []
 

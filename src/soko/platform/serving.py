@@ -96,6 +96,11 @@ class ReusePortProcess(multiprocess.Process):
         self._started_at = time.monotonic()
         super().start()
 
+    def wait_until_ready(self, timeout: float, should_exit: Any = None) -> bool:
+        # A replacement started by a reload (SIGHUP) imports Soko too: it gets the same
+        # grace, and the worker it replaces keeps serving meanwhile.
+        return super().wait_until_ready(max(timeout, STARTUP_GRACE_SECONDS), should_exit)
+
     def is_alive(self, timeout: float = 5) -> bool:
         if self._answered:
             return super().is_alive(timeout)
