@@ -297,6 +297,28 @@ def test_pydantic_refuses_bad_money(payload: str) -> None:
         Line.model_validate_json(payload)
 
 
+@pytest.mark.parametrize(
+    ("price", "loc", "kind"),
+    [
+        ({"amount": "1250", "currency": "KES"}, ("price", "amount"), "int_type"),
+        ({"amount": 12.5, "currency": "KES"}, ("price", "amount"), "int_type"),
+        ({"amount": 10**16, "currency": "KES"}, ("price", "amount"), "less_than_equal"),
+        ({"amount": 1250, "currency": "kes"}, ("price", "currency"), "string_pattern_mismatch"),
+        ({"amount": 1250, "currency": "XYZ"}, ("price",), "value_error"),
+        ({"amount": 1250, "currency": "KES", "extra": 1}, ("price", "extra"), "extra_forbidden"),
+        ("12.50 KES", ("price",), "dict_type"),
+    ],
+)
+def test_bad_money_from_a_parsed_body_is_one_error_at_the_member(
+    price: object, loc: tuple[str, ...], kind: str
+) -> None:
+    """FastAPI validates a parsed body in Python mode: each mistake is one error, at the
+    member that is wrong, with no name of the validator's own in its location."""
+    with pytest.raises(ValidationError) as caught:
+        Line.model_validate({"price": price})
+    assert [(error["loc"], error["type"]) for error in caught.value.errors()] == [(loc, kind)]
+
+
 def test_json_schema_describes_amount_and_currency() -> None:
     schema = Line.model_json_schema()
     money_schema = schema["properties"]["price"]

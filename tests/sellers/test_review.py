@@ -92,6 +92,8 @@ async def test_a_decision_in_the_wrong_state_is_a_conflict(
     assert response.status_code == 409
     assert problem_type(response) == "seller-state-conflict"
     assert response.json()["current_status"] == current
+    article = "an" if current == "active" else "a"
+    assert response.json()["detail"] == f"Cannot {action} {article} {current} store."
 
 
 async def test_every_decision_is_recorded_and_published(

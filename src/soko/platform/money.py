@@ -351,12 +351,19 @@ class Money:
         def from_fields(value: dict[str, Any]) -> Money:
             return Money(value["amount"], value["currency"])
 
+        def as_is_or_from_fields(value: Any, from_mapping: Any) -> Money:
+            return value if isinstance(value, Money) else from_mapping(value)
+
         from_dict = core_schema.no_info_after_validator_function(from_fields, fields)
         return core_schema.json_or_python_schema(
             ref="Money",  # one named schema in OpenAPI rather than a copy per field
             json_schema=from_dict,
-            python_schema=core_schema.union_schema(
-                [core_schema.is_instance_schema(Money), from_dict]
+            # A Money passes as it is; anything else is read as {amount, currency}. Not a
+            # union: a union reports each branch's failure, under the branch's own name
+            # ("is-instance[Money]", "function-after[...]"), where a client should see
+            # one error at the member that is wrong (FastAPI validates in Python mode).
+            python_schema=core_schema.no_info_wrap_validator_function(
+                as_is_or_from_fields, from_dict
             ),
             serialization=core_schema.plain_serializer_function_ser_schema(
                 lambda money: {"amount": money.amount, "currency": money.currency}

@@ -215,7 +215,7 @@ async def review(
         if current is None:
             raise NotFound("No such store.")
         raise SellerStateConflict(
-            f"Cannot {transition.action} a {current} store.",
+            f"Cannot {transition.action} {'an' if current[0] in 'aeiou' else 'a'} {current} store.",
             current_status=current,
         )
     # The one source state the store was in: the only transitions with several sources
