@@ -374,6 +374,10 @@ async def test_the_global_limit_refuses_but_never_operational_endpoints(
     assert_rate_limited(refused, '"global";q=5;w=60')
     assert refused.json()["instance"] == "/api/v1/test/open"
     assert int(refused.headers["content-length"]) == len(refused.content)
+    # Answered from a middleware, it still carries each header once, as a route's would.
+    for name in ("x-request-id", "cache-control", "x-content-type-options"):
+        assert len(refused.headers.get_list(name)) == 1, name
+    assert refused.headers["cache-control"] == "no-store"
     # Anything else from this address is refused too, except the operational endpoints.
     assert (await limited.get("/api/v1/test/otp")).status_code == 429
     for _ in range(7):

@@ -32,7 +32,6 @@ availability (a one-time-code check, say) passes ``fail_open=False`` to
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import time
 from collections import OrderedDict
@@ -50,8 +49,8 @@ from prometheus_client import Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from soko.platform.clock import Clock, SystemClock
-from soko.platform.errors import RateLimited, ServiceUnavailable, problem_body
-from soko.platform.http import OPERATIONAL_PATHS, client_ip
+from soko.platform.errors import RateLimited, ServiceUnavailable
+from soko.platform.http import OPERATIONAL_PATHS, client_ip, problem_message
 
 log = structlog.get_logger("soko.ratelimit")
 
@@ -545,22 +544,15 @@ class GlobalRateLimitMiddleware:
         if result is None:
             await self.app(scope, receive, send)
             return
-        request_id = scope.get("state", {}).get("request_id")
-        body = json.dumps(
-            problem_body(
-                RateLimited,
-                detail=f"Too many requests from this address; retry in {result.retry_after} s.",
-                instance=scope.get("path"),
-                request_id=request_id,
-            )
-        ).encode()
-        headers = [
-            (b"content-type", b"application/problem+json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        headers += [
+        start, body = problem_message(
+            RateLimited,
+            f"Too many requests from this address; retry in {result.retry_after} s.",
+            scope.get("path", ""),
+            scope.get("state", {}).get("request_id", ""),
+        )
+        start["headers"] += [
             (name.lower().encode(), value.encode())
             for name, value in rate_limit_headers([result]).items()
         ]
-        await send({"type": "http.response.start", "status": 429, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send(start)
+        await send(body)
