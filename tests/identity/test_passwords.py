@@ -16,7 +16,7 @@ from typing import Any
 
 import argon2
 import pytest
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from soko.identity.errors import WeakPassword
 from soko.identity.hashing import HASH_NICENESS, SodiumArgon2Hasher, password_hash, perform
@@ -32,6 +32,7 @@ from soko.identity.passwords import (
 from soko.platform.admission import AdmissionMiddleware
 from soko.platform.runtime import Runtime
 from tests.conftest import make_settings
+from tests.platform.test_admission import gate_of, start
 
 OWASP = {"memory_kib": 19_456, "iterations": 2, "parallelism": 1}
 PASSPHRASE = "mvua ya masika 2031"
@@ -509,24 +510,11 @@ async def test_a_request_waiting_for_its_hash_gives_its_place_to_another(
             verified.append((await hasher.verify(PASSPHRASE, stored))[0])
 
     middleware = AdmissionMiddleware(app, limit=1, queue_seconds=10)
-    gate = middleware.gate
-    assert gate is not None
-
-    def call(path: str) -> asyncio.Task[None]:
-        scope = {"type": "http", "method": "POST", "path": path, "headers": [], "state": {}}
-
-        async def receive() -> Message:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: Message) -> None:
-            pass
-
-        return asyncio.create_task(middleware(scope, receive, send))
-
+    gate = gate_of(middleware)
     async with asyncio.timeout(10):
-        sign_in = call("/sign-in")
+        sign_in = start(middleware, "/sign-in")
         await reached["/sign-in"].wait()
-        me = call("/me")
+        me = start(middleware, "/me")
         await reached["/me"].wait()  # in while the sign-in waits for its hash
         await me
         assert not sign_in.done()
