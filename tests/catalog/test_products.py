@@ -244,18 +244,24 @@ async def test_attributes_are_typed_and_images_are_urls(
     )
     assert product["attributes"] == attributes
     assert product["images"] == ["https://img.example.com/basket.jpg"]
-    for wrong in (
-        {"key": "handmade", "type": "boolean", "value": "yes"},
-        {"key": "weight_kg", "type": "number", "value": "heavy"},
-        {"key": "weight_kg", "type": "number", "value": True},
-        {"key": "material", "type": "text", "value": 3},
-        {"key": "Bad Key", "type": "text", "value": "x"},
-        {"key": "colour", "type": "date", "value": "x"},
+    # Each mistake is one error, at the member that is wrong.
+    for wrong, field in (
+        ({"key": "handmade", "type": "boolean", "value": "yes"}, "value"),
+        ({"key": "weight_kg", "type": "number", "value": "heavy"}, "value"),
+        ({"key": "weight_kg", "type": "number", "value": True}, "value"),
+        ({"key": "material", "type": "text", "value": 3}, "value"),
+        ({"key": "material", "type": "text", "value": ["sisal"]}, "value"),
+        ({"key": "material", "type": "text", "value": None}, "value"),
+        ({"key": "material", "type": "text", "value": {"en": "sisal"}}, "value"),
+        ({"key": "Bad Key", "type": "text", "value": "x"}, "key"),
+        ({"key": "colour", "type": "date", "value": "x"}, "type"),
     ):
         refused = await client.post(
             SELLER_PRODUCTS, json={"title": "Basket", "attributes": [wrong]}, headers=store.headers
         )
         assert (refused.status_code, problem_type(refused)) == (422, "validation-error"), wrong
+        errors = refused.json()["errors"]
+        assert [error["field"] for error in errors] == [f"attributes.0.{field}"], (wrong, errors)
     twice = await client.post(
         SELLER_PRODUCTS,
         json={"title": "Basket", "attributes": [attributes[0], attributes[0]]},

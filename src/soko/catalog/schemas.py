@@ -10,17 +10,20 @@ from __future__ import annotations
 import datetime as dt
 import math
 import uuid
-from typing import Annotated, Any, Self
+from typing import Annotated, Any
 
 from pydantic import (
     AnyUrl,
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     StringConstraints,
     UrlConstraints,
-    model_validator,
+    ValidationInfo,
+    field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from soko.catalog.models import AttributeType, ProductStatus, VariantStatus
 from soko.platform.money import Money
@@ -102,6 +105,20 @@ class CategoryTreeOut(BaseModel):
 # -- products and variants: what sellers send ------------------------------------------------
 
 
+def _attribute_scalar(value: Any) -> str | bool | int | float:
+    # One error for a value of no attribute type: as a plain union, pydantic would report
+    # one error per member ("value.str", "value.bool", ...) for a single mistake.
+    if isinstance(value, str | bool | int | float):
+        return value
+    raise PydanticCustomError("attribute_value", "Input should be a string, a number or a boolean")
+
+
+AttributeValue = Annotated[
+    str | bool | int | float,
+    PlainValidator(_attribute_scalar, json_schema_input_type=str | bool | int | float),
+]
+
+
 class AttributeIn(BaseModel):
     """A typed fact about a product (``{"key": "material", "type": "text",
     "value": "cotton"}``); the value must be of the declared type."""
@@ -110,22 +127,27 @@ class AttributeIn(BaseModel):
 
     key: AttributeKey
     type: AttributeType
-    value: str | bool | int | float
+    value: AttributeValue
 
-    @model_validator(mode="after")
-    def value_matches_type(self) -> Self:
-        value = self.value
-        if self.type is AttributeType.text:
+    @field_validator("value")
+    @classmethod
+    def value_matches_type(
+        cls, value: str | bool | int | float, info: ValidationInfo
+    ) -> str | bool | int | float:
+        # Checked at the value, so the error names it; a type that failed on its own
+        # already has its error.
+        kind = info.data.get("type")
+        if kind is AttributeType.text:
             if not isinstance(value, str) or not 1 <= len(value) <= 500:
                 raise ValueError("a text attribute needs a string of 1 to 500 characters")
-        elif self.type is AttributeType.number:
+        elif kind is AttributeType.number:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError("a number attribute needs a number")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError("a number attribute needs a finite number")
-        elif not isinstance(value, bool):
+        elif kind is AttributeType.boolean and not isinstance(value, bool):
             raise ValueError("a boolean attribute needs true or false")
-        return self
+        return value
 
 
 Attributes = Annotated[list[AttributeIn], Field(max_length=50)]
