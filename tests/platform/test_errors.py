@@ -13,7 +13,14 @@ from pydantic import BaseModel, Field
 
 import soko
 from soko.platform import errors
-from soko.platform.errors import Conflict, ProblemError, field_errors, problem_for_status
+from soko.platform.errors import (
+    Conflict,
+    ProblemError,
+    ValidationFailed,
+    field_errors,
+    json_pointer,
+    problem_for_status,
+)
 
 PROBLEMS_DOC = Path(__file__).resolve().parents[2] / "docs" / "problems.md"
 SECRET_TEXT = "password=hunter2 at /srv/soko/orders.py line 42"
@@ -261,6 +268,29 @@ def test_problem_for_status_and_field_errors() -> None:
     assert field_errors([{"loc": ("query", "limit"), "msg": "too big", "type": "le"}]) == [
         {"in": "query", "field": "limit", "pointer": None, "detail": "too big", "code": "le"}
     ]
+
+
+def test_pointers_are_rfc_6901_in_uri_fragment_form() -> None:
+    assert json_pointer([]) == "#"
+    assert json_pointer(["variants", "0", "price"]) == "#/variants/0/price"
+    # RFC 6901 section 3: "~" is written "~0" and "/" "~1"; section 6: then percent-encoded.
+    assert json_pointer(["options", "size/fit", "a~b"]) == "#/options/size~1fit/a~0b"
+    assert json_pointer(["notes", "50% off", "ñ"]) == "#/notes/50%25%20off/%C3%B1"
+    assert json_pointer([""]) == "#/"
+    # A rule broken by the body as a whole names the whole document, not a member "".
+    (whole,) = field_errors([{"loc": ("body",), "msg": "send either", "type": "value_error"}])
+    assert (whole["field"], whole["pointer"]) == ("", "#")
+    (member,) = field_errors(
+        [{"loc": ("body", "options", "size/fit"), "msg": "too long", "type": "string_too_long"}]
+    )
+    assert member["pointer"] == "#/options/size~1fit"
+    # A service's rule names its field with dots: the pointer has a step for each.
+    (rule,) = ValidationFailed.of_field("variants.0.price", "cannot be negative").extensions[
+        "errors"
+    ]
+    assert (rule["field"], rule["pointer"]) == ("variants.0.price", "#/variants/0/price")
+    (query,) = ValidationFailed.of_field("limit", "too big", location="query").extensions["errors"]
+    assert query["pointer"] is None
 
 
 def test_a_slug_cannot_be_declared_twice() -> None:

@@ -90,7 +90,7 @@ from soko.identity.sessions import (
 )
 from soko.notifications.public import send_email
 from soko.platform.auth import Principal, run_sign_in_hooks
-from soko.platform.errors import ProblemError, ValidationFailed
+from soko.platform.errors import ProblemError, ValidationFailed, json_pointer
 from soko.platform.http import client_ip
 from soko.platform.ids import uuid7
 from soko.platform.outbox import publish
@@ -179,7 +179,7 @@ def parse_identifier(raw: str, *, field: str = "identifier") -> Identifier:
                 {
                     "in": "body",
                     "field": field,
-                    "pointer": f"#/{field}",
+                    "pointer": json_pointer([field]),
                     "detail": message,
                     "code": "value_error",
                 }

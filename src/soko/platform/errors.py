@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -95,7 +96,9 @@ class ValidationFailed(ProblemError):
                 {
                     "in": location,
                     "field": field,
-                    "pointer": f"#/{field}" if location == "body" else None,
+                    "pointer": json_pointer(field.split(".") if field else [])
+                    if location == "body"
+                    else None,
                     "detail": message,
                     "code": "value_error",
                 }
@@ -281,6 +284,16 @@ def _request_id(request: Request) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def json_pointer(path: Sequence[str]) -> str:
+    """The JSON Pointer (RFC 6901) to the member at ``path``, in its URI fragment form:
+    ``#`` for the whole document, each name escaped (``~0``, ``~1``, then percent-encoded),
+    so ``["options", "size/fit"]`` is ``#/options/size~1fit``."""
+    return "#" + "".join(
+        "/" + quote(part.replace("~", "~0").replace("/", "~1"), safe="!$&'()*+,;=:@")
+        for part in path
+    )
+
+
 def field_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     """Pydantic/FastAPI validation errors as ``{"in", "field", "pointer", "detail"}``."""
     shaped = []
@@ -299,7 +312,7 @@ def field_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
             {
                 "in": where,
                 "field": ".".join(path),
-                "pointer": "#/" + "/".join(path) if where == "body" else None,
+                "pointer": json_pointer(path) if where == "body" else None,
                 "detail": error.get("msg", "invalid"),
                 "code": error.get("type", "invalid"),
             }
