@@ -17,6 +17,7 @@ import soko
 from soko.platform import errors, fastapi_params
 from soko.platform.admission import AdmissionMiddleware
 from soko.platform.config import ConfigError, Settings, ensure_secrets, load_settings
+from soko.platform.docs_ui import docs_router
 from soko.platform.errors import NotFound, install_problem_handlers
 from soko.platform.http import (
     InputGuardMiddleware,
@@ -178,7 +179,8 @@ def create_app(
         version=soko.__version__,
         summary="Backend platform for marketplaces of goods and services",
         openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url="/docs",
+        # Served by soko.platform.docs_ui, from this process rather than a CDN.
+        docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
         telemetry=fastapi_telemetry(tracing),
@@ -194,6 +196,9 @@ def create_app(
     install_problem_handlers(app)
 
     app.include_router(_problems_router())
+    app.include_router(
+        docs_router(title=f"{app.title} API", openapi_url=f"{API_PREFIX}/openapi.json")
+    )
     from soko.platform.health import router as health_router
     from soko.platform.metrics import router as metrics_router
 
@@ -258,9 +263,7 @@ def create_app(
         limit=settings.request_concurrency,
         queue_seconds=settings.request_queue_seconds,
     )
-    app.add_middleware(
-        SecurityHeadersMiddleware, hsts=settings.is_production, html_paths=("/docs", "/problems")
-    )
+    app.add_middleware(SecurityHeadersMiddleware, hsts=settings.is_production)
     from soko.platform.metrics import PrometheusMiddleware
 
     app.add_middleware(PrometheusMiddleware)

@@ -49,7 +49,8 @@ OPERATIONAL_ROUTES = frozenset(
         "/metrics",
         "/problems/{slug}",
         "/docs",
-        "/docs/oauth2-redirect",
+        "/docs/assets/start.js",
+        "/docs/assets/{name}",
         "/api/v1/openapi.json",
     }
 )

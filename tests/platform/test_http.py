@@ -146,11 +146,19 @@ async def test_security_headers_on_api_responses(client: httpx2.AsyncClient) -> 
         assert "strict-transport-security" not in response.headers
 
 
-async def test_docs_get_a_csp_that_lets_the_ui_load(client: httpx2.AsyncClient) -> None:
+async def test_pages_get_the_security_headers_and_a_csp_of_their_own(
+    client: httpx2.AsyncClient,
+) -> None:
     docs = await client.get("/docs")
     assert docs.status_code == 200
-    assert "script-src" in docs.headers["content-security-policy"]
+    assert "script-src 'self'" in docs.headers["content-security-policy"]
     assert docs.headers["x-content-type-options"] == "nosniff"
+    assert docs.headers["x-frame-options"] == "DENY"
+    # A problem's page loads nothing: the API's policy fits it.
+    page = await client.get("/problems/not-found")
+    assert page.status_code == 200
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
+    assert page.headers["x-content-type-options"] == "nosniff"
 
 
 async def test_hsts_only_in_production(make_client: AppFactory) -> None:

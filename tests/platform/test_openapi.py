@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import httpx2
@@ -120,9 +121,55 @@ async def test_money_and_pages_have_schemas(document: dict[str, Any]) -> None:
     assert parameters == {"limit", "cursor"}
 
 
-async def test_docs_ui_is_served(client: httpx2.AsyncClient) -> None:
+async def test_docs_ui_is_served_from_this_origin(client: httpx2.AsyncClient) -> None:
     response = await client.get("/docs")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
-    assert "/api/v1/openapi.json" in response.text
-    assert "swagger-ui" in response.text.lower()
+    # Everything the page loads comes from here: no CDN, no inline script.
+    loaded = re.findall(r'(?:src|href)="([^"]+)"', response.text)
+    assert sorted(loaded) == [
+        "/docs/assets/favicon.png",
+        "/docs/assets/start.js",
+        "/docs/assets/swagger-ui-bundle.js",
+        "/docs/assets/swagger-ui.css",
+    ]
+    assert "<script>" not in response.text
+    policy = dict(
+        part.strip().split(" ", 1)
+        for part in response.headers["content-security-policy"].split(";")
+    )
+    assert policy["script-src"] == "'self'"
+    assert policy["connect-src"] == "'self'"
+    assert policy["default-src"] == "'none'"
+    assert "http" not in response.headers["content-security-policy"]
+
+    start = await client.get("/docs/assets/start.js")
+    assert start.status_code == 200
+    assert start.headers["content-type"].startswith("text/javascript")
+    assert '"url": "/api/v1/openapi.json"' in start.text
+    assert '"validatorUrl": null' in start.text
+    assert (await client.get("/api/v1/openapi.json")).status_code == 200
+
+    bundle = await client.get("/docs/assets/swagger-ui-bundle.js")
+    assert bundle.status_code == 200
+    assert "javascript" in bundle.headers["content-type"]
+    assert "SwaggerUIBundle" in bundle.text
+    # Swagger UI 5: the first to read OpenAPI 3.1, which FastAPI writes.
+    assert re.search(r'"5\.\d+\.\d+"', bundle.text)
+    assert bundle.headers["cache-control"] == "public, max-age=86400"
+    again = await client.get(
+        "/docs/assets/swagger-ui-bundle.js", headers={"If-None-Match": bundle.headers["etag"]}
+    )
+    assert (again.status_code, again.content) == (304, b"")
+    assert again.headers["cache-control"] == "public, max-age=86400"
+    css = await client.get("/docs/assets/swagger-ui.css")
+    assert (css.status_code, css.headers["content-type"].split(";")[0]) == (200, "text/css")
+    favicon = await client.get("/docs/assets/favicon.png")
+    assert (favicon.status_code, favicon.headers["content-type"]) == (200, "image/png")
+
+    # Only the named assets: nothing else of the package's directory, no path of the
+    # client's making.
+    for name in ("redoc.standalone.js", "..%2F__init__.py", "nothing.js"):
+        missing = await client.get(f"/docs/assets/{name}")
+        assert missing.status_code == 404, name
+        assert missing.headers["content-type"] == "application/problem+json"

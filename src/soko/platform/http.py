@@ -360,11 +360,6 @@ class _NulInBody(StarletteHTTPException):
 
 
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
-DOCS_CSP = (
-    "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-    "img-src 'self' data: https://fastapi.tiangolo.com; frame-ancestors 'none'"
-)
 
 
 def _encoded(headers: Iterable[tuple[str, str]]) -> tuple[tuple[bytes, bytes], ...]:
@@ -374,9 +369,8 @@ def _encoded(headers: Iterable[tuple[str, str]]) -> tuple[tuple[bytes, bytes], .
 class SecurityHeadersMiddleware:
     """Sets conservative security headers on every response that does not set its own."""
 
-    def __init__(self, app: ASGIApp, *, hsts: bool, html_paths: Iterable[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, *, hsts: bool) -> None:
         self.app = app
-        self.html_paths = tuple(html_paths)
         base: list[tuple[str, str]] = [
             ("x-content-type-options", "nosniff"),
             ("x-frame-options", "DENY"),
@@ -388,16 +382,15 @@ class SecurityHeadersMiddleware:
         ]
         if hsts:
             base.append(("strict-transport-security", "max-age=63072000; includeSubDomains"))
-        # Encoded once, as the raw headers carry them; the API's and the pages' CSP apart.
-        self.api_defaults = _encoded([*base, ("content-security-policy", API_CSP)])
-        self.html_defaults = _encoded([*base, ("content-security-policy", DOCS_CSP)])
+        # Encoded once, as the raw headers carry them. A page that loads anything (the
+        # interactive reference) sets a CSP of its own.
+        self.defaults = _encoded([*base, ("content-security-policy", API_CSP)])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope.get("path", "")
-        defaults = self.html_defaults if path.startswith(self.html_paths) else self.api_defaults
+        defaults = self.defaults
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
