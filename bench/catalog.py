@@ -150,6 +150,7 @@ async def load_catalog(url: str, products: int, *, seed: int = 7) -> Loaded:
     from soko.inventory.models import InventoryItem, Location, StockLevel
     from soko.platform.db import Base, create_engine
     from soko.platform.ids import uuid7
+    from soko.platform.schema import create_current_schema
     from soko.sellers.models import Seller
 
     load_models()
@@ -157,7 +158,7 @@ async def load_catalog(url: str, products: int, *, seed: int = 7) -> Loaded:
     engine = create_engine(url)
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.drop_all)
-        await conn.run_sync(Base.metadata.create_all)
+        await conn.run_sync(create_current_schema)
     now = dt.datetime.now(dt.UTC)
     active_sellers, suspended_sellers = 20, 2
     sellers = []

@@ -109,13 +109,14 @@ async def load(url: str, settings: Any, *, buyers: int, units: int) -> Store:
     from soko.inventory.models import InventoryItem, Location, StockLevel
     from soko.platform.db import Base, create_engine
     from soko.platform.ids import uuid7
+    from soko.platform.schema import create_current_schema
     from soko.sellers.models import Seller, SellerMember
 
     load_models()
     engine = create_engine(url)
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.drop_all)
-        await conn.run_sync(Base.metadata.create_all)
+        await conn.run_sync(create_current_schema)
     now = dt.datetime.now(dt.UTC)
     owner = uuid7()
     seller_id, location_id = uuid7(), uuid7()

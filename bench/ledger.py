@@ -275,14 +275,15 @@ async def load_ledger(url: str, config: Config, *, seed: int = 11) -> Loaded:
     import asyncpg
 
     from soko.app import load_models
-    from soko.platform.db import Base, create_engine
+    from soko.platform.db import create_engine
     from soko.platform.ids import uuid7
+    from soko.platform.schema import create_current_schema
 
     load_models()
     engine = create_engine(url)
     try:
         async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
+            await conn.run_sync(create_current_schema)
     finally:
         await engine.dispose()
     rng = random.Random(seed)

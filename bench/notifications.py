@@ -37,6 +37,7 @@ from soko.platform.config import Settings
 from soko.platform.db import Base
 from soko.platform.logging import configure_logging
 from soko.platform.runtime import Runtime
+from soko.platform.schema import create_current_schema
 
 
 def _free_port() -> int:
@@ -147,7 +148,7 @@ async def main(_argv: list[str]) -> None:
     runtime = Runtime(settings)
     async with runtime.db.engine.begin() as conn:
         await conn.run_sync(Base.metadata.drop_all)
-        await conn.run_sync(Base.metadata.create_all)
+        await conn.run_sync(create_current_schema)
 
     async def fire_nothing() -> None:  # the domains' cron jobs are not what is measured
         return None

@@ -407,12 +407,13 @@ async def _prepare(settings: Any, users: int) -> tuple[list[str], list[float]]:
     from soko.identity.passwords import password_hasher
     from soko.platform.db import Base, create_engine
     from soko.platform.runtime import Runtime
+    from soko.platform.schema import create_current_schema
 
     load_models()
     engine = create_engine(settings.effective_database_url)
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.drop_all)
-        await conn.run_sync(Base.metadata.create_all)
+        await conn.run_sync(create_current_schema)
     await engine.dispose()
     runtime = Runtime(settings)
     hasher = password_hasher(runtime)

@@ -40,6 +40,7 @@ from soko.platform.db import Base
 from soko.platform.logging import configure_logging
 from soko.platform.outbox import OutboxMessage, publish
 from soko.platform.runtime import Runtime
+from soko.platform.schema import create_current_schema
 from soko.webhooks.models import WebhookAttempt, WebhookDelivery
 from soko.webhooks.service import DELIVER_JOB, FAN_OUT_SUBSCRIBER, Scope, create_endpoint
 
@@ -112,7 +113,7 @@ async def main(_argv: list[str]) -> None:
     runtime = Runtime(settings)
     async with runtime.db.engine.begin() as conn:
         await conn.run_sync(Base.metadata.drop_all)
-        await conn.run_sync(Base.metadata.create_all)
+        await conn.run_sync(create_current_schema)
     try:
         sellers = [uuid.uuid4() for _ in range(endpoints)]
         async with runtime.db.transaction() as session:

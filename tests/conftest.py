@@ -31,6 +31,7 @@ from soko.platform.clock import ManualClock
 from soko.platform.config import Settings
 from soko.platform.db import Base, create_engine
 from soko.platform.runtime import Runtime
+from soko.platform.schema import create_current_schema
 
 POSTGRES_URL = os.environ.get(
     "SOKO_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
@@ -105,7 +106,7 @@ def postgres_test_url() -> Iterator[str]:
         await engine.dispose()
         test_engine = create_engine(_with_database(admin_url, name))
         async with test_engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
+            await conn.run_sync(create_current_schema)
         await test_engine.dispose()
 
     _run_in_thread(setup)
@@ -164,7 +165,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     async def create() -> None:
         engine = create_engine(f"sqlite+aiosqlite:///{path.as_posix()}")
         async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
+            await conn.run_sync(create_current_schema)
         await engine.dispose()
 
     _run_in_thread(create)

@@ -7,7 +7,6 @@ import math
 import os
 import signal
 import sys
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -226,11 +225,10 @@ def worker(
 def _alembic_config(settings: Settings) -> object:
     from alembic.config import Config
 
-    packaged = Path(soko.__file__).parent / "migrations"
-    source_tree = Path(soko.__file__).resolve().parents[2] / "migrations"
-    location = packaged if packaged.is_dir() else source_tree
+    from soko.platform.schema import migrations_location
+
     config = Config()
-    config.set_main_option("script_location", str(location))
+    config.set_main_option("script_location", str(migrations_location()))
     config.attributes["database_url"] = settings.effective_database_url
     return config
 

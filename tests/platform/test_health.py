@@ -7,11 +7,13 @@ from typing import Any
 
 import httpx2
 import pytest
+from sqlalchemy import text
 
 from soko.app import create_app
 from soko.platform.clock import ManualClock
 from soko.platform.outbox import MessageKind, add_message
 from soko.platform.runtime import Runtime
+from soko.platform.schema import migrations_location, revisions
 from tests.conftest import make_settings
 
 UNREACHABLE_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:1/postgres"
@@ -161,3 +163,75 @@ async def test_ready_503_names_the_database_when_it_is_unreachable(
             assert "missing" not in response.text and "127.0.0.1" not in response.text
     finally:
         await runtime.stop()
+
+
+# -- the schema: what soko migrate upgrade recorded, against what this build needs ----------------
+
+
+async def _record_revision(runtime: Runtime, revision: str | None) -> None:
+    async with runtime.db.engine.begin() as connection:
+        await connection.execute(text("DELETE FROM alembic_version"))
+        if revision is not None:
+            await connection.execute(
+                text("INSERT INTO alembic_version (version_num) VALUES (:r)"), {"r": revision}
+            )
+
+
+async def test_ready_names_the_schema_this_build_needs(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    expected = revisions()
+    older = next(iter(expected.known - {expected.head}))
+    try:
+        current = (await client.get("/ready")).json()
+        assert current["checks"]["schema"] == {
+            "status": "up",
+            "state": "current",
+            "revision": expected.head,
+            "expected": expected.head,
+        }
+        # A release behind: every request would fail, so no traffic, and the answer
+        # names the command that cures it.
+        await _record_revision(runtime, older)
+        behind = await client.get("/ready")
+        assert behind.status_code == 503
+        schema = behind.json()["checks"]["schema"]
+        assert (schema["status"], schema["state"], schema["revision"]) == ("down", "behind", older)
+        assert "soko migrate upgrade" in schema["error"]
+        # Never migrated at all.
+        await _record_revision(runtime, None)
+        empty = await client.get("/ready")
+        assert empty.status_code == 503
+        assert empty.json()["checks"]["schema"]["state"] == "unmigrated"
+        # Newer than this build (its migrations run first in a rolling deploy): ready.
+        await _record_revision(runtime, "f00dfeedbeef")
+        ahead = await client.get("/ready")
+        assert ahead.status_code == 200
+        assert ahead.json()["checks"]["schema"]["state"] == "ahead"
+    finally:
+        await _record_revision(runtime, expected.head)
+
+
+async def test_a_database_never_migrated_is_not_ready_and_says_so_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(tmp_path, database_url=f"sqlite+aiosqlite:///{tmp_path / 'new.db'}")
+    runtime = Runtime(settings)
+    try:
+        await runtime.start(run_dispatcher=False)
+        assert "run `soko migrate upgrade`" in caplog.text
+        async for client in _client_for(runtime):
+            response = await client.get("/ready")
+            assert response.status_code == 503
+            assert response.json()["checks"]["schema"]["state"] == "unmigrated"
+            assert response.json()["checks"]["database"]["status"] == "up"
+    finally:
+        await runtime.stop()
+
+
+def test_the_build_expects_the_newest_migration() -> None:
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(migrations_location()))
+    assert revisions().head == scripts.get_current_head()
+    assert revisions().known == {script.revision for script in scripts.walk_revisions()}

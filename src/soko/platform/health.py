@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import func, select, text
 
 from soko.platform.outbox import MessageStatus, OutboxMessage
+from soko.platform.schema import schema_state
 
 router = APIRouter(tags=["operations"])
 
@@ -45,15 +46,18 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def _reason(exc: BaseException) -> str:
+    return "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+
+
 async def _timed(name: str, check: Check) -> tuple[str, dict[str, Any]]:
     began = time.perf_counter()
     try:
         await asyncio.wait_for(check(), CHECK_TIMEOUT_SECONDS)
     except Exception as exc:  # each dependency reports its own failure
-        reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
         return name, {
             "status": "down",
-            "error": reason,
+            "error": _reason(exc),
             "latency_ms": round((time.perf_counter() - began) * 1000, 2),
         }
     return name, {"status": "up", "latency_ms": round((time.perf_counter() - began) * 1000, 2)}
@@ -94,6 +98,19 @@ async def ready(request: Request) -> JSONResponse:
         async with runtime.db.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
 
+    async def schema() -> dict[str, Any]:
+        state = await asyncio.wait_for(schema_state(runtime.db.engine), CHECK_TIMEOUT_SECONDS)
+        result: dict[str, Any] = {
+            "status": "up" if state.serves else "down",
+            "state": state.status.value,
+            "revision": state.revision,
+            "expected": state.expected,
+        }
+        if not state.serves:
+            result["error"] = state.advice()
+        return result
+
+    schema_task = asyncio.ensure_future(schema())
     checks: dict[str, Check] = {"database": database}
     if runtime.redis is not None:
         checks["redis"] = runtime.redis.ping
@@ -110,6 +127,10 @@ async def ready(request: Request) -> JSONResponse:
     }
     for name, backend in backends.items():
         results[name]["backend"] = backend
+    try:
+        results["schema"] = await schema_task
+    except Exception as exc:  # the database down or slow: its own check says which
+        results["schema"] = {"status": "down", "error": _reason(exc)}
     for name, extra in runtime.readiness_checks.items():
         try:
             results[name] = dict(extra())

@@ -27,6 +27,7 @@ from soko.platform.jobs import registry as default_registry
 from soko.platform.metrics import serving_requests
 from soko.platform.ratelimit import RateLimiter, create_memory_rate_limiter
 from soko.platform.realtime import MemoryPubSub, PubSub
+from soko.platform.schema import SchemaStatus, schema_state
 from soko.platform.tokens import SIGNING_KEYS_FILE, KeyRing, load_or_create_keyring
 
 log = structlog.get_logger("soko.runtime")
@@ -119,10 +120,29 @@ class Runtime:
         # Changes heard from the start: near copies, and access tokens taken as issued
         # (ADR 0019), from the process's first request on.
         self.cache.listen()
+        await self._report_schema()
         if run_dispatcher is None:
             run_dispatcher = self.settings.outbox_dispatch is OutboxDispatch.inprocess
         if run_dispatcher:
             self._dispatcher_task = asyncio.create_task(self.dispatcher.run(), name="outbox")
+
+    async def _report_schema(self) -> None:
+        """Say at start when the database's schema is not the one this build needs:
+        requests would fail until ``soko migrate upgrade`` runs (``/ready`` says so too)."""
+        try:
+            state = await asyncio.wait_for(schema_state(self.db.engine), 5.0)
+        except Exception as exc:  # the database down or slow: /ready reports it
+            log.warning("could not read the database's schema revision", error=type(exc).__name__)
+            return
+        if not state.serves:
+            log.error(
+                "database schema not ready",
+                advice=state.advice(),
+                revision=state.revision,
+                expected=state.expected,
+            )
+        elif state.status is SchemaStatus.ahead:
+            log.info("database schema ahead of this build", revision=state.revision)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
