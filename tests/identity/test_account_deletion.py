@@ -309,7 +309,7 @@ async def test_password_guesses_share_the_sign_in_throttle(
     client: httpx2.AsyncClient, runtime: Runtime
 ) -> None:
     account = await make_account(runtime, email=EMAIL)
-    for _ in range(ACCOUNT_RULE.free_attempts + 1):
+    for _ in range(ACCOUNT_RULE.free_attempts):
         wrong = await _delete(client, account, {"password": "guessing-at-random-here"})
         assert wrong.status_code == 403
     # Now the account waits, and even the right password is not looked at...

@@ -3,6 +3,7 @@ HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import httpx2
@@ -18,6 +19,7 @@ from soko.identity.models import (
     UserStatus,
 )
 from soko.identity.passwords import PasswordHasher, password_hasher
+from soko.identity.throttle import ACCOUNT_RULE
 from soko.platform.clock import ManualClock
 from soko.platform.runtime import Runtime
 from tests.identity.signin_support import (
@@ -174,10 +176,11 @@ async def test_failed_sign_ins_wait_longer_each_time_up_to_a_cap(
     runtime.settings.login_rate_limit = UNLIMITED
     email, _ = await _registered(client)
 
-    for _ in range(3):  # the free attempts
+    for _ in range(2):  # two of the three free attempts
         assert (await login(client, email, "wrong-password-guess")).status_code == 401
     waits = []
     for _ in range(12):
+        # The third failure, and each after a wait, makes the account wait longer.
         assert (await login(client, email, "wrong-password-guess")).status_code == 401
         # While the account waits, even the right password is not looked at.
         refused = await login(client, email)
@@ -196,7 +199,24 @@ async def test_failed_sign_ins_wait_longer_each_time_up_to_a_cap(
     assert response.status_code == 200, response.text
     assert (await login(client, email, "wrong-password-guess")).status_code == 401
     assert (await login(client, email)).status_code == 200
-    assert len(await audit_events(runtime, "auth.login_failed")) == 16
+    assert len(await audit_events(runtime, "auth.login_failed")) == 15
+
+
+async def test_parallel_guesses_at_one_account_are_checked_no_more_than_the_free_attempts(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    runtime.settings.login_rate_limit = UNLIMITED
+    email, _ = await _registered(client)
+    # Forty guesses sent at once: each counts before its password is checked, so the
+    # ones past the free attempts wait instead of being checked on a stale count.
+    answers = await asyncio.gather(
+        *(login(client, email, "wrong-password-guess") for _ in range(40))
+    )
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses == [401] * ACCOUNT_RULE.free_attempts + [429] * (
+        40 - ACCOUNT_RULE.free_attempts
+    )
+    assert len(await audit_events(runtime, "auth.login_failed")) == ACCOUNT_RULE.free_attempts
 
 
 async def test_sign_in_route_limit_follows_the_settings(

@@ -52,26 +52,26 @@ async def fail(runtime: Runtime, keys: list[ThrottleKey]) -> list[throttle.Failu
 async def sign_in(
     runtime: Runtime, stored_hash: str, password: str, *, account: str, address: str
 ) -> str:
-    """A sign-in as the login route does it: check, verify, count, answer."""
+    """A sign-in as the login route does it: count, verify, give the count back on
+    success, answer."""
     keys = [account_key(account), ip_key(address)]
-    async with runtime.db.sessionmaker() as session:
-        try:
-            await throttle.check(session, keys, runtime.clock)
-        except RateLimited:
-            return "throttled"
-        ok, _ = await password_hasher(runtime).verify(password, stored_hash)
-        if not ok:
-            await throttle.record_failure(runtime.db, keys, runtime.clock, abandon=session)
-            return "wrong"
-        await throttle.record_success(session, keys[0])
-        await session.commit()
-        return "signed in"
+    try:
+        counts = await throttle.begin_attempt(runtime.db, keys, runtime.clock)
+    except RateLimited:
+        return "throttled"
+    ok, _ = await password_hasher(runtime).verify(password, stored_hash)
+    if not ok:
+        return "wrong"
+    async with runtime.db.transaction() as session:
+        await throttle.give_back(session, keys, counts)
+    return "signed in"
 
 
 def test_waits_double_after_the_free_attempts_up_to_the_cap() -> None:
     rule = ThrottleRule(free_attempts=3, base_seconds=1, cap_seconds=900, reset_after_seconds=60)
     waits = [rule.wait_after(failures) for failures in range(1, 16)]
-    assert waits == [0, 0, 0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 900, 900]
+    # Three free attempts: the third failure makes the fourth attempt wait.
+    assert waits == [0, 0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 900, 900, 900]
     assert rule.wait_after(10**9) == 900
     assert IP_RULE.free_attempts > ACCOUNT_RULE.free_attempts
     assert ACCOUNT_RULE.cap_seconds == 15 * 60
@@ -97,7 +97,7 @@ async def test_waits_grow_with_each_failure(runtime: Runtime, clock: ManualClock
         if count.blocked_until is not None:
             assert count.blocked_until == clock.now() + dt.timedelta(seconds=wait or 0)
             clock.set(count.blocked_until)
-    assert seen == [None, None, None, 1, 2, 4, 8, 16]
+    assert seen == [None, None, 1, 2, 4, 8, 16, 32]
     assert await failures_of(runtime, keys[0]) == 8
 
 
@@ -150,20 +150,22 @@ async def test_success_resets_the_account_but_not_the_address(
     runtime: Runtime, clock: ManualClock
 ) -> None:
     stored = await password_hasher(runtime).hash(PASSWORD)
-    for _ in range(3):
+    free = ACCOUNT_RULE.free_attempts
+    for _ in range(free - 1):
         assert (
             await sign_in(runtime, stored, "guess", account=ACCOUNT_INDEX, address=ADDRESS)
             == "wrong"
         )
-    assert await failures_of(runtime, account_key(ACCOUNT_INDEX)) == 3
+    assert await failures_of(runtime, account_key(ACCOUNT_INDEX)) == free - 1
     assert (
         await sign_in(runtime, stored, PASSWORD, account=ACCOUNT_INDEX, address=ADDRESS)
         == "signed in"
     )
     assert await failures_of(runtime, account_key(ACCOUNT_INDEX)) == 0
-    assert await failures_of(runtime, ip_key(ADDRESS)) == 3
+    # The address keeps its failures; the success's own count was given back.
+    assert await failures_of(runtime, ip_key(ADDRESS)) == free - 1
     # After the reset, the free attempts are free again.
-    for _ in range(3):
+    for _ in range(free - 1):
         assert (
             await sign_in(runtime, stored, "guess", account=ACCOUNT_INDEX, address=ADDRESS)
             == "wrong"
@@ -174,7 +176,7 @@ async def test_success_resets_the_account_but_not_the_address(
 async def test_one_address_is_blocked_across_accounts(runtime: Runtime, clock: ManualClock) -> None:
     stored = await password_hasher(runtime).hash(PASSWORD)
     # Credential stuffing: one guess against each of many accounts from one address.
-    for victim in range(IP_RULE.free_attempts):
+    for victim in range(IP_RULE.free_attempts - 1):
         answer = await sign_in(
             runtime, stored, "guess", account=f"victim-{victim}", address=ADDRESS
         )
@@ -192,7 +194,7 @@ async def test_one_address_is_blocked_across_accounts(runtime: Runtime, clock: M
         await sign_in(runtime, stored, PASSWORD, account="fresh-account", address="192.0.2.55")
         == "signed in"
     )
-    for victim in range(IP_RULE.free_attempts):
+    for victim in range(IP_RULE.free_attempts - 1):
         assert await failures_of(runtime, account_key(f"victim-{victim}")) == 1
 
 
@@ -259,3 +261,22 @@ async def test_stale_rows_are_cleaned_up(runtime: Runtime, clock: ManualClock) -
     assert removed == 1
     assert await failures_of(runtime, idle) == 0
     assert await failures_of(runtime, waiting) == 20
+
+
+async def test_parallel_guesses_get_no_more_than_the_free_attempts(
+    runtime: Runtime, clock: ManualClock
+) -> None:
+    # Thirty guesses at once, each from an address of its own: each takes the next count
+    # before its password is looked at, so only the free attempts are checked.
+    stored = await password_hasher(runtime).hash(PASSWORD)
+    answers = await asyncio.gather(
+        *(
+            sign_in(runtime, stored, "guess", account=ACCOUNT_INDEX, address=f"198.51.100.{n}")
+            for n in range(30)
+        )
+    )
+    assert answers.count("wrong") == ACCOUNT_RULE.free_attempts
+    assert answers.count("throttled") == 30 - ACCOUNT_RULE.free_attempts
+    # Refused attempts were not counted.
+    assert await failures_of(runtime, account_key(ACCOUNT_INDEX)) == ACCOUNT_RULE.free_attempts
+    assert await wait_of(runtime, [account_key(ACCOUNT_INDEX)]) == 1

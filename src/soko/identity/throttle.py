@@ -7,18 +7,20 @@ the key wait ``base * 2**n`` seconds, capped, before the next attempt is even lo
 the cap is what keeps an attacker from locking an owner out for good. A quiet period
 (``reset_after``) forgets old failures, and a successful sign-in resets the account.
 
-A sign-in does, in order::
+A sign-in counts its attempt before the password is looked at, so parallel guesses
+cannot all pass on one count::
 
-    checked = await throttle.check(session, keys, clock)  # 429 while any key waits
+    await throttle.begin_attempt(runtime.db, keys, clock)  # 429 while any key waits
     ok, new_hash = await hasher.verify(password, stored_hash)
     if not ok:
-        await throttle.record_failure(runtime.db, keys, clock, abandon=session)
-        raise InvalidCredentials()
-    await throttle.record_success(session, account, checked)
+        raise InvalidCredentials()  # already counted
+    await throttle.give_back(session, keys, counts)  # the account's count forgotten
 
-Failures are written in a transaction of their own, because the request's transaction
-rolls back with the error answer and would take the count with it (see
-:func:`record_failure`).
+A password confirmation of a signed-in user (change, re-authentication) checks first
+and counts a failure after (:func:`check`, :func:`record_failure`): it needs a valid
+access token, and its account is the one throttled. Counts are written in a transaction
+of their own, because the request's transaction rolls back with the error answer and
+would take the count with it.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ import ipaddress
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import ColumnElement, Select, bindparam, case, delete, select, update
+from sqlalchemy import bindparam, case, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.identity.models import LoginThrottle
@@ -52,12 +53,13 @@ class ThrottleRule:
     reset_after_seconds: float
 
     def wait_after(self, failures: int) -> float:
-        """Seconds the key must wait after its ``failures``-th consecutive failure."""
+        """Seconds the key must wait after its ``failures``-th consecutive failure: none
+        until the free attempts are used up, then ``base``, doubling with each more."""
         excess = failures - self.free_attempts
-        if excess <= 0:
+        if excess < 0:
             return 0.0
         # Bounded exponent: 2**1000 would still be a float, but 2**10000 overflows.
-        return float(min(self.base_seconds * 2 ** min(excess - 1, 64), self.cap_seconds))
+        return float(min(self.base_seconds * 2 ** min(excess, 64), self.cap_seconds))
 
 
 # An account gets three free tries, then waits 1 s, 2 s, 4 s... up to 15 minutes: an
@@ -123,14 +125,6 @@ _STATE_OF_KEYS = select(LoginThrottle.key, LoginThrottle.blocked_until).where(
 )
 
 
-def state_of_keys(*more_columns: ColumnElement[Any]) -> Select[Any]:
-    """What :func:`check` reads, for a caller that reads it in one statement with
-    something else (a UNION with its own lookup): rows of ``key`` and
-    ``blocked_until``, then ``more_columns``, for the keys bound as ``keys`` (a list of
-    :attr:`ThrottleKey.key`). Hand the rows to :func:`judge`."""
-    return _STATE_OF_KEYS.add_columns(*more_columns)
-
-
 @dataclass(frozen=True, slots=True)
 class ThrottleCheck:
     """What :func:`check` saw: the keys that had failures counted when it ran."""
@@ -156,19 +150,14 @@ async def check(
 
 
 def judge(states: Sequence[tuple[str, dt.datetime | None]], clock: Clock) -> ThrottleCheck:
-    """:func:`check`'s verdict on the ``(key, blocked_until)`` rows it reads: raise
+    """:func:`check`'s verdict on the ``(key, blocked_until)`` rows it read: raise
     :class:`RateLimited` while any key must wait, else what :func:`record_success`
     needs to know."""
     now = clock.now()
     waits = [until for _, until in states if until is not None and until > now]
     if not waits:
         return ThrottleCheck(frozenset(key for key, _ in states))
-    seconds = max(1, math.ceil((max(waits) - now).total_seconds()))
-    raise RateLimited(
-        f"Too many failed sign-in attempts; try again in {seconds} seconds.",
-        headers={"Retry-After": str(seconds)},
-        retry_after=seconds,
-    )
+    raise _refusal(max(waits), now)
 
 
 async def record_failure(
@@ -198,6 +187,105 @@ async def record_failure(
         for key in sorted(keys, key=lambda item: item.key):
             counts.append(await _count_failure(session, db.dialect, key, now))
     return counts
+
+
+async def begin_attempt(
+    db: Database, keys: Sequence[ThrottleKey], clock: Clock
+) -> list[FailureCount]:
+    """Count a sign-in attempt against every key *before* its password is checked, in a
+    transaction of its own; raise :class:`RateLimited` (429, counting nothing) while any
+    key must wait.
+
+    Counting first is what holds under parallel requests. Read first and counted after
+    the check, a hundred guesses sent at once all read the same count and were all
+    checked; counted first, each takes the next count, the one past the free attempts
+    sets the wait, and every later one is refused without its password being looked at.
+    A success gives its count back (:func:`give_back`); a failure is already counted."""
+    now = clock.now()
+    counts = []
+    async with db.transaction() as session:
+        # One order for every caller, so two attempts locking the same rows on
+        # PostgreSQL cannot deadlock.
+        for key in sorted(keys, key=lambda item: item.key):
+            failures, waiting_until = await _count_attempt(session, db.dialect, key, now)
+            if waiting_until is not None and waiting_until > now:
+                # Raised inside the transaction: the counts taken for the other keys
+                # roll back with it.
+                raise _refusal(waiting_until, now)
+            wait = key.rule.wait_after(failures)
+            blocked_until = now + dt.timedelta(seconds=wait) if wait > 0 else None
+            if blocked_until is not None:
+                await session.execute(
+                    update(LoginThrottle)
+                    .where(LoginThrottle.key == key.key)
+                    .values(blocked_until=blocked_until)
+                )
+            counts.append(FailureCount(key=key.key, failures=failures, blocked_until=blocked_until))
+    return counts
+
+
+async def _count_attempt(
+    session: AsyncSession, dialect: str, key: ThrottleKey, now: dt.datetime
+) -> tuple[int, dt.datetime | None]:
+    """One more attempt on ``key`` unless it must wait (then nothing changes); the count
+    and the wait the key had, in one ``INSERT ... ON CONFLICT DO UPDATE``. The upsert
+    holds the row (PostgreSQL's row lock, SQLite's write lock) until commit, so
+    concurrent attempts take one count each."""
+    stale_before = now - dt.timedelta(seconds=key.rule.reset_after_seconds)
+    waiting = LoginThrottle.blocked_until > now
+    insert = dialect_insert(dialect)
+    values = insert(LoginThrottle).values(
+        key=key.key, failures=1, blocked_until=None, updated_at=now
+    )
+    upsert = values.on_conflict_do_update(
+        index_elements=[LoginThrottle.key],
+        set_={
+            "failures": case(
+                (waiting, LoginThrottle.failures),
+                (LoginThrottle.updated_at < stale_before, 1),
+                else_=LoginThrottle.failures + 1,
+            ),
+            "updated_at": case((waiting, LoginThrottle.updated_at), else_=now),
+        },
+    ).returning(LoginThrottle.failures, LoginThrottle.blocked_until)
+    row = (await session.execute(upsert)).one()
+    return int(row.failures), row.blocked_until
+
+
+async def give_back(
+    session: AsyncSession, keys: Sequence[ThrottleKey], counts: Sequence[FailureCount]
+) -> None:
+    """Take back what :func:`begin_attempt` counted (``counts``) for an attempt that
+    succeeded, in the request's transaction (it commits with the sign-in). The account,
+    the first of ``keys``, forgets its failures; each other key loses this attempt's
+    count: its row goes when this attempt was its only count (the usual case, one
+    statement in all), else it counts one less. A failure counted for such a key by
+    another request in between keeps the row, one count too many: caution, not harm."""
+    account, *others = keys
+    counted = {count.key: count.failures for count in counts}
+    only_this = [key.key for key in others if counted.get(key.key, 0) <= 1]
+    await session.execute(
+        delete(LoginThrottle).where(
+            (LoginThrottle.key == account.key)
+            | (LoginThrottle.key.in_(only_this) & (LoginThrottle.failures <= 1))
+        )
+    )
+    more = [key.key for key in others if key.key not in only_this]
+    if more:
+        await session.execute(
+            update(LoginThrottle)
+            .where(LoginThrottle.key.in_(more), LoginThrottle.failures > 0)
+            .values(failures=LoginThrottle.failures - 1)
+        )
+
+
+def _refusal(until: dt.datetime, now: dt.datetime) -> RateLimited:
+    seconds = max(1, math.ceil((until - now).total_seconds()))
+    return RateLimited(
+        f"Too many failed sign-in attempts; try again in {seconds} seconds.",
+        headers={"Retry-After": str(seconds)},
+        retry_after=seconds,
+    )
 
 
 async def _count_failure(
