@@ -4,8 +4,10 @@ FastAPI dependency on a route of its own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +183,34 @@ async def test_another_request_with_a_key_in_flight_is_a_reuse(runtime: Runtime)
     await claim(runtime)
     with pytest.raises(IdempotencyKeyReused):
         await claim(runtime, fingerprint="f2")
+
+
+async def test_a_claim_released_between_the_insert_and_the_read_is_claimed_afresh(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first request answered an error that is not kept (a 422, a 5xx) and gave its
+    # claim up just after a retry's insert met it and before the retry read it.
+    first = await claim(runtime)
+    assert first.id is not None and first.token is not None
+    opened = runtime.db.transaction
+    released = []
+
+    @contextlib.asynccontextmanager
+    async def released_first(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        if not released:
+            assert first.id is not None and first.token is not None
+            released.append(True)
+            await release_claim(runtime.db, first.id, first.token)
+        async with opened(*args, **kwargs) as session:
+            yield session
+
+    monkeypatch.setattr(runtime.db, "transaction", released_first)
+    retry = await claim(runtime)
+    monkeypatch.undo()
+    assert released and retry.replay is None and retry.id is not None
+    assert retry.id != first.id
+    [row] = await rows(runtime)
+    assert (row.id, row.claim_token, row.status) == (retry.id, retry.token, "in_flight")
 
 
 async def test_keys_of_different_scopes_never_meet(runtime: Runtime) -> None:

@@ -366,6 +366,30 @@ async def claim_key(
         "created_at": now,
         "expires_at": now + ttl,
     }
+    # A claim released between the insert and the read (its request answered an error
+    # that is not kept) leaves no row to read: the insert is tried again.
+    for _ in range(_CLAIM_TRIES):
+        claimed = await _claim_once(db, scope, key, fingerprint, fresh, token, now, lease)
+        if claimed is not None:
+            return claimed
+    raise _in_flight()
+
+
+_CLAIM_TRIES = 3
+
+
+async def _claim_once(
+    db: Database,
+    scope: str,
+    key: str,
+    fingerprint: str,
+    fresh: dict[str, Any],
+    token: uuid.UUID,
+    now: dt.datetime,
+    lease: dt.timedelta,
+) -> IdempotentRequest | None:
+    """:func:`claim_key`'s work, or ``None`` when the key's row vanished between the
+    insert that found it and the read of it."""
     table = IdempotencyKey
     # A new key, nearly always: one statement, whole on its own.
     async with db.writing_once() as connection:
@@ -393,7 +417,9 @@ async def claim_key(
                     table.expires_at,
                 ).where(table.scope == scope, table.key == key)
             )
-        ).one()
+        ).one_or_none()
+        if row is None:
+            return None
         if row.expires_at <= now:
             # Forgotten by now (the purge job has not come by yet): a new request.
             renewed = update(table).where(table.id == row.id, table.expires_at <= now)
