@@ -14,6 +14,7 @@ from soko.cart.public import CartNotFound, cart_for_checkout
 from soko.inventory.public import OutOfStock
 from soko.orders.models import CheckoutGroup, Order, OrderLine
 from soko.platform.idempotency import IdempotencyKey
+from soko.platform.money import MAX_AMOUNT_MINOR
 from soko.platform.runtime import Runtime
 from tests.cart.catalog_support import Market
 from tests.orders.conftest import (
@@ -288,6 +289,24 @@ async def test_the_expected_total_must_match(market: Market, make_buyer: MakeBuy
     )
     assert (problem["total_minor"], problem["currency"]) == (900, "KES")
     assert (await buyer.checkout(expected_total_minor=900))["total"]["amount"] == 900
+
+
+async def test_a_total_beyond_what_one_checkout_can_take_is_refused(
+    runtime: Runtime, market: Market, make_buyer: MakeBuyer
+) -> None:
+    # Each price is within bounds, the sum is not: stored, it would overflow the
+    # ledger's sums (SQLite refused the number itself with a 500).
+    dearest = await market.variant(MAX_AMOUNT_MINOR, stock=50)
+    other = await market.variant(MAX_AMOUNT_MINOR, stock=50)
+    buyer = await make_buyer((dearest, 7), (other, 5))
+    problem = refused(await buyer.post_checkout(), 422, "checkout-total-too-large")
+    assert problem["total_minor"] == 12 * MAX_AMOUNT_MINOR
+    assert (problem["max_total_minor"], problem["currency"]) == (MAX_AMOUNT_MINOR, "KES")
+    await nothing_created(runtime)
+    assert await available(runtime, dearest, other) == {dearest: 50, other: 50}
+    # At the bound itself, a checkout goes through.
+    buyer = await make_buyer((dearest, 1))
+    assert (await buyer.checkout())["total"]["amount"] == MAX_AMOUNT_MINOR
 
 
 async def test_out_of_stock_creates_nothing_and_says_what_is_short(

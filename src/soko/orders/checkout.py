@@ -48,6 +48,7 @@ from soko.orders.errors import (
     CheckoutCartEmpty,
     CheckoutItemsUnavailable,
     CheckoutTotalChanged,
+    CheckoutTotalTooLarge,
 )
 from soko.orders.events import ORDER_PLACED, OrderPlaced
 from soko.orders.models import CheckoutGroup, GroupStatus, Order, OrderLine
@@ -59,6 +60,7 @@ from soko.platform.idempotency import (
     held_claim_statement,
 )
 from soko.platform.ids import uuid7
+from soko.platform.money import MAX_AMOUNT_MINOR
 from soko.platform.outbox import (
     event_rows,
     publishing_insert,
@@ -270,6 +272,16 @@ async def place_checkout(
         order.subtotal_minor += line_total
         order.item_count += cart_line.quantity
     group.total_minor = sum(order.subtotal_minor for order in orders.values())
+    if group.total_minor > MAX_AMOUNT_MINOR:
+        # Every line and subtotal is at most the total: stored and paid as 64-bit
+        # integers, with room left for the sums the ledger makes of them.
+        raise CheckoutTotalTooLarge(
+            f"The cart adds up to {group.total_minor} {group.currency} minor units, more "
+            f"than one checkout can take ({MAX_AMOUNT_MINOR}): check out fewer items.",
+            total_minor=group.total_minor,
+            max_total_minor=MAX_AMOUNT_MINOR,
+            currency=group.currency,
+        )
 
     if changed_prices and not request.accept_price_changes:
         raise CartPricesChanged(

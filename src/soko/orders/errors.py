@@ -44,6 +44,16 @@ class CheckoutTotalChanged(ProblemError):
     )
 
 
+class CheckoutTotalTooLarge(ProblemError):
+    slug = "checkout-total-too-large"
+    title = "The total is more than one checkout can take"
+    status = 422
+    description = (
+        "The cart adds up to more than `max_total_minor` minor units, the most one "
+        "checkout (and one payment) can carry: check out fewer items at a time."
+    )
+
+
 class OrderStateConflict(ProblemError):
     slug = "order-state-conflict"
     title = "The order is not in a state that allows this"

@@ -108,9 +108,10 @@ class Rounding(StrEnum):
     half_up = "half_up"
 
 
-# The largest amount, in minor units, that an API body may carry: a quadrillion (ten
-# trillion in major units of a two-decimal currency), so that sums of thousands of
-# amounts still fit the 64-bit integers they are stored in.
+# The largest amount, in minor units, that an API body may carry, and the largest total
+# one checkout may come to: a quadrillion (ten trillion in major units of a two-decimal
+# currency), so that sums of thousands of such totals still fit the 64-bit integers
+# they are stored in. (A cart's lines alone can add up to more: checkout refuses that.)
 MAX_AMOUNT_MINOR = 10**15
 
 _DECIMAL_STRING = re.compile(r"^(-)?(\d+)(?:\.(\d+))?$")
