@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import httpx2
+import pytest
 from sqlalchemy import func, select
 
+from soko.identity.accounts import normalize_email
 from soko.identity.models import Role, User, UserRole, VerificationToken
 from soko.platform.clock import ManualClock
+from soko.platform.errors import ValidationFailed
 from soko.platform.runtime import Runtime
 from tests.identity.signin_support import (
     AUTH,
@@ -126,6 +129,47 @@ async def test_malformed_email_is_a_validation_problem(client: httpx2.AsyncClien
     body = response.json()
     assert body["type"] == "/problems/validation-error"
     assert body["errors"][0]["field"] == "email"
+
+
+# Each of these once made an account (a lookalike of a real one, or one no mail could
+# reach); the first made the registration a 500 when its link was mailed.
+HOSTILE_EMAILS = [
+    "<svg/onload=alert(1)>@x.co",
+    "amina@soko.example\u0007",  # a control character
+    "amina@soko.example\u200b",  # a zero-width space after the address
+    "am\u200dina@soko.example",  # a zero-width joiner inside it
+    "\uff41mina@soko.example",  # a full-width a
+    'a"b@x.co',
+    "amina@[127.0.0.1]",
+    "amina@10.0.0.1",
+    ".amina@soko.example",
+    "ami..na@soko.example",
+    "amina@soko",
+    "amina@-soko.example",
+    "a,b@soko.example",
+    "a@b@soko.example",
+]
+
+
+@pytest.mark.parametrize("email", HOSTILE_EMAILS)
+def test_an_address_no_mail_system_would_take_is_refused(email: str) -> None:
+    with pytest.raises(ValidationFailed) as refused:
+        normalize_email(email)
+    assert [error["field"] for error in refused.value.extensions["errors"]] == ["email"]
+
+
+async def test_registering_such_an_address_is_a_validation_problem(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    for email in HOSTILE_EMAILS[:2]:
+        response = await register(client, email)
+        assert response.status_code == 422, (email, response.text)
+        assert [error["field"] for error in response.json()["errors"]] == ["email"], email
+    async with runtime.db.transaction(read_only=True) as session:
+        assert await session.scalar(select(func.count()).select_from(User)) == 0
+    # Addresses of every script, and the atext symbols, still register.
+    for email in ("jürgen.o'brien+soko@bücher.de", "用户@例子.广告", "a_b-c{x}@sub.example.co.ke"):
+        assert (await register(client, email)).status_code == 201, email
 
 
 async def test_second_registration_of_an_email_is_a_conflict(

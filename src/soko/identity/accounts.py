@@ -8,6 +8,7 @@ neither.
 from __future__ import annotations
 
 import datetime as dt
+import unicodedata
 import uuid
 from collections.abc import Iterable
 
@@ -28,18 +29,60 @@ MAX_EMAIL_LENGTH = 254
 
 
 def normalize_email(raw: str) -> str:
-    """The canonical email, or a validation problem naming the field."""
+    """The canonical email, or a validation problem naming the field.
+
+    Only what a mail system delivers and a person can tell apart is accepted: a
+    dot-atom local part (RFC 5322 ``atext``, and letters, marks and digits of any
+    script, RFC 6531) and a domain of host-name labels. Quoted local parts, address
+    literals (``[127.0.0.1]``), control and invisible characters (a zero-width space
+    made a second account for the same mailbox) and compatibility forms (a full-width
+    letter a, U+FF41, for ``a``) are refused."""
     value = raw.strip()
     local, at, domain = value.rpartition("@")
     if (
         not at
-        or not local
-        or "." not in domain
         or len(value) > MAX_EMAIL_LENGTH
-        or any(ch.isspace() for ch in value)
+        or not _is_local_part(local)
+        or not _is_domain(domain)
+        or unicodedata.normalize("NFKC", value) != unicodedata.normalize("NFC", value)
     ):
         raise _field_error("email", "is not a valid email address")
     return canonical_email(value)
+
+
+# RFC 5322 atext, the characters of a dot-atom besides letters and digits.
+_ATEXT_SYMBOLS = frozenset("!#$%&'*+-/=?^_`{|}~")
+_MAX_LOCAL_PART = 64  # RFC 5321 section 4.5.3.1.1
+_MAX_LABEL = 63
+
+
+def _is_word_character(character: str) -> bool:
+    if character.isascii():
+        return character.isalnum()
+    # Letters, combining marks and digits of any script; no symbols, spaces, controls
+    # or format characters (zero-width joiners, direction marks).
+    return unicodedata.category(character)[0] in "LMN"
+
+
+def _is_local_part(local: str) -> bool:
+    if not 1 <= len(local) <= _MAX_LOCAL_PART or local.startswith(".") or local.endswith("."):
+        return False
+    if ".." in local:
+        return False
+    return all(c == "." or c in _ATEXT_SYMBOLS or _is_word_character(c) for c in local)
+
+
+def _is_domain(domain: str) -> bool:
+    labels = domain.split(".")
+    if len(labels) < 2 or len(domain) > 253:
+        return False
+    for label in labels:
+        if not 1 <= len(label) <= _MAX_LABEL or label.startswith("-") or label.endswith("-"):
+            return False
+        if not all(c == "-" or _is_word_character(c) for c in label):
+            return False
+    # A top-level domain is never all digits: "10.0.0.1" is an address, not a domain.
+    return not labels[-1].isdigit()
 
 
 def normalize_phone(raw: str, default_region: str | None = None) -> str:
