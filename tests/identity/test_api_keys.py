@@ -95,6 +95,53 @@ async def test_a_key_authenticates_with_only_its_permissions(
     assert blocked.status_code == 403
     # Not even the owner's own account routes: account:self was not granted either.
     assert (await client.get(API_KEYS, headers=key_headers(key))).status_code == 403
+    # Nor anything else done in the owner's name on routes that name no permission:
+    # shopping, orders, applying for a store.
+    # A public route serves it as anyone: the cart it opens is not the owner's.
+    cart = await client.post("/api/v1/carts", json={}, headers=key_headers(key))
+    assert cart.status_code == 201 and cart.json()["token"] is not None
+    for method, path, body in (
+        ("GET", "/api/v1/orders", None),
+        ("POST", "/api/v1/sellers", {"name": "Key Shop", "slug": "key-shop"}),
+        ("GET", "/api/v1/me", None),
+    ):
+        answer = await client.request(method, path, json=body, headers=key_headers(key))
+        assert answer.status_code == 403, (path, answer.text)
+        assert "'account:self'" in answer.json()["detail"]
+
+
+# What a leaked key must not do even with account:self: each of these answers 403 to a key
+# and is done from a signed-in session.
+SESSION_ONLY_ROUTES = (
+    ("PATCH", "/api/v1/seller/profile", {"payout_details": {"mpesa_number": "+254700000666"}}),
+    ("POST", "/api/v1/seller/members", {"identifier": "someone@soko.example", "role": "owner"}),
+    ("PATCH", f"/api/v1/seller/members/{uuid.uuid4()}", {"role": "owner"}),
+    ("DELETE", f"/api/v1/seller/members/{uuid.uuid4()}", None),
+    ("POST", "/api/v1/webhooks/endpoints", {"url": "https://hooks.example.com/x"}),
+    ("PATCH", f"/api/v1/webhooks/endpoints/{uuid.uuid4()}", {"url": "https://evil.example/x"}),
+    ("POST", "/api/v1/me/password", {"current_password": "x" * 12, "new_password": "y" * 12}),
+    ("POST", "/api/v1/me/sessions/revoke-all", None),
+    ("DELETE", f"/api/v1/me/sessions/{uuid.uuid4()}", None),
+)
+
+
+async def test_a_key_acts_for_its_owner_but_not_where_a_session_is_needed(
+    client: httpx2.AsyncClient, make_user: MakeUser
+) -> None:
+    seller = await make_user(Role.seller)
+    key = (await create_key(client, seller.headers, [ACCOUNT_SELF]))["key"]
+    assert (await client.get("/api/v1/me", headers=key_headers(key))).status_code == 200
+    assert (await client.post("/api/v1/carts", json={}, headers=key_headers(key))).status_code in (
+        200,
+        201,
+    )
+    for method, path, body in SESSION_ONLY_ROUTES:
+        with_key = await client.request(method, path, json=body, headers=key_headers(key))
+        assert with_key.status_code == 403, (path, with_key.text)
+        assert "signed-in session" in with_key.json()["detail"], path
+        # The session itself is not refused for being one (whatever the route then says).
+        with_session = await client.request(method, path, json=body, headers=seller.headers)
+        assert "signed-in session" not in with_session.text, path
 
 
 async def test_a_key_records_when_it_was_last_used(

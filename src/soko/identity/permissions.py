@@ -8,9 +8,11 @@ token for every role and fails on any difference from what these two say.
 from __future__ import annotations
 
 from soko.identity.models import Role
+from soko.platform.auth import OWN_ACCOUNT
 
-# Every signed-in user may manage their own account, sessions, MFA and API keys.
-ACCOUNT_SELF = "account:self"
+# Every signed-in user may manage their own account, sessions, MFA and API keys, and
+# act in their own name (carts, orders, stores): what an API key needs for that.
+ACCOUNT_SELF = OWN_ACCOUNT
 USERS_READ = "users:read"
 USERS_MANAGE = "users:manage"
 AUDIT_READ = "audit:read"

@@ -20,7 +20,7 @@ from soko.identity.permissions import ACCOUNT_SELF
 from soko.identity.schemas import UserOut
 from soko.identity.sessions import revoke_session, revoke_user_sessions
 from soko.identity.signin import RequestFacts, change_password
-from soko.platform.auth import Principal, require
+from soko.platform.auth import SESSION_ONLY, Principal, require
 from soko.platform.errors import NotFound, PreconditionFailed, problem_responses
 from soko.platform.etag import etag_for_version, not_modified, require_match, tag_response
 from soko.platform.pagination import (
@@ -230,6 +230,7 @@ async def update_me(
 
 @router.post(
     "/password",
+    dependencies=[SESSION_ONLY],
     status_code=204,
     summary="Change your password",
     responses=problem_responses(401, 403, 422, 429),
@@ -323,6 +324,7 @@ async def list_my_sessions(
 
 @router.delete(
     "/sessions/{session_id}",
+    dependencies=[SESSION_ONLY],
     status_code=204,
     summary="Sign a device out",
     responses=problem_responses(401, 403, 404),
@@ -369,6 +371,7 @@ async def revoke_my_session(
 
 @router.post(
     "/sessions/revoke-all",
+    dependencies=[SESSION_ONLY],
     status_code=204,
     summary="Sign out everywhere",
     responses=problem_responses(401, 403),

@@ -22,6 +22,10 @@ from soko.platform.errors import Forbidden, Unauthorized
 PERMISSION_ATTRIBUTE = "__soko_permission__"
 PUBLIC = "public"
 SIGNED_IN = "signed-in"
+# The permission to act on one's own account, carts, orders and stores. A route that
+# names no permission asks an API key for this one: a key given only, say, "users:read"
+# reads users and does nothing else in its owner's name.
+OWN_ACCOUNT = "account:self"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,16 +76,42 @@ def require(permission: str | None = None) -> Any:
             )
         if permission is not None and not principal.can(permission):
             raise Forbidden(f"This needs the {permission!r} permission.")
+        if (
+            permission is None
+            and principal.api_key_id is not None
+            and not principal.can(OWN_ACCOUNT)
+        ):
+            raise Forbidden(
+                f"This API key may not act for its owner here: it needs the "
+                f"{OWN_ACCOUNT!r} permission."
+            )
         return principal
 
     return Depends(_declare(permission or SIGNED_IN, dependency))
+
+
+async def _refuse_api_keys(request: Request) -> None:
+    principal = await current_principal_or_none(request)
+    if principal is not None and principal.api_key_id is not None:
+        raise Forbidden("This needs a signed-in session, not an API key: sign in and retry.")
+
+
+# For a route's ``dependencies``: what a leaked key must not do even with every
+# permission (redirect payouts, add store members, sign its owner out, point a webhook
+# elsewhere) needs a signed-in session. It declares no permission of its own; the
+# route's ``require`` still does.
+SESSION_ONLY = Depends(_refuse_api_keys)
 
 
 def public() -> Any:
     """A dependency declaring a route open to anyone; yields the principal if any."""
 
     async def dependency(request: Request) -> Principal | None:
-        return await current_principal_or_none(request)
+        principal = await current_principal_or_none(request)
+        if principal is not None and principal.api_key_id is not None:
+            # A key that may not act for its owner is served as anyone would be.
+            return principal if principal.can(OWN_ACCOUNT) else None
+        return principal
 
     return Depends(_declare(PUBLIC, dependency))
 

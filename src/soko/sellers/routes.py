@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy import Select, select
 
 from soko.identity.public import SELLERS_REVIEW, record_audit_event
-from soko.platform.auth import MaybePrincipal, Principal, SignedIn, require
+from soko.platform.auth import SESSION_ONLY, MaybePrincipal, Principal, SignedIn, require
 from soko.platform.errors import NotFound, problem_responses
 from soko.platform.etag import (
     etag_for_content,
@@ -241,6 +241,7 @@ async def my_store_profile(
 
 @router.patch(
     "/seller/profile",
+    dependencies=[SESSION_ONLY],
     response_model=SellerOut,
     summary="Change your store's profile",
     responses=problem_responses(400, 403, 412, 422),
@@ -287,6 +288,7 @@ async def list_members(
 
 @router.post(
     "/seller/members",
+    dependencies=[SESSION_ONLY],
     status_code=201,
     response_model=MemberOut,
     summary="Add a member to your store",
@@ -304,6 +306,7 @@ async def add_member(
 
 @router.patch(
     "/seller/members/{user_id}",
+    dependencies=[SESSION_ONLY],
     response_model=MemberOut,
     summary="Change a member's role",
     responses=problem_responses(400, 403, 404, 409, 422),
@@ -318,6 +321,7 @@ async def change_member(
 
 @router.delete(
     "/seller/members/{user_id}",
+    dependencies=[SESSION_ONLY],
     status_code=204,
     summary="Remove a member",
     responses=problem_responses(400, 403, 404, 409),

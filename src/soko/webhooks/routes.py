@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from sqlalchemy import select
 
 from soko.identity.public import WEBHOOKS_MANAGE
-from soko.platform.auth import Principal, require
+from soko.platform.auth import SESSION_ONLY, Principal, require
 from soko.platform.errors import problem_responses
 from soko.platform.pagination import Keyset, Page, PageRequestDep, SortKey
 from soko.platform.runtime import RuntimeDep, SessionDep
@@ -92,6 +92,7 @@ async def list_endpoints(
 
 @router.post(
     "/endpoints",
+    dependencies=[SESSION_ONLY],
     status_code=201,
     response_model=EndpointWithSecret,
     summary="Register an endpoint; its secret is shown this once",
@@ -129,6 +130,7 @@ async def read_endpoint(
 
 @router.patch(
     "/endpoints/{endpoint_id}",
+    dependencies=[SESSION_ONLY],
     response_model=EndpointOut,
     summary="Change the URL, the event types, the description, or enable/disable",
     responses=problem_responses(404, 422),
