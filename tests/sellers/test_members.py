@@ -223,3 +223,19 @@ async def test_members_are_paginated(
         if cursor is None:
             break
     assert seen == [str(owner.user_id), *(str(user.user_id) for user in added)]
+
+
+async def test_a_member_added_while_the_store_is_approved_becomes_a_seller(
+    client: httpx2.AsyncClient, make_user: MakeUser, stores: Stores
+) -> None:
+    # Approval grants the role to the members it sees; adding to an active store grants
+    # it at once. Sent together, each once missed the other.
+    for _ in range(3):
+        owner, member = await make_user(), await make_user()
+        store = await stores.apply(owner)
+        approved, added = await asyncio.gather(
+            stores.decide(store["id"], "approve"),
+            client.post(MEMBERS, json={"identifier": member.email}, headers=owner.headers),
+        )
+        assert (approved.status_code, added.status_code) == (200, 201)
+        assert sorted(await roles_of(client, member.headers)) == ["customer", "seller"]

@@ -371,8 +371,13 @@ async def add_member(
     role: SellerRole,
 ) -> SellerMember:
     """Add the account ``identifier`` (email or phone) to the acting store (owners only).
-    In an active store they get the ``seller`` role at once."""
-    require_role(acting, SellerRole.owner)
+    In an active store they get the ``seller`` role at once.
+
+    The store is locked first, as a review locks it: an approval at the same moment
+    either commits before the status is read here (and the role is granted here) or
+    waits for this member and grants the role itself; without the lock, each missed
+    the other and the member of an active store had no ``seller`` role."""
+    await _lock_as_owner(session, acting)
     user_id = await find_active_user_id(session, runtime, identifier)
     if user_id is None:
         raise ValidationFailed.of_field("identifier", "names no active account")
