@@ -4,6 +4,7 @@ an event."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -162,6 +163,25 @@ async def test_a_rejected_dispute_completes_the_order(
     second = ok(await open_dispute(client, other), 201)
     full = ok(await resolve(client, second["id"], admin.headers, outcome="refund"))
     assert full["refund"] == {"amount": 1500, "currency": "KES"}
+
+
+async def test_resolutions_sent_at_once_settle_the_dispute_once(
+    client: httpx2.AsyncClient, runtime: Runtime, place_order: PlaceOrder, make_user: MakeUser
+) -> None:
+    placed = await place_order("delivered")
+    dispute = ok(await open_dispute(client, placed), 201)
+    admin = await make_user(Role.admin)
+    outcomes = ["refund", "reject"] * 3
+    answers = await asyncio.gather(
+        *(resolve(client, dispute["id"], admin.headers, outcome=outcome) for outcome in outcomes)
+    )
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses == [200] + [409] * 5, [answer.text for answer in answers]
+    # The losers are told about the dispute they tried to settle, as documented.
+    for loser in (answer for answer in answers if answer.status_code == 409):
+        assert loser.json()["type"] == "/problems/dispute-state-conflict", loser.text
+        assert loser.json()["current_status"] in ("resolved_refund", "resolved_rejected")
+    assert len(await events(runtime, "dispute.resolved")) == 1
 
 
 async def test_a_dispute_is_opened_within_the_window_after_delivery(

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.orders.errors import DisputeStateConflict, DisputeWindowClosed
+from soko.orders.errors import DisputeStateConflict, DisputeWindowClosed, OrderStateConflict
 from soko.orders.events import DISPUTE_ANSWERED, DISPUTE_OPENED, DISPUTE_RESOLVED, DisputeEvent
 from soko.orders.models import Dispute, DisputeReason, DisputeStatus, Order
 from soko.orders.service import Acting, dispute_window_closes, move_order
@@ -151,15 +151,24 @@ async def resolve_dispute(
     elif refund_minor is not None:
         raise ValidationFailed.of_field("refund_minor", "is only for a refund")
     # The order first, like every move: its row is locked before the dispute's.
-    await move_order(
-        session,
-        runtime,
-        order,
-        Action.refund if refund else Action.reject_dispute,
-        acting,
-        reason=note,
-        refund_due_minor=amount,
-    )
+    try:
+        await move_order(
+            session,
+            runtime,
+            order,
+            Action.refund if refund else Action.reject_dispute,
+            acting,
+            reason=note,
+            refund_due_minor=amount,
+        )
+    except OrderStateConflict:
+        # Two resolutions at once: the other moved the order and, in the same
+        # transaction (committed by the time this move found the order moved), settled
+        # the dispute. Say that, not what became of the order.
+        current = await session.scalar(select(Dispute.status).where(Dispute.id == dispute.id))
+        if current is not None and current not in UNRESOLVED:
+            raise _state_conflict(dispute.id, current, "resolved") from None
+        raise
     now = runtime.clock.now()
     status = DisputeStatus.resolved_refund if refund else DisputeStatus.resolved_rejected
     resolved = await session.execute(
