@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx2
 import pytest
-from fastapi import APIRouter, FastAPI, HTTPException
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from pydantic import BaseModel, Field
 
 import soko
@@ -76,6 +76,10 @@ def error_router() -> APIRouter:
     @router.get("/test-errors/gone")
     async def gone() -> None:
         raise HTTPException(status_code=410, detail="This listing was withdrawn")
+
+    @router.post("/test-errors/raw")
+    async def raw(request: Request) -> dict[str, int]:
+        return {"size": len(await request.body())}
 
     @router.get("/test-errors/boom")
     async def boom() -> None:
@@ -246,6 +250,43 @@ async def test_validation_errors_never_echo_the_input(errors_client: httpx2.Asyn
     )
     assert response.status_code == 422
     assert "hunter2" not in response.text
+
+
+async def test_a_client_gone_while_its_body_is_read_is_no_server_error(
+    app: FastAPI, errors_client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sender's connection dropped mid-body (a webhook sender killed, a timeout).
+    sent: list[dict[str, Any]] = []
+    chunks = [
+        {"type": "http.request", "body": b'{"half": ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/test-errors/raw",
+        "raw_path": b"/test-errors/raw",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
+        "client": ("203.0.113.9", 5000),
+        "server": ("testserver", 80),
+    }
+    await app(scope, receive, send)
+    [start] = [message for message in sent if message["type"] == "http.response.start"]
+    assert start["status"] == 400
+    assert "unhandled_error" not in caplog.text and "Traceback" not in caplog.text
+    assert "client_disconnected" in caplog.text
 
 
 async def test_unhandled_exception_is_a_500_problem_without_internals(

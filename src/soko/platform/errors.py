@@ -14,14 +14,18 @@ from http import HTTPStatus
 from typing import Any, ClassVar
 from urllib.parse import quote
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 REGISTRY: dict[str, type[ProblemError]] = {}
+
+_log = structlog.get_logger("soko.http")
 
 
 class ProblemError(Exception):
@@ -520,10 +524,24 @@ def _document_problems(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+async def _handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    # The client went away while its body was being read (a timeout, a killed worker
+    # of the sender): its abort, not our error, so no traceback and no 5xx. The answer
+    # is for the logs and metrics; nobody is left to read it.
+    _log.info("client_disconnected", path=request.url.path)
+    return problem_response(
+        BadRequest,
+        detail="The client closed the connection before the whole request was read.",
+        instance=request.url.path,
+        request_id=_request_id(request),
+    )
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Answer every handled error as problem+json, and document them so in OpenAPI.
     Unhandled exceptions are turned into a 500 problem by the request context
     middleware, which sits outside all others."""
+    app.add_exception_handler(ClientDisconnect, _handle_client_disconnect)
     app.add_exception_handler(ProblemError, _handle_problem)
     app.add_exception_handler(RequestValidationError, _handle_validation)
     app.add_exception_handler(StarletteHTTPException, _handle_http)
