@@ -53,6 +53,9 @@ ACCESS_TOKEN_TYPE: Final = "at+jwt"
 REGISTERED_CLAIMS: Final = frozenset({"iss", "sub", "aud", "exp", "nbf", "iat", "jti"})
 DEFAULT_REQUIRED_CLAIMS: Final = ("iss", "sub", "aud", "exp", "iat", "jti")
 DEFAULT_LEEWAY: Final = dt.timedelta(seconds=30)
+# The latest time claim a token may carry: 9999-12-31T00:00:00Z, a day before the last
+# moment a datetime holds, so the claim plus any leeway still reads as a datetime.
+NUMERIC_DATE_MAX: Final = 253_402_214_400
 # How many verified tokens a ring remembers (see KeyRing.verify): about 2 KiB each.
 VERIFIED_TOKENS_REMEMBERED: Final = 4096
 
@@ -319,11 +322,22 @@ def _rejection_for(exc: Exception) -> TokenRejection:
 
 
 def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    """The time claim ``name`` in seconds since the epoch, or ``None`` when absent.
+
+    Anything but a number from the epoch to :data:`NUMERIC_DATE_MAX` is malformed: a
+    signed token can still carry ``exp: 1e20`` or an integer of 400 digits, and reading
+    that as a datetime (or even as a float) would raise instead of refusing the token.
+    The range test also refuses NaN and the infinities, and never converts a huge
+    integer to a float."""
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidToken(TokenRejection.malformed, f"{name} is not a NumericDate")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= NUMERIC_DATE_MAX
+    ):
+        raise InvalidToken(TokenRejection.malformed, f"{name} is not a NumericDate in range")
     return float(value)
 
 
