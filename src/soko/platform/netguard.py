@@ -13,7 +13,9 @@ addresses, not names, because a name can resolve anywhere:
   address they carry.
 * :func:`check_url` refuses what is not an absolute http(s) URL with a host, carries
   credentials, or uses http where https is required; it also refuses IP literals the
-  guard would refuse, so an endpoint is rejected at registration already.
+  guard would refuse, so an endpoint is rejected at registration already. That includes
+  the legacy numeric spellings the resolver accepts (``2130706433``, ``127.1``,
+  ``0x7f000001``, ``0177.0.0.1``), which name an address just as ``127.0.0.1`` does.
 * :class:`GuardedHttp` sends a request: it resolves the host itself, refuses the request
   unless *every* address the name resolves to is allowed, and connects to the vetted
   address. The connection is pinned to that address (the name is not resolved again by
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import ssl
 import time
@@ -121,7 +124,8 @@ class Target:
 def check_url(url: str, *, allow_http: bool, allow_private: bool) -> Target:
     """``url`` checked for calling: absolute http(s) with a host, no credentials, https
     unless ``allow_http``, no fragment, and (unless ``allow_private``) not an IP literal
-    the guard refuses. Names are resolved only when sending: see :class:`GuardedHttp`."""
+    the guard refuses, however it is spelled. Names are resolved only when sending: see
+    :class:`GuardedHttp`."""
     if len(url) > URL_MAX_LENGTH:
         raise UnsafeUrlError(f"is longer than {URL_MAX_LENGTH} characters")
     if url != url.strip() or any(ch.isspace() or ord(ch) < 32 for ch in url):
@@ -146,12 +150,13 @@ def check_url(url: str, *, allow_http: bool, allow_private: bool) -> Target:
     try:
         literal: IPAddress | None = ipaddress.ip_address(host)
     except ValueError:
-        literal = None
+        literal = _legacy_ipv4(host)
+    if literal is None:
         if host.lower() == "localhost" or host.lower().endswith(".localhost"):
             if not allow_private:
-                raise UnsafeUrlError("names this machine (localhost)") from None
+                raise UnsafeUrlError("names this machine (localhost)")
         elif not _looks_like_host_name(host):
-            raise UnsafeUrlError("has an invalid host name") from None
+            raise UnsafeUrlError("has an invalid host name")
     if literal is not None and not allow_private:
         refusal = address_refusal(literal)
         if refusal is not None:
@@ -161,6 +166,31 @@ def check_url(url: str, *, allow_http: bool, allow_private: bool) -> Target:
     if port == 0:
         raise UnsafeUrlError("has port 0")
     return Target(url=url, scheme=scheme, host=host, port=port)
+
+
+# What inet_aton may read as an address: digits, hex digits, the "0x" prefix and dots.
+_NUMERIC_HOST = re.compile(r"[0-9a-fx.]+", re.ASCII | re.IGNORECASE)
+
+
+def _legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address ``host`` names when written in a form :mod:`ipaddress` refuses
+    but the system resolver still reads as an address (it parses with ``inet_aton``):
+    one number for the whole address (``2130706433``), fewer than four parts
+    (``127.1``), hexadecimal (``0x7f000001``) or octal (``0177.0.0.1``) parts; else
+    ``None``. The host is also read after IDNA mapping, so a spelling with full-width
+    digits or ideographic dots is caught too. A host that only looks numeric
+    (``1.2.3.4.5``, ``08.1.1.1``) is no address and is left to be checked as a name.
+    """
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    if not _NUMERIC_HOST.fullmatch(ascii_host):
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(ascii_host))
+    except (OSError, ValueError):
+        return None
 
 
 def _looks_like_host_name(host: str) -> bool:
