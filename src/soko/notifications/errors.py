@@ -21,8 +21,9 @@ class TemplateInvalid(ProblemError):
     title = "The template is not valid"
     status = 422
     description = (
-        "The template does not compile, fails to render with the sample data, lacks a "
-        "required part, or its SMS text is longer than allowed; `errors` says which."
+        "The template does not compile, fails to render with the sample data (or goes "
+        "past the sandbox's limits on sizes, steps and output), lacks a required part, or "
+        "its SMS text is longer than allowed; `errors` says which."
     )
 
 
