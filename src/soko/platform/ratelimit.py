@@ -25,8 +25,9 @@ uncounted, a warning is logged and ``soko_ratelimit_unavailable_total`` is count
 Redis outage degrades protection instead of taking the whole API down. After a failure
 the limiter stops asking the storage for ``cooldown_seconds``, so a dead (or black-holed)
 Redis does not add a timeout to every request. A route whose limit matters more than its
-availability (a one-time-code check, say) passes ``fail_open=False`` to
-:func:`rate_limit` and answers 503 while the storage is down.
+availability can pass ``fail_open=False`` to :func:`rate_limit` and answer 503 while the
+storage is down; none does today, because the limits that guard accounts (the sign-in
+throttle, one-time codes) are kept in the database and hold through such an outage.
 """
 
 from __future__ import annotations
