@@ -200,6 +200,32 @@ async def test_validation_errors_for_path_and_malformed_json(
 
 
 @pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b'{"sku": "\xff"}', "it is not UTF-8"),
+        (b"[" * 5000 + b"]" * 5000, "it nests arrays or objects too deeply"),
+        (b'{"quantity": ' + b"9" * 5000 + b"}", "it holds a number with too many digits"),
+    ],
+)
+async def test_a_body_json_cannot_read_is_invalid_json_too(
+    errors_client: httpx2.AsyncClient, content: bytes, reason: str
+) -> None:
+    response = await errors_client.post(
+        "/test-errors/orders", content=content, headers={"Content-Type": "application/json"}
+    )
+    body = assert_problem(response, 422, "validation-error")
+    assert body["errors"] == [
+        {
+            "in": "body",
+            "field": "",
+            "pointer": "#",
+            "detail": f"The body is not valid JSON: {reason}",
+            "code": "json_invalid",
+        }
+    ]
+
+
+@pytest.mark.parametrize(
     "content_type",
     [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"],
 )

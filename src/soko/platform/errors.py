@@ -391,8 +391,42 @@ async def _handle_validation(request: Request, exc: Exception) -> Response:
     )
 
 
+# FastAPI's answer to a body its JSON reader raised on other than a syntax error.
+_UNREADABLE_BODY = "There was an error parsing the body"
+
+
+def _unreadable_body_reason(cause: BaseException | None) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return "it is not UTF-8"
+    if isinstance(cause, RecursionError):
+        return "it nests arrays or objects too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "it holds a number with too many digits"
+    return "it cannot be read"
+
+
 async def _handle_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == _UNREADABLE_BODY:
+        # The body is not JSON Soko can read, as a syntax error is: the same answer.
+        reason = _unreadable_body_reason(exc.__cause__)
+        return problem_response(
+            ValidationFailed,
+            detail="The body is not valid JSON",
+            instance=request.url.path,
+            request_id=_request_id(request),
+            extensions={
+                "errors": [
+                    {
+                        "in": "body",
+                        "field": "",
+                        "pointer": "#",
+                        "detail": f"The body is not valid JSON: {reason}",
+                        "code": "json_invalid",
+                    }
+                ]
+            },
+        )
     problem = problem_for_status(exc.status_code)
     if (
         isinstance(exc.detail, str)
