@@ -10,7 +10,6 @@ from importlib import import_module
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import HTMLResponse
-from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 
 import soko
@@ -21,6 +20,7 @@ from soko.platform.docs_ui import docs_router
 from soko.platform.errors import NotFound, install_problem_handlers
 from soko.platform.http import (
     InputGuardMiddleware,
+    ProblemCORSMiddleware,
     RequestContextMiddleware,
     SecurityHeadersMiddleware,
 )
@@ -231,7 +231,7 @@ def create_app(
     # CORS wraps the body and rate limits so a browser can read their 413 and 429.
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            ProblemCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=[

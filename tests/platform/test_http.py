@@ -451,6 +451,21 @@ async def test_cors_preflight(make_client: AppFactory) -> None:
     )
     assert refused.status_code == 400
     assert "access-control-allow-origin" not in refused.headers
+    # Refused as every refusal is: a problem naming what was not allowed.
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["type"] == "/problems/bad-request"
+    assert refused.json()["refused"] == ["origin"]
+    headers_refused = await client.options(
+        "/test-http/notes",
+        headers={
+            "Origin": "https://shop.example.co.ke",
+            "Access-Control-Request-Method": "PATCH",
+            "Access-Control-Request-Headers": "x-evil",
+        },
+    )
+    assert headers_refused.status_code == 400
+    assert headers_refused.json()["refused"] == ["headers"]
+    assert "its headers may not be used" in headers_refused.json()["detail"]
 
 
 async def test_no_cors_headers_without_configured_origins(client: httpx2.AsyncClient) -> None:

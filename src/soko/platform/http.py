@@ -12,10 +12,20 @@ from collections.abc import Iterable
 from typing import Any
 
 import structlog
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from soko.platform.errors import PayloadTooLarge, ProblemError, ValidationFailed, problem_body
+from soko.platform.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    ProblemError,
+    ValidationFailed,
+    problem_body,
+    problem_response,
+)
 from soko.platform.ids import uuid7
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -435,3 +445,25 @@ def route_template(scope: Scope) -> str:
     route: Any = scope.get("route")
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else "<unmatched>"
+
+
+class ProblemCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS handling, with a refused preflight answered as a problem like
+    every other refusal (Starlette answers it in plain text)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        answer = super().preflight_response(request_headers)
+        if answer.status_code < 400:
+            return answer
+        refused = bytes(answer.body).decode("latin-1").removeprefix("Disallowed CORS ")
+        headers = {
+            name: value
+            for name, value in answer.headers.items()
+            if name.lower() not in ("content-length", "content-type")
+        }
+        return problem_response(
+            BadRequest,
+            detail=f"This cross-origin request is not allowed: its {refused} may not be used.",
+            headers=headers,
+            extensions={"refused": refused.split(", ")},
+        )
