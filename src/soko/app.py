@@ -19,6 +19,7 @@ from soko.platform.config import ConfigError, Settings, ensure_secrets, load_set
 from soko.platform.docs_ui import docs_router
 from soko.platform.errors import NotFound, install_problem_handlers
 from soko.platform.http import (
+    HeadMiddleware,
     InputGuardMiddleware,
     ProblemCORSMiddleware,
     RequestContextMiddleware,
@@ -264,6 +265,8 @@ def create_app(
         queue_seconds=settings.request_queue_seconds,
     )
     app.add_middleware(SecurityHeadersMiddleware, hsts=settings.is_production)
+    # HEAD runs as GET from here in; outside, metrics and logs see it as HEAD.
+    app.add_middleware(HeadMiddleware)
     from soko.platform.metrics import PrometheusMiddleware
 
     app.add_middleware(PrometheusMiddleware)

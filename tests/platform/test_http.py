@@ -555,3 +555,19 @@ def test_capability_paths_are_logged_without_their_token() -> None:
     assert loggable_path("/api/v1/products") == "/api/v1/products"
     with pytest.raises(ValueError):
         register_secret_path_prefix("/no-slash")
+
+
+# -- HEAD ---------------------------------------------------------------------------------------
+
+
+async def test_head_is_answered_wherever_get_is_without_a_body(client: httpx2.AsyncClient) -> None:
+    for path in ("/health", "/api/v1/products?limit=2", "/problems/not-found", "/docs"):
+        got = await client.get(path)
+        head = await client.head(path)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        for name in ("content-type", "content-length", "etag", "cache-control"):
+            assert head.headers.get(name) == got.headers.get(name), (path, name)
+    # A path that answers no GET still says so.
+    refused = await client.head("/api/v1/auth/login")
+    assert refused.status_code == 405
+    assert "POST" in refused.headers["allow"]

@@ -467,3 +467,29 @@ class ProblemCORSMiddleware(CORSMiddleware):
             headers=headers,
             extensions={"refused": refused.split(", ")},
         )
+
+
+class HeadMiddleware:
+    """Answers ``HEAD`` wherever ``GET`` is answered, as RFC 9110 (section 9.3.2) asks of
+    every general-purpose server: the request runs as a ``GET`` and its answer is sent
+    with the same status and headers (``Content-Length``, ``ETag``) and no body.
+
+    FastAPI's routes accept only the methods they declare, so ``HEAD /health`` was a 405.
+    The metrics and logs outside this middleware still see ``HEAD``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_without_body)
