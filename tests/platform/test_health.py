@@ -158,6 +158,8 @@ async def test_ready_503_names_the_database_when_it_is_unreachable(
             _assert_down(body, "database")
             assert body["checks"]["database"]["backend"] == backend
             assert body["checks"]["cache"]["status"] == "up"
+            # Not read at all while the database is down: unknown, not wrong.
+            assert body["checks"]["schema"] == {"status": "down", "error": "the database is down"}
             # Unreadable, so unknown; and still not what made readiness fail.
             assert body["outbox"] == {"oldest_due_seconds": None}
             assert "missing" not in response.text and "127.0.0.1" not in response.text
