@@ -52,18 +52,22 @@ async def fail(runtime: Runtime, keys: list[ThrottleKey]) -> list[throttle.Failu
 async def sign_in(
     runtime: Runtime, stored_hash: str, password: str, *, account: str, address: str
 ) -> str:
-    """A sign-in as the login route does it: count, verify, give the count back on
+    """A sign-in as the login route does it: check the address, count the account,
+    verify, then count the address on a failure or give the account's count back on a
     success, answer."""
-    keys = [account_key(account), ip_key(address)]
+    by_account, by_address = account_key(account), ip_key(address)
     try:
-        counts = await throttle.begin_attempt(runtime.db, keys, runtime.clock)
+        async with runtime.db.transaction(read_only=True) as session:
+            await throttle.check(session, [by_address], runtime.clock)
+        counts = await throttle.begin_attempt(runtime.db, [by_account], runtime.clock)
     except RateLimited:
         return "throttled"
     ok, _ = await password_hasher(runtime).verify(password, stored_hash)
     if not ok:
+        await throttle.record_failure(runtime.db, [by_address], runtime.clock)
         return "wrong"
     async with runtime.db.transaction() as session:
-        await throttle.give_back(session, keys, counts)
+        await throttle.give_back(session, [by_account], counts)
     return "signed in"
 
 
@@ -280,3 +284,21 @@ async def test_parallel_guesses_get_no_more_than_the_free_attempts(
     # Refused attempts were not counted.
     assert await failures_of(runtime, account_key(ACCOUNT_INDEX)) == ACCOUNT_RULE.free_attempts
     assert await wait_of(runtime, [account_key(ACCOUNT_INDEX)]) == 1
+
+
+async def test_sign_ins_in_flight_at_once_from_one_address_are_not_held_against_it(
+    runtime: Runtime, clock: ManualClock
+) -> None:
+    # Thirty people behind one carrier NAT sign in at the same moment: more than the
+    # address's free failures in flight, none of them a failure.
+    stored = await password_hasher(runtime).hash(PASSWORD)
+    answers = await asyncio.gather(
+        *(
+            sign_in(runtime, stored, PASSWORD, account=f"person-{n}", address=ADDRESS)
+            for n in range(IP_RULE.free_attempts + 10)
+        )
+    )
+    assert answers == ["signed in"] * (IP_RULE.free_attempts + 10)
+    assert await failures_of(runtime, ip_key(ADDRESS)) == 0
+    async with runtime.db.transaction(read_only=True) as session:
+        assert (await session.scalars(select(LoginThrottle.key))).all() == []

@@ -26,10 +26,14 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, Request
 from limits import parse
 from sqlalchemy import (
+    CompoundSelect,
     bindparam,
+    cast,
     delete,
     exists,
+    null,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -238,9 +242,21 @@ _USER_WITH_FACTS = _ACCOUNT_FACTS.add_columns(User).execution_options(populate_e
 _CANDIDATE_COLUMNS = (User.id, User.password_hash, User.status)
 
 
-_CANDIDATE_BY = {
-    "email": select(*_CANDIDATE_COLUMNS).where(User.email_index == bindparam("index")),
-    "phone": select(*_CANDIDATE_COLUMNS).where(User.phone_index == bindparam("index")),
+def _throttle_and_candidate(index: Any) -> CompoundSelect[Any]:
+    """What a password sign-in reads before the password is checked, in one statement:
+    the throttle's rows of the keys bound as ``keys`` (each with no account), then the
+    account whose blind index is bound as ``index`` (with no throttle key)."""
+    throttled = throttle.state_of_keys(
+        *(cast(null(), column.type).label(column.key) for column in _CANDIDATE_COLUMNS)
+    )
+    nothing_throttled = (cast(null(), column.type) for column in throttled.selected_columns[:2])
+    account = select(*nothing_throttled, *_CANDIDATE_COLUMNS).where(index == bindparam("index"))
+    return union_all(throttled, account)
+
+
+_THROTTLE_AND_CANDIDATE_BY = {
+    "email": _throttle_and_candidate(User.email_index),
+    "phone": _throttle_and_candidate(User.phone_index),
 }
 
 
@@ -511,14 +527,17 @@ async def sign_in_with_password(
     named = parse_identifier(identifier)
     keys = [throttle.account_key(named.index(runtime)), throttle.ip_key(facts.ip)]
     settings = await _require_password_method(runtime)
-    counts = await throttle.begin_attempt(runtime.db, keys, runtime.clock)
-    candidate = await _read_candidate(runtime, named)
+    account_key, address_key = keys
+    # The address is checked (429 while it waits) and counted only on a failure; the
+    # account is counted now, before the password is looked at (throttle.begin_attempt).
+    candidate = await _read_before_checking(runtime, [address_key], named)
+    counts = await throttle.begin_attempt(runtime.db, [account_key], runtime.clock)
     usable = candidate is not None and candidate.status != UserStatus.deleted.value
     ok, new_hash = await password_hasher(runtime).verify(
         password, candidate.password_hash if candidate is not None and usable else None
     )
     if not ok or candidate is None:
-        await _refuse_sign_in(session, runtime, counts, candidate, named, facts)
+        await _refuse_sign_in(session, runtime, address_key, counts, candidate, named, facts)
         raise InvalidCredentials().keeping_changes()
 
     user, account = await _reread_for_sign_in(session, candidate.user_id, facts.device)
@@ -533,7 +552,7 @@ async def sign_in_with_password(
     if new_hash is not None:
         user.password_hash = new_hash
         user.updated_at = now
-    await throttle.give_back(session, keys, counts)
+    await throttle.give_back(session, [account_key], counts)
     return await sign_in_or_challenge(
         session,
         runtime,
@@ -545,13 +564,18 @@ async def sign_in_with_password(
     )
 
 
-async def _read_candidate(runtime: Runtime, named: Identifier) -> _Candidate | None:
-    """The account ``named`` names, read on a reading connection."""
+async def _read_before_checking(
+    runtime: Runtime, keys: list[throttle.ThrottleKey], named: Identifier
+) -> _Candidate | None:
+    """The account ``named`` names, read in one statement with the throttle's state of
+    ``keys`` on a reading connection; raises while one of those keys must wait."""
+    parameters = {"keys": [key.key for key in keys], "index": named.index(runtime)}
     async with runtime.db.reading() as reader:
-        row = (
-            await reader.execute(_CANDIDATE_BY[named.kind], {"index": named.index(runtime)})
-        ).first()
-    return None if row is None else _Candidate(row.id, row.password_hash, row.status)
+        rows = (await reader.execute(_THROTTLE_AND_CANDIDATE_BY[named.kind], parameters)).all()
+    states = [(row.key, row.blocked_until) for row in rows if row.key is not None]
+    throttle.judge(states, runtime.clock)
+    found = [row for row in rows if row.id is not None]
+    return _Candidate(found[0].id, found[0].password_hash, found[0].status) if found else None
 
 
 async def refuse_unless_active(
@@ -686,12 +710,20 @@ async def finish_sign_in(
 async def _refuse_sign_in(
     session: AsyncSession,
     runtime: Runtime,
+    address: throttle.ThrottleKey,
     counts: list[throttle.FailureCount],
     candidate: _Candidate | None,
     named: Identifier,
     facts: RequestFacts,
 ) -> None:
-    # The attempt was counted before the password was checked (throttle.begin_attempt).
+    # The account's count was taken before the password was checked
+    # (throttle.begin_attempt). The address's is taken now, in a transaction of its own;
+    # the request's transaction has not been touched yet, so on SQLite nothing holds the
+    # write lock it needs.
+    counts = [
+        *counts,
+        *await throttle.record_failure(runtime.db, [address], runtime.clock, abandon=session),
+    ]
     waits = [count.blocked_until for count in counts if count.blocked_until is not None]
     if candidate is None or candidate.status == UserStatus.deleted.value:
         reason = "unknown_account"

@@ -7,14 +7,18 @@ the key wait ``base * 2**n`` seconds, capped, before the next attempt is even lo
 the cap is what keeps an attacker from locking an owner out for good. A quiet period
 (``reset_after``) forgets old failures, and a successful sign-in resets the account.
 
-A sign-in counts its attempt before the password is looked at, so parallel guesses
-cannot all pass on one count::
+A sign-in counts its attempt against the account before the password is looked at,
+so parallel guesses at one account cannot all pass on one count. The address is only
+checked first and counted on a failure: many people share one address (a mobile
+carrier's NAT), and their sign-ins in flight at once must not make it wait::
 
-    await throttle.begin_attempt(runtime.db, keys, clock)  # 429 while any key waits
+    judge(address_state, clock)  # 429 while the address waits
+    counts = await throttle.begin_attempt(runtime.db, [account], clock)  # 429 likewise
     ok, new_hash = await hasher.verify(password, stored_hash)
     if not ok:
-        raise InvalidCredentials()  # already counted
-    await throttle.give_back(session, keys, counts)  # the account's count forgotten
+        await throttle.record_failure(runtime.db, [address], clock, abandon=session)
+        raise InvalidCredentials()  # the account's count is already taken
+    await throttle.give_back(session, [account], counts)  # the account's count forgotten
 
 A password confirmation of a signed-in user (change, re-authentication) checks first
 and counts a failure after (:func:`check`, :func:`record_failure`): it needs a valid
@@ -30,8 +34,9 @@ import ipaddress
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import bindparam, case, delete, select, update
+from sqlalchemy import ColumnElement, Select, bindparam, case, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.identity.models import LoginThrottle
@@ -123,6 +128,14 @@ def _bounded(key: str) -> str:
 _STATE_OF_KEYS = select(LoginThrottle.key, LoginThrottle.blocked_until).where(
     LoginThrottle.key.in_(bindparam("keys", expanding=True))
 )
+
+
+def state_of_keys(*more_columns: ColumnElement[Any]) -> Select[Any]:
+    """What :func:`check` reads, for a caller that reads it in one statement with
+    something else (a UNION with its own lookup): rows of ``key`` and
+    ``blocked_until``, then ``more_columns``, for the keys bound as ``keys`` (a list of
+    :attr:`ThrottleKey.key`). Hand the rows to :func:`judge`."""
+    return _STATE_OF_KEYS.add_columns(*more_columns)
 
 
 @dataclass(frozen=True, slots=True)
