@@ -34,6 +34,7 @@ import ipaddress
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, bindparam, case, delete, select, update
@@ -216,11 +217,12 @@ async def begin_attempt(
     A success gives its count back (:func:`give_back`); a failure is already counted."""
     now = clock.now()
     counts = []
-    async with db.transaction() as session:
+    # Core statements on a connection of its own (no session): every sign-in runs this.
+    async with db.engine.begin() as connection:
         # One order for every caller, so two attempts locking the same rows on
         # PostgreSQL cannot deadlock.
         for key in sorted(keys, key=lambda item: item.key):
-            failures, waiting_until = await _count_attempt(session, db.dialect, key, now)
+            failures, waiting_until = await _count_attempt(connection, db.dialect, key, now)
             if waiting_until is not None and waiting_until > now:
                 # Raised inside the transaction: the counts taken for the other keys
                 # roll back with it.
@@ -228,41 +230,57 @@ async def begin_attempt(
             wait = key.rule.wait_after(failures)
             blocked_until = now + dt.timedelta(seconds=wait) if wait > 0 else None
             if blocked_until is not None:
-                await session.execute(
-                    update(LoginThrottle)
-                    .where(LoginThrottle.key == key.key)
-                    .values(blocked_until=blocked_until)
+                await connection.execute(
+                    _SET_WAIT, {"throttle_key": key.key, "until": blocked_until}
                 )
             counts.append(FailureCount(key=key.key, failures=failures, blocked_until=blocked_until))
     return counts
 
 
 async def _count_attempt(
-    session: AsyncSession, dialect: str, key: ThrottleKey, now: dt.datetime
+    connection: AsyncConnection, dialect: str, key: ThrottleKey, now: dt.datetime
 ) -> tuple[int, dt.datetime | None]:
     """One more attempt on ``key`` unless it must wait (then nothing changes); the count
     and the wait the key had, in one ``INSERT ... ON CONFLICT DO UPDATE``. The upsert
     holds the row (PostgreSQL's row lock, SQLite's write lock) until commit, so
     concurrent attempts take one count each."""
     stale_before = now - dt.timedelta(seconds=key.rule.reset_after_seconds)
+    parameters = {"key": key.key, "now": now, "stale_before": stale_before}
+    row = (await connection.execute(_attempt_statement(dialect), parameters)).one()
+    return int(row.failures), row.blocked_until
+
+
+@lru_cache(maxsize=2)
+def _attempt_statement(dialect: str) -> Any:
+    """:func:`_count_attempt`'s upsert, built once per dialect (every sign-in runs it;
+    building it took more CPU than running it): parameters ``key``, ``now`` and
+    ``stale_before``."""
+    moment = LoginThrottle.updated_at.type
+    now = bindparam("now", type_=moment)
     waiting = LoginThrottle.blocked_until > now
-    insert = dialect_insert(dialect)
-    values = insert(LoginThrottle).values(
-        key=key.key, failures=1, blocked_until=None, updated_at=now
+    values = dialect_insert(dialect)(LoginThrottle).values(
+        key=bindparam("key"), failures=1, blocked_until=None, updated_at=now
     )
-    upsert = values.on_conflict_do_update(
+    return values.on_conflict_do_update(
         index_elements=[LoginThrottle.key],
         set_={
             "failures": case(
                 (waiting, LoginThrottle.failures),
-                (LoginThrottle.updated_at < stale_before, 1),
+                (LoginThrottle.updated_at < bindparam("stale_before", type_=moment), 1),
                 else_=LoginThrottle.failures + 1,
             ),
             "updated_at": case((waiting, LoginThrottle.updated_at), else_=now),
         },
     ).returning(LoginThrottle.failures, LoginThrottle.blocked_until)
-    row = (await session.execute(upsert)).one()
-    return int(row.failures), row.blocked_until
+
+
+# The statements every successful sign-in and every wait set run, built once.
+_SET_WAIT = (
+    update(LoginThrottle)
+    .where(LoginThrottle.key == bindparam("throttle_key"))
+    .values(blocked_until=bindparam("until", type_=LoginThrottle.blocked_until.type))
+)
+_FORGET = delete(LoginThrottle).where(LoginThrottle.key == bindparam("throttle_key"))
 
 
 async def give_back(
@@ -275,6 +293,9 @@ async def give_back(
     statement in all), else it counts one less. A failure counted for such a key by
     another request in between keeps the row, one count too many: caution, not harm."""
     account, *others = keys
+    if not others:  # a sign-in's: the account alone
+        await session.execute(_FORGET, {"throttle_key": account.key})
+        return
     counted = {count.key: count.failures for count in counts}
     only_this = [key.key for key in others if counted.get(key.key, 0) <= 1]
     await session.execute(
