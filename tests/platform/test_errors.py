@@ -21,6 +21,7 @@ from soko.platform.errors import (
     json_pointer,
     problem_for_status,
 )
+from tests.platform.test_http import raw_request
 
 PROBLEMS_DOC = Path(__file__).resolve().parents[2] / "docs" / "problems.md"
 SECRET_TEXT = "password=hunter2 at /srv/soko/orders.py line 42"
@@ -282,35 +283,14 @@ async def test_a_client_gone_while_its_body_is_read_is_no_server_error(
     app: FastAPI, errors_client: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The sender's connection dropped mid-body (a webhook sender killed, a timeout).
-    sent: list[dict[str, Any]] = []
-    chunks = [
-        {"type": "http.request", "body": b'{"half": ', "more_body": True},
-        {"type": "http.disconnect"},
-    ]
-
-    async def receive() -> dict[str, Any]:
-        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/test-errors/raw",
-        "raw_path": b"/test-errors/raw",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
-        "client": ("203.0.113.9", 5000),
-        "server": ("testserver", 80),
-    }
-    await app(scope, receive, send)
-    [start] = [message for message in sent if message["type"] == "http.response.start"]
-    assert start["status"] == 400
+    status, _, _ = await raw_request(
+        app,
+        "/test-errors/raw",
+        [(b"content-type", b"application/json")],
+        [b'{"half": '],
+        hang_up=True,
+    )
+    assert status == 400
     assert "unhandled_error" not in caplog.text and "Traceback" not in caplog.text
     assert "client_disconnected" in caplog.text
 

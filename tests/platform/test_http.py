@@ -99,15 +99,18 @@ async def raw_request(
     path: str,
     headers: list[tuple[bytes, bytes]],
     body_chunks: list[bytes] = (),  # type: ignore[assignment]
+    *,
+    hang_up: bool = False,
 ) -> tuple[int, dict[str, str], bytes]:
-    """Drive the ASGI app directly, for requests an HTTP client would refuse to send."""
+    """Drive the ASGI app directly, for requests an HTTP client would refuse to send;
+    with ``hang_up``, the client disconnects after the chunks, before the body's end."""
     chunks = list(body_chunks) or [b""]
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
         if chunks:
             chunk = chunks.pop(0)
-            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+            return {"type": "http.request", "body": chunk, "more_body": hang_up or bool(chunks)}
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
