@@ -53,13 +53,13 @@ async def sign_in(
     runtime: Runtime, stored_hash: str, password: str, *, account: str, address: str
 ) -> str:
     """A sign-in as the login route does it: check the address, count the account,
-    verify, then count the address on a failure or give the account's count back on a
+    verify, then count the address on a failure or forget the account's count on a
     success, answer."""
     by_account, by_address = account_key(account), ip_key(address)
     try:
         async with runtime.db.transaction(read_only=True) as session:
             await throttle.check(session, [by_address], runtime.clock)
-        counts = await throttle.begin_attempt(runtime.db, [by_account], runtime.clock)
+        await throttle.begin_attempt(runtime.db, [by_account], runtime.clock)
     except RateLimited:
         return "throttled"
     ok, _ = await password_hasher(runtime).verify(password, stored_hash)
@@ -67,7 +67,7 @@ async def sign_in(
         await throttle.record_failure(runtime.db, [by_address], runtime.clock)
         return "wrong"
     async with runtime.db.transaction() as session:
-        await throttle.give_back(session, [by_account], counts)
+        await throttle.record_success(session, by_account)
     return "signed in"
 
 

@@ -552,7 +552,7 @@ async def sign_in_with_password(
     if new_hash is not None:
         user.password_hash = new_hash
         user.updated_at = now
-    await throttle.give_back(session, [account_key], counts)
+    await throttle.record_success(session, account_key)
     return await sign_in_or_challenge(
         session,
         runtime,

@@ -18,7 +18,7 @@ carrier's NAT), and their sign-ins in flight at once must not make it wait::
     if not ok:
         await throttle.record_failure(runtime.db, [address], clock, abandon=session)
         raise InvalidCredentials()  # the account's count is already taken
-    await throttle.give_back(session, [account], counts)  # the account's count forgotten
+    await throttle.record_success(session, account)  # the account's count forgotten
 
 A password confirmation of a signed-in user (change, re-authentication) checks first
 and counts a failure after (:func:`check`, :func:`record_failure`): it needs a valid
@@ -214,7 +214,8 @@ async def begin_attempt(
     the check, a hundred guesses sent at once all read the same count and were all
     checked; counted first, each takes the next count, the one past the free attempts
     sets the wait, and every later one is refused without its password being looked at.
-    A success gives its count back (:func:`give_back`); a failure is already counted."""
+    A success forgets the account's count (:func:`record_success`); a failure is already
+    counted."""
     now = clock.now()
     counts = []
     # Core statements on a connection of its own (no session): every sign-in runs this.
@@ -274,43 +275,13 @@ def _attempt_statement(dialect: str) -> Any:
     ).returning(LoginThrottle.failures, LoginThrottle.blocked_until)
 
 
-# The statements every successful sign-in and every wait set run, built once.
+# The statements every wait set and every successful sign-in run, built once.
 _SET_WAIT = (
     update(LoginThrottle)
     .where(LoginThrottle.key == bindparam("throttle_key"))
     .values(blocked_until=bindparam("until", type_=LoginThrottle.blocked_until.type))
 )
 _FORGET = delete(LoginThrottle).where(LoginThrottle.key == bindparam("throttle_key"))
-
-
-async def give_back(
-    session: AsyncSession, keys: Sequence[ThrottleKey], counts: Sequence[FailureCount]
-) -> None:
-    """Take back what :func:`begin_attempt` counted (``counts``) for an attempt that
-    succeeded, in the request's transaction (it commits with the sign-in). The account,
-    the first of ``keys``, forgets its failures; each other key loses this attempt's
-    count: its row goes when this attempt was its only count (the usual case, one
-    statement in all), else it counts one less. A failure counted for such a key by
-    another request in between keeps the row, one count too many: caution, not harm."""
-    account, *others = keys
-    if not others:  # a sign-in's: the account alone
-        await session.execute(_FORGET, {"throttle_key": account.key})
-        return
-    counted = {count.key: count.failures for count in counts}
-    only_this = [key.key for key in others if counted.get(key.key, 0) <= 1]
-    await session.execute(
-        delete(LoginThrottle).where(
-            (LoginThrottle.key == account.key)
-            | (LoginThrottle.key.in_(only_this) & (LoginThrottle.failures <= 1))
-        )
-    )
-    more = [key.key for key in others if key.key not in only_this]
-    if more:
-        await session.execute(
-            update(LoginThrottle)
-            .where(LoginThrottle.key.in_(more), LoginThrottle.failures > 0)
-            .values(failures=LoginThrottle.failures - 1)
-        )
 
 
 def _refusal(until: dt.datetime, now: dt.datetime) -> RateLimited:
@@ -365,7 +336,7 @@ async def record_success(
     being verified then stay counted, which only errs on the side of caution."""
     if checked is not None and not checked.had_failures(key):
         return
-    await session.execute(delete(LoginThrottle).where(LoginThrottle.key == key.key))
+    await session.execute(_FORGET, {"throttle_key": key.key})
 
 
 async def forget_stale(session: AsyncSession, clock: Clock, *, older_than: float) -> int:
