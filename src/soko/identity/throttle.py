@@ -139,39 +139,26 @@ def state_of_keys(*more_columns: ColumnElement[Any]) -> Select[Any]:
     return _STATE_OF_KEYS.add_columns(*more_columns)
 
 
-@dataclass(frozen=True, slots=True)
-class ThrottleCheck:
-    """What :func:`check` saw: the keys that had failures counted when it ran."""
-
-    counted: frozenset[str]
-
-    def had_failures(self, key: ThrottleKey) -> bool:
-        return key.key in self.counted
-
-
 async def check(
     session: AsyncSession | AsyncConnection, keys: Sequence[ThrottleKey], clock: Clock
-) -> ThrottleCheck:
+) -> None:
     """Raise :class:`RateLimited` (429 with ``Retry-After``) while any key must wait.
 
     Call before looking at the password, so attempts during a wait are neither
-    verified nor counted. The answer tells :func:`record_success` whether there is
-    anything to forget."""
+    verified nor counted."""
     if not keys:
-        return ThrottleCheck(frozenset())
+        return
     result = await session.execute(_STATE_OF_KEYS, {"keys": [key.key for key in keys]})
-    return judge([(row.key, row.blocked_until) for row in result], clock)
+    judge([(row.key, row.blocked_until) for row in result], clock)
 
 
-def judge(states: Sequence[tuple[str, dt.datetime | None]], clock: Clock) -> ThrottleCheck:
+def judge(states: Sequence[tuple[str, dt.datetime | None]], clock: Clock) -> None:
     """:func:`check`'s verdict on the ``(key, blocked_until)`` rows it read: raise
-    :class:`RateLimited` while any key must wait, else what :func:`record_success`
-    needs to know."""
+    :class:`RateLimited` while any key must wait."""
     now = clock.now()
     waits = [until for _, until in states if until is not None and until > now]
-    if not waits:
-        return ThrottleCheck(frozenset(key for key, _ in states))
-    raise _refusal(max(waits), now)
+    if waits:
+        raise _refusal(max(waits), now)
 
 
 async def record_failure(
@@ -324,18 +311,11 @@ async def _count_failure(
     return FailureCount(key=key.key, failures=failures, blocked_until=blocked_until)
 
 
-async def record_success(
-    session: AsyncSession, key: ThrottleKey, checked: ThrottleCheck | None = None
-) -> None:
+async def record_success(session: AsyncSession, key: ThrottleKey) -> None:
     """Forget an account's failures after a successful sign-in, in the request's
-    transaction (it commits with the sign-in). Address keys are left alone: one good
-    password from an address says nothing about the other attempts made from it.
-
-    Given the :func:`check` of this sign-in, a key that had no failures then is left
-    alone: almost every sign-in saves a write. Failures counted while the password was
-    being verified then stay counted, which only errs on the side of caution."""
-    if checked is not None and not checked.had_failures(key):
-        return
+    transaction (it commits with the sign-in); for a password sign-in, that includes the
+    count :func:`begin_attempt` took. Address keys are left alone: one good password
+    from an address says nothing about the other attempts made from it."""
     await session.execute(_FORGET, {"throttle_key": key.key})
 
 
