@@ -328,12 +328,16 @@ def _json_invalid(error: Mapping[str, Any]) -> dict[str, Any]:
     loc = error.get("loc", ())
     reason = str((error.get("ctx") or {}).get("error") or "not valid JSON")
     at = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    return _json_invalid_entry(reason + (f" (at character {at})" if at is not None else ""))
+
+
+def _json_invalid_entry(reason: str) -> dict[str, Any]:
+    """The one ``errors`` entry of a body that is not JSON: the whole document failed."""
     return {
         "in": "body",
         "field": "",
         "pointer": "#",
-        "detail": f"The body is not valid JSON: {reason}"
-        + (f" (at character {at})" if at is not None else ""),
+        "detail": f"The body is not valid JSON: {reason}",
         "code": "json_invalid",
     }
 
@@ -415,17 +419,7 @@ async def _handle_http(request: Request, exc: Exception) -> Response:
             detail="The body is not valid JSON",
             instance=request.url.path,
             request_id=_request_id(request),
-            extensions={
-                "errors": [
-                    {
-                        "in": "body",
-                        "field": "",
-                        "pointer": "#",
-                        "detail": f"The body is not valid JSON: {reason}",
-                        "code": "json_invalid",
-                    }
-                ]
-            },
+            extensions={"errors": [_json_invalid_entry(reason)]},
         )
     problem = problem_for_status(exc.status_code)
     if (
