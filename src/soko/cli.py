@@ -35,6 +35,12 @@ def _demo_app(runtime: Runtime) -> object:
     return create_app(runtime=runtime)
 
 
+def _load_every_model() -> None:
+    from soko.app import load_models
+
+    load_models()
+
+
 def _mount_domain_commands() -> None:
     from soko.demo.cli import seed_commands
     from soko.identity.admin_cli import admin_app
@@ -44,7 +50,8 @@ def _mount_domain_commands() -> None:
 
     app.add_typer(admin_app, name="admin")
     app.add_typer(audit_app, name="audit")
-    app.add_typer(keys_app, name="keys")
+    # Key rotation walks the encrypted columns every domain declares with its tables.
+    app.add_typer(keys_app, name="keys", callback=_load_every_model)
     app.add_typer(ledger_commands(), name="ledger")
     app.add_typer(seed_commands(_demo_app), name="seed")
 

@@ -1,6 +1,7 @@
-"""Encryption key rotation: every stored email, phone and authenticator secret moves to
-the active key, still decrypts, is still found through its blind index, and nothing a
-user changes meanwhile is overwritten."""
+"""Encryption key rotation: every stored email, phone and authenticator secret, store
+payout details and webhook signing secret moves to the active key, still decrypts, is
+still found through its blind index, and nothing a user changes meanwhile is
+overwritten."""
 
 from __future__ import annotations
 
@@ -48,6 +49,11 @@ from soko.platform.crypto import DataKeys, Keyring, derive_keys, new_key_spec
 from soko.platform.otp import decode_secret, totp
 from soko.platform.outbox import MessageStatus, OutboxMessage
 from soko.platform.runtime import Runtime
+from soko.sellers import service as sellers_service
+from soko.sellers.models import Seller
+from soko.sellers.schemas import SellerApplication
+from soko.webhooks import service as webhooks_service
+from soko.webhooks.models import WebhookEndpoint
 from tests.conftest import TEST_SECRET, make_settings
 
 K1 = new_key_spec("k1")
@@ -353,6 +359,76 @@ async def test_a_value_under_a_key_no_longer_configured_is_counted_and_skipped(
     assert left == 1
     assert finished.data["unreadable"] == 1
     assert finished.data["rotated"] == _value_count(people) - 1
+
+
+async def _store_and_endpoint(runtime: Runtime, owner: uuid.UUID) -> tuple[uuid.UUID, uuid.UUID]:
+    """A store with payout details, and a webhook endpoint whose secret was rotated once
+    (so it holds a current and a previous secret): the other domains' encrypted values."""
+    async with runtime.db.transaction() as session:
+        seller = await sellers_service.apply(
+            session,
+            runtime,
+            owner,
+            SellerApplication(
+                slug="mama-mboga",
+                store_name="Mama Mboga",
+                payout_details={"method": "mpesa", "till": "123456"},
+            ),
+        )
+        endpoint, _ = await webhooks_service.create_endpoint(
+            session,
+            runtime,
+            webhooks_service.Scope(seller_id=seller.id, user_id=owner),
+            url="https://hooks.example.com/soko",
+            event_types=["order.placed"],
+        )
+        await webhooks_service.rotate_secret(session, runtime, endpoint)
+        return seller.id, endpoint.id
+
+
+async def _store_values(
+    runtime: Runtime, seller_id: uuid.UUID, endpoint_id: uuid.UUID
+) -> tuple[dict[str, str] | None, list[str]]:
+    """The payout details and the signing secrets, read by the code that uses them."""
+    async with runtime.db.transaction(read_only=True) as session:
+        seller = await session.get(Seller, seller_id)
+        endpoint = await session.get(WebhookEndpoint, endpoint_id)
+        assert seller is not None and endpoint is not None
+        return (
+            sellers_service.payout_details(runtime.data_keys, seller),
+            webhooks_service.signing_secrets(runtime, endpoint, runtime.clock.now()),
+        )
+
+
+async def test_every_domains_encrypted_values_move_and_still_open_without_the_old_key(
+    before: Runtime, after: Runtime, tmp_path: Path, database_url: str, clock: ManualClock
+) -> None:
+    """Stores' payout details and webhook signing secrets are encrypted with the same
+    keys as emails: a rotation that left them behind would make them unreadable once the
+    old key is removed, as the status said it could be."""
+    people = await _people(before, count=2)
+    seller_id, endpoint_id = await _store_and_endpoint(before, people[0].user_id)
+    payout, secrets_before = await _store_values(before, seller_id, endpoint_id)
+    assert payout == {"method": "mpesa", "till": "123456"}
+    assert len(secrets_before) == 2
+    assert {
+        ("sellers.payout_details", "k1"),
+        ("webhooks_endpoints.secret_ciphertext", "k1"),
+        ("webhooks_endpoints.previous_secret_ciphertext", "k1"),
+    } <= await _usage(before)
+
+    async with after.db.transaction() as session:
+        assert await values_to_rotate(session, after.data_keys.keyring) == _value_count(people) + 3
+        await request_rotation(session, after.data_keys.keyring, clock=clock, batch_size=2)
+    await after.dispatcher.run_until_idle()
+
+    assert {key_id for _, key_id in await _usage(after)} == {"k2"}
+    only_k2 = _runtime(tmp_path, database_url, K2, clock)
+    try:
+        assert await _store_values(only_k2, seller_id, endpoint_id) == (payout, secrets_before)
+        await _assert_readable(only_k2, people)
+    finally:
+        await only_k2.stop()
 
 
 async def test_the_cursor_survives_the_job_payload() -> None:

@@ -18,13 +18,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.errors import AccountExists
-from soko.identity.models import Role, User, UserRole, UserStatus
+from soko.identity.models import EMAIL_COLUMN, PHONE_COLUMN, Role, User, UserRole, UserStatus
 from soko.platform.crypto import DataKeys, canonical_email, canonical_phone
 from soko.platform.errors import ValidationFailed
 from soko.platform.ids import uuid7
 
-EMAIL_COLUMN = "users.email"
-PHONE_COLUMN = "users.phone"
 MAX_EMAIL_LENGTH = 254
 
 

@@ -3,7 +3,9 @@
 An operator rotates by putting a new key first in ``SOKO_ENCRYPTION_KEYS`` (it becomes
 the active key; the older ones keep decrypting) and asking for re-encryption with
 ``soko keys rotate``. That enqueues the ``identity.reencrypt`` job, which walks every
-encrypted column in batches, one transaction per batch, and enqueues itself again with
+encrypted column of every domain (those declared in :mod:`soko.platform.encrypted`:
+accounts' emails and phones, TOTP secrets, stores' payout details, webhook signing
+secrets) in batches, one transaction per batch, and enqueues itself again with
 its position until every value is under the active key.
 
 Each value is replaced by a conditional ``UPDATE ... WHERE <column> = <the ciphertext
@@ -29,13 +31,10 @@ from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
-from soko.identity.accounts import EMAIL_COLUMN, PHONE_COLUMN
 from soko.identity.audit import record_audit_event
-from soko.identity.mfa import SECRET_COLUMN
-from soko.identity.models import TotpFactor, User
 from soko.platform.clock import Clock
 from soko.platform.crypto import CIPHERTEXT_VERSION, DecryptionError, Keyring
-from soko.platform.db import Base
+from soko.platform.encrypted import EncryptedColumn, encrypted_columns
 from soko.platform.jobs import JobContext, registry
 from soko.platform.outbox import enqueue
 
@@ -47,30 +46,6 @@ MAX_BATCH_SIZE: Final = 10_000
 
 ACTION_ROTATION_REQUESTED: Final = "admin.encryption_rotation_requested"
 ACTION_ROTATION_FINISHED: Final = "admin.encryption_rotation_finished"
-
-
-@dataclass(frozen=True)
-class EncryptedColumn:
-    """A column of field-encryption ciphertexts, each bound to ``"<name>:<row key>"``."""
-
-    name: str
-    entity: type[Base]
-    row_key: InstrumentedAttribute[uuid.UUID]
-    value: InstrumentedAttribute[Any]
-
-    def context(self, row_key: uuid.UUID) -> str:
-        return f"{self.name}:{row_key}"
-
-
-# Every column the identity domain encrypts, in the order a rotation walks them. The
-# names are the contexts accounts.py and mfa.py encrypt with: a value re-encrypted under
-# another context would never decrypt again (the tests check each one end to end).
-ENCRYPTED_COLUMNS: Final[tuple[EncryptedColumn, ...]] = (
-    EncryptedColumn(EMAIL_COLUMN, User, User.id, User.email_ciphertext),
-    EncryptedColumn(PHONE_COLUMN, User, User.id, User.phone_ciphertext),
-    EncryptedColumn(SECRET_COLUMN, TotpFactor, TotpFactor.user_id, TotpFactor.secret_ciphertext),
-)
-_BY_NAME: Final = {column.name: column for column in ENCRYPTED_COLUMNS}
 
 
 def _active_prefix(keyring: Keyring) -> str:
@@ -107,7 +82,7 @@ class KeyUsage:
 async def key_usage(session: AsyncSession) -> list[KeyUsage]:
     """Values per column and key id, read from the ciphertext headers (nothing decrypted)."""
     usage: list[KeyUsage] = []
-    for column in ENCRYPTED_COLUMNS:
+    for column in encrypted_columns():
         key_id = _key_id_of(session, column.value).label("key_id")
         rows = await session.execute(
             select(key_id, func.count())
@@ -122,7 +97,7 @@ async def key_usage(session: AsyncSession) -> list[KeyUsage]:
 async def values_to_rotate(session: AsyncSession, keyring: Keyring) -> int:
     """How many stored values are not under the keyring's active key."""
     total = 0
-    for column in ENCRYPTED_COLUMNS:
+    for column in encrypted_columns():
         count = await session.scalar(
             select(func.count())
             .select_from(column.entity)
@@ -150,7 +125,7 @@ class RotationCursor:
         column = payload.get("column")
         if column is None:
             return None
-        if column not in _BY_NAME:
+        if column not in {known.name for known in encrypted_columns()}:
             raise ValueError("the rotation payload names an unknown column")
         after = payload.get("after")
         return cls(str(column), uuid.UUID(str(after)) if after else None)
@@ -179,13 +154,14 @@ async def rotate_batch(
     transaction, starting at ``cursor`` (the beginning when ``None``)."""
     if not 1 <= batch_size <= MAX_BATCH_SIZE:
         raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_SIZE}")
-    names = [column.name for column in ENCRYPTED_COLUMNS]
+    columns = encrypted_columns()
+    names = [column.name for column in columns]
     position = names.index(cursor.column) if cursor is not None else 0
     after = cursor.after if cursor is not None else None
     budget = batch_size
     rotated = changed = unreadable = 0
     while True:
-        column = ENCRYPTED_COLUMNS[position]
+        column = columns[position]
         query = select(column.row_key, column.value).where(_not_under_active_key(column, keyring))
         if after is not None:
             query = query.where(column.row_key > after)
@@ -219,7 +195,7 @@ async def rotate_batch(
         # This column is done; carry what is left of the budget into the next one.
         position += 1
         after = None
-        if position == len(ENCRYPTED_COLUMNS):
+        if position == len(columns):
             next_cursor = None
             break
     return BatchOutcome(rotated, changed, unreadable, next_cursor)

@@ -60,7 +60,14 @@ from soko.identity.errors import (
     MfaEnrollmentRequired,
     MfaNotEnabled,
 )
-from soko.identity.models import MfaChallenge, RecoveryCode, TotpFactor, User, UserStatus
+from soko.identity.models import (
+    TOTP_SECRET_COLUMN,
+    MfaChallenge,
+    RecoveryCode,
+    TotpFactor,
+    User,
+    UserStatus,
+)
 from soko.identity.schemas import MfaChallengeOut
 from soko.identity.sessions import DeviceFacts, TokenPair, hash_secret
 from soko.platform.errors import RateLimited
@@ -92,7 +99,7 @@ FAILURE_WINDOW: Final = dt.timedelta(hours=1)
 METHOD_TOTP: Final = "totp"
 METHOD_RECOVERY_CODE: Final = "recovery_code"
 METHOD_ENROLL: Final = "enroll"
-SECRET_COLUMN: Final = "totp_factors.secret"
+SECRET_COLUMN: Final = TOTP_SECRET_COLUMN
 RECOVERY_CODE_COLUMN: Final = "recovery_codes.code"
 
 

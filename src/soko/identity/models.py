@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from soko.platform.db import Base, UUIDPrimaryKey
+from soko.platform.encrypted import encrypted_column
 
 
 class UserStatus(StrEnum):
@@ -283,3 +284,12 @@ class AuditChainHead(Base):
     seq: Mapped[int] = mapped_column(Integer)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+# The columns encrypted with the data keys (see soko.platform.encrypted): key rotation
+# re-encrypts them. The names are the contexts each value is bound to.
+EMAIL_COLUMN = encrypted_column("users.email", User.id, User.email_ciphertext)
+PHONE_COLUMN = encrypted_column("users.phone", User.id, User.phone_ciphertext)
+TOTP_SECRET_COLUMN = encrypted_column(
+    "totp_factors.secret", TotpFactor.user_id, TotpFactor.secret_ciphertext
+)

@@ -15,6 +15,7 @@ from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from soko.platform.db import Base, UUIDPrimaryKey
+from soko.platform.encrypted import encrypted_column
 
 SLUG_MAX_LENGTH = 60
 STORE_NAME_MAX_LENGTH = 120
@@ -108,3 +109,9 @@ class SellerStatusEvent(UUIDPrimaryKey, Base):
     actor_id: Mapped[uuid.UUID | None]
     reason: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[dt.datetime]
+
+
+# A JSON object of strings, encrypted with the data keys (see soko.platform.encrypted).
+PAYOUT_DETAILS_COLUMN = encrypted_column(
+    "sellers.payout_details", Seller.id, Seller.payout_details_ciphertext
+)

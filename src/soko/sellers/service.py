@@ -41,6 +41,7 @@ from soko.sellers.events import (
     SellerSuspended,
 )
 from soko.sellers.models import (
+    PAYOUT_DETAILS_COLUMN,
     Seller,
     SellerMember,
     SellerRole,
@@ -56,7 +57,6 @@ from soko.sellers.public import (
 )
 from soko.sellers.schemas import MemberOut, ProfileChange, SellerApplication
 
-PAYOUT_DETAILS_COLUMN = "sellers.payout_details"
 SELLER_ROLE = "seller"  # identity's role for people who act for an approved store
 
 

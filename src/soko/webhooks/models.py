@@ -26,6 +26,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Mapped, mapped_column
 
 from soko.platform.db import Base, UUIDPrimaryKey
+from soko.platform.encrypted import encrypted_column
 from soko.platform.ids import uuid7
 from soko.platform.netguard import URL_MAX_LENGTH
 
@@ -153,3 +154,15 @@ class WebhookAttempt(UUIDPrimaryKey, Base):
         String(RESPONSE_EXCERPT_MAX_LENGTH), default=None
     )
     at: Mapped[dt.datetime]
+
+
+# The signing secrets, encrypted with the data keys (see soko.platform.encrypted). The
+# names are the contexts the stored values are bound to, so they stay as they are.
+SECRET_COLUMN = encrypted_column(
+    "webhooks_endpoints.secret_ciphertext", WebhookEndpoint.id, WebhookEndpoint.secret_ciphertext
+)
+PREVIOUS_SECRET_COLUMN = encrypted_column(
+    "webhooks_endpoints.previous_secret_ciphertext",
+    WebhookEndpoint.id,
+    WebhookEndpoint.previous_secret_ciphertext,
+)

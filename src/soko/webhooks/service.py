@@ -26,7 +26,13 @@ from soko.platform.outbox import enqueue
 from soko.platform.runtime import Runtime
 from soko.webhooks.errors import WebhookEndpointDisabled, WebhookEndpointLimit, WebhookUrlRefused
 from soko.webhooks.event_types import EVENT_OWNERS, EVENT_TYPES
-from soko.webhooks.models import DeliveryStatus, WebhookDelivery, WebhookEndpoint
+from soko.webhooks.models import (
+    PREVIOUS_SECRET_COLUMN,
+    SECRET_COLUMN,
+    DeliveryStatus,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 from soko.webhooks.signing import new_secret
 
 DELIVER_JOB = "webhooks.deliver"
@@ -34,8 +40,6 @@ DELIVER_JOB = "webhooks.deliver"
 FAN_OUT_SUBSCRIBER = "webhooks.fan_out"
 MAX_ENDPOINTS_PER_OWNER = 20
 REDELIVER_BATCH_MAX = 1000
-SECRET_COLUMN = "webhooks_endpoints.secret_ciphertext"
-PREVIOUS_SECRET_COLUMN = "webhooks_endpoints.previous_secret_ciphertext"
 
 
 @dataclass(frozen=True, slots=True)
