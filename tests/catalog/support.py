@@ -17,6 +17,7 @@ from soko.identity.models import Role
 from soko.platform.runtime import Runtime
 from tests.conftest import sql_statements
 from tests.identity.conftest import MakeUser, SignedInUser
+from tests.sellers.conftest import join_store
 
 API = "/api/v1"
 PRODUCTS = f"{API}/products"
@@ -135,14 +136,7 @@ class Store:
 
     async def add_member(self, role: str, make_user: MakeUser) -> SignedInUser:
         member = await make_user()
-        ok(
-            await self.client.post(
-                f"{API}/seller/members",
-                json={"identifier": member.email, "role": role},
-                headers=self.headers,
-            ),
-            201,
-        )
+        await join_store(self.client, self.headers, member, role)
         return member
 
 

@@ -114,7 +114,10 @@ async def test_a_key_authenticates_with_only_its_permissions(
 # and is done from a signed-in session.
 SESSION_ONLY_ROUTES = (
     ("PATCH", "/api/v1/seller/profile", {"payout_details": {"mpesa_number": "+254700000666"}}),
-    ("POST", "/api/v1/seller/members", {"identifier": "someone@soko.example", "role": "owner"}),
+    ("POST", "/api/v1/seller/invitations", {"address": "someone@soko.example", "role": "owner"}),
+    ("DELETE", f"/api/v1/seller/invitations/{uuid.uuid4()}", None),
+    ("POST", f"/api/v1/me/store-invitations/{uuid.uuid4()}/accept", None),
+    ("POST", f"/api/v1/me/store-invitations/{uuid.uuid4()}/decline", None),
     ("PATCH", f"/api/v1/seller/members/{uuid.uuid4()}", {"role": "owner"}),
     ("DELETE", f"/api/v1/seller/members/{uuid.uuid4()}", None),
     ("POST", "/api/v1/webhooks/endpoints", {"url": "https://hooks.example.com/x"}),

@@ -13,7 +13,7 @@ from soko.inventory import public
 from soko.platform.ids import uuid7
 from soko.platform.runtime import Runtime
 from tests.identity.conftest import MakeUser, SignedInUser, make_user  # noqa: F401
-from tests.sellers.conftest import MEMBERS, Stores, as_store, stores  # noqa: F401
+from tests.sellers.conftest import Stores, as_store, join_store, stores  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,7 @@ async def make_team(
     members = {}
     for role in ("manager", "staff"):
         member = await make_user(Role.customer)
-        response = await client.post(
-            MEMBERS,
-            json={"identifier": member.email, "role": role},
-            headers=as_store(owner, seller_id),
-        )
-        assert response.status_code == 201, response.text
+        await join_store(client, as_store(owner, seller_id), member, role)
         members[role] = member
     variant_id = uuid7()
     async with runtime.db.transaction() as session:

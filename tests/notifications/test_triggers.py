@@ -33,6 +33,7 @@ from tests.conftest import sql_statements
 from tests.identity.conftest import TEST_DEVICE, MakeUser, SignedInUser, make_user  # noqa: F401
 from tests.notifications.support import no_scheduled_jobs  # noqa: F401
 from tests.orders.conftest import API, Buyer, ok, pay
+from tests.sellers.conftest import join_store
 
 ME = f"{API}/me/notifications"
 
@@ -325,15 +326,7 @@ async def test_a_stores_whole_staff_hears_of_an_order_with_one_read_of_their_con
     acting = {**owner.headers, "X-Seller-Id": str(shop.seller_id)}
     staff = [await _user(runtime, name=f"Staff {n}") for n in range(3)]
     for member in staff:
-        ok(
-            await client.post(
-                f"{API}/seller/members",
-                json={"identifier": member.email, "role": "staff"},
-                headers=acting,
-            ),
-            200,
-            201,
-        )
+        await join_store(client, acting, member)
     ok(
         await client.put(
             f"{API}/me/notification-preferences", json={"locale": "sw"}, headers=staff[0].headers

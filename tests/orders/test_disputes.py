@@ -25,6 +25,7 @@ from tests.orders.conftest import (
     ok,
     refused,
 )
+from tests.sellers.conftest import join_store
 
 COMPLAINT = {
     "reason": "not_as_described",
@@ -221,15 +222,7 @@ async def test_only_the_stores_manager_or_owner_answers(
     placed = await place_order("delivered")
     ok(await open_dispute(client, placed), 201)
     staff = await make_user()
-    ok(
-        await client.post(
-            "/api/v1/seller/members",
-            json={"identifier": staff.email, "role": "staff"},
-            headers=placed.shop.headers,
-        ),
-        200,
-        201,
-    )
+    await join_store(client, placed.shop.headers, staff)
     as_staff = {**staff.headers, "X-Seller-Id": str(placed.shop.seller_id)}
     response = await client.post(
         f"{SELLER_ORDERS}/{placed.order_id}/dispute/response",

@@ -28,6 +28,7 @@ from tests.orders.conftest import (
     refused,
     stock,
 )
+from tests.sellers.conftest import join_store
 
 # The order routes that move an order, and the move each makes as whom.
 ROUTE_MOVES: dict[str, tuple[Action, Actor]] = {
@@ -266,15 +267,7 @@ async def test_a_store_staff_member_fulfils_but_cannot_cancel(
 ) -> None:
     placed = await place_order("paid")
     staff = await make_user()
-    ok(
-        await client.post(
-            "/api/v1/seller/members",
-            json={"identifier": staff.email, "role": "staff"},
-            headers=placed.shop.headers,
-        ),
-        200,
-        201,
-    )
+    await join_store(client, placed.shop.headers, staff)
     as_staff = {**staff.headers, "X-Seller-Id": str(placed.shop.seller_id)}
     url = f"{SELLER_ORDERS}/{placed.order_id}"
 

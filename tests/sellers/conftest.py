@@ -22,6 +22,8 @@ SELLERS = "/api/v1/sellers"
 ADMIN_SELLERS = "/api/v1/admin/sellers"
 PROFILE = "/api/v1/seller/profile"
 MEMBERS = "/api/v1/seller/members"
+INVITATIONS = "/api/v1/seller/invitations"
+MY_INVITATIONS = "/api/v1/me/store-invitations"
 MY_STORES = "/api/v1/me/sellers"
 
 _numbers = itertools.count(1)
@@ -36,6 +38,26 @@ def problem_type(response: httpx2.Response) -> str:
 def as_store(user: SignedInUser, seller_id: uuid.UUID | str) -> dict[str, str]:
     """``user``'s headers, acting for store ``seller_id``."""
     return {**user.headers, "X-Seller-Id": str(seller_id)}
+
+
+async def join_store(
+    client: httpx2.AsyncClient,
+    owner_headers: dict[str, str],
+    member: SignedInUser,
+    role: str = "staff",
+) -> dict[str, Any]:
+    """The way a person joins a store: an owner (``owner_headers``, acting for the
+    store) invites ``member``'s verified email address, and ``member`` accepts."""
+    invited = await client.post(
+        INVITATIONS, json={"address": member.email, "role": role}, headers=owner_headers
+    )
+    assert invited.status_code == 201, invited.text
+    accepted = await client.post(
+        f"{MY_INVITATIONS}/{invited.json()['id']}/accept", headers=member.headers
+    )
+    assert accepted.status_code == 201, accepted.text
+    joined: dict[str, Any] = accepted.json()
+    return joined
 
 
 @dataclass

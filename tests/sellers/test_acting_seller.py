@@ -18,7 +18,15 @@ from soko.sellers.models import Seller
 from soko.sellers.public import ActingSeller, ActingSellerDep, SellerRole
 from tests.identity.conftest import MakeUser
 from tests.identity.test_route_matrix import walk_routes
-from tests.sellers.conftest import MEMBERS, PROFILE, Stores, as_store, problem_type
+from tests.sellers.conftest import (
+    INVITATIONS,
+    MEMBERS,
+    PROFILE,
+    Stores,
+    as_store,
+    join_store,
+    problem_type,
+)
 
 
 @pytest.fixture
@@ -41,7 +49,7 @@ async def test_the_dependency_declares_signed_in_and_nothing_else(
     assert problems == []
     declared = {endpoint.path: endpoint.permission for endpoint in endpoints}
     assert declared[probe] == SIGNED_IN
-    for path in (PROFILE, MEMBERS, f"{MEMBERS}/{{user_id}}"):
+    for path in (PROFILE, MEMBERS, f"{MEMBERS}/{{user_id}}", INVITATIONS):
         assert declared[path] == SIGNED_IN
     anonymous = await client.get(probe)
     assert anonymous.status_code == 401
@@ -109,9 +117,7 @@ async def test_managers_edit_the_profile_and_staff_read_it(
     owner, manager, staff = await make_user(), await make_user(), await make_user()
     await stores.apply(owner)
     for user, role in ((manager, "manager"), (staff, "staff")):
-        await client.post(
-            MEMBERS, json={"identifier": user.email, "role": role}, headers=owner.headers
-        )
+        await join_store(client, owner.headers, user, role)
     read = await client.get(PROFILE, headers=staff.headers)
     assert read.status_code == 200
     assert read.headers["etag"] == '"v1"'
@@ -163,11 +169,7 @@ async def test_what_other_domains_read(
     pending = await stores.apply(owner)
     suspended = await stores.active(owner)
     assert (await stores.decide(suspended["id"], "suspend")).status_code == 200
-    await stores.client.post(
-        MEMBERS,
-        json={"identifier": manager.email, "role": "manager"},
-        headers=as_store(owner, active["id"]),
-    )
+    await join_store(stores.client, as_store(owner, active["id"]), manager, "manager")
     ids = {
         name: uuid.UUID(store["id"])
         for name, store in (("active", active), ("pending", pending), ("suspended", suspended))

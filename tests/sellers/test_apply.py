@@ -18,6 +18,7 @@ from tests.sellers.conftest import (
     OutboxReader,
     Stores,
     as_store,
+    join_store,
     problem_type,
 )
 
@@ -150,12 +151,7 @@ async def test_payout_details_are_encrypted_at_rest_and_shown_to_owners_only(
     assert till not in raw and "mpesa" not in raw
     assert raw.startswith("v1.")
 
-    added = await client.post(
-        "/api/v1/seller/members",
-        json={"identifier": manager.email, "role": "manager"},
-        headers=owner.headers,
-    )
-    assert added.status_code == 201, added.text
+    await join_store(client, owner.headers, manager, "manager")
     seen_by_manager = (await client.get(PROFILE, headers=manager.headers)).json()
     assert seen_by_manager["has_payout_details"] is True
     assert seen_by_manager["payout_details"] is None

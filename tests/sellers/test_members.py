@@ -1,5 +1,6 @@
 """A store's members: owners manage them, any member may leave, and a store always
-keeps an owner, also when two owners change each other at once."""
+keeps an owner, also when two owners change each other at once. (People join by
+invitation: tests/sellers/test_invitations.py.)"""
 
 from __future__ import annotations
 
@@ -8,66 +9,16 @@ import asyncio
 import httpx2
 
 from tests.identity.conftest import MakeUser
-from tests.sellers.conftest import MEMBERS, Stores, as_store, problem_type
+from tests.sellers.conftest import (
+    INVITATIONS,
+    MEMBERS,
+    MY_INVITATIONS,
+    Stores,
+    as_store,
+    join_store,
+    problem_type,
+)
 from tests.sellers.test_review import roles_of
-
-
-async def test_an_owner_adds_members_by_email_or_phone(
-    client: httpx2.AsyncClient, make_user: MakeUser, stores: Stores
-) -> None:
-    owner, manager = await make_user(), await make_user()
-    store = await stores.apply(owner)
-    added = await client.post(
-        MEMBERS,
-        json={"identifier": manager.email.upper(), "role": "manager"},
-        headers=owner.headers,
-    )
-    assert added.status_code == 201, added.text
-    assert added.json()["user_id"] == str(manager.user_id)
-    assert added.json()["role"] == "manager"
-    assert added.json()["added_by"] == str(owner.user_id)
-
-    listed = (await client.get(MEMBERS, headers=manager.headers)).json()
-    assert [(item["user_id"], item["role"]) for item in listed["items"]] == [
-        (str(owner.user_id), "owner"),
-        (str(manager.user_id), "manager"),
-    ]
-    mine = (await client.get("/api/v1/me/sellers", headers=manager.headers)).json()["items"]
-    assert [(item["id"], item["role"]) for item in mine] == [(store["id"], "manager")]
-    # A pending store's members are not sellers yet; approval makes them all sellers.
-    assert await roles_of(client, manager.headers) == ["customer"]
-    assert (await stores.decide(store["id"], "approve")).status_code == 200
-    assert sorted(await roles_of(client, manager.headers)) == ["customer", "seller"]
-
-    # Added to an active store: a seller at once.
-    staff = await make_user()
-    again = await client.post(MEMBERS, json={"identifier": staff.email}, headers=owner.headers)
-    assert again.status_code == 201
-    assert again.json()["role"] == "staff"
-    assert sorted(await roles_of(client, staff.headers)) == ["customer", "seller"]
-
-
-async def test_adding_an_unknown_account_or_a_member_twice_is_refused(
-    client: httpx2.AsyncClient, make_user: MakeUser, stores: Stores
-) -> None:
-    owner, member = await make_user(), await make_user()
-    await stores.apply(owner)
-    for identifier in ("nobody@example.com", "+254700000001", "not an identifier"):
-        response = await client.post(
-            MEMBERS, json={"identifier": identifier}, headers=owner.headers
-        )
-        assert response.status_code == 422, identifier
-        assert response.json()["errors"][0]["field"] == "identifier"
-    assert (
-        await client.post(MEMBERS, json={"identifier": member.email}, headers=owner.headers)
-    ).status_code == 201
-    twice = await client.post(
-        MEMBERS, json={"identifier": member.email, "role": "manager"}, headers=owner.headers
-    )
-    assert twice.status_code == 409
-    assert problem_type(twice) == "seller-member-exists"
-    owners_own = await client.post(MEMBERS, json={"identifier": owner.email}, headers=owner.headers)
-    assert problem_type(owners_own) == "seller-member-exists"
 
 
 async def test_only_owners_manage_members(
@@ -76,13 +27,11 @@ async def test_only_owners_manage_members(
     owner, manager, staff, outsider = [await make_user() for _ in range(4)]
     await stores.apply(owner)
     for user, role in ((manager, "manager"), (staff, "staff")):
-        response = await client.post(
-            MEMBERS, json={"identifier": user.email, "role": role}, headers=owner.headers
-        )
-        assert response.status_code == 201
+        await join_store(client, owner.headers, user, role)
     for user in (manager, staff):
         tries = [
-            await client.post(MEMBERS, json={"identifier": outsider.email}, headers=user.headers),
+            await client.post(INVITATIONS, json={"address": outsider.email}, headers=user.headers),
+            await client.get(INVITATIONS, headers=user.headers),
             await client.patch(
                 f"{MEMBERS}/{staff.user_id}", json={"role": "owner"}, headers=user.headers
             ),
@@ -108,7 +57,7 @@ async def test_any_member_may_leave(
 ) -> None:
     owner, staff = await make_user(), await make_user()
     await stores.apply(owner)
-    await client.post(MEMBERS, json={"identifier": staff.email}, headers=owner.headers)
+    await join_store(client, owner.headers, staff)
     left = await client.delete(f"{MEMBERS}/{staff.user_id}", headers=staff.headers)
     assert left.status_code == 204
     again = await client.delete(f"{MEMBERS}/{staff.user_id}", headers=owner.headers)
@@ -128,9 +77,7 @@ async def test_the_last_owner_can_be_neither_removed_nor_demoted(
     ):
         assert response.status_code == 409
         assert problem_type(response) == "seller-last-owner"
-    await client.post(
-        MEMBERS, json={"identifier": second.email, "role": "owner"}, headers=owner.headers
-    )
+    await join_store(client, owner.headers, second, "owner")
     demoted = await client.patch(
         f"{MEMBERS}/{owner.user_id}", json={"role": "staff"}, headers=owner.headers
     )
@@ -149,9 +96,7 @@ async def test_two_owners_demoting_each_other_at_once_leave_one_owner(
     for _ in range(3):
         first, second = await make_user(), await make_user()
         await stores.apply(first)
-        await client.post(
-            MEMBERS, json={"identifier": second.email, "role": "owner"}, headers=first.headers
-        )
+        await join_store(client, first.headers, second, "owner")
         responses = await asyncio.gather(
             client.patch(
                 f"{MEMBERS}/{second.user_id}", json={"role": "staff"}, headers=first.headers
@@ -171,14 +116,14 @@ async def test_another_stores_members_are_out_of_reach(
     mine_owner, their_owner, their_staff = await make_user(), await make_user(), await make_user()
     mine = await stores.apply(mine_owner)
     theirs = await stores.apply(their_owner)
-    await client.post(MEMBERS, json={"identifier": their_staff.email}, headers=their_owner.headers)
+    await join_store(client, their_owner.headers, their_staff)
 
     # Naming their store: not a member of it.
     for response in (
         await client.get(MEMBERS, headers=as_store(mine_owner, theirs["id"])),
         await client.post(
-            MEMBERS,
-            json={"identifier": mine_owner.email, "role": "owner"},
+            INVITATIONS,
+            json={"address": mine_owner.email, "role": "owner"},
             headers=as_store(mine_owner, theirs["id"]),
         ),
         await client.delete(
@@ -212,7 +157,7 @@ async def test_members_are_paginated(
     await stores.apply(owner)
     added = [await make_user() for _ in range(4)]
     for user in added:
-        await client.post(MEMBERS, json={"identifier": user.email}, headers=owner.headers)
+        await join_store(client, owner.headers, user)
     seen: list[str] = []
     cursor = None
     while True:
@@ -225,17 +170,21 @@ async def test_members_are_paginated(
     assert seen == [str(owner.user_id), *(str(user.user_id) for user in added)]
 
 
-async def test_a_member_added_while_the_store_is_approved_becomes_a_seller(
+async def test_a_member_joining_while_the_store_is_approved_becomes_a_seller(
     client: httpx2.AsyncClient, make_user: MakeUser, stores: Stores
 ) -> None:
-    # Approval grants the role to the members it sees; adding to an active store grants
+    # Approval grants the role to the members it sees; joining an active store grants
     # it at once. Sent together, each once missed the other.
     for _ in range(3):
         owner, member = await make_user(), await make_user()
         store = await stores.apply(owner)
-        approved, added = await asyncio.gather(
-            stores.decide(store["id"], "approve"),
-            client.post(MEMBERS, json={"identifier": member.email}, headers=owner.headers),
+        invited = await client.post(
+            INVITATIONS, json={"address": member.email}, headers=owner.headers
         )
-        assert (approved.status_code, added.status_code) == (200, 201)
+        assert invited.status_code == 201, invited.text
+        approved, accepted = await asyncio.gather(
+            stores.decide(store["id"], "approve"),
+            client.post(f"{MY_INVITATIONS}/{invited.json()['id']}/accept", headers=member.headers),
+        )
+        assert (approved.status_code, accepted.status_code) == (200, 201)
         assert sorted(await roles_of(client, member.headers)) == ["customer", "seller"]

@@ -6,18 +6,18 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.accounts import (
     create_user,
+    email_index,
     email_of,
-    find_user_by_email,
-    find_user_by_phone,
     normalize_email,
     normalize_phone,
+    phone_index,
     phone_of,
     principal_tag,
     user_roles,
@@ -56,19 +56,21 @@ __all__ = [
     "WEBHOOKS_MANAGE",
     "AccountExists",
     "Contact",
+    "ContactAddress",
     "UserCard",
     "authenticate",
     "configuration_problems",
+    "contact_address",
     "contact_of",
     "contacts_of",
     "create_account",
-    "find_active_user_id",
     "grant_role",
     "has_accounts",
     "record_audit_event",
     "start_password_hashing",
     "user_cards",
     "user_ids_with_role",
+    "verified_address_indexes",
 ]
 
 
@@ -122,22 +124,53 @@ async def user_cards(
     }
 
 
-async def find_active_user_id(
-    session: AsyncSession, runtime: Runtime, identifier: str
-) -> uuid.UUID | None:
-    """The active user an email address or phone number names, by its blind index;
-    ``None`` when there is none (or the identifier is not a valid email or phone).
-    Callers must not reveal which of the two it was."""
+@dataclass(frozen=True, slots=True)
+class ContactAddress:
+    """An email address or phone number in its canonical form, with the blind index
+    that finds it among accounts' verified addresses (never the address itself)."""
+
+    kind: Literal["email", "phone"]
+    value: str
+    index: str
+
+
+def contact_address(runtime: Runtime, raw: str, *, field: str) -> ContactAddress:
+    """``raw`` as an email address or an E.164 phone number; a 422 on ``field``
+    otherwise."""
     try:
-        if "@" in identifier:
-            user = await find_user_by_email(session, runtime.data_keys, normalize_email(identifier))
-        else:
-            user = await find_user_by_phone(session, runtime.data_keys, normalize_phone(identifier))
+        if "@" in raw:
+            email = normalize_email(raw)
+            return ContactAddress("email", email, email_index(runtime.data_keys, email))
+        phone = normalize_phone(raw)
+        return ContactAddress("phone", phone, phone_index(runtime.data_keys, phone))
     except ValidationFailed:
-        return None
-    if user is None or user.status != UserStatus.active.value:
-        return None
-    return user.id
+        raise ValidationFailed.of_field(
+            field, "is neither an email address nor a phone number in international form (+...)"
+        ) from None
+
+
+async def verified_address_indexes(session: AsyncSession, user_id: uuid.UUID) -> frozenset[str]:
+    """The blind indexes of the email address and phone number ``user_id`` has verified
+    (:attr:`ContactAddress.index`); none for an account that is not active."""
+    row = (
+        await session.execute(
+            select(
+                User.status,
+                User.email_index,
+                User.email_verified_at,
+                User.phone_index,
+                User.phone_verified_at,
+            ).where(User.id == user_id)
+        )
+    ).first()
+    if row is None or row.status != UserStatus.active.value:
+        return frozenset()
+    found = set()
+    if row.email_index is not None and row.email_verified_at is not None:
+        found.add(row.email_index)
+    if row.phone_index is not None and row.phone_verified_at is not None:
+        found.add(row.phone_index)
+    return frozenset(found)
 
 
 async def grant_role(

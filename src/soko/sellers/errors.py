@@ -71,3 +71,23 @@ class SellerMemberExists(ProblemError):
     title = "Already a member of this store"
     status = 409
     description = "The user already acts for this store; change their role instead."
+
+
+class SellerInvitationStateConflict(ProblemError):
+    slug = "seller-invitation-state-conflict"
+    title = "The invitation is no longer open"
+    status = 409
+    description = (
+        "Only a pending invitation that has not expired can be accepted, declined or "
+        "revoked; `current_status` says where it is (accepted, declined, revoked, expired)."
+    )
+
+
+class SellerInvitationLimit(ProblemError):
+    slug = "seller-invitation-limit"
+    title = "Too many invitations"
+    status = 429
+    description = (
+        "An inviting user sends at most 20 invitations a day, and an address receives at "
+        "most 3, from all stores together; `Retry-After` says when one more may be sent."
+    )

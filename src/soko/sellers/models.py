@@ -11,7 +11,7 @@ import datetime as dt
 import uuid
 from enum import StrEnum
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from soko.platform.db import Base, UUIDPrimaryKey
@@ -95,6 +95,57 @@ class SellerMember(Base):
     added_by: Mapped[uuid.UUID | None]
 
 
+class InvitationStatus(StrEnum):
+    pending = "pending"  # sent, waiting for the invitee (until expires_at)
+    accepted = "accepted"  # the invitee joined the store
+    declined = "declined"  # the invitee said no
+    revoked = "revoked"  # an owner took it back, or invited the same person again
+
+
+class SellerInvitation(UUIDPrimaryKey, Base):
+    """An owner's invitation to join a store, sent to an email address or phone number.
+
+    Nobody becomes a member without accepting, and only an account that has verified
+    the address may accept. The address is stored encrypted (bound to the row and
+    column) with the blind index that matches it against accounts' verified addresses.
+    """
+
+    __tablename__ = "seller_invitations"
+    __table_args__ = (
+        CheckConstraint(_in("role", SellerRole), name="role"),
+        CheckConstraint(_in("status", InvitationStatus), name="status"),
+        CheckConstraint("address_kind IN ('email', 'phone')", name="address_kind"),
+        # At most one open invitation per store and address: a new one replaces it.
+        Index(
+            "ix_seller_invitations_open",
+            "seller_id",
+            "address_index",
+            unique=True,
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
+        # A store's invitations, newest first.
+        Index("ix_seller_invitations_seller_id_created_at", "seller_id", "created_at"),
+        # "Which invitations wait for me", and the daily limit per address.
+        Index("ix_seller_invitations_address_index_created_at", "address_index", "created_at"),
+        # The daily limit per inviting user.
+        Index("ix_seller_invitations_invited_by_created_at", "invited_by", "created_at"),
+    )
+
+    seller_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("sellers.id", ondelete="CASCADE"))
+    address_kind: Mapped[str] = mapped_column(String(8))
+    address_index: Mapped[str] = mapped_column(String(64))
+    # The address, encrypted under the data keys, bound to "seller_invitations.address:<id>".
+    address_ciphertext: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default=InvitationStatus.pending.value)
+    invited_by: Mapped[uuid.UUID]
+    created_at: Mapped[dt.datetime]
+    expires_at: Mapped[dt.datetime]
+    decided_at: Mapped[dt.datetime | None]
+    decided_by: Mapped[uuid.UUID | None]
+
+
 class SellerStatusEvent(UUIDPrimaryKey, Base):
     """One decision about a store (applied, approved, rejected, suspended, reinstated):
     who made it, when, and why."""
@@ -111,7 +162,11 @@ class SellerStatusEvent(UUIDPrimaryKey, Base):
     at: Mapped[dt.datetime]
 
 
-# A JSON object of strings, encrypted with the data keys (see soko.platform.encrypted).
+# Encrypted with the data keys (see soko.platform.encrypted): a JSON object of strings,
+# and an invitation's email address or phone number.
 PAYOUT_DETAILS_COLUMN = encrypted_column(
     "sellers.payout_details", Seller.id, Seller.payout_details_ciphertext
+)
+INVITATION_ADDRESS_COLUMN = encrypted_column(
+    "seller_invitations.address", SellerInvitation.id, SellerInvitation.address_ciphertext
 )

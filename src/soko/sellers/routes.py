@@ -1,6 +1,7 @@
 """The sellers domain's routes: applying for a store, storefronts, the stores a user
-belongs to, the acting store's profile and members (``/seller/...``), and the
-marketplace's review (``/admin/sellers/...``)."""
+belongs to, the acting store's profile, members and invitations (``/seller/...``), the
+invitations a user received (``/me/store-invitations``), and the marketplace's review
+(``/admin/sellers/...``)."""
 
 from __future__ import annotations
 
@@ -30,15 +31,17 @@ from soko.platform.pagination import (
     page_response,
 )
 from soko.platform.runtime import Runtime, RuntimeDep, SessionDep
-from soko.sellers import service
-from soko.sellers.models import Seller, SellerMember, SellerRole, SellerStatus
-from soko.sellers.public import SELLERS_TAG, ActingSellerDep
+from soko.sellers import invitations, service
+from soko.sellers.models import Seller, SellerInvitation, SellerMember, SellerRole, SellerStatus
+from soko.sellers.public import SELLERS_TAG, ActingSellerDep, require_role
 from soko.sellers.schemas import (
     AdminSellerDetail,
     AdminSellerOut,
-    MemberAdd,
+    InvitationIn,
+    InvitationOut,
     MemberChange,
     MemberOut,
+    MyInvitationOut,
     MyStoreOut,
     ProfileChange,
     ReasonedDecision,
@@ -60,6 +63,7 @@ STOREFRONT_TTL_SECONDS = 60
 
 MyStoreFields = field_selection(MyStoreOut)
 MemberFields = field_selection(MemberOut, always=("user_id",))
+InvitationFields = field_selection(InvitationOut, always=("id",))
 AdminSellerFields = field_selection(AdminSellerOut)
 
 
@@ -286,24 +290,6 @@ async def list_members(
     return page_response(await service.member_views(session, rows), next_cursor, fields)
 
 
-@router.post(
-    "/seller/members",
-    dependencies=[SESSION_ONLY],
-    status_code=201,
-    response_model=MemberOut,
-    summary="Add a member to your store",
-    responses=problem_responses(400, 403, 409, 422),
-)
-async def add_member(
-    acting: ActingSellerDep, body: MemberAdd, session: SessionDep, runtime: RuntimeDep
-) -> MemberOut:
-    """Owners only. The account is named by its email address or phone number."""
-    member = await service.add_member(
-        session, runtime, acting, identifier=body.identifier, role=body.role
-    )
-    return (await service.member_views(session, [member]))[0]
-
-
 @router.patch(
     "/seller/members/{user_id}",
     dependencies=[SESSION_ONLY],
@@ -331,6 +317,183 @@ async def remove_member(
 ) -> Response:
     """Owners remove anyone; any member may leave. The last owner stays."""
     await service.remove_member(session, acting, user_id)
+    return Response(status_code=204)
+
+
+# -- invitations ---------------------------------------------------------------------------------
+
+
+def _audit(
+    session: Any,
+    runtime: Runtime,
+    request: Request,
+    action: str,
+    actor_id: uuid.UUID,
+    seller_id: uuid.UUID,
+    data: dict[str, Any],
+) -> Any:
+    return record_audit_event(
+        session,
+        action=action,
+        actor_id=actor_id,
+        target_type="seller",
+        target_id=seller_id,
+        ip=client_ip(request.scope, runtime.settings.trusted_proxies),
+        request_id=getattr(request.state, "request_id", None),
+        data=data,
+        clock=runtime.clock,
+    )
+
+
+@router.post(
+    "/seller/invitations",
+    dependencies=[SESSION_ONLY],
+    status_code=201,
+    response_model=InvitationOut,
+    summary="Invite someone to your store",
+    responses=problem_responses(400, 403, 409, 422, 429),
+)
+async def invite_member(
+    acting: ActingSellerDep,
+    body: InvitationIn,
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+) -> InvitationOut:
+    """Owners only. The invitation goes to the email address or phone number; the same
+    answer whether an account has it or not. Only an account that has verified that
+    address can accept it, within seven days; an open invitation of the store to the
+    same address is replaced."""
+    invitation = await invitations.invite(
+        session, runtime, acting, address=body.address, role=body.role
+    )
+    await _audit(
+        session,
+        runtime,
+        request,
+        "seller.member_invited",
+        acting.user_id,
+        acting.seller_id,
+        {
+            "invitation_id": str(invitation.id),
+            "role": invitation.role,
+            "address_kind": invitation.address_kind,
+        },
+    )
+    return invitations.invitation_view(runtime, invitation, runtime.clock.now())
+
+
+@router.get(
+    "/seller/invitations",
+    response_model=Page[InvitationOut],
+    summary="Your store's invitations",
+    responses=problem_responses(400, 403),
+)
+async def list_invitations(
+    acting: ActingSellerDep,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    page: PageRequestDep,
+    fields: Annotated[FieldSelection, Depends(InvitationFields)],
+) -> Response:
+    """Owners only; newest first, whatever their status."""
+    require_role(acting, SellerRole.owner)
+    listing = Keyset(
+        f"sellers.invitations:{acting.seller_id}",
+        SortKey(SellerInvitation.created_at, descending=True),
+        id_column=SellerInvitation.id,
+    )
+    rows, next_cursor = await listing.fetch(
+        session,
+        select(SellerInvitation).where(SellerInvitation.seller_id == acting.seller_id),
+        page,
+    )
+    now = runtime.clock.now()
+    items = [invitations.invitation_view(runtime, row, now) for row in rows]
+    return page_response(items, next_cursor, fields)
+
+
+@router.delete(
+    "/seller/invitations/{invitation_id}",
+    dependencies=[SESSION_ONLY],
+    status_code=204,
+    summary="Revoke an invitation",
+    responses=problem_responses(400, 403, 404, 409),
+)
+async def revoke_invitation(
+    acting: ActingSellerDep,
+    invitation_id: uuid.UUID,
+    session: SessionDep,
+    runtime: RuntimeDep,
+) -> Response:
+    """Owners only; an invitation that is no longer open answers 409."""
+    await invitations.revoke(session, runtime, acting, invitation_id)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/me/store-invitations",
+    response_model=Page[MyInvitationOut],
+    summary="Invitations to join a store, sent to you",
+)
+async def my_invitations(
+    principal: SignedIn, session: SessionDep, runtime: RuntimeDep
+) -> Page[MyInvitationOut]:
+    """The open invitations sent to the email address and phone number you have
+    verified. A few at most, so on one page."""
+    items = await invitations.my_invitations(session, runtime, principal.user_id)
+    return Page[MyInvitationOut](items=items, next_cursor=None)
+
+
+@router.post(
+    "/me/store-invitations/{invitation_id}/accept",
+    dependencies=[SESSION_ONLY],
+    status_code=201,
+    response_model=MyStoreOut,
+    summary="Accept an invitation and join the store",
+    responses=problem_responses(403, 404, 409),
+)
+async def accept_invitation(
+    principal: SignedIn,
+    invitation_id: uuid.UUID,
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+) -> MyStoreOut:
+    """You become a member with the invitation's role (in an active store, a seller
+    at once). An invitation sent to an address you have not verified answers 404."""
+    member = await invitations.accept(session, runtime, principal.user_id, invitation_id)
+    seller = await service.get_seller(session, member.seller_id)
+    await _audit(
+        session,
+        runtime,
+        request,
+        "seller.member_joined",
+        principal.user_id,
+        member.seller_id,
+        {"invitation_id": str(invitation_id), "role": member.role},
+    )
+    return MyStoreOut(
+        id=seller.id,
+        slug=seller.slug,
+        store_name=seller.store_name,
+        status=SellerStatus(seller.status),
+        role=SellerRole(member.role),
+        added_at=member.added_at,
+    )
+
+
+@router.post(
+    "/me/store-invitations/{invitation_id}/decline",
+    dependencies=[SESSION_ONLY],
+    status_code=204,
+    summary="Decline an invitation",
+    responses=problem_responses(404, 409),
+)
+async def decline_invitation(
+    principal: SignedIn, invitation_id: uuid.UUID, session: SessionDep, runtime: RuntimeDep
+) -> Response:
+    await invitations.decline(session, runtime, principal.user_id, invitation_id)
     return Response(status_code=204)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
-from typing import Annotated
+from typing import Annotated, Literal
 
 import phonenumbers
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
@@ -137,13 +137,46 @@ class ReasonedDecision(BaseModel):
     )
 
 
-class MemberAdd(BaseModel):
+class InvitationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    identifier: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3)] = Field(
-        max_length=254, description="The email address or phone number of their account"
+    address: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3)] = Field(
+        max_length=254,
+        description="The email address or phone number (E.164, +...) to send the invitation to",
     )
     role: SellerRole = SellerRole.staff
+
+
+InvitationStatusOut = Literal["pending", "accepted", "declined", "revoked", "expired"]
+
+
+class InvitationOut(BaseModel):
+    """An invitation as the store's owners see it."""
+
+    id: uuid.UUID
+    address: str
+    address_kind: Literal["email", "phone"]
+    role: SellerRole
+    status: InvitationStatusOut = Field(
+        description="`expired`: still pending when its time ran out"
+    )
+    invited_by: uuid.UUID
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    decided_at: dt.datetime | None = Field(description="When it was accepted, declined or revoked")
+
+
+class MyInvitationOut(BaseModel):
+    """An open invitation to one of the caller's verified addresses."""
+
+    id: uuid.UUID
+    seller_id: uuid.UUID
+    slug: str
+    store_name: str
+    role: SellerRole
+    invited_by_name: str
+    created_at: dt.datetime
+    expires_at: dt.datetime
 
 
 class MemberChange(BaseModel):

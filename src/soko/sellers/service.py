@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.identity.public import find_active_user_id, grant_role, user_cards
+from soko.identity.public import grant_role, user_cards
 from soko.platform.crypto import DataKeys
 from soko.platform.errors import NotFound, PreconditionFailed, ValidationFailed
 from soko.platform.etag import etag_for_version, if_match_passes
@@ -28,7 +28,6 @@ from soko.platform.runtime import Runtime, invalidate_after_commit
 from soko.sellers.errors import (
     NotASeller,
     SellerLastOwner,
-    SellerMemberExists,
     SellerSlugTaken,
     SellerStateConflict,
 )
@@ -310,18 +309,18 @@ def _matched_version(if_match: str, current: int | None) -> int:
 # -- members -------------------------------------------------------------------------------------
 
 
-async def _lock_store(session: AsyncSession, seller_id: uuid.UUID) -> None:
+async def lock_store(session: AsyncSession, seller_id: uuid.UUID) -> None:
     # Serializes every change of one store's members on PostgreSQL (SQLite's write
     # transactions are serialized already), so "is another owner left?" stays true
     # until this transaction ends.
     await session.execute(select(Seller.id).where(Seller.id == seller_id).with_for_update())
 
 
-async def _lock_as_owner(session: AsyncSession, acting: ActingSeller) -> None:
+async def lock_as_owner(session: AsyncSession, acting: ActingSeller) -> None:
     """Lock the store, then check again that the caller is still an owner: their role
     was read before the lock, and another owner may have changed it meanwhile."""
     require_role(acting, SellerRole.owner)
-    await _lock_store(session, acting.seller_id)
+    await lock_store(session, acting.seller_id)
     role = await member_role(session, acting.seller_id, acting.user_id)
     if role is None:
         raise NotASeller("You are no longer a member of this store.")
@@ -362,49 +361,11 @@ async def member_views(session: AsyncSession, members: Sequence[SellerMember]) -
     ]
 
 
-async def add_member(
-    session: AsyncSession,
-    runtime: Runtime,
-    acting: ActingSeller,
-    *,
-    identifier: str,
-    role: SellerRole,
-) -> SellerMember:
-    """Add the account ``identifier`` (email or phone) to the acting store (owners only).
-    In an active store they get the ``seller`` role at once.
-
-    The store is locked first, as a review locks it: an approval at the same moment
-    either commits before the status is read here (and the role is granted here) or
-    waits for this member and grants the role itself; without the lock, each missed
-    the other and the member of an active store had no ``seller`` role."""
-    await _lock_as_owner(session, acting)
-    user_id = await find_active_user_id(session, runtime, identifier)
-    if user_id is None:
-        raise ValidationFailed.of_field("identifier", "names no active account")
-    member = SellerMember(
-        seller_id=acting.seller_id,
-        user_id=user_id,
-        role=role.value,
-        added_at=runtime.clock.now(),
-        added_by=acting.user_id,
-    )
-    try:
-        async with session.begin_nested():
-            session.add(member)
-            await session.flush()
-    except IntegrityError:
-        raise SellerMemberExists("This account is already a member of the store.") from None
-    status = await session.scalar(select(Seller.status).where(Seller.id == acting.seller_id))
-    if status == SellerStatus.active.value:
-        await grant_role(session, runtime, user_id, SELLER_ROLE, granted_by=acting.user_id)
-    return member
-
-
 async def change_member_role(
     session: AsyncSession, acting: ActingSeller, user_id: uuid.UUID, role: SellerRole
 ) -> SellerMember:
     """Give a member another role (owners only); the last owner keeps theirs."""
-    await _lock_as_owner(session, acting)
+    await lock_as_owner(session, acting)
     member = await _member(session, acting.seller_id, user_id)
     if (
         member.role == SellerRole.owner.value
@@ -421,9 +382,9 @@ async def remove_member(session: AsyncSession, acting: ActingSeller, user_id: uu
     """Remove a member (owners; any member may leave by removing themselves); the last
     owner stays."""
     if user_id != acting.user_id:
-        await _lock_as_owner(session, acting)
+        await lock_as_owner(session, acting)
     else:
-        await _lock_store(session, acting.seller_id)
+        await lock_store(session, acting.seller_id)
     member = await _member(session, acting.seller_id, user_id)
     if (
         member.role == SellerRole.owner.value
