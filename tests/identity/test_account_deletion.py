@@ -175,6 +175,10 @@ async def test_deleting_erases_personal_data_and_keeps_the_row(
         assert before is not None
         ciphertexts = (before.email_ciphertext, before.phone_ciphertext)
         version_before = before.version
+        devices = (
+            await session.scalars(select(AuthSession).where(AuthSession.user_id == before.id))
+        ).all()
+        assert all(row.device_name and row.user_agent for row in devices)
 
     response = await _delete(
         client,
@@ -199,8 +203,11 @@ async def test_deleting_erases_personal_data_and_keeps_the_row(
         ).all()
         assert {row.id for row in sessions} == {account.pair.session_id, other_device.session_id}
         assert all(row.revoked_reason == "account_deleted" for row in sessions)
+        # Where and on what the person signed in goes too.
+        assert {(row.device_name, row.user_agent, row.ip) for row in sessions} == {("", "", "")}
         api_key = (await session.scalars(select(ApiKey).where(ApiKey.user_id == user.id))).one()
         assert api_key.revoked_at == runtime.clock.now()
+        assert api_key.name == ""
     for table in (
         TotpFactor,
         RecoveryCode,

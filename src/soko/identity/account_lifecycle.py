@@ -5,8 +5,11 @@ The ``users`` row (and its id) survives deletion, anonymized: orders, payments a
 events that the law makes us keep still name a user, but that user no longer has an
 email, a phone, a name or a password. Everything else the account held (sessions,
 API keys, second factors, social links, pending links and codes) is revoked or deleted
-in the same transaction, and an ``identity.user_deleted`` event tells the other domains
-to anonymize their own copies.
+in the same transaction (sessions lose their device, user agent and address, keys their
+name), and an ``identity.user_deleted`` event tells the other domains to anonymize their
+own copies. Before any of it, the checks other domains registered
+(:func:`soko.platform.auth.on_account_deletion`) may refuse: orders still on their way,
+a store the person alone owns.
 """
 
 from __future__ import annotations
@@ -142,10 +145,25 @@ async def delete_account(
     revoked_sessions = await revoke_user_sessions(
         session, user_id, now=now, reason="account_deleted"
     )
+    # The revoked sessions stay (their ids are in audit events) without where and on
+    # what they signed in from.
+    await session.execute(
+        update(AuthSession)
+        .where(AuthSession.user_id == user_id)
+        .values(device_name="", user_agent="", ip="")
+        .execution_options(synchronize_session=False)
+    )
     revoked_keys = await session.execute(
         update(ApiKey)
         .where(ApiKey.user_id == user_id, ApiKey.revoked_at.is_(None))
         .values(revoked_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    # A key's name is the person's own words.
+    await session.execute(
+        update(ApiKey)
+        .where(ApiKey.user_id == user_id)
+        .values(name="")
         .execution_options(synchronize_session=False)
     )
     for table in (

@@ -119,6 +119,16 @@ class InvalidApiKey(ProblemError):
     description = "The API key is unknown, expired or revoked."
 
 
+class AccountDeletionBlocked(ProblemError):
+    slug = "account-deletion-blocked"
+    title = "The account cannot be deleted yet"
+    status = 409
+    description = (
+        "Something still needs the account's data: orders on their way, or a store it "
+        "alone owns. `reasons` says what to finish first."
+    )
+
+
 class ReauthenticationRequired(ProblemError):
     slug = "reauthentication-required"
     title = "Confirm it is you"

@@ -15,12 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from soko.identity.account_lifecycle import confirm_owner, delete_account
 from soko.identity.accounts import email_of, phone_of, user_email, user_phone, user_roles
 from soko.identity.audit import record_audit_event
+from soko.identity.errors import AccountDeletionBlocked
 from soko.identity.models import AuthSession, TotpFactor, User, UserRole, UserStatus
 from soko.identity.permissions import ACCOUNT_SELF
 from soko.identity.schemas import UserOut
 from soko.identity.sessions import revoke_session, revoke_user_sessions
 from soko.identity.signin import RequestFacts, change_password
-from soko.platform.auth import SESSION_ONLY, Principal, require
+from soko.platform.auth import SESSION_ONLY, Principal, account_deletion_blockers, require
 from soko.platform.errors import NotFound, PreconditionFailed, problem_responses
 from soko.platform.etag import etag_for_version, not_modified, require_match, tag_response
 from soko.platform.pagination import (
@@ -258,7 +259,7 @@ async def change_my_password(
     "",
     status_code=204,
     summary="Delete your account",
-    responses=problem_responses(401, 403, 422, 429),
+    responses=problem_responses(401, 403, 409, 422, 429),
 )
 async def delete_me(
     principal: Me,
@@ -277,6 +278,9 @@ async def delete_me(
         password=proof.password if proof is not None else None,
         facts=facts,
     )
+    blockers = await account_deletion_blockers(session, runtime, user.id)
+    if blockers:
+        raise AccountDeletionBlocked(" ".join(blockers), reasons=blockers)
     await delete_account(session, runtime, user, facts=facts)
     return Response(status_code=204)
 

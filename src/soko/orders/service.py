@@ -621,3 +621,47 @@ def dispute_window_closes(order: Order, runtime: Runtime) -> dt.datetime | None:
     if order.delivered_at is None:
         return None
     return order.delivered_at + dt.timedelta(days=runtime.settings.dispute_window_days)
+
+
+# -- a deleted buyer ----------------------------------------------------------------------------
+
+
+def _kept_of_address(address: Mapping[str, Any]) -> dict[str, Any]:
+    """What an erased shipping address keeps: its country, which tax records need."""
+    country = address.get("country")
+    kept: dict[str, Any] = {"erased": True}
+    if isinstance(country, str) and len(country) <= 64:
+        kept["country"] = country
+    return kept
+
+
+async def forget_buyer(session: AsyncSession, buyer_id: uuid.UUID) -> int:
+    """Erase what identifies a deleted buyer in their orders: the shipping addresses of
+    their checkouts (all but the country) and the details and evidence of their
+    disputes. The orders, their lines and amounts stay. Returns the checkouts changed."""
+    rows = (
+        await session.execute(
+            select(CheckoutGroup.id, CheckoutGroup.shipping_address).where(
+                CheckoutGroup.buyer_id == buyer_id, CheckoutGroup.shipping_address.is_not(None)
+            )
+        )
+    ).all()
+    erased = 0
+    for group_id, address in rows:
+        if isinstance(address, Mapping) and address.get("erased") is True:
+            continue  # done by an earlier delivery of the event
+        kept = _kept_of_address(address) if isinstance(address, Mapping) else {"erased": True}
+        await session.execute(
+            update(CheckoutGroup)
+            .where(CheckoutGroup.id == group_id)
+            .values(shipping_address=kept)
+            .execution_options(synchronize_session=False)
+        )
+        erased += 1
+    await session.execute(
+        update(Dispute)
+        .where(Dispute.buyer_id == buyer_id)
+        .values(details="", evidence_urls=[])
+        .execution_options(synchronize_session=False)
+    )
+    return erased

@@ -164,3 +164,37 @@ async def run_sign_in_hooks(
 ) -> None:
     for hook in tuple(_SIGN_IN_HOOKS):
         await hook(session, runtime, user_id, headers)
+
+
+# -- what must end before an account can be deleted ----------------------------------------------
+
+
+class DeletionCheck(Protocol):
+    """Called in the deletion's transaction before anything changes: a sentence saying
+    what the user must finish first (open orders, a store they alone own), or ``None``.
+    A check only reads."""
+
+    def __call__(self, session: Any, runtime: Any, user_id: uuid.UUID) -> Awaitable[str | None]: ...
+
+
+_DELETION_CHECKS: list[DeletionCheck] = []
+
+
+def on_account_deletion(check: DeletionCheck) -> DeletionCheck:
+    """Register ``check`` to run before an account is deleted (a decorator, from a
+    domain's ``handlers`` module): what the domain still owes the person or others, for
+    which it needs their data, blocks the deletion until it is done. What the domain
+    erases afterwards it does on the ``identity.user_deleted`` event."""
+    if check not in _DELETION_CHECKS:
+        _DELETION_CHECKS.append(check)
+    return check
+
+
+async def account_deletion_blockers(session: Any, runtime: Any, user_id: uuid.UUID) -> list[str]:
+    """Every registered check's answer that is not ``None``, in registration order."""
+    found = []
+    for check in tuple(_DELETION_CHECKS):
+        reason = await check(session, runtime, user_id)
+        if reason is not None:
+            found.append(reason)
+    return found

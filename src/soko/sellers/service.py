@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -393,3 +393,50 @@ async def remove_member(session: AsyncSession, acting: ActingSeller, user_id: uu
         raise SellerLastOwner("Make another member an owner before removing this one.")
     await session.delete(member)
     await session.flush()
+
+
+# -- a deleted account ----------------------------------------------------------------------------
+
+
+async def forget_member(session: AsyncSession, runtime: Runtime, user_id: uuid.UUID) -> int:
+    """End a deleted account's memberships (each store locked, as for any change of its
+    members). A store left with no member keeps its name and history but loses its
+    contact details and payout details, which were that person's. Returns how many
+    stores were left empty."""
+    seller_ids = list(
+        await session.scalars(
+            select(SellerMember.seller_id)
+            .where(SellerMember.user_id == user_id)
+            .order_by(SellerMember.seller_id)
+        )
+    )
+    emptied = 0
+    for seller_id in seller_ids:
+        await lock_store(session, seller_id)
+        await session.execute(
+            delete(SellerMember)
+            .where(SellerMember.seller_id == seller_id, SellerMember.user_id == user_id)
+            .execution_options(synchronize_session=False)
+        )
+        remaining = await session.scalar(
+            select(func.count())
+            .select_from(SellerMember)
+            .where(SellerMember.seller_id == seller_id)
+        )
+        if remaining:
+            continue
+        await session.execute(
+            update(Seller)
+            .where(Seller.id == seller_id)
+            .values(
+                contact_email=None,
+                contact_phone=None,
+                payout_details_ciphertext=None,
+                updated_at=runtime.clock.now(),
+                version=Seller.version + 1,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        invalidate_after_commit(session, SELLERS_TAG, seller_tag(seller_id))
+        emptied += 1
+    return emptied
