@@ -486,6 +486,14 @@ def test_malformed_signature_headers_are_rejected(header: str | None) -> None:
         b'{"id": "evt_1", "type": "x"}',
         b'{"id": "x_1", "type": "x", "data": {"object": {}}}',
         b"\xff\xfe",
+        # A time or an amount no event can have: refused, not a 500 downstream.
+        json.dumps({**event("payment_intent.succeeded", intent()), "created": 10**20}).encode(),
+        json.dumps(
+            event("payment_intent.succeeded", intent(amount=10**30, amount_received=10**30))
+        ).encode(),
+        json.dumps(
+            event("payment_intent.succeeded", intent(amount=-5, amount_received=-5))
+        ).encode(),
     ],
 )
 def test_signed_bodies_that_are_not_events_are_rejected(body: bytes) -> None:

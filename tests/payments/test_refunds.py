@@ -6,6 +6,7 @@ retried) and then the ledger, and never beyond what the payment took."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from typing import Any
@@ -385,4 +386,170 @@ async def test_a_refund_the_provider_never_saw_is_asked_again(
     [refund] = await refunds_of(runtime, payment_id)
     assert refund.status == "succeeded"
     assert len(fake.refunds) == 1
+    assert (await ledger_check(runtime)).balanced
+
+
+async def _two_shop_payment(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    fake: FakeProvider,
+    market: Any,
+    make_buyer: Any,
+) -> tuple[uuid.UUID, dict[str, Any], dict[str, Any], Any]:
+    """One payment of a checkout from two stores: 1,200 at the first, 500 at the other."""
+    shops = [await market.open_shop() for _ in range(2)]
+    variants = [
+        (await shop.list_product(price, stock=5)).variant_id
+        for shop, price in zip(shops, (1200, 500), strict=True)
+    ]
+    buyer = await make_buyer(*variants)
+    group = await buyer.checkout()
+    started = ok(
+        await client.post(
+            f"/api/v1/checkout/{group['id']}/payments",
+            json={"provider": "fake"},
+            headers={**buyer.headers, "Idempotency-Key": uuid.uuid4().hex},
+        ),
+        201,
+    )
+    payment_id = uuid.UUID(started["id"])
+    fake.settle(payment_id, ProviderStatus.succeeded)
+    ok(await deliver(client, fake, payment_id, ProviderStatus.succeeded))
+    await run_jobs(runtime)
+    big, small = sorted(group["orders"], key=lambda order: -order["subtotal"]["amount"])
+    return payment_id, big, small, buyer
+
+
+async def test_a_cancellation_after_a_part_refund_gives_back_only_what_is_left_of_the_order(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    fake: FakeProvider,
+    market: Any,
+    make_buyer: Any,
+    make_user: MakeUser,
+) -> None:
+    """The payment covers both orders, so its own limit (1,700) would let the
+    cancellation's 1,200 pass after a 500 refund of the same order: 1,700 paid back for
+    a 1,200 order, the other store's money included."""
+    payment_id, big, small, buyer = await _two_shop_payment(
+        client, runtime, fake, market, make_buyer
+    )
+    admin = await make_user(Role.admin)
+    ok(
+        await admin_refund(client, payment_id, admin.headers, amount_minor=500, order_id=big["id"]),
+        201,
+    )
+    ok(await client.post(f"{ORDERS}/{big['id']}/cancel", headers=buyer.headers))
+    await run_jobs(runtime)
+
+    refunds = await refunds_of(runtime, payment_id)
+    assert [(r.source, r.amount_minor, r.status, str(r.order_id)) for r in refunds] == [
+        ("admin", 500, "succeeded", big["id"]),
+        ("cancellation", 700, "succeeded", big["id"]),
+    ]
+    assert sum(r.amount_minor for r in fake.refunds) == 1200
+    payment = await payment_row(runtime, payment_id)
+    assert (payment.refunded_minor, payment.flag) == (1200, "refund_exceeds")
+    assert (await ledger_check(runtime)).balanced
+    # The other store's order is untouched and still fully refundable.
+    refused(
+        await admin_refund(
+            client, payment_id, admin.headers, amount_minor=501, order_id=small["id"]
+        ),
+        409,
+        "refund-exceeds-payment",
+    )
+    ok(
+        await admin_refund(
+            client, payment_id, admin.headers, amount_minor=500, order_id=small["id"]
+        ),
+        201,
+    )
+
+
+async def test_refunds_of_one_order_sent_together_never_exceed_it(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    fake: FakeProvider,
+    market: Any,
+    make_buyer: Any,
+    make_user: MakeUser,
+) -> None:
+    payment_id, _, small, _ = await _two_shop_payment(client, runtime, fake, market, make_buyer)
+    admin = await make_user(Role.admin)
+    answers = await asyncio.gather(
+        *(
+            admin_refund(client, payment_id, admin.headers, amount_minor=100, order_id=small["id"])
+            for _ in range(12)
+        )
+    )
+    assert sorted(answer.status_code for answer in answers) == [201] * 5 + [409] * 7, [
+        answer.text for answer in answers if answer.status_code not in (201, 409)
+    ]
+    await run_jobs(runtime)
+    refunds = await refunds_of(runtime, payment_id)
+    assert [r.status for r in refunds] == ["succeeded"] * 5
+    assert sum(r.amount_minor for r in fake.refunds) == 500
+    assert (await payment_row(runtime, payment_id)).refunded_minor == 500
+    assert (await ledger_check(runtime)).balanced
+
+
+async def test_a_refund_the_ledger_cannot_record_is_refused_before_the_provider_pays(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    fake: FakeProvider,
+    place_order: PlaceOrder,
+) -> None:
+    """The payment's reservation and the ledger disagree (here: 1,000 of the order
+    refunded in the ledger by hand, which the payment does not know): the refund is
+    checked against the ledger before any money leaves, and fails with nothing paid."""
+    from soko.payments import ledger
+    from soko.payments.payment_models import Payment, Refund, RefundSource
+    from soko.payments.refunds import SEND_REFUND_JOB
+    from soko.platform.outbox import enqueue
+
+    placed = await place_order(quantity=2)
+    payment_id = await pay_and_confirm(client, runtime, fake, placed)
+    async with runtime.db.transaction() as session:
+        payment = await session.get(Payment, payment_id)
+        assert payment is not None
+        await ledger.post_refund(
+            session,
+            runtime,
+            refund_id=uuid.uuid4(),
+            payment_id=payment_id,
+            provider=payment.provider,
+            currency=payment.currency,
+            amount_minor=1000,
+            order_id=placed.order_id,
+            seller_id=placed.shop.seller_id,
+        )
+        payment.refunded_minor = payment.amount_minor
+        refund_id = uuid.uuid4()
+        session.add(
+            Refund(
+                id=refund_id,
+                payment_id=payment_id,
+                order_id=placed.order_id,
+                seller_id=placed.shop.seller_id,
+                amount_minor=payment.amount_minor,
+                currency=payment.currency,
+                status="pending",
+                reason="by hand",
+                source=RefundSource.admin.value,
+                dedupe_key=f"test:{refund_id}",
+                created_at=runtime.clock.now(),
+                updated_at=runtime.clock.now(),
+            )
+        )
+        await session.flush()
+        await enqueue(session, SEND_REFUND_JOB, {"refund_id": str(refund_id), "poll": 0})
+    await run_jobs(runtime)
+
+    assert fake.refunds == []
+    [refund] = await refunds_of(runtime, payment_id)
+    assert refund.status == "failed"
+    assert refund.failure_reason == "only 2000 remains refundable in the ledger"
+    payment_after = await payment_row(runtime, payment_id)
+    assert (payment_after.refunded_minor, payment_after.flag) == (0, "refund_failed")
     assert (await ledger_check(runtime)).balanced

@@ -56,35 +56,48 @@ async def _refund_order(
     order_id: uuid.UUID,
     seller_id: uuid.UUID,
     amount_minor: int,
+    order_limit_minor: int,
     reason: str,
     source: RefundSource,
     dedupe_key: str,
 ) -> None:
+    """Refund what a cause owes on one order. Refunds of the order before it (an admin's
+    part refund) count: when less is left on the order than the cause owes, what is left
+    is refunded and the payment flagged ``refund_exceeds`` for a person to look at."""
     payment = await succeeded_payment_of_group(session, group_id)
     if payment is None:
         # Paid without a payment of this domain (an admin's manual step): nothing to give back here.
         log.warning("refund owed for a group without a succeeded payment", group_id=str(group_id))
         return
-    try:
-        await request_refund(
-            session,
-            runtime,
-            payment,
-            amount_minor=amount_minor,
-            order_id=order_id,
-            seller_id=seller_id,
-            reason=reason,
-            source=source,
-            dedupe_key=dedupe_key,
-        )
-    except RefundExceedsPayment as exc:
-        await flag_payment(
-            session,
-            runtime,
-            payment,
-            PaymentFlag.refund_exceeds,
-            f"{dedupe_key}: {amount_minor} owed, {exc.extensions.get('refundable_minor')} left",
-        )
+    owed = amount_minor
+    while True:
+        try:
+            await request_refund(
+                session,
+                runtime,
+                payment,
+                amount_minor=owed,
+                order_id=order_id,
+                seller_id=seller_id,
+                reason=reason,
+                source=source,
+                dedupe_key=dedupe_key,
+                order_limit_minor=order_limit_minor,
+            )
+        except RefundExceedsPayment as exc:
+            left = int(exc.extensions.get("refundable_minor") or 0)
+            await flag_payment(
+                session,
+                runtime,
+                payment,
+                PaymentFlag.refund_exceeds,
+                f"{dedupe_key}: {amount_minor} owed, {left} left to refund"
+                + (", which is refunded" if 0 < left < owed else ""),
+            )
+            if 0 < left < owed:
+                owed = left  # nothing was written: ask again for what is left
+                continue
+        return
 
 
 @registry.on(ORDER_CANCELLED, name="payments.refund_cancelled")
@@ -100,6 +113,8 @@ async def refund_cancelled_order(ctx: JobContext, payload: dict[str, Any]) -> No
         order_id=moved.order_id,
         seller_id=moved.seller_id,
         amount_minor=moved.refund_due_minor,
+        # What a cancellation owes is the order's subtotal, its most for one order.
+        order_limit_minor=moved.refund_due_minor,
         reason=f"order {moved.number} cancelled" + (f": {moved.reason}" if moved.reason else ""),
         source=RefundSource.cancellation,
         dedupe_key=f"order.cancelled:{moved.order_id}",
@@ -123,6 +138,7 @@ async def refund_resolved_dispute(ctx: JobContext, payload: dict[str, Any]) -> N
         order_id=order.id,
         seller_id=order.seller_id,
         amount_minor=dispute.refund_minor,
+        order_limit_minor=order.subtotal_minor,
         reason=f"dispute on order {order.number} resolved with a refund",
         source=RefundSource.dispute,
         dedupe_key=f"dispute:{dispute.dispute_id}",

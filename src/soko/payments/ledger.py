@@ -490,6 +490,81 @@ async def _order_totals(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Room:
+    minor: int  # what may still be refunded
+    of: str  # what limits it, for a message
+    totals: _OrderTotals | None  # an order's, for its commission
+
+
+async def _refund_room(
+    session: AsyncSession,
+    accounts: dict[str, uuid.UUID],
+    provider: str,
+    payment_id: uuid.UUID,
+    order_id: uuid.UUID | None,
+    seller_id: uuid.UUID | None,
+    *,
+    currency: str,
+) -> _Room:
+    """What a refund of the payment (an order's share of it, or its suspense part) may
+    still take: the least of what the payment has left in clearing and what the order was
+    captured for less its refunds (or what suspense holds of the payment)."""
+    in_clearing = max(
+        await _payment_in_clearing(session, accounts[clearing_code(provider)], payment_id), 0
+    )
+    if seller_id is None:
+        in_suspense = -int(
+            await session.scalar(
+                select(func.coalesce(func.sum(LedgerEntry.amount_minor), 0)).where(
+                    LedgerEntry.payment_id == payment_id,
+                    LedgerEntry.account_id == accounts[_SUSPENSE.code],
+                )
+            )
+            or 0
+        )
+        if in_suspense < in_clearing:
+            return _Room(max(in_suspense, 0), f"payment {payment_id} held in suspense", None)
+        return _Room(in_clearing, f"payment {payment_id}", None)
+    assert order_id is not None
+    totals = await _order_totals(
+        session,
+        order_id,
+        currency=currency,
+        seller_account=accounts[_seller(seller_id).code],
+        revenue_account=accounts[REVENUE],
+    )
+    of_order = max(totals.gross_captured - totals.gross_refunded, 0)
+    if of_order < in_clearing:
+        return _Room(of_order, f"order {order_id}", totals)
+    return _Room(in_clearing, f"payment {payment_id}", totals)
+
+
+async def refundable(
+    session: AsyncSession,
+    runtime: Runtime,
+    *,
+    payment_id: uuid.UUID,
+    provider: str,
+    currency: str,
+    order_id: uuid.UUID | None,
+    seller_id: uuid.UUID | None,
+) -> int:
+    """What :func:`post_refund` would accept now for this payment (and order): checked
+    before a refund's money leaves, so a refund the ledger cannot record is refused
+    before the provider pays it out."""
+    _check_currency(currency)
+    _check_provider(provider)
+    debited = _seller(seller_id) if seller_id is not None else _SUSPENSE
+    accounts = await _account_ids(
+        session, runtime, currency, [_clearing(provider), _REVENUE, debited]
+    )
+    room = await _refund_room(
+        session, accounts, provider, payment_id, order_id, seller_id, currency=currency
+    )
+    return room.minor
+
+
 async def post_refund(
     session: AsyncSession,
     runtime: Runtime,
@@ -540,43 +615,19 @@ async def post_refund(
     if existing is not None:
         return existing
     clearing_id = accounts[clearing_code(provider)]
-    in_clearing = await _payment_in_clearing(session, clearing_id, payment_id)
-    if amount_minor > in_clearing:
+    room = await _refund_room(
+        session, accounts, provider, payment_id, order_id, seller_id, currency=currency
+    )
+    if amount_minor > room.minor:
         raise RefundExceedsCapture(
-            f"Only {max(in_clearing, 0)} of payment {payment_id} remains refundable.",
-            refundable_minor=max(in_clearing, 0),
+            f"Only {room.minor} of {room.of} remains refundable.", refundable_minor=room.minor
         )
     lines = [_Line(clearing_id, -amount_minor, payment_id=payment_id)]
     if seller_id is None:
-        in_suspense = -int(
-            await session.scalar(
-                select(func.coalesce(func.sum(LedgerEntry.amount_minor), 0)).where(
-                    LedgerEntry.payment_id == payment_id, LedgerEntry.account_id == debited_id
-                )
-            )
-            or 0
-        )
-        if amount_minor > in_suspense:
-            raise RefundExceedsCapture(
-                f"Only {max(in_suspense, 0)} of payment {payment_id} is held in suspense.",
-                refundable_minor=max(in_suspense, 0),
-            )
         lines.append(_Line(debited_id, amount_minor, payment_id=payment_id))
     else:
-        assert order_id is not None
-        totals = await _order_totals(
-            session,
-            order_id,
-            currency=currency,
-            seller_account=debited_id,
-            revenue_account=accounts[REVENUE],
-        )
-        refundable = totals.gross_captured - totals.gross_refunded
-        if amount_minor > refundable:
-            raise RefundExceedsCapture(
-                f"Only {max(refundable, 0)} of order {order_id} remains refundable.",
-                refundable_minor=max(refundable, 0),
-            )
+        assert order_id is not None and room.totals is not None
+        totals = room.totals
         reversed_after = (
             totals.commission_captured
             * (totals.gross_refunded + amount_minor)

@@ -27,6 +27,7 @@ from soko.orders.public import group_for_payment
 from soko.payments import ledger
 from soko.payments.errors import PaymentNotRefundable, RefundExceedsPayment
 from soko.payments.events import REFUND_FAILED, REFUND_SUCCEEDED, RefundEvent
+from soko.payments.ledger_errors import RefundExceedsCapture
 from soko.payments.payment_models import (
     Payment,
     PaymentFlag,
@@ -77,16 +78,28 @@ async def request_refund(
     source: RefundSource,
     dedupe_key: str,
     requested_by: uuid.UUID | None = None,
+    order_limit_minor: int | None = None,
 ) -> RefundAsked:
     """Create the refund of cause ``dedupe_key`` once and queue its provider call.
 
     Raises :class:`RefundExceedsPayment` when less than ``amount_minor`` remains
-    refundable on the payment (nothing is written then)."""
+    refundable on the payment or, with ``order_id``, on that order: at most
+    ``order_limit_minor`` (the order's subtotal) is refunded for one order, whatever
+    the causes together (an admin's part refund, then a cancellation). The payment's row
+    is locked before the order's refunds are added up, so refunds requested at the same
+    moment are counted one after the other. Nothing is written when it raises."""
     existing = await session.scalar(select(Refund).where(Refund.dedupe_key == dedupe_key))
     if existing is not None:
         return RefundAsked(existing, created=False)
     if amount_minor <= 0:
         raise ValueError("a refund must be of a positive amount")
+    if order_id is not None and order_limit_minor is not None:
+        left = await refundable_for_order(session, payment.id, order_id, order_limit_minor)
+        if amount_minor > left:
+            raise RefundExceedsPayment(
+                f"Only {left} {payment.currency} remain refundable on this order.",
+                refundable_minor=left,
+            )
     now = runtime.clock.now()
     reserved = await session.execute(
         update(Payment)
@@ -152,6 +165,16 @@ async def request_refund(
         reason=reason,
     )
     return RefundAsked(refund, created=True)
+
+
+async def refundable_for_order(
+    session: AsyncSession, payment_id: uuid.UUID, order_id: uuid.UUID, limit_minor: int
+) -> int:
+    """What may still be refunded for one order of a payment (its subtotal
+    ``limit_minor`` less the refunds not failed), read with the payment's row locked
+    until the transaction ends (PostgreSQL; SQLite's writers are serialized already)."""
+    await session.execute(select(Payment.id).where(Payment.id == payment_id).with_for_update())
+    return max(limit_minor - await refunded_for_order(session, payment_id, order_id), 0)
 
 
 async def refunded_for_order(
@@ -223,6 +246,23 @@ async def send_refund(
             f"refund {refund.id} is pending at the provider, which cannot be asked about it",
         )
         return
+    if not following_up:
+        # The ledger's limits, checked before any money leaves: a refund the ledger
+        # could not record afterwards is refused now, not paid out and left pending.
+        room = await ledger.refundable(
+            session,
+            runtime,
+            payment_id=payment.id,
+            provider=payment.provider,
+            currency=refund.currency,
+            order_id=refund.order_id,
+            seller_id=refund.seller_id,
+        )
+        if refund.amount_minor > room:
+            await _fail(
+                session, runtime, refund, payment, f"only {room} remains refundable in the ledger"
+            )
+            return
     marked = False
     if not following_up and not provider.refunds_are_idempotent:
         if refund.sent_at is not None:
@@ -290,17 +330,30 @@ async def send_refund(
     if done.first() is None:
         return
     await session.refresh(refund)
-    await ledger.post_refund(
-        session,
-        runtime,
-        refund_id=refund.id,
-        payment_id=payment.id,
-        provider=payment.provider,
-        currency=refund.currency,
-        amount_minor=refund.amount_minor,
-        order_id=refund.order_id,
-        seller_id=refund.seller_id,
-    )
+    try:
+        await ledger.post_refund(
+            session,
+            runtime,
+            refund_id=refund.id,
+            payment_id=payment.id,
+            provider=payment.provider,
+            currency=refund.currency,
+            amount_minor=refund.amount_minor,
+            order_id=refund.order_id,
+            seller_id=refund.seller_id,
+        )
+    except RefundExceedsCapture as exc:
+        # The provider paid it out, so it succeeded; the ledger refuses it (the check
+        # before the call passed, and something refunded the order meanwhile). Retrying
+        # cannot help: a person records it by hand.
+        log.error("a refund paid out exceeds what the ledger holds", refund_id=str(refund.id))
+        await flag_payment(
+            session,
+            runtime,
+            payment,
+            PaymentFlag.refund_exceeds,
+            f"refund {refund.id} was paid out but the ledger refused it: {exc}",
+        )
     await publish(session, REFUND_SUCCEEDED, await refund_event(session, refund, payment))
     log.info("refund succeeded", refund_id=str(refund.id), payment_id=str(payment.id))
 
@@ -392,6 +445,7 @@ async def admin_refund(
         else []
     )
     seller_id: uuid.UUID | None = None
+    order_limit: int | None = None
     if paid_orders:
         if order_id is None:
             if len(paid_orders) > 1:
@@ -403,13 +457,7 @@ async def admin_refund(
         if order is None:
             raise ValidationFailed.of_field("order_id", "is not an order paid by this payment")
         seller_id = order.seller_id
-        already = await refunded_for_order(session, payment.id, order_id)
-        if already + amount_minor > order.subtotal_minor:
-            raise RefundExceedsPayment(
-                f"Only {order.subtotal_minor - already} {payment.currency} remain refundable "
-                "on this order.",
-                refundable_minor=order.subtotal_minor - already,
-            )
+        order_limit = order.subtotal_minor
     elif order_id is not None:
         raise ValidationFailed.of_field(
             "order_id", "must be left out: this payment's money belongs to no order"
@@ -425,5 +473,6 @@ async def admin_refund(
         source=RefundSource.admin,
         dedupe_key=f"admin:{uuid7()}",
         requested_by=actor_id,
+        order_limit_minor=order_limit,
     )
     return asked.refund

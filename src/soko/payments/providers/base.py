@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
+from soko.platform.money import MAX_AMOUNT_MINOR
+
 
 class ProviderStatus(StrEnum):
     """A payment's state as a provider reports it, in Soko's words.
@@ -85,6 +87,13 @@ class InboundEvent:
     amount_minor: int | None
     currency: str | None
     occurred_at: dt.datetime | None = None
+
+    def __post_init__(self) -> None:
+        # Every adapter builds its event inside its verification, so an amount no payment
+        # can have is refused as an unreadable body, never stored (a database integer
+        # holds neither it nor a negative one's meaning).
+        if self.amount_minor is not None and not 0 <= self.amount_minor <= MAX_AMOUNT_MINOR:
+            raise WebhookRejectedError("the event's amount is out of range")
 
 
 @dataclass(frozen=True, slots=True)

@@ -269,11 +269,12 @@ def parse_event(raw_body: bytes) -> InboundEvent:
     if not isinstance(obj, dict):
         raise WebhookRejectedError("the event has no data.object")
     created = event.get("created")
-    occurred_at = (
-        dt.datetime.fromtimestamp(created, dt.UTC)
-        if isinstance(created, int) and not isinstance(created, bool)
-        else None
-    )
+    occurred_at = None
+    if isinstance(created, int) and not isinstance(created, bool):
+        try:
+            occurred_at = dt.datetime.fromtimestamp(created, dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise WebhookRejectedError("the event's time is out of range") from None
     metadata = obj.get("metadata")
     reference = _text(metadata, "reference") if isinstance(metadata, dict) else None
     status: ProviderStatus | None = None
