@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from soko.identity.public import ACCOUNT_SELF, IDENTITY_SETTINGS
@@ -176,8 +176,8 @@ class MarkAllRead(BaseModel):
     up_to_id: uuid.UUID | None = Field(
         None, description="The newest notification the client showed: later ones stay unread."
     )
-    before: dt.datetime | None = Field(
-        None, description="Only those created at or before this time."
+    before: AwareDatetime | None = Field(
+        None, description="Only those created at or before this time (with its UTC offset)."
     )
 
 
