@@ -49,6 +49,8 @@ DOMAINS: tuple[str, ...] = (
 )
 
 PLATFORM_MODEL_MODULES: tuple[str, ...] = ("soko.platform.outbox", "soko.platform.idempotency")
+# Platform modules that register jobs (the outbox purge).
+PLATFORM_HANDLER_MODULES: tuple[str, ...] = ("soko.platform.retention",)
 
 
 def load_models() -> None:
@@ -60,8 +62,13 @@ def load_models() -> None:
 
 
 def load_handlers() -> None:
+    """Import every module that registers jobs, event handlers or schedules: each
+    domain's handlers and its retention (purge) jobs, and the platform's own."""
+    for module in PLATFORM_HANDLER_MODULES:
+        import_module(module)
     for domain in DOMAINS:
         _import_optional(f"soko.{domain}.handlers")
+        _import_optional(f"soko.{domain}.retention")
 
 
 def _import_optional(name: str) -> object | None:

@@ -174,6 +174,34 @@ class Settings(BaseSettings):
     idempotency_key_hours: int = Field(24, ge=1, le=24 * 30)
     seed_demo: bool = True
 
+    # Retention: how long finished short-lived rows are kept before the purge jobs delete
+    # them (docs/operations.md, "Retention"). Records (orders, payments, the ledger) and
+    # the audit log are kept on purpose and never purged.
+    retention_days: int = Field(
+        30,
+        ge=1,
+        le=3650,
+        description="Days finished short-lived rows are kept: ended sign-in sessions and "
+        "their refresh tokens, closed carts, ended stock reservations, email and SMS "
+        "delivery records, outbound webhook deliveries and their log, and dead outbox "
+        "messages",
+    )
+    outbox_retention_days: int = Field(
+        7,
+        ge=1,
+        le=365,
+        description="Days a done outbox message (a finished job or event) and its "
+        "processed marker are kept; dead ones are kept at least `SOKO_RETENTION_DAYS`",
+    )
+    payment_events_retention_days: int = Field(
+        90,
+        ge=7,
+        le=3650,
+        description="Days a payment provider's handled webhook event is kept: it "
+        "de-duplicates the provider's retries (days at most) and shows what the provider "
+        "reported about a payment",
+    )
+
     # Payments: providers, their credentials, commission and reconciliation.
     payment_providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["sandbox"],

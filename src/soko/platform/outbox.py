@@ -232,7 +232,10 @@ async def enqueue(
     The row joins ``session``'s transaction: if it rolls back, the job never existed.
     Payloads carry ids, not objects; handlers read the current state themselves.
     ``delay`` or ``available_at`` hold the job back; ``dedupe_key`` makes the call a
-    no-op (returning ``None``) when a message with that key was ever written.
+    no-op (returning ``None``) when a message with that key exists: any not yet
+    finished, and finished ones until the retention purge deletes them
+    (``SOKO_OUTBOX_RETENTION_DAYS``, :mod:`soko.platform.retention`), so a key must name
+    something that does not come back after that.
     ``now`` is the caller's clock reading (see :func:`session_now` for the default).
     """
     _check_name("a job name", name)
