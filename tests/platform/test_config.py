@@ -59,6 +59,11 @@ def _production(**env: str) -> dict[str, str]:
         "SOKO_TOKEN_SIGNING_KEYS": PRODUCTION_KEYS["signing"],
         "SOKO_PAYMENT_PROVIDERS": "paystack",
         "SOKO_PAYSTACK_SECRET_KEY": "sk_live_0123456789abcdef",
+        "SOKO_NOTIFICATIONS_EMAIL_PROVIDER": "smtp",
+        "SOKO_SMTP_HOST": "smtp.example.com",
+        "SOKO_NOTIFICATIONS_SMS_PROVIDER": "africastalking",
+        "SOKO_AFRICASTALKING_USERNAME": "soko",
+        "SOKO_AFRICASTALKING_API_KEY": "atsk_0123456789abcdef",
     }
     values.update(env)
     return values
@@ -210,6 +215,16 @@ def test_compose_passes_every_setting_production_requires() -> None:
         "SOKO_PAYSTACK_SECRET_KEY",
         "SOKO_FLUTTERWAVE_SECRET_KEY",
         "SOKO_FLUTTERWAVE_SECRET_HASH",
+        "SOKO_NOTIFICATIONS_EMAIL_PROVIDER",
+        "SOKO_NOTIFICATIONS_SMS_PROVIDER",
+        "SOKO_SMTP_HOST",
+        "SOKO_SMTP_USERNAME",
+        "SOKO_SMTP_PASSWORD",
+        "SOKO_SENDGRID_API_KEY",
+        "SOKO_AFRICASTALKING_USERNAME",
+        "SOKO_AFRICASTALKING_API_KEY",
+        "SOKO_TWILIO_ACCOUNT_SID",
+        "SOKO_TWILIO_AUTH_TOKEN",
     )
     missing = [name for name in required if f"  {name}: " not in compose]
     assert missing == []
@@ -266,6 +281,26 @@ def test_compose_passes_every_setting_production_requires() -> None:
             "SOKO_OUTBOX_DISPATCH=worker",
             id="separate-workers-in-memory",
         ),
+        pytest.param(
+            {"SOKO_NOTIFICATIONS_EMAIL_PROVIDER": "file"},
+            "SOKO_NOTIFICATIONS_EMAIL_PROVIDER may not be file",
+            id="emails-written-to-files",
+        ),
+        pytest.param(
+            {"SOKO_NOTIFICATIONS_SMS_PROVIDER": "file"},
+            "SOKO_NOTIFICATIONS_SMS_PROVIDER may not be file",
+            id="sms-written-to-files",
+        ),
+        pytest.param(
+            {"SOKO_NOTIFICATIONS_SMS_PROVIDER": "twilio", "SOKO_TWILIO_ACCOUNT_SID": "AC1"},
+            "SOKO_TWILIO_AUTH_TOKEN",
+            id="sms-provider-without-credentials",
+        ),
+        pytest.param(
+            {"SOKO_NOTIFICATIONS_EMAIL_PROVIDER": "sendgrid"},
+            "SOKO_SENDGRID_API_KEY",
+            id="email-provider-without-credentials",
+        ),
     ],
 )
 def test_production_refuses(env: dict[str, str], variable: str) -> None:
@@ -278,10 +313,12 @@ def test_production_lists_every_refusal_at_once() -> None:
     problems = _problems(
         SOKO_ENV="production", SOKO_CORS_ORIGINS="*", SOKO_WORKERS="2", SOKO_SECRET_KEY=""
     )
-    assert len(problems) == 8, problems
+    assert len(problems) == 10, problems
     joined = "\n".join(problems)
     for variable in (
         "SOKO_PAYMENT_PROVIDERS",
+        "SOKO_NOTIFICATIONS_EMAIL_PROVIDER",
+        "SOKO_NOTIFICATIONS_SMS_PROVIDER",
         "SOKO_SECRET_KEY",
         "SOKO_DATABASE_URL",
         "SOKO_CORS_ORIGINS",

@@ -442,6 +442,33 @@ class Settings(BaseSettings):
                     )
         return problems
 
+    def notification_provider_problems(self) -> list[str]:
+        """The chosen email and SMS providers' missing credentials, and (in production)
+        the ``file`` channel, which writes every message to the server's disk, sign-in
+        codes and links included, and sends nothing."""
+        problems = []
+        chosen = {
+            "SOKO_NOTIFICATIONS_EMAIL_PROVIDER": self.notifications_email_provider,
+            "SOKO_NOTIFICATIONS_SMS_PROVIDER": self.notifications_sms_provider,
+        }
+        for variable, provider in chosen.items():
+            if provider == "file":
+                if self.is_production:
+                    problems.append(
+                        f"{variable} may not be file in production (it writes each message, "
+                        "codes and links included, to the server's disk and sends nothing): "
+                        "name a real provider"
+                    )
+                continue
+            for field_name in NOTIFICATION_PROVIDER_CREDENTIALS[provider]:
+                value = getattr(self, field_name)
+                text = value.get_secret_value() if isinstance(value, SecretStr) else value
+                if not text.strip():
+                    problems.append(
+                        f"SOKO_{field_name.upper()} must be set while {variable} is {provider}"
+                    )
+        return problems
+
     def production_problems(self) -> list[str]:
         """What production mode refuses in this configuration."""
         if not self.is_production:
@@ -472,6 +499,7 @@ class Settings(BaseSettings):
                 "lets anyone mark a payment paid)"
             )
         problems.extend(self.payment_credential_problems())
+        problems.extend(self.notification_provider_problems())
         if self.webhooks_allow_private_addresses:
             problems.append(
                 "SOKO_WEBHOOKS_ALLOW_PRIVATE_ADDRESSES may not be true in production (it "
@@ -488,6 +516,14 @@ PAYMENT_PROVIDER_CREDENTIALS: dict[str, tuple[str, ...]] = {
     "stripe": ("stripe_secret_key", "stripe_webhook_secret"),
     "paystack": ("paystack_secret_key",),
     "flutterwave": ("flutterwave_secret_key", "flutterwave_secret_hash"),
+}
+
+
+NOTIFICATION_PROVIDER_CREDENTIALS: dict[str, tuple[str, ...]] = {
+    "smtp": ("smtp_host",),
+    "sendgrid": ("sendgrid_api_key",),
+    "africastalking": ("africastalking_username", "africastalking_api_key"),
+    "twilio": ("twilio_account_sid", "twilio_auth_token"),
 }
 
 
