@@ -6,64 +6,33 @@ routes, so a field added later is checked without touching this file."""
 from __future__ import annotations
 
 import datetime as dt
-import types
 import typing
-from collections.abc import Iterator
 
 import pytest
 from fastapi import FastAPI
-from fastapi.routing import iter_route_contexts
 from pydantic import (
     AwareDatetime,
-    BaseModel,
     FutureDatetime,
     NaiveDatetime,
     PastDatetime,
     ValidationError,
 )
 
-from tests.api.test_body_integers import _dependants, _models_in
+from tests.api.test_body_integers import body_fields
 
 # A datetime, and pydantic's datetime types (classes of their own, not subclasses).
 _DATETIMES: set[object] = {dt.datetime, AwareDatetime, NaiveDatetime, PastDatetime, FutureDatetime}
 
 
-def _datetime_fields(
-    model: type[BaseModel], seen: set[type[BaseModel]]
-) -> Iterator[tuple[type[BaseModel], str]]:
-    if model in seen:
-        return
-    seen.add(model)
-    for name, info in model.model_fields.items():
-        annotation = info.annotation
-        union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-        options = set(typing.get_args(annotation)) if union else {annotation}
-        if options & _DATETIMES or any(
-            typing.get_origin(option) is typing.Annotated
-            and typing.get_args(option)[0] in _DATETIMES
-            for option in options
-        ):
-            yield model, name
-        for nested in _models_in(annotation):
-            yield from _datetime_fields(nested, seen)
-
-
-def _body_datetime_fields(app: FastAPI) -> list[tuple[type[BaseModel], str]]:
-    seen: set[type[BaseModel]] = set()
-    found = []
-    for context in iter_route_contexts(app.routes):
-        dependant = getattr(context, "dependant", None)
-        if dependant is None:
-            continue
-        for each in _dependants(dependant):
-            for param in each.body_params:
-                for model in _models_in(param.field_info.annotation):
-                    found.extend(_datetime_fields(model, seen))
-    return found
+def _is_datetime(types_: set[object]) -> bool:
+    return bool(types_ & _DATETIMES) or any(
+        typing.get_origin(option) is typing.Annotated and typing.get_args(option)[0] in _DATETIMES
+        for option in types_
+    )
 
 
 def test_every_time_in_a_body_needs_its_offset(app: FastAPI) -> None:
-    fields = _body_datetime_fields(app)
+    fields = body_fields(app, _is_datetime)
     for model, name in fields:
         with pytest.raises(ValidationError) as caught:
             model.model_validate({name: "2026-12-07T00:00:00"})

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -29,10 +29,11 @@ def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
         yield from _models_in(argument)
 
 
-def _integer_fields(
-    model: type[BaseModel], seen: set[type[BaseModel]]
+def _fields(
+    model: type[BaseModel], seen: set[type[BaseModel]], wanted: Callable[[set[Any]], bool]
 ) -> Iterator[tuple[type[BaseModel], str]]:
-    """(model, field) of each field typed ``int`` or ``int | None``, in nested models too."""
+    """(model, field) of each field whose types (the options of a union, ``None`` left
+    out) ``wanted`` accepts, in nested models too."""
     if model in seen:
         return
     seen.add(model)
@@ -40,13 +41,17 @@ def _integer_fields(
         annotation = info.annotation
         union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
         options = set(typing.get_args(annotation)) if union else {annotation}
-        if options - {type(None)} == {int}:
+        if wanted(options - {type(None)}):
             yield model, name
         for nested in _models_in(annotation):
-            yield from _integer_fields(nested, seen)
+            yield from _fields(nested, seen, wanted)
 
 
-def _body_integer_fields(app: FastAPI) -> list[tuple[type[BaseModel], str]]:
+def body_fields(
+    app: FastAPI, wanted: Callable[[set[Any]], bool]
+) -> list[tuple[type[BaseModel], str]]:
+    """Every field of every JSON body the app's routes read whose types ``wanted``
+    accepts."""
     seen: set[type[BaseModel]] = set()
     found = []
     for context in iter_route_contexts(app.routes):
@@ -56,12 +61,12 @@ def _body_integer_fields(app: FastAPI) -> list[tuple[type[BaseModel], str]]:
         for each in _dependants(dependant):
             for param in each.body_params:
                 for model in _models_in(param.field_info.annotation):
-                    found.extend(_integer_fields(model, seen))
+                    found.extend(_fields(model, seen, wanted))
     return found
 
 
 def test_every_integer_field_of_a_body_refuses_booleans_and_strings(app: FastAPI) -> None:
-    fields = _body_integer_fields(app)
+    fields = body_fields(app, lambda types_: types_ == {int})
     for model, name in fields:
         for value in (True, False, "5"):
             # FastAPI validates a parsed body in Python mode, as here.

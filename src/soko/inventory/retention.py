@@ -18,15 +18,14 @@ would find no stock to hold again, as when the stock was sold meanwhile.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, cast
+from typing import cast
 
 import structlog
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.inventory.models import Reservation, ReservationStatus
-from soko.platform.jobs import JobContext, registry
-from soko.platform.retention import continue_purge, days, purge_batch
+from soko.platform.retention import purge_each, purge_schedule
 
 log = structlog.get_logger("soko.inventory.retention")
 
@@ -42,6 +41,7 @@ ENDED = (
 _RESERVATIONS = cast(Table, Reservation.__table__)
 
 
+@purge_schedule("35 * * * *", PURGE_JOB, what="ended reservations")
 async def purge_ended_reservations(
     session: AsyncSession, now: dt.datetime, *, keep: dt.timedelta, limit: int = BATCH
 ) -> tuple[int, bool]:
@@ -49,33 +49,19 @@ async def purge_ended_reservations(
     ``now - keep``. (deleted, whether more may wait)."""
     cutoff = now - keep
     table = _RESERVATIONS
-    deleted = 0
-    full = False
-    for status in ENDED:
-        # Read along the (status, expires_at) index; the end time decides. Held again
-        # (renewed) keeps the time it first ended.
-        rows = await purge_batch(
-            session,
-            table,
+    # Read along the (status, expires_at) index; the end time decides. Held again
+    # (renewed) keeps the time it first ended.
+    return await purge_each(
+        session,
+        table,
+        (
             [
                 table.c.status == status.value,
                 table.c.expires_at < cutoff,
                 table.c.ended_at < cutoff,
-            ],
-            order_by=[table.c.expires_at],
-            limit=limit,
-        )
-        deleted += len(rows)
-        full = full or len(rows) >= limit
-    return deleted, full
-
-
-@registry.schedule("35 * * * *", name=PURGE_JOB)
-async def purge_ended_reservations_job(ctx: JobContext, payload: dict[str, Any]) -> None:
-    """Hourly: forget reservations ended for longer than ``SOKO_RETENTION_DAYS``."""
-    deleted, full = await purge_ended_reservations(
-        ctx.session, ctx.now(), keep=days(ctx.services.settings.retention_days)
+            ]
+            for status in ENDED
+        ),
+        order_by=[table.c.expires_at],
+        limit=limit,
     )
-    if deleted:
-        log.info("ended reservations purged", count=deleted)
-    await continue_purge(ctx, PURGE_JOB, payload, more=full)

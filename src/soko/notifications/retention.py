@@ -15,15 +15,14 @@ stays suppressed, and each user's inbox, preferences and locale, which are their
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, cast
+from typing import cast
 
 import structlog
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.notifications.models import Delivery, DeliveryStatus
-from soko.platform.jobs import JobContext, registry
-from soko.platform.retention import continue_purge, days, purge_batch
+from soko.platform.retention import purge_each, purge_schedule
 
 log = structlog.get_logger("soko.notifications.retention")
 
@@ -33,6 +32,7 @@ BATCH = 1000
 _DELIVERIES = cast(Table, Delivery.__table__)
 
 
+@purge_schedule("45 * * * *", PURGE_JOB, what="delivery records")
 async def purge_deliveries(
     session: AsyncSession, now: dt.datetime, *, keep: dt.timedelta, limit: int = BATCH
 ) -> tuple[int, bool]:
@@ -40,32 +40,18 @@ async def purge_deliveries(
     ``now - keep``. (deleted, whether more may wait)."""
     cutoff = now - keep
     table = _DELIVERIES
-    deleted = 0
-    full = False
-    for status in DeliveryStatus:
-        rows = await purge_batch(
-            session,
-            table,
+    return await purge_each(
+        session,
+        table,
+        (
             [
                 table.c.status == status.value,
                 table.c.created_at < cutoff,
                 table.c.updated_at < cutoff,
-            ],
-            # The (status, created_at) index.
-            order_by=[table.c.created_at],
-            limit=limit,
-        )
-        deleted += len(rows)
-        full = full or len(rows) >= limit
-    return deleted, full
-
-
-@registry.schedule("45 * * * *", name=PURGE_JOB)
-async def purge_deliveries_job(ctx: JobContext, payload: dict[str, Any]) -> None:
-    """Hourly: forget delivery records older than ``SOKO_RETENTION_DAYS``."""
-    deleted, full = await purge_deliveries(
-        ctx.session, ctx.now(), keep=days(ctx.services.settings.retention_days)
+            ]
+            for status in DeliveryStatus
+        ),
+        # The (status, created_at) index.
+        order_by=[table.c.created_at],
+        limit=limit,
     )
-    if deleted:
-        log.info("delivery records purged", count=deleted)
-    await continue_purge(ctx, PURGE_JOB, payload, more=full)

@@ -15,15 +15,14 @@ Kept on purpose, as records: payments, refunds, payouts and the ledger.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, cast
+from typing import cast
 
 import structlog
 from sqlalchemy import Table, or_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.payments.payment_models import EventStatus, WebhookEvent
-from soko.platform.jobs import JobContext, registry
-from soko.platform.retention import continue_purge, days, purge_batch
+from soko.platform.retention import purge_each, purge_schedule
 
 log = structlog.get_logger("soko.payments.retention")
 
@@ -34,6 +33,12 @@ HANDLED = (EventStatus.processed, EventStatus.ignored, EventStatus.unmatched)
 _EVENTS = cast(Table, WebhookEvent.__table__)
 
 
+@purge_schedule(
+    "55 * * * *",
+    PURGE_JOB,
+    what="payment webhook events",
+    keep_days="payment_events_retention_days",
+)
 async def purge_handled_events(
     session: AsyncSession, now: dt.datetime, *, keep: dt.timedelta, limit: int = BATCH
 ) -> tuple[int, bool]:
@@ -41,32 +46,18 @@ async def purge_handled_events(
     before ``now - keep``. (deleted, whether more may wait)."""
     cutoff = now - keep
     table = _EVENTS
-    deleted = 0
-    full = False
-    for status in HANDLED:
-        rows = await purge_batch(
-            session,
-            table,
+    return await purge_each(
+        session,
+        table,
+        (
             [
                 table.c.status == status.value,
                 table.c.received_at < cutoff,
                 or_(table.c.processed_at.is_(None), table.c.processed_at < cutoff),
-            ],
-            # The (status, received_at) index.
-            order_by=[table.c.received_at],
-            limit=limit,
-        )
-        deleted += len(rows)
-        full = full or len(rows) >= limit
-    return deleted, full
-
-
-@registry.schedule("55 * * * *", name=PURGE_JOB)
-async def purge_handled_events_job(ctx: JobContext, payload: dict[str, Any]) -> None:
-    """Hourly: forget handled provider events older than the retention window."""
-    deleted, full = await purge_handled_events(
-        ctx.session, ctx.now(), keep=days(ctx.services.settings.payment_events_retention_days)
+            ]
+            for status in HANDLED
+        ),
+        # The (status, received_at) index.
+        order_by=[table.c.received_at],
+        limit=limit,
     )
-    if deleted:
-        log.info("payment webhook events purged", count=deleted)
-    await continue_purge(ctx, PURGE_JOB, payload, more=full)

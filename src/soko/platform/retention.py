@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import structlog
 from sqlalchemy import Column, ColumnElement, Row, Table, delete, or_, select, tuple_
@@ -84,6 +84,55 @@ async def purge_batch(
         .returning(table.c.id, *returning)
     )
     return list((await session.execute(statement)).all())
+
+
+async def purge_each(
+    session: AsyncSession,
+    table: Table,
+    condition_sets: Iterable[Sequence[ColumnElement[bool]]],
+    *,
+    order_by: Sequence[ColumnElement[Any]],
+    limit: int,
+) -> tuple[int, bool]:
+    """:func:`purge_batch` once for each set of conditions (one per status, say, each a
+    range of its own of a ``(status, time)`` index); (deleted, whether a batch came back
+    full, so more may wait)."""
+    deleted = 0
+    full = False
+    for conditions in condition_sets:
+        rows = await purge_batch(session, table, conditions, order_by=order_by, limit=limit)
+        deleted += len(rows)
+        full = full or len(rows) >= limit
+    return deleted, full
+
+
+class Purge(Protocol):
+    """A purge: delete what ended before ``now - keep``; (deleted, whether more may wait)."""
+
+    def __call__(
+        self, session: AsyncSession, now: dt.datetime, *, keep: dt.timedelta
+    ) -> Awaitable[tuple[int, bool]]: ...
+
+
+def purge_schedule(
+    cron: str, name: str, *, what: str, keep_days: str = "retention_days"
+) -> Callable[[Purge], Purge]:
+    """Register the decorated purge as the scheduled job ``name``: it keeps the number of
+    days the setting ``keep_days`` says, logs how many ``what`` it deleted, and asks for
+    another run while a batch comes back full (:func:`continue_purge`)."""
+
+    def register(purge: Purge) -> Purge:
+        @registry.schedule(cron, name=name)
+        async def job(ctx: JobContext, payload: dict[str, Any]) -> None:
+            keep = days(getattr(ctx.services.settings, keep_days))
+            deleted, full = await purge(ctx.session, ctx.now(), keep=keep)
+            if deleted:
+                log.info(f"{what} purged", job=name, count=deleted)
+            await continue_purge(ctx, name, payload, more=full)
+
+        return purge
+
+    return register
 
 
 async def delete_where_in(session: AsyncSession, column: Column[Any], values: Iterable[Any]) -> int:

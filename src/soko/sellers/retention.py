@@ -6,14 +6,13 @@ its status history are kept; an open invitation stays until it ends."""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, cast
+from typing import cast
 
 import structlog
 from sqlalchemy import Table, or_
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.platform.jobs import JobContext, registry
-from soko.platform.retention import continue_purge, days, purge_batch
+from soko.platform.retention import purge_batch, purge_schedule
 from soko.sellers.models import InvitationStatus, SellerInvitation
 
 log = structlog.get_logger("soko.sellers.retention")
@@ -24,6 +23,7 @@ BATCH = 1000
 _INVITATIONS = cast(Table, SellerInvitation.__table__)
 
 
+@purge_schedule("40 * * * *", PURGE_JOB, what="ended store invitations")
 async def purge_invitations(
     session: AsyncSession, now: dt.datetime, *, keep: dt.timedelta, limit: int = BATCH
 ) -> tuple[int, bool]:
@@ -47,14 +47,3 @@ async def purge_invitations(
         limit=limit,
     )
     return len(rows), len(rows) >= limit
-
-
-@registry.schedule("40 * * * *", name=PURGE_JOB)
-async def purge_invitations_job(ctx: JobContext, payload: dict[str, Any]) -> None:
-    """Hourly: forget invitations that ended more than ``SOKO_RETENTION_DAYS`` ago."""
-    deleted, full = await purge_invitations(
-        ctx.session, ctx.now(), keep=days(ctx.services.settings.retention_days)
-    )
-    if deleted:
-        log.info("ended store invitations purged", count=deleted)
-    await continue_purge(ctx, PURGE_JOB, payload, more=full)
