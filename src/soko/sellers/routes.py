@@ -564,16 +564,14 @@ async def _decide(
     seller = await service.review(
         session, runtime, seller_id, transition, actor_id=reviewer.user_id, reason=reason
     )
-    await record_audit_event(
+    await _audit(
         session,
-        action=f"seller.{transition.event.name.partition('.')[2]}",
-        actor_id=reviewer.user_id,
-        target_type="seller",
-        target_id=seller_id,
-        ip=client_ip(request.scope, runtime.settings.trusted_proxies),
-        request_id=getattr(request.state, "request_id", None),
-        data={"slug": seller.slug, "reason": reason},
-        clock=runtime.clock,
+        runtime,
+        request,
+        f"seller.{transition.event.name.partition('.')[2]}",
+        reviewer.user_id,
+        seller_id,
+        {"slug": seller.slug, "reason": reason},
     )
     return await _admin_detail(session, seller)
 
