@@ -38,7 +38,7 @@ async def test_anonymous_cart_answers_to_its_token_only(
     assert cart["lines"] == [] and cart["total"] == {"amount": 0, "currency": "KES"}
     assert cart["signed_in"] is False
     assert created.headers["location"] == f"{CARTS}/{cart['id']}"
-    assert created.headers["etag"] == f'"v{cart["version"]}"'
+    assert created.headers["etag"].startswith(f'"v{cart["version"]}.')
 
     url = f"{CARTS}/{cart['id']}"
     assert (await client.get(url, headers={"X-Cart-Token": token})).status_code == 200
@@ -209,7 +209,7 @@ async def test_if_match_guards_each_write(client: httpx2.AsyncClient, market: Ma
     cart = await anonymous_cart(client)
     read = await client.get(cart.url, headers=cart.headers)
     etag = read.headers["etag"]
-    assert etag == '"v1"' and read.headers["cache-control"] == "private, no-cache"
+    assert etag.startswith('"v1.') and read.headers["cache-control"] == "private, no-cache"
     unchanged = await client.get(cart.url, headers={**cart.headers, "If-None-Match": etag})
     assert unchanged.status_code == 304
 
@@ -254,3 +254,62 @@ async def test_a_closed_cart_takes_no_changes(
     assert refused.status_code == 409 and problem_type(refused) == "cart-closed"
     assert refused.json()["cart_status"] == "expired"
     assert (await view(client, cart))["status"] == "expired"
+
+
+async def test_a_cart_read_is_not_answered_304_once_prices_or_stock_changed(
+    client: httpx2.AsyncClient, market: Market
+) -> None:
+    """The cart shows today's prices and availability: its read's tag covers them, so a
+    client revalidating its copy gets the new view, while writes still go by version."""
+    shop = await market.open_shop()
+    listed = await shop.list_product(1000, stock=10)
+    cart = await anonymous_cart(client)
+    assert (await add(client, cart, listed.variant_id, 2)).status_code == 200
+    first = await client.get(cart.url, headers=cart.headers)
+    tag = first.headers["etag"]
+    same = await client.get(cart.url, headers={**cart.headers, "If-None-Match": tag})
+    assert same.status_code == 304
+
+    await shop.set_price(listed.variant_id, 1200)
+    repriced = await client.get(cart.url, headers={**cart.headers, "If-None-Match": tag})
+    assert repriced.status_code == 200
+    assert line_of(repriced.json(), listed.variant_id)["price_changed"] is True
+    assert repriced.headers["etag"] != tag
+
+    await shop.set_stock(listed.variant_id, 1)
+    short = await client.get(
+        cart.url, headers={**cart.headers, "If-None-Match": repriced.headers["etag"]}
+    )
+    assert short.status_code == 200
+    # The read's tag still guards a write: its version is the cart's.
+    changed = await client.patch(
+        f"{cart.url}/items/{listed.variant_id}",
+        json={"quantity": 1},
+        headers={**cart.headers, "If-Match": short.headers["etag"]},
+    )
+    assert changed.status_code == 200, changed.text
+
+
+async def test_a_version_no_cart_can_have_is_a_412_not_a_500(
+    client: httpx2.AsyncClient, market: Market
+) -> None:
+    variant = await market.variant()
+    cart = await anonymous_cart(client)
+    # A read's tag names its version before a dot: the write goes by the version.
+    first = await add(client, cart, variant, 1, **{"If-Match": '"v1.anything"'})
+    assert first.status_code == 200, first.text
+    for tag in ('"v2147483648"', '"v3000000000"', '"v99999999999999999999"'):
+        headers = {**cart.headers, "If-Match": tag}
+        for response in (
+            await client.post(
+                f"{cart.url}/items",
+                json={"variant_id": str(variant), "quantity": 1},
+                headers=headers,
+            ),
+            await client.patch(
+                f"{cart.url}/items/{variant}", json={"quantity": 2}, headers=headers
+            ),
+            await client.delete(f"{cart.url}/items/{variant}", headers=headers),
+        ):
+            assert response.status_code == 412, (tag, response.text)
+    assert line_of(await view(client, cart), variant)["quantity"] == 1

@@ -176,7 +176,7 @@ async def test_explicit_merge(
             (str(sold_out), 2, 0, "out_of_stock"),
         ]
     )
-    assert merged.headers["etag"] == f'"v{body["cart"]["version"]}"'
+    assert merged.headers["etag"].startswith(f'"v{body["cart"]["version"]}.')
 
     # Someone else holding the token cannot take the cart over now.
     stranger = await make_user()

@@ -249,6 +249,28 @@ async def test_pages_hold_still_while_products_are_added(
         assert set(first_batch) <= set(seen), f"{sort}: a product was skipped"
 
 
+async def test_a_product_archived_and_published_again_between_pages_is_seen_once(
+    client: httpx2.AsyncClient, catalog: Catalog, clock: ManualClock
+) -> None:
+    store = await catalog.store()
+    ids = []
+    for index in range(6):
+        ids.append((await store.product(1000 + index, title=f"item {index:02}"))["id"])
+        clock.advance(1)
+    page = await catalog.listing(sort="newest", limit=3)
+    seen = [item["id"] for item in page["items"]]
+    unseen = ids[0]  # the oldest: on the last page
+    for action in ("archive", "publish"):
+        ok(await client.post(f"{SELLER_PRODUCTS}/{unseen}/{action}", headers=store.headers))
+    clock.advance(1)
+    cursor = page["next_cursor"]
+    while cursor:
+        page = await catalog.listing(sort="newest", limit=3, cursor=cursor)
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+    assert sorted(seen) == sorted(ids)
+
+
 async def test_cursors_are_bound_to_their_order(
     client: httpx2.AsyncClient, catalog: Catalog
 ) -> None:

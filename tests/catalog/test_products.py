@@ -68,6 +68,9 @@ async def test_a_product_goes_from_draft_to_published_to_archived_and_back(
         await client.post(f"{SELLER_PRODUCTS}/{draft['id']}/publish", headers=store.headers)
     )
     assert republished["status"] == "published"
+    # Its first publication: it keeps its place in the "newest" order, so a client
+    # paging through the listing meanwhile neither skips nor repeats it.
+    assert republished["published_at"] == published["published_at"]
 
     async with runtime.db.transaction(read_only=True) as session:
         events = (

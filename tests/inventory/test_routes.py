@@ -263,6 +263,30 @@ async def test_a_new_level_starts_from_an_adjustment_but_never_below_zero(
     assert negative.status_code == 422
 
 
+async def test_adjustments_never_take_a_level_above_what_one_holds(
+    client: httpx2.AsyncClient, team: Team
+) -> None:
+    """Counts are capped at 1,000,000; adjustments of up to 1,000,000 each used to add
+    past it, until PostgreSQL's integer overflowed into a 500."""
+    location_id = await add_location(client, team)
+    headers = team.headers(team.manager)
+    url = stock_url(team, location_id)
+    assert (
+        await client.put(url, json={"on_hand": 999_999, "reason": "count"}, headers=headers)
+    ).status_code == 200
+    over = await client.post(
+        f"{url}/adjustments", json={"delta": 2, "reason": "found two"}, headers=headers
+    )
+    assert over.status_code == 422, over.text
+    assert over.json()["errors"][0]["field"] == "delta"
+    fits = await client.post(
+        f"{url}/adjustments", json={"delta": 1, "reason": "found one"}, headers=headers
+    )
+    assert fits.status_code == 201
+    # The refused adjustment changed nothing: 999,999 + 1.
+    assert fits.json()["stock"]["on_hand"] == 1_000_000
+
+
 async def test_another_stores_variants_and_locations_answer_404(
     client: httpx2.AsyncClient, team: Team, stores: Stores, make_user: MakeUser, runtime: Runtime
 ) -> None:

@@ -26,7 +26,7 @@ from soko.cart.schemas import (
 from soko.cart.service import CartAccess, CartView, LineWrite
 from soko.platform.auth import Principal, public, require
 from soko.platform.errors import problem_responses
-from soko.platform.etag import etag_for_version, not_modified, tag_response
+from soko.platform.etag import etag_for_content, etag_for_version, not_modified, tag_response
 from soko.platform.money import Money
 from soko.platform.runtime import RuntimeDep, SessionDep
 
@@ -145,10 +145,19 @@ async def create_cart(
             response.status_code = 200
     else:
         cart, token = await service.create_anonymous_cart(session, runtime, currency=currency)
-    view = await service.cart_view(session, runtime, cart)
+    out = cart_out(await service.cart_view(session, runtime, cart))
     response.headers["Location"] = f"{API_PREFIX}/carts/{cart.id}"
-    tag_response(response, view.etag)
-    return CartCreated(cart=cart_out(view), token=token)
+    tag_response(response, view_tag(cart.version, out))
+    return CartCreated(cart=out, token=token)
+
+
+def view_tag(version: int, out: CartOut) -> str:
+    """The ETag of a cart's whole view: ``"v<version>.<digest>"``. A write's
+    ``If-Match`` goes by the version; the digest covers what the view shows besides the
+    cart's own lines (today's prices, availability, totals), so a price or stock change
+    since a client's copy is not answered ``304``."""
+    digest = etag_for_content(out.model_dump(mode="json")).strip('"')[:16]
+    return etag_for_version(f"{version}.{digest}")
 
 
 @router.get(
@@ -167,11 +176,12 @@ async def read_cart(
     x_cart_token: CartToken = None,
 ) -> CartOut | Response:
     cart = await service.find_cart(session, cart_id=cart_id, access=_access(caller, x_cart_token))
-    tag = etag_for_version(cart.version)
+    out = cart_out(await service.cart_view(session, runtime, cart))
+    tag = view_tag(cart.version, out)
     if (unchanged := not_modified(request, tag)) is not None:
         return unchanged
     tag_response(response, tag)
-    return cart_out(await service.cart_view(session, runtime, cart))
+    return out
 
 
 @router.post(
@@ -285,9 +295,10 @@ async def merge_cart(
     view, outcome = await service.merge_for_request(
         session, runtime, cart_id=cart_id, user_id=caller.user_id, token=x_cart_token
     )
-    tag_response(response, view.etag)
+    out = cart_out(view)
+    tag_response(response, view_tag(view.version, out))
     return MergeOut(
-        cart=cart_out(view),
+        cart=out,
         adopted=outcome.adopted,
         adjustments=[
             MergeAdjustmentOut(

@@ -97,9 +97,17 @@ class CartAccess:
         )
 
 
+# A cart's version is a 32-bit column: a tag naming more cannot be current.
+MAX_VERSION = 2**31 - 1
+
+
 def versions_named(if_match: str | None) -> frozenset[int] | None:
     """The cart versions an ``If-Match`` header accepts; ``None`` when it sets no
-    condition (absent, or ``*``: any current cart). Weak tags never match a write."""
+    condition (absent, or ``*``: any current cart). Weak tags never match a write.
+
+    A tag is ``"v7"``, or ``"v7.<digest>"`` as a full read of the cart answers (the
+    digest tells a client's copy from today's prices; a write goes by the version). A
+    version no cart can have matches nothing (412), whatever its digits."""
     if if_match is None:
         return None
     listed = parse_etag_list(if_match)
@@ -107,8 +115,15 @@ def versions_named(if_match: str | None) -> frozenset[int] | None:
         return None
     versions: set[int] = set()
     for tag in listed:
-        if not tag.weak and tag.opaque.startswith("v") and tag.opaque[1:].isdecimal():
-            versions.add(int(tag.opaque[1:]))
+        digits = tag.opaque[1:].partition(".")[0]
+        if (
+            not tag.weak
+            and tag.opaque.startswith("v")
+            and digits.isdecimal()
+            and len(digits) <= 10
+            and int(digits) <= MAX_VERSION
+        ):
+            versions.add(int(digits))
     return frozenset(versions)
 
 
@@ -432,10 +447,6 @@ class CartView:
     lines: tuple[ViewLine, ...]
     created_at: dt.datetime
     updated_at: dt.datetime
-
-    @property
-    def etag(self) -> str:
-        return etag_for_version(self.version)
 
     def _payable(self) -> list[ViewLine]:
         # What a checkout would charge: lines that can be bought, at today's price.

@@ -389,7 +389,9 @@ async def publish_product(
         raise ProductNeedsVariant("Add a variant with a price before publishing.")
     now = runtime.clock.now()
     product.status = ProductStatus.published.value
-    product.published_at = now
+    # The first publication: a product archived and published again keeps its place
+    # in the "newest" order, so a client paging through it neither skips nor repeats it.
+    product.published_at = product.published_at or now
     _touch(session, product, now)
     await session.flush()
     await publish(

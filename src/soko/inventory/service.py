@@ -28,8 +28,9 @@ from soko.inventory.models import (
     StockLevel,
 )
 from soko.inventory.reservations import release_expired_at, stock_changed
+from soko.inventory.schemas import MAX_UNITS
 from soko.platform.db import dialect_insert
-from soko.platform.errors import NotFound, PreconditionFailed
+from soko.platform.errors import NotFound, PreconditionFailed, ValidationFailed
 from soko.platform.etag import etag_for_version, if_match_passes
 from soko.platform.ids import uuid7
 
@@ -370,6 +371,8 @@ async def adjust_stock(
         statement = insert_.on_conflict_do_update(
             index_elements=[S.variant_id, S.location_id],
             set_={"on_hand": S.on_hand + delta, "version": S.version + 1, "updated_at": now},
+            # A level holds at most MAX_UNITS, however many adjustments add to it.
+            where=S.on_hand + delta <= MAX_UNITS,
         ).returning(S.on_hand)
     else:
         statement = (
@@ -380,6 +383,11 @@ async def adjust_stock(
             .execution_options(synchronize_session=False)
         )
     after = await session.scalar(statement)
+    if after is None and delta > 0:
+        raise ValidationFailed.of_field(
+            "delta",
+            f"would take the level above {MAX_UNITS:,} units on hand, the most one holds",
+        )
     if after is None:
         current = (
             await session.execute(select(S.on_hand, S.reserved, S.allocated).where(key))
