@@ -83,7 +83,10 @@ class CartOut(BaseModel):
     lines: list[CartLineOut]
     sellers: list[SellerSubtotalOut]
     total: Money
-    item_count: int
+    item_count: int = Field(
+        description="Units of every line, those that cannot be bought included; the "
+        "sellers' counts and the total take purchasable lines only"
+    )
     created_at: dt.datetime
     updated_at: dt.datetime
 
