@@ -228,6 +228,7 @@ async def set_stock(
         on_hand=body.on_hand,
         reason=body.reason,
         actor_id=acting.user_id,
+        clock=runtime.clock,
     )
     return _stock_view(view)
 
@@ -261,6 +262,7 @@ async def adjust_stock(
         kind=AdjustmentKind(body.kind.value),
         reason=body.reason,
         actor_id=acting.user_id,
+        clock=runtime.clock,
     )
     (shown,) = await _adjustment_views(session, [adjustment])
     return AdjustmentResult(adjustment=shown, stock=_stock_view(view))

@@ -29,6 +29,7 @@ from soko.inventory.models import (
 )
 from soko.inventory.reservations import release_expired_at, stock_changed
 from soko.inventory.schemas import MAX_UNITS
+from soko.platform.clock import Clock
 from soko.platform.db import dialect_insert
 from soko.platform.errors import NotFound, PreconditionFailed, ValidationFailed
 from soko.platform.etag import etag_for_version, if_match_passes
@@ -289,8 +290,12 @@ async def set_stock(
     on_hand: int,
     reason: str,
     actor_id: uuid.UUID,
+    clock: Clock | None = None,
 ) -> tuple[StockView, StockAdjustment]:
-    """Set the level after a count; refused when fewer than the promised units."""
+    """Set the level after a count; refused when fewer than the promised units.
+
+    ``clock`` (else ``now``) times the history row, read once the level is locked, so
+    the history lists concurrent changes in the order they were made."""
     await _check_ownership(session, seller_id, variant_id, location_id)
     # Holds past their time must not stand in the seller's way.
     await release_expired_at(session, now, variant_id, location_id)
@@ -324,7 +329,7 @@ async def set_stock(
     )
     adjustment = await _record(
         session,
-        now,
+        clock.now() if clock is not None else now,
         seller_id=seller_id,
         variant_id=variant_id,
         location_id=location_id,
@@ -352,8 +357,10 @@ async def adjust_stock(
     kind: AdjustmentKind,
     reason: str,
     actor_id: uuid.UUID,
+    clock: Clock | None = None,
 ) -> tuple[StockView, StockAdjustment]:
-    """Add ``delta`` (negative to remove) in one conditional statement."""
+    """Add ``delta`` (negative to remove) in one conditional statement; ``clock`` as for
+    :func:`set_stock`."""
     await _check_ownership(session, seller_id, variant_id, location_id)
     await release_expired_at(session, now, variant_id, location_id)
     key = and_(S.variant_id == variant_id, S.location_id == location_id)
@@ -396,7 +403,7 @@ async def adjust_stock(
         raise _below_committed(on_hand, reserved + allocated, on_hand + delta)
     adjustment = await _record(
         session,
-        now,
+        clock.now() if clock is not None else now,
         seller_id=seller_id,
         variant_id=variant_id,
         location_id=location_id,
