@@ -327,6 +327,28 @@ async def test_a_sku_is_unique_within_a_store_but_not_across_stores(
         assert item is not None
         assert (item.sku, item.seller_id) == ("KB-NAVY-M", store.seller_id)
 
+    # Once the product has been on sale, its SKUs name their variants for good (orders
+    # carry them): a rename would free "KB-NAVY-M" for another variant.
+    ok(await client.post(f"{SELLER_PRODUCTS}/{product['id']}/publish", headers=store.headers))
+    fixed = await client.patch(
+        f"{SELLER_VARIANTS}/{second['id']}", json={"sku": "KB-TEAL-M"}, headers=store.headers
+    )
+    assert (fixed.status_code, problem_type(fixed)) == (409, "sku-fixed")
+    assert fixed.json()["sku"] == "KB-NAVY-M"
+    ok(await client.post(f"{SELLER_PRODUCTS}/{product['id']}/archive", headers=store.headers))
+    still = await client.patch(
+        f"{SELLER_VARIANTS}/{second['id']}", json={"sku": "KB-TEAL-M"}, headers=store.headers
+    )
+    assert problem_type(still) == "sku-fixed"
+    # The same SKU sent again is no change, and other fields still change.
+    ok(
+        await client.patch(
+            f"{SELLER_VARIANTS}/{second['id']}",
+            json={"sku": "KB-NAVY-M", "weight_grams": 400},
+            headers=store.headers,
+        )
+    )
+
 
 @pytest.mark.postgresql
 async def test_two_requests_racing_for_one_sku_leave_one_variant(

@@ -5,6 +5,16 @@ from __future__ import annotations
 from soko.platform.errors import ProblemError
 
 
+class SkuFixed(ProblemError):
+    slug = "sku-fixed"
+    title = "This variant's SKU can no longer change"
+    status = 409
+    description = (
+        "A variant of a product that has been published keeps its SKU for good: orders "
+        "and stock counts name it. Add a variant with the new SKU and archive this one."
+    )
+
+
 class SkuTaken(ProblemError):
     slug = "sku-taken"
     title = "This SKU is already used in the store"

@@ -22,7 +22,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.catalog.errors import ProductNeedsVariant, ProductStateConflict, SkuTaken
+from soko.catalog.errors import ProductNeedsVariant, ProductStateConflict, SkuFixed, SkuTaken
 from soko.catalog.events import (
     PRODUCT_ARCHIVED,
     PRODUCT_PUBLISHED,
@@ -504,6 +504,13 @@ async def update_variant(
     if body.position is not None:
         variant.position = body.position
     sku_changed = body.sku is not None and body.sku != variant.sku
+    if sku_changed and product.published_at is not None:
+        # Once buyers could order it, the SKU names this variant for good; renaming it
+        # would free the old one for another variant while orders still carry it.
+        raise SkuFixed(
+            f"The SKU {variant.sku!r} has been on sale and names this variant for good.",
+            sku=variant.sku,
+        )
     if body.sku is not None:
         variant.sku = body.sku
     now = runtime.clock.now()
