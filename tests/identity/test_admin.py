@@ -31,6 +31,7 @@ from tests.identity.admin_support import (
     answered_soon,
     audit_events,
     create_key,
+    key_headers,
     problem_type,
 )
 from tests.identity.conftest import MakeUser
@@ -163,7 +164,7 @@ async def test_blocking_refuses_the_users_tokens_at_once_and_revokes_sessions(
 
     [event] = await audit_events(runtime, "admin.user_blocked")
     assert event.actor_id == admin.user_id and event.target_id == str(target.user_id)
-    assert event.data == {"reason": "fraud report", "sessions_revoked": 1}
+    assert event.data == {"reason": "fraud report", "sessions_revoked": 1, "api_keys_revoked": 0}
 
     # Blocking a blocked user changes nothing and records nothing.
     again = await client.post(f"{USERS}/{target.user_id}/block", headers=admin.headers)
@@ -176,11 +177,17 @@ async def test_unblocking_lets_the_user_sign_in_again_but_old_sessions_stay_revo
 ) -> None:
     admin = await make_user(Role.admin)
     target = await make_user(Role.customer)
+    key = (await create_key(client, target.headers, ["account:self"]))["key"]
+    assert (await client.get("/api/v1/me", headers=key_headers(key))).status_code == 200
     await client.post(f"{USERS}/{target.user_id}/block", headers=admin.headers)
+    [blocked] = await audit_events(runtime, "admin.user_blocked")
+    assert blocked.data["api_keys_revoked"] == 1
     response = await client.post(f"{USERS}/{target.user_id}/unblock", headers=admin.headers)
     assert response.status_code == 200
     assert response.json()["status"] == "active" and response.json()["version"] == 3
     assert (await client.get(API_KEYS, headers=target.headers)).status_code == 401
+    # A key the block stopped stays stopped: it may be the one the block was for.
+    assert (await client.get("/api/v1/me", headers=key_headers(key))).status_code == 401
     [event] = await audit_events(runtime, "admin.user_unblocked")
     assert event.actor_id == admin.user_id and event.target_id == str(target.user_id)
     # Unblocking an active user is a no-op.

@@ -123,6 +123,9 @@ async def test_unknown_methods_and_roles_are_refused(
         {"methods": {"oidc:Google Accounts": True}},
         {"mfa_required_roles": ["emperor"]},
         {"methods": {"password": "maybe"}},
+        # Only JSON booleans: "yes" was read as true, 0 as false.
+        {"methods": {"password": "yes"}},
+        {"methods": {"sms_code": 0}},
         {"sms": True},
     ):
         response = await client.put(LOGIN_METHODS, headers=admin.headers, json=body)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 from sqlalchemy import exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -33,6 +33,7 @@ from soko.identity.accounts import (
 from soko.identity.audit import record_audit_event
 from soko.identity.login_methods import LoginSettings, change_login_settings, login_settings
 from soko.identity.models import (
+    ApiKey,
     AuditEvent,
     AuthSession,
     Role,
@@ -124,7 +125,7 @@ class LoginMethodsChange(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    methods: dict[str, bool] = Field(default_factory=dict, max_length=50)
+    methods: dict[str, StrictBool] = Field(default_factory=dict, max_length=50)
     mfa_required_roles: list[Role] | None = None
 
 
@@ -304,8 +305,9 @@ async def block_user(
     runtime: RuntimeDep,
     body: Annotated[BlockRequest | None, Body()] = None,
 ) -> AdminUserOut:
-    """Block the account: its sessions are revoked and its tokens and API keys refused
-    at once. Blocking a blocked user changes nothing."""
+    """Block the account: its sessions and API keys are revoked, and its tokens refused
+    at once. Unblocking brings none of them back. Blocking a blocked user changes
+    nothing."""
     user = await _user(session, user_id)
     _check_not_self(admin, user, "block")
     require_match(request, etag_for_version(user.version))
@@ -320,6 +322,13 @@ async def block_user(
     )
     if changed.rowcount == 1:  # type: ignore[attr-defined]
         revoked = await revoke_user_sessions(session, user.id, now=now, reason="user_blocked")
+        # A key made or stolen by whoever the block stops must not work again on unblock.
+        keys = await session.execute(
+            update(ApiKey)
+            .where(ApiKey.user_id == user.id, ApiKey.revoked_at.is_(None))
+            .values(revoked_at=now)
+            .execution_options(synchronize_session=False)
+        )
         invalidate_after_commit(session, principal_tag(user.id))
         await _audit(
             session,
@@ -329,7 +338,11 @@ async def block_user(
             "admin.user_blocked",
             target_type="user",
             target_id=str(user.id),
-            data={"reason": body.reason if body else "", "sessions_revoked": revoked},
+            data={
+                "reason": body.reason if body else "",
+                "sessions_revoked": revoked,
+                "api_keys_revoked": int(keys.rowcount),  # type: ignore[attr-defined]
+            },
         )
     else:
         await session.refresh(user)
@@ -349,7 +362,7 @@ async def unblock_user(
     session: SessionDep,
     runtime: RuntimeDep,
 ) -> AdminUserOut:
-    """Let a blocked user sign in again (their old sessions stay revoked)."""
+    """Let a blocked user sign in again (their old sessions and API keys stay revoked)."""
     user = await _user(session, user_id)
     require_match(request, etag_for_version(user.version))
     now = runtime.clock.now()
