@@ -186,7 +186,7 @@ async def disable_totp(
     session: SessionDep,
     runtime: RuntimeDep,
     user: AccountHolder,
-) -> None:
+) -> Response:
     """Turn two-factor sign-in off, proven with a fresh code or an unused recovery code.
     The recovery codes are deleted with the authenticator."""
     await mfa.disable_totp(
@@ -198,6 +198,7 @@ async def disable_totp(
         ip=_device(request, runtime).ip,
         request_id=_request_id(request),
     )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/recovery-codes", responses=problem_responses(400, 401, 403, 409))
