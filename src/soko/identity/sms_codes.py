@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.accounts import (
@@ -57,6 +57,7 @@ from soko.identity.signin import (
 )
 from soko.notifications.public import send_sms
 from soko.platform.crypto import digests_match, hkdf_sha256, mac
+from soko.platform.db import lock_keys
 from soko.platform.ids import uuid7
 from soko.platform.otp import numeric_code
 from soko.platform.runtime import Runtime, invalidate_after_commit
@@ -122,13 +123,7 @@ async def _lock_requests(session: AsyncSession, number_index: str, ip: str) -> N
 
     Always number first, then address, so two requests never wait on each other in a
     cycle."""
-    if session.get_bind().dialect.name != "postgresql":
-        return  # SQLite: the request's BEGIN IMMEDIATE already holds the only write lock
-    for space, key in ((PHONE_LOCK_SPACE, number_index), (ADDRESS_LOCK_SPACE, ip)):
-        await session.execute(
-            text("SELECT pg_advisory_xact_lock(:space, hashtext(:key))"),
-            {"space": space, "key": key},
-        )
+    await lock_keys(session, (PHONE_LOCK_SPACE, number_index), (ADDRESS_LOCK_SPACE, ip))
 
 
 def _seconds_until(moment: dt.datetime, now: dt.datetime) -> int:

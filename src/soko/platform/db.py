@@ -32,6 +32,7 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
@@ -154,6 +155,20 @@ def json_text(column: Any) -> ColumnElement[Any]:
     ``_JSONText``). Only for values that go straight into an answer: code that reads the
     value must select the column itself."""
     return cast(column, _JSONText()).label(column.key)
+
+
+async def lock_keys(session: AsyncSession, *keys: tuple[int, str]) -> None:
+    """Hold a transaction-scoped advisory lock on each ``(space, key)`` until commit, in
+    the order given (callers keep one order, so two never wait on each other in a
+    cycle): ``space`` is an int4 constant naming what is locked, ``key`` any text. On
+    SQLite nothing is needed: a write transaction already holds the only write lock."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for space, key in keys:
+        await session.execute(
+            text("SELECT pg_advisory_xact_lock(:space, hashtext(:key))"),
+            {"space": space, "key": key},
+        )
 
 
 def dialect_insert(where: str | AsyncSession | AsyncConnection) -> Any:

@@ -21,7 +21,7 @@ import math
 import uuid
 from typing import Final
 
-from sqlalchemy import ColumnElement, select, text, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -33,6 +33,7 @@ from soko.identity.public import (
     verified_address_indexes,
 )
 from soko.notifications.public import send_email, send_sms
+from soko.platform.db import lock_keys
 from soko.platform.errors import NotFound
 from soko.platform.ids import uuid7
 from soko.platform.runtime import Runtime
@@ -105,13 +106,10 @@ def invitation_view(
 
 
 async def _lock_limits(session: AsyncSession, inviter: uuid.UUID, address_index: str) -> None:
-    if session.get_bind().dialect.name != "postgresql":
-        return  # SQLite: the request's BEGIN IMMEDIATE already holds the only write lock
-    for space, key in ((INVITER_LOCK_SPACE, str(inviter)), (ADDRESS_LOCK_SPACE, address_index)):
-        await session.execute(
-            text("SELECT pg_advisory_xact_lock(:space, hashtext(:key))"),
-            {"space": space, "key": key},
-        )
+    # The inviter first, then the address: always that order.
+    await lock_keys(
+        session, (INVITER_LOCK_SPACE, str(inviter)), (ADDRESS_LOCK_SPACE, address_index)
+    )
 
 
 async def _check_limit(
