@@ -163,7 +163,11 @@ async def invite(
     ``role`` (owners only; not from a suspended or rejected store). An open invitation
     of the store to the same address is revoked and replaced."""
     await lock_as_owner(session, acting)
-    status = await session.scalar(select(Seller.status).where(Seller.id == acting.seller_id))
+    status, store_name = (
+        await session.execute(
+            select(Seller.status, Seller.store_name).where(Seller.id == acting.seller_id)
+        )
+    ).one()
     if status not in _INVITING_STATUSES:
         raise SellerNotActive(
             f"The store is {status}: it cannot invite anyone.", seller_status=status
@@ -213,10 +217,7 @@ async def invite(
     )
     session.add(invitation)
     await session.flush()
-    store_name = await session.scalar(
-        select(Seller.store_name).where(Seller.id == acting.seller_id)
-    )
-    subject, body = _message(runtime, str(store_name), role, target.kind)
+    subject, body = _message(runtime, store_name, role, target.kind)
     dedupe_key = f"{MESSAGE_CATEGORY}:{invitation_id}"
     if target.kind == "email":
         await send_email(
