@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -18,6 +20,8 @@ from soko.identity.login_methods import (
     mfa_required_roles,
 )
 from soko.identity.models import Role
+from soko.identity.oidc import OidcProviders
+from soko.identity.routes_oidc import oidc_providers
 from soko.platform.cache import RedisCache
 from soko.platform.clock import ManualClock
 from soko.platform.config import Settings
@@ -27,6 +31,32 @@ from tests.identity.admin_support import LOGIN_METHODS, audit_events, problem_ty
 from tests.identity.conftest import MakeUser
 
 DEFAULTS = {"oidc:apple": False, "oidc:google": False, "password": True, "sms_code": True}
+
+
+def _provider_config(issuer: str) -> dict[str, Any]:
+    return {
+        "issuer": issuer,
+        "client_id": "soko-test",
+        "client_secret": "not-a-real-secret",
+        "redirect_uris": ["https://shop.example/auth/callback"],
+    }
+
+
+@pytest.fixture(autouse=True)
+async def configured_providers(app: Any, runtime: Runtime) -> AsyncIterator[OidcProviders]:
+    """Google and a local provider configured (Apple is not): only configured providers
+    may be switched on. Nothing here reaches a provider."""
+    registry = OidcProviders.from_config(
+        {
+            "google": _provider_config("https://accounts.google.com"),
+            "local": _provider_config("https://id.shop.example"),
+        },
+        clock=runtime.clock,
+    )
+    app.dependency_overrides[oidc_providers] = lambda: registry
+    yield registry
+    app.dependency_overrides.pop(oidc_providers, None)
+    await registry.aclose()
 
 
 async def test_defaults_allow_password_and_sms_and_no_social_provider(runtime: Runtime) -> None:
@@ -138,6 +168,39 @@ async def test_unknown_methods_and_roles_are_refused(
     assert mixed.status_code == 422
     async with runtime.db.transaction(read_only=True) as session:
         assert await login_method_enabled(session, "password")
+
+
+async def test_a_provider_that_is_not_configured_cannot_be_switched_on(
+    client: httpx2.AsyncClient, runtime: Runtime, make_user: MakeUser
+) -> None:
+    admin = await make_user(Role.admin)
+    for body in (
+        {"methods": {"oidc:apple": True}},
+        {"methods": {"oidc:nobody": True}},
+        # Nothing half-applied beside it.
+        {"methods": {"oidc:google": True, "oidc:apple": True, "password": False}},
+    ):
+        refused = await client.put(LOGIN_METHODS, headers=admin.headers, json=body)
+        assert refused.status_code == 422, body
+        assert problem_type(refused) == "validation-error"
+        assert "oidc:apple" in refused.text or "oidc:nobody" in refused.text
+    async with runtime.db.transaction(read_only=True) as session:
+        assert not await login_method_enabled(session, "oidc:apple")
+        assert not await login_method_enabled(session, "oidc:google")
+        assert await login_method_enabled(session, "password")
+    assert await audit_events(runtime, "admin.login_methods_changed") == []
+
+    # Switching one off needs no configuration: a provider removed from the settings
+    # can still be turned off.
+    off = await client.put(
+        LOGIN_METHODS, headers=admin.headers, json={"methods": {"oidc:apple": False}}
+    )
+    assert off.status_code == 200, off.text
+    on = await client.put(
+        LOGIN_METHODS, headers=admin.headers, json={"methods": {"oidc:google": True}}
+    )
+    assert on.status_code == 200, on.text
+    assert on.json()["methods"]["oidc:google"] is True
 
 
 async def test_a_change_reaches_another_process_without_a_restart(

@@ -31,7 +31,12 @@ from soko.identity.accounts import (
     user_roles,
 )
 from soko.identity.audit import record_audit_event
-from soko.identity.login_methods import LoginSettings, change_login_settings, login_settings
+from soko.identity.login_methods import (
+    OIDC_PREFIX,
+    LoginSettings,
+    change_login_settings,
+    login_settings,
+)
 from soko.identity.models import (
     ApiKey,
     AuditEvent,
@@ -44,6 +49,7 @@ from soko.identity.models import (
 )
 from soko.identity.permissions import AUDIT_READ, IDENTITY_SETTINGS, USERS_MANAGE, USERS_READ
 from soko.identity.routes_audit import AuditEventFields, AuditEventOut
+from soko.identity.routes_oidc import ProvidersDep
 from soko.identity.schemas import UserOut
 from soko.identity.sessions import revoke_user_sessions
 from soko.identity.signin import RequestFacts
@@ -507,9 +513,24 @@ async def change_login_methods(
     request: Request,
     session: SessionDep,
     runtime: RuntimeDep,
+    providers: ProvidersDep,
 ) -> LoginMethodsOut:
     """Switch sign-in methods on or off and choose the roles that must use MFA; every
-    process applies the change from its next sign-in."""
+    process applies the change from its next sign-in. A social provider is switched on
+    only once it is configured (``SOKO_OIDC_PROVIDERS``); switching one off always works."""
+    unconfigured = sorted(
+        name
+        for name, on in (change.methods or {}).items()
+        if on
+        and name.startswith(OIDC_PREFIX)
+        and name.removeprefix(OIDC_PREFIX) not in providers.names()
+    )
+    if unconfigured:
+        raise ValidationFailed.of_field(
+            "methods",
+            f"not configured in SOKO_OIDC_PROVIDERS, so they cannot be switched on: "
+            f"{', '.join(unconfigured)}",
+        )
     before = await login_settings(session)
     try:
         after = await change_login_settings(
