@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -78,6 +79,16 @@ class AuthSession(UUIDPrimaryKey, Base):
     """One sign-in on one device; refresh tokens rotate within it."""
 
     __tablename__ = "auth_sessions"
+    __table_args__ = (
+        # For the retention purge (soko.identity.retention): ended sessions by time.
+        Index("ix_auth_sessions_expires_at", "expires_at"),
+        Index(
+            "ix_auth_sessions_revoked_at",
+            "revoked_at",
+            postgresql_where=text("revoked_at IS NOT NULL"),
+            sqlite_where=text("revoked_at IS NOT NULL"),
+        ),
+    )
 
     user_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("users.id", ondelete="CASCADE"), index=True
@@ -125,6 +136,7 @@ class VerificationToken(UUIDPrimaryKey, Base):
     """A single-use link token (email verification, password reset), stored hashed."""
 
     __tablename__ = "verification_tokens"
+    __table_args__ = (Index("ix_verification_tokens_expires_at", "expires_at"),)
 
     user_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("users.id", ondelete="CASCADE"), index=True
@@ -140,7 +152,10 @@ class OneTimeCode(UUIDPrimaryKey, Base):
     """An SMS code for one phone and one purpose; at most N guesses, single use."""
 
     __tablename__ = "one_time_codes"
-    __table_args__ = (Index("ix_one_time_codes_phone_created", "phone_index", "created_at"),)
+    __table_args__ = (
+        Index("ix_one_time_codes_phone_created", "phone_index", "created_at"),
+        Index("ix_one_time_codes_expires_at", "expires_at"),
+    )
 
     phone_index: Mapped[str] = mapped_column(String(64))
     purpose: Mapped[str] = mapped_column(String(32))
@@ -191,6 +206,7 @@ class MfaChallenge(UUIDPrimaryKey, Base):
     """A half-finished sign-in waiting for its second factor."""
 
     __tablename__ = "mfa_challenges"
+    __table_args__ = (Index("ix_mfa_challenges_expires_at", "expires_at"),)
 
     user_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("users.id", ondelete="CASCADE"), index=True

@@ -97,13 +97,20 @@ async def purge_ended_sessions(
     cutoff = now - keep
     ended = or_(_SESSIONS.c.revoked_at < cutoff, _SESSIONS.c.expires_at < cutoff)
     # An ended session never comes back: revoked stays revoked, expired stays expired.
-    picked = list(
-        (
-            await session.scalars(
-                select(_SESSIONS.c.id).where(ended).order_by(_SESSIONS.c.id).limit(limit)
-            )
-        ).all()
-    )
+    # Each pick reads a range of its own index (expires_at; revoked_at where revoked),
+    # so a run with nothing due reads nothing.
+    chosen: dict[Any, None] = {}
+    for column in (_SESSIONS.c.expires_at, _SESSIONS.c.revoked_at):
+        if len(chosen) >= limit:
+            break
+        found = await session.scalars(
+            select(_SESSIONS.c.id)
+            .where(column < cutoff)
+            .order_by(column)
+            .limit(limit - len(chosen))
+        )
+        chosen.update(dict.fromkeys(found.all()))
+    picked = list(chosen)
     if not picked:
         return 0, 0, False
     tokens = await purge_batch(
@@ -147,7 +154,7 @@ async def purge_spent_secrets(
             session,
             table,
             [table.c.expires_at < cutoff, *extra],
-            order_by=[table.c.id],
+            order_by=[table.c.expires_at],
             limit=limit,
         )
         counts.append(len(rows))

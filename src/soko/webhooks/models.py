@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Mapped, mapped_column
@@ -103,6 +104,13 @@ class WebhookDelivery(UUIDPrimaryKey, Base):
         # "Redeliver everything that failed since": by endpoint, status and time.
         Index(
             "ix_webhooks_deliveries_endpoint_status_created", "endpoint_id", "status", "created_at"
+        ),
+        # The retention purge: finished deliveries by the time they finished.
+        Index(
+            "ix_webhooks_deliveries_completed_at",
+            "completed_at",
+            postgresql_where=text("completed_at IS NOT NULL"),
+            sqlite_where=text("completed_at IS NOT NULL"),
         ),
     )
 

@@ -45,15 +45,15 @@ async def purge_finished_deliveries(
     cutoff = now - keep
     table = _DELIVERIES
     conditions = [table.c.status.in_(FINISHED), table.c.completed_at < cutoff]
-    # Oldest first along the primary key (time-ordered ids); the picked rows are locked
-    # on PostgreSQL, so a redelivery waits and then finds them gone (404), or ran first
-    # and they are not picked. SQLite has one writer: nothing changes meanwhile.
+    # Oldest first along the index of finishing times; the picked rows are locked on
+    # PostgreSQL, so a redelivery waits and then finds them gone (404), or ran first and
+    # they are not picked. SQLite has one writer: nothing changes meanwhile.
     picked = list(
         (
             await session.scalars(
                 select(table.c.id)
                 .where(*conditions)
-                .order_by(table.c.id)
+                .order_by(table.c.completed_at)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
             )
