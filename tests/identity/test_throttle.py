@@ -267,6 +267,23 @@ async def test_stale_rows_are_cleaned_up(runtime: Runtime, clock: ManualClock) -
     assert await failures_of(runtime, waiting) == 20
 
 
+async def test_stale_rows_go_in_bounded_batches(runtime: Runtime, clock: ManualClock) -> None:
+    # After failures from many addresses, each run deletes at most its batch; the
+    # waiting account's row is never among them.
+    waiting = account_key("waiting")
+    for _ in range(20):
+        await fail(runtime, [waiting])
+    for n in range(7):
+        await fail(runtime, [ip_key(f"192.0.2.{n}")])
+    clock.advance(dt.timedelta(minutes=10))
+    batches = []
+    for _ in range(4):
+        async with runtime.db.transaction() as session:
+            batches.append(await throttle.forget_stale(session, clock, older_than=300, limit=3))
+    assert batches == [3, 3, 1, 0]
+    assert await failures_of(runtime, waiting) == 20
+
+
 async def test_parallel_guesses_get_no_more_than_the_free_attempts(
     runtime: Runtime, clock: ManualClock
 ) -> None:

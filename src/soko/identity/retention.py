@@ -48,6 +48,7 @@ PURGE_JOB = "identity.purge_expired"
 SESSION_BATCH = 500
 TOKEN_BATCH = 5000
 SECRET_BATCH = 1000
+THROTTLE_BATCH = 10_000
 # How long spent codes, link tokens and MFA challenges outlive their expiry: the daily
 # caps of codes look back a day (sms_codes.DAY); MFA's failure window, an hour.
 SPENT_MARGIN = DAY
@@ -169,7 +170,9 @@ async def purge_identity(
     now = clock.now()
     sessions, tokens, sessions_full = await purge_ended_sessions(session, now, keep=keep)
     codes, links, challenges, secrets_full = await purge_spent_secrets(session, now)
-    throttles = await throttle.forget_stale(session, clock, older_than=THROTTLE_STALE_SECONDS)
+    throttles = await throttle.forget_stale(
+        session, clock, older_than=THROTTLE_STALE_SECONDS, limit=THROTTLE_BATCH
+    )
     return IdentityPurged(
         sessions=sessions,
         refresh_tokens=tokens,
@@ -177,7 +180,7 @@ async def purge_identity(
         verification_tokens=links,
         mfa_challenges=challenges,
         throttles=throttles,
-        full=sessions_full or secrets_full,
+        full=sessions_full or secrets_full or throttles >= THROTTLE_BATCH,
     )
 
 

@@ -319,14 +319,24 @@ async def record_success(session: AsyncSession, key: ThrottleKey) -> None:
     await session.execute(_FORGET, {"throttle_key": key.key})
 
 
-async def forget_stale(session: AsyncSession, clock: Clock, *, older_than: float) -> int:
-    """Delete rows whose last failure is older than ``older_than`` seconds and that no
-    longer make anyone wait; for a daily job. Returns how many went."""
+async def forget_stale(
+    session: AsyncSession, clock: Clock, *, older_than: float, limit: int = 10_000
+) -> int:
+    """Delete up to ``limit`` rows whose last failure is older than ``older_than``
+    seconds and that no longer make anyone wait; for the hourly purge, which runs again
+    while a batch comes back full (after a credential-stuffing run from many addresses,
+    say). Returns how many went.
+
+    The table has no index on ``updated_at`` on purpose: every sign-in updates it, and
+    the rows are few (one per account or address with recent failures), so the hourly
+    pick reads the table rather than every sign-in paying for an index."""
     now = clock.now()
+    stale = (
+        LoginThrottle.updated_at < now - dt.timedelta(seconds=older_than),
+        (LoginThrottle.blocked_until.is_(None)) | (LoginThrottle.blocked_until <= now),
+    )
+    picked = select(LoginThrottle.key).where(*stale).limit(limit).scalar_subquery()
     result = await session.execute(
-        delete(LoginThrottle).where(
-            LoginThrottle.updated_at < now - dt.timedelta(seconds=older_than),
-            (LoginThrottle.blocked_until.is_(None)) | (LoginThrottle.blocked_until <= now),
-        )
+        delete(LoginThrottle).where(LoginThrottle.key.in_(picked), *stale)
     )
     return int(getattr(result, "rowcount", 0) or 0)
