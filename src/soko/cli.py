@@ -80,10 +80,13 @@ def version() -> None:
 
 @app.command("check-config")
 def check_config() -> None:
-    """Validate the configuration and print what it resolves to (secrets hidden)."""
+    """Validate the configuration and print a summary of it (secrets hidden); exit 2 on
+    anything `soko serve` or `soko worker` would refuse."""
     settings = _settings()
     problems = settings.multi_process_problems()
     out.print(f"environment      {settings.env.value}")
+    out.print(f"public URL       {settings.public_url}")
+    out.print(f"app URL          {settings.app_url or '(none: the pages Soko serves)'}")
     out.print(f"database         {_redact_url(settings.effective_database_url)}")
     out.print(f"redis            {_redact_url(settings.redis_url) or '(none)'}")
     out.print(
@@ -94,7 +97,8 @@ def check_config() -> None:
     out.print(f"data directory   {settings.data_dir}")
     if problems:
         for line in problems:
-            err.print(f"[yellow]warning:[/] {line}", highlight=False)
+            err.print(f"[bold red]invalid configuration:[/] {line}", highlight=False)
+        raise typer.Exit(2)
     out.print("[green]configuration is valid[/]")
 
 
@@ -132,8 +136,14 @@ def serve(
         for line in problems:
             err.print(f"[bold red]refusing to start:[/] {line}", highlight=False)
         raise typer.Exit(2)
+    # Every process builds its settings from the environment: the options go there,
+    # so the default SOKO_PUBLIC_URL follows the port actually served.
     if workers:
         os.environ["SOKO_WORKERS"] = str(workers)
+    if host:
+        os.environ["SOKO_HOST"] = host
+    if port:
+        os.environ["SOKO_PORT"] = str(port)
     out.print(
         f"Soko {soko.__version__} serving on http://{host or settings.host}:{port or settings.port}"
         f" ({processes} process{'es' if processes > 1 else ''}, {settings.env.value})"

@@ -100,11 +100,44 @@ def test_check_config_hides_the_database_password(workdir: Path) -> None:
     assert "db.internal" in result.stdout
 
 
-def test_check_config_warns_about_several_processes_in_memory(workdir: Path) -> None:
-    result = CliRunner().invoke(app, ["check-config"], env={"SOKO_WORKERS": "3"})
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"SOKO_WORKERS": "3"}, "SOKO_WORKERS=3"),
+        ({"SOKO_OUTBOX_DISPATCH": "worker"}, "SOKO_OUTBOX_DISPATCH=worker"),
+    ],
+)
+def test_check_config_refuses_several_processes_in_memory_as_serve_does(
+    workdir: Path, env: dict[str, str], named: str
+) -> None:
+    # What `soko serve` and `soko worker` refuse, check-config refuses too.
+    result = CliRunner().invoke(app, ["check-config"], env=env)
+    assert result.exit_code == 2, result.output
+    assert "invalid configuration:" in result.stderr
+    assert named in result.stderr
+    assert "configuration is valid" not in result.stdout
+
+
+def test_check_config_shows_the_public_url_it_derives(workdir: Path) -> None:
+    result = CliRunner().invoke(app, ["check-config"], env={"SOKO_PORT": "8123"})
     assert result.exit_code == 0, result.output
-    assert "warning:" in result.stderr
-    assert "SOKO_WORKERS=3" in result.stderr
+    assert "http://127.0.0.1:8123" in result.stdout
+
+
+def test_check_config_refuses_a_signing_keys_file_it_cannot_read(workdir: Path) -> None:
+    missing = workdir / "nowhere" / "keys.pem"
+    result = CliRunner().invoke(
+        app, ["check-config"], env={"SOKO_TOKEN_SIGNING_KEYS_FILE": str(missing)}
+    )
+    assert result.exit_code == 2, result.output
+    assert "SOKO_TOKEN_SIGNING_KEYS_FILE: cannot be read" in result.output
+    garbage = workdir / "keys.pem"
+    garbage.write_text("not a key\n")
+    result = CliRunner().invoke(
+        app, ["check-config"], env={"SOKO_TOKEN_SIGNING_KEYS_FILE": str(garbage)}
+    )
+    assert result.exit_code == 2, result.output
+    assert "is not a PEM bundle" in result.output
 
 
 def test_check_config_refuses_bad_values_one_line_each(workdir: Path) -> None:
@@ -147,7 +180,7 @@ def test_serve_refuses_several_processes_with_memory_backends(workdir: Path) -> 
     assert result.exit_code == 2
     assert "refusing to start" in result.stderr
     assert "SOKO_WORKERS=2" in result.stderr
-    assert "cache, rate limits, pub/sub" in result.stderr
+    assert "cache, rate limits and pub/sub" in result.stderr
     assert "serving on" not in result.stdout
 
 

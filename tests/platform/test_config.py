@@ -52,6 +52,7 @@ def _production(**env: str) -> dict[str, str]:
     """A production configuration that starts, with ``env`` on top."""
     values = {
         "SOKO_ENV": "production",
+        "SOKO_PUBLIC_URL": "https://api.shop.example",
         "SOKO_SECRET_KEY": GOOD_SECRET,
         "SOKO_DATABASE_URL": POSTGRES,
         "SOKO_ENCRYPTION_KEYS": PRODUCTION_KEYS["encryption"],
@@ -204,6 +205,7 @@ def test_compose_passes_every_setting_production_requires() -> None:
     compose = (ROOT / "compose.yaml").read_text()
     required = (
         "SOKO_ENV",
+        "SOKO_PUBLIC_URL",
         "SOKO_SECRET_KEY",
         "SOKO_ENCRYPTION_KEYS",
         "SOKO_BLIND_INDEX_KEY",
@@ -234,6 +236,7 @@ def test_compose_passes_every_setting_production_requires() -> None:
     ("env", "variable"),
     [
         pytest.param({"SOKO_SECRET_KEY": ""}, "SOKO_SECRET_KEY", id="missing-secret"),
+        pytest.param({"SOKO_PUBLIC_URL": ""}, "SOKO_PUBLIC_URL", id="missing-public-url"),
         pytest.param(
             {"SOKO_ENCRYPTION_KEYS": ""}, "SOKO_ENCRYPTION_KEYS", id="missing-encryption-keys"
         ),
@@ -313,9 +316,10 @@ def test_production_lists_every_refusal_at_once() -> None:
     problems = _problems(
         SOKO_ENV="production", SOKO_CORS_ORIGINS="*", SOKO_WORKERS="2", SOKO_SECRET_KEY=""
     )
-    assert len(problems) == 10, problems
+    assert len(problems) == 11, problems
     joined = "\n".join(problems)
     for variable in (
+        "SOKO_PUBLIC_URL",
         "SOKO_PAYMENT_PROVIDERS",
         "SOKO_NOTIFICATIONS_EMAIL_PROVIDER",
         "SOKO_NOTIFICATIONS_SMS_PROVIDER",
@@ -328,6 +332,29 @@ def test_production_lists_every_refusal_at_once() -> None:
         "SOKO_TOKEN_SIGNING_KEYS",
     ):
         assert variable in joined
+
+
+def test_the_public_url_follows_the_port_unless_set() -> None:
+    derived = Settings(_env_file=None, port=8123)  # type: ignore[call-arg]
+    assert derived.public_url == "http://127.0.0.1:8123"
+    assert derived.effective_token_issuer == "http://127.0.0.1:8123"
+    assert derived.effective_app_url == "http://127.0.0.1:8123"
+    everywhere = Settings(_env_file=None, host="0.0.0.0", port=80)  # type: ignore[call-arg]
+    assert everywhere.public_url == "http://127.0.0.1:80"
+    v6 = Settings(_env_file=None, host="::1", port=8000)  # type: ignore[call-arg]
+    assert v6.public_url == "http://[::1]:8000"
+    given = Settings(  # type: ignore[call-arg]
+        _env_file=None, port=8123, public_url="https://api.shop.example/", app_url=""
+    )
+    assert given.public_url == "https://api.shop.example"
+    assert given.effective_app_url == "https://api.shop.example"
+
+
+@pytest.mark.parametrize("value", ["ftp://x.example", "api.shop.example", "https://x.example/?a=1"])
+@pytest.mark.parametrize("variable", ["SOKO_PUBLIC_URL", "SOKO_APP_URL"])
+def test_base_urls_must_be_absolute_http_urls(variable: str, value: str) -> None:
+    [problem] = _problems(**{variable: value})
+    assert problem.startswith(f"{variable}: ")
 
 
 def test_development_allows_what_production_refuses() -> None:
@@ -345,21 +372,22 @@ def test_one_process_may_keep_everything_in_memory() -> None:
 @pytest.mark.parametrize(
     ("overrides", "in_memory"),
     [
-        ({}, ["cache", "rate limits", "pub/sub"]),
-        ({"cache_backend": "redis"}, ["rate limits", "pub/sub"]),
-        ({"cache_backend": "redis", "ratelimit_backend": "redis"}, ["pub/sub"]),
-        ({"pubsub_backend": "redis"}, ["cache", "rate limits"]),
+        ({}, "the cache, rate limits and pub/sub are kept"),
+        ({"cache_backend": "redis"}, "the rate limits and pub/sub are kept"),
+        ({"cache_backend": "redis", "ratelimit_backend": "redis"}, "the pub/sub is kept"),
+        ({"pubsub_backend": "redis"}, "the cache and rate limits are kept"),
+        ({"pubsub_backend": "redis", "ratelimit_backend": "redis"}, "the cache is kept"),
     ],
 )
 def test_several_processes_name_what_is_still_in_memory(
-    overrides: dict[str, str], in_memory: list[str]
+    overrides: dict[str, str], in_memory: str
 ) -> None:
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None, workers=3, redis_url="redis://127.0.0.1:6379/0", **overrides
     )
     problems = settings.multi_process_problems()
     assert len(problems) == 1
-    assert f"but {', '.join(in_memory)} still live" in problems[0]
+    assert f"but {in_memory} in each process's own memory" in problems[0]
     assert "SOKO_WORKERS=3" in problems[0]
 
 

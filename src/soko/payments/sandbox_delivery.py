@@ -411,11 +411,20 @@ async def _deliver_after_commit(runtime: Runtime, payload: dict[str, Any], attem
     try:
         await post_webhook(runtime, payload["body"])
     except Exception as exc:
+        # The address is named: a wrong SOKO_PUBLIC_URL (another port, say) shows here.
+        url = webhook_url(runtime.settings)
         if attempt >= runtime.settings.outbox_max_attempts:
-            log.error("a sandbox webhook delivery gave up", attempts=attempt, error=str(exc))
+            log.error(
+                "a sandbox webhook delivery gave up", url=url, attempts=attempt, error=str(exc)
+            )
             return
         delay = runtime.dispatcher.backoff(attempt)
-        log.warning("a sandbox webhook delivery failed; retrying", attempt=attempt, error=str(exc))
+        log.warning(
+            "a sandbox webhook delivery failed; retrying",
+            url=url,
+            attempt=attempt,
+            error=str(exc),
+        )
         retry = {"body": payload["body"], "attempt": attempt + 1}
         try:
             async with runtime.db.transaction() as session:

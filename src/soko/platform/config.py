@@ -14,8 +14,16 @@ import stat
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from soko.platform.files import publish_once
@@ -81,7 +89,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=256, description="API processes started by `soko serve`")
-    public_url: str = "http://127.0.0.1:8000"
+    # The address clients reach this API at (links to it, webhook and callback URLs,
+    # the tokens' issuer). Empty: http://<host>:<port>, which is right on a laptop only.
+    public_url: str = ""
+    # The marketplace's own app or site, where links in emails and SMS lead
+    # (<app_url>/verify-email?token=..., /reset-password?token=..., /store-invitations).
+    # Empty: Soko's own plain pages at SOKO_PUBLIC_URL.
+    app_url: str = ""
+    _public_url_derived: bool = PrivateAttr(False)
 
     database_url: str = ""
     # All kept open once opened, none beyond: an overflow connection is closed as soon
@@ -338,6 +353,37 @@ class Settings(BaseSettings):
                 raise ValueError("is not a PEM bundle of Ed25519 or P-256 private keys") from None
         return value
 
+    @field_validator("token_signing_keys_file")
+    @classmethod
+    def _token_signing_keys_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return value
+        try:
+            text = value.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ValueError(f"cannot be read: {reason}") from None
+        from soko.platform.tokens import KeyRing
+
+        try:
+            KeyRing.from_pem_bundle(text)
+        except Exception:
+            raise ValueError("is not a PEM bundle of Ed25519 or P-256 private keys") from None
+        return value
+
+    @field_validator("public_url", "app_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must have no query or fragment")
+        return value.rstrip("/")
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
@@ -358,6 +404,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
+        if not self.public_url:
+            # Where this process serves, as a client on this machine reaches it.
+            # Bound to every interface: this machine reaches it at the loopback address.
+            wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
+            host = wildcard.get(self.host, self.host)
+            if ":" in host:
+                host = f"[{host}]"
+            self.public_url = f"http://{host}:{self.port}"
+            self._public_url_derived = True
         problems = []
         uses_redis = Backend.redis in (
             self.cache_backend,
@@ -381,6 +436,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'soko.db').as_posix()}"
+
+    @property
+    def effective_app_url(self) -> str:
+        """Where links in messages lead: the marketplace's app, or Soko's own pages."""
+        return (self.app_url or self.public_url).rstrip("/")
 
     @property
     def effective_token_issuer(self) -> str:
@@ -408,11 +468,17 @@ class Settings(BaseSettings):
         memory = self.in_memory_shared_concerns()
         if not memory:
             return []
+        reasons = []
+        if processes > 1:
+            reasons.append(f"{processes} API processes (SOKO_WORKERS={processes})")
+        if self.outbox_dispatch is OutboxDispatch.worker:
+            reasons.append("`soko worker` processes running the jobs (SOKO_OUTBOX_DISPATCH=worker)")
+        kept = memory[0] if len(memory) == 1 else f"{', '.join(memory[:-1])} and {memory[-1]}"
+        verb = "are" if len(memory) > 1 or memory[0] == "rate limits" else "is"
         return [
-            f"several processes are configured (SOKO_WORKERS={processes}, "
-            f"SOKO_OUTBOX_DISPATCH={self.outbox_dispatch.value}) but "
-            f"{', '.join(memory)} still live in one process's memory: set "
-            "SOKO_REDIS_URL and SOKO_CACHE_BACKEND, SOKO_RATELIMIT_BACKEND and "
+            f"this configuration runs {' and '.join(reasons)}, but the {kept} {verb} kept in "
+            "each process's own memory, so the processes would not see each other's: set "
+            "SOKO_REDIS_URL, and SOKO_CACHE_BACKEND, SOKO_RATELIMIT_BACKEND and "
             "SOKO_PUBSUB_BACKEND to redis"
         ]
 
@@ -493,6 +559,11 @@ class Settings(BaseSettings):
             )
         if self.is_sqlite:
             problems.append("SOKO_DATABASE_URL must point at PostgreSQL in production")
+        if self._public_url_derived:
+            problems.append(
+                "SOKO_PUBLIC_URL must be set in production to the address clients reach the "
+                "API at (links, webhook URLs and the tokens' issuer are built from it)"
+            )
         if "sandbox" in self.payment_providers:
             problems.append(
                 "SOKO_PAYMENT_PROVIDERS may not include sandbox in production (its page "
