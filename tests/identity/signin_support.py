@@ -98,7 +98,7 @@ async def mailed_token(runtime: Runtime, to: str, page: str) -> str:
     """The token of the newest ``page`` link mailed to ``to``."""
     messages = [m for m in await mailed(runtime, to) if f"/{page}?token=" in m["text"]]
     assert messages, f"no {page} link was mailed"
-    assert messages[-1]["text"].count(runtime.settings.public_url.rstrip("/") + "/" + page) == 1
+    assert messages[-1]["text"].count(f"{runtime.settings.effective_app_url}/{page}?token=") == 1
     return link_token(messages[-1], page)
 
 

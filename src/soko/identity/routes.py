@@ -13,6 +13,7 @@ from soko.identity import (
     routes_mfa,
     routes_oidc,
     routes_otp,
+    routes_pages,
     routes_wellknown,
 )
 
@@ -27,6 +28,8 @@ router.include_router(routes_apikeys.router, prefix="/me/api-keys", tags=["accou
 router.include_router(routes_admin.router, prefix="/admin", tags=["administration"])
 router.include_router(routes_audit.router, prefix="/admin", tags=["administration"])
 
-# Served at the site root, outside /api/v1: the public signing keys.
+# Served at the site root, outside /api/v1: the public signing keys, and the pages the
+# links in emails open when the marketplace has none of its own.
 root_router = APIRouter()
 root_router.include_router(routes_wellknown.router, tags=["sign-in"])
+root_router.include_router(routes_pages.router)

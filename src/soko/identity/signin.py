@@ -388,7 +388,9 @@ async def _spend_link_token(session: AsyncSession, runtime: Runtime, token_id: u
 
 
 def _link(runtime: Runtime, path: str, token: str) -> str:
-    return f"{runtime.settings.public_url.rstrip('/')}/{path}?token={token}"
+    """``<SOKO_APP_URL>/<path>?token=...``: the marketplace's own page, or Soko's
+    (``routes_pages``) when it has none."""
+    return f"{runtime.settings.effective_app_url}/{path}?token={token}"
 
 
 async def send_email_verification(

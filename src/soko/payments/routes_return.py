@@ -15,11 +15,11 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
 from soko.platform.auth import Principal, public
+from soko.platform.pages import plain_page
 
 router = APIRouter(include_in_schema=False)
 Visitor = Annotated[Principal | None, public()]
 
-_STYLE = "body{font-family:system-ui,sans-serif;max-width:32rem;margin:2rem auto;padding:0 1rem}"
 # Words the providers put in the return URL for a payment that did not go through.
 _NOT_PAID = frozenset({"failed", "abandoned", "cancelled", "canceled", "declined"})
 
@@ -35,17 +35,4 @@ async def payment_return(_visitor: Visitor, status: str = "") -> HTMLResponse:
             "Your payment is being confirmed with the payment provider. Your orders show "
             "it as paid within a few seconds; you may close this page."
         )
-    html = (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{title}</title><style>{_STYLE}</style></head>"
-        f"<body><h1>{title}</h1><p>{text}</p></body></html>"
-    )
-    return HTMLResponse(
-        html,
-        headers={
-            "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; "
-            "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
-            "cache-control": "no-store",
-        },
-    )
+    return plain_page(title, f"<p>{text}</p>")

@@ -23,7 +23,7 @@ import hashlib
 import math
 from html import escape
 from typing import Annotated
-from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -41,6 +41,7 @@ from soko.payments.sandbox_models import ChargeStatus, SandboxCharge
 from soko.platform.auth import Principal, public
 from soko.platform.http import register_secret_path_prefix
 from soko.platform.money import MINOR_UNITS
+from soko.platform.pages import FormError, one_field, read_form
 from soko.platform.runtime import RuntimeDep, SessionDep
 
 router = APIRouter(include_in_schema=False)
@@ -180,58 +181,36 @@ async def payment_page(
     return _page("Pay with the sandbox", _summary(charge) + form, return_url=charge.return_url)
 
 
-class _FormError(ValueError):
-    pass
-
-
 def _read_choice(
     fields: dict[str, list[str]], default_delay: float, default_duplicates: int
 ) -> tuple[ChargeStatus, DeliveryPlan]:
     def one(name: str) -> str | None:
-        values = fields.get(name)
-        if not values:
-            return None
-        if len(values) > 1:
-            raise _FormError(f"{name} is given more than once")
-        return values[0].strip()
+        value = one_field(fields, name)
+        return None if value is None else value.strip()
 
     outcome_text = one("outcome")
     outcome = next((o for o in OUTCOMES if o.value == outcome_text), None)
     if outcome is None:
-        raise _FormError("choose succeed, fail or abandon")
+        raise FormError("choose succeed, fail or abandon")
     delay_text = one("delay_seconds")
     delay = default_delay
     if delay_text:
         try:
             delay = float(delay_text)
         except ValueError:
-            raise _FormError("the delay must be a number of seconds") from None
+            raise FormError("the delay must be a number of seconds") from None
         if not math.isfinite(delay) or not 0 <= delay <= MAX_DELAY_SECONDS:
-            raise _FormError(f"the delay must be between 0 and {MAX_DELAY_SECONDS:g} seconds")
+            raise FormError(f"the delay must be between 0 and {MAX_DELAY_SECONDS:g} seconds")
     duplicates_text = one("duplicates")
     duplicates = default_duplicates
     if duplicates_text:
         if not duplicates_text.isdecimal() or len(duplicates_text) > 3:
-            raise _FormError("duplicates must be a whole number")
+            raise FormError("duplicates must be a whole number")
         duplicates = int(duplicates_text)
         if duplicates > MAX_DUPLICATES:
-            raise _FormError(f"duplicates must be between 0 and {MAX_DUPLICATES}")
+            raise FormError(f"duplicates must be between 0 and {MAX_DUPLICATES}")
     stale = one("stale_pending") in ("1", "on", "true")
     return outcome, DeliveryPlan(delay, duplicates, stale)
-
-
-async def _form_fields(request: Request) -> dict[str, list[str]]:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/x-www-form-urlencoded":
-        raise _FormError("send the page's form")
-    raw = await request.body()
-    try:
-        text = raw.decode("utf-8")
-        return parse_qs(
-            text, keep_blank_values=True, strict_parsing=False, max_num_fields=MAX_FORM_FIELDS
-        )
-    except (UnicodeDecodeError, ValueError):
-        raise _FormError("the form could not be read") from None
 
 
 def return_location(return_url: str, reference: str, status: str) -> str:
@@ -255,11 +234,11 @@ async def choose_outcome(
     await sandbox_state(runtime).writes_settled()
     settings = runtime.settings
     try:
-        fields = await _form_fields(request)
+        fields = await read_form(request, max_fields=MAX_FORM_FIELDS)
         outcome, plan = _read_choice(
             fields, settings.sandbox_delay_seconds, settings.sandbox_duplicate_deliveries
         )
-    except _FormError as exc:
+    except FormError as exc:
         return _page("Payment not changed", f"<p>{escape(str(exc))}.</p>", status=422)
     now = runtime.clock.now()
     charge: SandboxCharge | None = (

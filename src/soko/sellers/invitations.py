@@ -138,7 +138,7 @@ async def _check_limit(
 
 def _message(runtime: Runtime, store_name: str, role: SellerRole, kind: str) -> tuple[str, str]:
     """The subject and the text of an invitation (an SMS sends the text alone)."""
-    link = f"{runtime.settings.public_url.rstrip('/')}/store-invitations"
+    link = f"{runtime.settings.effective_app_url}/store-invitations"
     article = "an" if role.value[0] in "aeiou" else "a"
     subject = f"You are invited to join {store_name} on Soko"
     where = "this email address" if kind == "email" else "this phone number"

@@ -9,10 +9,18 @@ import uuid
 from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import HTMLResponse
 from sqlalchemy import Select, select
 
 from soko.identity.public import SELLERS_REVIEW, record_audit_event
-from soko.platform.auth import SESSION_ONLY, MaybePrincipal, Principal, SignedIn, require
+from soko.platform.auth import (
+    SESSION_ONLY,
+    MaybePrincipal,
+    Principal,
+    SignedIn,
+    public,
+    require,
+)
 from soko.platform.errors import NotFound, problem_responses
 from soko.platform.etag import (
     etag_for_content,
@@ -21,6 +29,7 @@ from soko.platform.etag import (
     tag_response,
 )
 from soko.platform.http import client_ip
+from soko.platform.pages import plain_page
 from soko.platform.pagination import (
     FieldSelection,
     Keyset,
@@ -654,4 +663,26 @@ async def reinstate_seller(
 ) -> AdminSellerDetail:
     return await _decide(
         service.REINSTATE, reviewer, seller_id, body.reason, request, session, runtime
+    )
+
+
+# -- the page an invitation's message links to -----------------------------------------
+
+# Served at the site root, outside /api/v1, when the marketplace has no page of its own
+# (SOKO_APP_URL empty): it says how to answer, and reads nothing.
+root_router = APIRouter(include_in_schema=False)
+
+
+@root_router.get("/store-invitations", response_class=HTMLResponse)
+async def store_invitations_page(
+    _visitor: Annotated[Principal | None, public()],
+) -> HTMLResponse:
+    return plain_page(
+        "Your store invitations",
+        "<p>To accept or decline an invitation to join a store, sign in to the "
+        "marketplace with the email address or phone number the invitation was sent to "
+        "(verified), and open your store invitations. An invitation lasts 7 days.</p>"
+        "<p>For developers: <code>GET /api/v1/me/store-invitations</code>, then "
+        "<code>POST /api/v1/me/store-invitations/{id}/accept</code> or "
+        "<code>/decline</code>.</p>",
     )
