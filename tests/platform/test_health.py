@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from sqlalchemy import text
 
 from soko.app import create_app
 from soko.platform.clock import ManualClock
+from soko.platform.logging import configure_logging
 from soko.platform.outbox import MessageKind, add_message
 from soko.platform.runtime import Runtime
 from soko.platform.schema import migrations_location, revisions
@@ -227,6 +230,20 @@ async def test_a_database_never_migrated_is_not_ready_and_says_so_at_start(
             assert response.status_code == 503
             assert response.json()["checks"]["schema"]["state"] == "unmigrated"
             assert response.json()["checks"]["database"]["status"] == "up"
+            # A request reaching a table that is not there: the service is not ready,
+            # not broken (503 with a retry, not a 500 and a traceback).
+            stream = io.StringIO()
+            configure_logging(settings, stream=stream)
+            products = await client.get("/api/v1/products")
+            assert products.status_code == 503, products.text
+            assert products.headers["content-type"] == "application/problem+json"
+            assert products.json()["type"] == "/problems/service-unavailable"
+            assert products.headers["retry-after"] == "60"
+            lines = [json.loads(line) for line in stream.getvalue().splitlines() if line]
+            [line] = [line for line in lines if line["logger"] == "soko.http"]
+            assert line["event"] == "database schema not ready: run `soko migrate upgrade`"
+            assert line["level"] == "error" and "exception" not in line
+            assert "no such table" in line["error"]
     finally:
         await runtime.stop()
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import DBAPIError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -22,6 +23,7 @@ from soko.platform.errors import (
     BadRequest,
     PayloadTooLarge,
     ProblemError,
+    ServiceUnavailable,
     ValidationFailed,
     problem_body,
     problem_response,
@@ -36,6 +38,25 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 OPERATIONAL_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 log = structlog.get_logger("soko.http")
+
+
+# A statement naming a table or column the database does not have: it was not migrated
+# to this version (PostgreSQL's undefined table and column; SQLite's messages).
+_SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
+_SQLITE_SCHEMA_MESSAGES = ("no such table", "no such column")
+
+
+def schema_behind(exc: BaseException) -> str | None:
+    """The database's first line of complaint when ``exc`` says the schema is behind
+    the code (never the statement or its parameters); None for any other error."""
+    if not isinstance(exc, DBAPIError) or exc.orig is None:
+        return None
+    first = (str(exc.orig).splitlines() or [""])[0][:200]
+    if getattr(exc.orig, "sqlstate", None) in _SCHEMA_SQLSTATES:
+        return first
+    if first.startswith(_SQLITE_SCHEMA_MESSAGES):
+        return first
+    return None
 
 
 def problem_message(
@@ -146,18 +167,36 @@ class RequestContextMiddleware:
         began = time.perf_counter()
         try:
             await self.app(scope, receive, send_with_id)
-        except Exception:
-            log.exception(
-                "unhandled_error", duration_ms=round((time.perf_counter() - began) * 1000, 2)
-            )
+        except Exception as exc:
+            behind = schema_behind(exc)
+            if behind:
+                # Not a bug to trace: the database was not migrated to this version.
+                log.error(
+                    "database schema not ready: run `soko migrate upgrade`",
+                    error=behind,
+                    path=scope.get("path", ""),
+                )
+            else:
+                log.exception(
+                    "unhandled_error", duration_ms=round((time.perf_counter() - began) * 1000, 2)
+                )
             if scope["type"] != "http" or started:
                 raise
-            start, body = problem_message(
-                ProblemError,
-                "An unexpected error occurred; quote the request id when reporting it.",
-                scope.get("path", ""),
-                request_id,
-            )
+            if behind:
+                start, body = problem_message(
+                    ServiceUnavailable,
+                    "The service is being updated; retry in a minute.",
+                    scope.get("path", ""),
+                    request_id,
+                )
+                start["headers"].append((b"retry-after", b"60"))
+            else:
+                start, body = problem_message(
+                    ProblemError,
+                    "An unexpected error occurred; quote the request id when reporting it.",
+                    scope.get("path", ""),
+                    request_id,
+                )
             await send(start)
             await send(body)
         finally:
