@@ -81,7 +81,7 @@ def version() -> None:
 @app.command("check-config")
 def check_config() -> None:
     """Validate the configuration and print a summary of it (secrets hidden); exit 2 on
-    anything `soko serve` or `soko worker` would refuse."""
+    anything `soko serve` would refuse. (`soko worker` also needs shared backends.)"""
     settings = _settings()
     problems = settings.multi_process_problems()
     out.print(f"environment      {settings.env.value}")
