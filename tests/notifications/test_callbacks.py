@@ -311,6 +311,35 @@ async def test_a_sendgrid_body_that_is_not_events_is_refused(client: httpx2.Asyn
     }
     answer = await client.post(f"{CALLBACKS}/sendgrid", content=payload, headers=headers)
     assert answer.status_code == 422
+    [error] = answer.json()["errors"]
+    assert (error["in"], error["code"]) == ("body", "invalid")
+
+
+async def test_bodies_no_provider_sends_are_refused_for_what_they_are(
+    client: httpx2.AsyncClient,
+) -> None:
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    # Past the limit: too large, whoever sent it.
+    for provider in ("twilio", "sendgrid", f"africastalking?token={AT_TOKEN}"):
+        big = await client.post(
+            f"{CALLBACKS}/{provider}", content=b"a=" + b"x" * 1_000_000, headers=form
+        )
+        assert big.status_code == 413, provider
+        assert big.json()["type"] == "/problems/payload-too-large"
+    # Not a form: Twilio signs a form's pairs, so it is unverified, never "invalid".
+    garbled = await client.post(
+        f"{CALLBACKS}/twilio",
+        content=b"a=\xff\xfe",
+        headers={**form, "X-Twilio-Signature": "c2lnbmF0dXJl"},
+    )
+    assert garbled.status_code == 401
+    assert garbled.json()["type"] == "/problems/notification-callback-unverified"
+    # With the right token, Africa's Talking's unreadable body is a validation error.
+    unreadable = await client.post(
+        f"{CALLBACKS}/africastalking?token={AT_TOKEN}", content=b"a=\xff\xfe", headers=form
+    )
+    assert unreadable.status_code == 422
+    assert unreadable.json()["errors"][0]["detail"] == "is not a form"
 
 
 async def test_africastalking_reports_need_the_token(

@@ -133,6 +133,15 @@ async def test_admins_list_edit_preview_and_reset_templates(
     assert bad.status_code == 422
     assert bad.json()["type"] == "/problems/notification-template-invalid"
     assert bad.json()["errors"][0]["part"] == "subject"
+    # Each error is a field error like any 422's: where, what and why.
+    [error] = bad.json()["errors"]
+    assert {key: error[key] for key in ("in", "field", "pointer", "code")} == {
+        "in": "body",
+        "field": "source",
+        "pointer": "/source",
+        "code": "template_invalid",
+    }
+    assert error["detail"].startswith("subject: ")
     too_long = GOOD.replace("Soko: order", "Soko: " + "ç" * 210)  # UCS-2: 4 segments
     answer = await client.put(path, json={"source": too_long}, headers=admin.headers)
     assert answer.status_code == 422 and answer.json()["errors"][0]["part"] == "sms"

@@ -97,8 +97,14 @@ async def test_every_operation_documents_problem_responses(document: dict[str, A
 async def test_validation_errors_are_documented_as_problems(document: dict[str, Any]) -> None:
     create = document["paths"]["/test-openapi/offers"]["post"]
     invalid = create["responses"]["422"]["content"][PROBLEM]["schema"]
-    assert invalid["$ref"] == "#/components/schemas/ValidationProblem"
+    assert invalid["$ref"] == "#/components/schemas/UnprocessableProblem"
     schemas = document["components"]["schemas"]
+    # A validation error has its errors; other 422 problems (weak-password, ...) not.
+    assert schemas["UnprocessableProblem"]["anyOf"] == [
+        {"$ref": "#/components/schemas/ValidationProblem"},
+        {"$ref": "#/components/schemas/Problem"},
+    ]
+    assert schemas["ValidationProblem"]["allOf"][1]["required"] == ["errors"]
     assert "HTTPValidationError" not in schemas
     assert schemas["Problem"]["required"] == ["type", "title", "status", "detail"]
     assert create["responses"]["409"]["content"][PROBLEM]

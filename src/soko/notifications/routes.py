@@ -55,7 +55,7 @@ from soko.notifications.templates import (
     template_names,
 )
 from soko.platform.auth import Principal, public, require
-from soko.platform.errors import NotFound, ValidationFailed, problem_responses
+from soko.platform.errors import NotFound, PayloadTooLarge, ValidationFailed, problem_responses
 from soko.platform.pagination import Keyset, Page, PageRequestDep
 from soko.platform.runtime import RuntimeDep, SessionDep
 
@@ -73,11 +73,19 @@ Anyone = Annotated[Principal | None, public()]
 # -- provider delivery reports -----------------------------------------------------------------
 
 
-def _form_pairs(body: bytes) -> list[tuple[str, str]]:
+def _form_pairs(body: bytes) -> list[tuple[str, str]] | None:
+    """The pairs of a form body; None when it is not one (no signature can match it)."""
     try:
         return parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
     except (UnicodeDecodeError, ValueError):
-        raise ValidationFailed("The report is not a form.") from None
+        return None
+
+
+def _unreadable(message: str) -> ValidationFailed:
+    return ValidationFailed(
+        f"The report {message}.",
+        errors=[{"in": "body", "field": "", "pointer": "", "detail": message, "code": "invalid"}],
+    )
 
 
 @router.post(
@@ -97,14 +105,15 @@ async def provider_callback(
     settings = runtime.settings
     body = await request.body()
     if len(body) > CALLBACK_BODY_MAX_BYTES:
-        raise ValidationFailed("The report is too large.")
+        raise PayloadTooLarge(f"A delivery report may be at most {CALLBACK_BODY_MAX_BYTES} bytes.")
     reports: list[Report] = []
     if provider == "twilio":
         pairs = _form_pairs(body)
         url = callback_url(settings, "twilio")
         if request.url.query:
             url += "?" + request.url.query
-        if not twilio_signature_valid(
+        # Twilio signs the form's pairs: a body that is no form is not Twilio's.
+        if pairs is None or not twilio_signature_valid(
             url,
             pairs,
             settings.twilio_auth_token.get_secret_value(),
@@ -124,14 +133,17 @@ async def provider_callback(
         try:
             reports = parse_sendgrid(json.loads(body))
         except ValueError:
-            raise ValidationFailed("The report is not a JSON array of events.") from None
+            raise _unreadable("is not a JSON array of events") from None
     elif provider == "africastalking":
         if not token_valid(
             settings.notifications_callback_token.get_secret_value(),
             request.query_params.get("token"),
         ):
             raise CallbackUnverified()
-        report = parse_africastalking(dict(_form_pairs(body)))
+        pairs = _form_pairs(body)
+        if pairs is None:
+            raise _unreadable("is not a form")
+        report = parse_africastalking(dict(pairs))
         reports = [report] if report else []
     else:
         raise NotFound()
@@ -401,7 +413,20 @@ def _known(name: str) -> None:
 
 
 def _invalid(problem: TemplateProblem) -> TemplateInvalid:
-    return TemplateInvalid(str(problem), errors=problem.errors)
+    # Field errors as every 422 lists them (in, field, pointer, detail, code), each
+    # also naming the template's part it found wrong.
+    errors = [
+        {
+            "in": "body",
+            "field": "source",
+            "pointer": "/source",
+            "detail": f"{error['part']}: {error['message']}",
+            "code": "template_invalid",
+            "part": error["part"],
+        }
+        for error in problem.errors
+    ]
+    return TemplateInvalid(str(problem), errors=errors)
 
 
 @router.get(

@@ -485,6 +485,21 @@ _VALIDATION_PROBLEM_SCHEMA: dict[str, Any] = {
         },
     ],
 }
+# What a 422 answers: a validation error lists each refused field in ``errors``; the
+# other 422 problems (a password the policy refuses, an idempotency key reused with
+# another body, ...) carry members of their own instead.
+_UNPROCESSABLE_SCHEMA: dict[str, Any] = {
+    "title": "UnprocessableProblem",
+    "description": (
+        "A `validation-error` problem (ValidationProblem, with `errors`), or another 422 "
+        "problem such as `weak-password` or `idempotency-key-reused` with members of its "
+        "own; see docs/problems.md."
+    ),
+    "anyOf": [
+        {"$ref": "#/components/schemas/ValidationProblem"},
+        {"$ref": "#/components/schemas/Problem"},
+    ],
+}
 _HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
 
@@ -498,7 +513,7 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {
         status: {
             "description": problem_for_status(status).title,
-            "content": _problem_content("ValidationProblem" if status == 422 else "Problem"),
+            "content": _problem_content("UnprocessableProblem" if status == 422 else "Problem"),
         }
         for status in statuses
     }
@@ -519,6 +534,7 @@ def _document_problems(app: FastAPI) -> None:
         schemas["Problem"] = _PROBLEM_SCHEMA
         schemas["FieldError"] = _FIELD_ERROR_SCHEMA
         schemas["ValidationProblem"] = _VALIDATION_PROBLEM_SCHEMA
+        schemas["UnprocessableProblem"] = _UNPROCESSABLE_SCHEMA
         for path_item in document.get("paths", {}).values():
             for method, operation in path_item.items():
                 if method not in _HTTP_METHODS:
@@ -526,8 +542,8 @@ def _document_problems(app: FastAPI) -> None:
                 responses = operation.setdefault("responses", {})
                 if "422" in responses:
                     responses["422"] = {
-                        "description": ValidationFailed.title,
-                        "content": _problem_content("ValidationProblem"),
+                        "description": "Unprocessable: a validation error or another 422 problem",
+                        "content": _problem_content("UnprocessableProblem"),
                     }
                 if "application/json" in operation.get("requestBody", {}).get("content", {}):
                     # A JSON body sent as another media type, or with none, is not read.
