@@ -79,8 +79,21 @@ async def test_locations_are_created_listed_and_changed(
         f"{LOCATIONS}/{location_id}", json={"name": "Back store"}, headers=headers
     )
     assert clash.status_code == 409 and problem_type(clash) == "location-name-taken"
-    null = await client.patch(f"{LOCATIONS}/{location_id}", json={"name": None}, headers=headers)
-    assert null.status_code == 422
+    for field in ("name", "kind", "active"):
+        null = await client.patch(f"{LOCATIONS}/{location_id}", json={field: None}, headers=headers)
+        assert null.status_code == 422, field
+    # The description says so: those fields may be left out, never null.
+    document = (await client.get("/api/v1/openapi.json")).json()
+    fields = document["components"]["schemas"]["LocationChange"]["properties"]
+    for field in ("name", "kind", "active"):
+        assert "null" not in str(fields[field]), fields[field]
+        assert "default" not in fields[field]
+    assert {"type": "null"} in fields["address"]["anyOf"]  # null clears the address
+    cleared = await client.patch(
+        f"{LOCATIONS}/{location_id}", json={"address": None}, headers=headers
+    )
+    assert cleared.status_code == 200, cleared.text
+    assert cleared.json()["address"] == ""
 
 
 async def test_stock_is_set_adjusted_and_its_history_says_who_why_and_how_much(

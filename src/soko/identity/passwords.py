@@ -64,6 +64,12 @@ BLOCKLIST_RESOURCE = "data/common-passwords.txt.gz"
 # Hashing cost grows with length (Argon2 pre-hashes the input, so only a little), and no
 # person types more than this; SP 800-63B asks for at least 64.
 MAX_PASSWORD_LENGTH = 256
+# For the OpenAPI description of a new password's field, which takes longer text so that
+# the policy can say what is wrong with it.
+NEW_PASSWORD_DESCRIPTION = (
+    f"The password policy takes {MAX_PASSWORD_LENGTH} characters at most (and at least "
+    "SOKO_PASSWORD_MIN_LENGTH, 10 by default); a longer one is answered 422 weak-password"
+)
 
 
 def normalize_password(password: str) -> str:

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from soko.identity import signin
+from soko.identity.passwords import NEW_PASSWORD_DESCRIPTION
 from soko.identity.schemas import MfaChallengeOut, TokenPairOut
 from soko.identity.sessions import refresh_session
 from soko.platform.auth import Principal, public, require
@@ -43,7 +44,9 @@ class _Body(BaseModel):
 
 class RegisterIn(_Body):
     email: str = Field(max_length=320, examples=["amina@example.com"])
-    password: str = Field(min_length=1, max_length=PASSWORD_FIELD_MAX)
+    password: str = Field(
+        min_length=1, max_length=PASSWORD_FIELD_MAX, description=NEW_PASSWORD_DESCRIPTION
+    )
     display_name: str = Field("", max_length=120, examples=["Amina W."])
 
 
@@ -75,7 +78,9 @@ class ForgotPasswordIn(_Body):
 
 class ResetPasswordIn(_Body):
     token: str = Field(min_length=1, max_length=256, description="From the reset link")
-    new_password: str = Field(min_length=1, max_length=PASSWORD_FIELD_MAX)
+    new_password: str = Field(
+        min_length=1, max_length=PASSWORD_FIELD_MAX, description=NEW_PASSWORD_DESCRIPTION
+    )
 
 
 class VerifyEmailIn(_Body):

@@ -17,6 +17,7 @@ from soko.identity.accounts import email_of, phone_of, user_email, user_phone, u
 from soko.identity.audit import record_audit_event
 from soko.identity.errors import AccountDeletionBlocked
 from soko.identity.models import AuthSession, TotpFactor, User, UserRole, UserStatus
+from soko.identity.passwords import NEW_PASSWORD_DESCRIPTION
 from soko.identity.permissions import ACCOUNT_SELF
 from soko.identity.schemas import UserOut
 from soko.identity.sessions import revoke_session, revoke_user_sessions
@@ -59,7 +60,7 @@ class PasswordChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     current_password: str = Field(max_length=1024)
-    new_password: str = Field(max_length=1024)
+    new_password: str = Field(max_length=1024, description=NEW_PASSWORD_DESCRIPTION)
 
 
 class AccountDeletion(BaseModel):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from soko.inventory.models import AdjustmentKind, LocationKind
 
@@ -28,16 +29,21 @@ class LocationIn(BaseModel):
     address: Address = ""
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
 class LocationChange(BaseModel):
     """Only the fields sent change; ``active: false`` stops the location serving new
     reservations (its stock and history stay)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Name | None = None
-    kind: LocationKind | None = None
+    # Left out, they keep their value; null is refused, and the schema does not offer it.
+    name: Name | SkipJsonSchema[None] = Field(None, json_schema_extra=_no_default)
+    kind: LocationKind | SkipJsonSchema[None] = Field(None, json_schema_extra=_no_default)
     address: Address | None = None
-    active: bool | None = None
+    active: bool | SkipJsonSchema[None] = Field(None, json_schema_extra=_no_default)
 
     @field_validator("name", "kind", "active", mode="before")
     @classmethod
@@ -45,6 +51,12 @@ class LocationChange(BaseModel):
         if value is None:
             raise ValueError("may be left out but not null")
         return value
+
+    @field_validator("address", mode="after")
+    @classmethod
+    def _null_clears(cls, value: str | None) -> str:
+        # Stored as text, never NULL: null clears the address as "" does.
+        return "" if value is None else value
 
 
 class LocationOut(BaseModel):

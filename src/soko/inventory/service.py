@@ -120,7 +120,8 @@ async def update_location(
                 .execution_options(synchronize_session=False)
             )
     except IntegrityError:
-        raise LocationNameTaken(f"You already have a location named {changes['name']!r}.") from None
+        name = changes.get("name")
+        raise LocationNameTaken(f"You already have a location named {name!r}.") from None
     if result.rowcount == 0:  # type: ignore[attr-defined]
         await session.refresh(location)
         raise _location_changed(etag_for_version(location.version))
