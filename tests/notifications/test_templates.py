@@ -16,6 +16,7 @@ from soko.notifications.templates import (
     sms_segments,
     template_names,
 )
+from soko.notifications.triggers import TRIGGERS, context_names, template_sample_context
 from soko.platform.runtime import Runtime
 from tests.identity.conftest import MakeUser, make_user  # noqa: F401
 
@@ -102,6 +103,21 @@ def test_invalid_templates_name_the_part(source: str, part: str) -> None:
 def test_every_bundled_template_exists_in_both_locales() -> None:
     for name in template_names():
         assert bundled_source(name, "en") and bundled_source(name, "sw"), name
+
+
+def test_every_bundled_template_renders_with_only_its_messages_names() -> None:
+    # Each template is checked with the names its message is sent with, no more.
+    assert {trigger.template for trigger in TRIGGERS} == set(template_names())
+    for trigger in TRIGGERS:
+        context = template_sample_context(trigger.template)
+        assert set(context) == context_names(trigger.event) <= set(SAMPLE_CONTEXT)
+        for locale in ("en", "sw"):
+            render_source(bundled_source(trigger.template, locale) or "", context)
+    assert set(template_sample_context("seller.approved.seller")) == {
+        "app",
+        "recipient",
+        "store",
+    }
     assert bundled_source("../../etc/passwd", "en") is None
     assert bundled_source("order.paid.buyer", "fr") is None
 
@@ -201,6 +217,26 @@ async def test_an_override_is_used_for_real_messages(
     reset = await client.delete(f"{ADMIN}/order.paid.buyer/en", headers=admin.headers)
     assert reset.status_code == 200
     assert await render(runtime, "order.paid.buyer", "en", SAMPLE_CONTEXT) == bundled
+
+
+async def test_an_override_naming_what_its_message_lacks_is_refused(
+    client: httpx2.AsyncClient,
+    make_user: MakeUser,  # noqa: F811
+) -> None:
+    admin = await make_user(Role.admin)
+    path = f"{ADMIN}/seller.approved.seller/en"
+    # A store's approval has no order: the override would fail at every sending.
+    refused = await client.put(path, json={"source": GOOD}, headers=admin.headers)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["type"] == "/problems/notification-template-invalid"
+    assert "order" in refused.json()["detail"]
+    assert not (await client.get(path, headers=admin.headers)).json()["overridden"]
+    preview = await client.post(f"{path}/preview", json={"source": GOOD}, headers=admin.headers)
+    assert preview.status_code == 422
+    fitting = GOOD.replace("order.number", "store.name")
+    assert (
+        await client.put(path, json={"source": fitting}, headers=admin.headers)
+    ).status_code == 200
 
 
 @pytest.mark.parametrize("role", [Role.customer, Role.operator, Role.support])

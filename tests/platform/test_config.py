@@ -337,7 +337,8 @@ def test_production_lists_every_refusal_at_once() -> None:
 def test_the_public_url_follows_the_port_unless_set() -> None:
     derived = Settings(_env_file=None, port=8123)  # type: ignore[call-arg]
     assert derived.public_url == "http://127.0.0.1:8123"
-    assert derived.effective_token_issuer == "http://127.0.0.1:8123"
+    # The issuer does not follow the port: processes on other ports accept the tokens.
+    assert derived.effective_token_issuer == "soko"
     assert derived.effective_app_url == "http://127.0.0.1:8123"
     everywhere = Settings(_env_file=None, host="0.0.0.0", port=80)  # type: ignore[call-arg]
     assert everywhere.public_url == "http://127.0.0.1:80"
@@ -347,6 +348,7 @@ def test_the_public_url_follows_the_port_unless_set() -> None:
         _env_file=None, port=8123, public_url="https://api.shop.example/", app_url=""
     )
     assert given.public_url == "https://api.shop.example"
+    assert given.effective_token_issuer == "https://api.shop.example"
     assert given.effective_app_url == "https://api.shop.example"
 
 

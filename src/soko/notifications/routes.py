@@ -42,7 +42,6 @@ from soko.notifications.preferences import (
 )
 from soko.notifications.templates import (
     LOCALES,
-    SAMPLE_CONTEXT,
     SOURCE_MAX_LENGTH,
     TemplateProblem,
     bundled_source,
@@ -54,6 +53,7 @@ from soko.notifications.templates import (
     store_override,
     template_names,
 )
+from soko.notifications.triggers import template_sample_context
 from soko.platform.auth import Principal, public, require
 from soko.platform.errors import NotFound, PayloadTooLarge, ValidationFailed, problem_responses
 from soko.platform.pagination import Keyset, Page, PageRequestDep
@@ -495,7 +495,9 @@ async def put_template(
 ) -> TemplateOut:
     _known(name)
     try:
-        render_source(body.source, SAMPLE_CONTEXT)
+        # With the names this template's message has: one naming `order` in a store's
+        # approval would fail at every sending and fall back to the bundled text.
+        render_source(body.source, template_sample_context(name))
     except TemplateProblem as problem:
         raise _invalid(problem) from None
     await store_override(
@@ -546,7 +548,7 @@ async def preview_template(
 ) -> PreviewOut:
     _known(name)
     source = body.source or await effective_source(session, name, locale) or ""
-    context = _merged(SAMPLE_CONTEXT, body.data or {})
+    context = _merged(template_sample_context(name), body.data or {})
     try:
         rendered = render_source(source, context)
     except TemplateProblem as problem:

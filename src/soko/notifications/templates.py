@@ -843,7 +843,6 @@ SAMPLE_CONTEXT: dict[str, Any] = {
     "store": {"name": "Duka la Mama", "reason": "Listing counterfeit goods"},
     "payment": {"amount_minor": 250_000, "currency": "KES"},
     "sign_in": {"device": "Chrome on Android", "at": "2030-01-01T08:30:00+00:00"},
-    "now": dt.datetime(2030, 1, 1, tzinfo=dt.UTC).isoformat(),
 }
 
 

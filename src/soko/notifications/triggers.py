@@ -35,7 +35,13 @@ from soko.notifications.inbox import add_to_inbox
 from soko.notifications.models import RecipientLocale
 from soko.notifications.preferences import Category, ChannelName, allowed_channels
 from soko.notifications.public import send_email, send_sms
-from soko.notifications.templates import LOCALES, Rendered, TemplateProblem, render
+from soko.notifications.templates import (
+    LOCALES,
+    SAMPLE_CONTEXT,
+    Rendered,
+    TemplateProblem,
+    render,
+)
 from soko.orders import events as order_events
 from soko.orders.public import order_summary
 from soko.platform.jobs import JobContext
@@ -126,6 +132,34 @@ def _uuid(payload: dict[str, Any], key: str) -> uuid.UUID | None:
         return uuid.UUID(str(value)) if value is not None else None
     except ValueError:
         return None
+
+
+def context_names(event: str) -> frozenset[str]:
+    """The names a template of ``event`` can count on, as :func:`event_context` and the
+    sending give them (``recipient`` included). A payment's order is not among them: a
+    payment may have none."""
+    names = {"app", "recipient"}
+    if event.startswith(("order.", "dispute.")):
+        names.add("order")  # every order and dispute event names its order
+    if event.startswith("dispute."):
+        names.add("dispute")
+    if event.startswith("seller."):
+        names.add("store")
+    if event == NEW_DEVICE_SIGN_IN:
+        names.add("sign_in")
+    if event in (PAYMENT_SUCCEEDED, REFUND_SUCCEEDED):
+        names.add("payment")
+    return frozenset(names)
+
+
+def template_sample_context(template: str) -> dict[str, Any]:
+    """Sample data for ``template`` with only the names its message has: an override is
+    checked against what it will really be rendered with, not every name there is."""
+    trigger = next((t for t in TRIGGERS if t.template == template), None)
+    if trigger is None:
+        return dict(SAMPLE_CONTEXT)
+    names = context_names(trigger.event)
+    return {key: value for key, value in SAMPLE_CONTEXT.items() if key in names}
 
 
 async def event_context(

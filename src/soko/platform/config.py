@@ -28,6 +28,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from soko.platform.files import publish_once
 
+# The tokens' issuer while SOKO_PUBLIC_URL is not set (development).
+DEFAULT_TOKEN_ISSUER = "soko"
+
 
 class Environment(StrEnum):
     development = "development"
@@ -444,7 +447,12 @@ class Settings(BaseSettings):
 
     @property
     def effective_token_issuer(self) -> str:
-        return self.token_issuer or self.public_url.rstrip("/")
+        """SOKO_TOKEN_ISSUER, else SOKO_PUBLIC_URL when set. A public URL derived from
+        the port does not name the issuer: processes serving one database on several
+        ports (or a script minting tokens) must agree on it."""
+        if self.token_issuer:
+            return self.token_issuer
+        return DEFAULT_TOKEN_ISSUER if self._public_url_derived else self.public_url.rstrip("/")
 
     @property
     def is_sqlite(self) -> bool:
