@@ -179,3 +179,42 @@ async def test_docs_ui_is_served_from_this_origin(client: httpx2.AsyncClient) ->
         missing = await client.get(f"/docs/assets/{name}")
         assert missing.status_code == 404, name
         assert missing.headers["content-type"] == "application/problem+json"
+
+
+async def test_what_a_routes_dependencies_answer_is_documented(
+    app: FastAPI, document: dict[str, Any]
+) -> None:
+    # Signing in, permissions, cursors, field lists and the store to act for answer
+    # problems on every route that uses them: each such route lists the status.
+    from fastapi.routing import APIRoute, iter_route_contexts
+
+    from soko.platform.auth import PUBLIC, declared_permission
+
+    routes = [
+        r
+        for r in iter_route_contexts(app.routes)
+        if isinstance(r.original_route, APIRoute) and r.path_format in document["paths"]
+    ]
+    protected = public = 0
+    for route in routes:
+        permission = declared_permission(route.dependant)
+        for method in route.methods or ():
+            operation = document["paths"][route.path_format].get(method.lower())
+            if operation is None:  # HEAD beside GET
+                continue
+            responses = operation["responses"]
+            where = (method, route.path_format)
+            if permission not in (None, PUBLIC):
+                protected += 1
+                assert {"401", "403"} <= set(responses), where
+                assert responses["401"]["content"][PROBLEM]["schema"]["$ref"].endswith("/Problem")
+            else:
+                public += 1
+            if route.path_format.startswith("/api/v1/seller/"):
+                assert {"400", "401", "403"} <= set(responses), where
+    assert protected > 100 and public > 10
+    listing = document["paths"]["/api/v1/products"]["get"]["responses"]
+    assert "400" in listing  # a bad cursor or an unknown field
+    assert "401" not in listing  # the catalog is public
+    paged = document["paths"]["/test-openapi/offers"]["get"]["responses"]
+    assert paged["400"]["description"] == "Bad request"

@@ -9,14 +9,15 @@ their own subclasses in their ``errors.py``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import quote
 
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
@@ -519,6 +520,41 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+# Dependencies that can answer problems of their own, whatever the route they serve (a
+# page's cursor, a store to act for): every route depending on one documents them.
+_DEPENDENCY_STATUSES: dict[Any, tuple[int, ...]] = {}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def answers(*statuses: int) -> Callable[[_F], _F]:
+    """Mark a dependency as answering ``statuses`` (as problems) on any route that
+    uses it; the OpenAPI document lists them on each such route."""
+
+    def mark(call: _F) -> _F:
+        _DEPENDENCY_STATUSES[call] = statuses
+        return call
+
+    return mark
+
+
+def _route_statuses(route: Any) -> set[int]:
+    """What a route's dependencies can answer: 401 and 403 when it needs a sign-in or
+    a permission, and what each marked dependency declared."""
+    from soko.platform.auth import PUBLIC, declared_permission
+
+    statuses: set[int] = set()
+    permission = declared_permission(route.dependant)
+    if permission is not None and permission != PUBLIC:
+        statuses.update((401, 403))
+    pending = list(route.dependant.dependencies)
+    while pending:
+        dependant = pending.pop()
+        statuses.update(_DEPENDENCY_STATUSES.get(dependant.call, ()))
+        pending.extend(dependant.dependencies)
+    return statuses
+
+
 def _document_problems(app: FastAPI) -> None:
     """Make the OpenAPI document tell the truth about errors: FastAPI documents 422 as
     its own ``HTTPValidationError`` JSON, but Soko answers problem+json; an operation
@@ -535,6 +571,28 @@ def _document_problems(app: FastAPI) -> None:
         schemas["FieldError"] = _FIELD_ERROR_SCHEMA
         schemas["ValidationProblem"] = _VALIDATION_PROBLEM_SCHEMA
         schemas["UnprocessableProblem"] = _UNPROCESSABLE_SCHEMA
+        paths = document.get("paths", {})
+        # Included routers are kept lazily in app.routes: walk them with the
+        # dependencies their inclusion adds.
+        for route in iter_route_contexts(app.routes):
+            if not isinstance(route.original_route, APIRoute) or route.path_format is None:
+                continue
+            statuses = _route_statuses(route)
+            for method in route.methods or ():
+                operation = paths.get(route.path_format, {}).get(method.lower())
+                if operation is None:
+                    continue
+                responses = operation.setdefault("responses", {})
+                for status in sorted(statuses):
+                    responses.setdefault(
+                        str(status),
+                        {
+                            "description": problem_for_status(status).title,
+                            "content": _problem_content(
+                                "UnprocessableProblem" if status == 422 else "Problem"
+                            ),
+                        },
+                    )
         for path_item in document.get("paths", {}).values():
             for method, operation in path_item.items():
                 if method not in _HTTP_METHODS:

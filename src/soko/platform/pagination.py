@@ -48,7 +48,7 @@ from sqlalchemy import ColumnElement, Row, Select, and_, literal, or_, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import JSONResponse
 
-from soko.platform.errors import InvalidCursor, UnknownField
+from soko.platform.errors import InvalidCursor, UnknownField, answers
 from soko.platform.runtime import get_runtime
 
 DEFAULT_LIMIT = 20
@@ -185,6 +185,7 @@ def page_of(request: Request, limit: int, cursor: str | None) -> PageRequest:
     return PageRequest(limit=limit, cursor=cursor or None, signing_key=cursor_key(secret))
 
 
+@answers(400)  # an unreadable or foreign cursor: invalid-cursor
 async def page_request(
     request: Request,
     limit: Annotated[
@@ -375,6 +376,7 @@ def field_selection(
     read = fields_reader(model, always=always)
 
     # async: a plain function dependency would be sent to a worker thread per request.
+    @answers(400)  # a field the items do not have: unknown-field
     async def dependency(fields: str | None = None) -> FieldSelection:
         return read(fields)
 

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.platform.auth import Principal, require
 from soko.platform.db import sql_constant
-from soko.platform.errors import ValidationFailed
+from soko.platform.errors import ValidationFailed, answers
 from soko.platform.runtime import SessionDep
 from soko.sellers.errors import NotASeller, SellerChoiceNeeded, SellerNotActive, SellerRoleRequired
 from soko.sellers.models import Seller, SellerMember, SellerRole, SellerStatus
@@ -152,6 +152,7 @@ async def acting_seller(
     return ActingSeller(row.seller_id, principal.user_id, SellerRole(row.role), row.status)
 
 
+@answers(400, 403)  # seller-choice-needed; not-a-seller (or a store not yours)
 async def _acting_seller_dependency(
     request: Request,
     session: SessionDep,
