@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import uuid
 from typing import Any
 
 import httpx2
 import pytest
+from sqlalchemy import select
 
 from soko.identity.models import Role
+from soko.orders.models import OrderTransition
 from soko.platform.clock import ManualClock
 from soko.platform.runtime import Runtime
 from tests.identity.conftest import MakeUser
@@ -164,6 +167,32 @@ async def test_a_rejected_dispute_completes_the_order(
     second = ok(await open_dispute(client, other), 201)
     full = ok(await resolve(client, second["id"], admin.headers, outcome="refund"))
     assert full["refund"] == {"amount": 1500, "currency": "KES"}
+
+
+async def test_a_long_resolution_note_is_kept_whole_and_shortened_in_the_history(
+    client: httpx2.AsyncClient, runtime: Runtime, place_order: PlaceOrder, make_user: MakeUser
+) -> None:
+    # The note may be 4000 characters; the order's history keeps 500 of them. A note
+    # over 500 was a 500 on PostgreSQL (the history's column is that long).
+    placed = await place_order("delivered")
+    dispute = ok(await open_dispute(client, placed), 201)
+    admin = await make_user(Role.admin)
+    note = ("Looked at every photo. " * 170).strip()  # 3909 characters
+    resolved = ok(await resolve(client, dispute["id"], admin.headers, outcome="reject", note=note))
+    assert resolved["resolution_note"] == note
+    order = ok(await client.get(f"{ORDERS}/{placed.order_id}", headers=placed.buyer.headers))
+    assert order["status"] == "completed"
+    async with runtime.db.transaction(read_only=True) as session:
+        reasons = (
+            await session.scalars(
+                select(OrderTransition.reason).where(
+                    OrderTransition.order_id == uuid.UUID(str(placed.order_id)),
+                    OrderTransition.from_status == "disputed",
+                )
+            )
+        ).all()
+    assert [len(reason) for reason in reasons] == [500]
+    assert reasons[0] == note[:499] + "…"
 
 
 async def test_resolutions_sent_at_once_settle_the_dispute_once(

@@ -22,6 +22,7 @@ from soko.inventory.public import commit_hold, fulfil, rehold_if_available, rele
 from soko.orders.errors import OrderStateConflict
 from soko.orders.events import OrderMoved
 from soko.orders.models import (
+    REASON_MAX_LENGTH,
     CheckoutGroup,
     Dispute,
     GroupStatus,
@@ -239,7 +240,12 @@ async def move_order(
     """Make ``action`` on ``order`` as ``acting``: a compare-and-set from the state the
     caller read (409 ``order-state-conflict`` when the table does not allow the move, or
     when someone else moved the order first), the move's record and its event. Returns
-    the state the order left. ``order`` is refreshed afterwards."""
+    the state the order left. ``order`` is refreshed afterwards.
+
+    ``reason`` goes into the order's history, cut to its column's length: a longer text
+    (an admin's dispute resolution note) is kept whole where its own record keeps it."""
+    if len(reason) > REASON_MAX_LENGTH:
+        reason = reason[: REASON_MAX_LENGTH - 1] + "…"
     current = OrderStatus(order.status)
     try:
         move = transition(action, current, acting.kind)
