@@ -553,3 +553,67 @@ async def test_a_refund_the_ledger_cannot_record_is_refused_before_the_provider_
     payment_after = await payment_row(runtime, payment_id)
     assert (payment_after.refunded_minor, payment_after.flag) == (0, "refund_failed")
     assert (await ledger_check(runtime)).balanced
+
+
+async def test_an_order_cancelled_before_payment_is_not_refundable_from_the_payment(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    fake: FakeProvider,
+    market: Any,
+    make_buyer: Any,
+    make_user: MakeUser,
+) -> None:
+    """Its money was never taken: a refund of it would take the other store's money,
+    or fail at the provider and flag the payment."""
+    shops = [await market.open_shop() for _ in range(2)]
+    variants = [
+        (await shop.list_product(price, stock=5)).variant_id
+        for shop, price in zip(shops, (1200, 500), strict=True)
+    ]
+    buyer = await make_buyer(*variants)
+    group = await buyer.checkout()
+    big, small = sorted(group["orders"], key=lambda order: -order["subtotal"]["amount"])
+    ok(await client.post(f"{ORDERS}/{small['id']}/cancel", headers=buyer.headers))
+    started = ok(
+        await client.post(
+            f"/api/v1/checkout/{group['id']}/payments",
+            json={"provider": "fake"},
+            headers={**buyer.headers, "Idempotency-Key": uuid.uuid4().hex},
+        ),
+        201,
+    )
+    payment_id = uuid.UUID(started["id"])
+    assert started["amount_minor"] == 1200
+    fake.settle(payment_id, ProviderStatus.succeeded)
+    ok(await deliver(client, fake, payment_id, ProviderStatus.succeeded))
+    await run_jobs(runtime)
+    admin = await make_user(Role.admin)
+
+    never_paid = await admin_refund(
+        client, payment_id, admin.headers, amount_minor=500, order_id=small["id"]
+    )
+    refused(never_paid, 422, "validation-error")
+    assert never_paid.json()["errors"][0]["field"] == "order_id"
+    assert await refunds_of(runtime, payment_id) == []
+    # Left out, the order is the one the payment paid.
+    ok(await admin_refund(client, payment_id, admin.headers, amount_minor=300), 201)
+    await run_jobs(runtime)
+    [refund] = await refunds_of(runtime, payment_id)
+    assert (str(refund.order_id), refund.amount_minor, refund.status) == (
+        big["id"],
+        300,
+        "succeeded",
+    )
+    # Cancelled after payment, it was paid: what is left of it may still be refunded by
+    # hand, and no more (its cancellation refunded the rest).
+    ok(await client.post(f"{ORDERS}/{big['id']}/cancel", headers=buyer.headers))
+    await run_jobs(runtime)
+    refused(
+        await admin_refund(client, payment_id, admin.headers, amount_minor=1, order_id=big["id"]),
+        409,
+        "refund-exceeds-payment",
+    )
+    payment = await payment_row(runtime, payment_id)
+    # The cancellation owed 1,200 with 900 left: it refunded 900 and flagged it.
+    assert (payment.refunded_minor, payment.flag) == (1200, "refund_exceeds")
+    assert (await ledger_check(runtime)).balanced

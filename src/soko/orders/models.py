@@ -71,7 +71,8 @@ class CheckoutGroup(UUIDPrimaryKey, Base):
     cart_id: Mapped[uuid.UUID]
     status: Mapped[str] = mapped_column(String(16))
     currency: Mapped[str] = mapped_column(String(3))
-    # What the group still costs: the orders that are not cancelled.
+    # What the group costs: its orders less those cancelled before it was paid (one
+    # cancelled later keeps counting: it was paid, and its refund is its own record).
     total_minor: Mapped[int] = mapped_column(BigInteger)
     reservation_expires_at: Mapped[dt.datetime]
     shipping_address: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)

@@ -46,15 +46,18 @@ class GroupOrder:
     seller_id: uuid.UUID
     status: str
     subtotal_minor: int
+    # Whether it was ever paid: an order cancelled after payment was, one cancelled
+    # before was not (its money was never taken).
+    paid: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class GroupForPayment:
-    """A checkout group as a payment needs it. ``total_minor`` counts only the orders
-    that are not cancelled; ``status`` is ``pending_payment`` while it may be paid (an
-    ``expired`` group may still be paid late, see :func:`pay_group`). ``orders`` holds
-    every order of the group, cancelled ones included (filter on ``status``), ordered
-    by id like ``order_ids``."""
+    """A checkout group as a payment needs it. ``total_minor`` counts the orders not
+    cancelled before payment (what is or was paid); ``status`` is ``pending_payment``
+    while it may be paid (an ``expired`` group may still be paid late, see
+    :func:`pay_group`). ``orders`` holds every order of the group, cancelled ones
+    included (filter on ``status`` and ``paid``), ordered by id like ``order_ids``."""
 
     group_id: uuid.UUID
     buyer_id: uuid.UUID
@@ -81,6 +84,7 @@ async def group_for_payment(session: AsyncSession, group_id: uuid.UUID) -> Group
                 Order.seller_id,
                 Order.status.label("order_status"),
                 Order.subtotal_minor,
+                Order.paid_at,
             )
             .outerjoin(Order, Order.group_id == CheckoutGroup.id)
             .where(CheckoutGroup.id == group_id)
@@ -96,6 +100,7 @@ async def group_for_payment(session: AsyncSession, group_id: uuid.UUID) -> Group
             seller_id=row.seller_id,
             status=row.order_status,
             subtotal_minor=row.subtotal_minor,
+            paid=row.paid_at is not None,
         )
         for row in rows
         if row.id is not None

@@ -273,7 +273,10 @@ class CheckoutGroupOut(BaseModel):
 
     id: uuid.UUID
     status: str
-    total: Money = Field(description="What the buyer pays: every order that is not cancelled")
+    total: Money = Field(
+        description="What the buyer pays or paid: every order not cancelled before payment "
+        "(a refund after payment is shown on the payment, not here)"
+    )
     reservation_expires_at: dt.datetime = Field(
         description="The stock is held until then; unpaid by then, the checkout expires"
     )

@@ -439,8 +439,11 @@ async def admin_refund(
     if payment.status not in ("succeeded", "duplicate"):
         raise PaymentNotRefundable(payment_status=payment.status)
     group = await group_for_payment(session, payment.group_id)
+    # The orders this payment paid: an order cancelled before payment never was (its
+    # money was not taken); one cancelled after was, and may still be refunded by hand
+    # (its own refund failed, say), up to what is left of it.
     paid_orders = (
-        [order for order in group.orders if order.status != "cancelled"]
+        [order for order in group.orders if order.paid]
         if group is not None and group.status == "paid" and payment.status == "succeeded"
         else []
     )
@@ -448,12 +451,13 @@ async def admin_refund(
     order_limit: int | None = None
     if paid_orders:
         if order_id is None:
-            if len(paid_orders) > 1:
+            standing = [order for order in paid_orders if order.status != "cancelled"]
+            if len(standing) != 1:
                 raise ValidationFailed.of_field(
                     "order_id", "is required: this payment paid several orders"
                 )
-            order_id = paid_orders[0].order_id
-        order = next((o for o in (group.orders if group else ()) if o.order_id == order_id), None)
+            order_id = standing[0].order_id
+        order = next((o for o in paid_orders if o.order_id == order_id), None)
         if order is None:
             raise ValidationFailed.of_field("order_id", "is not an order paid by this payment")
         seller_id = order.seller_id
