@@ -235,7 +235,42 @@ async def test_a_dispute_is_opened_within_the_window_after_delivery(
     assert problem["closed_at"] == f"2030-01-{1 + window:02d}T00:00:00Z"
 
 
-@pytest.mark.parametrize("start", ["pending_payment", "paid", "shipped"])
+async def test_a_shipped_order_that_never_arrives_is_disputed_as_not_received_once_late(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    clock: ManualClock,
+    place_order: PlaceOrder,
+    make_user: MakeUser,
+) -> None:
+    # The seller shipped and never marked it delivered: the buyer is not stuck.
+    placed = await place_order("shipped")
+    after = runtime.settings.dispute_not_received_after_days
+    early = refused(
+        await open_dispute(client, placed, reason="not_received"), 409, "dispute-too-early"
+    )
+    assert early["not_received_after_days"] == after
+    assert early["opens_at"] == f"2030-01-{1 + after:02d}T00:00:00Z"
+
+    clock.advance(dt.timedelta(days=after))
+    await placed.sign_in_again(runtime)
+    # Only as not received: anything else needs the parcel in hand.
+    wrong = refused(await open_dispute(client, placed), 422, "validation-error")
+    assert wrong["errors"][0]["field"] == "reason"
+    dispute = ok(await open_dispute(client, placed, reason="not_received"), 201)
+    assert dispute["reason"] == "not_received"
+    order = ok(await client.get(f"{ORDERS}/{placed.order_id}", headers=placed.buyer.headers))
+    assert order["status"] == "disputed"
+    [moved] = await events(runtime, "order.disputed")
+    assert (moved["from_status"], moved["to_status"]) == ("shipped", "disputed")
+    # Settled like any dispute: a refund of the whole order by default.
+    admin = await make_user(Role.admin)
+    settled = ok(await resolve(client, dispute["id"], admin.headers, outcome="refund"))
+    assert settled["status"] == "resolved_refund"
+    order = ok(await client.get(f"{ORDERS}/{placed.order_id}", headers=placed.buyer.headers))
+    assert order["status"] == "refunded"
+
+
+@pytest.mark.parametrize("start", ["pending_payment", "paid"])
 async def test_only_a_delivered_order_can_be_disputed(
     client: httpx2.AsyncClient, place_order: PlaceOrder, start: str
 ) -> None:

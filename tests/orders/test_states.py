@@ -55,6 +55,8 @@ EXPECTED = {
     ),
     (Action.complete, S.delivered, S.completed, frozenset({Actor.system}), "order.completed"),
     (Action.dispute, S.delivered, S.disputed, frozenset({Actor.buyer}), "order.disputed"),
+    # Not received: the service lets it through only once the parcel is late.
+    (Action.dispute, S.shipped, S.disputed, frozenset({Actor.buyer}), "order.disputed"),
     (Action.refund, S.disputed, S.refunded, frozenset({Actor.admin}), "order.refunded"),
     (Action.reject_dispute, S.disputed, S.completed, frozenset({Actor.admin}), "order.completed"),
 }
@@ -141,7 +143,7 @@ def test_what_each_party_may_do() -> None:
     assert allowed_actions(S.pending_payment, Actor.buyer) == [Action.cancel]
     assert allowed_actions(S.pending_payment, Actor.system) == [Action.pay, Action.expire]
     assert allowed_actions(S.paid, Actor.seller) == [Action.cancel, Action.accept]
-    assert allowed_actions(S.shipped, Actor.buyer) == [Action.deliver]
+    assert allowed_actions(S.shipped, Actor.buyer) == [Action.deliver, Action.dispute]
     assert allowed_actions(S.delivered, Actor.buyer) == [Action.dispute]
     assert allowed_actions(S.delivered, Actor.system) == [Action.complete]
     assert allowed_actions(S.disputed, Actor.admin) == [Action.refund, Action.reject_dispute]

@@ -1,11 +1,13 @@
-"""Disputes: a buyer complains about a delivered order within the marketplace's window,
-the seller answers, and the marketplace settles it with a refund (in full or in part) or
-for the seller. Each step is an event; the money of a refund moves in the payments
-domain, on ``dispute.resolved``.
+"""Disputes: a buyer complains about a delivered order within the marketplace's window
+(or about a shipped one that is late, as not received), the seller answers, and the
+marketplace settles it with a refund (in full or in part) or for the seller. Each step
+is an event; the money of a refund moves in the payments domain, on
+``dispute.resolved``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +15,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.orders.errors import DisputeStateConflict, DisputeWindowClosed, OrderStateConflict
+from soko.orders.errors import (
+    DisputeStateConflict,
+    DisputeTooEarly,
+    DisputeWindowClosed,
+    OrderStateConflict,
+)
 from soko.orders.events import DISPUTE_ANSWERED, DISPUTE_OPENED, DISPUTE_RESOLVED, DisputeEvent
 from soko.orders.models import Dispute, DisputeReason, DisputeStatus, Order
 from soko.orders.service import Acting, dispute_window_closes, move_order
@@ -49,10 +56,25 @@ async def open_dispute(
     details: str,
     evidence_urls: Sequence[str],
 ) -> Dispute:
-    """The buyer disputes ``order`` (delivered, within the window): the order becomes
-    disputed and the dispute waits for the seller."""
+    """The buyer disputes ``order`` (delivered, within the window; or shipped, late and
+    not received): the order becomes disputed and the dispute waits for the seller."""
     closes = dispute_window_closes(order, runtime)
     now = runtime.clock.now()
+    if order.status == OrderStatus.shipped.value:
+        if reason is not DisputeReason.not_received:
+            raise ValidationFailed.of_field(
+                "reason", "must be not_received: the order is not delivered yet"
+            )
+        days = runtime.settings.dispute_not_received_after_days
+        opens = (order.shipped_at or now) + dt.timedelta(days=days)
+        if now < opens:
+            opens_at = opens.isoformat().replace("+00:00", "Z")
+            raise DisputeTooEarly(
+                f"The order shipped recently; if it has not arrived by {opens_at}, "
+                "dispute it then as not received.",
+                opens_at=opens_at,
+                not_received_after_days=days,
+            )
     if order.status == OrderStatus.delivered.value and closes is not None and now > closes:
         closed_at = closes.isoformat().replace("+00:00", "Z")
         raise DisputeWindowClosed(

@@ -75,6 +75,16 @@ class DisputeWindowClosed(ProblemError):
     )
 
 
+class DisputeTooEarly(ProblemError):
+    slug = "dispute-too-early"
+    title = "It is too early to dispute this order"
+    status = 409
+    description = (
+        "An order shipped but not delivered may be disputed as not received once it is "
+        "late: `not_received_after_days` after it shipped, from `opens_at`."
+    )
+
+
 class DisputeStateConflict(ProblemError):
     slug = "dispute-state-conflict"
     title = "The dispute is not in a state that allows this"

@@ -94,7 +94,7 @@ async def confirm_delivery(
     "/{order_id}/dispute",
     status_code=201,
     response_model=DisputeOut,
-    summary="Open a dispute about a delivered order",
+    summary="Open a dispute about a delivered order, or a late one as not received",
     responses=problem_responses(404, 409, 422),
 )
 async def dispute_order(
@@ -104,8 +104,11 @@ async def dispute_order(
     session: SessionDep,
     runtime: RuntimeDep,
 ) -> DisputeOut:
-    """Within ``SOKO_DISPUTE_WINDOW_DAYS`` of the delivery. The seller is asked to
-    answer, then the marketplace decides."""
+    """Within ``SOKO_DISPUTE_WINDOW_DAYS`` of the delivery; or, for an order shipped
+    but never marked delivered, as ``not_received`` once
+    ``SOKO_DISPUTE_NOT_RECEIVED_AFTER_DAYS`` have passed since it shipped (``409
+    dispute-too-early`` before). The seller is asked to answer, then the marketplace
+    decides."""
     order = await service.order_for(session, order_id, buyer_id=principal.user_id)
     dispute = await open_dispute(
         session,

@@ -18,7 +18,7 @@ accept             paid                                        processing      s
 ship               processing                                  shipped         seller
 deliver            shipped                                     delivered       buyer, seller
 complete           delivered                                   completed       system
-dispute            delivered                                   disputed        buyer
+dispute            delivered, shipped (not received, late)     disputed        buyer
 refund             disputed                                    refunded        admin
 reject_dispute     disputed                                    completed       admin
 =================  ==========================================  ==============  ===============
@@ -115,7 +115,9 @@ TRANSITIONS: Mapping[Action, Transition] = {
         _move(Action.deliver, [S.shipped], S.delivered, [A.buyer, A.seller], "order.delivered"),
         # Once the dispute window has passed without a dispute (a scheduled job).
         _move(Action.complete, [S.delivered], S.completed, [A.system], "order.completed"),
-        _move(Action.dispute, [S.delivered], S.disputed, [A.buyer], "order.disputed"),
+        # From shipped only as "not received", once the parcel is late (the service
+        # checks both): a seller who never marks it delivered cannot block a dispute.
+        _move(Action.dispute, [S.delivered, S.shipped], S.disputed, [A.buyer], "order.disputed"),
         _move(Action.refund, [S.disputed], S.refunded, [A.admin], "order.refunded"),
         _move(Action.reject_dispute, [S.disputed], S.completed, [A.admin], "order.completed"),
     )

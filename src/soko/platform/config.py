@@ -189,6 +189,9 @@ class Settings(BaseSettings):
     reservation_hold_seconds: int = Field(900, ge=60, le=86_400)
     cart_expiry_hours: int = Field(72, ge=1, le=24 * 90)
     dispute_window_days: int = Field(14, ge=1, le=365)
+    # A shipped order not marked delivered this long after it shipped may be disputed
+    # as not received.
+    dispute_not_received_after_days: int = Field(14, ge=1, le=365)
     idempotency_key_hours: int = Field(24, ge=1, le=24 * 30)
     seed_demo: bool = True
 
