@@ -103,6 +103,16 @@ async def test_stock_is_set_adjusted_and_its_history_says_who_why_and_how_much(
     manager = team.headers(team.manager)
     owner = team.headers(team.owner)
 
+    # Taking units from a level that does not exist yet says so.
+    never = await client.post(
+        f"{stock_url(team, location_id)}/adjustments",
+        json={"delta": -2, "reason": "count"},
+        headers=manager,
+    )
+    assert never.status_code == 409 and problem_type(never) == "stock-below-committed"
+    assert "no stock at this location yet" in never.json()["detail"]
+    assert (never.json()["on_hand"], never.json()["committed"]) == (0, 0)
+
     set_ = await client.put(
         stock_url(team, location_id),
         json={"on_hand": 12, "reason": "opening count"},

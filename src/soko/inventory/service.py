@@ -400,7 +400,14 @@ async def adjust_stock(
         current = (
             await session.execute(select(S.on_hand, S.reserved, S.allocated).where(key))
         ).one_or_none()
-        on_hand, reserved, allocated = current or (0, 0, 0)
+        if current is None:
+            raise StockBelowCommitted(
+                f"This variant has no stock at this location yet; on hand cannot become "
+                f"{delta}. Set its level first, or add units with a positive delta.",
+                on_hand=0,
+                committed=0,
+            )
+        on_hand, reserved, allocated = current
         raise _below_committed(on_hand, reserved + allocated, on_hand + delta)
     adjustment = await _record(
         session,
