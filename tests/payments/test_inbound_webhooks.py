@@ -37,6 +37,7 @@ from tests.payments.test_pay_support import (
     ok,
     order_status,
     pay_and_confirm,
+    pay_path,
     payment_row,
     place_order,
     refunds_of,
@@ -286,6 +287,15 @@ async def test_a_payment_after_its_stock_was_sold_is_refunded_automatically(
     assert told["buyer_id"] == str(placed.buyer.user_id) and told["reason"] == "stock_gone"
     assert await balance(runtime, placed.shop.seller_id) == {}
     assert (await ledger_check(runtime)).balanced
+    # Paying it again is refused as what it is: expired, not "already paid".
+    again = await client.post(
+        pay_path(placed.group_id),
+        json={"provider": "fake"},
+        headers={**placed.buyer.headers, "Idempotency-Key": uuid.uuid4().hex},
+    )
+    assert again.status_code == 409, again.text
+    assert again.json()["type"] == "/problems/group-not-payable"
+    assert again.json()["group_status"] == "expired"
 
 
 async def test_two_payments_of_one_group_both_succeeding_one_wins_the_other_is_refunded(

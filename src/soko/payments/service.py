@@ -107,13 +107,17 @@ async def plan_payment(
         group = await group_for_payment(session, group_id)
         if group is None or group.buyer_id != buyer_id:
             raise NotFound("No such checkout.")
-        if group.status == PAID_GROUP or await succeeded_payment_of_group(session, group_id):
+        if group.status == PAID_GROUP:
             raise GroupAlreadyPaid(group_status=group.status)
         if group.status != PENDING_GROUP:
+            # Expired or cancelled: a payment that succeeded anyway (too late, its stock
+            # sold meanwhile) was given back, so "already paid" would not be true.
             raise GroupNotPayable(
                 f"The checkout is {group.status}; it can no longer be paid.",
                 group_status=group.status,
             )
+        if await succeeded_payment_of_group(session, group_id):
+            raise GroupAlreadyPaid(group_status=group.status)
         if group.total_minor <= 0:
             raise GroupNotPayable(
                 "Nothing is left to pay in this checkout.", group_status=group.status
