@@ -22,6 +22,16 @@ class CartChanged(Conflict):
     )
 
 
+class CartFull(Conflict):
+    slug = "cart-full"
+    title = "The cart holds as many lines as it may"
+    status = 409
+    description = (
+        "A cart holds at most `max_lines` different variants; add more of a line already "
+        "there, or check out and start another cart."
+    )
+
+
 class CartClosed(Conflict):
     slug = "cart-closed"
     title = "The cart is closed"

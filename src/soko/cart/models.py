@@ -36,6 +36,9 @@ class CartStatus(StrEnum):
 
 
 MAX_LINE_QUANTITY = 999
+# Different variants in one cart: bounds what reading, pricing and checking out a cart
+# costs (a merge on sign-in may go past it; adding a line then is refused).
+MAX_CART_LINES = 200
 
 _OPEN = text("status = 'open'")
 

@@ -21,12 +21,12 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from sqlalchemy import ColumnElement, and_, delete, false, or_, select, text, update
+from sqlalchemy import ColumnElement, and_, delete, false, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.cart.errors import CartClosed, CartNotFound
-from soko.cart.models import MAX_LINE_QUANTITY, Cart, CartLine, CartStatus
+from soko.cart.errors import CartClosed, CartFull, CartNotFound
+from soko.cart.models import MAX_CART_LINES, MAX_LINE_QUANTITY, Cart, CartLine, CartStatus
 from soko.catalog.public import VariantForSale, variants_for_sale
 from soko.inventory.public import available_for
 from soko.platform.db import dialect_insert
@@ -297,7 +297,8 @@ async def add_line(
 ) -> LineWrite:
     """Add ``quantity`` of a variant: a new line, or more of the line already there (at
     the price of now, which the buyer just saw). Three statements, whatever the cart
-    holds: the variant, the cart's version bump, and one upsert."""
+    holds: the variant, the cart's version bump, and one upsert; a new line adds a
+    fourth, which counts the cart's lines (at most :data:`MAX_CART_LINES`)."""
     variant = _for_sale((await variants_for_sale(session, [variant_id])).get(variant_id))
     now = runtime.clock.now()
     version, currency = await _begin_change(session, now, cart_id, access, versions)
@@ -332,7 +333,19 @@ async def add_line(
         raise ValidationFailed.of_field(
             "quantity", f"would take the line above {MAX_LINE_QUANTITY}"
         )
-    return LineWrite(cart_id=cart_id, version=version, line=LineState(*row))
+    line = LineState(*row)
+    if line.added_at == now:
+        # A new line (one already there keeps its first time): counted under the cart
+        # row's lock that _begin_change took, so concurrent adds cannot both slip in.
+        lines = await session.scalar(
+            select(func.count()).select_from(CartLine).where(CartLine.cart_id == cart_id)
+        )
+        if (lines or 0) > MAX_CART_LINES:
+            raise CartFull(
+                f"A cart holds at most {MAX_CART_LINES} different items.",
+                max_lines=MAX_CART_LINES,
+            )
+    return LineWrite(cart_id=cart_id, version=version, line=line)
 
 
 async def set_line_quantity(
