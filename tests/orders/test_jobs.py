@@ -16,6 +16,7 @@ from soko.platform.clock import ManualClock
 from soko.platform.jobs import registry
 from soko.platform.outbox import MessageStatus, OutboxMessage
 from soko.platform.runtime import Runtime
+from tests.conftest import sql_statements
 from tests.orders.conftest import (
     CHECKOUT,
     ORDERS,
@@ -95,6 +96,22 @@ async def test_unpaid_checkouts_expire_with_their_holds(
     assert (await stock(client, paid.shop, paid.variant_id))["allocated"] == 2
     # A payment arriving now is too late.
     assert await pay(runtime, unpaid.group_id) is False
+
+
+async def test_many_checkouts_expire_with_their_stock_given_back_in_one_pass(
+    client: httpx2.AsyncClient, runtime: Runtime, clock: ManualClock, place_order: PlaceOrder
+) -> None:
+    # Given back one checkout at a time, the stock rows of several items would be
+    # locked in the checkouts' order, not the key order every other writer keeps.
+    placed = [await place_order("pending_payment", quantity=1, stock=5) for _ in range(4)]
+    clock.advance(dt.timedelta(seconds=runtime.settings.reservation_hold_seconds + 1))
+    with sql_statements(runtime) as sent:
+        async with runtime.transaction() as session:
+            assert await service.expire_unpaid(session, runtime) == 4
+    stock_updates = [s for s in sent if s.lstrip().upper().startswith("UPDATE INVENTORY_STOCK")]
+    assert len(stock_updates) == 1, stock_updates
+    for one in placed:
+        assert (await available(runtime, one.variant_id))[one.variant_id] == 5
 
 
 async def test_a_payment_racing_the_expiry_has_one_winner(

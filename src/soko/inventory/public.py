@@ -186,6 +186,14 @@ async def release_hold(
     )
 
 
+async def release_holds(
+    session: AsyncSession, runtime: Runtime, holder_refs: Iterable[uuid.UUID], *, reason: str
+) -> int:
+    """:func:`release_hold` for many holders in one pass, their stock rows locked in key
+    order (a job expiring many checkouts). The units given back."""
+    return await _reservations.release_holds(session, runtime, holder_refs, reason=reason)
+
+
 async def fulfil(
     session: AsyncSession,
     runtime: Runtime,

@@ -676,9 +676,29 @@ async def release_hold(
     reason: str,
     variant_ids: Iterable[uuid.UUID] | None = None,
 ) -> int:
-    now = runtime.clock.now()
     ids = None if variant_ids is None else list(variant_ids)
-    conditions = _holder_filter(holder_ref, ids)
+    return await _release(session, runtime, _holder_filter(holder_ref, ids), reason)
+
+
+async def release_holds(
+    session: AsyncSession, runtime: Runtime, holder_refs: Iterable[uuid.UUID], *, reason: str
+) -> int:
+    """:func:`release_hold` for many holders at once: one pass over their reservations
+    and one over the stock rows, in key order (several passes, one a holder, would lock
+    rows of one item before another's and could deadlock with a checkout)."""
+    refs = sorted(set(holder_refs))
+    if not refs:
+        return 0
+    return await _release(session, runtime, [R.holder_ref.in_(refs)], reason)
+
+
+async def _release(
+    session: AsyncSession,
+    runtime: Runtime,
+    conditions: Sequence[ColumnElement[bool]],
+    reason: str,
+) -> int:
+    now = runtime.clock.now()
     held = await _end(
         session,
         now,

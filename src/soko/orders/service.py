@@ -18,7 +18,13 @@ from typing import Any
 from sqlalchemy import Select, case, exists, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.inventory.public import commit_hold, fulfil, rehold_if_available, release_hold
+from soko.inventory.public import (
+    commit_hold,
+    fulfil,
+    rehold_if_available,
+    release_hold,
+    release_holds,
+)
 from soko.orders.errors import OrderStateConflict
 from soko.orders.events import OrderMoved
 from soko.orders.models import (
@@ -590,8 +596,8 @@ async def expire_unpaid(session: AsyncSession, runtime: Runtime, *, limit: int =
     await _record_bulk(
         session, orders, Action.expire, Acting.system(), reason="not paid in time", now=now
     )
-    for group_id in group_ids:
-        await release_hold(session, runtime, group_id, reason="checkout expired")
+    # All at once: one pass locks the stock rows in key order, as every writer does.
+    await release_holds(session, runtime, group_ids, reason="checkout expired")
     return len(group_ids)
 
 
