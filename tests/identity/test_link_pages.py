@@ -184,3 +184,12 @@ async def test_the_store_invitations_page_says_how_to_answer(client: httpx2.Asyn
     assert page.status_code == 200
     _assert_plain_page(page, form=False)
     assert "/api/v1/me/store-invitations" in page.text
+
+
+async def test_the_order_page_says_where_the_order_is(client: httpx2.AsyncClient) -> None:
+    order_id = "01a251dc-1a84-7619-bae9-4e96e25495bf"
+    page = await client.get(f"/orders/{order_id}")
+    assert page.status_code == 200
+    _assert_plain_page(page, form=False)
+    assert f"/api/v1/orders/{order_id}" in page.text
+    assert (await client.get("/orders/not-an-id")).status_code == 422

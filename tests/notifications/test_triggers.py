@@ -146,7 +146,8 @@ async def test_placing_and_paying_an_order_reaches_the_buyer_and_the_seller(
     assert placed_buyer["to"] == buyer_user.email and placed_seller["to"] == owner.email
     assert number in placed_buyer["subject"] and "Wanjiku" in placed_buyer["text"]
     assert "KES 30.00" in placed_buyer["text"]  # 2 x 15.00
-    assert f'/orders/{group["orders"][0]["id"]}"' in placed_buyer["html"]
+    app_url = runtime.settings.effective_app_url
+    assert f'{app_url}/orders/{group["orders"][0]["id"]}"' in placed_buyer["html"]
     assert _by_category(read_sink(data_dir, "sms"), "transactional.order.placed.buyer") == []
 
     assert await pay(runtime, uuid.UUID(group["id"]))
@@ -356,3 +357,14 @@ async def test_a_stores_whole_staff_hears_of_an_order_with_one_read_of_their_con
     contacts = [s for s in sent if "email_ciphertext" in s and "FROM users" in s]
     locales = [s for s in sent if "FROM notifications_locales" in s]
     assert (len(contacts), len(locales)) == (1, 1), sent
+
+
+async def test_links_in_messages_lead_to_the_app_when_one_is_set(runtime: Runtime) -> None:
+    from soko.notifications.triggers import event_context
+
+    async with runtime.db.sessionmaker() as session:
+        before = await event_context(session, runtime, "seller.approved", {})
+        runtime.settings.app_url = "https://shop.example"
+        after = await event_context(session, runtime, "seller.approved", {})
+    assert before["app"]["url"] == runtime.settings.public_url
+    assert after["app"]["url"] == "https://shop.example"

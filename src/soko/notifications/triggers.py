@@ -168,7 +168,8 @@ async def event_context(
     """The names a template of ``event`` may use, from the payload and the domains'
     public reads (never ORM rows)."""
     context: dict[str, Any] = {
-        "app": {"name": "Soko", "url": runtime.settings.public_url.rstrip("/")},
+        # Where "view the order" links lead: the marketplace's app, or Soko's pages.
+        "app": {"name": "Soko", "url": runtime.settings.effective_app_url},
     }
     order_id = _uuid(payload, "order_id")
     if order_id is not None:

@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     # the tokens' issuer). Empty: http://<host>:<port>, which is right on a laptop only.
     public_url: str = ""
     # The marketplace's own app or site, where links in emails and SMS lead
-    # (<app_url>/verify-email?token=..., /reset-password?token=..., /store-invitations).
+    # (<app_url>/verify-email?token=..., /reset-password?token=..., /store-invitations,
+    # /orders/<id>).
     # Empty: Soko's own plain pages at SOKO_PUBLIC_URL.
     app_url: str = ""
     _public_url_derived: bool = PrivateAttr(False)
