@@ -395,8 +395,11 @@ async def _two_shop_payment(
     fake: FakeProvider,
     market: Any,
     make_buyer: Any,
+    *,
+    cancel_small: bool = False,
 ) -> tuple[uuid.UUID, dict[str, Any], dict[str, Any], Any]:
-    """One payment of a checkout from two stores: 1,200 at the first, 500 at the other."""
+    """One payment of a checkout from two stores: 1,200 at the first, 500 at the other
+    (with ``cancel_small``, the 500 order is cancelled before paying: 1,200 is paid)."""
     shops = [await market.open_shop() for _ in range(2)]
     variants = [
         (await shop.list_product(price, stock=5)).variant_id
@@ -404,6 +407,9 @@ async def _two_shop_payment(
     ]
     buyer = await make_buyer(*variants)
     group = await buyer.checkout()
+    big, small = sorted(group["orders"], key=lambda order: -order["subtotal"]["amount"])
+    if cancel_small:
+        ok(await client.post(f"{ORDERS}/{small['id']}/cancel", headers=buyer.headers))
     started = ok(
         await client.post(
             f"/api/v1/checkout/{group['id']}/payments",
@@ -413,10 +419,10 @@ async def _two_shop_payment(
         201,
     )
     payment_id = uuid.UUID(started["id"])
+    assert started["amount_minor"] == (1200 if cancel_small else 1700)
     fake.settle(payment_id, ProviderStatus.succeeded)
     ok(await deliver(client, fake, payment_id, ProviderStatus.succeeded))
     await run_jobs(runtime)
-    big, small = sorted(group["orders"], key=lambda order: -order["subtotal"]["amount"])
     return payment_id, big, small, buyer
 
 
@@ -565,28 +571,9 @@ async def test_an_order_cancelled_before_payment_is_not_refundable_from_the_paym
 ) -> None:
     """Its money was never taken: a refund of it would take the other store's money,
     or fail at the provider and flag the payment."""
-    shops = [await market.open_shop() for _ in range(2)]
-    variants = [
-        (await shop.list_product(price, stock=5)).variant_id
-        for shop, price in zip(shops, (1200, 500), strict=True)
-    ]
-    buyer = await make_buyer(*variants)
-    group = await buyer.checkout()
-    big, small = sorted(group["orders"], key=lambda order: -order["subtotal"]["amount"])
-    ok(await client.post(f"{ORDERS}/{small['id']}/cancel", headers=buyer.headers))
-    started = ok(
-        await client.post(
-            f"/api/v1/checkout/{group['id']}/payments",
-            json={"provider": "fake"},
-            headers={**buyer.headers, "Idempotency-Key": uuid.uuid4().hex},
-        ),
-        201,
+    payment_id, big, small, buyer = await _two_shop_payment(
+        client, runtime, fake, market, make_buyer, cancel_small=True
     )
-    payment_id = uuid.UUID(started["id"])
-    assert started["amount_minor"] == 1200
-    fake.settle(payment_id, ProviderStatus.succeeded)
-    ok(await deliver(client, fake, payment_id, ProviderStatus.succeeded))
-    await run_jobs(runtime)
     admin = await make_user(Role.admin)
 
     never_paid = await admin_refund(
