@@ -97,8 +97,7 @@ class Settings(BaseSettings):
     public_url: str = ""
     # The marketplace's own app or site, where links in emails and SMS lead
     # (<app_url>/verify-email?token=..., /reset-password?token=..., /store-invitations,
-    # /orders/<id>).
-    # Empty: Soko's own plain pages at SOKO_PUBLIC_URL.
+    # /orders/<id>). Empty: Soko's own plain pages at SOKO_PUBLIC_URL.
     app_url: str = ""
     _public_url_derived: bool = PrivateAttr(False)
 
