@@ -312,7 +312,13 @@ async def test_a_sendgrid_body_that_is_not_events_is_refused(client: httpx2.Asyn
     answer = await client.post(f"{CALLBACKS}/sendgrid", content=payload, headers=headers)
     assert answer.status_code == 422
     [error] = answer.json()["errors"]
-    assert (error["in"], error["code"]) == ("body", "invalid")
+    # The body as a whole: no field, the pointer to the whole document.
+    assert (error["in"], error["field"], error["pointer"], error["code"]) == (
+        "body",
+        "",
+        "#",
+        "invalid",
+    )
 
 
 async def test_bodies_no_provider_sends_are_refused_for_what_they_are(

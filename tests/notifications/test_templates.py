@@ -154,7 +154,7 @@ async def test_admins_list_edit_preview_and_reset_templates(
     assert {key: error[key] for key in ("in", "field", "pointer", "code")} == {
         "in": "body",
         "field": "source",
-        "pointer": "/source",
+        "pointer": "#/source",
         "code": "template_invalid",
     }
     assert error["detail"].startswith("subject: ")

@@ -55,7 +55,13 @@ from soko.notifications.templates import (
 )
 from soko.notifications.triggers import template_sample_context
 from soko.platform.auth import Principal, public, require
-from soko.platform.errors import NotFound, PayloadTooLarge, ValidationFailed, problem_responses
+from soko.platform.errors import (
+    NotFound,
+    PayloadTooLarge,
+    ValidationFailed,
+    json_pointer,
+    problem_responses,
+)
 from soko.platform.pagination import Keyset, Page, PageRequestDep
 from soko.platform.runtime import RuntimeDep, SessionDep
 
@@ -84,7 +90,15 @@ def _form_pairs(body: bytes) -> list[tuple[str, str]] | None:
 def _unreadable(message: str) -> ValidationFailed:
     return ValidationFailed(
         f"The report {message}.",
-        errors=[{"in": "body", "field": "", "pointer": "", "detail": message, "code": "invalid"}],
+        errors=[
+            {
+                "in": "body",
+                "field": "",
+                "pointer": json_pointer([]),
+                "detail": message,
+                "code": "invalid",
+            }
+        ],
     )
 
 
@@ -419,7 +433,7 @@ def _invalid(problem: TemplateProblem) -> TemplateInvalid:
         {
             "in": "body",
             "field": "source",
-            "pointer": "/source",
+            "pointer": json_pointer(["source"]),
             "detail": f"{error['part']}: {error['message']}",
             "code": "template_invalid",
             "part": error["part"],
