@@ -41,15 +41,21 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Table, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.models import AuditChainHead, AuditEvent
 from soko.platform.clock import Clock, ensure_utc
+from soko.platform.http import client_ip
 from soko.platform.ids import uuid7
 from soko.platform.logging import REDACTED, mask_field
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from soko.platform.runtime import Runtime
 
 GENESIS_HASH = "0" * 64
 # A fixed key for pg_advisory_xact_lock: the first 8 bytes of SHA-256("soko.audit_events"),
@@ -331,6 +337,32 @@ def _remember_head(session: AsyncSession, seq: int, head_hash: str) -> None:
     transaction = _current_transaction(session)
     if transaction is not None:
         session.info[_HEAD_KEY] = (weakref.ref(transaction), seq, head_hash)
+
+
+async def record_request_audit_event(
+    session: AsyncSession,
+    request: Request,
+    runtime: Runtime,
+    *,
+    action: str,
+    actor_id: uuid.UUID | None,
+    target_type: str,
+    target_id: str | uuid.UUID,
+    data: Mapping[str, Any] | None = None,
+) -> AuditEvent:
+    """:func:`record_audit_event` for what a request did: its caller's address
+    (``X-Forwarded-For`` believed only from trusted proxies) and its request id."""
+    return await record_audit_event(
+        session,
+        action=action,
+        actor_id=actor_id,
+        target_type=target_type,
+        target_id=target_id,
+        ip=client_ip(request.scope, runtime.settings.trusted_proxies),
+        request_id=getattr(request.state, "request_id", None),
+        data=data,
+        clock=runtime.clock,
+    )
 
 
 async def record_audit_event(

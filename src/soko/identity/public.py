@@ -22,7 +22,7 @@ from soko.identity.accounts import (
     principal_tag,
     user_roles,
 )
-from soko.identity.audit import record_audit_event
+from soko.identity.audit import record_audit_event, record_request_audit_event
 from soko.identity.errors import AccountExists
 from soko.identity.models import Role, User, UserRole, UserStatus
 from soko.identity.passwords import password_hasher
@@ -67,6 +67,7 @@ __all__ = [
     "grant_role",
     "has_accounts",
     "record_audit_event",
+    "record_request_audit_event",
     "start_password_hashing",
     "user_cards",
     "user_ids_with_role",

@@ -30,7 +30,7 @@ from soko.identity.accounts import (
     user_phone,
     user_roles,
 )
-from soko.identity.audit import record_audit_event
+from soko.identity.audit import record_request_audit_event
 from soko.identity.login_methods import (
     OIDC_PREFIX,
     LoginSettings,
@@ -52,7 +52,6 @@ from soko.identity.routes_audit import AuditEventFields, AuditEventOut
 from soko.identity.routes_oidc import ProvidersDep
 from soko.identity.schemas import UserOut
 from soko.identity.sessions import revoke_user_sessions
-from soko.identity.signin import RequestFacts
 from soko.platform.auth import Principal, require
 from soko.platform.errors import Conflict, NotFound, ValidationFailed
 from soko.platform.etag import etag_for_version, not_modified, require_match, tag_response
@@ -146,11 +145,6 @@ USER_LISTING = Keyset(
 # -- service ----------------------------------------------------------------------------------
 
 
-def _where(request: Request, runtime: Runtime) -> tuple[str, str | None]:
-    facts = RequestFacts.of(request, runtime)
-    return facts.ip, facts.request_id
-
-
 async def _audit(
     session: AsyncSession,
     request: Request,
@@ -162,17 +156,15 @@ async def _audit(
     target_id: str,
     data: dict[str, object],
 ) -> None:
-    ip, request_id = _where(request, runtime)
-    await record_audit_event(
+    await record_request_audit_event(
         session,
+        request,
+        runtime,
         action=action,
         actor_id=admin.user_id,
         target_type=target_type,
         target_id=target_id,
-        ip=ip,
-        request_id=request_id,
         data=data,
-        clock=runtime.clock,
     )
 
 

@@ -27,13 +27,12 @@ from soko.identity.public import (
     PAYMENTS_MANAGE,
     PAYMENTS_READ_ALL,
     PAYOUTS_MANAGE,
-    record_audit_event,
+    record_request_audit_event,
 )
 from soko.payments import ledger
 from soko.payments.ledger_models import MEMO_MAX_LENGTH, REFERENCE_MAX_LENGTH, LedgerEntry, Payout
 from soko.platform.auth import Principal, require
 from soko.platform.errors import NotFound, problem_responses
-from soko.platform.http import client_ip
 from soko.platform.idempotency import IdempotencyDep
 from soko.platform.money import MAX_AMOUNT_MINOR, UnknownCurrencyError, minor_units
 from soko.platform.pagination import Keyset, Page, PageRequest, PageRequestDep, SortKey
@@ -211,16 +210,15 @@ async def _audit(
     seller_id: uuid.UUID,
     data: dict[str, Any],
 ) -> None:
-    await record_audit_event(
+    await record_request_audit_event(
         session,
+        request,
+        runtime,
         action=action,
         actor_id=actor.user_id,
         target_type="seller",
         target_id=seller_id,
-        ip=client_ip(request.scope, runtime.settings.trusted_proxies),
-        request_id=getattr(request.state, "request_id", None),
         data=data,
-        clock=runtime.clock,
     )
 
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse
 from sqlalchemy import Select, select
 
-from soko.identity.public import SELLERS_REVIEW, record_audit_event
+from soko.identity.public import SELLERS_REVIEW, record_request_audit_event
 from soko.platform.auth import (
     SESSION_ONLY,
     MaybePrincipal,
@@ -28,7 +28,6 @@ from soko.platform.etag import (
     not_modified,
     tag_response,
 )
-from soko.platform.http import client_ip
 from soko.platform.pages import plain_page
 from soko.platform.pagination import (
     FieldSelection,
@@ -341,16 +340,15 @@ def _audit(
     seller_id: uuid.UUID,
     data: dict[str, Any],
 ) -> Any:
-    return record_audit_event(
+    return record_request_audit_event(
         session,
+        request,
+        runtime,
         action=action,
         actor_id=actor_id,
         target_type="seller",
         target_id=seller_id,
-        ip=client_ip(request.scope, runtime.settings.trusted_proxies),
-        request_id=getattr(request.state, "request_id", None),
         data=data,
-        clock=runtime.clock,
     )
 
 
