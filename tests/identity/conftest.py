@@ -37,7 +37,12 @@ def make_user(runtime: Runtime) -> MakeUser:
     """Create a user with the given roles and a live session (no password)."""
 
     async def factory(
-        *roles: Role | str, email: str | None = None, password_hash: str | None = None
+        *roles: Role | str,
+        email: str | None = None,
+        password_hash: str | None = None,
+        phone: str | None = None,
+        email_verified: bool = True,
+        phone_verified: bool = True,
     ) -> SignedInUser:
         address = email or f"user-{uuid.uuid4().hex[:10]}@example.com"
         async with runtime.db.transaction() as session:
@@ -46,10 +51,12 @@ def make_user(runtime: Runtime) -> MakeUser:
                 runtime.data_keys,
                 now=runtime.clock.now(),
                 email=address,
+                phone=phone,
                 display_name="Test user",
                 password_hash=password_hash,
                 roles=roles or (Role.customer,),
-                email_verified=True,
+                email_verified=email_verified,
+                phone_verified=phone is not None and phone_verified,
             )
             tokens = await start_session(session, runtime, user, method="test", device=TEST_DEVICE)
         return SignedInUser(user_id=user.id, email=address, tokens=tokens)

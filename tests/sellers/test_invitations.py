@@ -12,9 +12,7 @@ from typing import Any
 import httpx2
 from sqlalchemy import select, text
 
-from soko.identity.accounts import create_user
-from soko.identity.models import AuditEvent, Role
-from soko.identity.sessions import start_session
+from soko.identity.models import AuditEvent
 from soko.notifications.public import read_sink
 from soko.platform.runtime import Runtime
 from soko.sellers.invitations import (
@@ -22,7 +20,7 @@ from soko.sellers.invitations import (
     INVITATIONS_PER_INVITER_PER_DAY,
 )
 from soko.sellers.models import SellerInvitation
-from tests.identity.conftest import TEST_DEVICE, MakeUser, SignedInUser
+from tests.identity.conftest import MakeUser, SignedInUser
 from tests.sellers.conftest import (
     INVITATIONS,
     MEMBERS,
@@ -62,31 +60,6 @@ async def _store_invitations(
     response = await client.get(INVITATIONS, headers=headers)
     assert response.status_code == 200, response.text
     return {item["id"]: item for item in response.json()["items"]}
-
-
-async def _user(
-    runtime: Runtime,
-    *,
-    email: str | None = None,
-    phone: str | None = None,
-    email_verified: bool = True,
-    phone_verified: bool = True,
-) -> SignedInUser:
-    address = email or f"user-{uuid.uuid4().hex[:10]}@example.com"
-    async with runtime.db.transaction() as session:
-        user = await create_user(
-            session,
-            runtime.data_keys,
-            now=runtime.clock.now(),
-            email=address,
-            phone=phone,
-            display_name="Invitee",
-            roles=(Role.customer,),
-            email_verified=email_verified,
-            phone_verified=phone is not None and phone_verified,
-        )
-        tokens = await start_session(session, runtime, user, method="test", device=TEST_DEVICE)
-    return SignedInUser(user_id=user.id, email=address, tokens=tokens)
 
 
 async def _age(runtime: Runtime, by: dt.timedelta) -> None:
@@ -166,7 +139,7 @@ async def test_a_phone_number_is_invited_by_sms_and_accepted_by_its_verified_own
     owner = await make_user()
     await stores.apply(owner)
     phone = "+254712345678"
-    invitee = await _user(runtime, phone=phone, email_verified=False)
+    invitee = await make_user(phone=phone, email_verified=False)
     invited = await _invite(client, owner.headers, "+254 712 345 678")
     assert invited.status_code == 201, invited.text
     assert (invited.json()["address"], invited.json()["address_kind"]) == (phone, "phone")
@@ -194,7 +167,7 @@ async def test_inviting_tells_nothing_about_who_has_an_account(
     # The address without an account gets its message too: it may sign up, verify it and
     # accept.
     assert len(await _delivered(runtime, "email", "nobody-here@example.com")) == 1
-    newcomer = await _user(runtime, email="nobody-here@example.com")
+    newcomer = await make_user(email="nobody-here@example.com")
     assert [item["id"] for item in await _mine(client, newcomer)] == [answers[1].json()["id"]]
     assert (await _accept(client, newcomer, answers[1].json()["id"])).status_code == 201
 
@@ -204,7 +177,7 @@ async def test_only_an_account_that_verified_the_address_may_see_or_answer_it(
 ) -> None:
     owner, outsider = await make_user(), await make_user()
     await stores.apply(owner)
-    unverified = await _user(runtime, email_verified=False)
+    unverified = await make_user(email_verified=False)
     invitation = (await _invite(client, owner.headers, unverified.email)).json()
     for user in (unverified, outsider, owner):
         assert await _mine(client, user) == []
