@@ -7,7 +7,9 @@ import asyncio
 import uuid
 
 import httpx2
+import pytest
 
+from soko.cart import service as cart_service
 from soko.identity.models import Role
 from soko.identity.passwords import password_hasher
 from soko.platform.otp import decode_secret, totp
@@ -182,6 +184,41 @@ async def test_explicit_merge(
     stranger = await make_user()
     taken = await client.post(url, headers={**stranger.headers, **anonymous.headers})
     assert taken.status_code == 404
+
+
+async def test_a_merge_stops_adding_lines_when_the_cart_is_full(
+    client: httpx2.AsyncClient,
+    market: Market,
+    make_user: MakeUser,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shop = await market.open_shop()
+    listing = await shop.list_product(*range(700, 705), stock=10)
+    # Added in id order, so the oldest lines are the same whether the clock ticked or not.
+    kept, summed, first_new, second_new, third_new = sorted(listing.variant_ids)
+    user = await make_user()
+    own = await user_cart(client, user)
+    await add(client, own, kept, 1)
+    await add(client, own, summed, 1)
+    anonymous = await anonymous_cart(client)
+    for variant in (summed, first_new, second_new, third_new):
+        await add(client, anonymous, variant, 2)
+
+    monkeypatch.setattr(cart_service, "MAX_CART_LINES", 3)
+    url = f"{anonymous.url}/merge"
+    merged = await client.post(url, headers={**user.headers, **anonymous.headers})
+    assert merged.status_code == 200, merged.text
+    body = merged.json()
+    # More of a line already there always fits; of the new lines, only the oldest did.
+    assert quantities(body["cart"]) == {str(kept): 1, str(summed): 3, str(first_new): 2}
+    assert sorted(
+        (item["variant_id"], item["requested"], item["quantity"], item["reason"])
+        for item in body["adjustments"]
+    ) == sorted([(str(second_new), 2, 0, "cart_full"), (str(third_new), 2, 0, "cart_full")])
+    # The full cart still takes more of what it holds, and refuses a new item.
+    assert (await add(client, own, first_new, 1)).status_code == 200
+    full = await add(client, own, second_new, 1)
+    assert full.status_code == 409 and problem_type(full) == "cart-full"
 
 
 async def test_explicit_merge_without_a_cart_of_ones_own_adopts(

@@ -123,7 +123,7 @@ class MergeAdjustmentOut(BaseModel):
     variant_id: uuid.UUID
     requested: int = Field(description="The two carts' quantities summed")
     quantity: int = Field(description="What the line holds after the merge (0: left out)")
-    reason: str = Field(description="out_of_stock, line_limit or other_currency")
+    reason: str = Field(description="out_of_stock, line_limit, other_currency or cart_full")
 
 
 class MergeOut(BaseModel):

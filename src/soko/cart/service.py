@@ -587,6 +587,7 @@ class AdjustmentReason(StrEnum):
     out_of_stock = "out_of_stock"
     line_limit = "line_limit"
     other_currency = "other_currency"
+    cart_full = "cart_full"
 
 
 @dataclass(frozen=True, slots=True)
@@ -670,11 +671,17 @@ async def merge_anonymous_cart(
         )
     ).all()
     held = {row.variant_id: row.quantity for row in rows if row.cart_id == target_id}
-    incoming = [LineState(*row[1:]) for row in rows if row.cart_id == anonymous_id]
+    # Oldest first, so that when the user's cart has no room for them all, the lines
+    # carried over are the ones the buyer chose first.
+    incoming = sorted(
+        (LineState(*row[1:]) for row in rows if row.cart_id == anonymous_id),
+        key=lambda line: (line.added_at, line.variant_id),
+    )
     stock = await available_for(session, runtime, [line.variant_id for line in incoming])
 
     merged_lines: list[dict[str, Any]] = []
     adjustments: list[MergeAdjustment] = []
+    free_lines = MAX_CART_LINES - len(held)
     for line in incoming:
         already = held.get(line.variant_id, 0)
         requested = already + line.quantity
@@ -683,6 +690,11 @@ async def merge_anonymous_cart(
                 MergeAdjustment(
                     line.variant_id, requested, already, AdjustmentReason.other_currency
                 )
+            )
+            continue
+        if line.variant_id not in held and free_lines <= 0:
+            adjustments.append(
+                MergeAdjustment(line.variant_id, requested, 0, AdjustmentReason.cart_full)
             )
             continue
         available = max(stock.get(line.variant_id, 0), 0)
@@ -695,6 +707,8 @@ async def merge_anonymous_cart(
             )
             adjustments.append(MergeAdjustment(line.variant_id, requested, quantity, reason))
         if quantity > already:
+            if line.variant_id not in held:
+                free_lines -= 1
             merged_lines.append(
                 {
                     "id": uuid7(),
