@@ -18,6 +18,7 @@ from soko.platform.clock import ManualClock
 from soko.platform.http import (
     _FormNulScanner,
     _JsonNulScanner,
+    accepts_json,
     client_ip,
     register_raw_body_prefix,
     route_template,
@@ -419,6 +420,79 @@ async def test_a_signed_raw_body_is_taken_whole(make_client: AppFactory) -> None
     _nul_refused(response, "body")
     with pytest.raises(ValueError):
         register_raw_body_prefix("/no-slash")
+
+
+# -- Accept ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("accept", "admitted"),
+    [
+        (b"application/json", True),
+        (b"Application/JSON; charset=utf-8", True),
+        (b"application/problem+json", True),
+        (b"text/html, application/xhtml+xml, */*;q=0.8", True),
+        (b"text/html,application/*;q=0.1", True),
+        (b"application/json;q=nonsense", True),
+        (b"", True),
+        (b"   ", True),
+        (b"text/html", False),
+        (b"text/html, application/xml;q=0.9", False),
+        (b"application/json;q=0, text/plain", False),
+        (b"*/*;q=0.000", False),
+        (b"application/vnd.api+json", False),
+        (b"nonsense", False),
+    ],
+)
+def test_accepts_json_reads_ranges_and_weights(accept: bytes, admitted: bool) -> None:
+    assert accepts_json(accept) is admitted
+
+
+async def test_an_api_request_accepting_no_json_is_406_and_changes_nothing(
+    client: httpx2.AsyncClient,
+) -> None:
+    refused = await client.post("/api/v1/carts", headers={"Accept": "text/html"})
+    assert refused.status_code == 406, refused.text
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    problem = refused.json()
+    assert problem["type"] == "/problems/not-acceptable"
+    assert problem["instance"] == "/api/v1/carts"
+    assert problem["request_id"] == refused.headers["x-request-id"]
+    # Refused before the route runs: a body it would have refused is not even read.
+    unread = await client.post(
+        "/api/v1/carts",
+        content=b"{not json",
+        headers={"Accept": "text/html", "Content-Type": "application/json"},
+    )
+    assert unread.status_code == 406, unread.text
+    # Several Accept headers count together; one that admits JSON is enough.
+    created = await client.post(
+        "/api/v1/carts", headers=[("Accept", "text/html"), ("Accept", "application/json")]
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["token"].startswith("ct_")
+    for accept in ("*/*", "application/json", "application/problem+json"):
+        listing = await client.get("/api/v1/products", headers={"Accept": accept})
+        assert listing.status_code == 200, (accept, listing.text)
+    assert (await client.get("/api/v1/products", headers={"Accept": ""})).status_code == 200
+
+
+async def test_pages_and_provider_callbacks_are_served_whatever_they_accept(
+    client: httpx2.AsyncClient,
+) -> None:
+    html_only = {"Accept": "text/html"}
+    assert (await client.get("/health", headers=html_only)).status_code == 200
+    page = await client.get("/verify-email", headers=html_only)  # a link without its token
+    assert page.status_code == 400 and page.headers["content-type"].startswith("text/html")
+    # A callback answers what it would have answered (here: an unsigned report is 401),
+    # never 406.
+    for path in (
+        "/api/v1/payments/webhooks/sandbox",
+        "/api/v1/notifications/callbacks/twilio",
+    ):
+        answer = await client.post(path, content=b"{}", headers={"Accept": "text/plain"})
+        assert answer.status_code not in (406, 500), (path, answer.text)
+        assert answer.status_code in (400, 401, 404, 422), (path, answer.text)
 
 
 # -- CORS -------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from soko.platform.errors import (
     json_pointer,
     problem_responses,
 )
+from soko.platform.http import register_callback_prefix
 from soko.platform.pagination import Keyset, Page, PageRequestDep
 from soko.platform.runtime import RuntimeDep, SessionDep
 
@@ -71,6 +72,8 @@ TEMPLATES_PERMISSION = IDENTITY_SETTINGS
 CALLBACK_BODY_MAX_BYTES = 1_000_000
 
 router = APIRouter()
+# Delivery reports come from a provider, with whatever Accept header it sends.
+register_callback_prefix("/api/v1/notifications/callbacks/")
 Me = Annotated[Principal, require(ACCOUNT_SELF)]
 Admin = Annotated[Principal, require(TEMPLATES_PERMISSION)]
 Anyone = Annotated[Principal | None, public()]

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from soko.platform.errors import (
     BadRequest,
+    NotAcceptable,
     PayloadTooLarge,
     ProblemError,
     ServiceUnavailable,
@@ -217,6 +218,20 @@ def register_raw_body_prefix(prefix: str) -> None:
         _RAW_BODY_PREFIXES.append(prefix)
 
 
+# Paths a machine calls back (a provider's delivery report): never refused for their
+# Accept header, which the sender chose, not a client Soko can tell to fix it.
+_CALLBACK_PREFIXES: list[str] = []
+
+
+def register_callback_prefix(prefix: str) -> None:
+    """Serve requests under ``prefix`` (which ends with "/") whatever their ``Accept``;
+    raw body prefixes (:func:`register_raw_body_prefix`) are served so too."""
+    if not prefix.endswith("/"):
+        raise ValueError("a callback prefix ends with '/'")
+    if prefix not in _CALLBACK_PREFIXES:
+        _CALLBACK_PREFIXES.append(prefix)
+
+
 _JSON_NUL = b"\\u0000"
 _BACKSLASH = 0x5C
 
@@ -280,6 +295,37 @@ def _body_scanner(path: str, media_type: bytes) -> _JsonNulScanner | _FormNulSca
     return None
 
 
+# What an API answer can be: JSON, or a problem (RFC 9457) in JSON.
+_JSON_RANGES = frozenset(
+    {b"*/*", b"application/*", b"application/json", b"application/problem+json"}
+)
+
+
+def accepts_json(accept: bytes) -> bool:
+    """Whether an ``Accept`` header's value (RFC 9110 section 12.5.1; several headers
+    joined with commas) admits ``application/json`` or ``application/problem+json``: a
+    range that matches them with a weight above zero. An empty value says nothing and
+    admits them. An unreadable weight counts as 1, so a client is refused only for what
+    it clearly said."""
+    if not accept.strip():
+        return True
+    for item in accept.split(b","):
+        media_range, _, parameters = item.partition(b";")
+        if media_range.strip().lower() not in _JSON_RANGES:
+            continue
+        weight = 1.0
+        for parameter in parameters.split(b";"):
+            name, _, value = parameter.partition(b"=")
+            if name.strip().lower() == b"q":
+                try:
+                    weight = float(value.strip())
+                except ValueError:
+                    weight = 1.0
+        if weight > 0:
+            return True
+    return False
+
+
 def _nul_problem(where: str) -> tuple[str, dict[str, Any]]:
     detail = f"The request's {where} holds the NUL character (U+0000), which no field accepts."
     error = {"in": where, "field": "", "pointer": None, "detail": detail, "code": "nul_character"}
@@ -289,6 +335,11 @@ def _nul_problem(where: str) -> tuple[str, dict[str, Any]]:
 class InputGuardMiddleware:
     """Checks what every route receives before any of it is parsed.
 
+    - A request under ``json_prefix`` (the API) whose ``Accept`` admits no JSON answer is
+      refused with 406 ``not-acceptable`` (see :func:`accepts_json`), before the route
+      runs, so nothing is changed for an answer the client would not read. A provider's
+      callbacks (:func:`register_callback_prefix`, :func:`register_raw_body_prefix`)
+      are served whatever their sender accepts, and a CORS preflight is never refused.
     - A body over ``max_bytes`` is refused with 413, by its declared length or by
       counting what arrives.
     - The NUL character (U+0000) in the path, the query or a JSON or form body is refused
@@ -299,9 +350,10 @@ class InputGuardMiddleware:
       (:func:`register_raw_body_prefix`) get it unchecked.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, json_prefix: str = "/api/") -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.json_prefix = json_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -315,8 +367,11 @@ class InputGuardMiddleware:
             await self._refuse_nul(scope, send, request_id, "query")
             return
         media_type = b""
+        accept: list[bytes] = []
         for name, value in scope.get("headers", ()):
-            if name == b"content-length":
+            if name == b"accept":
+                accept.append(value)
+            elif name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
@@ -326,6 +381,9 @@ class InputGuardMiddleware:
                     return
             elif name == b"content-type":
                 media_type = value.split(b";", 1)[0].strip().lower()
+        if accept and not accepts_json(b",".join(accept)) and self._answers_json(scope):
+            await self._refuse_accept(scope, send, request_id)
+            return
 
         received = 0
         response_started = False
@@ -369,6 +427,26 @@ class InputGuardMiddleware:
             await self._refuse(scope, send, request_id)
         else:
             await self._refuse_nul(scope, send, request_id, "body")
+
+    def _answers_json(self, scope: Scope) -> bool:
+        path: str = scope.get("path", "")
+        return (
+            path.startswith(self.json_prefix)
+            and scope.get("method") != "OPTIONS"
+            and not any(path.startswith(prefix) for prefix in _RAW_BODY_PREFIXES)
+            and not any(path.startswith(prefix) for prefix in _CALLBACK_PREFIXES)
+        )
+
+    async def _refuse_accept(self, scope: Scope, send: Send, request_id: str) -> None:
+        start, body = problem_message(
+            NotAcceptable,
+            "This API answers application/json, and problems as application/problem+json; "
+            "the request's Accept header admits neither.",
+            scope.get("path", ""),
+            request_id,
+        )
+        await send(start)
+        await send(body)
 
     async def _refuse(self, scope: Scope, send: Send, request_id: str) -> None:
         start, body = problem_message(
