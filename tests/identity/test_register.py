@@ -148,6 +148,10 @@ HOSTILE_EMAILS = [
     "amina@-soko.example",
     "a,b@soko.example",
     "a@b@soko.example",
+    "p\u0430ypal@soko.example",  # a Cyrillic a among Latin letters
+    "amina@s\u03bfko.example",  # a Greek omicron in a Latin domain label
+    "\u0430min\u0430@\u0441\u043ek\u043e.example",  # Cyrillic with a Latin k
+    "\u12a0\u1260be@soko.example",  # Ethiopic with Latin in one part
 ]
 
 
@@ -168,7 +172,15 @@ async def test_registering_such_an_address_is_a_validation_problem(
     async with runtime.db.transaction(read_only=True) as session:
         assert await session.scalar(select(func.count()).select_from(User)) == 0
     # Addresses of every script, and the atext symbols, still register.
-    for email in ("jürgen.o'brien+soko@bücher.de", "用户@例子.广告", "a_b-c{x}@sub.example.co.ke"):
+    for email in (
+        "jürgen.o'brien+soko@bücher.de",
+        "用户@例子.广告",
+        "a_b-c{x}@sub.example.co.ke",
+        "иван.smith@почта.example",  # one script in each part
+        "\u12a0\u1260\u1260@soko.et",  # Ethiopic (Amharic)
+        "tanaka\u3055\u3093\u7530\u4e2d@example.jp",  # Latin, Hiragana and Han
+        "\u0915\u093f\u0930\u0923@example.in",  # Devanagari with a vowel sign
+    ):
         assert (await register(client, email)).status_code == 201, email
 
 

@@ -33,8 +33,9 @@ def normalize_email(raw: str) -> str:
     dot-atom local part (RFC 5322 ``atext``, and letters, marks and digits of any
     script, RFC 6531) and a domain of host-name labels. Quoted local parts, address
     literals (``[127.0.0.1]``), control and invisible characters (a zero-width space
-    made a second account for the same mailbox) and compatibility forms (a full-width
-    letter a, U+FF41, for ``a``) are refused."""
+    made a second account for the same mailbox), compatibility forms (a full-width
+    letter a, U+FF41, for ``a``) and parts that mix scripts (a Cyrillic a, U+0430, among Latin
+    letters, which passes for another address; see :func:`_one_script`) are refused."""
     value = raw.strip()
     local, at, domain = value.rpartition("@")
     if (
@@ -43,6 +44,7 @@ def normalize_email(raw: str) -> str:
         or not _is_local_part(local)
         or not _is_domain(domain)
         or unicodedata.normalize("NFKC", value) != unicodedata.normalize("NFC", value)
+        or not all(_one_script(part) for part in (*local.split("."), *domain.split(".")))
     ):
         raise _field_error("email", "is not a valid email address")
     return canonical_email(value)
@@ -60,6 +62,30 @@ def _is_word_character(character: str) -> bool:
     # Letters, combining marks and digits of any script; no symbols, spaces, controls
     # or format characters (zero-width joiners, direction marks).
     return unicodedata.category(character)[0] in "LMN"
+
+
+# Scripts that are written together, after Unicode's "highly restrictive" profile (UTS
+# #39 section 5.2): Latin with Han and Japanese kana, with Han and Bopomofo, or with Han
+# and Hangul. Any other mix within one part of an address is refused. Scripts are told
+# by the first word of a letter's Unicode name ("LATIN SMALL LETTER A", "CYRILLIC SMALL
+# LETTER A", "CJK UNIFIED IDEOGRAPH-4E00"), which names its script for every letter an
+# address can hold; digits and marks belong to any script.
+_SCRIPTS_WRITTEN_TOGETHER = (
+    frozenset({"LATIN", "CJK", "HIRAGANA", "KATAKANA", "KATAKANA-HIRAGANA"}),
+    frozenset({"LATIN", "CJK", "BOPOMOFO"}),
+    frozenset({"LATIN", "CJK", "HANGUL"}),
+)
+
+
+def _one_script(part: str) -> bool:
+    """Whether the letters of ``part`` (a dot-separated piece of an address) are of one
+    script, or of scripts that are written together. ASCII letters are Latin."""
+    scripts = {
+        "LATIN" if c.isascii() else unicodedata.name(c, "UNKNOWN").split(" ", 1)[0]
+        for c in part
+        if c.isalpha()
+    }
+    return len(scripts) <= 1 or any(scripts <= together for together in _SCRIPTS_WRITTEN_TOGETHER)
 
 
 def _is_local_part(local: str) -> bool:
