@@ -348,6 +348,33 @@ async def test_memory_cache_evicts_the_least_recently_used(clock: ManualClock) -
     assert await cache.get("c") == 3
 
 
+async def test_memory_cache_is_bounded_by_the_bytes_it_holds(clock: ManualClock) -> None:
+    cache = MemoryCache(max_bytes=1600, clock=clock)  # a value may take 100 bytes
+    pages = {f"page:{n}": bytes([n]) * 80 for n in range(40)}
+    for key, page in pages.items():
+        assert await cache.get_or_set_raw(key, Counting(page), ttl=60) == page
+    assert cache.bytes == sum(len(entry.raw) for entry in cache._entries.values())
+    assert cache.bytes <= 1600 and len(cache) == 20  # the 20 most recent pages
+    assert (
+        await cache.get_or_set_raw("page:39", Counting(b"recomputed"), ttl=60) == pages["page:39"]
+    )
+    assert await cache.get_or_set_raw("page:0", Counting(b"recomputed"), ttl=60) == b"recomputed"
+    # A value over its share is served, not kept, and evicts nothing.
+    big = Counting(b"x" * 101)
+    assert await cache.get_or_set_raw("big", big, ttl=60) == b"x" * 101
+    assert await cache.get_or_set_raw("big", big, ttl=60) == b"x" * 101
+    assert big.calls == 2 and len(cache) == 20
+    # Replacing, expiring and deleting entries give their bytes back.
+    await cache.set("page:39", "short", ttl=60)
+    clock.advance(61)
+    for key in list(cache._entries):
+        await cache.get(key)
+    assert len(cache) == 0 and cache.bytes == 0
+    await cache.set("a", "value", ttl=60)
+    await cache.delete("a")
+    assert cache.bytes == 0
+
+
 async def test_memory_tag_table_stays_bounded(clock: ManualClock) -> None:
     cache = MemoryCache(max_entries=3, clock=clock)
     for n in range(100):

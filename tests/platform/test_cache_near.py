@@ -132,6 +132,20 @@ async def test_copies_expire_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -
     assert len(near) == 0 and not near._by_tag
 
 
+async def test_copies_are_bounded_by_the_bytes_they_hold() -> None:
+    near = NearCopies(max_bytes=160)  # a copy may take 10 bytes
+    near.listening = True
+    for n in range(20):
+        near.put(f"page:{n}", b"y" * 8, ["catalog"], ttl=60, mark=near.mark)
+    assert near.bytes == 160 and len(near) == 20
+    near.put("page:20", b"y" * 8, ["catalog"], ttl=60, mark=near.mark)
+    assert near.bytes == 160 and near.get("page:0") is None and near.get("page:20")
+    near.put("page:big", b"z" * 11, ["catalog"], ttl=60, mark=near.mark)
+    assert near.get("page:big") is None and len(near) == 20
+    near.invalidate(tags=["catalog"])
+    assert near.bytes == 0 and len(near) == 0
+
+
 async def test_a_lost_channel_drops_every_copy_until_it_is_back(
     redis_caches: Callable[..., RedisCache],
 ) -> None:

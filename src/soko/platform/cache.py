@@ -447,15 +447,34 @@ class _MemoryEntry:
     stamp: Stamp
 
 
-class MemoryCache(_TaggedCache):
-    """A per-process cache bounded to ``max_entries`` (least recently used goes first),
-    timed by the injectable clock."""
+# What one process's caches may hold, whatever their values weigh: a count alone let a
+# few thousand large pages (a product with hundreds of variants, a page of 100 of them)
+# take gigabytes. One value may take at most a sixteenth of the bound; a larger one is
+# served but not kept.
+MEMORY_CACHE_MAX_BYTES = 64 * 1024 * 1024
+NEAR_COPIES_MAX_BYTES = 32 * 1024 * 1024
+_LARGEST_SHARE = 16
 
-    def __init__(self, max_entries: int = 10_000, *, clock: Clock | None = None) -> None:
+
+class MemoryCache(_TaggedCache):
+    """A per-process cache bounded to ``max_entries`` and to ``max_bytes`` of values
+    (least recently used goes first), timed by the injectable clock."""
+
+    def __init__(
+        self,
+        max_entries: int = 10_000,
+        *,
+        max_bytes: int = MEMORY_CACHE_MAX_BYTES,
+        clock: Clock | None = None,
+    ) -> None:
         super().__init__()
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
+        if max_bytes < _LARGEST_SHARE:
+            raise ValueError(f"max_bytes must be at least {_LARGEST_SHARE}")
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0  # the values held, in bytes
         self._clock: Clock = clock or SystemClock()
         self._entries: OrderedDict[str, _MemoryEntry] = OrderedDict()
         self._tags: dict[str, str] = {}
@@ -477,10 +496,15 @@ class MemoryCache(_TaggedCache):
         if entry is None:
             return MISSING
         if entry.expires_at <= self._now() or not self._is_current(entry.stamp):
-            del self._entries[key]
+            self._forget(key)
             return MISSING
         self._entries.move_to_end(key)
         return entry.raw
+
+    def _forget(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= len(entry.raw)
 
     async def _stamp(self, tags: Sequence[str], ttl: float) -> Stamp:
         stamp = []
@@ -494,10 +518,13 @@ class MemoryCache(_TaggedCache):
     async def _store(self, key: str, raw: bytes, ttl: float, stamp: Stamp) -> bool:
         if not self._is_current(stamp):
             return False
+        self._forget(key)
+        if len(raw) > self.max_bytes // _LARGEST_SHARE:
+            return False
         self._entries[key] = _MemoryEntry(self._now() + ttl, raw, stamp)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self.bytes += len(raw)
+        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+            self._forget(next(iter(self._entries)))
         if len(self._tags) > 2 * self.max_entries:
             self._prune_tags()
         return True
@@ -509,7 +536,7 @@ class MemoryCache(_TaggedCache):
         self._tags = {tag: token for tag, token in self._tags.items() if tag in live}
 
     async def delete(self, key: str) -> None:
-        self._entries.pop(key, None)
+        self._forget(key)
 
     async def invalidate_tags(self, *tags: str) -> None:
         for tag in tags:
@@ -527,6 +554,7 @@ class MemoryCache(_TaggedCache):
 
     async def close(self) -> None:
         self._entries.clear()
+        self.bytes = 0
         self._tags.clear()
         self.journal.stop()
 
@@ -550,8 +578,16 @@ class NearCopies:
     also expire after ``max_seconds``, a bound on staleness if the channel ever lost a
     message without failing."""
 
-    def __init__(self, *, max_entries: int = 1_000, max_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_entries: int = 1_000,
+        max_bytes: int = NEAR_COPIES_MAX_BYTES,
+        max_seconds: float = 5.0,
+    ) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0  # the copies held, in bytes
         self.max_seconds = max_seconds
         self.listening = False
         self.mark = 0
@@ -574,17 +610,21 @@ class NearCopies:
         if not self.listening or mark != self.mark:
             return
         self._drop(key)
+        if len(raw) > self.max_bytes // _LARGEST_SHARE:
+            return
         unique = tuple(dict.fromkeys(tags))
         self._copies[key] = _NearCopy(time.monotonic() + min(ttl, self.max_seconds), raw, unique)
+        self.bytes += len(raw)
         for tag in unique:
             self._by_tag.setdefault(tag, set()).add(key)
-        while len(self._copies) > self.max_entries:
+        while len(self._copies) > self.max_entries or self.bytes > self.max_bytes:
             self._drop(next(iter(self._copies)))
 
     def _drop(self, key: str) -> None:
         copy = self._copies.pop(key, None)
         if copy is None:
             return
+        self.bytes -= len(copy.raw)
         for tag in copy.tags:
             keys = self._by_tag.get(tag)
             if keys is not None:
@@ -603,6 +643,7 @@ class NearCopies:
     def clear(self) -> None:
         self.mark += 1
         self._copies.clear()
+        self.bytes = 0
         self._by_tag.clear()
 
 
