@@ -11,6 +11,7 @@ import httpx2
 import pytest
 from sqlalchemy import select
 
+from soko.catalog import service as catalog_service
 from soko.catalog.models import Product
 from soko.inventory.models import InventoryItem
 from soko.platform.outbox import OutboxMessage
@@ -371,6 +372,26 @@ async def test_two_requests_racing_for_one_sku_leave_one_variant(
     statuses = sorted(answer.status_code for answer in answers)
     assert statuses == [201] + [409] * 5, [answer.text for answer in answers]
     assert {problem_type(a) for a in answers if a.status_code == 409} == {"sku-taken"}
+
+
+async def test_a_product_holds_a_bounded_number_of_variants(
+    client: httpx2.AsyncClient, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(catalog_service, "MAX_VARIANTS_PER_PRODUCT", 3)
+    store = await catalog.store()
+    product = await store.product(1000, 1100, publish=False)
+    url = f"{SELLER_PRODUCTS}/{product['id']}/variants"
+    added = await client.post(url, json=variant_body(sku="THIRD"), headers=store.headers)
+    assert added.status_code == 201, added.text
+    archived = await client.post(
+        f"{SELLER_VARIANTS}/{added.json()['id']}/archive", headers=store.headers
+    )
+    assert archived.status_code == 200, archived.text
+    # Archived variants still count: they are never deleted.
+    refused = await client.post(url, json=variant_body(sku="FOURTH"), headers=store.headers)
+    assert (refused.status_code, problem_type(refused)) == (409, "too-many-variants")
+    assert refused.json()["max_variants"] == 3
+    assert len(ok(await _product(store, product["id"]))["variants"]) == 3
 
 
 async def test_another_stores_products_and_variants_answer_404(

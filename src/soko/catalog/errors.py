@@ -78,3 +78,13 @@ class ProductNeedsVariant(ProblemError):
         "published: add a variant before publishing, or archive the product instead of "
         "its last variant."
     )
+
+
+class TooManyVariants(ProblemError):
+    slug = "too-many-variants"
+    title = "The product has as many variants as it may"
+    status = 409
+    description = (
+        "A product holds at most `max_variants` variants, archived ones included: split "
+        "the range into several products."
+    )

@@ -31,6 +31,9 @@ from soko.platform.money import Money
 SLUG_PATTERN = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"
 SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"
 MAX_VARIANTS_PER_REQUEST = 100
+# Every variant of a product travels with it (its page, the listing, the cache), so the
+# number is bounded; archived variants count, as they are never deleted.
+MAX_VARIANTS_PER_PRODUCT = 100
 
 Slug = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=2, max_length=80, pattern=SLUG_PATTERN)

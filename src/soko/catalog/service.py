@@ -22,7 +22,13 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.catalog.errors import ProductNeedsVariant, ProductStateConflict, SkuFixed, SkuTaken
+from soko.catalog.errors import (
+    ProductNeedsVariant,
+    ProductStateConflict,
+    SkuFixed,
+    SkuTaken,
+    TooManyVariants,
+)
 from soko.catalog.events import (
     PRODUCT_ARCHIVED,
     PRODUCT_PUBLISHED,
@@ -32,6 +38,7 @@ from soko.catalog.events import (
 from soko.catalog.models import Category, Product, ProductStatus, Variant, VariantStatus
 from soko.catalog.public import CATALOG_TAG, product_tag
 from soko.catalog.schemas import (
+    MAX_VARIANTS_PER_PRODUCT,
     AttributeOut,
     ProductCreate,
     ProductUpdate,
@@ -440,6 +447,15 @@ async def add_variant(
 ) -> SellerVariantOut:
     require_role(acting, SellerRole.manager)
     product = await own_product(session, acting, product_id, lock=True)
+    # The product's lock queues every other variant write, so the count stays true.
+    count = await session.scalar(
+        select(func.count()).select_from(Variant).where(Variant.product_id == product.id)
+    )
+    if (count or 0) >= MAX_VARIANTS_PER_PRODUCT:
+        raise TooManyVariants(
+            f"A product holds at most {MAX_VARIANTS_PER_PRODUCT} variants.",
+            max_variants=MAX_VARIANTS_PER_PRODUCT,
+        )
     now = runtime.clock.now()
     variant = _new_variant(product, body, now)
     session.add(variant)
