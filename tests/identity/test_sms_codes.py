@@ -246,6 +246,17 @@ async def test_the_sixth_guess_is_refused_even_when_right(
     assert [event.data["reason"] for event in failed] == ["wrong_code"] * 5 + ["too_many_guesses"]
 
 
+async def test_guesses_are_limited_per_client_address(
+    client: httpx2.AsyncClient, runtime: Runtime
+) -> None:
+    # Each wrong guess writes an audit event: one address cannot write them without end,
+    # whatever numbers it guesses for.
+    answers = [await send_code(client, kenyan_number(100 + n), "000000") for n in range(21)]
+    assert [answer.status_code for answer in answers] == [400] * 20 + [429]
+    assert int(answers[-1].headers["retry-after"]) > 0
+    assert len(await audit_events(runtime, "auth.otp_failed")) == 20
+
+
 async def test_concurrent_guesses_never_exceed_the_limit(
     client: httpx2.AsyncClient, runtime: Runtime
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Depends, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from soko.identity import sms_codes
@@ -12,7 +12,12 @@ from soko.identity.schemas import MfaChallengeOut, TokenPairOut
 from soko.identity.signin import FactsDep
 from soko.platform.auth import Principal, public
 from soko.platform.errors import problem_responses
+from soko.platform.ratelimit import rate_limit
 from soko.platform.runtime import RuntimeDep, SessionDep
+
+# Each wrong guess is a recorded failure (an audit event): bounded per client address,
+# with room for the guesses of many people behind one carrier's address.
+VERIFY_RATE = "20/minute;200/day"
 
 router = APIRouter()
 
@@ -103,6 +108,7 @@ async def request_code(
         201: {"description": "A new account was created", "model": TokenPairOut},
         **problem_responses(400, 403, 422, 429),
     },
+    dependencies=[Depends(rate_limit(VERIFY_RATE, scope="otp-verify"))],
 )
 async def verify_code(
     body: CodeVerifyIn,
@@ -115,7 +121,8 @@ async def verify_code(
     """Signs in the account with this number (200), or creates a customer account with
     the number verified (201). Accounts with two-factor sign-in answer ``mfa_required``
     with a challenge to complete at ``POST /api/v1/auth/mfa/verify``. A code allows five
-    guesses; after that, or after 5 minutes, ask for a new one."""
+    guesses; after that, or after 5 minutes, ask for a new one. Guesses are also limited
+    per client address (20 a minute, 200 a day; 429 with ``Retry-After``)."""
     result = await sms_codes.verify_code(
         session,
         runtime,
