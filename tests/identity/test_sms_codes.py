@@ -209,6 +209,30 @@ async def test_a_number_that_is_not_one_is_a_validation_problem(
     assert await code_rows(runtime) == []
 
 
+@pytest.mark.parametrize(
+    "number",
+    [
+        "+449098790000",  # UK premium rate
+        "+19005550199",  # US premium rate
+        "+18005550199",  # US toll free
+        "+254202222222",  # a Nairobi landline
+        "+881612345678",  # a satellite phone, of no country
+    ],
+)
+async def test_a_number_that_cannot_take_a_text_is_never_texted(
+    client: httpx2.AsyncClient, runtime: Runtime, number: str
+) -> None:
+    refused = await ask_code(client, number)
+    _problem(refused, 422, "validation-error")
+    assert refused.json()["errors"][0]["field"] == "phone"
+    assert "cannot take text messages" in refused.json()["errors"][0]["detail"]
+    assert await code_rows(runtime) == []
+    assert await texts_to(runtime, number) == []
+    # Mobile numbers of the region, and +1 numbers that may be mobile, are texted.
+    for ordinary in ("+255754123456", "+14158675309"):
+        assert (await ask_code(client, ordinary)).status_code == 202
+
+
 # -- guesses, life and single use ---------------------------------------------------------
 
 

@@ -109,16 +109,46 @@ def _is_domain(domain: str) -> bool:
     return not labels[-1].isdigit()
 
 
+# An account's phone number receives its sign-in codes and messages by SMS. Numbers of
+# these kinds cannot, or cost whoever texts them (premium-rate numbers are how SMS
+# pumping makes its money), so no account, code or invitation is sent to one.
+_NO_TEXT_MESSAGES = frozenset(
+    {
+        phonenumbers.PhoneNumberType.FIXED_LINE,
+        phonenumbers.PhoneNumberType.PREMIUM_RATE,
+        phonenumbers.PhoneNumberType.SHARED_COST,
+        phonenumbers.PhoneNumberType.TOLL_FREE,
+        phonenumbers.PhoneNumberType.UAN,
+        phonenumbers.PhoneNumberType.VOICEMAIL,
+        phonenumbers.PhoneNumberType.PAGER,
+    }
+)
+# Numbers of no country (+881 satellite phones, +882/+883 international networks): the
+# costliest destinations a text can have.
+_NON_GEOGRAPHIC = "001"
+
+
 def normalize_phone(raw: str, default_region: str | None = None) -> str:
     """The number in E.164 (``+254712345678``), or a validation problem naming the field.
 
-    Numbers without a ``+`` need ``default_region`` (an ISO 3166 code such as ``KE``)."""
+    Numbers without a ``+`` need ``default_region`` (an ISO 3166 code such as ``KE``).
+    Only numbers that can take text messages are accepted: mobile numbers, and those a
+    country does not tell apart from landlines (``+1``), personal and VoIP numbers."""
     try:
         number = phonenumbers.parse(raw, default_region)
     except phonenumbers.NumberParseException:
         raise _field_error("phone", "is not a phone number") from None
     if not phonenumbers.is_valid_number(number):
         raise _field_error("phone", "is not a valid phone number")
+    if (
+        phonenumbers.number_type(number) in _NO_TEXT_MESSAGES
+        or phonenumbers.region_code_for_number(number) == _NON_GEOGRAPHIC
+    ):
+        raise _field_error(
+            "phone",
+            "cannot take text messages here: use a mobile number, not a landline, "
+            "premium-rate, toll-free, shared-cost, pager or satellite number",
+        )
     return canonical_phone(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
 
 
