@@ -166,8 +166,59 @@ async def test_ready_503_names_the_database_when_it_is_unreachable(
             # Unreadable, so unknown; and still not what made readiness fail.
             assert body["outbox"] == {"oldest_due_seconds": None}
             assert "missing" not in response.text and "127.0.0.1" not in response.text
+            # The API says so too: 503 with a retry, not a 500 that reads like a bug.
+            stream = io.StringIO()
+            configure_logging(runtime.settings, stream=stream)
+            for answer in (
+                await client.get("/api/v1/products"),
+                await client.post("/api/v1/carts"),
+            ):
+                assert answer.status_code == 503, answer.text
+                assert answer.headers["content-type"] == "application/problem+json"
+                assert answer.json()["type"] == "/problems/service-unavailable"
+                assert answer.headers["retry-after"] == "5"
+                assert "missing" not in answer.text and "127.0.0.1" not in answer.text
+            lines = [json.loads(line) for line in stream.getvalue().splitlines() if line]
+            logged = [line for line in lines if line["logger"] == "soko.http"]
+            assert [line["event"] for line in logged] == ["database unavailable"] * 2
+            assert all(line["level"] == "warning" and "exception" not in line for line in logged)
     finally:
         await runtime.stop()
+
+
+def test_only_outages_count_as_the_database_being_unavailable() -> None:
+    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from soko.platform.db import database_unavailable
+
+    class PgError(Exception):
+        def __init__(self, message: str, sqlstate: str) -> None:
+            super().__init__(message)
+            self.sqlstate = sqlstate
+
+    def wrapped(orig: Exception, *, invalidated: bool = False) -> OperationalError:
+        return OperationalError("SELECT 1", {}, orig, connection_invalidated=invalidated)
+
+    for outage in (
+        wrapped(PgError("terminating connection due to administrator command", "57P01")),
+        wrapped(PgError("connection failure", "08006")),
+        wrapped(PgError('database "soko" does not exist', "3D000")),
+        wrapped(PgError("sorry, too many clients already", "53300")),
+        wrapped(ConnectionRefusedError("refused")),
+        wrapped(Exception("whatever it says"), invalidated=True),
+        wrapped(Exception("database is locked")),
+        PoolTimeout("QueuePool limit reached"),
+        ConnectionResetError("reset by peer"),
+    ):
+        assert database_unavailable(outage), outage
+    for bug in (
+        wrapped(PgError('relation "x" does not exist', "42P01")),
+        wrapped(PgError("division by zero", "22012")),
+        IntegrityError("INSERT", {}, PgError("duplicate key", "23505")),
+        ValueError("not a database error"),
+    ):
+        assert database_unavailable(bug) is None, bug
 
 
 # -- the schema: what soko migrate upgrade recorded, against what this build needs ----------------

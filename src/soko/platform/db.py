@@ -36,6 +36,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SqlAlchemyTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -467,3 +469,38 @@ async def mark_read_only(session: AsyncSession) -> None:
     Call before the session first touches the database."""
     if session.bind is not None and session.bind.dialect.name == "sqlite":
         await session.connection(execution_options={SQLITE_BEGIN_OPTION: "DEFERRED"})
+
+
+# The database cannot be reached or will not serve now: PostgreSQL's connection
+# exceptions (class 08), shutdowns and start-ups (57P01-57P03), too many connections
+# (53300), a database that is not there (3D000); SQLite's busy or unopenable file.
+_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "3D000"})
+_SQLITE_UNAVAILABLE_MESSAGES = ("database is locked", "unable to open database file")
+
+
+def database_unavailable(exc: BaseException) -> str | None:
+    """A short reason when ``exc`` says the database is unreachable or refusing work
+    for now (a retry later may succeed: 503), never the statement or its parameters;
+    None for any other error."""
+    if isinstance(exc, SqlAlchemyTimeout):
+        return "no database connection was free in time"
+    if isinstance(exc, (OSError, ConnectionError)):
+        return type(exc).__name__
+    if not isinstance(exc, DBAPIError):
+        return None
+    first = (str(exc.orig).splitlines() or [""])[0][:200] if exc.orig is not None else ""
+    sqlstate = str(getattr(exc.orig, "sqlstate", "") or "")
+    if (
+        exc.connection_invalidated
+        or isinstance(exc.orig, (OSError, ConnectionError))
+        or sqlstate.startswith("08")
+        or sqlstate in _UNAVAILABLE_SQLSTATES
+        or type(exc.orig).__name__ in _LOST_CONNECTION_ERRORS
+        or first.startswith(_SQLITE_UNAVAILABLE_MESSAGES)
+    ):
+        return first or type(exc.orig).__name__
+    return None
+
+
+# asyncpg's errors for a connection that closed under a statement (they carry no state).
+_LOST_CONNECTION_ERRORS = frozenset({"ConnectionDoesNotExistError"})

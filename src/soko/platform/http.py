@@ -19,6 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from soko.platform.db import database_unavailable
 from soko.platform.errors import (
     BadRequest,
     NotAcceptable,
@@ -170,6 +171,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
             behind = schema_behind(exc)
+            unavailable = None if behind else database_unavailable(exc)
             if behind:
                 # Not a bug to trace: the database was not migrated to this version.
                 log.error(
@@ -177,6 +179,9 @@ class RequestContextMiddleware:
                     error=behind,
                     path=scope.get("path", ""),
                 )
+            elif unavailable:
+                # Nor is an outage: /ready and the database's own logs tell its story.
+                log.warning("database unavailable", error=unavailable, path=scope.get("path", ""))
             else:
                 log.exception(
                     "unhandled_error", duration_ms=round((time.perf_counter() - began) * 1000, 2)
@@ -191,6 +196,14 @@ class RequestContextMiddleware:
                     request_id,
                 )
                 start["headers"].append((b"retry-after", b"60"))
+            elif unavailable:
+                start, body = problem_message(
+                    ServiceUnavailable,
+                    "The database is unavailable; retry in a few seconds.",
+                    scope.get("path", ""),
+                    request_id,
+                )
+                start["headers"].append((b"retry-after", b"5"))
             else:
                 start, body = problem_message(
                     ProblemError,

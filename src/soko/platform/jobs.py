@@ -58,7 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from soko.platform.clock import Clock
 from soko.platform.config import Settings
-from soko.platform.db import Database, dialect_insert
+from soko.platform.db import Database, database_unavailable, dialect_insert
 from soko.platform.ids import uuid7
 from soko.platform.outbox import (
     NAME_MAX_LENGTH,
@@ -540,8 +540,17 @@ class Dispatcher:
                 more = False
                 try:
                     more = await self._poll_once()
-                except Exception:
-                    log.exception("outbox poll failed", worker=self.worker_id)
+                except Exception as exc:
+                    unavailable = database_unavailable(exc)
+                    if unavailable:
+                        # An outage, not a bug: one line a poll, no traceback.
+                        log.warning(
+                            "outbox poll failed: database unavailable",
+                            worker=self.worker_id,
+                            error=unavailable,
+                        )
+                    else:
+                        log.exception("outbox poll failed", worker=self.worker_id)
                 if more or self._stopping:
                     continue
                 with contextlib.suppress(TimeoutError):
