@@ -162,11 +162,25 @@ class PreconditionFailed(ProblemError):
     description = "`If-Match` names a version that is no longer current: fetch and retry."
 
 
+class RequestTimeout(ProblemError):
+    slug = "request-timeout"
+    title = "Request timeout"
+    status = 408
+    description = "The request's head did not arrive in time (10 seconds)."
+
+
 class PayloadTooLarge(ProblemError):
     slug = "payload-too-large"
     title = "Request body too large"
     status = 413
     description = "The request body exceeds the configured limit."
+
+
+class UriTooLong(ProblemError):
+    slug = "uri-too-long"
+    title = "URI too long"
+    status = 414
+    description = "The request's URL is longer than the server accepts (8 KiB)."
 
 
 class UnsupportedMediaType(ProblemError):
@@ -188,6 +202,13 @@ class RateLimited(ProblemError):
     title = "Too many requests"
     status = 429
     description = "A rate limit was reached; `Retry-After` says when to try again."
+
+
+class RequestHeaderFieldsTooLarge(ProblemError):
+    slug = "request-header-fields-too-large"
+    title = "Request header fields too large"
+    status = 431
+    description = "The request's header fields are larger than the server accepts (64 KiB)."
 
 
 class InvalidCursor(ProblemError):
@@ -218,13 +239,16 @@ _STATUS_PROBLEMS: dict[int, type[ProblemError]] = {
     404: NotFound,
     405: MethodNotAllowed,
     406: NotAcceptable,
+    408: RequestTimeout,
     409: Conflict,
     412: PreconditionFailed,
     413: PayloadTooLarge,
+    414: UriTooLong,
     415: UnsupportedMediaType,
     422: ValidationFailed,
     428: PreconditionRequired,
     429: RateLimited,
+    431: RequestHeaderFieldsTooLarge,
     503: ServiceUnavailable,
 }
 

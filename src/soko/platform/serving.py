@@ -17,22 +17,42 @@ SIGTERM.
 
 Each process also sends every response with one write (:class:`CoalescingTransport`):
 uvicorn writes a response's head and body apart, two system calls and two packets.
+
+And each connection has limits on a request's head (:class:`CoalescingHttpToolsProtocol`):
+httptools has none, so a client could send an endless head (memory it never gives
+back) or a head that never ends (a connection held open for good). A URL over
+:data:`MAX_URL_BYTES` is answered ``414``, header fields over :data:`MAX_HEADER_BYTES`
+``431``, a head not complete within :data:`HEAD_TIMEOUT_SECONDS` ``408``, and a head the
+parser rejects ``400``: each an RFC 9457 problem, after which the connection closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import pickle
 import socket
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from uvicorn import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
 from uvicorn.supervisors import multiprocess
+
+from soko.platform.errors import (
+    PROBLEM_MEDIA_TYPE,
+    BadRequest,
+    ProblemError,
+    RequestHeaderFieldsTooLarge,
+    RequestTimeout,
+    UriTooLong,
+    problem_body,
+)
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -205,9 +225,196 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+# -- limits on a request's head -----------------------------------------------------------------
+
+# The request target (path and query), counted as httptools hands it over. 8 KiB is what
+# nginx accepts in one request line (`large_client_header_buffers 4 8k`), and ample for a
+# list's filters and cursor. Over it: 414.
+MAX_URL_BYTES = 8 * 1024
+
+# The header fields' names and values together. nginx allows 32 KiB in all (4 x 8 KiB
+# buffers), h11 (uvicorn's other parser) 16 KiB for a whole head; 64 KiB leaves room for
+# large cookies and tokens behind proxies that add their own headers. Over it: 431.
+MAX_HEADER_BYTES = 64 * 1024
+
+# The bytes read while one head is incomplete. httptools keeps a header's name and value
+# until the next header begins, so one endless header never reaches the count above: this
+# bounds it (a connection holds at most this plus one read). Twice what the two limits
+# allow: a head within both reaches it only with some 20,000 header fields (each adds
+# ": " and a line end). Over it: 431.
+MAX_HEAD_READ_BYTES = 2 * (MAX_URL_BYTES + MAX_HEADER_BYTES)
+
+# How long a request's head may take to arrive, from its first byte (or, for a
+# connection's first request, from the connection's opening) to its blank line. A client
+# sends a head at once; one that trickles it holds a connection (slowloris). Past it: 408
+# for a head begun, and a plain close for a connection that never began one. nginx
+# allows 60 s (`client_header_timeout`); 10 s is ample for any client behind a load
+# balancer. An idle keep-alive connection between requests is closed by uvicorn's
+# `timeout_keep_alive` (5 s by default), as before.
+HEAD_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class HeadProblem:
+    """A problem answered before any application sees the request (RFC 9457)."""
+
+    problem: type[ProblemError]
+    detail: str
+
+    @property
+    def status(self) -> int:
+        return self.problem.status
+
+    def body(self) -> bytes:
+        return json.dumps(
+            problem_body(self.problem, detail=self.detail),
+            ensure_ascii=False,
+            separators=(",", ":"),
+        ).encode()
+
+
+URI_TOO_LONG = HeadProblem(UriTooLong, f"The request target is longer than {MAX_URL_BYTES} bytes.")
+HEADERS_TOO_LARGE = HeadProblem(
+    RequestHeaderFieldsTooLarge,
+    f"The request's header fields are larger than {MAX_HEADER_BYTES} bytes in all.",
+)
+REQUEST_TIMEOUT = HeadProblem(RequestTimeout, "The request's head was not complete in time.")
+INVALID_REQUEST = HeadProblem(BadRequest, "The request is not valid HTTP/1.1.")
+
+
+class _HeadRefused(Exception):
+    """Raised in a parser callback to stop parsing a head over a limit."""
+
+
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, sending each response in one system call (its head
-    and a body of up to :data:`COALESCE_MAX_BYTES` together)."""
+    and a body of up to :data:`COALESCE_MAX_BYTES` together), with limits on a request's
+    head: its size (:data:`MAX_URL_BYTES`, :data:`MAX_HEADER_BYTES`) and the time it may
+    take (:data:`HEAD_TIMEOUT_SECONDS`)."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._reading_head = False  # a request's head has begun and is not complete
+        self._heads = 0  # heads begun on this connection
+        self._header_bytes = 0
+        self._head_read_bytes = 0
+        self._refusal: HeadProblem | None = None
+        self._upgraded = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        head = self._heads if self._reading_head else None
+        super().data_received(data)
+        if self._upgraded or self.transport.is_closing():
+            return
+        # Counted only while one head stays incomplete across reads: the read that began
+        # it may end an earlier request (and the read that ends it may carry a body).
+        if self._reading_head and self._heads == head:
+            self._head_read_bytes += len(data)
+            if self._head_read_bytes > MAX_HEAD_READ_BYTES:
+                self.logger.warning("Request head larger than %d bytes.", MAX_HEAD_READ_BYTES)
+                self._answer_problem(HEADERS_TOO_LARGE)
+                return
+        # Bytes that began no request (blank lines) cancel uvicorn's keep-alive timeout:
+        # an idle connection keeps a deadline all the same.
+        idle = self.timeout_keep_alive_task is None and not self._responding()
+        if idle and self._head_timer is None:
+            self._arm_head_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._heads += 1
+        self._reading_head = True
+        self._header_bytes = 0
+        self._head_read_bytes = 0
+        if self._head_timer is None:
+            self._arm_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > MAX_URL_BYTES:
+            self._refuse(URI_TOO_LONG)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._reading_head:  # not a chunked body's trailer
+            self._header_bytes += len(name) + len(value)
+            if self._header_bytes > MAX_HEADER_BYTES:
+                self._refuse(HEADERS_TOO_LARGE)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._upgraded = True
+        self._cancel_head_timer()
+        super().handle_websocket_upgrade()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to whatever the parser rejects (a callback's exception
+        # included): the limit refused, or a malformed request.
+        self._answer_problem(self._refusal or INVALID_REQUEST)
+
+    def _refuse(self, problem: HeadProblem) -> None:
+        # httptools turns the exception into an HttpParserError, which uvicorn answers
+        # with send_400_response.
+        self._refusal = problem
+        raise _HeadRefused(problem.problem.slug)
+
+    def _answer_problem(self, problem: HeadProblem) -> None:
+        self._cancel_head_timer()
+        body = problem.body()
+        content = [STATUS_LINE[problem.status]]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.extend(
+            [
+                b"content-type: " + PROBLEM_MEDIA_TYPE.encode() + b"\r\n",
+                b"content-length: " + str(len(body)).encode() + b"\r\n",
+                b"connection: close\r\n\r\n",
+                body,
+            ]
+        )
+        self.transport.write(b"".join(content))
+        self.transport.close()
+
+    def _responding(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_SECONDS, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or self._upgraded:
+            return
+        if self._responding():
+            # A pipelined head waits behind a response still being sent (reading may be
+            # paused meanwhile): its time starts again.
+            self._arm_head_timer()
+        elif self._reading_head:
+            self.logger.info("Request head not complete within %s s.", HEAD_TIMEOUT_SECONDS)
+            self._answer_problem(REQUEST_TIMEOUT)
+        else:
+            self.transport.close()
