@@ -477,6 +477,40 @@ async def test_unreachable_redis_serves_from_the_factory_but_refuses_invalidatio
         await client.aclose()
 
 
+async def test_a_hanging_redis_costs_one_timeout_then_is_left_alone_for_a_while() -> None:
+    """A Redis that accepts and never answers (a stopped process, a dropped route): the
+    first read waits for the client's timeout, then reads go to the source without
+    asking Redis until the rest is over."""
+    from soko.platform.runtime import redis_client
+
+    commands: list[bytes] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while chunk := await reader.read(65536):
+            commands.append(chunk)  # read, never answered
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = redis_client(f"redis://127.0.0.1:{port}/0", max_connections=4, timeout_seconds=0.2)
+    try:
+        cache = RedisCache(client, namespace="sokotest:hanging:", rest_seconds=60)
+        factory = Counting({"id": 1})
+        assert await cache.get_or_set("listing:1", factory, ttl=60) == {"id": 1}
+        asked = len(commands)
+        assert asked >= 1
+        for _ in range(5):
+            assert await cache.get_or_set("listing:1", factory, ttl=60) == {"id": 1}
+        assert factory.calls == 6
+        assert len(commands) == asked  # resting: Redis was not asked again
+        cache._resting_until = 0.0  # the rest is over: Redis is asked again
+        assert await cache.get_or_set("listing:1", factory, ttl=60) == {"id": 1}
+        assert len(commands) > asked
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_an_unreachable_cache_runs_one_factory_for_concurrent_callers() -> None:
     """While Redis is down every caller bypasses the cache, but concurrent callers of
     one key share one read of the source, its answer or its error."""

@@ -282,8 +282,13 @@ class _TaggedCache:
 
     # Errors meaning "the cache is unreachable" rather than "the caller is wrong".
     unavailable_errors: tuple[type[Exception], ...] = ()
+    # After such an error, reads go straight to the source for this long (a monotonic
+    # deadline in :attr:`_resting_until`), without asking the cache: a cache that hangs
+    # instead of refusing would otherwise cost every read its socket timeout.
+    rest_seconds: float = 0.0
 
     def __init__(self) -> None:
+        self._resting_until = 0.0
         self._flights = _SingleFlight()
         # Factories running while the cache is unreachable, by key: concurrent callers
         # share one answer instead of each reading the source.
@@ -344,6 +349,9 @@ class _TaggedCache:
         if near and (copy := self._near_get(key)) is not None:
             CACHE_LOOKUPS.labels("near").inc()
             return copy
+        if self._resting_until and time.monotonic() < self._resting_until:
+            CACHE_UNAVAILABLE.inc()
+            return await self._bypass(key, factory, None)
         # Invalidations this process hears of from now on keep what it reads out of its
         # near copies: they may have been read before the invalidation took effect.
         mark = self._near_mark()
@@ -401,18 +409,24 @@ class _TaggedCache:
         return None
 
     def _report_unavailable(self, key: str, exc: Exception) -> None:
-        log.warning("cache_unavailable", key=key, error=type(exc).__name__)
+        log.warning(
+            "cache_unavailable", key=key, error=type(exc).__name__, rest_seconds=self.rest_seconds
+        )
         CACHE_UNAVAILABLE.inc()
+        if self.rest_seconds:
+            self._resting_until = time.monotonic() + self.rest_seconds
 
     async def _bypass(
-        self, key: str, factory: Callable[[], Awaitable[bytes]], exc: Exception
+        self, key: str, factory: Callable[[], Awaitable[bytes]], exc: Exception | None
     ) -> bytes:
         """Answer from the source rather than fail: a cache is an optimisation.
 
         Callers arriving while another one's factory runs for the same key wait for its
         answer (or its error), so an unreachable cache does not turn every request into
-        a read of the source just when the process is busiest."""
-        self._report_unavailable(key, exc)
+        a read of the source just when the process is busiest. ``exc`` is the error that
+        found the cache unreachable (None while resting after one)."""
+        if exc is not None:
+            self._report_unavailable(key, exc)
         running = self._bypasses.get(key)
         if running is not None:
             try:
@@ -820,12 +834,14 @@ class RedisCache(_TaggedCache):
         near_entries: int = 1_000,
         near_seconds: float = 5.0,
         retry_seconds: float = 1.0,
+        rest_seconds: float = 2.0,
         clock: Clock | None = None,
     ) -> None:
         super().__init__()
         from redis.exceptions import RedisError
 
         self.unavailable_errors = (RedisError, OSError)
+        self.rest_seconds = rest_seconds
         self.redis = redis
         self.namespace = namespace
         self.near = NearCopies(max_entries=near_entries, max_seconds=near_seconds)

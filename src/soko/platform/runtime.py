@@ -191,7 +191,13 @@ class Runtime:
         await self.db.dispose()
 
 
-def redis_client(url: str, *, max_connections: int, wait_seconds: float = 2.0) -> Any:
+def redis_client(
+    url: str,
+    *,
+    max_connections: int,
+    wait_seconds: float = 2.0,
+    timeout_seconds: float = 1.0,
+) -> Any:
     """The Redis client a runtime shares (cache, realtime), over a pool of at most
     ``max_connections`` connections.
 
@@ -199,11 +205,21 @@ def redis_client(url: str, *, max_connections: int, wait_seconds: float = 2.0) -
     redis-py's default pool refuses at once instead (``MaxConnectionsError``), and a
     burst of requests past the pool's size then found the cache "unavailable" and read
     the database, each request for itself, just when the process was busiest.
+
+    A command (and a connection) that gets no answer in ``timeout_seconds`` fails: a
+    Redis that hangs instead of refusing (a stopped process, a dropped route) then costs
+    a request one second, not redis-py's default of five for each command. Reads on the
+    pub/sub channels pass their own timeouts.
     """
     from redis.asyncio import BlockingConnectionPool, Redis
 
     pool = BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=wait_seconds, decode_responses=False
+        url,
+        max_connections=max_connections,
+        timeout=wait_seconds,
+        decode_responses=False,
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=timeout_seconds,
     )
     return Redis.from_pool(pool)  # closing the client closes its pool
 
