@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -440,6 +441,88 @@ async def test_redis_lost_tag_makes_entries_stale(redis_url: str, redis_namespac
         assert await cache.get("listing:2") == {"v": 2}
     finally:
         await client.aclose()
+
+
+class _Cable:
+    """A TCP relay to Redis that can be cut and mended, as a network would."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.up = True
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers += [writer, up_writer]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        self.up = False
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.mark.redis
+async def test_an_invalidation_lost_in_an_outage_is_sent_before_the_next_read(
+    redis_url: str, redis_namespace: str
+) -> None:
+    """A change committed while Redis was unreachable: its invalidation failed, and the
+    entry it outdated is still in Redis when Redis is back. It is never served."""
+    from urllib.parse import urlsplit
+
+    from soko.platform.runtime import redis_client
+
+    parts = urlsplit(redis_url)
+    cable = _Cable((parts.hostname or "127.0.0.1", parts.port or 6379))
+    port = await cable.start()
+    database = parts.path.lstrip("/") or "0"
+    ours_client = redis_client(f"redis://127.0.0.1:{port}/{database}", max_connections=4)
+    theirs_client = Redis.from_url(redis_url, decode_responses=False)
+    try:
+        ours = RedisCache(ours_client, namespace=redis_namespace, rest_seconds=0)
+        theirs = RedisCache(theirs_client, namespace=redis_namespace)  # another process
+        await ours.set("listing:1", {"price": 100}, ttl=60, tags=["product:1"])
+
+        cable.cut()  # the change is committed; its invalidation cannot be sent
+        with pytest.raises((RedisConnectionError, OSError)):
+            await ours.invalidate_tags("product:1")
+        assert await theirs.get("listing:1") == {"price": 100}  # still in Redis
+        fresh = Counting({"price": 120})
+        assert await ours.get_or_set("listing:1", fresh, ttl=60) == {"price": 120}
+
+        cable.up = True  # back: the next read sends the invalidation first
+        assert await ours.get_or_set("listing:1", fresh, ttl=60) == {"price": 120}
+        assert fresh.calls == 2 and not ours._unsent
+        assert await theirs.get("listing:1") == {"price": 120}  # what ours stored since
+        assert await ours.get_or_set("listing:1", fresh, ttl=60) == {"price": 120}
+        assert fresh.calls == 2  # cached again
+    finally:
+        await ours_client.aclose()
+        await theirs_client.aclose()
+        await cable.stop()
 
 
 @pytest.mark.redis

@@ -289,6 +289,10 @@ class _TaggedCache:
 
     def __init__(self) -> None:
         self._resting_until = 0.0
+        # Tags whose invalidation failed (the cache was unreachable after a change was
+        # committed): sent again before the next read, which waits for the source until
+        # they are, so an entry the change outdated is never served.
+        self._unsent: set[str] = set()
         self._flights = _SingleFlight()
         # Factories running while the cache is unreachable, by key: concurrent callers
         # share one answer instead of each reading the source.
@@ -312,7 +316,20 @@ class _TaggedCache:
         """Write the entry unless a stamped token is no longer current."""
         raise NotImplementedError
 
+    async def _send_unsent(self) -> None:
+        """Send the invalidations that failed earlier; raises while the cache is still
+        unreachable."""
+        tags = sorted(self._unsent)
+        await self._resend_invalidation(tags)
+        self._unsent.difference_update(tags)
+        log.info("cache invalidations sent after an outage", tags=len(tags))
+
+    async def _resend_invalidation(self, tags: list[str]) -> None:
+        raise NotImplementedError
+
     async def get(self, key: str) -> Any | None:
+        if self._unsent:
+            await self._send_unsent()
         raw = await self._lookup(key)
         CACHE_LOOKUPS.labels("miss" if raw is MISSING else "hit").inc()
         return None if isinstance(raw, _Missing) else decode_value(raw)
@@ -352,6 +369,11 @@ class _TaggedCache:
         if self._resting_until and time.monotonic() < self._resting_until:
             CACHE_UNAVAILABLE.inc()
             return await self._bypass(key, factory, None)
+        if self._unsent:
+            try:
+                await self._send_unsent()
+            except self.unavailable_errors as exc:
+                return await self._bypass(key, factory, exc)
         # Invalidations this process hears of from now on keep what it reads out of its
         # near copies: they may have been read before the invalidation took effect.
         mark = self._near_mark()
@@ -461,6 +483,20 @@ class _MemoryEntry:
     stamp: Stamp
 
 
+def log_invalidation_failure(cache: Any, exc: Exception, tags: Sequence[str], when: str) -> None:
+    """Log an invalidation that failed after its change was committed: a warning when
+    the cache was unreachable (it is sent again before the next read), with the
+    traceback otherwise."""
+    if isinstance(exc, getattr(cache, "unavailable_errors", ())):
+        log.warning(
+            f"cache invalidation failed {when}: sent again once the cache answers",
+            tags=list(tags),
+            error=type(exc).__name__,
+        )
+    else:
+        log.exception(f"cache invalidation failed {when}", tags=list(tags))
+
+
 # What one process's caches may hold, whatever their values weigh: a count alone let a
 # few thousand large pages (a product with hundreds of variants, a page of 100 of them)
 # take gigabytes. One value may take at most a sixteenth of the bound; a larger one is
@@ -556,6 +592,9 @@ class MemoryCache(_TaggedCache):
         for tag in tags:
             self._tags.pop(tag, None)
         self.journal.record(tags, self._now())
+
+    async def _resend_invalidation(self, tags: list[str]) -> None:
+        await self.invalidate_tags(*tags)  # never fails: kept for the shared interface
 
     def unchanged_since(self, tags: Sequence[str], since: float) -> bool:
         return self.journal.unchanged_since(tags, since)
@@ -913,6 +952,11 @@ class RedisCache(_TaggedCache):
                     if reply.get("type") == "subscribe":
                         break
                 self._hearing_from_now()
+                if self._unsent:
+                    # Back after an outage: what changed meanwhile is dropped at once,
+                    # not at the next read.
+                    with contextlib.suppress(*self.unavailable_errors):
+                        await self._send_unsent()
                 silent = 0
                 while True:
                     message = await pubsub.get_message(
@@ -1018,7 +1062,11 @@ class RedisCache(_TaggedCache):
         self.near.invalidate(tags=tags)
         # Known here at once; the listener hears the message too, later.
         self.journal.record(tags, self._now())
-        await self._invalidations.send(tags)
+        try:
+            await self._invalidations.send(tags)
+        except self.unavailable_errors:
+            self._unsent.update(tags)  # sent again before the next read
+            raise
         self.near.invalidate(tags=tags)
 
     def unchanged_since(self, tags: Sequence[str], since: float) -> bool:
@@ -1027,6 +1075,10 @@ class RedisCache(_TaggedCache):
 
     def listen(self) -> None:
         self._ensure_listening()
+
+    async def _resend_invalidation(self, tags: list[str]) -> None:
+        self.near.invalidate(tags=tags)
+        await self._send_invalidation(tags)
 
     async def _send_invalidation(self, tags: list[str]) -> None:
         # One round trip, in order: the tokens are gone before anyone hears of it.

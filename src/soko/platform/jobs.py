@@ -56,6 +56,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import Integer, and_, bindparam, insert, select, text, union_all, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from soko.platform.cache import log_invalidation_failure
 from soko.platform.clock import Clock
 from soko.platform.config import Settings
 from soko.platform.db import Database, database_unavailable, dialect_insert
@@ -844,8 +845,8 @@ class Dispatcher:
         if tags and cache is not None:
             try:
                 await cache.invalidate_tags(*tags)
-            except Exception:  # committed already; a cache outage must not hide that
-                log.exception("cache invalidation failed after a job", tags=tags)
+            except Exception as exc:  # committed already; a cache outage must not hide that
+                log_invalidation_failure(cache, exc, tags, "after a job")
         if wrote_outbox:
             self.wake()
 

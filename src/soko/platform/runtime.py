@@ -16,7 +16,7 @@ import structlog
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from soko.platform.cache import Cache, MemoryCache
+from soko.platform.cache import Cache, MemoryCache, log_invalidation_failure
 from soko.platform.clock import Clock, SystemClock
 from soko.platform.config import Backend, OutboxDispatch, Settings
 from soko.platform.crypto import DataKeys
@@ -164,8 +164,8 @@ class Runtime:
         outage is logged, not raised: the change is made, and cached reads expire."""
         try:
             await self.cache.invalidate_tags(*tags)
-        except Exception:
-            log.exception("cache invalidation failed after commit", tags=tags)
+        except Exception as exc:
+            log_invalidation_failure(self.cache, exc, tags, "after commit")
 
     def on_stop(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Run ``closer`` when the runtime stops, after the dispatcher has finished."""
