@@ -6,6 +6,7 @@ back. On SQLite the hold is the last write of the checkout's transaction."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -170,12 +171,64 @@ async def test_a_commit_whose_answer_was_lost_keeps_its_hold(
             raise ConnectionResetError("connection lost after COMMIT")
 
     monkeypatch.setattr(AsyncSession, "commit", commit_then_lose_the_answer)
-    assert await post_failing(buyer.post_checkout()) == 500
+    # A lost database connection: 503, retry later.
+    assert await post_failing(buyer.post_checkout()) == 503
     monkeypatch.undo()
 
     assert await count(runtime, CheckoutGroup) == 1
     assert await holds(runtime, variant_id) == [("held", 2)]
     assert (await available(runtime, variant_id))[variant_id] == 3
+
+
+@postgresql_only
+async def test_a_retry_after_an_attempt_died_holding_stock_gives_that_stock_back(
+    runtime: Runtime, market: Market, make_buyer: MakeBuyer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process placing a checkout died after its hold was committed and before its
+    writes (nothing of it runs again, nothing gives the hold back). The client retries
+    with the same key once the claim's lease has run out: the retry takes the claim
+    over, gives back what the dead attempt held and places the checkout, which holds
+    the units once, and is not refused for stock its own first attempt took."""
+    variant_id = await market.variant(stock=5)
+    buyer = await make_buyer((variant_id, 4))
+    held = asyncio.Event()
+    never = asyncio.Event()
+
+    async def die() -> None:
+        held.set()
+        await never.wait()  # as good as dead: no write, no cleanup
+
+    during_the_writes(monkeypatch, die)
+    dead = asyncio.create_task(buyer.post_checkout(key="retried-key"))
+    await asyncio.wait_for(held.wait(), 30)
+    monkeypatch.undo()
+    assert await reserved(runtime, variant_id) == 4
+    assert (await available(runtime, variant_id))[variant_id] == 1
+
+    in_flight = await buyer.post_checkout(key="retried-key")
+    assert (in_flight.status_code, in_flight.json()["type"]) == (
+        409,
+        "/problems/idempotency-in-flight",
+    )
+    runtime.clock.advance(61)  # type: ignore[attr-defined]  # past the claim's lease
+    with capture_logs() as logs:
+        placed = ok(await buyer.post_checkout(key="retried-key"), 201)
+    assert await count(runtime, CheckoutGroup) == 1
+    assert await reserved(runtime, variant_id) == 4
+    assert (await available(runtime, variant_id))[variant_id] == 1
+    assert await holds(runtime, variant_id) == [("held", 4), ("released", 4)]
+    given_back = [log for log in logs if log["event"] == "checkout_hold_given_back"]
+    assert [(log["units"], log["reason"]) for log in given_back] == [
+        (4, "checkout attempt abandoned")
+    ]
+    # The answer is the key's for good; the dead attempt, ended at last, changes nothing.
+    replay = await buyer.post_checkout(key="retried-key")
+    assert replay.status_code == 201 and replay.json()["id"] == placed["id"]
+    dead.cancel()
+    with contextlib.suppress(asyncio.CancelledError, RuntimeError, ConnectionResetError):
+        await dead
+    assert await count(runtime, CheckoutGroup) == 1
+    assert await reserved(runtime, variant_id) == 4
 
 
 async def test_two_checkouts_of_one_cart_at_once_hold_its_stock_once(
@@ -212,7 +265,7 @@ async def test_a_hold_whose_answer_was_lost_is_given_back(
         raise ConnectionResetError("connection lost after the hold")
 
     monkeypatch.setattr(checkout, "reserve_committed", hold_then_lose_the_answer)
-    assert await post_failing(buyer.post_checkout()) == 500
+    assert await post_failing(buyer.post_checkout()) == 503  # a lost connection
 
     assert await count(runtime, CheckoutGroup) == 0
     assert await holds(runtime, variant_id) == [("released", 2)]

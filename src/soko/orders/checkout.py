@@ -186,6 +186,12 @@ async def place_checkout(
     idempotency claim, are one autocommitted statement with no transaction around it
     (``placed.response`` is then the answer to send; see :func:`_write_in_one`). On
     SQLite the caller stores the answer in ``session``'s transaction."""
+    previous = answering.claim.previous_token
+    if previous is not None and holds_apart(runtime):
+        # This request took the claim over from an attempt that died (or ran past its
+        # lease): what that attempt held, it can no longer place. Given back before the
+        # stock is read, so this attempt is not refused for its own earlier hold.
+        await _GiveBackUnlessPlaced(runtime, previous, reason="checkout attempt abandoned")()
     async with runtime.db.reading() as reader:
         cart = await cart_for_checkout(reader, cart_id=request.cart_id, user_id=buyer_id)
         if not cart.lines:
@@ -208,7 +214,10 @@ async def place_checkout(
         raise OutOfStock(shortages)
 
     group = CheckoutGroup(
-        id=uuid7(),
+        # The claim's token (a uuid7 of its own): the stock this attempt holds is held
+        # under it, so a retry that takes the claim over from a dead attempt finds what
+        # that attempt held (see _give_back_previous_attempt).
+        id=answering.claim.token or uuid7(),
         buyer_id=buyer_id,
         cart_id=cart.cart_id,
         status=GroupStatus.pending_payment.value,
@@ -376,11 +385,17 @@ def holds_apart(runtime: Runtime) -> bool:
 @dataclass(slots=True)
 class _GiveBackUnlessPlaced:
     """The checkout's transaction did not commit: give back the stock held for it,
-    unless the group exists after all (a COMMIT whose answer was lost)."""
+    unless the group exists after all (a COMMIT whose answer was lost).
+
+    Also run by a retry that took the idempotency claim over from an attempt that died
+    (or ran past its lease) after holding stock: that attempt can no longer write its
+    group (its writes need the claim it lost), so what it held would otherwise stay held
+    until the hold ran out, and the retry could find its own stock taken."""
 
     runtime: Runtime
     group_id: uuid.UUID
     needed: bool = True
+    reason: str = "checkout not placed"
 
     async def __call__(self) -> None:
         if not self.needed:
@@ -391,11 +406,14 @@ class _GiveBackUnlessPlaced:
             )
             if placed is not None:
                 return
-            released = await release_hold(
-                session, self.runtime, self.group_id, reason="checkout not placed"
-            )
+            released = await release_hold(session, self.runtime, self.group_id, reason=self.reason)
         if released:
-            log.info("checkout_hold_given_back", group_id=str(self.group_id), units=released)
+            log.info(
+                "checkout_hold_given_back",
+                group_id=str(self.group_id),
+                units=released,
+                reason=self.reason,
+            )
 
 
 @lru_cache(maxsize=2)

@@ -484,7 +484,7 @@ def database_unavailable(exc: BaseException) -> str | None:
     None for any other error."""
     if isinstance(exc, SqlAlchemyTimeout):
         return "no database connection was free in time"
-    if isinstance(exc, (OSError, ConnectionError)):
+    if isinstance(exc, ConnectionError):  # a connection dropped under the driver
         return type(exc).__name__
     if not isinstance(exc, DBAPIError):
         return None

@@ -256,6 +256,10 @@ class IdempotentRequest:
     id: uuid.UUID | None = None
     token: uuid.UUID | None = None
     replay: Response | None = None
+    # The token of the request this one took the claim over from (its holder died or
+    # ran past its lease): whatever that request set aside under its token and never
+    # answered for can be given back.
+    previous_token: uuid.UUID | None = None
     answered: bool = field(default=False, init=False)
 
     async def answer(
@@ -441,12 +445,23 @@ async def _claim_once(
             table.claim_token == row.claim_token,
         )
         return await _take(
-            session, takeover.values(claim_token=token, locked_until=now + lease), scope, key, token
+            session,
+            takeover.values(claim_token=token, locked_until=now + lease),
+            scope,
+            key,
+            token,
+            previous_token=row.claim_token,
         )
 
 
 async def _take(
-    session: AsyncSession, statement: Any, scope: str, key: str, token: uuid.UUID
+    session: AsyncSession,
+    statement: Any,
+    scope: str,
+    key: str,
+    token: uuid.UUID,
+    *,
+    previous_token: uuid.UUID | None = None,
 ) -> IdempotentRequest:
     taken = (
         await session.execute(
@@ -455,7 +470,7 @@ async def _take(
     ).scalar_one_or_none()
     if taken is None:  # another retry took it first
         raise _in_flight()
-    return IdempotentRequest(scope, key, id=taken, token=token)
+    return IdempotentRequest(scope, key, id=taken, token=token, previous_token=previous_token)
 
 
 def _in_flight() -> IdempotencyInFlight:
