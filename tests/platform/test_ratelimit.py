@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from soko.app import create_app
 from soko.platform.clock import ManualClock
 from soko.platform.config import Settings
+from soko.platform.http import client_network
 from soko.platform.ratelimit import (
     RateLimiter,
     RateLimitPolicy,
@@ -426,6 +427,57 @@ async def test_limits_can_be_switched_off(tmp_path: Path, database_url: str) -> 
                 assert "ratelimit" not in response.headers
     finally:
         await runtime.stop()
+
+
+async def test_ipv6_callers_are_counted_per_64_block(tmp_path: Path, database_url: str) -> None:
+    """Rotating through the addresses of one /64 (one subscriber's block) gains nothing,
+    for route limits and the global limit alike; another block has counts of its own."""
+    settings = make_settings(
+        tmp_path,
+        database_url=database_url,
+        ratelimit_default="6/minute",
+        trusted_proxies="127.0.0.1",
+    )
+    runtime = Runtime(settings)
+    try:
+        app = create_app(runtime=runtime)
+        app.include_router(limited_routes())
+        transport = httpx2.ASGITransport(app=app, client=("127.0.0.1", 4000))
+        async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as client:
+
+            async def otp_from(address: str) -> int:
+                response = await client.post(
+                    "/api/v1/test/otp", headers={"X-Forwarded-For": address}
+                )
+                return response.status_code
+
+            rotating = [f"2001:db8:1:2::{n:x}" for n in range(1, 5)]
+            assert [await otp_from(address) for address in rotating] == [200, 200, 200, 429]
+            assert await otp_from("2001:db8:1:3::1") == 200  # another block
+            # The global limit (6 a minute) counts the block too: 4 + 2 more, then refused.
+            for address in ("2001:db8:1:2:ffff::1", "2001:db8:1:2::beef"):
+                response = await client.get(
+                    "/api/v1/test/open", headers={"X-Forwarded-For": address}
+                )
+                assert response.status_code == 200
+            refused = await client.get(
+                "/api/v1/test/open", headers={"X-Forwarded-For": "2001:db8:1:2::cafe"}
+            )
+            assert refused.status_code == 429
+            # IPv4 callers keep their own addresses.
+            assert await otp_from("198.51.100.7") == 200
+            assert await otp_from("198.51.100.8") == 200
+    finally:
+        await runtime.stop()
+
+
+def test_client_network_counts_ipv6_per_64_and_leaves_the_rest() -> None:
+    assert client_network("2001:db8:1:2:aaaa:bbbb:cccc:dddd") == "2001:db8:1:2::/64"
+    assert client_network("2001:DB8:1:2::1") == "2001:db8:1:2::/64"
+    assert client_network("::ffff:198.51.100.7") == "198.51.100.7"
+    assert client_network("198.51.100.7") == "198.51.100.7"
+    assert client_network("unknown") == "unknown"
+    assert client_network("not:an:address") == "not:an:address"
 
 
 @pytest.mark.redis

@@ -58,6 +58,7 @@ from soko.identity.signin import (
 from soko.notifications.public import send_sms
 from soko.platform.crypto import digests_match, hkdf_sha256, mac
 from soko.platform.db import lock_keys
+from soko.platform.http import client_network
 from soko.platform.ids import uuid7
 from soko.platform.otp import numeric_code
 from soko.platform.runtime import Runtime, invalidate_after_commit
@@ -184,7 +185,7 @@ async def request_code(
     await _require_sms_method(session)
     keys = runtime.data_keys
     number_index = phone_index(keys, e164)
-    ip = facts.ip[:64]
+    ip = client_network(facts.ip)[:64]  # IPv6 per /64, as every limit counts it
     await _lock_requests(session, number_index, ip)
     now = runtime.clock.now()
     await _check_request_limits(session, runtime, number_index, ip, now)

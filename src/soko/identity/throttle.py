@@ -44,6 +44,7 @@ from soko.identity.models import LoginThrottle
 from soko.platform.clock import Clock
 from soko.platform.db import Database, dialect_insert
 from soko.platform.errors import RateLimited
+from soko.platform.http import client_network
 
 MAX_KEY_LENGTH = 128
 
@@ -109,16 +110,10 @@ def ip_key(address: str, rule: ThrottleRule = IP_RULE) -> ThrottleKey:
     """The key of a client address. IPv6 clients are counted per /64, the block one
     subscriber usually holds, so rotating through it gains nothing."""
     try:
-        parsed = ipaddress.ip_address(address)
+        ipaddress.ip_address(address)
     except ValueError:
         return ThrottleKey(_bounded(f"ip:{address}"), rule)
-    if isinstance(parsed, ipaddress.IPv6Address):
-        mapped = parsed.ipv4_mapped
-        if mapped is not None:
-            return ThrottleKey(f"ip:{mapped}", rule)
-        network = ipaddress.IPv6Network((parsed, 64), strict=False)
-        return ThrottleKey(f"ip:{network}", rule)
-    return ThrottleKey(f"ip:{parsed}", rule)
+    return ThrottleKey(f"ip:{client_network(address)}", rule)
 
 
 def _bounded(key: str) -> str:

@@ -6,6 +6,7 @@ little latency and never buffer a streaming body.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 from collections.abc import Iterable
@@ -561,6 +562,22 @@ def client_ip(scope: Scope, trusted_proxies: Iterable[str] = ()) -> str:
                 if hop not in trusted:
                     return hop
     return peer
+
+
+def client_network(address: str) -> str:
+    """What limits count a client address as: an IPv4 address itself; an IPv6 address
+    by its /64 (``2001:db8:1:2::/64``), the block one subscriber usually holds, so
+    rotating through it gains nothing; an IPv4-mapped IPv6 address as its IPv4."""
+    if ":" not in address:
+        return address  # IPv4 (or "unknown"): the common case, with no parsing
+    try:
+        parsed = ipaddress.IPv6Address(address)
+    except ValueError:
+        return address
+    mapped = parsed.ipv4_mapped
+    if mapped is not None:
+        return str(mapped)
+    return str(ipaddress.IPv6Network((parsed, 64), strict=False))
 
 
 def route_template(scope: Scope) -> str:

@@ -51,7 +51,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from soko.platform.clock import Clock, SystemClock
 from soko.platform.errors import RateLimited, ServiceUnavailable
-from soko.platform.http import OPERATIONAL_PATHS, client_ip, problem_message
+from soko.platform.http import OPERATIONAL_PATHS, client_ip, client_network, problem_message
 
 log = structlog.get_logger("soko.ratelimit")
 
@@ -489,7 +489,11 @@ def rate_limit(
         if not runtime.settings.ratelimit_enabled:
             return
         limiter = _limiter(request)
-        caller = key(request) if key else client_ip(request.scope, runtime.settings.trusted_proxies)
+        caller = (
+            key(request)
+            if key
+            else client_network(client_ip(request.scope, runtime.settings.trusted_proxies))
+        )
         results: list[RateLimitResult] = []
         for item, name in zip(items, names, strict=True):
             result = await limiter.hit(item, scope, caller, policy_name=name)
@@ -540,7 +544,7 @@ class GlobalRateLimitMiddleware:
         if scope["type"] != "http" or self._is_exempt(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
-        ip = client_ip(scope, self.trusted_proxies)
+        ip = client_network(client_ip(scope, self.trusted_proxies))
         result = await self.limiter_getter().refusal_leased(self.item, self.scope_name, ip)
         if result is None:
             await self.app(scope, receive, send)
