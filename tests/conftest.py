@@ -239,6 +239,8 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         # each. The worker processes have tests of their own (test_passwords.py, and
         # the served app in test_serve_e2e.py).
         "password_hash_pool": "thread",
+        # Every probe checks again: tests change what /ready reports between probes.
+        "ready_reuse_seconds": 0,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

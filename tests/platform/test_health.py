@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import io
 import json
@@ -305,3 +306,34 @@ def test_the_build_expects_the_newest_migration() -> None:
     scripts = ScriptDirectory(str(migrations_location()))
     assert revisions().head == scripts.get_current_head()
     assert revisions().known == {script.revision for script in scripts.walk_revisions()}
+
+
+async def test_probes_share_one_round_of_checks_and_reuse_its_answer(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/ready is never rate limited, so a flood of probes must not become a flood of
+    checks: concurrent probes share one round, and its answer is reused for a while."""
+    from soko.platform import health
+
+    runtime = Runtime(make_settings(tmp_path, database_url=database_url, ready_reuse_seconds=60))
+    rounds = 0
+    check = health._check_readiness
+
+    async def counted(rt: Any) -> Any:
+        nonlocal rounds
+        rounds += 1
+        await asyncio.sleep(0.05)  # long enough for the other probes to arrive
+        return await check(rt)
+
+    monkeypatch.setattr(health, "_check_readiness", counted)
+    try:
+        async for client in _client_for(runtime):
+            answers = await asyncio.gather(*(client.get("/ready") for _ in range(20)))
+            assert [answer.status_code for answer in answers] == [200] * 20
+            assert rounds == 1
+            assert len({answer.text for answer in answers}) == 1
+            for _ in range(10):
+                assert (await client.get("/ready")).status_code == 200
+            assert rounds == 1  # reused: within the 60 s it may be
+    finally:
+        await runtime.stop()

@@ -145,6 +145,8 @@ class Settings(BaseSettings):
     # ...or served one less than this many seconds ago.
     outbox_idle_seconds: float = Field(0.25, ge=0, le=60)
     shutdown_grace_seconds: float = Field(20.0, ge=0)
+    # /ready's answer is reused for this long, and concurrent probes share one check.
+    ready_reuse_seconds: float = Field(1.0, ge=0, le=60)
 
     # Personal data at rest (see soko.platform.crypto). Unset in development: derived
     # from the secret key with HKDF. Production requires both.

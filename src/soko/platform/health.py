@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -92,7 +93,46 @@ async def _oldest_due_seconds(runtime: Any) -> float | None:
     responses={503: {"description": "At least one dependency is down"}},
 )
 async def ready(request: Request) -> JSONResponse:
+    """Never rate limited (a load balancer probes it), so it is bounded otherwise: an
+    answer is reused for ``SOKO_READY_REUSE_SECONDS``, and probes arriving while the
+    checks run share them."""
     runtime = request.app.state.runtime
+    reuse = runtime.settings.ready_reuse_seconds
+    state: _Readiness | None = getattr(request.app.state, "readiness", None)
+    if state is None:
+        state = request.app.state.readiness = _Readiness()
+    now = time.monotonic()
+    if state.answer is not None and now - state.answered_at < reuse:
+        return _answer(state.answer)
+    if state.running is None:
+        state.running = asyncio.ensure_future(_check_readiness(runtime))
+    running = state.running
+    try:
+        answer = await asyncio.shield(running)
+    finally:
+        if state.running is running and running.done():
+            state.running = None
+    if reuse:
+        state.answer, state.answered_at = answer, time.monotonic()
+    return _answer(answer)
+
+
+@dataclass(slots=True)
+class _Readiness:
+    """A process's last readiness answer (its body and whether it is healthy), and the
+    round of checks running now."""
+
+    answer: tuple[dict[str, Any], bool] | None = None
+    answered_at: float = 0.0
+    running: asyncio.Future[tuple[dict[str, Any], bool]] | None = None
+
+
+def _answer(answer: tuple[dict[str, Any], bool]) -> JSONResponse:
+    body, healthy = answer
+    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+async def _check_readiness(runtime: Any) -> tuple[dict[str, Any], bool]:
 
     async def database() -> None:
         async with runtime.db.engine.connect() as connection:
@@ -145,11 +185,9 @@ async def ready(request: Request) -> JSONResponse:
     healthy = all(
         result["status"] == "up" or result.get("critical") is False for result in results.values()
     )
-    return JSONResponse(
-        {
-            "status": "ready" if healthy else "unavailable",
-            "checks": results,
-            "outbox": {"oldest_due_seconds": await outbox_age},
-        },
-        status_code=200 if healthy else 503,
-    )
+    body = {
+        "status": "ready" if healthy else "unavailable",
+        "checks": results,
+        "outbox": {"oldest_due_seconds": await outbox_age},
+    }
+    return body, healthy
