@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from soko.cart.service import (
     CART_TOKEN_HEADER,
     CART_TOKEN_PREFIX,
+    EXPIRY_BATCH,
     expire_abandoned_carts,
     hash_cart_token,
     merge_anonymous_cart,
@@ -21,6 +22,7 @@ from soko.cart.service import (
 from soko.platform.auth import on_sign_in
 from soko.platform.errors import ProblemError
 from soko.platform.jobs import JobContext, registry
+from soko.platform.retention import continue_purge
 from soko.platform.runtime import Runtime
 
 log = structlog.get_logger("soko.cart")
@@ -57,12 +59,17 @@ async def merge_cart_on_sign_in(
     )
 
 
-@registry.schedule("*/15 * * * *", name="cart.expire_abandoned")
+EXPIRE_JOB = "cart.expire_abandoned"
+
+
+@registry.schedule("*/15 * * * *", name=EXPIRE_JOB)
 async def expire_abandoned(ctx: JobContext, payload: dict[str, Any]) -> None:
-    """Close open carts nobody touched for ``cart_expiry_hours``."""
+    """Close open carts nobody touched for ``cart_expiry_hours``, a batch a run; a full
+    batch asks for another run at once (each its own transaction)."""
     hours: int = ctx.services.settings.cart_expiry_hours
     closed = await expire_abandoned_carts(
         ctx.session, now=ctx.now(), older_than=dt.timedelta(hours=hours)
     )
     if closed:
         log.info("abandoned carts expired", count=closed)
+    await continue_purge(ctx, EXPIRE_JOB, payload, more=closed >= EXPIRY_BATCH)

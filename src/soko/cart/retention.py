@@ -25,7 +25,7 @@ from soko.platform.retention import continue_purge, days, delete_where_in
 log = structlog.get_logger("soko.cart.retention")
 
 PURGE_JOB = "cart.purge_closed"
-BATCH = 500
+BATCH = 2_000
 CLOSED = (CartStatus.converted, CartStatus.merged, CartStatus.expired)
 
 _CARTS = cast(Table, Cart.__table__)

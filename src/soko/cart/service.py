@@ -814,14 +814,26 @@ async def _earlier_merge(
 # -- expiry ----------------------------------------------------------------------------------
 
 
+EXPIRY_BATCH = 2_000
+
+
 async def expire_abandoned_carts(
-    session: AsyncSession, *, now: dt.datetime, older_than: dt.timedelta
+    session: AsyncSession,
+    *,
+    now: dt.datetime,
+    older_than: dt.timedelta,
+    limit: int = EXPIRY_BATCH,
 ) -> int:
-    """Close every open cart untouched since ``now - older_than``, in one UPDATE; the
-    count closed."""
+    """Close up to ``limit`` open carts untouched since ``now - older_than``, the
+    oldest first (read in the order of the (status, updated_at) index); the count
+    closed. Bounded, so one run never holds SQLite's write lock (or many PostgreSQL row
+    locks) for long: a full batch means more may wait."""
+    conditions = (Cart.status == CartStatus.open.value, Cart.updated_at < now - older_than)
+    oldest = select(Cart.id).where(*conditions).order_by(Cart.updated_at).limit(limit)
     result = await session.execute(
         update(Cart)
-        .where(Cart.status == CartStatus.open.value, Cart.updated_at < now - older_than)
+        # Checked again: a cart touched since it was picked stays open.
+        .where(Cart.id.in_(oldest.scalar_subquery()), *conditions)
         .values(status=CartStatus.expired.value, version=Cart.version + 1, updated_at=now)
         .execution_options(synchronize_session=False)
     )
