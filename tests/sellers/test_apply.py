@@ -103,6 +103,32 @@ async def test_a_taken_slug_is_refused_and_a_user_may_own_several_stores(
     assert (await client.get(MY_STORES, headers=other.headers)).json()["items"] == []
 
 
+async def test_a_user_has_at_most_three_applications_waiting_even_sent_at_once(
+    client: httpx2.AsyncClient, make_user: MakeUser, stores: Stores, runtime: Runtime
+) -> None:
+    owner = await make_user()
+    answers = await asyncio.gather(
+        *(
+            client.post(
+                SELLERS,
+                json={"slug": f"duka-{n}-{uuid.uuid4().hex[:6]}", "store_name": f"Duka {n}"},
+                headers=owner.headers,
+            )
+            for n in range(6)
+        )
+    )
+    assert sorted(answer.status_code for answer in answers) == [201] * 3 + [409] * 3
+    refused = [answer for answer in answers if answer.status_code == 409]
+    assert {problem_type(answer) for answer in refused} == {"seller-applications-pending"}
+    assert refused[0].json()["max_pending"] == 3
+    # A decision frees a place: an approved store no longer waits.
+    waiting = [answer.json()["id"] for answer in answers if answer.status_code == 201]
+    assert (await stores.decide(waiting[0], "approve")).status_code == 200
+    assert (await stores.apply(owner))["status"] == "pending"
+    async with runtime.db.transaction(read_only=True) as session:
+        assert await session.scalar(text("SELECT count(*) FROM sellers")) == 4
+
+
 async def test_two_applications_racing_for_one_slug_give_one_store(
     client: httpx2.AsyncClient, make_user: MakeUser, runtime: Runtime
 ) -> None:

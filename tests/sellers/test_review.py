@@ -199,8 +199,7 @@ async def test_only_reviewers_see_and_decide(
 async def test_the_review_queue_lists_by_status_newest_first(
     client: httpx2.AsyncClient, make_user: MakeUser, stores: Stores
 ) -> None:
-    owner = await make_user()
-    created = [await stores.apply(owner) for _ in range(5)]
+    created = [await stores.apply(await make_user()) for _ in range(5)]
     assert (await stores.decide(created[1]["id"], "approve")).status_code == 200
     admin = await stores.admin()
 

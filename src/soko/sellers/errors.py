@@ -91,3 +91,13 @@ class SellerInvitationLimit(ProblemError):
         "An inviting user sends at most 20 invitations a day, and an address receives at "
         "most 3, from all stores together; `Retry-After` says when one more may be sent."
     )
+
+
+class SellerApplicationsPending(ProblemError):
+    slug = "seller-applications-pending"
+    title = "You have as many store applications waiting as you may"
+    status = 409
+    description = (
+        "A user may have at most `max_pending` store applications waiting for review at "
+        "once: wait for a decision on one before applying again."
+    )

@@ -12,7 +12,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.public import grant_role, user_cards
 from soko.platform.crypto import DataKeys
+from soko.platform.db import lock_keys
 from soko.platform.errors import NotFound, PreconditionFailed, ValidationFailed
 from soko.platform.etag import etag_for_version, if_match_passes
 from soko.platform.ids import uuid7
@@ -27,6 +28,7 @@ from soko.platform.outbox import publish
 from soko.platform.runtime import Runtime, invalidate_after_commit
 from soko.sellers.errors import (
     NotASeller,
+    SellerApplicationsPending,
     SellerLastOwner,
     SellerSlugTaken,
     SellerStateConflict,
@@ -84,12 +86,31 @@ def payout_details(keys: DataKeys, seller: Seller) -> dict[str, str] | None:
 # -- applying ------------------------------------------------------------------------------------
 
 
+# Each application waits for an admin's review and keeps its slug: a user has at most
+# this many waiting at once, so nobody can flood the review queue or squat on addresses.
+MAX_PENDING_APPLICATIONS = 3
+APPLICATION_LOCK_SPACE: Final = 0x53415050  # "SAPP"
+
+
 async def apply(
     session: AsyncSession, runtime: Runtime, applicant: uuid.UUID, application: SellerApplication
 ) -> Seller:
     """A new pending store owned by ``applicant``. A taken slug answers
     ``seller-slug-taken``, also when another application takes it at the same moment
     (the unique index decides)."""
+    # One applicant's applications queue here (their count stays true on PostgreSQL;
+    # SQLite's one write lock does the same), so a burst cannot pass the bound together.
+    await lock_keys(session, (APPLICATION_LOCK_SPACE, str(applicant)))
+    waiting = await session.scalar(
+        select(func.count())
+        .select_from(Seller)
+        .where(Seller.created_by == applicant, Seller.status == SellerStatus.pending.value)
+    )
+    if (waiting or 0) >= MAX_PENDING_APPLICATIONS:
+        raise SellerApplicationsPending(
+            f"You have {waiting} store applications waiting for review already.",
+            max_pending=MAX_PENDING_APPLICATIONS,
+        )
     now = runtime.clock.now()
     seller_id = uuid7()
     seller = Seller(
