@@ -97,7 +97,12 @@ def test_swahili_differs_from_english() -> None:
 
 
 async def _user(
-    runtime: Runtime, *, phone: str | None = None, role: Role = Role.customer, name: str = ""
+    runtime: Runtime,
+    *,
+    phone: str | None = None,
+    role: Role = Role.customer,
+    name: str = "",
+    verified: bool = True,
 ) -> SignedInUser:
     email = f"user-{uuid.uuid4().hex[:10]}@example.com"
     async with runtime.db.transaction() as session:
@@ -109,8 +114,8 @@ async def _user(
             phone=phone,
             display_name=name,
             roles=(role,),
-            email_verified=True,
-            phone_verified=phone is not None,
+            email_verified=verified,
+            phone_verified=verified and phone is not None,
         )
         tokens = await start_session(session, runtime, user, method="test", device=TEST_DEVICE)
     return SignedInUser(user_id=user.id, email=email, tokens=tokens)
@@ -181,6 +186,32 @@ async def test_placing_and_paying_an_order_reaches_the_buyer_and_the_seller(
     before = (len(read_sink(data_dir, "email")), len(read_sink(data_dir, "sms")))
     assert await runtime.dispatcher.run_until_idle() == 0
     assert (len(read_sink(data_dir, "email")), len(read_sink(data_dir, "sms"))) == before
+
+
+async def test_an_unverified_address_gets_no_message_only_the_inbox(
+    runtime: Runtime,
+    client: httpx2.AsyncClient,
+    market: Market,  # noqa: F811
+) -> None:
+    """Anyone can sign up with someone else's email or number: until its owner proves
+    it theirs, the marketplace sends it nothing (its orders' news waits in the app)."""
+    shop = await market.open_shop(await _user(runtime, name="Mama Duka"))
+    variant_id = (await shop.list_product(1500, stock=10)).variant_id
+    stranger = await _user(runtime, phone="+254722000009", verified=False)
+    cart = ok(await client.post(f"{API}/carts", headers=stranger.headers), 200, 201)
+    buyer = Buyer(client, stranger, uuid.UUID(cart["cart"]["id"]))
+    await buyer.add(variant_id, 1)
+    group = await buyer.checkout()
+    assert await pay(runtime, uuid.UUID(group["id"]))
+    await runtime.dispatcher.run_until_idle()
+
+    data_dir = runtime.settings.data_dir
+    assert [e for e in read_sink(data_dir, "email") if e["to"] == stranger.email] == []
+    assert [t for t in read_sink(data_dir, "sms") if t["to"] == "+254722000009"] == []
+    mine = ok(await client.get(ME, headers=stranger.headers))
+    assert len(mine["items"]) == 2  # placed and paid, in the app
+    # The seller, verified, heard of it by email.
+    assert _by_category(read_sink(data_dir, "email"), "transactional.order.placed.seller")
 
 
 async def test_messages_are_in_the_buyers_language(

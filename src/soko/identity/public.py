@@ -236,6 +236,11 @@ class Contact:
     email: str | None
     phone: str | None
     display_name: str
+    # Whether the user proved they receive at that address or number. A message the
+    # user did not ask for goes only to a verified one: anyone can sign up with someone
+    # else's address, and must not be able to have the marketplace mail them.
+    email_verified: bool = False
+    phone_verified: bool = False
 
 
 async def contact_of(session: AsyncSession, runtime: Runtime, user_id: uuid.UUID) -> Contact | None:
@@ -250,7 +255,12 @@ def _contacts_statement() -> Any:
     notification a handler sends runs it."""
     users: Any = User.__table__
     return select(
-        users.c.id, users.c.email_ciphertext, users.c.phone_ciphertext, users.c.display_name
+        users.c.id,
+        users.c.email_ciphertext,
+        users.c.phone_ciphertext,
+        users.c.display_name,
+        users.c.email_verified_at,
+        users.c.phone_verified_at,
     ).where(
         users.c.id.in_(bindparam("user_ids", expanding=True)),
         users.c.status == UserStatus.active.value,
@@ -272,6 +282,8 @@ async def contacts_of(
             email=email_of(runtime.data_keys, row.id, row.email_ciphertext),
             phone=phone_of(runtime.data_keys, row.id, row.phone_ciphertext),
             display_name=row.display_name,
+            email_verified=row.email_verified_at is not None,
+            phone_verified=row.phone_verified_at is not None,
         )
         for row in rows
     }

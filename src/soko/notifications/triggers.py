@@ -347,7 +347,9 @@ async def _notify_user(
         return 0
     key = f"{event_id}:{trigger.template}:{user_id}"
     queued = 0
-    if E in allowed and contact.email:
+    # Only to an address or number the user proved is theirs (see Contact): signing up
+    # with someone else's must not let anyone have the marketplace message them.
+    if E in allowed and contact.email and contact.email_verified:
         queued += await send_email(
             session,
             to=contact.email,
@@ -358,7 +360,7 @@ async def _notify_user(
             dedupe_key=key,
             user_id=user_id,
         )
-    if S in allowed and contact.phone and rendered.sms:
+    if S in allowed and contact.phone and contact.phone_verified and rendered.sms:
         queued += await send_sms(
             session,
             to=contact.phone,
