@@ -98,8 +98,8 @@ MakeBuyer = Callable[..., Awaitable[Buyer]]
 
 @pytest.fixture
 def make_buyer(client: httpx2.AsyncClient, make_user: MakeUser) -> MakeBuyer:  # noqa: F811
-    async def factory(*items: tuple[uuid.UUID, int] | uuid.UUID) -> Buyer:
-        user = await make_user()
+    async def factory(*items: tuple[uuid.UUID, int] | uuid.UUID, verified: bool = True) -> Buyer:
+        user = await make_user(email_verified=verified)
         response = await client.post(f"{API}/carts", headers=user.headers)
         buyer = Buyer(client, user, uuid.UUID(ok(response, 200, 201)["cart"]["id"]))
         for item in items:

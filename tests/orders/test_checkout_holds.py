@@ -13,11 +13,12 @@ from typing import Any
 
 import httpx2
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from structlog.testing import capture_logs
 
 from soko.cart.models import Cart
+from soko.identity.models import User
 from soko.inventory.models import Reservation, StockLevel
 from soko.orders import checkout
 from soko.orders.models import CheckoutGroup, Order, OrderLine
@@ -404,3 +405,44 @@ async def test_a_claim_taken_over_before_the_writes_writes_nothing(
     assert [tuple(key) for key in keys] == [("in_flight", None)]
     assert (await available(runtime, variant_id))[variant_id] == 5
     assert await holds(runtime, variant_id) == [("released", 2)]
+
+
+async def test_an_account_without_a_verified_contact_cannot_hold_stock(
+    runtime: Runtime,
+    market: Market,
+    make_buyer: MakeBuyer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checkout holds stock: a throwaway account (anyone's email, never verified)
+    could hold a store's whole stock, again and again. It is refused, holding nothing,
+    its cart left as it was; verified, the same account checks out."""
+    variant_id = await market.variant(stock=5)
+    buyer = await make_buyer((variant_id, 5), verified=False)
+
+    refused = await buyer.post_checkout(key="unverified")
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["type"] == "/problems/checkout-contact-unverified"
+    assert await count(runtime, CheckoutGroup) == 0
+    assert (await available(runtime, variant_id))[variant_id] == 5
+    assert await reserved(runtime, variant_id) == 0
+    async with runtime.db.transaction(read_only=True) as session:
+        assert await session.scalar(select(Cart.status).where(Cart.id == buyer.cart_id)) == "open"
+
+    async with runtime.transaction() as session:  # the emailed link, followed
+        await session.execute(
+            update(User)
+            .where(User.id == buyer.user.user_id)
+            .values(email_verified_at=runtime.clock.now())
+        )
+    ok(await buyer.post_checkout(key="verified"), 201)
+    assert (await available(runtime, variant_id))[variant_id] == 0
+
+
+async def test_the_operator_may_let_any_account_check_out(
+    runtime: Runtime, market: Market, make_buyer: MakeBuyer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime.settings, "checkout_requires_verified_contact", False)
+    variant_id = await market.variant(stock=2)
+    buyer = await make_buyer((variant_id, 1), verified=False)
+    ok(await buyer.post_checkout(), 201)
+    assert (await available(runtime, variant_id))[variant_id] == 1

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import and_, bindparam, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.identity.accounts import (
@@ -66,6 +66,8 @@ __all__ = [
     "create_account",
     "grant_role",
     "has_accounts",
+    "is_reachable",
+    "reachable_user",
     "record_audit_event",
     "record_request_audit_event",
     "start_password_hashing",
@@ -148,6 +150,29 @@ def contact_address(runtime: Runtime, raw: str, *, field: str) -> ContactAddress
         raise ValidationFailed.of_field(
             field, "is neither an email address nor a phone number in international form (+...)"
         ) from None
+
+
+def reachable_user(user_id: Any) -> Any:
+    """``EXISTS (an active user with this id and a verified email or phone)``, to embed
+    in another domain's statement (``user_id`` a value or the caller's bind parameter),
+    so the check costs no statement of its own: a checkout, which holds stock, is only
+    for accounts whose owner proved an address or number theirs."""
+    return exists(
+        select(User.id).where(
+            User.id == user_id,
+            User.status == UserStatus.active.value,
+            or_(
+                and_(User.email_index.is_not(None), User.email_verified_at.is_not(None)),
+                and_(User.phone_index.is_not(None), User.phone_verified_at.is_not(None)),
+            ),
+        )
+    )
+
+
+async def is_reachable(session: AsyncSession, user_id: uuid.UUID) -> bool:
+    """Whether :func:`reachable_user` holds for ``user_id`` (one query): to tell why a
+    statement that embedded it wrote nothing."""
+    return bool(await session.scalar(select(reachable_user(user_id))))
 
 
 async def verified_address_indexes(session: AsyncSession, user_id: uuid.UUID) -> frozenset[str]:

@@ -23,7 +23,19 @@ from functools import lru_cache
 from typing import Any
 
 import structlog
-from sqlalchemy import ARRAY, Uuid, and_, any_, bindparam, exists, func, insert, select
+from sqlalchemy import (
+    ARRAY,
+    Boolean,
+    Uuid,
+    and_,
+    any_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import JSONResponse
 
@@ -35,6 +47,7 @@ from soko.cart.public import (
     mark_converted,
 )
 from soko.catalog.public import VariantForSale, variants_for_sale
+from soko.identity.public import is_reachable, reachable_user
 from soko.inventory.public import (
     OutOfStock,
     ReservationRequest,
@@ -47,6 +60,7 @@ from soko.orders.errors import (
     CartPricesChanged,
     CheckoutCartEmpty,
     CheckoutItemsUnavailable,
+    CheckoutNeedsVerifiedContact,
     CheckoutTotalChanged,
     CheckoutTotalTooLarge,
 )
@@ -356,11 +370,13 @@ async def place_checkout(
             inactive = await inactive_seller_ids(session, orders)
             if inactive:
                 raise _refuse_unavailable(_unavailable(cart, variants, inactive))
+            await _refused_buyer(session, runtime, buyer_id)
             raise CartChanged("The cart changed since it was read; read it again and retry.")
         return placed
-    if not await _create_group(session, group, list(orders)):
+    if not await _create_group(session, runtime, group, list(orders)):
         inactive = await inactive_seller_ids(session, orders)
-        raise _refuse_unavailable(_unavailable(cart, variants, inactive))
+        if inactive or not await _refused_buyer(session, runtime, buyer_id):
+            raise _refuse_unavailable(_unavailable(cart, variants, inactive))
     # One INSERT per table, whatever the number of orders and lines: plain Core
     # statements built once, not the session's unit of work (which spent more CPU on
     # its bookkeeping than the database on the rows).
@@ -429,6 +445,30 @@ def _rows_of(model: type[Order] | type[OrderLine], objects: Iterable[Any]) -> li
     return [{name: getattr(item, name) for name in names} for item in objects]
 
 
+def _buyer_may_check_out() -> Any:
+    """The condition a checkout's writes carry about its buyer (bind parameters
+    ``buyer_id`` and ``any_buyer``): an account with a verified email or phone, unless
+    ``SOKO_CHECKOUT_REQUIRES_VERIFIED_CONTACT`` is off."""
+    return or_(
+        bindparam("any_buyer", type_=Boolean()),
+        reachable_user(bindparam("buyer_id", type_=Uuid())),
+    )
+
+
+async def _refused_buyer(session: AsyncSession, runtime: Runtime, buyer_id: uuid.UUID) -> bool:
+    """After writes that did not happen: raise :class:`CheckoutNeedsVerifiedContact`
+    when the buyer's contact is why; False otherwise (the caller names the real cause)."""
+    if runtime.settings.checkout_requires_verified_contact and not await is_reachable(
+        session, buyer_id
+    ):
+        raise CheckoutNeedsVerifiedContact(
+            "Verify your email address or phone number first: a checkout holds stock, so "
+            "only verified accounts may place one. Then check out with a new "
+            "Idempotency-Key."
+        )
+    return False
+
+
 @lru_cache(maxsize=1)
 def _create_group_statement() -> Any:
     """``INSERT INTO orders_checkout_groups ... SELECT <the group's values> WHERE <every
@@ -445,23 +485,32 @@ def _create_group_statement() -> Any:
     names = [column.name for column in table.columns]
     values = select(
         *(bindparam(f"v_{name}", type_=table.c[name].type).label(name) for name in names)
-    ).where(selling == bindparam("seller_count"))
+    ).where(selling == bindparam("seller_count"), _buyer_may_check_out())
     # The table, not the mapped class: executed with parameters, an ORM insert would be
     # taken for a bulk insert of those parameters.
     return insert(table).from_select(names, values).returning(table.c.id)
 
 
 async def _create_group(
-    session: AsyncSession, group: CheckoutGroup, sellers: Sequence[uuid.UUID]
+    session: AsyncSession,
+    runtime: Runtime,
+    group: CheckoutGroup,
+    sellers: Sequence[uuid.UUID],
 ) -> bool:
-    """Insert the group only if every seller of the checkout may sell; whether it was.
-    The sellers' published "active stores" read model is checked inside the INSERT, so
-    the check costs no statement of its own (ADR 0006)."""
+    """Insert the group only if every seller of the checkout may sell and the buyer may
+    check out; whether it was. The sellers' published "active stores" read model and
+    the buyer's verified contact are checked inside the INSERT, so the checks cost no
+    statement of their own (ADR 0006)."""
     parameters: dict[str, Any] = {
         f"v_{column.name}": getattr(group, column.name)
         for column in CheckoutGroup.__table__.columns
     }
-    parameters.update(sellers=list(sellers), seller_count=len(sellers))
+    parameters.update(
+        sellers=list(sellers),
+        seller_count=len(sellers),
+        buyer_id=group.buyer_id,
+        any_buyer=not runtime.settings.checkout_requires_verified_contact,
+    )
     created = await session.execute(_create_group_statement(), parameters)
     return created.first() is not None
 
@@ -499,7 +548,9 @@ def _write_in_one_statement() -> Any:
         .scalar_subquery()
     )
     held = held_claim_statement().cte("claim_held")
-    may_close = and_(selling == bindparam("seller_count"), exists(select(held.c.id)))
+    may_close = and_(
+        selling == bindparam("seller_count"), exists(select(held.c.id)), _buyer_may_check_out()
+    )
     closed = converting_statement().where(may_close).cte("closed")
     placed = exists(select(closed.c.id))
     names = [column.name for column in groups.columns]
@@ -546,6 +597,8 @@ async def _write_in_one(
     parameters.update(
         sellers=sellers,
         seller_count=len(sellers),
+        buyer_id=group.buyer_id,
+        any_buyer=not runtime.settings.checkout_requires_verified_contact,
         cart_id=cart.cart_id,
         read_version=cart.version,
         now=session_now(session),

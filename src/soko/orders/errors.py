@@ -93,3 +93,14 @@ class DisputeStateConflict(ProblemError):
         "A seller answers an open dispute once, and an administrator resolves a dispute "
         "once; `current_status` is where the dispute is now."
     )
+
+
+class CheckoutNeedsVerifiedContact(ProblemError):
+    slug = "checkout-contact-unverified"
+    title = "Verify your email or phone before checking out"
+    status = 403
+    description = (
+        "A checkout holds stock, so only accounts with a verified email address or phone "
+        "number may place one: verify yours (the link mailed at sign-up, or a code by SMS), "
+        "then check out again with a new Idempotency-Key."
+    )

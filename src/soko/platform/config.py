@@ -189,6 +189,8 @@ class Settings(BaseSettings):
     default_currency: str = Field("KES", pattern=r"^[A-Z]{3}$")
     reservation_strategy: ReservationStrategy = ReservationStrategy.optimistic
     reservation_hold_seconds: int = Field(900, ge=60, le=86_400)
+    # A checkout holds stock: only accounts with a verified email or phone may place one.
+    checkout_requires_verified_contact: bool = True
     cart_expiry_hours: int = Field(72, ge=1, le=24 * 90)
     dispute_window_days: int = Field(14, ge=1, le=365)
     # A shipped order not marked delivered this long after it shipped may be disputed
