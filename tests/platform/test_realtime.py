@@ -227,3 +227,32 @@ async def test_redis_skips_payloads_that_are_not_json_objects(
             assert (await next_message(messages)).data == {"n": 1}
     finally:
         await client.aclose()
+
+
+async def test_a_push_lost_in_an_outage_is_a_warning_and_a_bug_a_traceback() -> None:
+    """A change committed while Redis is down loses its push (clients reload on
+    reconnect): that is logged as a warning with no traceback, so an outage does not
+    flood error alerts; any other failure keeps its traceback."""
+    from structlog.testing import capture_logs
+
+    from soko.platform.realtime import _publish_committed
+
+    client = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    try:
+        down = RedisPubSub(client, namespace="sokotest:down:")
+        with capture_logs() as logs:
+            await _publish_committed(down, "order:42", {"status": "paid"})
+        [line] = [log for log in logs if log["event"] == "publish after commit failed"]
+        assert line["log_level"] == "warning" and "exc_info" not in line
+        assert line["error"] == "ConnectionError"
+
+        class Broken(MemoryPubSub):
+            async def publish(self, channel: str, message: Any) -> int:
+                raise ValueError("a bug")
+
+        with capture_logs() as logs:
+            await _publish_committed(Broken(), "order:42", {"status": "paid"})
+        [line] = [log for log in logs if log["event"] == "publish after commit failed"]
+        assert line["log_level"] == "error" and line.get("exc_info")
+    finally:
+        await client.aclose()

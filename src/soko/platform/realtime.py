@@ -80,8 +80,21 @@ def publish_after_commit(
 async def _publish_committed(pubsub: PubSub, channel: str, message: dict[str, Any]) -> None:
     try:
         await pubsub.publish(channel, message)
-    except Exception:  # the change is committed; a lost push is reloaded on reconnect
-        log.exception("publish after commit failed", channel=channel)
+    except Exception as exc:  # the change is committed; a lost push is reloaded on reconnect
+        if _is_unreachable(exc):
+            # An outage (/ready and the metrics say so), not a bug: no traceback.
+            log.warning("publish after commit failed", channel=channel, error=type(exc).__name__)
+        else:
+            log.exception("publish after commit failed", channel=channel)
+
+
+def _is_unreachable(exc: Exception) -> bool:
+    """Whether ``exc`` says the broker cannot be reached (a socket error, or Redis's
+    connection and timeout errors)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return isinstance(exc, (OSError, RedisConnectionError, RedisTimeoutError))
 
 
 @event.listens_for(Session, "after_commit")
