@@ -189,22 +189,16 @@ class RequestContextMiddleware:
                 )
             if scope["type"] != "http" or started:
                 raise
-            if behind:
-                start, body = problem_message(
-                    ServiceUnavailable,
-                    "The service is being updated; retry in a minute.",
-                    scope.get("path", ""),
-                    request_id,
+            if behind or unavailable:
+                detail, retry_after = (
+                    ("The service is being updated; retry in a minute.", b"60")
+                    if behind
+                    else ("The database is unavailable; retry in a few seconds.", b"5")
                 )
-                start["headers"].append((b"retry-after", b"60"))
-            elif unavailable:
                 start, body = problem_message(
-                    ServiceUnavailable,
-                    "The database is unavailable; retry in a few seconds.",
-                    scope.get("path", ""),
-                    request_id,
+                    ServiceUnavailable, detail, scope.get("path", ""), request_id
                 )
-                start["headers"].append((b"retry-after", b"5"))
+                start["headers"].append((b"retry-after", retry_after))
             else:
                 start, body = problem_message(
                     ProblemError,
