@@ -230,7 +230,7 @@ async def place_checkout(
     group = CheckoutGroup(
         # The claim's token (a uuid7 of its own): the stock this attempt holds is held
         # under it, so a retry that takes the claim over from a dead attempt finds what
-        # that attempt held (see _give_back_previous_attempt).
+        # that attempt held (the first step of place_checkout).
         id=answering.claim.token or uuid7(),
         buyer_id=buyer_id,
         cart_id=cart.cart_id,

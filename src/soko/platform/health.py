@@ -104,7 +104,7 @@ async def ready(request: Request) -> JSONResponse:
     now = time.monotonic()
     if state.answer is not None and now - state.answered_at < reuse:
         return _answer(state.answer)
-    if state.running is None:
+    if state.running is None or state.running.done():  # done: a probe that left early
         state.running = asyncio.ensure_future(_check_readiness(runtime))
     running = state.running
     try:
