@@ -330,7 +330,7 @@ async def test_the_daily_limits_per_inviter_and_per_address(
 ) -> None:
     owners = [await make_user() for _ in range(INVITATIONS_PER_ADDRESS_PER_DAY + 1)]
     for owner in owners:
-        await stores.apply(owner)
+        await stores.active(owner)
     target = "popular@example.com"
     for owner in owners[:-1]:
         assert (await _invite(client, owner.headers, target)).status_code == 201
@@ -349,6 +349,23 @@ async def test_the_daily_limits_per_inviter_and_per_address(
     await _age(runtime, dt.timedelta(hours=24, seconds=1))
     assert (await _invite(client, busy.headers, "one-more@example.com")).status_code == 201
     assert (await _invite(client, busy.headers, target)).status_code == 201
+
+
+async def test_a_store_waiting_for_review_sends_a_few_invitations_until_approved(
+    client: httpx2.AsyncClient, make_user: MakeUser, stores: Stores
+) -> None:
+    owner = await make_user()
+    store = await stores.apply(owner)
+    for n in range(5):
+        assert (await _invite(client, owner.headers, f"team-{n}@example.com")).status_code == 201
+    over = await _invite(client, owner.headers, "+254733000303")
+    assert (over.status_code, problem_type(over)) == (429, "seller-invitation-limit")
+    assert over.json()["limit"] == 5 and "retry-after" not in over.headers
+    # Revoked ones count too: inviting again is no way around it.
+    again = await _invite(client, owner.headers, "team-0@example.com")
+    assert again.status_code == 429
+    assert (await stores.decide(store["id"], "approve")).status_code == 200
+    assert (await _invite(client, owner.headers, "+254733000303")).status_code == 201
 
 
 async def test_invitations_sent_together_keep_the_limits_and_one_open_invitation(

@@ -21,7 +21,7 @@ import math
 import uuid
 from typing import Final
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -59,6 +59,8 @@ from soko.sellers.service import SELLER_ROLE, lock_as_owner, lock_store
 INVITATION_LIFE: Final = dt.timedelta(days=7)
 INVITATIONS_PER_INVITER_PER_DAY: Final = 20
 INVITATIONS_PER_ADDRESS_PER_DAY: Final = 3
+# In all, revoked ones included, while the store waits for an admin's review.
+INVITATIONS_BEFORE_APPROVAL: Final = 5
 DAY: Final = dt.timedelta(hours=24)
 MESSAGE_CATEGORY: Final = "sellers.invitation"
 # Namespaces of the advisory locks that serialize the daily limits (int4 constants
@@ -175,6 +177,20 @@ async def invite(
     target: ContactAddress = contact_address(runtime, address, field="address")
     await _lock_limits(session, acting.user_id, target.index)
     now = runtime.clock.now()
+    if status == SellerStatus.pending.value:
+        # Nobody has vouched for a store waiting for review yet: it may set up its team,
+        # but not use the marketplace's name to message people by the hundred.
+        sent = await session.scalar(
+            select(func.count())
+            .select_from(SellerInvitation)
+            .where(SellerInvitation.seller_id == acting.seller_id)
+        )
+        if (sent or 0) >= INVITATIONS_BEFORE_APPROVAL:
+            raise SellerInvitationLimit(
+                f"A store waiting for review sends at most {INVITATIONS_BEFORE_APPROVAL} "
+                "invitations; more once it is approved.",
+                limit=INVITATIONS_BEFORE_APPROVAL,
+            )
     await _check_limit(
         session,
         SellerInvitation.invited_by == acting.user_id,
