@@ -477,6 +477,20 @@ async def test_an_api_request_accepting_no_json_is_406_and_changes_nothing(
     assert (await client.get("/api/v1/products", headers={"Accept": ""})).status_code == 200
 
 
+async def test_a_query_parameter_given_twice_is_refused(client: httpx2.AsyncClient) -> None:
+    """No API parameter takes several values: one would be used, the others dropped."""
+    refused = await client.get("/api/v1/products?q=kanga&limit=5&q=kikoi")
+    assert refused.status_code == 422, refused.text
+    problem = refused.json()
+    assert problem["type"] == "/problems/validation-error"
+    assert problem["errors"][0]["in"] == "query"
+    assert problem["errors"][0]["field"] == "q"
+    assert problem["errors"][0]["code"] == "repeated_parameter"
+    assert (await client.get("/api/v1/products?q=kanga&limit=5")).status_code == 200
+    # Outside the API (a page, the health check), parameters are the route's business.
+    assert (await client.get("/health?x=1&x=2")).status_code == 200
+
+
 async def test_pages_and_provider_callbacks_are_served_whatever_they_accept(
     client: httpx2.AsyncClient,
 ) -> None:

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import structlog
 from sqlalchemy.exc import DBAPIError
@@ -334,6 +335,20 @@ def accepts_json(accept: bytes) -> bool:
     return False
 
 
+def _repeated_parameter(scope: Scope) -> str | None:
+    """The first query parameter named twice (``?q=a&q=b``), or None. No API parameter
+    takes several values: one of them would be used and the others silently dropped."""
+    query: bytes = scope.get("query_string", b"")
+    if b"&" not in query:
+        return None  # one parameter at most: the common case, with no parsing
+    seen: set[str] = set()
+    for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
 def _nul_problem(where: str) -> tuple[str, dict[str, Any]]:
     detail = f"The request's {where} holds the NUL character (U+0000), which no field accepts."
     error = {"in": where, "field": "", "pointer": None, "detail": detail, "code": "nul_character"}
@@ -373,6 +388,10 @@ class InputGuardMiddleware:
             return
         if b"%00" in scope.get("query_string", b""):
             await self._refuse_nul(scope, send, request_id, "query")
+            return
+        repeated = _repeated_parameter(scope) if self._answers_json(scope) else None
+        if repeated is not None:
+            await self._refuse_repeated(scope, send, request_id, repeated)
             return
         media_type = b""
         accept: list[bytes] = []
@@ -444,6 +463,25 @@ class InputGuardMiddleware:
             and not any(path.startswith(prefix) for prefix in _RAW_BODY_PREFIXES)
             and not any(path.startswith(prefix) for prefix in _CALLBACK_PREFIXES)
         )
+
+    async def _refuse_repeated(self, scope: Scope, send: Send, request_id: str, name: str) -> None:
+        detail = f"The query parameter {name[:100]!r} is given more than once; give it once."
+        error = {
+            "in": "query",
+            "field": name[:100],
+            "pointer": None,
+            "detail": detail,
+            "code": "repeated_parameter",
+        }
+        start, body = problem_message(
+            ValidationFailed,
+            detail,
+            scope.get("path", ""),
+            request_id,
+            extensions={"errors": [error]},
+        )
+        await send(start)
+        await send(body)
 
     async def _refuse_accept(self, scope: Scope, send: Send, request_id: str) -> None:
         start, body = problem_message(
