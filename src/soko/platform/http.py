@@ -310,13 +310,17 @@ _JSON_RANGES = frozenset(
 )
 
 
+# What nearly every client sends (curl, HTTP libraries, fetch): no parsing needed.
+_COMMON_JSON_ACCEPTS = frozenset({b"*/*", b"application/json", b"application/problem+json"})
+
+
 def accepts_json(accept: bytes) -> bool:
     """Whether an ``Accept`` header's value (RFC 9110 section 12.5.1; several headers
     joined with commas) admits ``application/json`` or ``application/problem+json``: a
     range that matches them with a weight above zero. An empty value says nothing and
     admits them. An unreadable weight counts as 1, so a client is refused only for what
     it clearly said."""
-    if not accept.strip():
+    if accept in _COMMON_JSON_ACCEPTS or not accept.strip():
         return True
     for item in accept.split(b","):
         media_range, _, parameters = item.partition(b";")
@@ -349,10 +353,17 @@ def _repeated_parameter(scope: Scope) -> str | None:
     return None
 
 
+def _input_errors(where: str, detail: str, code: str, *, field: str = "") -> dict[str, Any]:
+    """The ``errors`` of a problem the input guard answers: one error, with no pointer
+    (the guard reads no JSON document)."""
+    return {
+        "errors": [{"in": where, "field": field, "pointer": None, "detail": detail, "code": code}]
+    }
+
+
 def _nul_problem(where: str) -> tuple[str, dict[str, Any]]:
     detail = f"The request's {where} holds the NUL character (U+0000), which no field accepts."
-    error = {"in": where, "field": "", "pointer": None, "detail": detail, "code": "nul_character"}
-    return detail, {"errors": [error]}
+    return detail, _input_errors(where, detail, "nul_character")
 
 
 class InputGuardMiddleware:
@@ -389,8 +400,8 @@ class InputGuardMiddleware:
         if b"%00" in scope.get("query_string", b""):
             await self._refuse_nul(scope, send, request_id, "query")
             return
-        repeated = _repeated_parameter(scope) if self._answers_json(scope) else None
-        if repeated is not None:
+        repeated = _repeated_parameter(scope)  # None at once for a query without "&"
+        if repeated is not None and self._answers_json(scope):
             await self._refuse_repeated(scope, send, request_id, repeated)
             return
         media_type = b""
@@ -466,48 +477,36 @@ class InputGuardMiddleware:
 
     async def _refuse_repeated(self, scope: Scope, send: Send, request_id: str, name: str) -> None:
         detail = f"The query parameter {name[:100]!r} is given more than once; give it once."
-        error = {
-            "in": "query",
-            "field": name[:100],
-            "pointer": None,
-            "detail": detail,
-            "code": "repeated_parameter",
-        }
-        start, body = problem_message(
-            ValidationFailed,
-            detail,
-            scope.get("path", ""),
-            request_id,
-            extensions={"errors": [error]},
-        )
-        await send(start)
-        await send(body)
+        errors = _input_errors("query", detail, "repeated_parameter", field=name[:100])
+        await self._answer(scope, send, request_id, ValidationFailed, detail, errors)
 
     async def _refuse_accept(self, scope: Scope, send: Send, request_id: str) -> None:
-        start, body = problem_message(
-            NotAcceptable,
+        detail = (
             "This API answers application/json, and problems as application/problem+json; "
-            "the request's Accept header admits neither.",
-            scope.get("path", ""),
-            request_id,
+            "the request's Accept header admits neither."
         )
-        await send(start)
-        await send(body)
+        await self._answer(scope, send, request_id, NotAcceptable, detail)
 
     async def _refuse(self, scope: Scope, send: Send, request_id: str) -> None:
-        start, body = problem_message(
-            PayloadTooLarge,
-            f"The request body is larger than {self.max_bytes} bytes.",
-            scope.get("path", ""),
-            request_id,
-        )
-        await send(start)
-        await send(body)
+        detail = f"The request body is larger than {self.max_bytes} bytes."
+        await self._answer(scope, send, request_id, PayloadTooLarge, detail)
 
     async def _refuse_nul(self, scope: Scope, send: Send, request_id: str, where: str) -> None:
         detail, extensions = _nul_problem(where)
+        await self._answer(scope, send, request_id, ValidationFailed, detail, extensions)
+
+    async def _answer(
+        self,
+        scope: Scope,
+        send: Send,
+        request_id: str,
+        problem: type[ProblemError],
+        detail: str,
+        extensions: dict[str, Any] | None = None,
+    ) -> None:
+        """Answer ``problem`` in place of the route (the path shown with any NUL escaped)."""
         start, body = problem_message(
-            ValidationFailed,
+            problem,
             detail,
             scope.get("path", "").replace("\x00", "%00"),
             request_id,
