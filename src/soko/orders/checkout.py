@@ -370,13 +370,14 @@ async def place_checkout(
             inactive = await inactive_seller_ids(session, orders)
             if inactive:
                 raise _refuse_unavailable(_unavailable(cart, variants, inactive))
-            await _refused_buyer(session, runtime, buyer_id)
+            await _refuse_unverified_buyer(session, runtime, buyer_id)
             raise CartChanged("The cart changed since it was read; read it again and retry.")
         return placed
     if not await _create_group(session, runtime, group, list(orders)):
         inactive = await inactive_seller_ids(session, orders)
-        if inactive or not await _refused_buyer(session, runtime, buyer_id):
-            raise _refuse_unavailable(_unavailable(cart, variants, inactive))
+        if not inactive:
+            await _refuse_unverified_buyer(session, runtime, buyer_id)
+        raise _refuse_unavailable(_unavailable(cart, variants, inactive))
     # One INSERT per table, whatever the number of orders and lines: plain Core
     # statements built once, not the session's unit of work (which spent more CPU on
     # its bookkeeping than the database on the rows).
@@ -455,9 +456,11 @@ def _buyer_may_check_out() -> Any:
     )
 
 
-async def _refused_buyer(session: AsyncSession, runtime: Runtime, buyer_id: uuid.UUID) -> bool:
+async def _refuse_unverified_buyer(
+    session: AsyncSession, runtime: Runtime, buyer_id: uuid.UUID
+) -> None:
     """After writes that did not happen: raise :class:`CheckoutNeedsVerifiedContact`
-    when the buyer's contact is why; False otherwise (the caller names the real cause)."""
+    when the buyer's contact is why; return otherwise (the caller names the cause)."""
     if runtime.settings.checkout_requires_verified_contact and not await is_reachable(
         session, buyer_id
     ):
@@ -466,7 +469,6 @@ async def _refused_buyer(session: AsyncSession, runtime: Runtime, buyer_id: uuid
             "only verified accounts may place one. Then check out with a new "
             "Idempotency-Key."
         )
-    return False
 
 
 @lru_cache(maxsize=1)
