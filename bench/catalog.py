@@ -252,6 +252,7 @@ async def load_catalog(url: str, products: int, *, seed: int = 7) -> Loaded:
                 "currency": "KES",
                 "min_price_minor": prices[0],
                 "search_text": f"{title}\n{description}".lower(),
+                "stocked": False,
                 "published_at": published_at if status == "published" else None,
                 "created_at": published_at,
                 "updated_at": published_at,
@@ -291,6 +292,8 @@ async def load_catalog(url: str, products: int, *, seed: int = 7) -> Loaded:
                     "updated_at": now,
                 }
             )
+            # What inventory's presence listener keeps: units on hand at an active location.
+            product_rows[-1]["stocked"] |= stock_rows[-1]["on_hand"] > 0
     async with engine.begin() as conn:
         await conn.execute(insert(Seller), sellers)
         await conn.execute(insert(Category), categories)

@@ -130,6 +130,7 @@ async def load(url: str, settings: Any, *, buyers: int, units: int) -> Store:
                 "id": product_id, "seller_id": seller_id, "title": title,
                 "description": f"{title}, sold by the checkout benchmark.", "status": "published",
                 "currency": "KES", "min_price_minor": PRICE_MINOR, "search_text": title.lower(),
+                "stocked": True,
                 "published_at": now, "created_at": now, "updated_at": now,
             }
         )  # fmt: skip

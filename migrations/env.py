@@ -9,6 +9,7 @@ from sqlalchemy.engine import Connection
 
 from soko.app import load_models
 from soko.platform.db import Base, create_engine
+from soko.platform.schema import models_filter
 
 config = context.config
 load_models()
@@ -31,6 +32,7 @@ def _configure(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
         compare_server_default=True,
+        include_object=models_filter(connection.dialect.name),
     )
 
 

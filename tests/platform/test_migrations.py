@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection
 from soko.app import load_models
 from soko.cli import _alembic_config
 from soko.platform.db import Base, create_engine
+from soko.platform.schema import models_filter
 from tests.conftest import POSTGRES_UP, POSTGRES_URL, _unavailable, make_settings
 
 load_models()
@@ -104,7 +105,11 @@ def _differences(url: str, metadata: MetaData) -> list[Any]:
         context = MigrationContext.configure(
             conn,
             # The same comparison migrations/env.py asks autogenerate for.
-            opts={"compare_type": True, "compare_server_default": True},
+            opts={
+                "compare_type": True,
+                "compare_server_default": True,
+                "include_object": models_filter(conn.dialect.name),
+            },
         )
         return list(compare_metadata(context, metadata))
 
@@ -175,6 +180,27 @@ def test_the_comparison_sees_a_changed_column(tmp_path: Path, empty_database: st
     drifted.tables[migrated[0]].append_column(Column("stall_number", Integer, nullable=True))
     assert "stall_number" not in _named(_differences(empty_database, Base.metadata), "add_column")
     assert "stall_number" in _named(_differences(empty_database, drifted), "add_column")
+
+
+def test_an_index_of_one_database_is_compared_there_only(
+    tmp_path: Path, empty_database: str
+) -> None:
+    """The products' trigram index exists on PostgreSQL only (``ddl_if``): elsewhere the
+    comparison leaves it out, on PostgreSQL it still reports it missing."""
+    command.upgrade(_config(tmp_path, empty_database), "head")
+    index = "ix_catalog_products_search"
+
+    def drop(conn: Connection) -> str:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text(f"DROP INDEX {index}"))
+            conn.commit()
+        return conn.dialect.name
+
+    dialect = _inspect(empty_database, drop)
+    missing = [
+        d[1].name for d in _differences(empty_database, Base.metadata) if d[0] == "add_index"
+    ]
+    assert missing == ([index] if dialect == "postgresql" else [])
 
 
 def test_downgrade_to_base_and_upgrade_again(tmp_path: Path, empty_database: str) -> None:

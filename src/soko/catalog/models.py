@@ -14,8 +14,10 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     ForeignKey,
     Index,
@@ -23,6 +25,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
+    false,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -83,6 +88,36 @@ class Product(UUIDPrimaryKey, Base):
         Index("ix_catalog_products_listing_price", "status", "min_price_minor", "id"),
         Index("ix_catalog_products_listing_title", "status", "title", "id"),
         Index("ix_catalog_products_seller", "seller_id", "created_at", "id"),
+        # The same three orders over the products with units on hand only, for the
+        # ``in_stock`` filter: a page of them reads no product without stock, however
+        # few of the catalog's products have any.
+        *(
+            Index(
+                f"ix_catalog_products_stocked_{name}",
+                column,
+                "id",
+                postgresql_where=text("status = 'published' AND stocked"),
+                sqlite_where=text("status = 'published' AND stocked = 1"),
+            )
+            for name, column in (
+                ("newest", "published_at"),
+                ("price", "min_price_minor"),
+                ("title", "title"),
+            )
+        ),
+        # Trigrams of the lower-cased text, so PostgreSQL answers ``q`` (a LIKE
+        # '%words%') from the index instead of reading every product's text. Elsewhere
+        # the filter reads the table, as SQLite suits a single machine's catalog.
+        Index(
+            "ix_catalog_products_search",
+            "search_text",
+            postgresql_using="gin",
+            postgresql_ops={"search_text": "gin_trgm_ops"},
+            # Entries straight into the index, not a pending list that every search
+            # reads whole until a vacuum merges it (and that makes the planner cost the
+            # index above reading the table after a batch of new products).
+            postgresql_with={"fastupdate": "off"},
+        ).ddl_if(dialect="postgresql"),
         CheckConstraint("min_price_minor >= 0", name="min_price_not_negative"),
     )
 
@@ -102,6 +137,9 @@ class Product(UUIDPrimaryKey, Base):
     min_price_minor: Mapped[int] = mapped_column(BigInteger, default=0)
     # Lower-cased title and description, for the simple ``q`` filter.
     search_text: Mapped[str] = mapped_column(Text, default="")
+    # Whether some variant has units on hand at an active location, held or not: kept by
+    # inventory's presence listener in the transaction that moves stock across zero.
+    stocked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     published_at: Mapped[dt.datetime | None]
     created_at: Mapped[dt.datetime]
     updated_at: Mapped[dt.datetime]
@@ -135,3 +173,9 @@ class Variant(UUIDPrimaryKey, Base):
     created_at: Mapped[dt.datetime]
     updated_at: Mapped[dt.datetime]
     version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+# The trigram operator class comes with PostgreSQL's pg_trgm extension (in contrib, and
+# trusted: the database's owner may create it). The migration creates it the same way.
+_TRIGRAMS = DDL("CREATE EXTENSION IF NOT EXISTS pg_trgm")  # type: ignore[no-untyped-call]
+event.listen(Product.__table__, "before_create", _TRIGRAMS.execute_if(dialect="postgresql"))

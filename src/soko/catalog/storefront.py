@@ -41,6 +41,7 @@ from sqlalchemy import (
     exists,
     literal_column,
     select,
+    true,
     tuple_,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -286,6 +287,9 @@ def _page_statement(shape: _Shape, limit: int) -> Select[Any]:
             .where(availability.c.variant_id == Variant.id)
             .scalar_subquery()
         )
+        # The flag first: the page is then a range of one of the stocked indexes, and
+        # only products with units on hand have their availability worked out.
+        conditions.append(Product.stocked == true())
         conditions.append(
             exists(
                 select(Variant.id).where(

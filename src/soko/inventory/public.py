@@ -23,6 +23,7 @@ from soko.inventory import availability as _availability
 from soko.inventory import reservations as _reservations
 from soko.inventory.errors import OutOfStock
 from soko.inventory.planning import ReservationRequest, Shortage
+from soko.inventory.presence import PresenceListener, has_units_on_hand, on_presence_changed
 from soko.inventory.tags import INVENTORY_TAG, stock_tag
 from soko.platform.config import ReservationStrategy
 from soko.platform.outbox import session_now
@@ -32,6 +33,7 @@ __all__ = [
     "INVENTORY_TAG",
     "Availability",
     "OutOfStock",
+    "PresenceListener",
     "ReservationRequest",
     "ReservationStrategy",
     "Shortage",
@@ -39,6 +41,8 @@ __all__ = [
     "available_for",
     "commit_hold",
     "fulfil",
+    "has_units_on_hand",
+    "on_presence_changed",
     "register_item",
     "rehold_if_available",
     "release_hold",

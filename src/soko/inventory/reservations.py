@@ -68,6 +68,7 @@ from soko.inventory.planning import (
     merge_lines,
     plan_reservation,
 )
+from soko.inventory.presence import presence_changed
 from soko.inventory.tags import INVENTORY_TAG, stock_tag
 from soko.platform.config import ReservationStrategy
 from soko.platform.ids import uuid7
@@ -759,6 +760,9 @@ async def fulfil(
             }
             for variant_id, location_id, seller_id, on_hand_after in changed
         ],
+    )
+    await presence_changed(
+        session, {variant_id for variant_id, _, _, on_hand_after in changed if on_hand_after == 0}
     )
 
 

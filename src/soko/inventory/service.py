@@ -27,6 +27,7 @@ from soko.inventory.models import (
     StockAdjustment,
     StockLevel,
 )
+from soko.inventory.presence import presence_changed
 from soko.inventory.reservations import release_expired_at, stock_changed
 from soko.inventory.schemas import MAX_UNITS
 from soko.platform.clock import Clock
@@ -127,10 +128,13 @@ async def update_location(
         raise _location_changed(etag_for_version(location.version))
     if "active" in changes:
         # A location going (in)active changes what every variant stocked there offers.
-        variant_ids = await session.scalars(
-            select(S.variant_id).where(S.location_id == location_id)
-        )
-        stock_changed(session, variant_ids.all())
+        levels = (
+            await session.execute(
+                select(S.variant_id, S.on_hand).where(S.location_id == location_id)
+            )
+        ).all()
+        stock_changed(session, [variant_id for variant_id, _ in levels])
+        await presence_changed(session, [v for v, on_hand in levels if on_hand > 0])
     await session.refresh(location)
     return location
 
@@ -341,6 +345,8 @@ async def set_stock(
         on_hand_after=on_hand,
     )
     stock_changed(session, [variant_id])
+    if (before > 0) != (on_hand > 0):
+        await presence_changed(session, [variant_id])
     view = await stock_view(
         session, now, seller_id=seller_id, variant_id=variant_id, location_id=location_id
     )
@@ -422,6 +428,8 @@ async def adjust_stock(
         on_hand_after=after,
     )
     stock_changed(session, [variant_id])
+    if (after > 0) != (after - delta > 0):  # units on hand appeared or ran out
+        await presence_changed(session, [variant_id])
     view = await stock_view(
         session, now, seller_id=seller_id, variant_id=variant_id, location_id=location_id
     )

@@ -14,9 +14,11 @@ away, so the previous release keeps working on the newer schema.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
@@ -131,3 +133,15 @@ def create_current_schema(connection: Connection) -> None:
 
     Base.metadata.create_all(connection)
     stamp_current(connection)
+
+
+def models_filter(dialect: str) -> Callable[..., bool]:
+    """Alembic's ``include_object`` for comparing a ``dialect`` database with the models:
+    an index the models create only on other databases (``Index.ddl_if``) is left out,
+    as ``create_all`` leaves it out, instead of reported missing."""
+
+    def include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+        condition = getattr(obj, "_ddl_if", None) if type_ == "index" and not reflected else None
+        return condition is None or condition.dialect in (None, dialect)
+
+    return include
