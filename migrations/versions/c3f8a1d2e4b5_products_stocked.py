@@ -6,8 +6,8 @@ Create Date: 2026-12-07 23:40:00.000000
 
 ``catalog_products.stocked``: whether some variant of the product has units on hand at an
 active location, kept by inventory's presence listener from now on and worked out here
-for the products already stored. Three partial indexes, the listing's three orders over
-stocked products only, serve the ``in_stock`` filter: without them a page of it tested
+for the products already stored. Three indexes, the listing's three orders behind the
+status and the flag, serve the ``in_stock`` filter: without them a page of it tested
 the stock of every product in turn until it had found enough, seconds on a large
 catalog whose shelves are mostly empty.
 """
@@ -51,10 +51,8 @@ def upgrade() -> None:
         for name, column in _ORDERS:
             batch_op.create_index(
                 f"ix_catalog_products_stocked_{name}",
-                [column, "id"],
+                ["status", "stocked", column, "id"],
                 unique=False,
-                postgresql_where=sa.text("status = 'published' AND stocked"),
-                sqlite_where=sa.text("status = 'published' AND stocked = 1"),
             )
 
 
