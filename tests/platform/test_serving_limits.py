@@ -115,6 +115,12 @@ def _assert_problem(sock: socket.socket, status: int, slug: str) -> dict[str, An
     assert problem["type"] == f"/problems/{slug}"
     assert problem["status"] == status
     assert problem["title"] and problem["detail"]
+    # Answered before any application ran, it still has an id to look it up by, and the
+    # headers every API answer carries.
+    assert len(problem["request_id"]) == 32
+    assert headers["x-request-id"] == problem["request_id"]
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["cache-control"] == "no-store"
     assert _closed(sock)
     return problem
 

@@ -39,6 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from uvicorn import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -53,8 +54,19 @@ from soko.platform.errors import (
     UriTooLong,
     problem_body,
 )
+from soko.platform.http import API_CSP, REQUEST_ID_HEADER
+from soko.platform.ids import uuid7
 
 logger = logging.getLogger("uvicorn.error")
+_refusals = structlog.get_logger("soko.http")
+
+# What SecurityHeadersMiddleware adds to every API answer, for the answers given before
+# any middleware runs.
+_REFUSAL_HEADERS = (
+    b"x-content-type-options: nosniff\r\n"
+    b"cache-control: no-store\r\n"
+    b"content-security-policy: " + API_CSP.encode() + b"\r\n"
+)
 
 
 def socket_per_worker_supported() -> bool:
@@ -265,9 +277,9 @@ class HeadProblem:
     def status(self) -> int:
         return self.problem.status
 
-    def body(self) -> bytes:
+    def body(self, request_id: str) -> bytes:
         return json.dumps(
-            problem_body(self.problem, detail=self.detail),
+            problem_body(self.problem, detail=self.detail, request_id=request_id),
             ensure_ascii=False,
             separators=(",", ":"),
         ).encode()
@@ -379,7 +391,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def _answer_problem(self, problem: HeadProblem) -> None:
         self._cancel_head_timer()
-        body = problem.body()
+        # No application saw the request, so it gets its id here: the answer names it,
+        # as every other answer does, and so does the log line an operator looks it up by.
+        request_id = uuid7().hex
+        body = problem.body(request_id)
         content = [STATUS_LINE[problem.status]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
@@ -387,12 +402,22 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             [
                 b"content-type: " + PROBLEM_MEDIA_TYPE.encode() + b"\r\n",
                 b"content-length: " + str(len(body)).encode() + b"\r\n",
+                REQUEST_ID_HEADER.encode() + b": " + request_id.encode() + b"\r\n",
+                _REFUSAL_HEADERS,
                 b"connection: close\r\n\r\n",
                 body,
             ]
         )
         self.transport.write(b"".join(content))
         self.transport.close()
+        client = self.client[0] if self.client else None
+        _refusals.info(
+            "request refused before the application",
+            status=problem.status,
+            problem=problem.problem.slug,
+            request_id=request_id,
+            client=client,
+        )
 
     def _responding(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
@@ -414,7 +439,6 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             # paused meanwhile): its time starts again.
             self._arm_head_timer()
         elif self._reading_head:
-            self.logger.info("Request head not complete within %s s.", HEAD_TIMEOUT_SECONDS)
             self._answer_problem(REQUEST_TIMEOUT)
         else:
             self.transport.close()
