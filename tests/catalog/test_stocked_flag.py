@@ -140,3 +140,25 @@ async def test_concurrent_writers_of_one_product_leave_the_flag_right(
             *(store.set_stock(v, n) for v, n in zip(variants, levels, strict=True))
         )
         assert await _stocked(runtime, product) is any(levels), levels
+
+
+async def test_a_location_of_many_products_is_followed_in_chunks(
+    runtime: Runtime,
+    client: httpx2.AsyncClient,
+    catalog: Catalog,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A location going (in)active names every variant stocked there: the listener
+    works through them a bounded number of ids at a time."""
+    from soko.catalog import handlers
+
+    monkeypatch.setattr(handlers, "IDS_PER_STATEMENT", 2)
+    store = await catalog.store()
+    products = [await store.product(1000, 1200) for _ in range(3)]
+    for product in products:
+        for variant in product["variants"]:
+            await store.set_stock(variant["id"], 1)
+    await _set_location_active(store, False)
+    assert [await _stocked(runtime, p) for p in products] == [False] * 3
+    await _set_location_active(store, True)
+    assert [await _stocked(runtime, p) for p in products] == [True] * 3
