@@ -125,11 +125,20 @@ class Store:
         return self._location_id
 
     async def set_stock(self, variant_id: Any, on_hand: int) -> None:
+        await self._stock_write("PUT", variant_id, "", {"on_hand": on_hand})
+
+    async def adjust_stock(self, variant_id: Any, delta: int) -> None:
+        await self._stock_write("POST", variant_id, "/adjustments", {"delta": delta})
+
+    async def _stock_write(
+        self, method: str, variant_id: Any, suffix: str, body: dict[str, Any]
+    ) -> None:
         location = await self.location_id()
         ok(
-            await self.client.put(
-                f"{API}/seller/stock/{variant_id}/{location}",
-                json={"on_hand": on_hand, "reason": "stock count"},
+            await self.client.request(
+                method,
+                f"{API}/seller/stock/{variant_id}/{location}{suffix}",
+                json={**body, "reason": "stock count"},
                 headers=self.headers,
             )
         )

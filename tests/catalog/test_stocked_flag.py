@@ -31,17 +31,6 @@ async def _stocked(runtime: Runtime, product: dict[str, Any]) -> bool:
     return bool(flag)
 
 
-async def _adjust(store: Store, variant_id: str, delta: int) -> None:
-    location = await store.location_id()
-    ok(
-        await store.client.post(
-            f"{API}/seller/stock/{variant_id}/{location}/adjustments",
-            json={"delta": delta, "reason": "count"},
-            headers=store.headers,
-        )
-    )
-
-
 async def _set_location_active(store: Store, active: bool) -> None:
     location = await store.location_id()
     ok(
@@ -65,10 +54,10 @@ async def test_the_flag_follows_units_on_hand(
     await store.set_stock(second, 2)
     await store.set_stock(first, 0)
     assert await _stocked(runtime, product) is True  # the second variant still has units
-    await _adjust(store, second, -2)
+    await store.adjust_stock(second, -2)
     assert await _stocked(runtime, product) is False
     assert await catalog.listed_ids(in_stock="true") == []
-    await _adjust(store, second, 3)
+    await store.adjust_stock(second, 3)
     assert await _stocked(runtime, product) is True
 
     await _set_location_active(store, False)
