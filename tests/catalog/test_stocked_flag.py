@@ -151,3 +151,61 @@ async def test_a_location_of_many_products_is_followed_in_chunks(
     assert [await _stocked(runtime, p) for p in products] == [False] * 3
     await _set_location_active(store, True)
     assert [await _stocked(runtime, p) for p in products] == [True] * 3
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+@pytest.mark.parametrize(
+    ("first", "activate"), [("stock", False), ("stock", True), ("location", True)]
+)
+async def test_a_location_change_and_a_stock_write_at_once_leave_the_flag_right(
+    runtime: Runtime, client: httpx2.AsyncClient, catalog: Catalog, first: str, activate: bool
+) -> None:
+    """The first units of a variant at a location, and the location going (in)active, in
+    two transactions at once: neither may miss the other, whichever writes first."""
+    from soko.inventory import service
+
+    store = await catalog.store()
+    product = await store.product()
+    variant_id = uuid.UUID(product["variants"][0]["id"])
+    location_id = await store.location_id()
+    now = runtime.clock.now()
+    if activate:
+        await _set_location_active(store, False)
+    began = asyncio.Event()
+
+    async def stock() -> None:
+        async with runtime.db.transaction() as session:
+            await service.set_stock(
+                session,
+                now,
+                seller_id=store.seller_id,
+                variant_id=variant_id,
+                location_id=location_id,
+                on_hand=5,
+                reason="count",
+                actor_id=store.owner.user_id,
+            )
+            began.set()
+            await asyncio.sleep(0.3)  # the other transaction runs, or waits, meanwhile
+
+    async def location() -> None:
+        async with runtime.db.transaction() as session:
+            await service.update_location(
+                session,
+                now,
+                seller_id=store.seller_id,
+                location_id=location_id,
+                changes={"active": activate},
+            )
+            began.set()
+            await asyncio.sleep(0.3)
+
+    writers = {"stock": stock, "location": location}
+
+    async def second() -> None:
+        await began.wait()
+        await writers["location" if first == "stock" else "stock"]()
+
+    await asyncio.gather(writers[first](), second())
+    assert await _stocked(runtime, product) is activate

@@ -29,7 +29,8 @@ async def follow_units_on_hand(session: AsyncSession, variant_ids: frozenset[uui
     The products are locked first, in id order (across chunks too), so writers of two
     variants of one product take turns and never wait for each other in a circle; at
     READ COMMITTED the update that follows reads the stock as committed by then, so the
-    last writer leaves the flag right whatever the order."""
+    last writer leaves the flag right whatever the order. (A location's switch and a
+    stock write there take turns on the location's row: see inventory's service.)"""
     product_ids: set[uuid.UUID] = set()
     for chunk in _chunks(sorted(variant_ids)):
         product_ids.update(

@@ -75,11 +75,18 @@ async def create_location(
 
 
 async def seller_location(
-    session: AsyncSession, seller_id: uuid.UUID, location_id: uuid.UUID
+    session: AsyncSession,
+    seller_id: uuid.UUID,
+    location_id: uuid.UUID,
+    *,
+    share_lock: bool = False,
 ) -> Location:
-    location = await session.scalar(
-        select(Location).where(Location.id == location_id, Location.seller_id == seller_id)
-    )
+    """One of the seller's locations; with ``share_lock``, locked against a change of it
+    (``FOR SHARE`` on PostgreSQL) until the transaction ends."""
+    statement = select(Location).where(Location.id == location_id, Location.seller_id == seller_id)
+    if share_lock:
+        statement = statement.with_for_update(read=True)
+    location = await session.scalar(statement)
     if location is None:
         raise NotFound(f"No location {location_id}.")
     return location
@@ -242,7 +249,10 @@ async def _check_ownership(
     )
     if owner != seller_id:
         raise NotFound(f"No variant {variant_id}.")
-    await seller_location(session, seller_id, location_id)
+    # Locked until the stock write commits: a location going (in)active meanwhile waits,
+    # then sees this write's units on hand, and this write's presence listener never
+    # reads a location state that is about to change (ADR 0023).
+    await seller_location(session, seller_id, location_id, share_lock=True)
 
 
 async def _record(
