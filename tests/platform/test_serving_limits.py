@@ -76,26 +76,34 @@ def _head(target: str = "/health", headers: list[tuple[str, str]] | None = None)
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+def _read_responses(sock: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """``count`` responses, however they arrive (pipelined ones may come in one read):
+    each one's status, header fields (lower-cased names) and body."""
+    data, responses = b"", []
+    while len(responses) < count:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed before a response's head: {data!r}"
+            data += chunk
+        head, _, data = data.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers["content-length"])
+        while len(data) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "closed within a response's body"
+            data += chunk
+        body, data = data[:length], data[length:]
+        responses.append((int(status_line.split()[1]), headers, body))
+    assert not data, "more responses than expected"
+    return responses
+
+
 def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One response: its status, its header fields (lower-cased names) and its body."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before a response's head: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers["content-length"])
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "closed within a response's body"
-        body += chunk
-    assert len(body) == length, "more than one response"
-    return int(status_line.split()[1]), headers, body
+    return _read_responses(sock, 1)[0]
 
 
 def _closed(sock: socket.socket) -> bool:
@@ -120,13 +128,19 @@ def _assert_problem(sock: socket.socket, status: int, slug: str) -> dict[str, An
     assert len(problem["request_id"]) == 32
     assert headers["x-request-id"] == problem["request_id"]
     assert headers["x-content-type-options"] == "nosniff"
+    assert headers["x-frame-options"] == "DENY"
     assert headers["cache-control"] == "no-store"
+    assert "default-src 'none'" in headers["content-security-policy"]
     assert _closed(sock)
     return problem
 
 
 def _assert_served(sock: socket.socket, headers: int = 1) -> None:
-    status, _, body = _read_response(sock)
+    _assert_ok(_read_response(sock), headers)
+
+
+def _assert_ok(response: tuple[int, dict[str, str], bytes], headers: int = 1) -> None:
+    status, _, body = response
     assert status == 200, body
     assert json.loads(body) == {"status": "ok", "headers": headers}
 
@@ -248,8 +262,8 @@ def test_keep_alive_and_pipelining_still_work(port: int, short_head_timeout: flo
         sock.sendall(_head())
         _assert_served(sock)
         sock.sendall(_head() * 3)
-        for _ in range(3):
-            _assert_served(sock)
+        for response in _read_responses(sock, 3):
+            _assert_ok(response)
         # The next head still has its deadline.
         sock.sendall(b"GET /health HTTP/1.1\r\n")
         _assert_problem(sock, 408, "request-timeout")

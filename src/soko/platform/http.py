@@ -538,25 +538,28 @@ def _encoded(headers: Iterable[tuple[str, str]]) -> tuple[tuple[bytes, bytes], .
     return tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in headers)
 
 
+# Every answer's security headers but HSTS, which depends on the settings.
+SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+    ("cross-origin-opener-policy", "same-origin"),
+    ("cross-origin-resource-policy", "same-origin"),
+    ("permissions-policy", "camera=(), microphone=(), geolocation=(), payment=()"),
+    ("cache-control", "no-store"),
+    ("content-security-policy", API_CSP),
+)
+
+
 class SecurityHeadersMiddleware:
     """Sets conservative security headers on every response that does not set its own."""
 
     def __init__(self, app: ASGIApp, *, hsts: bool) -> None:
         self.app = app
-        base: list[tuple[str, str]] = [
-            ("x-content-type-options", "nosniff"),
-            ("x-frame-options", "DENY"),
-            ("referrer-policy", "no-referrer"),
-            ("cross-origin-opener-policy", "same-origin"),
-            ("cross-origin-resource-policy", "same-origin"),
-            ("permissions-policy", "camera=(), microphone=(), geolocation=(), payment=()"),
-            ("cache-control", "no-store"),
-        ]
-        if hsts:
-            base.append(("strict-transport-security", "max-age=63072000; includeSubDomains"))
+        hsts_header = ("strict-transport-security", "max-age=63072000; includeSubDomains")
         # Encoded once, as the raw headers carry them. A page that loads anything (the
         # interactive reference) sets a CSP of its own.
-        self.defaults = _encoded([*base, ("content-security-policy", API_CSP)])
+        self.defaults = _encoded([*SECURITY_HEADERS, *([hsts_header] if hsts else [])])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

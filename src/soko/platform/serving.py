@@ -54,18 +54,16 @@ from soko.platform.errors import (
     UriTooLong,
     problem_body,
 )
-from soko.platform.http import API_CSP, REQUEST_ID_HEADER
+from soko.platform.http import REQUEST_ID_HEADER, SECURITY_HEADERS
 from soko.platform.ids import uuid7
 
 logger = logging.getLogger("uvicorn.error")
 _refusals = structlog.get_logger("soko.http")
 
-# What SecurityHeadersMiddleware adds to every API answer, for the answers given before
-# any middleware runs.
-_REFUSAL_HEADERS = (
-    b"x-content-type-options: nosniff\r\n"
-    b"cache-control: no-store\r\n"
-    b"content-security-policy: " + API_CSP.encode() + b"\r\n"
+# SecurityHeadersMiddleware's headers (but HSTS, which the application's settings
+# decide), for the answers given before any middleware runs.
+_REFUSAL_HEADERS = b"".join(
+    name.encode() + b": " + value.encode() + b"\r\n" for name, value in SECURITY_HEADERS
 )
 
 
