@@ -22,7 +22,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, text
+from sqlalchemy import Column, Index, Integer, MetaData, String, Table, inspect, text
 from sqlalchemy.engine import Connection
 
 from soko.app import load_models
@@ -230,3 +230,20 @@ def test_each_step_reverts_cleanly(tmp_path: Path, empty_database: str) -> None:
         assert _table_names(empty_database) == tables_after_upgrade
         assert _current_revisions(empty_database) == {revision}
     assert _differences(empty_database, Base.metadata) == []
+
+
+def test_the_filter_keeps_an_index_where_it_is_made() -> None:
+    metadata = MetaData()
+    table = Table("stall", metadata, Column("id", Integer, primary_key=True), Column("x", Integer))
+    everywhere = Index("ix_everywhere", table.c.x)
+    one = Index("ix_one", table.c.x).ddl_if(dialect="postgresql")
+    several = Index("ix_several", table.c.x).ddl_if(dialect=("postgresql", "mysql"))
+
+    def kept(index: Index, dialect: str, *, reflected: bool = False) -> bool:
+        return models_filter(dialect)(index, index.name, "index", reflected, None)
+
+    assert kept(everywhere, "sqlite") and kept(everywhere, "postgresql")
+    assert kept(one, "postgresql") and not kept(one, "sqlite")
+    assert kept(several, "mysql") and not kept(several, "sqlite")
+    assert kept(one, "sqlite", reflected=True)  # what the database has is always compared
+    assert models_filter("sqlite")(table, "stall", "table", False, None)

@@ -142,6 +142,9 @@ def models_filter(dialect: str) -> Callable[..., bool]:
 
     def include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
         condition = getattr(obj, "_ddl_if", None) if type_ == "index" and not reflected else None
-        return condition is None or condition.dialect in (None, dialect)
+        if condition is None or condition.dialect is None:
+            return True
+        named = condition.dialect
+        return dialect == named if isinstance(named, str) else dialect in named
 
     return include
