@@ -7,11 +7,13 @@ import asyncio
 import datetime as dt
 import random
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx2
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from soko.catalog.models import Product
 from soko.inventory import public as inventory
@@ -173,39 +175,35 @@ async def test_a_location_change_and_a_stock_write_at_once_leave_the_flag_right(
     if activate:
         await _set_location_active(store, False)
     began = asyncio.Event()
+    writes: dict[str, Callable[[AsyncSession], Awaitable[Any]]] = {
+        "stock": lambda session: service.set_stock(
+            session,
+            now,
+            seller_id=store.seller_id,
+            variant_id=variant_id,
+            location_id=location_id,
+            on_hand=5,
+            reason="count",
+            actor_id=store.owner.user_id,
+        ),
+        "location": lambda session: service.update_location(
+            session,
+            now,
+            seller_id=store.seller_id,
+            location_id=location_id,
+            changes={"active": activate},
+        ),
+    }
 
-    async def stock() -> None:
+    async def held_open(kind: str) -> None:
         async with runtime.db.transaction() as session:
-            await service.set_stock(
-                session,
-                now,
-                seller_id=store.seller_id,
-                variant_id=variant_id,
-                location_id=location_id,
-                on_hand=5,
-                reason="count",
-                actor_id=store.owner.user_id,
-            )
+            await writes[kind](session)
             began.set()
             await asyncio.sleep(0.3)  # the other transaction runs, or waits, meanwhile
 
-    async def location() -> None:
-        async with runtime.db.transaction() as session:
-            await service.update_location(
-                session,
-                now,
-                seller_id=store.seller_id,
-                location_id=location_id,
-                changes={"active": activate},
-            )
-            began.set()
-            await asyncio.sleep(0.3)
-
-    writers = {"stock": stock, "location": location}
-
     async def second() -> None:
         await began.wait()
-        await writers["location" if first == "stock" else "stock"]()
+        await held_open("location" if first == "stock" else "stock")
 
-    await asyncio.gather(writers[first](), second())
+    await asyncio.gather(held_open(first), second())
     assert await _stocked(runtime, product) is activate
