@@ -30,7 +30,6 @@ would take the count with it.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,11 +108,7 @@ def account_key(identifier_index: str, rule: ThrottleRule = ACCOUNT_RULE) -> Thr
 def ip_key(address: str, rule: ThrottleRule = IP_RULE) -> ThrottleKey:
     """The key of a client address. IPv6 clients are counted per /64, the block one
     subscriber usually holds, so rotating through it gains nothing."""
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return ThrottleKey(_bounded(f"ip:{address}"), rule)
-    return ThrottleKey(f"ip:{client_network(address)}", rule)
+    return ThrottleKey(_bounded(f"ip:{client_network(address)}"), rule)
 
 
 def _bounded(key: str) -> str:

@@ -336,7 +336,6 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         if self._reading_head and self._heads == head:
             self._head_read_bytes += len(data)
             if self._head_read_bytes > MAX_HEAD_READ_BYTES:
-                self.logger.warning("Request head larger than %d bytes.", MAX_HEAD_READ_BYTES)
                 self._answer_problem(HEADERS_TOO_LARGE)
                 return
         # Bytes that began no request (blank lines) cancel uvicorn's keep-alive timeout:
