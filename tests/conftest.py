@@ -12,10 +12,12 @@ import os
 import shutil
 import socket
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -207,6 +209,24 @@ async def database_url(
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
+
+
+@pytest.fixture
+def still_limiter_clock(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Holds the in-memory rate limiter's clock one second into the current minute.
+
+    Its windows are minutes of the wall clock, and a sliding window weighs the last
+    minute's hits down as the new one goes on: hits counted on both sides of a minute's
+    turn would leave a request let through that a test expects refused. (Redis windows
+    start at their first hit, so they need no holding.)"""
+    import limits.aio.storage.memory
+    import limits.aio.strategies
+
+    frozen = float(int(time.time()) // 60 * 60 + 1)
+    still = SimpleNamespace(time=lambda: frozen)
+    for module in (limits.aio.storage.memory, limits.aio.strategies):
+        monkeypatch.setattr(module, "time", still)
+    return frozen
 
 
 @contextmanager

@@ -137,7 +137,9 @@ async def test_reset_links_to_one_account_are_capped_without_telling(
     assert len(resets) == 3
 
 
-async def test_forgot_is_limited_per_client_address(client: httpx2.AsyncClient) -> None:
+async def test_forgot_is_limited_per_client_address(
+    client: httpx2.AsyncClient, still_limiter_clock: float
+) -> None:
     for _ in range(5):
         await _forgot(client, new_email())
     limited = await client.post(f"{AUTH}/password/forgot", json={"identifier": new_email()})

@@ -220,7 +220,7 @@ async def test_parallel_guesses_at_one_account_are_checked_no_more_than_the_free
 
 
 async def test_sign_in_route_limit_follows_the_settings(
-    client: httpx2.AsyncClient, runtime: Runtime
+    client: httpx2.AsyncClient, runtime: Runtime, still_limiter_clock: float
 ) -> None:
     runtime.settings.login_rate_limit = "2/minute"
     for _ in range(2):

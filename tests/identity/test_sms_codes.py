@@ -8,10 +8,8 @@ import asyncio
 import hashlib
 import json
 import re
-import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx2
 import pytest
@@ -273,19 +271,10 @@ async def test_the_sixth_guess_is_refused_even_when_right(
 
 
 async def test_guesses_are_limited_per_client_address(
-    client: httpx2.AsyncClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+    client: httpx2.AsyncClient, runtime: Runtime, still_limiter_clock: float
 ) -> None:
     # Each wrong guess writes an audit event: one address cannot write them without end,
     # whatever numbers it guesses for.
-    # The limiter's windows run on the wall clock: held still, one second into a minute,
-    # so a slow run crossing into the next minute cannot weigh earlier guesses down.
-    import limits.aio.storage.memory
-    import limits.aio.strategies
-
-    frozen = float(int(time.time()) // 60 * 60 + 1)
-    still = SimpleNamespace(time=lambda: frozen)
-    for module in (limits.aio.storage.memory, limits.aio.strategies):
-        monkeypatch.setattr(module, "time", still)
     answers = [await send_code(client, kenyan_number(100 + n), "000000") for n in range(21)]
     assert [answer.status_code for answer in answers] == [400] * 20 + [429]
     assert int(answers[-1].headers["retry-after"]) > 0

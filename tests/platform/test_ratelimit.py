@@ -43,8 +43,10 @@ LimiterFactory = Callable[[], RateLimiter]
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
 def store(request: pytest.FixtureRequest) -> tuple[str, str] | None:
-    """None for memory, or the Redis URL and this test's namespace."""
+    """None for memory (its clock held still), or the Redis URL and this test's
+    namespace."""
     if request.param == "memory":
+        request.getfixturevalue("still_limiter_clock")
         return None
     return request.getfixturevalue("redis_url"), request.getfixturevalue("redis_namespace")
 
@@ -429,7 +431,9 @@ async def test_limits_can_be_switched_off(tmp_path: Path, database_url: str) -> 
         await runtime.stop()
 
 
-async def test_ipv6_callers_are_counted_per_64_block(tmp_path: Path, database_url: str) -> None:
+async def test_ipv6_callers_are_counted_per_64_block(
+    tmp_path: Path, database_url: str, still_limiter_clock: float
+) -> None:
     """Rotating through the addresses of one /64 (one subscriber's block) gains nothing,
     for route limits and the global limit alike; another block has counts of its own."""
     settings = make_settings(
