@@ -127,7 +127,7 @@ async def test_forgot_answers_alike_for_unknown_accounts_and_sends_nothing(
 
 
 async def test_reset_links_to_one_account_are_capped_without_telling(
-    client: httpx2.AsyncClient, runtime: Runtime
+    client: httpx2.AsyncClient, runtime: Runtime, still_limiter_clock: float
 ) -> None:
     email = new_email()
     await register(client, email)

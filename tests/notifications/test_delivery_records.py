@@ -189,7 +189,7 @@ async def test_the_breaker_opens_after_failures_in_a_row_and_lets_a_trial_throug
 
 
 async def test_the_provider_rate_limit_holds_messages_back(
-    runtime: Runtime, providers: ScriptedProviders, clock: ManualClock
+    runtime: Runtime, providers: ScriptedProviders, clock: ManualClock, still_limiter_clock: float
 ) -> None:
     runtime.settings.notifications_provider_rate_limit = "1/hour"
     providers.answer(at_answer())
