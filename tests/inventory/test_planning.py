@@ -133,7 +133,7 @@ wanted_lines = st.dictionaries(st.sampled_from(VARIANTS), st.integers(1, 30), mi
 
 
 @given(wanted=wanted_lines, rows=stock_rows)
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 def test_a_plan_takes_exactly_what_is_asked_from_what_is_free(
     wanted: dict[uuid.UUID, int], rows: list[StockRow]
 ) -> None:

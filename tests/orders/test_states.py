@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from soko.orders.states import (
@@ -150,8 +150,6 @@ def test_what_each_party_may_do() -> None:
     assert allowed_actions(S.disputed, Actor.seller) == []
 
 
-# No deadline: a busy test machine is not a failure of the table.
-@settings(deadline=None)
 @given(
     st.lists(st.tuples(st.sampled_from(list(Action)), st.sampled_from(list(Actor))), max_size=30)
 )
