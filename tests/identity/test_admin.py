@@ -27,6 +27,7 @@ from soko.platform.runtime import Runtime
 from tests.identity.admin_support import (
     ADMIN,
     API_KEYS,
+    HOUR_SECONDS,
     add_user,
     answered_soon,
     audit_events,
@@ -375,8 +376,11 @@ async def second_process(
 
     other = Runtime(settings, clock=clock)
     first_redis, second_redis = Redis.from_url(redis_url), Redis.from_url(redis_url)
+    # Near copies kept past answered_soon's wait: only an invalidation heard ends them.
     runtime.cache = RedisCache(first_redis, namespace=redis_namespace, clock=clock)
-    other.cache = RedisCache(second_redis, namespace=redis_namespace, clock=clock)
+    other.cache = RedisCache(
+        second_redis, namespace=redis_namespace, clock=clock, near_seconds=HOUR_SECONDS
+    )
     transport = httpx2.ASGITransport(app=create_app(runtime=other))
     try:
         async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as c:

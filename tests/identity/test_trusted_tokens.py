@@ -23,7 +23,7 @@ from soko.platform.clock import ManualClock
 from soko.platform.config import Settings
 from soko.platform.runtime import Runtime
 from tests.conftest import sql_statements
-from tests.identity.admin_support import answered_soon
+from tests.identity.admin_support import HOUR_SECONDS, answered_soon
 from tests.identity.conftest import TEST_DEVICE, MakeUser, SignedInUser
 from tests.platform.test_cache_near import eventually
 
@@ -194,8 +194,11 @@ async def two_processes(
     other = Runtime(settings, clock=clock)
     other.signing_keys = runtime.signing_keys
     clients = Redis.from_url(redis_url), Redis.from_url(redis_url)
+    # Near copies kept past answered_soon's wait: only an invalidation heard ends them.
     runtime.cache = RedisCache(clients[0], namespace=redis_namespace, clock=clock)
-    other.cache = RedisCache(clients[1], namespace=redis_namespace, clock=clock)
+    other.cache = RedisCache(
+        clients[1], namespace=redis_namespace, clock=clock, near_seconds=HOUR_SECONDS
+    )
     for cache in (runtime.cache, other.cache):
         cache.listen()
         await eventually(lambda cache=cache: cache.journal.known_since is not None)
