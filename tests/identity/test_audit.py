@@ -341,10 +341,15 @@ async def _newest(runtime: Runtime) -> tuple[int, str, str]:
 
 
 async def _append_without_the_head_row(
-    runtime: Runtime, action: str, *, pause: float = 0.0
+    runtime: Runtime,
+    action: str,
+    *,
+    read: asyncio.Event | None = None,
+    go: asyncio.Event | None = None,
 ) -> None:
     """An append as Soko made them before the head row existed: the advisory lock, the
-    newest event read, the next inserted (``pause`` seconds after the read)."""
+    newest event read, the next inserted. ``read`` is set once the newest event was read
+    (the lock held); the insert then waits for ``go``."""
     async with runtime.db.transaction() as session:
         await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": AUDIT_LOCK_KEY})
         newest = (
@@ -353,7 +358,10 @@ async def _append_without_the_head_row(
             )
         ).first()
         seq, prev_hash = (newest.seq + 1, newest.hash) if newest else (1, GENESIS_HASH)
-        await asyncio.sleep(pause)
+        if read is not None:
+            read.set()
+        if go is not None:
+            await go.wait()
         fields: dict[str, Any] = {
             "seq": seq,
             "id": uuid.uuid4(),
@@ -368,6 +376,18 @@ async def _append_without_the_head_row(
             "prev_hash": prev_hash,
         }
         session.add(AuditEvent(**fields, hash=event_hash(**fields)))
+
+
+async def _waiting_for_an_advisory_lock(runtime: Runtime) -> bool:
+    async with runtime.db.transaction(read_only=True) as session:
+        waiting = await session.scalar(
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND database = (SELECT oid FROM pg_database"
+                " WHERE datname = current_database())"
+            )
+        )
+    return bool(waiting)
 
 
 async def test_on_postgresql_the_head_row_follows_every_append(
@@ -414,11 +434,27 @@ async def test_on_postgresql_an_append_waits_for_one_made_without_the_head_row(
     if backend != "postgresql":
         pytest.skip("SQLite admits one writer at a time")
     await _append(runtime, 1)  # the head row is current: the next seq is 2
-    older = asyncio.create_task(_append_without_the_head_row(runtime, "test.older", pause=0.3))
-    await asyncio.sleep(0.1)  # the older append has read seq 1 and holds the lock
-    async with runtime.db.transaction() as session:
-        newer = await record_audit_event(session, action="test.newer", clock=runtime.clock)
+    read, go = asyncio.Event(), asyncio.Event()
+    older = asyncio.create_task(
+        _append_without_the_head_row(runtime, "test.older", read=read, go=go)
+    )
+    async with asyncio.timeout(10):
+        await read.wait()  # the older append has read seq 1 and holds the lock
+
+    async def append_newer() -> AuditEvent:
+        async with runtime.db.transaction() as session:
+            return await record_audit_event(session, action="test.newer", clock=runtime.clock)
+
+    newer_task = asyncio.create_task(append_newer())
+    # The newer append waits for the lock (had it not taken it, it would be done by now
+    # with seq 2, and no lock would be waited for).
+    async with asyncio.timeout(10):
+        while not await _waiting_for_an_advisory_lock(runtime):
+            assert not newer_task.done(), "the newer append did not wait for the lock"
+            await asyncio.sleep(0.01)
+    go.set()
     await older
+    newer = await newer_task
     assert newer.seq == 3
     report = await _verify(runtime)
     assert report.ok and report.checked == 3, report
