@@ -608,11 +608,16 @@ async def test_an_unreachable_cache_runs_one_factory_for_concurrent_callers() ->
         await release.wait()
         return {"page": calls}
 
+    unavailable = REGISTRY.get_sample_value("soko_cache_unavailable_total") or 0
     try:
         waiting = [asyncio.create_task(cache.get_or_set("k", factory, 30)) for _ in range(25)]
-        while calls == 0:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)  # every caller has found the cache unreachable by now
+        # Each caller counts the cache unavailable, then at once joins the read under way
+        # or starts it: once all 25 have counted, all are waiting for the one read.
+        async with asyncio.timeout(10):
+            while (REGISTRY.get_sample_value("soko_cache_unavailable_total") or 0) < (
+                unavailable + 25
+            ):
+                await asyncio.sleep(0.005)
         release.set()
         assert await asyncio.gather(*waiting) == [{"page": 1}] * 25
         assert calls == 1
