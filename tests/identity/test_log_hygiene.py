@@ -40,8 +40,18 @@ def _without_timestamps(lines: list[dict[str, Any]]) -> str:
     )
 
 
+# Ids (UUIDs, and request ids of 16 or more hex digits) hold random runs of digits that
+# could equal a code by chance, about once in ten thousand runs of this test.
+_IDS = re.compile(
+    r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b|\b[0-9a-f]{16,}\b",
+    re.IGNORECASE,
+)
+
+
 def _codes_in(text: str, codes: list[str]) -> list[str]:
-    # A code counts as a whole number: not inside a longer run of digits or a decimal.
+    # A code counts as a whole number: not inside a longer run of digits or a decimal,
+    # nor inside an id.
+    text = _IDS.sub("<id>", text)
     return [code for code in codes if re.search(rf"(?<![\d.]){code}(?!\d)", text)]
 
 
@@ -77,3 +87,6 @@ def test_a_code_counts_only_as_a_whole_number() -> None:
     assert _codes_in('{"event": "texted 482913 to the user"}', ["482913"]) == ["482913"]
     assert _codes_in('{"detail": "code=482913&next=1"}', ["482913"]) == ["482913"]
     assert _codes_in('{"duration": 0.482913, "id": 14829135}', ["482913"]) == []
+    assert _codes_in('{"request_id": "0a482913be7f4c41a1d2e3f405162738"}', ["482913"]) == []
+    assert _codes_in('{"user": "01938a7e-4829-13be-7f4c-41a1d2e3f405"}', ["482913"]) == []
+    assert _codes_in('{"request_id": "0a4829", "code": "482913"}', ["482913"]) == ["482913"]

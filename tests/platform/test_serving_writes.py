@@ -132,21 +132,23 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 @contextlib.asynccontextmanager
 async def _serving() -> AsyncIterator[int]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(
-        _app, host="127.0.0.1", port=port, http=CountingProtocol, log_config=None, lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        await task
+    # The server is handed a socket already bound: a port found free, then bound by the
+    # server later, may be taken meanwhile by another test worker's connection.
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        port: int = listening.getsockname()[1]
+        config = uvicorn.Config(_app, http=CountingProtocol, log_config=None, lifespan="off")
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve(sockets=[listening]))
+        async with asyncio.timeout(30):
+            while not server.started:
+                assert not task.done(), "the server did not start"
+                await asyncio.sleep(0.01)
+        try:
+            yield port
+        finally:
+            server.should_exit = True
+            await task
 
 
 async def _read_response(reader: asyncio.StreamReader) -> bytes:
