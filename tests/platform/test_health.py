@@ -206,6 +206,7 @@ def test_only_outages_count_as_the_database_being_unavailable() -> None:
         wrapped(PgError("connection failure", "08006")),
         wrapped(PgError('database "soko" does not exist', "3D000")),
         wrapped(PgError("sorry, too many clients already", "53300")),
+        wrapped(PgError("canceling statement due to statement timeout", "57014")),
         wrapped(ConnectionRefusedError("refused")),
         wrapped(Exception("whatever it says"), invalidated=True),
         wrapped(Exception("database is locked")),

@@ -109,6 +109,13 @@ class Settings(BaseSettings):
     database_max_overflow: int = Field(0, ge=0, le=500)
     database_statement_cache: bool = True
     database_echo: bool = False
+    # PostgreSQL ends a statement that runs longer (the request answers 503, a job is
+    # tried again), and a session left idle inside a transaction longer (its locks
+    # released): a query gone wrong or a stuck process cannot hold a connection or rows
+    # for ever. 0 leaves the server's own setting. The idle limit stays above the
+    # longest outbound call a job makes inside its transaction (120 s at most).
+    database_statement_timeout_seconds: float = Field(30.0, ge=0, le=86400)
+    database_idle_in_transaction_timeout_seconds: float = Field(300.0, ge=0, le=86400)
 
     redis_url: str = ""
     # Per process and per pool (the shared client, the rate limiter's own): a request

@@ -257,8 +257,14 @@ def create_engine(
     max_overflow: int = 10,
     statement_cache: bool = True,
     ping_after_idle_seconds: float = PING_AFTER_IDLE_SECONDS,
+    statement_timeout_seconds: float = 0,
+    idle_in_transaction_timeout_seconds: float = 0,
 ) -> AsyncEngine:
-    """Create the async engine for ``url`` with the settings each backend needs."""
+    """Create the async engine for ``url`` with the settings each backend needs.
+
+    On PostgreSQL, ``statement_timeout_seconds`` and ``idle_in_transaction_timeout_seconds``
+    (0: the server's own) are sent as each connection's ``statement_timeout`` and
+    ``idle_in_transaction_session_timeout``."""
     kwargs: dict[str, Any] = {"echo": echo, "json_deserializer": jsonbody.loads}
     if url.startswith("sqlite"):
         in_memory = ":memory:" in url or url.rstrip("/").endswith("sqlite+aiosqlite:")
@@ -269,9 +275,22 @@ def create_engine(
         kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
     else:
         kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
+        connect_args: dict[str, Any] = {}
         if not statement_cache:
             # Needed behind PgBouncer in transaction mode.
-            kwargs["connect_args"] = {"statement_cache_size": 0}
+            connect_args["statement_cache_size"] = 0
+        server_settings = {
+            name: f"{round(seconds * 1000)}ms"
+            for name, seconds in (
+                ("statement_timeout", statement_timeout_seconds),
+                ("idle_in_transaction_session_timeout", idle_in_transaction_timeout_seconds),
+            )
+            if seconds > 0
+        }
+        if server_settings:
+            connect_args["server_settings"] = server_settings
+        if connect_args:
+            kwargs["connect_args"] = connect_args
     engine = create_async_engine(url, **kwargs)
     if url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
@@ -473,8 +492,9 @@ async def mark_read_only(session: AsyncSession) -> None:
 
 # The database cannot be reached or will not serve now: PostgreSQL's connection
 # exceptions (class 08), shutdowns and start-ups (57P01-57P03), too many connections
-# (53300), a database that is not there (3D000); SQLite's busy or unopenable file.
-_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "3D000"})
+# (53300), a database that is not there (3D000), a statement cancelled (57014: past its
+# statement_timeout, or pg_cancel_backend); SQLite's busy or unopenable file.
+_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "3D000", "57014"})
 _SQLITE_UNAVAILABLE_MESSAGES = ("database is locked", "unable to open database file")
 
 

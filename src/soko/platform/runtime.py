@@ -56,6 +56,10 @@ class Runtime:
                 pool_size=settings.database_pool_size,
                 max_overflow=settings.database_max_overflow,
                 statement_cache=settings.database_statement_cache,
+                statement_timeout_seconds=settings.database_statement_timeout_seconds,
+                idle_in_transaction_timeout_seconds=(
+                    settings.database_idle_in_transaction_timeout_seconds
+                ),
             ),
             clock=self.clock,
             info={"data_keys": self.data_keys},

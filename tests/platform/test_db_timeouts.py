@@ -1,0 +1,189 @@
+"""PostgreSQL's statement and idle-in-transaction timeouts, set on every connection of a
+runtime: a statement that runs too long is cancelled and its request answered 503, a
+session left idle in a transaction is ended, and the pool goes on serving."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx2
+import pytest
+from fastapi import APIRouter
+from pydantic import ValidationError
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from soko.app import create_app
+from soko.platform.config import Settings
+from soko.platform.db import create_engine, database_unavailable
+from soko.platform.logging import configure_logging
+from soko.platform.runtime import Runtime
+from tests.conftest import make_settings
+
+
+@pytest.fixture
+def postgresql(backend: str) -> None:
+    if backend != "postgresql":
+        pytest.skip("statement_timeout and idle_in_transaction_session_timeout are PostgreSQL's")
+
+
+@pytest.fixture
+async def short_runtime(
+    tmp_path: Path, database_url: str, postgresql: None
+) -> AsyncIterator[Runtime]:
+    runtime = Runtime(
+        make_settings(
+            tmp_path,
+            database_url=database_url,
+            # Short, yet long enough that no statement but a sleep meets them on a
+            # loaded test machine.
+            database_statement_timeout_seconds=1.0,
+            database_idle_in_transaction_timeout_seconds=1.0,
+        )
+    )
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+async def _shown(runtime: Runtime, name: str) -> str:
+    async with runtime.db.engine.connect() as connection:
+        return str(await connection.scalar(text(f"SHOW {name}")))
+
+
+async def test_every_connection_carries_the_default_timeouts(
+    tmp_path: Path, database_url: str, postgresql: None
+) -> None:
+    runtime = Runtime(make_settings(tmp_path, database_url=database_url))
+    try:
+        assert await _shown(runtime, "statement_timeout") == "30s"
+        assert await _shown(runtime, "idle_in_transaction_session_timeout") == "5min"
+    finally:
+        await runtime.stop()
+
+
+async def test_zero_leaves_the_servers_own_setting(
+    tmp_path: Path, database_url: str, postgresql: None
+) -> None:
+    runtime = Runtime(
+        make_settings(
+            tmp_path,
+            database_url=database_url,
+            database_statement_timeout_seconds=0,
+            database_idle_in_transaction_timeout_seconds=0,
+        )
+    )
+    try:
+        # The test server's own: no limit.
+        assert await _shown(runtime, "statement_timeout") == "0"
+        assert await _shown(runtime, "idle_in_transaction_session_timeout") == "0"
+    finally:
+        await runtime.stop()
+
+
+async def test_an_engine_made_without_them_sets_neither(
+    database_url: str, postgresql: None
+) -> None:
+    # Migrations and the command line's engines: an index build may take its time.
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            assert await connection.scalar(text("SHOW statement_timeout")) == "0"
+    finally:
+        await engine.dispose()
+
+
+async def test_a_statement_past_its_time_is_cancelled_as_an_outage(
+    short_runtime: Runtime,
+) -> None:
+    with pytest.raises(DBAPIError) as raised:
+        async with short_runtime.db.transaction() as session:
+            await session.execute(text("SELECT pg_sleep(10)"))
+    reason = database_unavailable(raised.value)
+    assert reason is not None and "statement timeout" in reason
+    # The connection went back to the pool whole: the next statement is served.
+    async with short_runtime.db.transaction() as session:
+        assert await session.scalar(text("SELECT 1")) == 1
+
+
+async def test_a_session_idle_in_its_transaction_is_ended_and_the_pool_recovers(
+    short_runtime: Runtime,
+) -> None:
+    with pytest.raises(DBAPIError) as raised:
+        async with short_runtime.db.transaction() as session:
+            await session.execute(text("SELECT 1"))
+            await asyncio.sleep(2.5)  # idle inside the transaction, past its second
+            await session.execute(text("SELECT 2"))
+    assert database_unavailable(raised.value) is not None
+    for _ in range(3):
+        async with short_runtime.db.transaction() as session:
+            assert await session.scalar(text("SELECT 3")) == 3
+
+
+async def test_a_request_whose_statement_runs_too_long_is_answered_503(
+    short_runtime: Runtime,
+) -> None:
+    router = APIRouter(prefix="/api/v1/test")
+
+    @router.get("/slow")
+    async def slow() -> dict[str, bool]:
+        async with short_runtime.db.transaction(read_only=True) as session:
+            await session.execute(text("SELECT pg_sleep(10)"))
+        return {"ok": True}
+
+    @router.get("/quick")
+    async def quick() -> dict[str, int]:
+        async with short_runtime.db.transaction(read_only=True) as session:
+            return {"one": int(await session.scalar(text("SELECT 1")) or 0)}
+
+    app = create_app(runtime=short_runtime)
+    app.include_router(router)
+    stream = io.StringIO()
+    configure_logging(short_runtime.settings, stream=stream)
+    transport = httpx2.ASGITransport(app=app)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        answer = await client.get("/api/v1/test/slow")
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert answer.json()["type"] == "/problems/service-unavailable"
+        assert answer.headers["retry-after"] == "5"
+        assert "pg_sleep" not in answer.text
+        assert (await client.get("/api/v1/test/quick")).json() == {"one": 1}
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line]
+    logged = [line for line in lines if line["logger"] == "soko.http"]
+    assert [line["event"] for line in logged] == ["database unavailable"]
+    assert "statement timeout" in logged[0]["error"] and "pg_sleep" not in logged[0]["error"]
+
+
+@pytest.mark.parametrize(
+    "name", ["database_statement_timeout_seconds", "database_idle_in_transaction_timeout_seconds"]
+)
+def test_the_timeouts_are_checked(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValidationError):
+        make_settings(tmp_path, **{name: -1})
+    with pytest.raises(ValidationError):
+        make_settings(tmp_path, **{name: 86401})
+    assert getattr(make_settings(tmp_path, **{name: 0}), name) == 0
+
+
+def test_the_defaults_leave_room_for_the_longest_outbound_call() -> None:
+    # A job calls a payment provider inside its transaction (a refund): the idle limit
+    # must not end that transaction while it waits for the provider's answer.
+    fields = Settings.model_fields
+    longest_call = max(
+        meta.le
+        for field in (
+            "payment_http_timeout_seconds",
+            "notifications_http_timeout_seconds",
+            "webhooks_timeout_seconds",
+        )
+        for meta in fields[field].metadata
+        if hasattr(meta, "le")
+    )
+    idle = fields["database_idle_in_transaction_timeout_seconds"].default
+    assert idle > longest_call
