@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from soko.app import create_app
-from soko.platform.config import Settings
 from soko.platform.db import create_engine, database_unavailable
 from soko.platform.logging import configure_logging
 from soko.platform.runtime import Runtime
@@ -43,6 +43,11 @@ async def short_runtime(
             # loaded test machine.
             database_statement_timeout_seconds=1.0,
             database_idle_in_transaction_timeout_seconds=1.0,
+            # An idle limit that short is allowed only below outbound calls as short.
+            payment_http_timeout_seconds=0.5,
+            payment_http_retries=1,
+            notifications_http_timeout_seconds=0.5,
+            webhooks_timeout_seconds=0.5,
         )
     )
     try:
@@ -171,19 +176,45 @@ def test_the_timeouts_are_checked(tmp_path: Path, name: str) -> None:
     assert getattr(make_settings(tmp_path, **{name: 0}), name) == 0
 
 
-def test_the_defaults_leave_room_for_the_longest_outbound_call() -> None:
+def test_the_idle_limit_outlasts_every_outbound_call_a_job_makes(tmp_path: Path) -> None:
     # A job calls a payment provider inside its transaction (a refund): the idle limit
     # must not end that transaction while it waits for the provider's answer.
-    fields = Settings.model_fields
-    longest_call = max(
-        meta.le
-        for field in (
-            "payment_http_timeout_seconds",
-            "notifications_http_timeout_seconds",
-            "webhooks_timeout_seconds",
-        )
-        for meta in fields[field].metadata
-        if hasattr(meta, "le")
-    )
-    idle = fields["database_idle_in_transaction_timeout_seconds"].default
-    assert idle > longest_call
+    defaults = make_settings(tmp_path)
+    # Payments: attempts start within 10 s of the first, the last lasting 10 s more
+    # after a wait of up to 5 s the provider may ask for.
+    assert defaults.longest_outbound_wait_seconds == 25
+    assert defaults.database_idle_in_transaction_timeout_seconds > 25
+    slow = {"payment_http_timeout_seconds": 120, "payment_http_retries": 3}
+    assert make_settings(tmp_path, **slow).longest_outbound_wait_seconds == 245
+    with pytest.raises(ValidationError, match=r"IDLE_IN_TRANSACTION.*245 s"):
+        make_settings(tmp_path, **slow, database_idle_in_transaction_timeout_seconds=245)
+    assert make_settings(tmp_path, **slow, database_idle_in_transaction_timeout_seconds=246)
+    assert make_settings(tmp_path, **slow, database_idle_in_transaction_timeout_seconds=0)
+    single = {"payment_http_timeout_seconds": 100, "payment_http_retries": 1}
+    assert make_settings(tmp_path, **single).longest_outbound_wait_seconds == 100
+    webhooks = {"webhooks_timeout_seconds": 60, "notifications_http_timeout_seconds": 90}
+    assert make_settings(tmp_path, **webhooks).longest_outbound_wait_seconds == 90
+
+
+def test_commands_run_their_statements_without_the_timeout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # `soko ledger verify` and the other commands an operator runs read whole tables;
+    # the API's and the workers' settings keep theirs.
+    from soko.platform.commands import command_settings
+    from soko.platform.config import load_settings
+
+    for name in list(os.environ):
+        if name.startswith("SOKO_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SOKO_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SOKO_DATABASE_STATEMENT_TIMEOUT_SECONDS", "12")
+    monkeypatch.setenv("SOKO_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "90")
+    try:
+        settings = command_settings()
+        assert settings.database_statement_timeout_seconds == 0
+        assert settings.database_idle_in_transaction_timeout_seconds == 90
+        assert load_settings().database_statement_timeout_seconds == 12
+    finally:
+        configure_logging(make_settings(tmp_path))

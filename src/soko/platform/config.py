@@ -31,6 +31,10 @@ from soko.platform.files import publish_once
 # The tokens' issuer while SOKO_PUBLIC_URL is not set (development).
 DEFAULT_TOKEN_ISSUER = "soko"
 
+# The longest wait a payment provider's Retry-After may impose between two attempts of
+# one call (beyond it the call fails, retryable, and the job's own schedule takes over).
+PROVIDER_RETRY_AFTER_MAX_SECONDS = 5.0
+
 
 class Environment(StrEnum):
     development = "development"
@@ -112,8 +116,8 @@ class Settings(BaseSettings):
     # PostgreSQL ends a statement that runs longer (the request answers 503, a job is
     # tried again), and a session left idle inside a transaction longer (its locks
     # released): a query gone wrong or a stuck process cannot hold a connection or rows
-    # for ever. 0 leaves the server's own setting. The idle limit stays above the
-    # longest outbound call a job makes inside its transaction (120 s at most).
+    # for ever. 0 leaves the server's own setting. The idle limit must stay above the
+    # longest wait for an outbound call inside a job's transaction (checked below).
     database_statement_timeout_seconds: float = Field(30.0, ge=0, le=86400)
     database_idle_in_transaction_timeout_seconds: float = Field(300.0, ge=0, le=86400)
 
@@ -438,11 +442,29 @@ class Settings(BaseSettings):
         )
         if uses_redis and not self.redis_url:
             problems.append("SOKO_REDIS_URL is required when a backend is set to redis")
+        idle = self.database_idle_in_transaction_timeout_seconds
+        if idle and idle <= (longest := self.longest_outbound_wait_seconds):
+            problems.append(
+                "SOKO_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS must be above the longest"
+                f" outbound call a job may wait for inside its transaction ({longest:g} s"
+                " with these provider timeouts and retries), or 0"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     # -- derived values -----------------------------------------------------------------
+
+    @property
+    def longest_outbound_wait_seconds(self) -> float:
+        """The longest a job may wait for one outbound call inside its transaction: a
+        notification provider's call, a webhook endpoint's, or a payment provider's,
+        whose attempts start only within its timeout of the first (the last one then
+        lasting up to the timeout, after a wait the provider asked for)."""
+        payment = self.payment_http_timeout_seconds
+        if self.payment_http_retries > 1:
+            payment = 2 * payment + PROVIDER_RETRY_AFTER_MAX_SECONDS
+        return max(payment, self.notifications_http_timeout_seconds, self.webhooks_timeout_seconds)
 
     @property
     def is_production(self) -> bool:

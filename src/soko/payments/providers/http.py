@@ -47,7 +47,7 @@ from soko.payments.providers.base import ProviderError, ProviderUnavailableError
 from soko.platform.admission import working_elsewhere
 from soko.platform.breaker import CircuitBreaker, CircuitOpenError
 from soko.platform.clock import Clock
-from soko.platform.config import Settings
+from soko.platform.config import PROVIDER_RETRY_AFTER_MAX_SECONDS, Settings
 
 log = structlog.get_logger("soko.payments.providers")
 
@@ -84,8 +84,9 @@ SAFE_METHODS = frozenset({"GET", "HEAD"})
 # 504 is not among them: the gateway gave up, but the service behind it may have acted.
 _REFUSED_STATUSES = frozenset({503})
 # Longest wait a provider's Retry-After may impose on a retry inside one call; beyond
-# it the call fails (retryable) and the caller's own schedule takes over.
-_MAX_RETRY_AFTER_SECONDS = 5.0
+# it the call fails (retryable) and the caller's own schedule takes over. The settings
+# keep the database's idle-in-transaction limit above every attempt and wait together.
+_MAX_RETRY_AFTER_SECONDS = PROVIDER_RETRY_AFTER_MAX_SECONDS
 _MESSAGE_LIMIT = 200
 
 
