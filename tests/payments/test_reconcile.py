@@ -10,12 +10,15 @@ import datetime as dt
 import uuid
 
 import httpx2
+from sqlalchemy import select, update
 
 from soko.identity.models import Role
 from soko.payments.payment_models import Payment
 from soko.payments.providers.base import ProviderStatus
+from soko.payments.reconciliation import RECONCILE_PAYMENT_JOB, queue_stale_payments
 from soko.platform.clock import ManualClock
 from soko.platform.jobs import registry
+from soko.platform.outbox import OutboxMessage
 from soko.platform.runtime import Runtime
 from tests.identity.conftest import MakeUser
 from tests.orders.conftest import ADMIN, refused
@@ -170,3 +173,61 @@ async def test_a_provider_outage_leaves_payments_for_the_next_run(
     clock.advance(dt.timedelta(minutes=5))
     await run_jobs(runtime)
     assert (await payment_row(runtime, payment_id)).status == "succeeded"
+
+
+async def _reconcile_jobs(runtime: Runtime) -> list[tuple[str, str]]:
+    async with runtime.db.transaction(read_only=True) as session:
+        rows = await session.execute(
+            select(OutboxMessage.payload, OutboxMessage.status)
+            .where(OutboxMessage.name == RECONCILE_PAYMENT_JOB)
+            .order_by(OutboxMessage.created_at, OutboxMessage.id)
+        )
+        return [(row.payload["payment_id"], row.status) for row in rows]
+
+
+async def test_each_stale_payment_is_asked_about_in_a_job_of_its_own(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    clock: ManualClock,
+    fake: FakeProvider,
+    place_order: PlaceOrder,
+) -> None:
+    """A job's transaction waits for one provider call, and what one settlement locks
+    is not held while the provider is asked about another payment."""
+    first, second = await place_order(), await place_order()
+    ids = [uuid.UUID((await start_payment(client, placed))["id"]) for placed in (first, second)]
+    for payment_id in ids:
+        fake.settle(payment_id, ProviderStatus.succeeded)
+    fetched_before = fake.fetches
+    clock.advance(PAST_THRESHOLD)
+    await run_jobs(runtime)
+    assert sorted(await _reconcile_jobs(runtime)) == sorted((str(p), "done") for p in ids)
+    assert fake.fetches - fetched_before == 2
+    assert [(await payment_row(runtime, p)).status for p in ids] == ["succeeded"] * 2
+
+
+async def test_a_payment_settled_before_its_job_runs_is_not_asked_about(
+    client: httpx2.AsyncClient,
+    runtime: Runtime,
+    clock: ManualClock,
+    fake: FakeProvider,
+    place_order: PlaceOrder,
+) -> None:
+    placed = await place_order()
+    payment_id = uuid.UUID((await start_payment(client, placed))["id"])
+    clock.advance(PAST_THRESHOLD)
+    async with runtime.db.transaction() as session:
+        assert await queue_stale_payments(session, runtime, "run-1") == 1
+        # The same run queues it once; a later run again.
+        assert await queue_stale_payments(session, runtime, "run-1") == 0
+        assert await queue_stale_payments(session, runtime, "run-2") == 1
+    assert [job for job, _status in await _reconcile_jobs(runtime)] == [str(payment_id)] * 2
+    # Its webhook arrives first, say: the payment is no longer stale.
+    async with runtime.db.transaction() as session:
+        await session.execute(
+            update(Payment).where(Payment.id == payment_id).values(updated_at=clock.now())
+        )
+    fetched_before = fake.fetches
+    await run_jobs(runtime)
+    assert fake.fetches == fetched_before
+    assert [status for _job, status in await _reconcile_jobs(runtime)] == ["done", "done"]

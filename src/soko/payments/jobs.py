@@ -15,7 +15,11 @@ from soko.orders.public import order_summary
 from soko.payments.errors import RefundExceedsPayment
 from soko.payments.intake import PROCESS_EVENT_JOB, process_event
 from soko.payments.payment_models import PaymentFlag, RefundSource
-from soko.payments.reconciliation import reconcile_open_payments
+from soko.payments.reconciliation import (
+    RECONCILE_PAYMENT_JOB,
+    queue_stale_payments,
+    reconcile_payment,
+)
 from soko.payments.refunds import (
     SEND_REFUND_ATTEMPTS,
     SEND_REFUND_JOB,
@@ -147,13 +151,18 @@ async def refund_resolved_dispute(ctx: JobContext, payload: dict[str, Any]) -> N
 
 @registry.schedule("*/5 * * * *", name="payments.reconcile")
 async def reconcile(ctx: JobContext, payload: dict[str, Any]) -> None:
-    """Every five minutes: open payments past the threshold are settled on what their
-    provider says."""
-    report = await reconcile_open_payments(ctx.session, ctx.services)
-    if report.checked:
-        log.info(
-            "payments reconciled",
-            checked=report.checked,
-            outcomes=report.outcomes,
-            errors=report.errors,
-        )
+    """Every five minutes: open payments past the threshold are queued to be settled on
+    what their provider says, a job each."""
+    run = str(payload.get("scheduled_for") or ctx.message_id)
+    queued = await queue_stale_payments(ctx.session, ctx.services, run)
+    if queued:
+        log.info("payments queued for reconciliation", queued=queued)
+
+
+@registry.job(RECONCILE_PAYMENT_JOB)
+async def reconcile_one_payment(ctx: JobContext, payload: dict[str, Any]) -> None:
+    """One stale payment: its provider asked once, then settled on the answer."""
+    payment_id = uuid.UUID(str(payload["payment_id"]))
+    settled = await reconcile_payment(ctx.session, ctx.services, payment_id)
+    if settled is not None:
+        log.info("payment reconciled", payment_id=str(payment_id), outcome=settled.value)
