@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from soko.app import load_models
@@ -52,6 +53,10 @@ def run_migrations_offline() -> None:
 def _run_sync(connection: Connection) -> None:
     _configure(connection)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # An index build or a backfill takes the time it needs, whatever
+            # statement_timeout the role or the database carries.
+            connection.execute(text("SET LOCAL statement_timeout = 0"))
         context.run_migrations()
 
 

@@ -8,8 +8,10 @@ import asyncio
 import io
 import json
 import os
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -19,10 +21,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from soko.app import create_app
-from soko.platform.db import create_engine, database_unavailable
+from soko.platform.db import create_engine, database_unavailable, lift_statement_timeout
 from soko.platform.logging import configure_logging
 from soko.platform.runtime import Runtime
-from tests.conftest import make_settings
+from tests.conftest import POSTGRES_URL, make_settings
 
 
 @pytest.fixture
@@ -31,18 +33,13 @@ def postgresql(backend: str) -> None:
         pytest.skip("statement_timeout and idle_in_transaction_session_timeout are PostgreSQL's")
 
 
-@pytest.fixture
-async def short_runtime(
-    tmp_path: Path, database_url: str, postgresql: None
-) -> AsyncIterator[Runtime]:
-    runtime = Runtime(
+def _runtime(tmp_path: Path, database_url: str, *, statement: float, idle: float) -> Runtime:
+    return Runtime(
         make_settings(
             tmp_path,
             database_url=database_url,
-            # Short, yet long enough that no statement but a sleep meets them on a
-            # loaded test machine.
-            database_statement_timeout_seconds=1.0,
-            database_idle_in_transaction_timeout_seconds=1.0,
+            database_statement_timeout_seconds=statement,
+            database_idle_in_transaction_timeout_seconds=idle,
             # An idle limit that short is allowed only below outbound calls as short.
             payment_http_timeout_seconds=0.5,
             payment_http_retries=1,
@@ -50,6 +47,16 @@ async def short_runtime(
             webhooks_timeout_seconds=0.5,
         )
     )
+
+
+@pytest.fixture
+async def short_runtime(
+    tmp_path: Path, database_url: str, postgresql: None
+) -> AsyncIterator[Runtime]:
+    """A statement timeout of a second: short, yet long enough that no statement but a
+    sleep meets it on a loaded test machine. No idle limit: a test's own stall between
+    two statements is no failure."""
+    runtime = _runtime(tmp_path, database_url, statement=1.0, idle=0)
     try:
         yield runtime
     finally:
@@ -117,17 +124,21 @@ async def test_a_statement_past_its_time_is_cancelled_as_an_outage(
 
 
 async def test_a_session_idle_in_its_transaction_is_ended_and_the_pool_recovers(
-    short_runtime: Runtime,
+    tmp_path: Path, database_url: str, postgresql: None
 ) -> None:
-    with pytest.raises(DBAPIError) as raised:
-        async with short_runtime.db.transaction() as session:
-            await session.execute(text("SELECT 1"))
-            await asyncio.sleep(2.5)  # idle inside the transaction, past its second
-            await session.execute(text("SELECT 2"))
-    assert database_unavailable(raised.value) is not None
-    for _ in range(3):
-        async with short_runtime.db.transaction() as session:
-            assert await session.scalar(text("SELECT 3")) == 3
+    runtime = _runtime(tmp_path, database_url, statement=0, idle=1.0)
+    try:
+        with pytest.raises(DBAPIError) as raised:
+            async with runtime.db.transaction() as session:
+                await session.execute(text("SELECT 1"))
+                await asyncio.sleep(2.5)  # idle inside the transaction, past its second
+                await session.execute(text("SELECT 2"))
+        assert database_unavailable(raised.value) is not None
+        for _ in range(3):
+            async with runtime.db.transaction() as session:
+                assert await session.scalar(text("SELECT 3")) == 3
+    finally:
+        await runtime.stop()
 
 
 async def test_a_request_whose_statement_runs_too_long_is_answered_503(
@@ -196,13 +207,12 @@ def test_the_idle_limit_outlasts_every_outbound_call_a_job_makes(tmp_path: Path)
     assert make_settings(tmp_path, **webhooks).longest_outbound_wait_seconds == 90
 
 
-def test_commands_run_their_statements_without_the_timeout(
+def test_commands_keep_the_statement_timeout(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # `soko ledger verify` and the other commands an operator runs read whole tables;
-    # the API's and the workers' settings keep theirs.
+    # `soko worker` builds its settings as every command does: its jobs keep the limit.
+    # An operator's check of a whole table lifts it for its own transaction instead.
     from soko.platform.commands import command_settings
-    from soko.platform.config import load_settings
 
     for name in list(os.environ):
         if name.startswith("SOKO_"):
@@ -210,11 +220,60 @@ def test_commands_run_their_statements_without_the_timeout(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SOKO_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("SOKO_DATABASE_STATEMENT_TIMEOUT_SECONDS", "12")
-    monkeypatch.setenv("SOKO_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", "90")
     try:
-        settings = command_settings()
-        assert settings.database_statement_timeout_seconds == 0
-        assert settings.database_idle_in_transaction_timeout_seconds == 90
-        assert load_settings().database_statement_timeout_seconds == 12
+        assert command_settings().database_statement_timeout_seconds == 12
     finally:
         configure_logging(make_settings(tmp_path))
+
+
+async def test_a_lifted_timeout_holds_for_its_transaction_only(
+    short_runtime: Runtime,
+) -> None:
+    async with short_runtime.db.transaction(read_only=True) as session:
+        await lift_statement_timeout(session)
+        assert await session.scalar(text("SHOW statement_timeout")) == "0"
+        await session.execute(text("SELECT pg_sleep(1.5)"))  # past the runtime's second
+    async with short_runtime.db.transaction(read_only=True) as session:
+        assert await session.scalar(text("SHOW statement_timeout")) == "1s"
+
+
+async def test_migrations_run_past_a_timeout_the_session_carries(
+    tmp_path: Path, postgresql: None
+) -> None:
+    """A role or database may carry a statement_timeout (behind PgBouncer, the way to
+    give the API one): the migrations lift it for their own transaction."""
+    from alembic import command
+
+    from soko.cli import _alembic_config
+
+    name = f"soko_timeout_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(POSTGRES_URL)
+    base, _, _ = POSTGRES_URL.rpartition("/")
+    url = f"{base}/{name}"
+    async with admin.connect() as connection:
+        auto = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        await auto.execute(text(f'CREATE DATABASE "{name}"'))
+    migrated = create_engine(url)
+    try:
+        config = _alembic_config(make_settings(tmp_path, database_url=url))
+        async with migrated.connect() as connection:
+            # As a role's setting would be, once the connection is made: 5 ms, which
+            # creating the trigram extension takes longer than.
+            await connection.execute(text("SET statement_timeout = 5"))
+            await connection.commit()
+
+            def upgrade(sync_connection: Any) -> None:
+                config.attributes["connection"] = sync_connection
+                command.upgrade(config, "head")
+
+            await connection.run_sync(upgrade)
+            await connection.commit()
+            assert await connection.scalar(text("SHOW statement_timeout")) == "5ms"
+            await connection.execute(text("SET statement_timeout = 0"))
+            assert await connection.scalar(text("SELECT count(*) FROM alembic_version")) == 1
+    finally:
+        await migrated.dispose()
+        async with admin.connect() as connection:
+            auto = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            await auto.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()

@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 
 from soko.payments.ledger import LedgerCheck, verify_ledger
 from soko.platform.commands import command_settings, err, out
+from soko.platform.db import lift_statement_timeout
 from soko.platform.runtime import Runtime
 
 EXIT_BALANCED = 0
@@ -50,6 +51,9 @@ async def verify_command(runtime: Runtime, console: Console = out) -> int:
     """Run the check on ``runtime``'s database, print it, and return the exit code."""
     try:
         async with runtime.db.transaction(read_only=True) as session:
+            # Two statements over the whole ledger: as long as they need, unlike the
+            # API's check, which a request's statement timeout bounds.
+            await lift_statement_timeout(session)
             result = await verify_ledger(session)
     except DBAPIError as exc:
         first_line = str(exc.orig).splitlines()[0] if exc.orig is not None else type(exc).__name__

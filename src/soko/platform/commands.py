@@ -25,11 +25,7 @@ out = Console(soft_wrap=True)
 def command_settings(check: Callable[[Settings], None] | None = None) -> Settings:
     """The validated settings (with development secrets filled in, so a command sees
     the keys the server sees), or exit 2 with one line per problem. ``check`` adds
-    checks that raise :class:`ConfigError`.
-
-    A command's statements run without the statement timeout of the API and the
-    workers: an operator's `soko ledger verify` over the whole ledger takes the time it
-    needs."""
+    checks that raise :class:`ConfigError`."""
     try:
         settings = ensure_secrets(load_settings())
         if check is not None:
@@ -40,7 +36,7 @@ def command_settings(check: Callable[[Settings], None] | None = None) -> Setting
             err.print(f"  - {line}", markup=False, highlight=False)
         raise typer.Exit(2) from None
     configure_logging(settings)
-    return settings.model_copy(update={"database_statement_timeout_seconds": 0.0})
+    return settings
 
 
 def exit_database_unusable(exc: DBAPIError, doing: str) -> NoReturn:

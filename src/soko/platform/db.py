@@ -306,6 +306,16 @@ def create_engine(
     return engine
 
 
+async def lift_statement_timeout(session: AsyncSession | AsyncConnection) -> None:
+    """Let the rest of this transaction's statements run as long as they need, whatever
+    the connection's or the role's ``statement_timeout`` (PostgreSQL; ``SET LOCAL``, so
+    it ends with the transaction, also through PgBouncer): for an operator's check of a
+    whole table, not for a request's work."""
+    connection = await session.connection() if isinstance(session, AsyncSession) else session
+    if connection.dialect.name == "postgresql":
+        await connection.execute(text("SET LOCAL statement_timeout = 0"))
+
+
 # -- reading JSON columns on PostgreSQL --------------------------------------------------
 #
 # SQLAlchemy's asyncpg dialect decodes every JSON value through a wrapper of its own that
