@@ -4,6 +4,7 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import httpx2
 import pytest
 from sqlalchemy import select
 
+from soko.notifications.channels import EXTENSION, ProviderServices
 from soko.notifications.models import DeliveryStatus
 from soko.notifications.public import read_sink, send_email, send_sms
 from soko.platform.clock import ManualClock
@@ -123,6 +125,35 @@ async def test_transient_failures_retry_with_backoff_and_the_record_keeps_the_er
     assert (record.status, record.attempts, record.provider_message_id) == ("sent", 2, "ATXid_7")
     assert record.last_error is not None and "503" in record.last_error
     assert len(providers.requests) == 2
+
+
+async def test_a_provider_answering_too_slowly_is_given_up_on_in_time(
+    runtime: Runtime,
+) -> None:
+    """The timeout bounds the whole call, not each read of it: the job's transaction
+    (and the delivery's row) is not held while a provider takes its time."""
+    runtime.settings.notifications_http_timeout_seconds = 0.2
+    asked: list[httpx2.Request] = []
+
+    async def dawdling(request: httpx2.Request) -> httpx2.Response:
+        asked.append(request)
+        await asyncio.sleep(60)
+        return httpx2.Response(201, json={})
+
+    services = ProviderServices(
+        runtime.settings, runtime.clock, transport=httpx2.MockTransport(dawdling)
+    )
+    runtime.extensions[EXTENSION] = services
+    runtime.on_stop(services.close)
+    await _send(runtime)
+    async with asyncio.timeout(30):
+        assert await runtime.dispatcher.run_until_idle() == 1
+    assert len(asked) == 1
+    [row] = await _outbox(runtime)
+    assert (row.status, row.attempts) == ("pending", 1)
+    assert row.last_error is not None and "took longer than 0.2s" in row.last_error
+    [record] = await deliveries(runtime)
+    assert record.status == "queued"
 
 
 async def test_the_last_attempt_records_failed_and_ends_the_job(

@@ -13,6 +13,7 @@ allowed attempt does not raise: it records ``failed`` and ends the job.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 
@@ -202,12 +203,26 @@ async def _send(runtime: Runtime, channel: Channel, notification: Notification) 
     breaker = provider_services(runtime).breaker(channel.provider)
     try:
         return await breaker.call(
-            lambda: channel.deliver(notification), counts_as_failure=_counts_against_provider
+            lambda: _deliver_in_time(runtime, channel, notification),
+            counts_as_failure=_counts_against_provider,
         )
     except CircuitOpenError as exc:
         raise TransientFailure(
             f"{channel.provider} circuit open; next try in {exc.retry_after_seconds:.0f}s"
         ) from None
+
+
+async def _deliver_in_time(runtime: Runtime, channel: Channel, notification: Notification) -> Sent:
+    """The provider's call, bounded as a whole by ``notifications_http_timeout_seconds``.
+    The HTTP client's timeout bounds each phase and each read apart, and SMTP's each
+    command: a provider answering a byte at a time would otherwise hold the job's
+    transaction, and the delivery's row, past the database's idle-in-transaction limit."""
+    limit = runtime.settings.notifications_http_timeout_seconds
+    try:
+        async with asyncio.timeout(limit):
+            return await channel.deliver(notification)
+    except TimeoutError:
+        raise TransientFailure(f"{channel.provider} took longer than {limit:g}s") from None
 
 
 # -- provider reports -------------------------------------------------------------------------
