@@ -21,7 +21,12 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from soko.app import create_app
-from soko.platform.db import create_engine, database_unavailable, lift_statement_timeout
+from soko.platform.db import (
+    create_engine,
+    database_unavailable,
+    lift_statement_timeout,
+    statement_cancelled,
+)
 from soko.platform.logging import configure_logging
 from soko.platform.runtime import Runtime
 from tests.conftest import POSTGRES_URL, make_settings
@@ -116,8 +121,9 @@ async def test_a_statement_past_its_time_is_cancelled_as_an_outage(
     with pytest.raises(DBAPIError) as raised:
         async with short_runtime.db.transaction() as session:
             await session.execute(text("SELECT pg_sleep(10)"))
-    reason = database_unavailable(raised.value)
+    reason = statement_cancelled(raised.value)
     assert reason is not None and "statement timeout" in reason
+    assert database_unavailable(raised.value) is None  # not an outage
     # The connection went back to the pool whole: the next statement is served.
     async with short_runtime.db.transaction() as session:
         assert await session.scalar(text("SELECT 1")) == 1
@@ -134,6 +140,7 @@ async def test_a_session_idle_in_its_transaction_is_ended_and_the_pool_recovers(
                 await asyncio.sleep(2.5)  # idle inside the transaction, past its second
                 await session.execute(text("SELECT 2"))
         assert database_unavailable(raised.value) is not None
+        assert statement_cancelled(raised.value) is None
         for _ in range(3):
             async with runtime.db.transaction() as session:
                 assert await session.scalar(text("SELECT 3")) == 3
@@ -166,13 +173,17 @@ async def test_a_request_whose_statement_runs_too_long_is_answered_503(
         answer = await client.get("/api/v1/test/slow")
         assert answer.status_code == 503, answer.text
         assert answer.headers["content-type"] == "application/problem+json"
-        assert answer.json()["type"] == "/problems/service-unavailable"
-        assert answer.headers["retry-after"] == "5"
-        assert "pg_sleep" not in answer.text
+        assert answer.json()["type"] == "/problems/database-timeout"
+        # Not an outage to come back after: the same request would meet the same limit.
+        assert "retry-after" not in answer.headers
+        assert "pg_sleep" not in answer.text and "timeout" not in answer.json()["detail"]
         assert (await client.get("/api/v1/test/quick")).json() == {"one": 1}
     lines = [json.loads(line) for line in stream.getvalue().splitlines() if line]
     logged = [line for line in lines if line["logger"] == "soko.http"]
-    assert [line["event"] for line in logged] == ["database unavailable"]
+    assert [(line["event"], line["level"]) for line in logged] == [
+        ("database statement cancelled", "error")
+    ]
+    assert logged[0]["path"] == "/api/v1/test/slow" and "exception" not in logged[0]
     assert "statement timeout" in logged[0]["error"] and "pg_sleep" not in logged[0]["error"]
 
 

@@ -206,7 +206,6 @@ def test_only_outages_count_as_the_database_being_unavailable() -> None:
         wrapped(PgError("connection failure", "08006")),
         wrapped(PgError('database "soko" does not exist', "3D000")),
         wrapped(PgError("sorry, too many clients already", "53300")),
-        wrapped(PgError("canceling statement due to statement timeout", "57014")),
         wrapped(ConnectionRefusedError("refused")),
         wrapped(Exception("whatever it says"), invalidated=True),
         wrapped(Exception("database is locked")),
@@ -215,6 +214,8 @@ def test_only_outages_count_as_the_database_being_unavailable() -> None:
     ):
         assert database_unavailable(outage), outage
     for bug in (
+        # A statement cancelled (its timeout) is no outage: statement_cancelled says so.
+        wrapped(PgError("canceling statement due to statement timeout", "57014")),
         wrapped(PgError('relation "x" does not exist', "42P01")),
         wrapped(PgError("division by zero", "22012")),
         IntegrityError("INSERT", {}, PgError("duplicate key", "23505")),

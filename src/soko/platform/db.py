@@ -502,9 +502,24 @@ async def mark_read_only(session: AsyncSession) -> None:
 
 # The database cannot be reached or will not serve now: PostgreSQL's connection
 # exceptions (class 08), shutdowns and start-ups (57P01-57P03), too many connections
-# (53300), a database that is not there (3D000), a statement cancelled (57014: past its
-# statement_timeout, or pg_cancel_backend); SQLite's busy or unopenable file.
-_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "3D000", "57014"})
+# (53300), a database that is not there (3D000); SQLite's busy or unopenable file.
+_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "3D000"})
+# A statement cancelled: past its statement_timeout, or by pg_cancel_backend.
+_CANCELLED_SQLSTATE = "57014"
+
+
+def statement_cancelled(exc: BaseException) -> str | None:
+    """The database's first line when ``exc`` is a statement it cancelled (its
+    ``statement_timeout``, or an operator's ``pg_cancel_backend``), never the statement
+    or its parameters; None for any other error. Not an outage: the same request may
+    meet the same limit again."""
+    if not isinstance(exc, DBAPIError) or exc.orig is None:
+        return None
+    if str(getattr(exc.orig, "sqlstate", "") or "") != _CANCELLED_SQLSTATE:
+        return None
+    return (str(exc.orig).splitlines() or [""])[0][:200] or type(exc.orig).__name__
+
+
 _SQLITE_UNAVAILABLE_MESSAGES = ("database is locked", "unable to open database file")
 
 

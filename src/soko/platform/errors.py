@@ -232,6 +232,16 @@ class ServiceUnavailable(ProblemError):
     description = "A dependency is down or the server is shutting down; retry later."
 
 
+class DatabaseTimeout(ProblemError):
+    slug = "database-timeout"
+    title = "The database took too long"
+    status = 503
+    description = (
+        "A statement of this request ran past the database's statement timeout and was"
+        " cancelled; nothing it would have written was kept."
+    )
+
+
 _STATUS_PROBLEMS: dict[int, type[ProblemError]] = {
     400: BadRequest,
     401: Unauthorized,

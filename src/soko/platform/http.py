@@ -21,9 +21,10 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from soko.platform.db import database_unavailable
+from soko.platform.db import database_unavailable, statement_cancelled
 from soko.platform.errors import (
     BadRequest,
+    DatabaseTimeout,
     NotAcceptable,
     PayloadTooLarge,
     ProblemError,
@@ -173,8 +174,18 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
             behind = schema_behind(exc)
-            unavailable = None if behind else database_unavailable(exc)
-            if behind:
+            cancelled = None if behind else statement_cancelled(exc)
+            unavailable = None if behind or cancelled else database_unavailable(exc)
+            if cancelled:
+                # A slow statement (or one an operator cancelled), not a bug to trace
+                # nor an outage: the path says which request to look at.
+                log.error(
+                    "database statement cancelled",
+                    error=cancelled,
+                    path=scope.get("path", ""),
+                    duration_ms=round((time.perf_counter() - began) * 1000, 2),
+                )
+            elif behind:
                 # Not a bug to trace: the database was not migrated to this version.
                 log.error(
                     "database schema not ready: run `soko migrate upgrade`",
@@ -190,7 +201,14 @@ class RequestContextMiddleware:
                 )
             if scope["type"] != "http" or started:
                 raise
-            if behind or unavailable:
+            if cancelled:
+                start, body = problem_message(
+                    DatabaseTimeout,
+                    "The database took too long to do this request's work.",
+                    scope.get("path", ""),
+                    request_id,
+                )
+            elif behind or unavailable:
                 detail, retry_after = (
                     ("The service is being updated; retry in a minute.", b"60")
                     if behind
