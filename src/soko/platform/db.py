@@ -504,6 +504,7 @@ async def mark_read_only(session: AsyncSession) -> None:
 # exceptions (class 08), shutdowns and start-ups (57P01-57P03), too many connections
 # (53300), a database that is not there (3D000); SQLite's busy or unopenable file.
 _UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "3D000"})
+_SQLITE_UNAVAILABLE_MESSAGES = ("database is locked", "unable to open database file")
 # A statement cancelled: past its statement_timeout, or by pg_cancel_backend.
 _CANCELLED_SQLSTATE = "57014"
 
@@ -518,9 +519,6 @@ def statement_cancelled(exc: BaseException) -> str | None:
     if str(getattr(exc.orig, "sqlstate", "") or "") != _CANCELLED_SQLSTATE:
         return None
     return (str(exc.orig).splitlines() or [""])[0][:200] or type(exc.orig).__name__
-
-
-_SQLITE_UNAVAILABLE_MESSAGES = ("database is locked", "unable to open database file")
 
 
 def database_unavailable(exc: BaseException) -> str | None:
