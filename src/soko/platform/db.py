@@ -306,14 +306,13 @@ def create_engine(
     return engine
 
 
-async def lift_statement_timeout(session: AsyncSession | AsyncConnection) -> None:
+async def lift_statement_timeout(session: AsyncSession) -> None:
     """Let the rest of this transaction's statements run as long as they need, whatever
     the connection's or the role's ``statement_timeout`` (PostgreSQL; ``SET LOCAL``, so
     it ends with the transaction, also through PgBouncer): for an operator's check of a
     whole table, not for a request's work."""
-    connection = await session.connection() if isinstance(session, AsyncSession) else session
-    if connection.dialect.name == "postgresql":
-        await connection.execute(text("SET LOCAL statement_timeout = 0"))
+    if (await session.connection()).dialect.name == "postgresql":
+        await session.execute(text("SET LOCAL statement_timeout = 0"))
 
 
 # -- reading JSON columns on PostgreSQL --------------------------------------------------
@@ -509,6 +508,12 @@ _SQLITE_UNAVAILABLE_MESSAGES = ("database is locked", "unable to open database f
 _CANCELLED_SQLSTATE = "57014"
 
 
+def database_complaint(exc: DBAPIError) -> str:
+    """The first line of what the database said (at most 200 characters): never the
+    statement or its parameters, which SQLAlchemy's message goes on to show."""
+    return (str(exc.orig).splitlines() or [""])[0][:200] if exc.orig is not None else ""
+
+
 def statement_cancelled(exc: BaseException) -> str | None:
     """The database's first line when ``exc`` is a statement it cancelled (its
     ``statement_timeout``, or an operator's ``pg_cancel_backend``), never the statement
@@ -518,7 +523,7 @@ def statement_cancelled(exc: BaseException) -> str | None:
         return None
     if str(getattr(exc.orig, "sqlstate", "") or "") != _CANCELLED_SQLSTATE:
         return None
-    return (str(exc.orig).splitlines() or [""])[0][:200] or type(exc.orig).__name__
+    return database_complaint(exc) or type(exc.orig).__name__
 
 
 def database_unavailable(exc: BaseException) -> str | None:
@@ -531,7 +536,7 @@ def database_unavailable(exc: BaseException) -> str | None:
         return type(exc).__name__
     if not isinstance(exc, DBAPIError):
         return None
-    first = (str(exc.orig).splitlines() or [""])[0][:200] if exc.orig is not None else ""
+    first = database_complaint(exc)
     sqlstate = str(getattr(exc.orig, "sqlstate", "") or "")
     if (
         exc.connection_invalidated

@@ -21,7 +21,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from soko.platform.db import database_unavailable, statement_cancelled
+from soko.platform.db import database_complaint, database_unavailable, statement_cancelled
 from soko.platform.errors import (
     BadRequest,
     DatabaseTimeout,
@@ -56,7 +56,7 @@ def schema_behind(exc: BaseException) -> str | None:
     the code (never the statement or its parameters); None for any other error."""
     if not isinstance(exc, DBAPIError) or exc.orig is None:
         return None
-    first = (str(exc.orig).splitlines() or [""])[0][:200]
+    first = database_complaint(exc)
     if getattr(exc.orig, "sqlstate", None) in _SCHEMA_SQLSTATES:
         return first
     if first.startswith(_SQLITE_SCHEMA_MESSAGES):

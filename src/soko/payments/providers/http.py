@@ -83,10 +83,6 @@ SAFE_METHODS = frozenset({"GET", "HEAD"})
 # Answers saying the request was turned away before the provider acted on it. A 502 or
 # 504 is not among them: the gateway gave up, but the service behind it may have acted.
 _REFUSED_STATUSES = frozenset({503})
-# Longest wait a provider's Retry-After may impose on a retry inside one call; beyond
-# it the call fails (retryable) and the caller's own schedule takes over. The settings
-# keep the database's idle-in-transaction limit above every attempt and wait together.
-_MAX_RETRY_AFTER_SECONDS = PROVIDER_RETRY_AFTER_MAX_SECONDS
 _MESSAGE_LIMIT = 200
 
 
@@ -445,7 +441,9 @@ def _retry_hook(exc: Exception) -> bool | float:
     if not exc.retryable:
         return False
     if isinstance(exc, ProviderHttpError) and exc.retry_after_seconds is not None:
-        if exc.retry_after_seconds > _MAX_RETRY_AFTER_SECONDS:
+        # Beyond the longest wait allowed inside one call (which the settings keep the
+        # database's idle-in-transaction limit above), the caller's schedule takes over.
+        if exc.retry_after_seconds > PROVIDER_RETRY_AFTER_MAX_SECONDS:
             return False
         return exc.retry_after_seconds
     return True
